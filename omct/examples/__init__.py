@@ -1,0 +1,7 @@
+"""The bundled example (a digits CNN as ONNX with its data) and the model zoo used by tests and benchmarks."""
+
+from pathlib import Path
+
+EXAMPLE_DIR = Path(__file__).resolve().parent
+DIGITS_MODEL = EXAMPLE_DIR / "digits_cnn.onnx"
+DIGITS_DATA = EXAMPLE_DIR / "digits_data.npz"

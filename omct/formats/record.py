@@ -1,0 +1,92 @@
+"""The record file: AMCT's ``ScaleOffsetRecord`` in protobuf text format, one entry per layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from google.protobuf import text_format
+
+from omct.errors import RecordError
+from omct.formats.proto import ScaleOffsetRecord
+
+
+@dataclass
+class LayerRecord:
+    """Quantization factors of one layer: input (``_d``), weights (``_w``) and, for integer kernels, output (``_o``)."""
+
+    scale_d: float
+    offset_d: int
+    scale_w: list[float] = field(default_factory=list)
+    offset_w: list[int] = field(default_factory=list)
+    scale_o: float | None = None
+    offset_o: int | None = None
+
+
+def write_record(path: str | Path, records: dict[str, LayerRecord]) -> None:
+    from omct.fileio import atomic_write_text
+
+    msg = ScaleOffsetRecord()
+    for key, rec in records.items():
+        v = msg.record.add(key=key).value
+        v.scale_d = rec.scale_d
+        v.offset_d = rec.offset_d
+        v.scale_w.extend(rec.scale_w)
+        v.offset_w.extend(rec.offset_w)
+        if rec.scale_o is not None:
+            v.scale_o = rec.scale_o
+            v.offset_o = rec.offset_o
+    atomic_write_text(path, text_format.MessageToString(msg))
+
+
+_PENDING = "# omct: calibration pending:"
+
+
+def write_pending_record(path: str | Path, seen: int, batch_num: int, layers: list[str]) -> None:
+    """A record file with no factors yet, saying how far calibration got (read back by save_model's checks)."""
+    from omct.fileio import atomic_write_text
+
+    atomic_write_text(path, f"{_PENDING} {seen} of {batch_num} batches for {len(layers)} layers: "
+                            f"{' '.join(layers)}\n")
+
+
+def pending_status(path: str | Path) -> str | None:
+    """'calibration ran X of N batches ...' when ``path`` is a pending record, else None."""
+    try:
+        first = Path(path).read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    if not first.startswith(_PENDING):
+        return None
+    seen, _, batch_num = first[len(_PENDING):].split(" batches")[0].split()[:3]
+    layers = first.split(": ", 2)[-1].split()
+    shown = ", ".join(layers[:5]) + (f" and {len(layers) - 5} more" if len(layers) > 5 else "")
+    return (f"calibration ran {seen} of batch_num={batch_num} batches (layers {shown}); run "
+            f"{int(batch_num) - int(seen)} more batch(es) through the calibration model before save_model")
+
+
+def read_record(path: str | Path) -> dict[str, LayerRecord]:
+    path = Path(path)
+    if not path.is_file():
+        raise RecordError(f"record file '{path}' does not exist: run calibration (batch_num batches) first")
+    try:
+        msg = text_format.Parse(path.read_text(), ScaleOffsetRecord())
+    except text_format.ParseError as e:
+        raise RecordError(f"{path}: not a valid record file ({e})") from None
+    if not msg.record:
+        status = pending_status(path)
+        raise RecordError(f"record file '{path}' holds no factors: " + (status or "it is empty"))
+    out = {}
+    for entry in msg.record:
+        v = entry.value
+        if not v.HasField("scale_d"):
+            raise RecordError(f"{path}: layer '{entry.key}' has no scale_d")
+        if len(v.scale_w) != len(v.offset_w):
+            raise RecordError(f"{path}: layer '{entry.key}' has {len(v.scale_w)} scale_w but {len(v.offset_w)} offset_w")
+        if not np.isfinite(v.scale_d) or v.scale_d <= 0 or any(not np.isfinite(s) or s <= 0 for s in v.scale_w):
+            raise RecordError(f"{path}: layer '{entry.key}' has a scale that is not a positive finite number")
+        out[entry.key] = LayerRecord(v.scale_d, v.offset_d, list(v.scale_w), list(v.offset_w),
+                                     v.scale_o if v.HasField("scale_o") else None,
+                                     v.offset_o if v.HasField("offset_o") else None)
+    return out

@@ -1,0 +1,1 @@
+"""ONNX graph work: loading, normalisation, quantizable layers, calibration model, export."""

@@ -1,0 +1,79 @@
+"""Statistics collection shared by every frontend: site tensors in, record file out.
+
+The frontend (ONNX Runtime session or PyTorch hooks) hands each batch's site tensors to ``Collector``;
+after ``batch_num`` batches the collector computes activation parameters, quantizes the weights and
+writes the record file atomically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from omct.core.calibrators import Calibrator, make_calibrator
+from omct.core.weights import WEIGHT_QUANTIZERS
+from omct.errors import CalibrationError
+from omct.formats.config import QuantConfig
+from omct.formats.record import LayerRecord, write_record
+from omct.graph.plan import Plan
+
+
+class Collector:
+    def __init__(self, plan: Plan, config: QuantConfig, record_file: str,
+                 weight_of: Callable[[str], np.ndarray]):
+        self.plan, self.config, self.record_file = plan, config, record_file
+        self.weight_of = weight_of
+        self.calibrators: list[Calibrator] = [
+            make_calibrator(s.act["act_algo"], s.act.get("num_bits", 8), s.asymmetric, **s.params().calibrator_options())
+            for s in plan.sites
+        ]
+        self.batches = 0
+        self.done = False
+
+    @property
+    def batch_num(self) -> int:
+        return self.config.batch_num
+
+    def observe(self, tensors: Mapping[str, np.ndarray]) -> bool:
+        """Feed one batch (tensor name -> values). Returns True when this batch completed the record."""
+        if self.done:
+            return False
+        for site, calib in zip(self.plan.sites, self.calibrators):
+            values = tensors[site.tensor]
+            if values.dtype.kind == "f" and not np.isfinite(values).all():
+                bad = int(np.count_nonzero(~np.isfinite(values)))
+                layers = ", ".join(site.inputs_of + [f"output of {n}" for n in site.output_of])
+                raise CalibrationError(
+                    f"calibration batch {self.batches + 1}: tensor '{site.tensor}' ({layers}) has {bad} NaN/Inf "
+                    f"values; check the input data, or add '{site.owner}' to skip_layers to keep it in float")
+            calib.update(values)
+        self.batches += 1
+        if self.batches >= self.batch_num:
+            self.finish()
+            return True
+        return False
+
+    def finish(self) -> None:
+        records = {}
+        site_params = [c.compute() for c in self.calibrators]
+        for name, spec in self.plan.layers.items():
+            p = site_params[self.plan.input_site[name]]
+            rec = LayerRecord(float(p.scale), int(p.offset))
+            wcfg = self.config.layers[name].weight_quant_params
+            if spec.weight is not None:
+                wcfg_bits = wcfg.num_bits if wcfg else 8
+                algo = WEIGHT_QUANTIZERS[wcfg.wts_algo if wcfg else "arq_quantize"]
+                axis = spec.weight_axis if (wcfg is None or wcfg.channel_wise) else None
+                wp = algo(self.weight_of(spec.weight), wcfg_bits, axis)
+                rec.scale_w = [float(s) for s in np.ravel(wp.scale)]
+                rec.offset_w = [0] * len(rec.scale_w)
+            if name in self.plan.output_site:
+                o = site_params[self.plan.output_site[name]]
+                rec.scale_o, rec.offset_o = float(o.scale), int(o.offset)
+            records[name] = rec
+        write_record(self.record_file, records)
+        self.done = True
+
+    def memory_bytes(self) -> int:
+        return sum(c.sketch.nbytes() for c in self.calibrators)

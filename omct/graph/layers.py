@@ -1,0 +1,208 @@
+"""Which ONNX nodes omct quantizes: one rule per op type, each refusal with a reason a user can read.
+
+A rule returns a ``LayerSpec`` (how to quantize the node) or a string (why it is left in float). Adding an
+op type is one function and one ``RULES`` entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import onnx
+from onnx import numpy_helper
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    name: str
+    op_type: str
+    input: str  # the activation tensor quantized in front of the layer
+    weight: str | None = None
+    weight_axis: int | None = None  # axis of the weight's output channels (per-channel scales)
+    bias: str | None = None  # 1-D bias quantized to INT32
+    output_site: str | None = None  # tensor quantized after the layer so the runtime fuses an integer kernel
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    name: str
+    op_type: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.reason}"
+
+
+class GraphIndex:
+    """Producers, consumers and constants of a graph, computed once."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.graph = model.graph
+        self.initializers = {t.name: t for t in model.graph.initializer}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        for node in model.graph.node:
+            for name in node.input:
+                if name:
+                    self.consumers.setdefault(name, []).append(node)
+            for name in node.output:
+                self.producer[name] = node
+        self.graph_outputs = {o.name for o in model.graph.output}
+        self.elem_types = _elem_types(model)
+
+    def const_shape(self, name: str) -> tuple[int, ...] | None:
+        t = self.initializers.get(name)
+        return tuple(t.dims) if t is not None else None
+
+    def const_dtype(self, name: str) -> int | None:
+        t = self.initializers.get(name)
+        return t.data_type if t is not None else None
+
+    def array(self, name: str):
+        return numpy_helper.to_array(self.initializers[name])
+
+    def output_site(self, node: onnx.NodeProto) -> str:
+        """The node's output, or the output of a Relu that is its only consumer (the runtime fuses it)."""
+        out = node.output[0]
+        users = self.consumers.get(out, [])
+        if len(users) == 1 and users[0].op_type == "Relu" and out not in self.graph_outputs:
+            return users[0].output[0]
+        return out
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    types = {}
+    for vi in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
+        if vi.type.HasField("tensor_type"):
+            types[vi.name] = vi.type.tensor_type.elem_type
+    if len(types) <= len(model.graph.input) + len(model.graph.output):
+        try:  # infer intermediate types when the model is small enough to hold in memory twice
+            inferred = onnx.shape_inference.infer_shapes(model)
+            for vi in inferred.graph.value_info:
+                if vi.type.HasField("tensor_type"):
+                    types[vi.name] = vi.type.tensor_type.elem_type
+        except Exception:  # shape inference is best-effort: unknown types are not refused
+            pass
+    return types
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _activation_problem(node, index: GraphIndex) -> str | None:
+    x = node.input[0]
+    if x in index.initializers:
+        return f"its input '{x}' is a constant, not an activation"
+    t = index.elem_types.get(x)
+    if t is not None and t != onnx.TensorProto.FLOAT:
+        return f"its input '{x}' is {onnx.TensorProto.DataType.Name(t)}; only FLOAT activations are quantized"
+    return None
+
+
+def _weight_problem(node, index: GraphIndex, i: int, ranks: tuple[int, ...], what: str) -> str | None:
+    if len(node.input) <= i or node.input[i] not in index.initializers:
+        name = node.input[i] if len(node.input) > i else "?"
+        return f"its {what} '{name}' is computed at run time, not a constant (activation x activation products stay float)"
+    if index.const_dtype(node.input[i]) != onnx.TensorProto.FLOAT:
+        return f"its {what} '{node.input[i]}' is not FLOAT"
+    rank = len(index.const_shape(node.input[i]))
+    if rank not in ranks:
+        return f"its {what} has rank {rank}; supported: {', '.join(map(str, ranks))}"
+    return None
+
+
+def _bias(node, index: GraphIndex, i: int, channels: int) -> str | None:
+    if len(node.input) > i and node.input[i]:
+        b = node.input[i]
+        if b in index.initializers and index.const_shape(b) == (channels,) and index.const_dtype(b) == onnx.TensorProto.FLOAT:
+            return b
+    return None
+
+
+def conv_rule(node, index):
+    problem = _activation_problem(node, index) or _weight_problem(node, index, 1, (3, 4, 5), "weight")
+    if problem:
+        return problem
+    if len(node.input) > 2 and node.input[2] and node.input[2] not in index.initializers:
+        return f"its bias '{node.input[2]}' is computed at run time, not a constant"
+    out_ch = index.const_shape(node.input[1])[0]
+    return LayerSpec(node.name, node.op_type, node.input[0], node.input[1], 0, _bias(node, index, 2, out_ch),
+                     index.output_site(node))
+
+
+def conv_transpose_rule(node, index):
+    problem = _activation_problem(node, index) or _weight_problem(node, index, 1, (4,), "weight")
+    if problem:
+        return problem.replace("supported: 4", "only 2D ConvTranspose (4D weight) is supported")
+    if _attr(node, "group", 1) != 1:
+        return f"group {_attr(node, 'group')} is not supported (only group 1)"
+    dil = _attr(node, "dilations", [1, 1])
+    if any(d != 1 for d in dil):
+        return f"dilation {max(dil)} is not supported (only 1)"
+    if len(node.input) > 2 and node.input[2] and node.input[2] not in index.initializers:
+        return f"its bias '{node.input[2]}' is computed at run time, not a constant"
+    out_ch = index.const_shape(node.input[1])[1]
+    return LayerSpec(node.name, node.op_type, node.input[0], node.input[1], 1, _bias(node, index, 2, out_ch), None)
+
+
+def gemm_rule(node, index):
+    if _attr(node, "transA", 0):
+        return "transA 1 is not supported (only transA 0)"
+    for key in ("alpha", "beta"):
+        if abs(_attr(node, key, 1.0) - 1.0) > 1e-12:
+            return f"{key} {_attr(node, key):g} is not supported (only 1)"
+    problem = _activation_problem(node, index) or _weight_problem(node, index, 1, (2,), "weight B")
+    if problem:
+        return problem
+    if len(node.input) > 2 and node.input[2] and node.input[2] not in index.initializers:
+        return f"its bias C '{node.input[2]}' is computed at run time, not a constant"
+    trans_b = _attr(node, "transB", 0)
+    axis = 0 if trans_b else 1
+    out_ch = index.const_shape(node.input[1])[axis]
+    return LayerSpec(node.name, node.op_type, node.input[0], node.input[1], axis, _bias(node, index, 2, out_ch), None)
+
+
+def matmul_rule(node, index):
+    problem = _activation_problem(node, index) or _weight_problem(node, index, 1, (2,), "second input")
+    if problem:
+        return problem
+    return LayerSpec(node.name, node.op_type, node.input[0], node.input[1], 1, None, index.output_site(node))
+
+
+def average_pool_rule(node, index):
+    problem = _activation_problem(node, index)
+    if problem:
+        return problem
+    return LayerSpec(node.name, node.op_type, node.input[0], output_site=node.output[0])
+
+
+RULES = {
+    "Conv": conv_rule,
+    "ConvTranspose": conv_transpose_rule,
+    "Gemm": gemm_rule,
+    "MatMul": matmul_rule,
+    "AveragePool": average_pool_rule,
+}
+
+
+def find_layers(model: onnx.ModelProto) -> tuple[list[LayerSpec], list[Refusal]]:
+    """Quantizable layers in graph order, and the candidates left in float with their reasons."""
+    index = GraphIndex(model)
+    layers, refused = [], []
+    for node in model.graph.node:
+        rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if rule is None:
+            continue
+        result = rule(node, index)
+        if isinstance(result, str):
+            refused.append(Refusal(node.name, node.op_type, result))
+        else:
+            layers.append(result)
+    return layers, refused

@@ -1,0 +1,153 @@
+"""Graph normalisation before quantization.
+
+* Constant nodes become initializers (exporters such as Paddle's keep weights in Constant nodes).
+* Opsets below 13 are upgraded to 13 (per-channel QuantizeLinear/DequantizeLinear need it), or refused.
+* Unnamed nodes are named ``{op_type}_{index}``, duplicate names get ``_1``, ``_2`` ...: stable and unique.
+* Conv + BatchNormalization is folded (``do_fusion``), except for ``skip_fusion_layers``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper, version_converter
+
+from omct.errors import ModelError
+
+MIN_OPSET = 13
+
+
+@dataclass
+class NormalizeReport:
+    renamed: dict[str, str] = field(default_factory=dict)  # "#index (op)" or old name -> new name
+    constants_moved: int = 0
+    opset_from: int | None = None
+    folded: list[tuple[str, str]] = field(default_factory=list)  # (conv, bn)
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            return op.version
+    return 0
+
+
+def upgrade_opset(model: onnx.ModelProto, report: NormalizeReport) -> onnx.ModelProto:
+    version = default_opset(model)
+    if version >= MIN_OPSET:
+        return model
+    try:
+        upgraded = version_converter.convert_version(model, MIN_OPSET)
+    except Exception as e:  # the converter raises several exception types
+        raise ModelError(f"the model uses opset {version}; omct needs opset >= {MIN_OPSET} for per-channel "
+                         f"quantization and upgrading it failed ({str(e).splitlines()[0]}); re-export the model "
+                         f"with opset {MIN_OPSET} or newer") from None
+    report.opset_from = version
+    return upgraded
+
+
+def constants_to_initializers(model: onnx.ModelProto, report: NormalizeReport) -> None:
+    graph = model.graph
+    keep = []
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1:
+            attr = node.attribute[0]
+            value = None
+            if attr.name == "value":
+                value = numpy_helper.to_array(attr.t)
+            elif attr.name in ("value_float", "value_floats"):
+                value = np.array(attr.f if attr.name == "value_float" else list(attr.floats), np.float32)
+            elif attr.name in ("value_int", "value_ints"):
+                value = np.array(attr.i if attr.name == "value_int" else list(attr.ints), np.int64)
+            if value is not None:
+                graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+                report.constants_moved += 1
+                continue
+        keep.append(node)
+    if len(keep) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(keep)
+
+
+def name_nodes(model: onnx.ModelProto, report: NormalizeReport) -> None:
+    used: set[str] = set()
+    named = [n.name for n in model.graph.node if n.name]
+    taken = set(named)
+    for index, node in enumerate(model.graph.node):
+        name = node.name or f"{node.op_type}_{index}"
+        if name in used or (not node.name and name in taken):
+            base, k = name, 1
+            while f"{base}_{k}" in used or f"{base}_{k}" in taken:
+                k += 1
+            name = f"{base}_{k}"
+        if name != node.name:
+            report.renamed[node.name or f"#{index} ({node.op_type})"] = name
+            node.name = name
+        used.add(name)
+
+
+def normalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, NormalizeReport]:
+    """Return a normalised copy of ``model`` (the input proto is not modified) and what was changed."""
+    report = NormalizeReport()
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    out = upgrade_opset(out, report)
+    constants_to_initializers(out, report)
+    name_nodes(out, report)
+    return out, report
+
+
+def fold_batchnorm(model: onnx.ModelProto, skip: set[str], report: NormalizeReport) -> None:
+    """Fold BatchNormalization into the Conv that feeds it (in place) when the Conv feeds nothing else."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    graph_outputs = {o.name for o in graph.output}
+    producers = {o: n for n in graph.node for o in n.output}
+    removed = set()
+    for bn in list(graph.node):
+        if bn.op_type != "BatchNormalization" or any(bn.output[1:]):
+            continue
+        conv = producers.get(bn.input[0])
+        if conv is None or conv.op_type != "Conv" or conv.name in skip:
+            continue
+        if len(consumers.get(conv.output[0], [])) != 1 or conv.output[0] in graph_outputs:
+            continue
+        names = [conv.input[1], *bn.input[1:5]] + ([conv.input[2]] if len(conv.input) > 2 and conv.input[2] else [])
+        if not all(n in inits for n in names):
+            continue
+        if any(a.name == "training_mode" and a.i for a in bn.attribute):
+            continue
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        w = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
+        gamma, beta, mean, var = (numpy_helper.to_array(inits[n]).astype(np.float64) for n in bn.input[1:5])
+        b = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if len(names) == 6 else np.zeros(w.shape[0])
+        factor = gamma / np.sqrt(var + eps)
+        new_w = (w * factor.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32)
+        new_b = ((b - mean) * factor + beta).astype(np.float32)
+        w_name, b_name = f"{conv.name}.weight_folded", f"{conv.name}.bias_folded"
+        graph.initializer.extend([numpy_helper.from_array(new_w, w_name), numpy_helper.from_array(new_b, b_name)])
+        data_input = conv.input[0]
+        del conv.input[:]
+        conv.input.extend([data_input, w_name, b_name])
+        conv.output[0] = bn.output[0]
+        removed.add(id(bn))
+        report.folded.append((conv.name, bn.name))
+    if removed:
+        keep = [n for n in graph.node if id(n) not in removed]
+        del graph.node[:]
+        graph.node.extend(keep)
+        _drop_unused_initializers(model)
+
+
+def _drop_unused_initializers(model: onnx.ModelProto) -> None:
+    used = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    if len(keep) != len(model.graph.initializer):
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)

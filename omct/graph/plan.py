@@ -1,0 +1,85 @@
+"""The quantization plan: which layers are quantized and which activation tensors ("sites") are observed.
+
+A site is one tensor observed with one calibration configuration. The input of a quantized layer is a
+site; so is the output of a Conv, MatMul or AveragePool, because ONNX Runtime fuses
+DequantizeLinear -> Conv -> QuantizeLinear into QLinearConv only when the output is quantized too. Sites
+with the same tensor and configuration are shared, so each tensor is observed once.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from omct.formats.config import ActivationQuantParams, QuantConfig
+from omct.graph.layers import LayerSpec
+
+
+@dataclass
+class Site:
+    tensor: str
+    act: dict  # ActivationQuantParams as a dict (algorithm and options)
+    asymmetric: bool
+    inputs_of: list[str] = field(default_factory=list)  # layers that read this tensor as their input
+    output_of: list[str] = field(default_factory=list)  # layers whose output is quantized here
+
+    @property
+    def owner(self) -> str:
+        """The layer named in error messages about this site."""
+        return (self.inputs_of or self.output_of)[0]
+
+    def params(self) -> ActivationQuantParams:
+        return ActivationQuantParams(**self.act)
+
+
+@dataclass
+class Plan:
+    layers: dict[str, LayerSpec]  # enabled layers only, in graph order
+    sites: list[Site]
+    input_site: dict[str, int]
+    output_site: dict[str, int]
+
+    def to_json(self) -> str:
+        return json.dumps({"layers": [s.to_dict() for s in self.layers.values()],
+                           "sites": [s.__dict__ for s in self.sites],
+                           "input_site": self.input_site, "output_site": self.output_site})
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        data = json.loads(text)
+        layers = {d["name"]: LayerSpec(**d) for d in data["layers"]}
+        return cls(layers, [Site(**s) for s in data["sites"]], data["input_site"], data["output_site"])
+
+    def site_tensors(self) -> list[str]:
+        seen: list[str] = []
+        for s in self.sites:
+            if s.tensor not in seen:
+                seen.append(s.tensor)
+        return seen
+
+
+def build_plan(layers: list[LayerSpec], config: QuantConfig) -> Plan:
+    enabled = {spec.name: spec for spec in layers if spec.name in config.layers and config.layers[spec.name].quant_enable}
+    sites: list[Site] = []
+    keys: dict[tuple, int] = {}
+
+    def site_for(tensor: str, layer: str) -> int:
+        act = config.layers[layer].activation_quant_params.model_dump(exclude_none=True)
+        act.pop("asymmetric", None)
+        asym = config.is_asymmetric(layer)
+        key = (tensor, json.dumps(act, sort_keys=True), asym)
+        if key not in keys:
+            keys[key] = len(sites)
+            sites.append(Site(tensor, act, asym))
+        return keys[key]
+
+    input_site, output_site = {}, {}
+    for name, spec in enabled.items():
+        i = site_for(spec.input, name)
+        sites[i].inputs_of.append(name)
+        input_site[name] = i
+        if spec.output_site:
+            o = site_for(spec.output_site, name)
+            sites[o].output_of.append(name)
+            output_site[name] = o
+    return Plan(enabled, sites, input_site, output_site)

@@ -1,0 +1,22 @@
+"""omct's ONNX frontend, with the call sequence of AMCT's ONNX edition.
+
+    import omct.onnx as amct
+    amct.create_quant_config(config_file, model_file, skip_layers=None, batch_num=1)
+    amct.quantize_model(config_file, model_file, modified_onnx_file, record_file)
+    session = amct.CalibrationSession(modified_onnx_file)   # an onnxruntime.InferenceSession look-alike
+    for feeds in calibration_batches:                        # batch_num batches
+        session.run(None, feeds)
+    amct.save_model(modified_onnx_file, record_file, save_path)
+"""
+
+from __future__ import annotations
+
+from omct.onnx.api import (
+    CalibrationSession,
+    create_quant_config,
+    inspect_model,
+    quantize_model,
+    save_model,
+)
+
+__all__ = ["CalibrationSession", "create_quant_config", "inspect_model", "quantize_model", "save_model"]

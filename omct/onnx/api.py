@@ -1,0 +1,193 @@
+"""Implementation of ``omct.onnx``: thin calls into formats/ and graph/."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from omct.errors import ConfigError, ModelError
+from omct.formats.cfg import read_cfg
+from omct.formats.config import LayerInfo, QuantConfig, build_config, check_layer_names, load_config, save_config
+from omct.formats.record import write_pending_record
+from omct.graph.calibration import Collector
+from omct.graph.layers import LayerSpec, Refusal, find_layers
+from omct.graph.model_io import load_model, save_model as _save_onnx
+from omct.graph.modified import make_modified, read_modified, save_quantized
+from omct.graph.normalize import NormalizeReport, default_opset, fold_batchnorm, normalize
+from omct.graph.plan import build_plan
+from omct.ui import Progress, logger
+
+_RECORD_KEY = "omct.record_file"
+
+
+@dataclass
+class ModelReport:
+    """What ``inspect_model`` finds: quantizable layers, refused candidates with reasons, and basics."""
+
+    layers: list[LayerSpec]
+    refused: list[Refusal]
+    opset: int
+    parameters: int
+    normalize: NormalizeReport
+
+
+def _prepare(model_file: str | os.PathLike) -> tuple[onnx.ModelProto, NormalizeReport, list[LayerSpec], list[Refusal]]:
+    model = load_model(model_file)
+    norm, report = normalize(model)
+    layers, refused = find_layers(norm)
+    return norm, report, layers, refused
+
+
+def inspect_model(model_file: str | os.PathLike) -> ModelReport:
+    norm, report, layers, refused = _prepare(model_file)
+    params = sum(int(np.prod(t.dims)) for t in norm.graph.initializer)
+    return ModelReport(layers, refused, default_opset(load_model(model_file)), params, report)
+
+
+def _report_refusals(refused: list[Refusal]) -> None:
+    for r in refused:
+        logger.info("left in float: %s", r)
+
+
+def create_quant_config(config_file: str | os.PathLike, model_file: str | os.PathLike, skip_layers: list[str] | None = None,
+                        batch_num: int = 1, activation_offset: bool = True,
+                        config_defination: str | os.PathLike | None = None,
+                        updated_model: str | os.PathLike | None = None) -> None:
+    """Write config.json for ``model_file``: every quantizable layer with default (or .cfg) parameters.
+
+    With ``config_defination`` (a simplified .cfg) the arguments skip_layers, batch_num and
+    activation_offset are ignored, as in AMCT. Unnamed or duplicate node names are made unique
+    (``{op_type}_{index}``); pass ``updated_model`` to save the renamed model.
+    """
+    if skip_layers is not None and (isinstance(skip_layers, str) or not all(isinstance(s, str) for s in skip_layers)):
+        raise ConfigError(f"skip_layers must be a list of layer names, got {skip_layers!r}")
+    norm, report, layers, refused = _prepare(model_file)
+    if report.renamed:
+        if updated_model:
+            _save_onnx(norm, updated_model)
+            logger.info("named %d node(s) and saved the renamed model to %s", len(report.renamed), updated_model)
+        else:
+            logger.info("named %d unnamed or duplicate node(s) (e.g. %s); pass updated_model=PATH to save the "
+                        "renamed model", len(report.renamed), next(iter(report.renamed.values())))
+    simplified = read_cfg(config_defination) if config_defination else None
+    infos = [LayerInfo(s.name, s.op_type, s.weight is not None) for s in layers]
+    infos += [LayerInfo(r.name, r.op_type, False, quantizable=False) for r in refused]
+    all_names = {n.name for n in norm.graph.node}
+    config = build_config(infos, batch_num=batch_num, activation_offset=activation_offset, skip_layers=skip_layers,
+                          simplified=simplified, all_names=all_names)
+    check_layer_names(config.globals.skip_fusion_layers, all_names, "skip_fusion_layers")
+    if not layers:
+        reasons = "; ".join(str(r) for r in refused[:3]) or "it has no Conv, ConvTranspose, Gemm, MatMul or AveragePool"
+        raise ModelError(f"'{model_file}' has no quantizable layer ({reasons})")
+    _report_refusals(refused)
+    save_config(config, config_file)
+    logger.info("wrote %s: %d of %d quantizable layers enabled", config_file, len(config.enabled_layers()), len(layers))
+
+
+def _check_config_against_model(config: QuantConfig, layers: list[LayerSpec], config_file) -> None:
+    names = {s.name for s in layers}
+    unknown = [n for n in config.layers if n not in names]
+    if unknown:
+        raise ConfigError(f"{config_file}: layer '{unknown[0]}' is not a quantizable layer of this model; was the "
+                          "config created for another model? Re-run create_quant_config")
+    for spec in layers:
+        cfg = config.layers.get(spec.name)
+        if cfg is not None and spec.weight is not None and cfg.weight_quant_params is None:
+            raise ConfigError(f"{config_file}: layer '{spec.name}' ({spec.op_type}) has weights but no weight_quant_params")
+
+
+def quantize_model(config_file: str | os.PathLike, model_file: str | os.PathLike, modified_onnx_file: str | os.PathLike,
+                   record_file: str | os.PathLike) -> None:
+    """Write the calibration model ``modified_onnx_file``; run it with ``CalibrationSession``."""
+    config = load_config(config_file)
+    norm, report, _, _ = _prepare(model_file)
+    if config.globals.do_fusion:
+        fold_batchnorm(norm, set(config.globals.skip_fusion_layers), report)
+        if report.folded:
+            logger.info("folded %d BatchNormalization node(s) into convolutions", len(report.folded))
+    layers, refused = find_layers(norm)
+    _check_config_against_model(config, layers, config_file)
+    plan = build_plan(layers, config)
+    if not plan.layers:
+        raise ConfigError(f"{config_file}: no layer has quant_enable true; nothing to quantize")
+    mod = make_modified(norm, plan, config)
+    mod.model.metadata_props.add(key=_RECORD_KEY, value=str(Path(record_file).resolve()))
+    _save_onnx(mod.model, modified_onnx_file)
+    write_pending_record(record_file, 0, config.batch_num, list(plan.layers))
+    logger.info("wrote %s: %d layers to calibrate, %d activation tensors observed; now run %d batch(es) through "
+                "CalibrationSession", modified_onnx_file, len(plan.layers), len(plan.sites), config.batch_num)
+
+
+class CalibrationSession:
+    """An ``onnxruntime.InferenceSession`` over the modified model that also calibrates.
+
+    ``run`` returns exactly what the original model would; on the side it feeds the observed activations
+    to the calibrators. After ``batch_num`` runs the record file is complete. Every other attribute is
+    the underlying InferenceSession's.
+    """
+
+    def __init__(self, modified_onnx_file: str | os.PathLike, sess_options: Any = None, providers: list | None = None,
+                 **kwargs: Any):
+        import onnxruntime as ort
+
+        mod = read_modified(modified_onnx_file)
+        meta = {p.key: p.value for p in mod.model.metadata_props}
+        self.record_file = meta.get(_RECORD_KEY)
+        if not self.record_file:
+            raise ModelError(f"'{modified_onnx_file}' has no record file path; write it with quantize_model")
+        weights = {t.name: t for t in mod.model.graph.initializer}
+        self._session = ort.InferenceSession(str(modified_onnx_file), sess_options,
+                                             providers=providers or ["CPUExecutionProvider"], **kwargs)
+        self._collector = Collector(mod.plan, mod.config, self.record_file,
+                                    lambda name: numpy_helper.to_array(weights[name]))
+        self._added = set(mod.added_outputs)
+        self._site_tensors = mod.plan.site_tensors()
+        self._user_outputs = [o.name for o in self._session.get_outputs() if o.name not in self._added]
+        self._layers = list(mod.plan.layers)
+        self._progress: Progress | None = None
+
+    @property
+    def batches_seen(self) -> int:
+        return self._collector.batches
+
+    @property
+    def complete(self) -> bool:
+        return self._collector.done
+
+    def get_outputs(self):
+        return [o for o in self._session.get_outputs() if o.name not in self._added]
+
+    def run(self, output_names, input_feed, run_options=None):
+        wanted = list(output_names) if output_names else self._user_outputs
+        if self._collector.done:
+            return self._session.run(wanted, input_feed, run_options)
+        fetch = wanted + [t for t in self._site_tensors if t not in wanted]
+        values = self._session.run(fetch, input_feed, run_options)
+        if self._progress is None:
+            self._progress = Progress("calibrating", self._collector.batch_num)
+        try:
+            finished = self._collector.observe(dict(zip(fetch, values)))
+        except Exception:
+            self._progress.close()
+            raise
+        self._progress.advance()
+        if finished:
+            self._progress.close()
+            logger.info("calibration complete after %d batch(es): wrote %s", self._collector.batches, self.record_file)
+        else:
+            write_pending_record(self.record_file, self._collector.batches, self._collector.batch_num, self._layers)
+        return values[: len(wanted)]
+
+    def __getattr__(self, name: str):
+        return getattr(self._session, name)
+
+
+def save_model(modified_onnx_file: str | os.PathLike, record_file: str | os.PathLike, save_path: str | os.PathLike) -> None:
+    """Write ``save_path + '_fake_quant_model.onnx'`` and ``save_path + '_deploy_model.onnx'``."""
+    save_quantized(modified_onnx_file, record_file, save_path)
