@@ -4,8 +4,8 @@ Why: AMCT's IFMR keeps every calibration batch and ONNX Runtime's calibrators ke
 memory grows with the number of batches. This sketch has a fixed size whatever the number of batches:
 
 * a histogram whose bins have a power-of-two width anchored at zero, holding per bin the count, the sum
-  and the sum of squares of its values. Widening the range merges bins pairwise, so merges are exact and
-  the order of batches does not change the result;
+  and the sum of squares of its values. Widening the range merges bins pairwise, so two sketches merge
+  exactly at their common bin width and the batch order changes results only at float rounding level;
 * the exact ``tail_size`` largest and smallest values, so extreme percentiles (IFMR's 0.999999) are exact
   for up to ``tail_size / (1 - percentile)`` values;
 * exact count, minimum and maximum.
@@ -66,7 +66,15 @@ class ActivationSketch:
         self.squares += np.bincount(idx, weights=x * x, minlength=n)
         self.count += x.size
         self.min, self.max = min(self.min, lo), max(self.max, hi)
-        self._keep_tails(x, x)
+        # Only values in the outermost bins holding tail_size values can belong to the tails: one
+        # comparison instead of a partition of the whole batch.
+        k = self.tail_size
+        edges_from_top = np.cumsum(self.counts[::-1])
+        top_bin = self.counts.size - 1 - int(np.searchsorted(edges_from_top, k))
+        bottom_bin = int(np.searchsorted(np.cumsum(self.counts), k))
+        high = x[x >= (self.first_index + max(top_bin, 0)) * self.width]
+        low = x[x < (self.first_index + min(bottom_bin, self.counts.size - 1) + 1) * self.width]
+        self._keep_tails(high, low)
 
     def merge(self, other: ActivationSketch) -> None:
         """Fold ``other`` into this sketch (exact: the result equals one sketch fed both streams)."""
@@ -124,11 +132,8 @@ class ActivationSketch:
         self.exponent += 1
 
     def _keep_tails(self, high: np.ndarray, low: np.ndarray) -> None:
-        k = self.tail_size
-        top = np.concatenate([self.top, high])
-        bottom = np.concatenate([self.bottom, low])
-        self.top = np.partition(top, top.size - k)[top.size - k :] if top.size > k else top
-        self.bottom = np.partition(bottom, k - 1)[:k] if bottom.size > k else bottom
+        self.top = _extreme(np.concatenate([self.top, high]), self.tail_size, largest=True)
+        self.bottom = _extreme(np.concatenate([self.bottom, low]), self.tail_size, largest=False)
 
     # ---------------------------------------------------------------- queries
     def nonzero_bins(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -198,3 +203,14 @@ class ActivationSketch:
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.counts, self.sums, self.squares, self.top, self.bottom))
+
+
+def _extreme(values: np.ndarray, k: int, largest: bool) -> np.ndarray:
+    """The ``k`` largest (or smallest) of ``values``, in any order."""
+    if values.size <= k:
+        return values
+    edge = values.max() if largest else values.min()
+    ties = np.count_nonzero(values == edge)
+    if ties >= k:  # e.g. the zeros of a ReLU: no partition needed
+        return np.full(k, edge)
+    return np.partition(values, values.size - k)[values.size - k :] if largest else np.partition(values, k - 1)[:k]

@@ -3,7 +3,7 @@
 Both models quantize exactly the same tensors with the same parameters:
 
 * fake-quant: float weights already rounded to their quantized values, float bias rounded to its INT32
-  grid, and QuantizeLinear -> DequantizeLinear on activations; runs in float anywhere.
+  grid, and quantize-dequantize of activations written in plain float ops; runs in float anywhere.
 * deploy: INT8 weight initializers and INT32 bias behind DequantizeLinear, activations through
   QuantizeLinear -> DequantizeLinear. ONNX Runtime's graph optimiser fuses these into integer kernels
   (QLinearConv, QLinearMatMul, QGemm, MatMulIntegerToFloat, QLinearAveragePool).
@@ -54,15 +54,26 @@ class _Builder:
         return out
 
     def activation_qdq(self, tensor: str, scale: float, offset: int, base: str) -> str:
-        """QuantizeLinear -> DequantizeLinear of ``tensor``; returns the dequantized tensor's name."""
-        if self.unsigned:
-            zp = np.array(offset + 128, np.uint8)
-        else:
-            zp = np.array(offset, np.int8)
+        """Quantize then dequantize ``tensor``; returns the name of the dequantized tensor.
+
+        Deploy: QuantizeLinear -> DequantizeLinear (the runtime fuses them into integer kernels).
+        Fake-quant: the same arithmetic in plain float ops (Div, Round, Add, Clip, Sub, Mul), because ONNX
+        Runtime re-quantizes float weights next to a QuantizeLinear/DequantizeLinear pair on its own
+        (its WeightBiasQuantization pass), which would change the simulation.
+        """
+        if self.deploy:
+            zp = np.array(offset + 128, np.uint8) if self.unsigned else np.array(offset, np.int8)
+            s = self.add_init(np.array(scale, np.float32), f"{base}.scale")
+            z = self.add_init(zp, f"{base}.zero_point")
+            q = self.node("QuantizeLinear", [tensor, s, z], f"{base}.quantized")
+            return self.node("DequantizeLinear", [q, s, z], f"{base}.dequantized")
         s = self.add_init(np.array(scale, np.float32), f"{base}.scale")
-        z = self.add_init(zp, f"{base}.zero_point")
-        q = self.node("QuantizeLinear", [tensor, s, z], f"{base}.quantized")
-        return self.node("DequantizeLinear", [q, s, z], f"{base}.dequantized")
+        z = self.add_init(np.array(offset, np.float32), f"{base}.offset")
+        lo = self.add_init(np.array(-128, np.float32), f"{base}.qmin")
+        hi = self.add_init(np.array(127, np.float32), f"{base}.qmax")
+        r = self.node("Round", [self.node("Div", [tensor, s], f"{base}.scaled")], f"{base}.rounded")
+        q = self.node("Clip", [self.node("Add", [r, z], f"{base}.shifted"), lo, hi], f"{base}.quantized")
+        return self.node("Mul", [self.node("Sub", [q, z], f"{base}.centered"), s], f"{base}.dequantized")
 
     def finish(self) -> onnx.ModelProto:
         self.graph.node.extend(self.new_nodes)
@@ -115,7 +126,7 @@ def check_record(plan: Plan, records: dict[str, LayerRecord], record_file: str, 
 
 
 def build_quantized(base: onnx.ModelProto, plan: Plan, config: QuantConfig, records: dict[str, LayerRecord],
-                    deploy: bool, activation_dtype: str = "int8") -> onnx.ModelProto:
+                    deploy: bool, activation_dtype: str = "uint8") -> onnx.ModelProto:
     model = onnx.ModelProto()
     model.CopyFrom(base)
     b = _Builder(model, deploy, activation_dtype)

@@ -69,7 +69,7 @@ def read_modified(path: str | Path) -> ModifiedModel:
 
 
 def save_quantized(modified_onnx_file: str | Path, record_file: str | Path, save_path: str | Path,
-                   activation_dtype: str = "int8") -> tuple[Path, Path]:
+                   activation_dtype: str = "uint8") -> tuple[Path, Path]:
     """Write ``{save_path}_fake_quant_model.onnx`` and ``{save_path}_deploy_model.onnx``."""
     mod = read_modified(modified_onnx_file)
     records = read_record(record_file)

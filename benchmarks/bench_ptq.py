@@ -1,0 +1,221 @@
+"""Post-training quantization, side by side: omct (IFMR, HFMG) vs ONNX Runtime quantize_static (QDQ,
+per-channel; MinMax, Entropy, Percentile) vs NNCF nncf.quantize, on models trained here on digits.
+
+Each method runs in its own child process so its peak RSS is its own. Run by hand, not in CI:
+
+    python benchmarks/bench_ptq.py                 # all models, all methods, writes benchmarks/results/ptq.md
+    python benchmarks/bench_ptq.py --models resnet --methods omct-ifmr ort-minmax
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+WORK = HERE / "work"
+RESULTS = HERE / "results"
+SIZE = 32  # input images are upsampled to SIZE x SIZE so that latency measures compute, not overhead
+MODELS = {"resnet": {"width": 32, "blocks": 3}, "mobilenet": {"width": 32},
+          "transformer": {"d_model": 128, "layers": 4, "heads": 4, "patch": 4, "size": SIZE}}
+METHODS = ["omct-ifmr", "omct-hfmg", "ort-minmax", "ort-entropy", "ort-percentile", "nncf"]
+CALIB_BATCH = 32
+
+
+def data():
+    """The digits at SIZE x SIZE, cached as .npz so that measured child processes never import torch."""
+    from omct.examples.zoo import Digits
+
+    cache = WORK / f"digits{SIZE}.npz"
+    if not cache.exists():
+        from omct.examples import zoo
+
+        WORK.mkdir(parents=True, exist_ok=True)
+        d = zoo.load_digits(SIZE)
+        np.savez(cache, x_train=d.x_train, y_train=d.y_train, x_test=d.x_test, y_test=d.y_test)
+    z = np.load(cache)
+    return Digits(z["x_train"], z["y_train"], z["x_test"], z["y_test"])
+
+
+def model_path(name: str) -> Path:
+    return WORK / f"{name}_fp32.onnx"
+
+
+def ensure_model(name: str) -> None:
+    if model_path(name).exists():
+        return
+    from omct.examples import zoo
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    d = data()
+    m = zoo.build(name, d, model_path(name), epochs=25, **MODELS[name])
+    print(f"trained {name}: torch accuracy {zoo.accuracy_torch(m, d.x_test, d.y_test):.4f}", file=sys.stderr)
+
+
+def calib_batches(batch_num: int):
+    d = data()
+    x = d.x_train
+    return [x[(i * CALIB_BATCH) % len(x):][:CALIB_BATCH] for i in range(batch_num)]
+
+
+def quantize(method: str, name: str, out: Path, batch_num: int) -> Path:
+    src = str(model_path(name))
+    batches = calib_batches(batch_num)
+    if method.startswith("omct"):
+        import omct.onnx as amct
+        from omct.ui import set_quiet
+
+        set_quiet()
+        cfg = out.with_suffix(".cfg")
+        cfg.write_text(f"batch_num: {batch_num}\ncommon_config {{ {method[5:]}_quantize {{ }} }}\n")
+        amct.create_quant_config(str(out) + ".json", src, config_defination=str(cfg))
+        amct.quantize_model(str(out) + ".json", src, str(out) + "_mod.onnx", str(out) + "_record.txt")
+        sess = amct.CalibrationSession(str(out) + "_mod.onnx")
+        for b in batches:
+            sess.run(None, {"input": b})
+        amct.save_model(str(out) + "_mod.onnx", str(out) + "_record.txt", str(out))
+        return Path(str(out) + "_deploy_model.onnx")
+    if method.startswith("ort"):
+        from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.it = iter(batches)
+
+            def get_next(self):
+                b = next(self.it, None)
+                return None if b is None else {"input": b}
+
+        algo = {"ort-minmax": CalibrationMethod.MinMax, "ort-entropy": CalibrationMethod.Entropy,
+                "ort-percentile": CalibrationMethod.Percentile}[method]
+        dst = Path(str(out) + "_deploy_model.onnx")
+        quantize_static(src, str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=algo)
+        return dst
+    if method == "nncf":
+        import nncf
+        import onnx
+
+        model = onnx.load(src)
+        kwargs = {"model_type": nncf.ModelType.TRANSFORMER} if name == "transformer" else {}
+        q = nncf.quantize(model, nncf.Dataset(batches, lambda b: {"input": b}), subset_size=len(batches) * CALIB_BATCH,
+                          **kwargs)
+        dst = Path(str(out) + "_deploy_model.onnx")
+        onnx.save(q, str(dst))
+        return dst
+    raise ValueError(method)
+
+
+def session(path: Path, threads: int = 2):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def accuracy(path: Path) -> float:
+    d = data()
+    s = session(path)
+    return float((s.run(None, {"input": d.x_test})[0].argmax(1) == d.y_test).mean())
+
+
+def latency_ms(path: Path, batch: int = 16, runs: int = 60) -> float:
+    d = data()
+    s = session(path)
+    x = d.x_test[:batch]
+    for _ in range(10):
+        s.run(None, {"input": x})
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        s.run(None, {"input": x})
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1000)
+
+
+def child(method: str, name: str, batch_num: int) -> None:
+    """Quantize once in this process and print a JSON line of measurements."""
+    out = WORK / f"{name}_{method}_b{batch_num}"
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t = time.perf_counter()
+    deploy = quantize(method, name, out, batch_num)
+    wall = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"method": method, "model": name, "batch_num": batch_num, "wall_s": wall,
+                      "peak_rss_mb": peak / 1024, "start_rss_mb": base_rss / 1024, "deploy": str(deploy)}))
+
+
+def run_child(method: str, name: str, batch_num: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", method, name, str(batch_num)]
+    env = dict(os.environ, OMCT_QUIET="1")
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        return {"method": method, "model": name, "batch_num": batch_num, "error": res.stderr.strip().splitlines()[-1]}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="*", default=list(MODELS))
+    ap.add_argument("--methods", nargs="*", default=METHODS)
+    ap.add_argument("--batch-num", type=int, default=8)
+    ap.add_argument("--memory", action="store_true", help="also measure omct's peak RSS at batch_num 32 vs 256")
+    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child[0], args.child[1], int(args.child[2]))
+        return
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    rows, lines = [], []
+    for name in args.models:
+        ensure_model(name)
+        fp32 = model_path(name)
+        base = {"acc": accuracy(fp32), "lat": latency_ms(fp32), "size": fp32.stat().st_size}
+        rows.append({"model": name, "method": "fp32", "acc": base["acc"], "lat_ms": base["lat"], "lat_ratio": 1.0,
+                     "size_kb": base["size"] / 1024})
+        for method in args.methods:
+            r = run_child(method, name, args.batch_num)
+            if "error" in r:
+                rows.append({"model": name, "method": method, "error": r["error"]})
+                continue
+            deploy = Path(r["deploy"])
+            lat = latency_ms(deploy)
+            rows.append({"model": name, "method": method, "acc": accuracy(deploy), "lat_ms": lat,
+                         "lat_ratio": lat / base["lat"], "wall_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"],
+                         "size_kb": deploy.stat().st_size / 1024})
+            print(json.dumps(rows[-1]), file=sys.stderr)
+    lines.append(f"PTQ benchmark: {args.batch_num} calibration batches of {CALIB_BATCH}, digits upsampled to {SIZE}x{SIZE}, "
+                 "accuracy on 500 held-out images, ORT latency at batch 16 with 2 threads (median).\n")
+    lines.append("| model | method | accuracy | latency ms | vs FP32 | PTQ wall s | peak RSS MB | size KB |")
+    lines.append("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['method']} | failed: {r['error'][:80]} | | | | | |")
+            continue
+        lines.append(f"| {r['model']} | {r['method']} | {r['acc']:.4f} | {r['lat_ms']:.2f} | {r['lat_ratio']:.2f}x | "
+                     f"{r.get('wall_s', 0):.2f} | {r.get('peak_rss_mb', 0):.0f} | {r['size_kb']:.0f} |")
+    if args.memory:
+        lines.append("\nomct peak RSS vs batch_num (IFMR, resnet):\n")
+        lines.append("| batch_num | peak RSS MB | wall s |")
+        lines.append("|---|---|---|")
+        for bn in (32, 256):
+            r = run_child("omct-ifmr", args.models[0], bn)
+            lines.append(f"| {bn} | {r['peak_rss_mb']:.0f} | {r['wall_s']:.1f} |")
+    text = "\n".join(lines) + "\n"
+    (RESULTS / "ptq.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

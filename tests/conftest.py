@@ -1,0 +1,82 @@
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("OMCT_QUIET", "1")
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from omct.examples import zoo
+
+    return zoo.load_digits(16)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, digits):
+    """Trained zoo models exported to ONNX, built once per session: name -> (torch model, onnx path)."""
+    from omct.examples import zoo
+
+    cache = {}
+    folder = tmp_path_factory.mktemp("zoo")
+    settings = {"small_cnn": ({"width": 16}, 15), "resnet": ({"width": 16, "blocks": 3}, 12),
+                "mobilenet": ({"width": 16}, 15), "transformer": ({"d_model": 64, "layers": 2}, 25)}
+
+    def get(name):
+        if name not in cache:
+            kwargs, epochs = settings[name]
+            path = folder / f"{name}.onnx"
+            model = zoo.build(name, digits, path, epochs=epochs, **kwargs)
+            cache[name] = (model, path)
+        return cache[name]
+
+    return get
+
+
+def ort_run(path, feeds):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def ort_accuracy(path, x, y):
+    return float((ort_run(path, {"input": x})[0].argmax(1) == y).mean())
+
+
+def optimized_ops(path, tmp_path):
+    """Op types in ONNX Runtime's optimised graph of ``path`` (default optimisation level)."""
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+
+
+def run_flow(model_path, tmp_path, batches, feed_name="input", prefix="q", **config_kwargs):
+    """The ONNX call sequence end to end; returns (fake_quant_path, deploy_path)."""
+    import omct.onnx as amct
+
+    cfg, mod, rec = tmp_path / f"{prefix}.json", tmp_path / f"{prefix}_mod.onnx", tmp_path / f"{prefix}_record.txt"
+    config_kwargs.setdefault("batch_num", len(batches))
+    amct.create_quant_config(str(cfg), str(model_path), **config_kwargs)
+    amct.quantize_model(str(cfg), str(model_path), str(mod), str(rec))
+    sess = amct.CalibrationSession(str(mod))
+    for b in batches:
+        sess.run(None, b if isinstance(b, dict) else {feed_name: b})
+    amct.save_model(str(mod), str(rec), str(tmp_path / prefix))
+    return tmp_path / f"{prefix}_fake_quant_model.onnx", tmp_path / f"{prefix}_deploy_model.onnx"
+
+
+def batches_of(x, n, size=32):
+    return [x[i * size:(i + 1) * size] for i in range(n)]
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)

@@ -1,0 +1,163 @@
+"""Quantization formulas, weight quantizers and calibrators, against plain reference implementations."""
+
+import math
+
+import numpy as np
+import pytest
+
+from omct.core.calibrators import CALIBRATORS, IFMR, make_calibrator
+from omct.core.params import params_from_range
+from omct.core.sketch import ActivationSketch
+from omct.core.weights import arq, mse_clip, quantize_bias
+
+
+def ref_fake_quant(x, s, o, bits=8):
+    q = np.clip(np.round(x / s) + o, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    return (q - o) * s
+
+
+def test_asymmetric_params_follow_amct_formulas():
+    p = params_from_range(-1.0, 3.0, 8, asymmetric=True)
+    assert float(p.scale) == pytest.approx(4.0 / 255, rel=1e-6)
+    assert int(p.offset) == round(-128 + 1.0 / (4.0 / 255))
+    # Non-negative data: offset -128, zero exactly representable.
+    p = params_from_range(0.5, 2.0, 8, asymmetric=True)
+    assert int(p.offset) == -128 and p.fake_quant(np.array([0.0]))[0] == 0.0
+    x = np.linspace(-1, 3, 1001, dtype=np.float32)
+    p = params_from_range(-1.0, 3.0)
+    np.testing.assert_allclose(p.fake_quant(x), ref_fake_quant(x, float(p.scale), int(p.offset)), atol=1e-7)
+
+
+def test_symmetric_params_and_degenerate_ranges():
+    p = params_from_range(-2.0, 1.0, 8, asymmetric=False)
+    assert float(p.scale) == pytest.approx(2.0 / 127) and int(p.offset) == 0
+    for lo, hi in ((0.0, 0.0), (3.0, 3.0), (-1e-12, 1e-12)):
+        p = params_from_range(lo, hi)
+        assert np.isfinite(p.scale) and float(p.scale) > 0
+        assert np.isfinite(p.fake_quant(np.array([lo, hi], np.float32))).all()
+
+
+def ref_ifmr(x, asym=True, pmax=0.999999, pmin=0.999999, start=0.7, end=1.3, step=0.01):
+    """All-data IFMR as AMCT describes it: percentile start, ratio grid, least squared error wins."""
+    x = np.sort(x.astype(np.float64).ravel())
+    n = x.size
+    hi, lo = x[math.ceil(pmax * n) - 1], x[n - math.ceil(pmin * n)]
+    best = None
+    for r in np.arange(start, end, step):
+        lo_c, hi_c = min(lo * r, 0.0), max(hi * r, 0.0)
+        if asym:
+            s = np.float32((hi_c - lo_c) / 255)
+            o = np.clip(np.round(-128 - lo_c / s), -128, 127)
+        else:
+            s, o = np.float32(max(-lo_c, hi_c) / 127), 0
+        err = ((ref_fake_quant(x, float(s), o) - x) ** 2).sum()
+        if best is None or err < best[0]:
+            best = (err, float(s))
+    return best[1]
+
+
+DISTRIBUTIONS = {
+    "gaussian": lambda r, n: r.normal(size=n),
+    "laplace": lambda r, n: r.laplace(scale=0.5, size=n) + 0.3,
+    "relu": lambda r, n: np.maximum(r.normal(size=n), 0) * 2.5,
+    "outliers": lambda r, n: np.where(r.random(n) < 2e-4, r.normal(size=n) * 60, r.normal(size=n)),
+}
+
+
+@pytest.mark.parametrize("dist", sorted(DISTRIBUTIONS))
+@pytest.mark.parametrize("asym", [True, False])
+def test_streaming_ifmr_matches_exact_ifmr(dist, asym):
+    rng = np.random.default_rng(7)
+    x = DISTRIBUTIONS[dist](rng, 600_000).astype(np.float32)
+    calib = IFMR(asymmetric=asym)
+    for batch in np.array_split(x, 23):
+        calib.update(batch)
+    got, want = float(calib.compute().scale), ref_ifmr(x, asym)
+    assert abs(got - want) / want < 0.01, (got, want)
+
+
+def test_sketch_memory_does_not_grow_with_batches():
+    rng = np.random.default_rng(0)
+    sk = ActivationSketch()
+    sizes = []
+    for i in range(200):
+        sk.update(rng.normal(size=4096) * (1 + i / 50))  # the range keeps growing
+        sizes.append(sk.nbytes())
+    assert max(sizes) <= ActivationSketch().max_bins * 3 * 8 + 2 * ActivationSketch().tail_size * 8
+    assert sk.count == 200 * 4096
+
+
+def test_sketch_merge_equals_single_stream():
+    rng = np.random.default_rng(1)
+    a_data, b_data = rng.normal(size=50_000), rng.laplace(size=50_000) * 4
+    one = ActivationSketch()
+    one.update(a_data)
+    one.update(b_data)
+    a, b = ActivationSketch(), ActivationSketch()
+    a.update(a_data)
+    b.update(b_data)
+    a.merge(b)
+    assert a.count == one.count and a.min == one.min and a.max == one.max
+    s = np.array([0.01, 0.05, 0.1])
+    np.testing.assert_allclose(a.quant_error(s, np.zeros(3), 8), one.quant_error(s, np.zeros(3), 8), rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(CALIBRATORS))
+def test_every_calibrator_handles_constant_and_zero_tensors(name):
+    for value in (0.0, 2.5, -1.0):
+        c = make_calibrator(name)
+        c.update(np.full((4, 16), value, np.float32))
+        p = c.compute()
+        assert np.isfinite(p.scale) and float(p.scale) > 0
+        assert abs(float(p.fake_quant(np.array([value], np.float32))[0]) - value) <= float(p.scale)
+
+
+def test_sketch_rejects_nan_and_inf():
+    c = make_calibrator("ifmr")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        c.update(np.array([1.0, np.nan, np.inf]))
+
+
+@pytest.mark.parametrize("name", ["hfmg", "mse", "kl", "percentile", "ifmr"])
+def test_searching_calibrators_really_search(name):
+    """On outlier-heavy data each search clips below min-max (ORT's Entropy once silently equalled MinMax)."""
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.normal(size=400_000), rng.normal(size=40) * 40]).astype(np.float32)
+    ref = make_calibrator("minmax")
+    c = make_calibrator(name)
+    ref.update(x)
+    c.update(x)
+    assert float(c.compute().scale) < 0.9 * float(ref.compute().scale)
+    # and the chosen range gives a lower error than min-max on the bulk of the data
+    bulk = x[:400_000]
+    err = lambda p: float(((p.fake_quant(bulk) - bulk) ** 2).mean())  # noqa: E731
+    assert err(c.compute()) < err(ref.compute())
+
+
+def test_arq_weights_per_channel_and_per_tensor():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(8, 4, 3, 3)).astype(np.float32) * np.arange(1, 9).reshape(8, 1, 1, 1)
+    p = arq(w, 8, axis=0)
+    np.testing.assert_allclose(p.scale, np.abs(w).reshape(8, -1).max(1) / 127, rtol=1e-6)
+    q = p.quantize(w)
+    assert q.min() >= -127 and q.max() == 127
+    p4 = arq(w, 4, axis=None)
+    assert float(p4.scale) == pytest.approx(np.abs(w).max() / 7, rel=1e-6)
+    assert set(np.unique(p4.quantize(w))) <= set(range(-8, 8))
+
+
+def test_mse_clip_is_never_worse_than_arq():
+    rng = np.random.default_rng(2)
+    w = rng.standard_t(3, size=(16, 64)).astype(np.float32)
+    for bits in (4, 6, 8):
+        e_arq = ((arq(w, bits, 0).fake_quant(w) - w) ** 2).sum()
+        e_mse = ((mse_clip(w, bits, 0).fake_quant(w) - w) ** 2).sum()
+        assert e_mse <= e_arq + 1e-9
+    assert ((mse_clip(w, 4, 0).fake_quant(w) - w) ** 2).sum() < 0.9 * ((arq(w, 4, 0).fake_quant(w) - w) ** 2).sum()
+
+
+def test_bias_quantization_and_overflow():
+    q = quantize_bias(np.array([0.5, -0.25]), np.array([0.01, 0.02]), 0.1)
+    np.testing.assert_array_equal(q, [500, -125])
+    with pytest.raises(OverflowError, match="INT32"):
+        quantize_bias(np.array([1e6]), np.array([1e-6]), 1e-4)

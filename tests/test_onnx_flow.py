@@ -1,0 +1,101 @@
+"""The ONNX call sequence end to end on real trained models and on one hand-built model per op kind."""
+
+import hashlib
+
+import numpy as np
+import onnx
+import pytest
+from conftest import batches_of, optimized_ops, ort_accuracy, ort_run, run_flow
+from onnx import numpy_helper
+from onnx_builders import avgpool_model, conv_model, conv_transpose_model, linear_model
+
+INTEGER_KERNELS = {"QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "QLinearAveragePool"}
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "resnet", "mobilenet", "transformer"])
+def test_trained_models_keep_accuracy(name, trained, digits, tmp_path):
+    _, path = trained(name)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    fake, deploy = run_flow(path, tmp_path, batches_of(digits.x_train, 4))
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest, "the input model must not be modified"
+    fp32 = ort_accuracy(path, digits.x_test, digits.y_test)
+    assert fp32 > 0.9
+    for q in (fake, deploy):
+        assert ort_accuracy(q, digits.x_test, digits.y_test) >= fp32 - 0.01
+    # deploy (integer kernels) and fake-quant (float simulation) agree closely
+    ref = ort_run(path, {"input": digits.x_test})[0]
+    f = ort_run(fake, {"input": digits.x_test})[0]
+    d = ort_run(deploy, {"input": digits.x_test})[0]
+    spread = np.abs(ref).max()
+    assert np.abs(f - d).max() < 0.05 * spread
+    assert (f.argmax(1) == d.argmax(1)).mean() > 0.99
+    ops = optimized_ops(deploy, tmp_path)
+    assert INTEGER_KERNELS & set(ops), ops
+
+
+def test_deploy_model_has_int8_weights_int32_bias_and_dynamic_batch(trained, digits, tmp_path):
+    _, path = trained("small_cnn")
+    fake, deploy = run_flow(path, tmp_path, batches_of(digits.x_train, 2))
+    m = onnx.load(deploy)
+    dtypes = {t.name: numpy_helper.to_array(t).dtype for t in m.graph.initializer}
+    assert any(n.endswith("weight_quantized") and d == np.int8 for n, d in dtypes.items())
+    assert any(n.endswith("bias_quantized") and d == np.int32 for n, d in dtypes.items())
+    assert not any(d == np.float32 and t.dims and np.prod(t.dims) > 64
+                   for t, d in zip(m.graph.initializer, dtypes.values())), "no large float weights remain"
+    ops = optimized_ops(deploy, tmp_path)
+    assert "QLinearConv" in ops and ("QGemm" in ops or "MatMulIntegerToFloat" in ops)
+    for batch in (1, 7):
+        for q in (fake, deploy):
+            assert ort_run(q, {"input": digits.x_test[:batch]})[0].shape == (batch, 10)
+    # fake-quant weights are exactly representable: w / s is an integer per channel
+    fm = onnx.load(fake)
+    w = next(numpy_helper.to_array(t) for t in fm.graph.initializer if t.name.endswith("weight_fake_quant"))
+    levels = [len(np.unique(ch)) for ch in w.reshape(w.shape[0], -1)]
+    assert max(levels) <= 255
+
+
+def _check_op(model, tmp_path, x, expect_quantized, integer_kernel=None, rel_tol=0.06):
+    src = tmp_path / "model.onnx"
+    onnx.save(model, src)
+    rng = np.random.default_rng(1)
+    batches = [x * (1 + 0.1 * rng.normal()) for _ in range(3)]
+    fake, deploy = run_flow(src, tmp_path, batches, feed_name="x")
+    ref = ort_run(src, {"x": x})[0]
+    f = ort_run(fake, {"x": x})[0]
+    d = ort_run(deploy, {"x": x})[0]
+    scale = np.abs(ref).max()
+    assert np.abs(f - ref).max() < rel_tol * scale
+    assert np.abs(d - f).max() < rel_tol * scale
+    ops = [n.op_type for n in onnx.load(fake).graph.node]
+    assert ("Round" in ops) == expect_quantized
+    if integer_kernel:
+        assert integer_kernel in optimized_ops(deploy, tmp_path)
+
+
+@pytest.mark.parametrize("dims,groups,dilation", [(1, 1, 1), (2, 1, 1), (3, 1, 1), (2, 2, 1), (2, 8, 1), (2, 1, 2)])
+def test_conv_variants(dims, groups, dilation, tmp_path, rng):
+    model = conv_model(rng, dims=dims, groups=groups, dilation=dilation)
+    x = rng.normal(size=(2, 8) + (6,) * dims).astype(np.float32)
+    _check_op(model, tmp_path, x, True, "QLinearConv" if dims == 2 else None)
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_gemm(trans_b, tmp_path, rng):
+    x = rng.normal(size=(4, 12)).astype(np.float32)
+    _check_op(linear_model(rng, "Gemm", trans_b=trans_b), tmp_path, x, True, "QGemm")
+
+
+@pytest.mark.parametrize("tokens", [False, True])
+def test_matmul_with_constant_weight(tokens, tmp_path, rng):
+    x = rng.normal(size=(4, 5, 12) if tokens else (4, 12)).astype(np.float32)
+    _check_op(linear_model(rng, "MatMul", tokens=tokens), tmp_path, x, True, "QLinearMatMul")
+
+
+def test_conv_transpose(tmp_path, rng):
+    x = rng.normal(size=(2, 8, 5, 5)).astype(np.float32)
+    _check_op(conv_transpose_model(rng), tmp_path, x, True)
+
+
+def test_average_pool(tmp_path, rng):
+    x = rng.normal(size=(2, 4, 6, 6)).astype(np.float32)
+    _check_op(avgpool_model(), tmp_path, x, True, "QLinearAveragePool")
