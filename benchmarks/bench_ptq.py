@@ -84,7 +84,13 @@ def quantize(method: str, name: str, out: Path, batch_num: int) -> Path:
         amct.save_model(str(out) + "_mod.onnx", str(out) + "_record.txt", str(out))
         return Path(str(out) + "_deploy_model.onnx")
     if method.startswith("ort"):
-        from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
 
         class Reader(CalibrationDataReader):
             def __init__(self):
@@ -144,16 +150,24 @@ def latency_ms(path: Path, batch: int = 16, runs: int = 60) -> float:
     return float(np.median(times) * 1000)
 
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM; ru_maxrss would include the parent's, as Linux keeps it across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def child(method: str, name: str, batch_num: int) -> None:
     """Quantize once in this process and print a JSON line of measurements."""
     out = WORK / f"{name}_{method}_b{batch_num}"
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base_rss = peak_rss_mb()
     t = time.perf_counter()
     deploy = quantize(method, name, out, batch_num)
     wall = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak_rss_mb()
     print(json.dumps({"method": method, "model": name, "batch_num": batch_num, "wall_s": wall,
-                      "peak_rss_mb": peak / 1024, "start_rss_mb": base_rss / 1024, "deploy": str(deploy)}))
+                      "peak_rss_mb": peak, "start_rss_mb": base_rss, "deploy": str(deploy)}))
 
 
 def run_child(method: str, name: str, batch_num: int) -> dict:

@@ -41,7 +41,7 @@ def test_deploy_model_has_int8_weights_int32_bias_and_dynamic_batch(trained, dig
     assert any(n.endswith("weight_quantized") and d == np.int8 for n, d in dtypes.items())
     assert any(n.endswith("bias_quantized") and d == np.int32 for n, d in dtypes.items())
     assert not any(d == np.float32 and t.dims and np.prod(t.dims) > 64
-                   for t, d in zip(m.graph.initializer, dtypes.values())), "no large float weights remain"
+                   for t, d in zip(m.graph.initializer, dtypes.values(), strict=False)), "no large float weights remain"
     ops = optimized_ops(deploy, tmp_path)
     assert "QLinearConv" in ops and ("QGemm" in ops or "MatMulIntegerToFloat" in ops)
     for batch in (1, 7):

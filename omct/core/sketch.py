@@ -49,7 +49,10 @@ class ActivationSketch:
 
     def update(self, values: np.ndarray) -> None:
         """Add a batch of values (any shape). Raises ValueError on NaN or Inf."""
-        x = np.asarray(values, dtype=np.float64).ravel()
+        x = np.asarray(values)
+        if x.dtype != np.float32 and x.dtype != np.float64:
+            x = x.astype(np.float32)
+        x = x.ravel()
         if x.size == 0:
             return
         lo, hi = float(x.min()), float(x.max())
@@ -59,22 +62,23 @@ class ActivationSketch:
         if self.count == 0:
             self._start(lo, hi)
         self._cover(lo, hi)
-        idx = np.floor(x / self.width).astype(np.int64) - self.first_index
+        # x / 2**e is exact in float32, so the bin of every value is exact too.
+        idx = np.floor(x * np.float32(math.ldexp(1.0, -self.exponent))).astype(np.int32)
+        idx -= self.first_index
         n = self.counts.size
         self.counts += np.bincount(idx, minlength=n)
         self.sums += np.bincount(idx, weights=x, minlength=n)
-        self.squares += np.bincount(idx, weights=x * x, minlength=n)
+        self.squares += np.bincount(idx, weights=np.square(x, dtype=np.float64), minlength=n)
         self.count += x.size
         self.min, self.max = min(self.min, lo), max(self.max, hi)
         # Only values in the outermost bins holding tail_size values can belong to the tails: one
         # comparison instead of a partition of the whole batch.
         k = self.tail_size
-        edges_from_top = np.cumsum(self.counts[::-1])
-        top_bin = self.counts.size - 1 - int(np.searchsorted(edges_from_top, k))
+        top_bin = n - 1 - int(np.searchsorted(np.cumsum(self.counts[::-1]), k))
         bottom_bin = int(np.searchsorted(np.cumsum(self.counts), k))
         high = x[x >= (self.first_index + max(top_bin, 0)) * self.width]
-        low = x[x < (self.first_index + min(bottom_bin, self.counts.size - 1) + 1) * self.width]
-        self._keep_tails(high, low)
+        low = x[x < (self.first_index + min(bottom_bin, n - 1) + 1) * self.width]
+        self._keep_tails(high.astype(np.float64), low.astype(np.float64))
 
     def merge(self, other: ActivationSketch) -> None:
         """Fold ``other`` into this sketch (exact: the result equals one sketch fed both streams)."""

@@ -60,7 +60,7 @@ def pending_status(path: str | Path) -> str | None:
     if not first.startswith(_PENDING):
         return None
     seen, _, batch_num = first[len(_PENDING):].split(" batches")[0].split()[:3]
-    layers = first.split(": ", 2)[-1].split()
+    layers = first.split(" layers: ", 1)[-1].split()
     shown = ", ".join(layers[:5]) + (f" and {len(layers) - 5} more" if len(layers) > 5 else "")
     return (f"calibration ran {seen} of batch_num={batch_num} batches (layers {shown}); run "
             f"{int(batch_num) - int(seen)} more batch(es) through the calibration model before save_model")

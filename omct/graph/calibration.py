@@ -39,15 +39,14 @@ class Collector:
         """Feed one batch (tensor name -> values). Returns True when this batch completed the record."""
         if self.done:
             return False
-        for site, calib in zip(self.plan.sites, self.calibrators):
-            values = tensors[site.tensor]
-            if values.dtype.kind == "f" and not np.isfinite(values).all():
-                bad = int(np.count_nonzero(~np.isfinite(values)))
+        for site, calib in zip(self.plan.sites, self.calibrators, strict=False):
+            try:
+                calib.update(tensors[site.tensor])
+            except ValueError as e:
                 layers = ", ".join(site.inputs_of + [f"output of {n}" for n in site.output_of])
                 raise CalibrationError(
-                    f"calibration batch {self.batches + 1}: tensor '{site.tensor}' ({layers}) has {bad} NaN/Inf "
-                    f"values; check the input data, or add '{site.owner}' to skip_layers to keep it in float")
-            calib.update(values)
+                    f"calibration batch {self.batches + 1}: tensor '{site.tensor}' ({layers}): {e}; check the input "
+                    f"data, or add '{site.owner}' to skip_layers to keep it in float") from None
         self.batches += 1
         if self.batches >= self.batch_num:
             self.finish()

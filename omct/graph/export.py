@@ -15,7 +15,7 @@ from collections import deque
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from omct.core.params import QuantParams
 from omct.core.weights import quantize_bias

@@ -64,9 +64,11 @@ def save_model(model: onnx.ModelProto, path: str | Path, external_threshold: int
             to_save = onnx.ModelProto()
             to_save.CopyFrom(model)
             onnx.save_model(to_save, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
-            os.replace(Path(tmpdir) / data_name, path.parent / data_name)
-            written = [path.parent / data_name, path]
+                            location=data_name, size_threshold=256)
+            written = [path]
+            if (Path(tmpdir) / data_name).exists():  # absent when no tensor reached size_threshold
+                os.replace(Path(tmpdir) / data_name, path.parent / data_name)
+                written.insert(0, path.parent / data_name)
         else:
             onnx.save_model(model, str(tmp_model))
             written = [path]

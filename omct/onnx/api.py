@@ -17,7 +17,8 @@ from omct.formats.config import LayerInfo, QuantConfig, build_config, check_laye
 from omct.formats.record import write_pending_record
 from omct.graph.calibration import Collector
 from omct.graph.layers import LayerSpec, Refusal, find_layers
-from omct.graph.model_io import load_model, save_model as _save_onnx
+from omct.graph.model_io import load_model
+from omct.graph.model_io import save_model as _save_onnx
 from omct.graph.modified import make_modified, read_modified, save_quantized
 from omct.graph.normalize import NormalizeReport, default_opset, fold_batchnorm, normalize
 from omct.graph.plan import build_plan
@@ -172,7 +173,7 @@ class CalibrationSession:
         if self._progress is None:
             self._progress = Progress("calibrating", self._collector.batch_num)
         try:
-            finished = self._collector.observe(dict(zip(fetch, values)))
+            finished = self._collector.observe(dict(zip(fetch, values, strict=False)))
         except Exception:
             self._progress.close()
             raise

@@ -1,0 +1,3 @@
+from omct.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,183 @@
+"""Graph normalisation (Constant weights, BN folding, naming, opset, external data) and AMCT's file formats."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from conftest import optimized_ops, ort_run, run_flow
+from onnx import helper
+from onnx_builders import conv_model, linear_model, make_model, vi
+
+import omct.onnx as amct
+from omct.errors import ConfigError
+from omct.formats.record import LayerRecord, read_record, write_record
+from omct.graph import model_io
+
+
+def _x(rng, n=4):
+    return rng.normal(size=(n, 8, 6, 6)).astype(np.float32)
+
+
+def test_constant_node_weights_are_quantized(tmp_path, rng):
+    model = conv_model(rng)
+    w = next(t for t in model.graph.initializer if t.name == "w")
+    const = helper.make_node("Constant", [], ["w"], value=w, name="")
+    keep = [t for t in model.graph.initializer if t.name != "w"]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    model.graph.node.insert(0, const)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    rep = amct.inspect_model(str(path))
+    assert [s.name for s in rep.layers] == ["conv"] and rep.normalize.constants_moved == 1
+    x = _x(rng)
+    fake, deploy = run_flow(path, tmp_path, [x], feed_name="x")
+    assert np.abs(ort_run(deploy, {"x": x})[0] - ort_run(path, {"x": x})[0]).max() < 0.1
+
+
+def test_batchnorm_folding_matches_and_can_be_skipped(tmp_path, rng):
+    w = (rng.normal(size=(8, 8, 3, 3)) * 0.3).astype(np.float32)
+    bn = {"g": rng.uniform(0.5, 2, 8), "beta": rng.normal(size=8), "mean": rng.normal(size=8), "var": rng.uniform(0.5, 2, 8)}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "g", "beta", "mean", "var"], ["y"], name="bn")]
+    inits = {"w": w, **{k: v.astype(np.float32) for k, v in bn.items()}}
+    path = tmp_path / "bn.onnx"
+    onnx.save(make_model(nodes, [vi("x", ["N", 8, 6, 6])], [vi("y", None)], inits), path)
+    x = _x(rng)
+    ref = ort_run(path, {"x": x})[0]
+    fake, _ = run_flow(path, tmp_path, [x], feed_name="x")
+    ops = [n.op_type for n in onnx.load(fake).graph.node]
+    assert "BatchNormalization" not in ops
+    assert np.abs(ort_run(fake, {"x": x})[0] - ref).max() < 0.05 * np.abs(ref).max()
+    fake2, _ = run_flow(path, tmp_path, [x], feed_name="x", prefix="nofuse")
+    cfg = json.loads((tmp_path / "nofuse.json").read_text())
+    assert cfg["do_fusion"] is True
+    cfg["do_fusion"] = False
+    (tmp_path / "nofuse.json").write_text(json.dumps(cfg))
+    amct.quantize_model(str(tmp_path / "nofuse.json"), str(path), str(tmp_path / "m2.onnx"), str(tmp_path / "r2.txt"))
+    assert "BatchNormalization" in [n.op_type for n in onnx.load(tmp_path / "m2.onnx").graph.node]
+
+
+def test_unnamed_and_duplicate_nodes_get_stable_names(tmp_path, rng):
+    model = conv_model(rng)
+    model.graph.node[0].name = ""
+    model.graph.node[1].name = ""
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    updated = tmp_path / "updated.onnx"
+    amct.create_quant_config(str(tmp_path / "c.json"), str(path), updated_model=str(updated))
+    assert [n.name for n in onnx.load(updated).graph.node] == ["Conv_0", "Relu_1"]
+    assert "Conv_0" in json.loads((tmp_path / "c.json").read_text())
+    model.graph.node[0].name = "dup"
+    model.graph.node[1].name = "dup"
+    onnx.save(model, path)
+    rep = amct.inspect_model(str(path))
+    assert rep.normalize.renamed == {"dup": "dup_1"}
+
+
+def test_opset_11_model_is_upgraded_and_runs(tmp_path, rng):
+    model = conv_model(rng, opset=11)
+    path = tmp_path / "m11.onnx"
+    onnx.save(model, path)
+    x = _x(rng)
+    fake, deploy = run_flow(path, tmp_path, [x], feed_name="x")
+    for p in (fake, deploy):
+        assert onnx.load(p).opset_import[0].version >= 13
+        assert ort_run(p, {"x": x})[0].shape == (4, 8, 6, 6)
+    assert "QLinearConv" in optimized_ops(deploy, tmp_path)
+
+
+def test_refused_candidates_have_reasons(tmp_path, rng):
+    model = linear_model(rng, "Gemm", trans_a=0, alpha=0.5)
+    path = tmp_path / "g.onnx"
+    onnx.save(model, path)
+    rep = amct.inspect_model(str(path))
+    assert [str(r) for r in rep.refused] == ["fc: alpha 0.5 is not supported (only 1)"]
+    # activation x activation MatMul is a refused candidate, not an error
+    nodes = [helper.make_node("MatMul", ["a", "b"], ["y"], name="attn")]
+    onnx.save(make_model(nodes, [vi("a", [2, 3]), vi("b", [3, 2])], [vi("y", None)], {}), path)
+    rep = amct.inspect_model(str(path))
+    assert "not a constant" in rep.refused[0].reason
+    with pytest.raises(Exception, match="no quantizable layer"):
+        amct.create_quant_config(str(tmp_path / "c.json"), str(path))
+
+
+def test_external_data_models_load_and_save(tmp_path, rng, monkeypatch):
+    src = tmp_path / "ext.onnx"
+    onnx.save(conv_model(rng), src, save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    assert (tmp_path / "ext.onnx.data").exists()
+    # Pretend the limit is tiny so the >2 GB path (external data) is taken for the outputs too.
+    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 100)
+    monkeypatch.setattr(model_io.save_model, "__defaults__", (100,))
+    x = _x(rng)
+    fake, deploy = run_flow(src, tmp_path, [x], feed_name="x")
+    assert (tmp_path / "q_deploy_model.onnx.data").exists()
+    assert np.isfinite(ort_run(deploy, {"x": x})[0]).all()
+
+
+def test_simplified_cfg_priority_layer_over_type_over_common(tmp_path, rng):
+    model = linear_model(rng, "Gemm")
+    conv = conv_model(rng)
+    path = tmp_path / "g.onnx"
+    onnx.save(model, path)
+    cfg = tmp_path / "q.cfg"
+    cfg.write_text("""
+batch_num: 3
+activation_offset: false
+common_config { arq_quantize { channel_wise: false quant_bits: 6 } ifmr_quantize { search_range_start: 0.8 } }
+override_layer_types { layer_type: "Gemm" calibration_config { hfmg_quantize { num_of_bins: 1024 } } }
+override_layer_configs { layer_name: "fc" calibration_config { ifmr_quantize { max_percentile: 0.99 asymmetric: true } } }
+""")
+    amct.create_quant_config(str(tmp_path / "c.json"), str(path), config_defination=str(cfg), batch_num=9)
+    c = json.loads((tmp_path / "c.json").read_text())
+    assert c["batch_num"] == 3 and c["activation_offset"] is False
+    act, wts = c["fc"]["activation_quant_params"], c["fc"]["weight_quant_params"]
+    assert act["act_algo"] == "ifmr" and act["max_percentile"] == 0.99 and act["asymmetric"] is True
+    assert act["search_range"] == [0.7, 1.3]  # the name override switched the algorithm back: defaults again
+    assert wts == {"num_bits": 6, "wts_algo": "arq_quantize", "channel_wise": False}
+    onnx.save(conv, path)
+    cfg.write_text('skip_layer_types: "Conv"\nnuq_config { num_steps: 16 }\n')
+    with pytest.raises(ConfigError, match="nuq_config"):
+        amct.create_quant_config(str(tmp_path / "c.json"), str(path), config_defination=str(cfg))
+    cfg.write_text('skip_layer_types: "Conv"\n')
+    amct.create_quant_config(str(tmp_path / "c.json"), str(path), config_defination=str(cfg))
+    assert json.loads((tmp_path / "c.json").read_text())["conv"]["quant_enable"] is False
+    cfg.write_text("common_config { bogus_quantize { } }\n")
+    with pytest.raises(ConfigError, match="q.cfg"):
+        amct.create_quant_config(str(tmp_path / "c.json"), str(path), config_defination=str(cfg))
+
+
+def test_record_round_trip_and_amct_text(tmp_path):
+    path = tmp_path / "r.txt"
+    write_record(path, {"conv": LayerRecord(0.5, -128, [0.1, 0.2], [0, 0], 0.25, 3), "fc": LayerRecord(1.5, 0, [0.3], [0])})
+    text = path.read_text()
+    assert 'key: "conv"' in text and "scale_d: 0.5" in text and "offset_d: -128" in text
+    got = read_record(path)
+    assert got["conv"].scale_w == pytest.approx([0.1, 0.2]) and got["conv"].offset_o == 3
+    assert got["fc"].scale_o is None
+    # an AMCT-written record (no omct fields) reads too
+    path.write_text('record {\n  key: "conv1"\n  value {\n    scale_d: 0.01\n    offset_d: -3\n    scale_w: 0.02\n'
+                    '    offset_w: 0\n  }\n}\n')
+    assert read_record(path)["conv1"].offset_d == -3
+
+
+def test_calibration_session_returns_what_the_original_returns(tmp_path, rng):
+    path = tmp_path / "m.onnx"
+    onnx.save(conv_model(rng), path)
+    cfg, mod, rec = tmp_path / "c.json", tmp_path / "mod.onnx", tmp_path / "r.txt"
+    amct.create_quant_config(str(cfg), str(path), batch_num=2)
+    amct.quantize_model(str(cfg), str(path), str(mod), str(rec))
+    sess = amct.CalibrationSession(str(mod))
+    x = _x(rng)
+    assert [o.name for o in sess.get_outputs()] == ["y"]
+    assert [i.name for i in sess.get_inputs()] == ["x"]  # delegated to the InferenceSession
+
+    def user_inference(session, data):  # a user's function written for InferenceSession
+        return session.run(["y"], {"x": data})[0]
+
+    np.testing.assert_array_equal(user_inference(sess, x), ort_run(path, {"x": x})[0])
+    out = sess.run(None, {"x": x})
+    assert len(out) == 1 and sess.complete
+    assert sess.run(None, {"x": x})[0].shape == (4, 8, 6, 6)  # extra runs are fine
+    assert "scale_d" in rec.read_text()
