@@ -24,8 +24,9 @@ HERE = Path(__file__).resolve().parent
 WORK = HERE / "work"
 RESULTS = HERE / "results"
 SIZE = 32  # input images are upsampled to SIZE x SIZE so that latency measures compute, not overhead
-MODELS = {"resnet": {"width": 32, "blocks": 3}, "mobilenet": {"width": 32},
+MODELS = {"resnet": {"width": 32, "blocks": 3}, "mobilenet": {"width": 16},
           "transformer": {"d_model": 128, "layers": 4, "heads": 4, "patch": 4, "size": SIZE}}
+EPOCHS = {"resnet": 25, "mobilenet": 15, "transformer": 25}
 METHODS = ["omct-ifmr", "omct-hfmg", "ort-minmax", "ort-entropy", "ort-percentile", "nncf"]
 CALIB_BATCH = 32
 
@@ -56,7 +57,7 @@ def ensure_model(name: str) -> None:
 
     WORK.mkdir(parents=True, exist_ok=True)
     d = data()
-    m = zoo.build(name, d, model_path(name), epochs=25, **MODELS[name])
+    m = zoo.build(name, d, model_path(name), epochs=EPOCHS[name], **MODELS[name])
     print(f"trained {name}: torch accuracy {zoo.accuracy_torch(m, d.x_test, d.y_test):.4f}", file=sys.stderr)
 
 
