@@ -25,7 +25,7 @@ WORK = HERE / "work"
 RESULTS = HERE / "results"
 SIZE = 32  # input images are upsampled to SIZE x SIZE so that latency measures compute, not overhead
 MODELS = {"resnet": {"width": 32, "blocks": 3}, "mobilenet": {"width": 16},
-          "transformer": {"d_model": 128, "layers": 4, "heads": 4, "patch": 4, "size": SIZE}}
+          "transformer": {"d_model": 64, "layers": 2, "heads": 4, "patch": 8, "size": SIZE}}
 EPOCHS = {"resnet": 25, "mobilenet": 15, "transformer": 25}
 METHODS = ["omct-ifmr", "omct-hfmg", "ort-minmax", "ort-entropy", "ort-percentile", "nncf"]
 CALIB_BATCH = 32
