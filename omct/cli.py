@@ -96,7 +96,7 @@ def cmd_quantize(args) -> int:
     modified, record = work / "modified.onnx", work / "record.txt"
     amct.quantize_model(str(config), args.model, str(modified), str(record))
     calib = amct.CalibrationSession(str(modified))
-    for feeds in batches[:calib._collector.batch_num]:
+    for feeds in batches[:calib.batch_num]:
         calib.run(None, feeds)
     amct.save_model(str(modified), str(record), str(out))
     print(f"{out}_fake_quant_model.onnx\n{out}_deploy_model.onnx")

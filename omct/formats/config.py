@@ -184,10 +184,6 @@ def build_config(layers: list[LayerInfo], *, batch_num: int = 1, activation_offs
     skip_layers = list(skip_layers or [])
     quantizable = [li for li in layers if li.quantizable]
     check_layer_names(skip_layers, {li.name for li in layers} | (all_names or set()), "skip_layers")
-    known_types = sorted({li.layer_type for li in layers})
-    for t in skip_types:
-        if t not in known_types and simplified is not None:
-            pass  # a type absent from this model is harmless in a shared .cfg
     if simplified is not None:
         cfgmod.check_override_names(simplified, {li.name for li in quantizable})
     out: dict[str, LayerConfig] = {}

@@ -180,11 +180,10 @@ def build_quantized(base: onnx.ModelProto, plan: Plan, config: QuantConfig, reco
             raw = b.unique(f"{site.tensor}.float")
             prod = producer[site.tensor]
             prod.output[list(prod.output).index(site.tensor)] = raw
-            dq = b.activation_qdq(raw, scale, offset, base_name)
-            b.new_nodes[-1].output[0] = site.tensor  # the DequantizeLinear now produces the original name
+            b.activation_qdq(raw, scale, offset, base_name)
+            b.new_nodes[-1].output[0] = site.tensor  # the last dequantize node now produces the original name
             producer[raw] = prod
             producer[site.tensor] = b.new_nodes[-1]
-            del dq
         else:
             dq = b.activation_qdq(site.tensor, scale, offset, base_name)
             for layer in site.inputs_of:

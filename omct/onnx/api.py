@@ -158,6 +158,10 @@ class CalibrationSession:
         return self._collector.batches
 
     @property
+    def batch_num(self) -> int:
+        return self._collector.batch_num
+
+    @property
     def complete(self) -> bool:
         return self._collector.done
 
