@@ -184,11 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="omct", description="Open model compression toolkit (AMCT-style quantization "
                                 "for ONNX Runtime).", formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Example: omct quantize model.onnx --calib calib.npz --out results/model")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="no progress bars or informational messages")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show a traceback on errors")
     p.add_argument("--quiet", action="store_true", help="no progress bars or informational messages")
     p.add_argument("--debug", action="store_true", help="show a traceback on errors")
     sub = p.add_subparsers(dest="command", required=True)
 
-    q = sub.add_parser("quantize", help="post-training quantization: config, calibration, fake-quant and deploy models")
+    q = sub.add_parser("quantize", parents=[common],
+                       help="post-training quantization: config, calibration, fake-quant and deploy models")
     q.add_argument("model", help="FP32 ONNX model")
     q.add_argument("--calib", required=True, help=".npz/.npy file or folder of them; .npz arrays named by model input")
     q.add_argument("--out", required=True, help="output prefix: writes PREFIX_fake_quant_model.onnx and "
@@ -201,17 +206,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation calibration algorithm (default ifmr)")
     q.set_defaults(func=cmd_quantize)
 
-    i = sub.add_parser("inspect", help="list quantizable layers and the ones left in float, with reasons")
+    i = sub.add_parser("inspect", parents=[common], help="list quantizable layers and the ones left in float, with reasons")
     i.add_argument("model")
     i.set_defaults(func=cmd_inspect)
 
-    b = sub.add_parser("bench", help="ONNX Runtime latency (median, p90) and file size of models, side by side")
+    b = sub.add_parser("bench", parents=[common], help="ONNX Runtime latency (median, p90) and file size of models, side by side")
     b.add_argument("models", nargs="+")
     b.add_argument("--batch-size", type=int, default=1, help="value for dynamic dimensions (default 1)")
     b.add_argument("--runs", type=int, default=50)
     b.set_defaults(func=cmd_bench)
 
-    d = sub.add_parser("demo", help="quantize the bundled digits CNN and print FP32 vs fake-quant vs deploy")
+    d = sub.add_parser("demo", parents=[common], help="quantize the bundled digits CNN and print FP32 vs fake-quant vs deploy")
     d.add_argument("--out", help="folder for the files (default: a temporary folder)")
     d.set_defaults(func=cmd_demo)
     return p
