@@ -137,18 +137,21 @@ def accuracy(path: Path) -> float:
     return float((s.run(None, {"input": d.x_test})[0].argmax(1) == d.y_test).mean())
 
 
-def latency_ms(path: Path, batch: int = 16, runs: int = 60) -> float:
+def latencies_ms(paths: list[Path], batch: int = 16, rounds: int = 200) -> list[float]:
+    """Median latency of each model, measured round-robin so that machine noise hits every model alike."""
     d = data()
-    s = session(path)
     x = d.x_test[:batch]
-    for _ in range(10):
-        s.run(None, {"input": x})
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        s.run(None, {"input": x})
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1000)
+    sessions = [session(p) for p in paths]
+    for s in sessions:
+        for _ in range(10):
+            s.run(None, {"input": x})
+    times: list[list[float]] = [[] for _ in sessions]
+    for _ in range(rounds):
+        for s, ts in zip(sessions, times, strict=True):
+            t = time.perf_counter()
+            s.run(None, {"input": x})
+            ts.append(time.perf_counter() - t)
+    return [float(np.median(ts) * 1000) for ts in times]
 
 
 def peak_rss_mb() -> float:
@@ -185,6 +188,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", default=list(MODELS))
     ap.add_argument("--methods", nargs="*", default=METHODS)
     ap.add_argument("--batch-num", type=int, default=8)
+    ap.add_argument("--repeat", type=int, default=3, help="quantize this many times; the median wall time is reported")
     ap.add_argument("--memory", action="store_true", help="also measure omct's peak RSS at batch_num 32 vs 256")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -196,22 +200,28 @@ def main() -> None:
     for name in args.models:
         ensure_model(name)
         fp32 = model_path(name)
-        base = {"acc": accuracy(fp32), "lat": latency_ms(fp32), "size": fp32.stat().st_size}
-        rows.append({"model": name, "method": "fp32", "acc": base["acc"], "lat_ms": base["lat"], "lat_ratio": 1.0,
-                     "size_kb": base["size"] / 1024})
+        results = {}
         for method in args.methods:
-            r = run_child(method, name, args.batch_num)
-            if "error" in r:
-                rows.append({"model": name, "method": method, "error": r["error"]})
-                continue
+            runs = [run_child(method, name, args.batch_num) for _ in range(args.repeat)]
+            failed = [r for r in runs if "error" in r]
+            if failed:
+                rows.append({"model": name, "method": method, "error": failed[0]["error"]})
+            else:
+                results[method] = {**runs[0], "wall_s": float(np.median([r["wall_s"] for r in runs])),
+                                   "peak_rss_mb": max(r["peak_rss_mb"] for r in runs)}
+        paths = [fp32] + [Path(r["deploy"]) for r in results.values()]
+        lats = latencies_ms(paths)
+        rows.append({"model": name, "method": "fp32", "acc": accuracy(fp32), "lat_ms": lats[0], "lat_ratio": 1.0,
+                     "size_kb": fp32.stat().st_size / 1024})
+        for (method, r), lat in zip(results.items(), lats[1:], strict=True):
             deploy = Path(r["deploy"])
-            lat = latency_ms(deploy)
             rows.append({"model": name, "method": method, "acc": accuracy(deploy), "lat_ms": lat,
-                         "lat_ratio": lat / base["lat"], "wall_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"],
+                         "lat_ratio": lat / lats[0], "wall_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"],
                          "size_kb": deploy.stat().st_size / 1024})
             print(json.dumps(rows[-1]), file=sys.stderr)
     lines.append(f"PTQ benchmark: {args.batch_num} calibration batches of {CALIB_BATCH}, digits upsampled to {SIZE}x{SIZE}, "
-                 "accuracy on 500 held-out images, ORT latency at batch 16 with 2 threads (median).\n")
+                 "accuracy on 500 held-out images, ORT latency at batch 16 with 2 threads (median of 200 runs, all models "
+                 f"of a row group measured round-robin), PTQ wall time the median of {args.repeat} runs.\n")
     lines.append("| model | method | accuracy | latency ms | vs FP32 | PTQ wall s | peak RSS MB | size KB |")
     lines.append("|---|---|---|---|---|---|---|---|")
     for r in rows:

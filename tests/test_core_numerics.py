@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from omct.core.calibrators import CALIBRATORS, IFMR, make_calibrator
-from omct.core.params import params_from_range
+from omct.core.params import candidate_params, params_from_range
 from omct.core.sketch import ActivationSketch
 from omct.core.weights import arq, mse_clip, quantize_bias
 
@@ -85,6 +85,21 @@ def test_sketch_memory_does_not_grow_with_batches():
         sizes.append(sk.nbytes())
     assert max(sizes) <= ActivationSketch().max_bins * 3 * 8 + 2 * ActivationSketch().tail_size * 8
     assert sk.count == 200 * 4096
+
+
+@pytest.mark.parametrize("dist", sorted(DISTRIBUTIONS))
+def test_sketch_quant_error_matches_brute_force(dist):
+    """The closed-form error read off the histogram equals fake-quantizing every value (within 1%)."""
+    x = DISTRIBUTIONS[dist](np.random.default_rng(5), 200_000).astype(np.float32)
+    sk = ActivationSketch()
+    for batch in np.array_split(x, 7):
+        sk.update(batch)
+    ratios = np.array([0.05, 0.3, 0.7, 1.0])
+    scales, offsets = candidate_params(x.min() * ratios, x.max() * ratios, 8, True)
+    got = sk.quant_error(scales, offsets, 8)
+    for g, s, o in zip(got, np.ravel(scales), np.ravel(offsets), strict=True):
+        want = ((ref_fake_quant(x, float(s), o) - x.astype(np.float64)) ** 2).sum()
+        assert abs(g - want) / want < 0.01, (g, want)
 
 
 def test_sketch_merge_equals_single_stream():
