@@ -137,21 +137,25 @@ def accuracy(path: Path) -> float:
     return float((s.run(None, {"input": d.x_test})[0].argmax(1) == d.y_test).mean())
 
 
-def latencies_ms(paths: list[Path], batch: int = 16, rounds: int = 200) -> list[float]:
-    """Median latency of each model, measured round-robin so that machine noise hits every model alike."""
+def latencies_ms(paths: list[Path], batch: int = 16, passes: int = 5, runs: int = 40) -> list[float]:
+    """Median latency of each model, measured in interleaved passes so that machine noise hits every model
+    alike. Each pass warms the session up first: ORT's idle worker threads spin for a while after a run, so
+    strict round-robin between sessions would measure their contention, not the models."""
     d = data()
     x = d.x_test[:batch]
     sessions = [session(p) for p in paths]
-    for s in sessions:
-        for _ in range(10):
-            s.run(None, {"input": x})
-    times: list[list[float]] = [[] for _ in sessions]
-    for _ in range(rounds):
-        for s, ts in zip(sessions, times, strict=True):
-            t = time.perf_counter()
-            s.run(None, {"input": x})
-            ts.append(time.perf_counter() - t)
-    return [float(np.median(ts) * 1000) for ts in times]
+    medians: list[list[float]] = [[] for _ in sessions]
+    for _ in range(passes):
+        for s, med in zip(sessions, medians, strict=True):
+            for _ in range(10):
+                s.run(None, {"input": x})
+            times = []
+            for _ in range(runs):
+                t = time.perf_counter()
+                s.run(None, {"input": x})
+                times.append(time.perf_counter() - t)
+            med.append(float(np.median(times)))
+    return [float(np.median(m) * 1000) for m in medians]
 
 
 def peak_rss_mb() -> float:
@@ -220,8 +224,8 @@ def main() -> None:
                          "size_kb": deploy.stat().st_size / 1024})
             print(json.dumps(rows[-1]), file=sys.stderr)
     lines.append(f"PTQ benchmark: {args.batch_num} calibration batches of {CALIB_BATCH}, digits upsampled to {SIZE}x{SIZE}, "
-                 "accuracy on 500 held-out images, ORT latency at batch 16 with 2 threads (median of 200 runs, all models "
-                 f"of a row group measured round-robin), PTQ wall time the median of {args.repeat} runs.\n")
+                 "accuracy on 500 held-out images, ORT latency at batch 16 with 2 threads (median of 5 interleaved "
+                 f"passes of 40 runs each), PTQ wall time the median of {args.repeat} runs.\n")
     lines.append("| model | method | accuracy | latency ms | vs FP32 | PTQ wall s | peak RSS MB | size KB |")
     lines.append("|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -16,14 +16,19 @@ def vi(name, shape):
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
 
 
-def conv_model(rng, dims=2, groups=1, cin=8, cout=8, dilation=1, opset=17, relu=True):
+def conv_model(rng, dims=2, groups=1, cin=8, cout=8, dilation=1, opset=17, relu=True, relu6=False):
     k = [3] * dims
     w = (rng.normal(size=(cout, cin // groups, *k)) * 0.3).astype(np.float32)
     b = rng.normal(size=cout).astype(np.float32) * 0.1
     nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", group=groups, pads=[1] * (2 * dims),
                               dilations=[dilation] * dims)]
-    nodes.append(helper.make_node("Relu" if relu else "Identity", ["c"], ["y"], name="act"))
-    return make_model(nodes, [vi("x", ["N", cin] + [6] * dims)], [vi("y", None)], {"w": w, "b": b}, opset)
+    inits = {"w": w, "b": b}
+    if relu6:  # ReLU6 as PyTorch exports it
+        nodes.append(helper.make_node("Clip", ["c", "lo", "hi"], ["y"], name="act"))
+        inits.update(lo=np.array(0, np.float32), hi=np.array(6, np.float32))
+    else:
+        nodes.append(helper.make_node("Relu" if relu else "Identity", ["c"], ["y"], name="act"))
+    return make_model(nodes, [vi("x", ["N", cin] + [6] * dims)], [vi("y", None)], inits, opset)
 
 
 def linear_model(rng, kind="Gemm", trans_b=1, trans_a=0, alpha=1.0, tokens=False):

@@ -9,6 +9,8 @@ from conftest import batches_of, optimized_ops, ort_accuracy, ort_run, run_flow
 from onnx import numpy_helper
 from onnx_builders import avgpool_model, conv_model, conv_transpose_model, linear_model
 
+from omct.formats.record import read_record
+
 INTEGER_KERNELS = {"QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "QLinearAveragePool"}
 
 
@@ -77,6 +79,22 @@ def test_conv_variants(dims, groups, dilation, tmp_path, rng):
     model = conv_model(rng, dims=dims, groups=groups, dilation=dilation)
     x = rng.normal(size=(2, 8) + (6,) * dims).astype(np.float32)
     _check_op(model, tmp_path, x, True, "QLinearConv" if dims == 2 else None)
+
+
+def test_relu6_clip_is_absorbed_by_the_output_quantization(tmp_path, rng):
+    """Conv -> Clip(0, 6): the output is quantized after the Clip with its range capped at 6, so ONNX Runtime
+    drops the Clip and runs QLinearConv (a Clip left in float splits the integer chain)."""
+    x = (rng.normal(size=(2, 8, 6, 6)) * 4).astype(np.float32)  # conv outputs well above 6
+    src = tmp_path / "m.onnx"
+    onnx.save(conv_model(rng, relu6=True), src)
+    cfg = tmp_path / "wide.cfg"  # a search that only tries ranges above the data's maximum
+    cfg.write_text("batch_num: 1\ncommon_config { ifmr_quantize { search_range_start: 1.2 search_range_end: 1.3 } }\n")
+    fake, deploy = run_flow(src, tmp_path, [x], feed_name="x", config_defination=str(cfg))
+    np.testing.assert_allclose(ort_run(deploy, {"x": x})[0], ort_run(fake, {"x": x})[0], atol=0.1)
+    ops = optimized_ops(deploy, tmp_path)
+    assert "QLinearConv" in ops and "Clip" not in ops
+    rec = read_record(tmp_path / "q_record.txt")["conv"]
+    assert rec.scale_o * (127 - rec.offset_o) <= 6.0 + 1e-6
 
 
 @pytest.mark.parametrize("trans_b", [0, 1])

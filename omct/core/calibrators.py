@@ -37,12 +37,16 @@ class Calibrator(ABC):
     def batches_seen(self) -> int:
         return self.sketch.count
 
-    def compute(self) -> QuantParams:
+    def compute(self, upper: float | None = None) -> QuantParams:
+        """Parameters for the observed data; ``upper`` caps the range where the values are known to be
+        bounded (a search may try a wider range than the data, which then only wastes levels)."""
         if self.sketch.count == 0:
             raise ValueError("no data was observed")
         if self.sketch.min == self.sketch.max:  # constant tensor: its exact range (always includes 0)
             return params_from_range(self.sketch.min, self.sketch.max, self.num_bits, self.asymmetric)
         lo, hi = self.choose_range()
+        if upper is not None:
+            hi = min(hi, upper)
         return params_from_range(lo, hi, self.num_bits, self.asymmetric)
 
     @abstractmethod

@@ -55,7 +55,7 @@ class Collector:
 
     def finish(self) -> None:
         records = {}
-        site_params = [c.compute() for c in self.calibrators]
+        site_params = [c.compute(upper=s.upper) for c, s in zip(self.calibrators, self.plan.sites, strict=True)]
         for name, spec in self.plan.layers.items():
             p = site_params[self.plan.input_site[name]]
             rec = LayerRecord(float(p.scale), int(p.offset))

@@ -21,6 +21,7 @@ class LayerSpec:
     weight_axis: int | None = None  # axis of the weight's output channels (per-channel scales)
     bias: str | None = None  # 1-D bias quantized to INT32
     output_site: str | None = None  # tensor quantized after the layer so the runtime fuses an integer kernel
+    output_max: float | None = None  # upper bound of the output site's values (a ReLU6-style Clip's max)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,13 +65,30 @@ class GraphIndex:
     def array(self, name: str):
         return numpy_helper.to_array(self.initializers[name])
 
-    def output_site(self, node: onnx.NodeProto) -> str:
-        """The node's output, or the output of a Relu that is its only consumer (the runtime fuses it)."""
+    def output_site(self, node: onnx.NodeProto) -> tuple[str, float | None]:
+        """The tensor quantized after ``node`` and an upper bound of its values, if known.
+
+        That is the node's output, or the output of a Relu or ReLU6-style Clip that is its only consumer:
+        ONNX Runtime drops such an activation in front of a QuantizeLinear whose range it already clamps to,
+        which is why a Clip's max also bounds the calibrated range.
+        """
         out = node.output[0]
         users = self.consumers.get(out, [])
-        if len(users) == 1 and users[0].op_type == "Relu" and out not in self.graph_outputs:
-            return users[0].output[0]
-        return out
+        if len(users) != 1 or out in self.graph_outputs:
+            return out, None
+        act = users[0]
+        if act.op_type == "Relu":
+            return act.output[0], None
+        if act.op_type == "Clip" and len(act.input) >= 2 and self._scalar(act.input[1]) == 0.0:
+            high = self._scalar(act.input[2]) if len(act.input) > 2 else None
+            return act.output[0], high
+        return out, None
+
+    def _scalar(self, name: str) -> float | None:
+        if name not in self.initializers:
+            return None
+        value = self.array(name)
+        return float(value) if value.size == 1 else None
 
 
 def _tensor_types(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, int]]:
@@ -139,7 +157,7 @@ def conv_rule(node, index):
         return f"its bias '{node.input[2]}' is computed at run time, not a constant"
     out_ch = index.const_shape(node.input[1])[0]
     return LayerSpec(node.name, node.op_type, node.input[0], node.input[1], 0, _bias(node, index, 2, out_ch),
-                     index.output_site(node))
+                     *index.output_site(node))
 
 
 def conv_transpose_rule(node, index):
@@ -181,8 +199,8 @@ def matmul_rule(node, index):
     # A 2D MatMul + Add turns into a float Gemm in ONNX Runtime unless its output is quantized; with more
     # dimensions (tokens) it becomes MatMulIntegerToFloat without one, and an output Q would only add error
     # (measured: the benchmark transformer lost 0.4 points to it).
-    site = index.output_site(node) if index.ranks.get(node.input[0]) == 2 else None
-    return LayerSpec(node.name, node.op_type, node.input[0], node.input[1], 1, None, site)
+    site = index.output_site(node) if index.ranks.get(node.input[0]) == 2 else (None, None)
+    return LayerSpec(node.name, node.op_type, node.input[0], node.input[1], 1, None, *site)
 
 
 def average_pool_rule(node, index):

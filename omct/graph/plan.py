@@ -22,6 +22,7 @@ class Site:
     asymmetric: bool
     inputs_of: list[str] = field(default_factory=list)  # layers that read this tensor as their input
     output_of: list[str] = field(default_factory=list)  # layers whose output is quantized here
+    upper: float | None = None  # the tensor's values never exceed this (a ReLU6-style Clip's max)
 
     @property
     def owner(self) -> str:
@@ -81,5 +82,7 @@ def build_plan(layers: list[LayerSpec], config: QuantConfig) -> Plan:
         if spec.output_site:
             o = site_for(spec.output_site, name)
             sites[o].output_of.append(name)
+            if spec.output_max is not None:
+                sites[o].upper = spec.output_max
             output_site[name] = o
     return Plan(enabled, sites, input_site, output_site)
