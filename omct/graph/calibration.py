@@ -39,14 +39,25 @@ class Collector:
         """Feed one batch (tensor name -> values). Returns True when this batch completed the record."""
         if self.done:
             return False
-        for site, calib in zip(self.plan.sites, self.calibrators, strict=False):
-            try:
-                calib.update(tensors[site.tensor])
-            except ValueError as e:
-                layers = ", ".join(site.inputs_of + [f"output of {n}" for n in site.output_of])
-                raise CalibrationError(
-                    f"calibration batch {self.batches + 1}: tensor '{site.tensor}' ({layers}): {e}; check the input "
-                    f"data, or add '{site.owner}' to skip_layers to keep it in float") from None
+        for i, site in enumerate(self.plan.sites):
+            self.update_site(i, tensors[site.tensor])
+        return self.end_batch()
+
+    def update_site(self, index: int, values: np.ndarray) -> None:
+        """Feed one site's values of the current batch (frontends that see tensors one at a time)."""
+        site = self.plan.sites[index]
+        try:
+            self.calibrators[index].update(values)
+        except ValueError as e:
+            layers = ", ".join(site.inputs_of + [f"output of {n}" for n in site.output_of])
+            raise CalibrationError(
+                f"calibration batch {self.batches + 1}: tensor '{site.tensor}' ({layers}): {e}; check the input "
+                f"data, or add '{site.owner}' to skip_layers to keep it in float") from None
+
+    def end_batch(self) -> bool:
+        """Close the current batch. Returns True when it completed the record."""
+        if self.done:
+            return False
         self.batches += 1
         if self.batches >= self.batch_num:
             self.finish()
@@ -54,6 +65,11 @@ class Collector:
         return False
 
     def finish(self) -> None:
+        for site, calib in zip(self.plan.sites, self.calibrators, strict=True):
+            if calib.sketch.count == 0:
+                raise CalibrationError(f"layer '{site.owner}' never ran during the {self.batches} calibration batch(es) "
+                                       f"(tensor '{site.tensor}'); make sure the calibration data reaches it, or add it "
+                                       "to skip_layers")
         records = {}
         site_params = [c.compute(upper=s.upper) for c, s in zip(self.calibrators, self.plan.sites, strict=True)]
         for name, spec in self.plan.layers.items():

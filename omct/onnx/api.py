@@ -4,27 +4,23 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from omct.errors import ConfigError, ModelError
-from omct.formats.cfg import read_cfg
-from omct.formats.config import LayerInfo, QuantConfig, build_config, check_layer_names, load_config, save_config
+from omct.errors import ModelError
+from omct.formats.config import LayerInfo, load_config
 from omct.formats.record import write_pending_record
 from omct.graph.calibration import Collector
 from omct.graph.layers import LayerSpec, Refusal, find_layers
 from omct.graph.model_io import load_model
 from omct.graph.model_io import save_model as _save_onnx
-from omct.graph.modified import make_modified, read_modified, save_quantized
+from omct.graph.modified import read_modified, save_quantized
 from omct.graph.normalize import NormalizeReport, default_opset, fold_batchnorm, normalize
-from omct.graph.plan import build_plan
+from omct.graph.workflow import RECORD_KEY, write_modified_model, write_quant_config
 from omct.ui import Progress, logger
-
-_RECORD_KEY = "omct.record_file"
 
 
 @dataclass
@@ -51,11 +47,6 @@ def inspect_model(model_file: str | os.PathLike) -> ModelReport:
     return ModelReport(layers, refused, default_opset(load_model(model_file)), params, report)
 
 
-def _report_refusals(refused: list[Refusal]) -> None:
-    for r in refused:
-        logger.info("left in float: %s", r)
-
-
 def create_quant_config(config_file: str | os.PathLike, model_file: str | os.PathLike, skip_layers: list[str] | None = None,
                         batch_num: int = 1, activation_offset: bool = True,
                         config_defination: str | os.PathLike | None = None,
@@ -66,8 +57,6 @@ def create_quant_config(config_file: str | os.PathLike, model_file: str | os.Pat
     activation_offset are ignored, as in AMCT. Unnamed or duplicate node names are made unique
     (``{op_type}_{index}``); pass ``updated_model`` to save the renamed model.
     """
-    if skip_layers is not None and (isinstance(skip_layers, str) or not all(isinstance(s, str) for s in skip_layers)):
-        raise ConfigError(f"skip_layers must be a list of layer names, got {skip_layers!r}")
     norm, report, layers, refused = _prepare(model_file)
     if report.renamed:
         if updated_model:
@@ -76,31 +65,11 @@ def create_quant_config(config_file: str | os.PathLike, model_file: str | os.Pat
         else:
             logger.info("named %d unnamed or duplicate node(s) (e.g. %s); pass updated_model=PATH to save the "
                         "renamed model", len(report.renamed), next(iter(report.renamed.values())))
-    simplified = read_cfg(config_defination) if config_defination else None
     infos = [LayerInfo(s.name, s.op_type, s.weight is not None) for s in layers]
     infos += [LayerInfo(r.name, r.op_type, False, quantizable=False) for r in refused]
-    all_names = {n.name for n in norm.graph.node}
-    config = build_config(infos, batch_num=batch_num, activation_offset=activation_offset, skip_layers=skip_layers,
-                          simplified=simplified, all_names=all_names)
-    check_layer_names(config.globals.skip_fusion_layers, all_names, "skip_fusion_layers")
-    if not layers:
-        reasons = "; ".join(str(r) for r in refused[:3]) or "it has no Conv, ConvTranspose, Gemm, MatMul or AveragePool"
-        raise ModelError(f"'{model_file}' has no quantizable layer ({reasons})")
-    _report_refusals(refused)
-    save_config(config, config_file)
-    logger.info("wrote %s: %d of %d quantizable layers enabled", config_file, len(config.enabled_layers()), len(layers))
-
-
-def _check_config_against_model(config: QuantConfig, layers: list[LayerSpec], config_file) -> None:
-    names = {s.name for s in layers}
-    unknown = [n for n in config.layers if n not in names]
-    if unknown:
-        raise ConfigError(f"{config_file}: layer '{unknown[0]}' is not a quantizable layer of this model; was the "
-                          "config created for another model? Re-run create_quant_config")
-    for spec in layers:
-        cfg = config.layers.get(spec.name)
-        if cfg is not None and spec.weight is not None and cfg.weight_quant_params is None:
-            raise ConfigError(f"{config_file}: layer '{spec.name}' ({spec.op_type}) has weights but no weight_quant_params")
+    write_quant_config(config_file, infos, model_desc=f"'{model_file}'", all_names={n.name for n in norm.graph.node},
+                       skip_layers=skip_layers, batch_num=batch_num, activation_offset=activation_offset,
+                       config_defination=config_defination, refused=refused)
 
 
 def quantize_model(config_file: str | os.PathLike, model_file: str | os.PathLike, modified_onnx_file: str | os.PathLike,
@@ -112,17 +81,10 @@ def quantize_model(config_file: str | os.PathLike, model_file: str | os.PathLike
         fold_batchnorm(norm, set(config.globals.skip_fusion_layers), report)
         if report.folded:
             logger.info("folded %d BatchNormalization node(s) into convolutions", len(report.folded))
-    layers, refused = find_layers(norm)
-    _check_config_against_model(config, layers, config_file)
-    plan = build_plan(layers, config)
-    if not plan.layers:
-        raise ConfigError(f"{config_file}: no layer has quant_enable true; nothing to quantize")
-    mod = make_modified(norm, plan, config)
-    mod.model.metadata_props.add(key=_RECORD_KEY, value=str(Path(record_file).resolve()))
-    _save_onnx(mod.model, modified_onnx_file)
-    write_pending_record(record_file, 0, config.batch_num, list(plan.layers))
+    layers, _ = find_layers(norm)
+    mod = write_modified_model(config, config_file, norm, layers, modified_onnx_file, record_file)
     logger.info("wrote %s: %d layers to calibrate, %d activation tensors observed; now run %d batch(es) through "
-                "CalibrationSession", modified_onnx_file, len(plan.layers), len(plan.sites), config.batch_num)
+                "CalibrationSession", modified_onnx_file, len(mod.plan.layers), len(mod.plan.sites), config.batch_num)
 
 
 class CalibrationSession:
@@ -139,7 +101,7 @@ class CalibrationSession:
 
         mod = read_modified(modified_onnx_file)
         meta = {p.key: p.value for p in mod.model.metadata_props}
-        self.record_file = meta.get(_RECORD_KEY)
+        self.record_file = meta.get(RECORD_KEY)
         if not self.record_file:
             raise ModelError(f"'{modified_onnx_file}' has no record file path; write it with quantize_model")
         weights = {t.name: t for t in mod.model.graph.initializer}
