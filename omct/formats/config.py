@@ -207,6 +207,10 @@ def check_layer_names(names: list[str], known: set[str], what: str) -> None:
     for name in names:
         if name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.5)
-            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else \
-                "; run `omct inspect MODEL` to list the layers"
+            if close:
+                hint = f"; did you mean {', '.join(repr(c) for c in close)}?"
+            elif len(known) <= 12:
+                hint = f"; its layers are {', '.join(repr(k) for k in sorted(known))}"
+            else:
+                hint = "; list the layers with `omct inspect MODEL.onnx` (or omct.pytorch.inspect_model)"
             raise ConfigError(f"{what} names '{name}', which is not a layer of the model{hint}")

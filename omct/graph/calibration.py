@@ -8,6 +8,7 @@ writes the record file atomically.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import numpy as np
 
@@ -15,8 +16,11 @@ from omct.core.calibrators import Calibrator, make_calibrator
 from omct.core.weights import WEIGHT_QUANTIZERS
 from omct.errors import CalibrationError
 from omct.formats.config import QuantConfig
-from omct.formats.record import LayerRecord, write_record
+from omct.formats.record import LayerRecord, write_pending_record, write_record
 from omct.graph.plan import Plan
+from omct.ui import Progress, logger
+
+T = TypeVar("T")
 
 
 class Collector:
@@ -30,18 +34,35 @@ class Collector:
         ]
         self.batches = 0
         self.done = False
+        self._progress: Progress | None = None
 
     @property
     def batch_num(self) -> int:
         return self.config.batch_num
 
-    def observe(self, tensors: Mapping[str, np.ndarray]) -> bool:
-        """Feed one batch (tensor name -> values). Returns True when this batch completed the record."""
-        if self.done:
-            return False
+    def observe(self, tensors: Mapping[str, np.ndarray]) -> None:
+        """Feed every site of the current batch at once (tensor name -> values)."""
         for i, site in enumerate(self.plan.sites):
             self.update_site(i, tensors[site.tensor])
-        return self.end_batch()
+
+    def run_batch(self, observe: Callable[[], T]) -> T:
+        """One calibration batch as a frontend runs it: ``observe()`` runs the model, feeds the sites and
+        returns the model's outputs. Shows progress, and keeps the record file saying how far it got."""
+        if self._progress is None:
+            self._progress = Progress("calibrating", self.batch_num)
+        try:
+            out = observe()
+            finished = self.end_batch()
+        except Exception:
+            self._progress.close()
+            raise
+        self._progress.advance()
+        if finished:
+            self._progress.close()
+            logger.info("calibration complete after %d batch(es): wrote %s", self.batches, self.record_file)
+        else:
+            write_pending_record(self.record_file, self.batches, self.batch_num, list(self.plan.layers))
+        return out
 
     def update_site(self, index: int, values: np.ndarray) -> None:
         """Feed one site's values of the current batch (frontends that see tensors one at a time)."""
@@ -92,3 +113,22 @@ class Collector:
 
     def memory_bytes(self) -> int:
         return sum(c.sketch.nbytes() for c in self.calibrators)
+
+
+class CalibrationStatus:
+    """How far calibration got; mixed into each frontend's calibration object."""
+
+    _collector: Collector
+
+    @property
+    def batch_num(self) -> int:
+        return self._collector.batch_num
+
+    @property
+    def batches_seen(self) -> int:
+        return self._collector.batches
+
+    @property
+    def complete(self) -> bool:
+        return self._collector.done
+

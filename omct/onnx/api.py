@@ -12,15 +12,14 @@ from onnx import numpy_helper
 
 from omct.errors import ModelError
 from omct.formats.config import LayerInfo, load_config
-from omct.formats.record import write_pending_record
-from omct.graph.calibration import Collector
+from omct.graph.calibration import CalibrationStatus, Collector
 from omct.graph.layers import LayerSpec, Refusal, find_layers
 from omct.graph.model_io import load_model
 from omct.graph.model_io import save_model as _save_onnx
 from omct.graph.modified import read_modified, save_quantized
 from omct.graph.normalize import NormalizeReport, default_opset, fold_batchnorm, normalize
 from omct.graph.workflow import RECORD_KEY, write_modified_model, write_quant_config
-from omct.ui import Progress, logger
+from omct.ui import logger
 
 
 @dataclass
@@ -87,7 +86,7 @@ def quantize_model(config_file: str | os.PathLike, model_file: str | os.PathLike
                 "CalibrationSession", modified_onnx_file, len(mod.plan.layers), len(mod.plan.sites), config.batch_num)
 
 
-class CalibrationSession:
+class CalibrationSession(CalibrationStatus):
     """An ``onnxruntime.InferenceSession`` over the modified model that also calibrates.
 
     ``run`` returns exactly what the original model would; on the side it feeds the observed activations
@@ -112,20 +111,6 @@ class CalibrationSession:
         self._added = set(mod.added_outputs)
         self._site_tensors = mod.plan.site_tensors()
         self._user_outputs = [o.name for o in self._session.get_outputs() if o.name not in self._added]
-        self._layers = list(mod.plan.layers)
-        self._progress: Progress | None = None
-
-    @property
-    def batches_seen(self) -> int:
-        return self._collector.batches
-
-    @property
-    def batch_num(self) -> int:
-        return self._collector.batch_num
-
-    @property
-    def complete(self) -> bool:
-        return self._collector.done
 
     def get_outputs(self):
         return [o for o in self._session.get_outputs() if o.name not in self._added]
@@ -135,21 +120,13 @@ class CalibrationSession:
         if self._collector.done:
             return self._session.run(wanted, input_feed, run_options)
         fetch = wanted + [t for t in self._site_tensors if t not in wanted]
-        values = self._session.run(fetch, input_feed, run_options)
-        if self._progress is None:
-            self._progress = Progress("calibrating", self._collector.batch_num)
-        try:
-            finished = self._collector.observe(dict(zip(fetch, values, strict=False)))
-        except Exception:
-            self._progress.close()
-            raise
-        self._progress.advance()
-        if finished:
-            self._progress.close()
-            logger.info("calibration complete after %d batch(es): wrote %s", self._collector.batches, self.record_file)
-        else:
-            write_pending_record(self.record_file, self._collector.batches, self._collector.batch_num, self._layers)
-        return values[: len(wanted)]
+
+        def observe():
+            values = self._session.run(fetch, input_feed, run_options)
+            self._collector.observe(dict(zip(fetch, values, strict=False)))
+            return values
+
+        return self._collector.run_batch(observe)[: len(wanted)]
 
     def __getattr__(self, name: str):
         return getattr(self._session, name)

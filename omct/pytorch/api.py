@@ -1,0 +1,103 @@
+"""Implementation of ``omct.pytorch``: AMCT's PyTorch call sequence on top of the shared ONNX workflow."""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+
+from torch import nn
+
+from omct.errors import ModelError
+from omct.formats.config import LayerInfo, load_config
+from omct.graph.layers import LayerSpec, Refusal
+from omct.graph.modified import save_quantized
+from omct.graph.workflow import write_modified_model, write_quant_config
+from omct.pytorch.calibration import CalibrationModel
+from omct.pytorch.fold import fold_conv_bn
+from omct.pytorch.trace import TracedModel, as_args, trace_model
+from omct.ui import logger
+
+
+def _eval_copy(model: nn.Module) -> nn.Module:
+    """A copy of the model in eval mode: the user's module is never changed."""
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if model.training:
+        logger.warning("the model is in training mode; omct quantizes an eval-mode copy (BatchNorm uses its running "
+                       "statistics, Dropout is off) and leaves your model as it is. Call model.eval() to silence this")
+    try:
+        work = copy.deepcopy(model)
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"the model cannot be copied (copy.deepcopy failed: {e}); omct quantizes a copy so that "
+                         "your model is not changed") from None
+    return work.eval()
+
+
+@dataclass
+class ModuleReport:
+    """What ``inspect_model`` finds: quantizable layers (module names), refused candidates with reasons, and
+    Conv + BatchNorm pairs that ``do_fusion`` folds."""
+
+    layers: list[LayerSpec]
+    refused: list[Refusal]
+    types: dict[str, str]
+    foldable: dict[str, str]
+
+
+def inspect_model(model: nn.Module, input_data) -> ModuleReport:
+    traced = trace_model(_eval_copy(model), input_data)
+    return ModuleReport(traced.layers, traced.refused, traced.types, traced.batchnorm_after)
+
+
+def _infos(traced: TracedModel) -> list[LayerInfo]:
+    infos = [LayerInfo(s.name, traced.types[s.name], s.weight is not None) for s in traced.layers]
+    infos += [LayerInfo(r.name, r.op_type, False, quantizable=False) for r in traced.refused]
+    return infos
+
+
+def create_quant_config(config_file: str | os.PathLike, model: nn.Module, input_data, skip_layers: list[str] | None = None,
+                        batch_num: int = 1, activation_offset: bool = True,
+                        config_defination: str | os.PathLike | None = None) -> None:
+    """Write config.json: every quantizable module (by qualified name) with default (or .cfg) parameters.
+
+    ``input_data`` is a tensor or a tuple of tensors that runs through ``model`` (as for torch.onnx.export).
+    With ``config_defination`` (a simplified .cfg) skip_layers, batch_num and activation_offset are ignored.
+    Layer types in the .cfg are PyTorch's: Conv2d, Linear, ConvTranspose2d, AvgPool2d, Conv1d, Conv3d.
+    """
+    as_args(input_data)
+    traced = trace_model(_eval_copy(model), input_data)
+    write_quant_config(config_file, _infos(traced), model_desc=f"the {type(model).__name__} model",
+                       all_names=traced.module_names, skip_layers=skip_layers, batch_num=batch_num,
+                       activation_offset=activation_offset, config_defination=config_defination, refused=traced.refused)
+
+
+def quantize_model(config_file: str | os.PathLike, modified_onnx_model: str | os.PathLike, record_file: str | os.PathLike,
+                   model: nn.Module, input_data, input_names: list[str] | None = None,
+                   output_names: list[str] | None = None, dynamic_axes: dict | None = None) -> CalibrationModel:
+    """Write the modified ONNX model and return the calibration module.
+
+    Run ``batch_num`` forward passes through the returned module (it computes what ``model`` computes, on
+    the model's own device); then the record file holds the factors and ``save_model`` can run.
+    """
+    config = load_config(config_file)
+    work = _eval_copy(model)
+    export = {"input_names": input_names, "output_names": output_names, "dynamic_axes": dynamic_axes}
+    traced = trace_model(work, input_data, **export)
+    if config.globals.do_fusion:
+        skip = set(config.globals.skip_fusion_layers)
+        pairs = {c: b for c, b in traced.batchnorm_after.items() if c not in skip}
+        folded = fold_conv_bn(work, pairs)
+        if folded:
+            logger.info("folded %d BatchNorm module(s) into convolutions", len(folded))
+            traced = trace_model(work, input_data, **export)
+    mod = write_modified_model(config, config_file, traced.model, traced.layers, modified_onnx_model, record_file)
+    logger.info("wrote %s: %d layers to calibrate, %d activation tensors observed; now run %d batch(es) through the "
+                "returned calibration model", modified_onnx_model, len(mod.plan.layers), len(mod.plan.sites),
+                config.batch_num)
+    return CalibrationModel(work, mod, str(record_file))
+
+
+def save_model(modified_onnx_file: str | os.PathLike, record_file: str | os.PathLike, save_path: str | os.PathLike) -> None:
+    """Write ``save_path + '_fake_quant_model.onnx'`` and ``save_path + '_deploy_model.onnx'``."""
+    save_quantized(modified_onnx_file, record_file, save_path)

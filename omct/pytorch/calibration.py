@@ -1,0 +1,79 @@
+"""The calibration model: the user's (folded, eval-mode) module with hooks that feed the shared collector.
+
+Forward passes return exactly what the module returns; hooks only read tensors. The input of each
+quantized layer is read by a forward pre-hook; the output site (quantized after the layer so that the
+runtime fuses an integer kernel) by a forward hook, with the Relu or ReLU6-style Clip that follows the
+layer in the exported graph applied, because that is the tensor the deploy model quantizes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from omct.graph.calibration import CalibrationStatus, Collector
+from omct.graph.modified import ModifiedModel
+
+
+def _to_numpy(t: torch.Tensor):
+    return t.detach().to(torch.float32).cpu().numpy()
+
+
+class CalibrationModel(CalibrationStatus, nn.Module):
+    """Run ``batch_num`` batches through it (``model(x)``, under ``torch.no_grad()``); then the record is written.
+
+    ``batch_num``, ``batches_seen`` and ``complete`` say how far calibration got. The wrapped module is
+    ``.model``; after calibration the object keeps working as the plain module.
+    """
+
+    def __init__(self, model: nn.Module, mod: ModifiedModel, record_file: str):
+        super().__init__()
+        self.model = model
+        self.record_file = record_file
+        weights = {t.name: t for t in mod.model.graph.initializer}
+        self._collector = Collector(mod.plan, mod.config, record_file, lambda n: numpy_helper.to_array(weights[n]))
+        self._seen: set[int] = set()
+        self._active = False
+        producers = {o: n for n in mod.model.graph.node for o in n.output}
+        self._handles = []
+        for name, spec in mod.plan.layers.items():
+            module = model.get_submodule(name)
+            self._handles.append(module.register_forward_pre_hook(self._input_hook(mod.plan.input_site[name])))
+            if name in mod.plan.output_site:
+                # The site is the layer's own output, or a Relu / Clip(0, max) right after it.
+                clamp = None if producers[spec.output_site].name == name else (0.0, spec.output_max)
+                self._handles.append(module.register_forward_hook(self._output_hook(mod.plan.output_site[name], clamp)))
+
+    def _observe(self, site: int, value: Any) -> None:
+        if self._active and site not in self._seen and isinstance(value, torch.Tensor):
+            self._seen.add(site)
+            self._collector.update_site(site, _to_numpy(value))
+
+    def _input_hook(self, site: int):
+        def hook(_module, args):
+            if args:
+                self._observe(site, args[0])
+        return hook
+
+    def _output_hook(self, site: int, clamp: tuple[float, float | None] | None):
+        def hook(_module, _args, out):
+            if self._active and isinstance(out, torch.Tensor) and site not in self._seen:
+                self._observe(site, out if clamp is None else out.detach().clamp(clamp[0], clamp[1]))
+        return hook
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._collector.done:
+            return self.model(*args, **kwargs)
+
+        def observe():
+            self._seen.clear()
+            self._active = True
+            try:
+                return self.model(*args, **kwargs)
+            finally:
+                self._active = False
+
+        return self._collector.run_batch(observe)

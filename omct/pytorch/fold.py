@@ -1,0 +1,39 @@
+"""Conv + BatchNorm folding on the module, before export: the conv takes the BN's affine map, the BN
+becomes ``nn.Identity``. Done in PyTorch (not on the ONNX graph) so that calibration, which runs the
+module, sees the same folded model that is exported."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attr, new)
+
+
+@torch.no_grad()
+def fold_conv_bn(model: nn.Module, pairs: dict[str, str]) -> list[str]:
+    """Fold each BatchNorm of ``pairs`` (conv name -> BN name) into its conv; returns the folded conv names."""
+    folded = []
+    for conv_name, bn_name in pairs.items():
+        conv = model.get_submodule(conv_name)
+        bn = model.get_submodule(bn_name)
+        if bn.running_mean is None or bn.running_var is None:
+            continue  # a BN without running statistics normalises with batch statistics: nothing to fold
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.affine:
+            scale = scale * bn.weight
+        shift = -bn.running_mean * scale + (bn.bias if bn.affine else 0.0)
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        conv.weight.mul_(scale.reshape(-1, *([1] * (conv.weight.dim() - 1))).to(conv.weight.dtype))
+        new_bias = (bias * scale + shift).to(conv.weight.dtype)
+        if conv.bias is None:
+            conv.bias = nn.Parameter(new_bias)
+        else:
+            conv.bias.copy_(new_bias)
+        _set_module(model, bn_name, nn.Identity())
+        folded.append(conv_name)
+    return folded

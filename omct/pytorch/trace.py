@@ -1,0 +1,284 @@
+"""From an ``nn.Module`` to an ONNX graph whose quantizable nodes carry the modules' qualified names.
+
+Why markers instead of the exporter's node names: scope names say nothing about a module that runs twice,
+a Linear that becomes MatMul + Add, or a weight used functionally. During export each candidate module's
+output passes through an identity ``omct::Mark`` op that carries its name, so the node that produced the
+output is known exactly; the markers are then removed. A plain forward pass before that counts how often
+each module runs, and the weights are checked for sharing, so every candidate left in float has a reason.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import onnx
+import torch
+from torch import nn
+
+from omct.errors import ModelError
+from omct.graph.layers import LayerSpec, Refusal, find_layers
+from omct.graph.normalize import normalize
+from omct.ui import logger
+
+# Supported module types (subclasses count) and the ONNX op each becomes.
+SUPPORTED: dict[type, tuple[str, ...]] = {
+    nn.Linear: ("Gemm", "MatMul"),
+    nn.Conv1d: ("Conv",),
+    nn.Conv2d: ("Conv",),
+    nn.Conv3d: ("Conv",),
+    nn.ConvTranspose2d: ("ConvTranspose",),
+    nn.AvgPool2d: ("AveragePool",),
+}
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+OPSET = 17
+_MARK_DOMAIN = "omct"
+
+
+def layer_type(module: nn.Module) -> str | None:
+    """The supported type a module is (or derives from), e.g. 'Conv2d' for a 'same'-padding subclass."""
+    for base in SUPPORTED:
+        if isinstance(module, base):
+            return base.__name__
+    return None
+
+
+def as_args(input_data) -> tuple:
+    """``input_data`` as the positional arguments of ``model(...)`` (a tensor or a tuple of them)."""
+    if isinstance(input_data, torch.Tensor):
+        return (input_data,)
+    if isinstance(input_data, tuple | list) and input_data:
+        return tuple(input_data)
+    raise ModelError(f"input_data must be a tensor or a tuple of tensors (as torch.onnx.export takes them), got "
+                     f"{type(input_data).__name__}")
+
+
+class _Mark(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, name):  # noqa: ARG004 - identity: only the exported graph sees the mark
+        return x
+
+    @staticmethod
+    def symbolic(g, x, name):
+        out = g.op(f"{_MARK_DOMAIN}::Mark", x, name_s=name)
+        out.setType(x.type())
+        return out
+
+
+@dataclass
+class TracedModel:
+    """The ONNX graph of a module, with what the PyTorch frontend found about each candidate."""
+
+    model: onnx.ModelProto  # markers removed; each mapped layer node is named after its module
+    layers: list[LayerSpec]  # quantizable, named after modules, in graph order
+    refused: list[Refusal]
+    types: dict[str, str]  # candidate module name -> supported type name
+    batchnorm_after: dict[str, str] = field(default_factory=dict)  # conv module -> BN module it alone feeds
+    module_names: set[str] = field(default_factory=set)
+
+
+def _candidates(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in model.named_modules() if name and layer_type(m)}
+
+
+@contextmanager
+def _hooks(modules: dict[str, nn.Module], hook_factory) -> Iterator[None]:
+    handles = [m.register_forward_hook(hook_factory(name)) for name, m in modules.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run_forward(model: nn.Module, args: tuple):
+    """One forward pass of ``input_data``; a failure becomes one clear line."""
+    try:
+        with torch.no_grad():
+            return model(*args)
+    except Exception as e:  # noqa: BLE001 - any failure of the user's forward is reported the same way
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ModelError(f"input_data does not run through the model: {type(e).__name__}: {first}") from None
+
+
+def _count_calls(model: nn.Module, modules: dict[str, nn.Module], args: tuple) -> dict[str, int]:
+    calls = dict.fromkeys(modules, 0)
+
+    def factory(name):
+        def hook(_m, _i, _o):
+            calls[name] += 1
+        return hook
+
+    with _hooks(modules, factory):
+        run_forward(model, args)
+    return calls
+
+
+def _torch_refusals(candidates: dict[str, nn.Module], calls: dict[str, int]) -> dict[str, str]:
+    reasons: dict[str, str] = {}
+    owners: dict[int, list[str]] = {}
+    for name, m in candidates.items():
+        w = getattr(m, "weight", None)
+        if isinstance(w, torch.Tensor):
+            owners.setdefault(id(w), []).append(name)
+    for names in owners.values():
+        if len(names) > 1:
+            for n in names:
+                others = ", ".join(f"'{o}'" for o in names if o != n)
+                reasons[n] = f"shares its weight with {others}; layers that share weights stay in float"
+    for name, m in candidates.items():
+        if name in reasons:
+            continue
+        if calls[name] == 0:
+            reasons[name] = ("never called by forward() with this input_data (its weight may be used functionally, "
+                             "as nn.MultiheadAttention does with out_proj)")
+        elif calls[name] > 1:
+            reasons[name] = f"runs {calls[name]} times per forward pass; a module reused in several places stays in float"
+        elif isinstance(m, CONVS) and getattr(m, "padding_mode", "zeros") != "zeros":
+            reasons[name] = f"padding_mode '{m.padding_mode}' is not supported (only 'zeros')"
+    return reasons
+
+
+def _export(model: nn.Module, args: tuple, marked: dict[str, nn.Module], input_names, output_names,
+            dynamic_axes) -> onnx.ModelProto:
+    def factory(name):
+        def hook(_m, _i, out):
+            return _Mark.apply(out, name) if isinstance(out, torch.Tensor) else out
+        return hook
+
+    buf = io.BytesIO()
+    with _hooks(marked, factory), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            torch.onnx.export(model, args, buf, dynamo=False, opset_version=OPSET, input_names=input_names,
+                              output_names=output_names, dynamic_axes=dynamic_axes,
+                              custom_opsets={_MARK_DOMAIN: 1}, do_constant_folding=True)
+        except Exception as e:  # noqa: BLE001
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(f"torch.onnx.export could not export the model: {first}") from None
+    for w in caught:
+        logger.debug("torch.onnx.export: %s", w.message)
+    return onnx.load_from_string(buf.getvalue())
+
+
+def _layer_node(mark_input: str, producer: dict[str, onnx.NodeProto], initializers: set[str],
+                expected: tuple[str, ...]) -> onnx.NodeProto | str:
+    """The node that computes a marked module's output, or why there is none we can quantize."""
+    node = producer.get(mark_input)
+    if node is None:
+        return "its output is not computed by any node of the exported graph"
+    if node.op_type == "Add" and "MatMul" in expected:  # Linear on more than 2 dimensions: MatMul + Add
+        for i in node.input:
+            p = producer.get(i)
+            if p is not None and p.op_type == "MatMul" and p.input[1] in initializers:
+                return p
+    if node.op_type not in expected:
+        return f"it was exported as {node.op_type}, not {' or '.join(expected)}"
+    return node
+
+
+def _strip_marks(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    """Remove the Mark nodes (their input tensor takes their output's name); returns name -> marked producer."""
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    marks = [n for n in graph.node if n.domain == _MARK_DOMAIN]
+    found: dict[str, onnx.NodeProto] = {}
+    for mark in marks:
+        name = next(a.s.decode() for a in mark.attribute if a.name == "name")
+        src, dst = mark.input[0], mark.output[0]
+        p = producer[src]
+        p.output[list(p.output).index(src)] = dst
+        producer[dst] = p
+        for n in consumers.get(src, []):  # other readers of the unmarked tensor (rare) read the renamed one
+            if n is not mark:
+                renamed = [dst if i == src else i for i in n.input]
+                del n.input[:]
+                n.input.extend(renamed)
+        consumers.setdefault(dst, []).extend(n for n in consumers.get(src, []) if n is not mark)
+        found.setdefault(name, p)
+    for mark in marks:
+        graph.node.remove(mark)
+    keep = [o for o in model.opset_import if o.domain != _MARK_DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+    return found
+
+
+def trace_model(model: nn.Module, input_data, input_names=None, output_names=None, dynamic_axes=None) -> TracedModel:
+    """Export ``model`` (already in the state to quantize, e.g. eval mode) and map modules to ONNX nodes."""
+    args = as_args(input_data)
+    candidates = _candidates(model)
+    batchnorms = {n: m for n, m in model.named_modules() if isinstance(m, BATCHNORMS)}
+    calls = _count_calls(model, {**candidates, **batchnorms}, args)
+    reasons = _torch_refusals(candidates, calls)
+    marked = {**{n: m for n, m in candidates.items() if calls[n] == 1}, **batchnorms}
+    exported = _export(model, args, marked, input_names, output_names, dynamic_axes)
+    initializers = {t.name for t in exported.graph.initializer}
+    mark_inputs = {next(a.s.decode() for a in n.attribute if a.name == "name"): n.input[0]
+                   for n in exported.graph.node if n.domain == _MARK_DOMAIN}
+    producer = {o: n for n in exported.graph.node for o in n.output}
+    layer_nodes: dict[str, onnx.NodeProto] = {}
+    for name, module in candidates.items():
+        if name in reasons:
+            continue
+        if name not in mark_inputs:
+            reasons[name] = "its output does not reach the exported graph"
+            continue
+        expected = next(ops for base, ops in SUPPORTED.items() if isinstance(module, base))
+        node = _layer_node(mark_inputs[name], producer, initializers, expected)
+        if isinstance(node, str):
+            reasons[name] = node
+        else:
+            layer_nodes[name] = node
+    batchnorm_after = _conv_bn_pairs(exported, mark_inputs, producer, layer_nodes, batchnorms, candidates, calls)
+    _strip_marks(exported)
+    taken = {n.name for n in exported.graph.node}
+    for name, node in layer_nodes.items():
+        if name in taken:
+            node.name = f"{node.name}__{len(taken)}"  # an exporter name equal to a module name: make room
+        node.name = name
+    norm, _ = normalize(exported)
+    specs, onnx_refused = find_layers(norm)
+    by_name = {s.name: s for s in specs}
+    layers = [by_name[n] for n in by_name if n in layer_nodes]
+    for r in onnx_refused:
+        if r.name in layer_nodes:
+            reasons[r.name] = r.reason
+    unmapped = [s.name for s in specs if s.name not in layer_nodes]
+    if unmapped:
+        logger.debug("ONNX nodes not produced by a supported module, left in float: %s", ", ".join(unmapped))
+    types = {n: layer_type(m) for n, m in candidates.items()}
+    refused = [Refusal(n, types[n], reasons[n]) for n in candidates if n in reasons]
+    return TracedModel(norm, layers, refused, types, batchnorm_after, {n for n, _ in model.named_modules() if n})
+
+
+def _conv_bn_pairs(exported, mark_inputs, producer, layer_nodes, batchnorms, candidates, calls) -> dict[str, str]:
+    """Conv module -> BatchNorm module, where the BN reads only that conv's output and both run once."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in exported.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    marked_conv_output = {}
+    for name, node in layer_nodes.items():
+        if isinstance(candidates[name], CONVS) and node.op_type == "Conv":
+            mark = consumers.get(node.output[0], [])
+            if len(mark) == 1 and mark[0].domain == _MARK_DOMAIN:
+                marked_conv_output[mark[0].output[0]] = name
+    pairs = {}
+    for bn_name in batchnorms:
+        src = mark_inputs.get(bn_name)
+        bn_node = producer.get(src) if src else None
+        if bn_node is None or bn_node.op_type != "BatchNormalization":
+            continue
+        conv = marked_conv_output.get(bn_node.input[0])
+        if conv and calls.get(conv) == 1 and calls.get(bn_name) == 1 and len(consumers.get(bn_node.input[0], [])) == 1:
+            pairs[conv] = bn_name
+    return pairs
