@@ -3,12 +3,14 @@
     omct demo                                   # the bundled example end to end
     omct inspect MODEL.onnx                     # quantizable layers, refusals with reasons
     omct quantize MODEL.onnx --calib DATA --out PREFIX [--config F.cfg|F.json] [--batch-num N] [--skip L ...]
+    omct analyze FLOAT.onnx QUANT.onnx --data DATA   # per-layer error table and HTML report
     omct bench MODEL.onnx [QUANT.onnx]          # latency (median, p90) and size side by side
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -18,21 +20,70 @@ import numpy as np
 
 from omct.errors import OmctError
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
-def _load_batches(path: str, input_names: list[str], batch_size: int) -> list[dict[str, np.ndarray]]:
-    """Calibration feeds from an .npz/.npy file or a folder of them (arrays keyed by input name, or one array)."""
+
+def _load_images(files: list[Path], shape: list, args) -> np.ndarray:
+    """Images -> one float32 array in the model's layout, with the preprocessing the options give."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise OmctError("reading images needs Pillow: pip install 'omct[report]' (or pip install pillow)") from None
+    layout = args.layout
+    dims = [d if isinstance(d, int) and d > 0 else None for d in shape]
+    channels_dim = 1 if layout == "nchw" else 3
+    channels = dims[channels_dim] if len(dims) == 4 else None
+    if args.image_size:
+        h, w = (args.image_size * 2)[:2]
+    elif len(dims) == 4 and all(dims[i] for i in ((2, 3) if layout == "nchw" else (1, 2))):
+        h, w = (dims[2], dims[3]) if layout == "nchw" else (dims[1], dims[2])
+    else:
+        raise OmctError("the model's input size is not fixed: give --image-size H W")
+    gray = args.grayscale or channels == 1
+    mean = np.array(args.mean, np.float32).reshape(-1, 1, 1)
+    std = np.array(args.std, np.float32).reshape(-1, 1, 1)
+    out = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im = im.convert("L" if gray else "RGB").resize((w, h), Image.BILINEAR)
+                a = np.asarray(im, np.float32)
+        except OSError as e:
+            raise OmctError(f"cannot read image '{f}': {e}") from None
+        a = (a[None] if gray else a.transpose(2, 0, 1)) * args.scale
+        a = (a - mean) / std
+        out.append(a if layout == "nchw" else a.transpose(1, 2, 0))
+    return np.stack(out).astype(np.float32)
+
+
+def _load_batches(path: str, inputs: list[tuple[str, list]], batch_size: int, args=None) -> list[dict[str, np.ndarray]]:
+    """Feeds from an .npz/.npy file, a folder of them (arrays keyed by input name, or one array), or a folder
+    of images (one-input models; preprocessing from the image options)."""
+    input_names = [n for n, _ in inputs]
     p = Path(path)
     if not p.exists():
-        raise OmctError(f"calibration data '{p}' does not exist")
+        raise OmctError(f"data '{p}' does not exist")
+    images = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if p.is_dir() else []
+    if images:
+        if len(inputs) != 1:
+            raise OmctError(f"a folder of images feeds one input, but the model has inputs {input_names}")
+        full = {input_names[0]: _load_images(images, inputs[0][1], args)}
+    else:
+        full = _load_arrays(p, input_names)
+    total = len(next(iter(full.values())))
+    return [{n: a[i:i + batch_size] for n, a in full.items()} for i in range(0, total, batch_size)]
+
+
+def _load_arrays(p: Path, input_names: list[str]) -> dict[str, np.ndarray]:
     files = sorted(f for f in p.iterdir() if f.suffix in (".npz", ".npy")) if p.is_dir() else [p]
     if not files:
-        raise OmctError(f"calibration folder '{p}' has no .npz or .npy files")
+        raise OmctError(f"folder '{p}' has no .npz, .npy or image files")
     arrays: dict[str, list[np.ndarray]] = {n: [] for n in input_names}
     for f in files:
         try:
             data = np.load(f)
         except (OSError, ValueError) as e:
-            raise OmctError(f"cannot read calibration file '{f}': {e}") from None
+            raise OmctError(f"cannot read data file '{f}': {e}") from None
         if isinstance(data, np.ndarray):
             if len(input_names) != 1:
                 raise OmctError(f"'{f}' holds one array but the model has inputs {input_names}; use an .npz keyed by input name")
@@ -44,9 +95,17 @@ def _load_batches(path: str, input_names: list[str], batch_size: int) -> list[di
             if key is None:
                 raise OmctError(f"'{f}' has arrays {keys} but no array named '{n}' (the model's input)")
             arrays[n].append(data[key])
-    full = {n: np.concatenate(v) for n, v in arrays.items()}
-    total = len(next(iter(full.values())))
-    return [{n: a[i:i + batch_size] for n, a in full.items()} for i in range(0, total, batch_size)]
+    return {n: np.concatenate(v) for n, v in arrays.items()}
+
+
+def _model_inputs(model: str) -> list[tuple[str, list]]:
+    import onnxruntime as ort
+
+    try:
+        sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - reported as one line
+        raise OmctError(f"cannot load '{model}' in ONNX Runtime: {str(e).splitlines()[0]}") from None
+    return [(i.name, list(i.shape)) for i in sess.get_inputs()]
 
 
 def _latency(path: Path, feeds: dict[str, np.ndarray], runs: int = 50, threads: int = 2) -> tuple[float, float]:
@@ -67,14 +126,9 @@ def _latency(path: Path, feeds: dict[str, np.ndarray], runs: int = 50, threads: 
 
 
 def cmd_quantize(args) -> int:
-    import onnxruntime as ort
-
     import omct.onnx as amct
 
-    sess = ort.InferenceSession(args.model, providers=["CPUExecutionProvider"])
-    names = [i.name for i in sess.get_inputs()]
-    del sess
-    batches = _load_batches(args.calib, names, args.batch_size)
+    batches = _load_batches(args.calib, _model_inputs(args.model), args.batch_size, args)
     batch_num = args.batch_num or len(batches)
     if batch_num > len(batches):
         raise OmctError(f"--batch-num {batch_num} needs {batch_num} batches of {args.batch_size}, but '{args.calib}' "
@@ -100,6 +154,42 @@ def cmd_quantize(args) -> int:
         calib.run(None, feeds)
     amct.save_model(str(modified), str(record), str(out))
     print(f"{out}_fake_quant_model.onnx\n{out}_deploy_model.onnx")
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from omct.analysis import analyze
+    from omct.analysis.report import write_html
+
+    batches = _load_batches(args.data, _model_inputs(args.float_model), args.batch_size, args)
+    if args.batches:
+        batches = batches[:args.batches]
+    report = analyze(args.float_model, args.quant_model, batches, threshold=args.threshold, batch_count=len(batches))
+    flagged = {e.layer for e in report.flagged()}
+    table = Table("layer", "op", "cosine", "SQNR dB", "max abs err", "isolated cosine",
+                  title=f"float vs quantized, {report.batches} batch(es); red: cosine < {args.threshold}")
+    for e in report.layers:
+        style = "red" if e.layer in flagged else None
+        table.add_row(e.layer, e.op_type, f"{e.cosine:.5f}", f"{e.accumulated.sqnr_db:.1f}", f"{e.accumulated.max_abs:.4g}",
+                      f"{e.isolated.cosine:.5f}", style=style)
+    console = Console()
+    console.print(table)
+    if flagged:
+        console.print(f"flagged, worst own error first: {', '.join(e.layer for e in report.flagged())}")
+        console.print(f"suggested skip_layers: {report.suggested_skip_layers()}")
+    else:
+        console.print(f"no layer below cosine {args.threshold}")
+    quant = Path(args.quant_model)
+    html_path = Path(args.report) if args.report else quant.with_name(quant.stem + "_analysis.html")
+    write_html(report, html_path, title=f"omct analysis: {Path(args.quant_model).name}")
+    console.print(f"report: {html_path}")
+    if args.json:
+        from omct.fileio import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(report.to_dict(), indent=2))
     return 0
 
 
@@ -192,19 +282,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show a traceback on errors")
     sub = p.add_subparsers(dest="command", required=True)
 
-    q = sub.add_parser("quantize", parents=[common],
+    data_opts = argparse.ArgumentParser(add_help=False)
+    g = data_opts.add_argument_group("data", "DATA is an .npz (arrays named by model input) or .npy file, a folder of "
+                                     "them, or a folder of images; images are resized and normalised as these say")
+    g.add_argument("--batch-size", type=int, default=32, help="samples per batch (default 32)")
+    g.add_argument("--image-size", type=int, nargs="+", metavar="N", help="H [W] (default: the model's input size)")
+    g.add_argument("--layout", choices=["nchw", "nhwc"], default="nchw", help="input layout (default nchw)")
+    g.add_argument("--scale", type=float, default=1 / 255, help="pixel multiplier before mean/std (default 1/255)")
+    g.add_argument("--mean", type=float, nargs="+", default=[0.0], help="per-channel mean to subtract (default 0)")
+    g.add_argument("--std", type=float, nargs="+", default=[1.0], help="per-channel std to divide by (default 1)")
+    g.add_argument("--grayscale", action="store_true", help="read images as one channel (default: when the model "
+                   "input has 1 channel)")
+
+    q = sub.add_parser("quantize", parents=[common, data_opts],
                        help="post-training quantization: config, calibration, fake-quant and deploy models")
     q.add_argument("model", help="FP32 ONNX model")
-    q.add_argument("--calib", required=True, help=".npz/.npy file or folder of them; .npz arrays named by model input")
+    q.add_argument("--calib", required=True, help=".npz/.npy file, a folder of them, or a folder of images")
     q.add_argument("--out", required=True, help="output prefix: writes PREFIX_fake_quant_model.onnx and "
                    "PREFIX_deploy_model.onnx (and PREFIX_work/ with config, record, calibration model)")
     q.add_argument("--config", help="a simplified .cfg (AMCT text format) or a config.json")
     q.add_argument("--batch-num", type=int, help="calibration batches to run (default: all the data)")
-    q.add_argument("--batch-size", type=int, default=32, help="samples per calibration batch (default 32)")
     q.add_argument("--skip", nargs="*", help="layer names to keep in float")
     q.add_argument("--algo", choices=["ifmr", "hfmg", "minmax", "percentile", "mse", "kl"],
                    help="activation calibration algorithm (default ifmr)")
     q.set_defaults(func=cmd_quantize)
+
+    a = sub.add_parser("analyze", parents=[common, data_opts],
+                       help="per-layer error between a float model and its quantized model, with an HTML report",
+                       description="Runs both models on DATA and compares every quantized layer: accumulated error (the "
+                       "layer's result in the quantized model) and isolated error (the layer alone quantized). Layers "
+                       "with cosine below --threshold are flagged and a skip_layers list is suggested.")
+    a.add_argument("float_model", help="the FP32 ONNX model that was quantized")
+    a.add_argument("quant_model", help="PREFIX_fake_quant_model.onnx (or _deploy_model.onnx) written by omct")
+    a.add_argument("--data", required=True, help=".npz/.npy file, a folder of them, or a folder of images")
+    a.add_argument("--threshold", type=float, default=0.99, help="flag layers with cosine below this (default 0.99)")
+    a.add_argument("--batches", type=int, help="use at most this many batches")
+    a.add_argument("--report", help="HTML report path (default: next to QUANT, *_analysis.html)")
+    a.add_argument("--json", help="also write the numbers as JSON here")
+    a.set_defaults(func=cmd_analyze)
 
     i = sub.add_parser("inspect", parents=[common], help="list quantizable layers and the ones left in float, with reasons")
     i.add_argument("model")

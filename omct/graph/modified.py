@@ -68,6 +68,20 @@ def read_modified(path: str | Path) -> ModifiedModel:
                          json.loads(meta[_ADDED]))
 
 
+LAYERS_KEY, FUSION_KEY = "omct.layers", "omct.fusion"
+
+
+def stamp_layers(model: onnx.ModelProto, plan: Plan, config: QuantConfig) -> None:
+    """Record in a saved model which layers are quantized and which tensor shows each one's result, and how
+    BatchNorm was folded, so that ``omct analyze`` can line it up with the float model."""
+    layers = [{"name": n, "op_type": s.op_type,
+               "output_site": plan.sites[plan.output_site[n]].tensor if n in plan.output_site else None}
+              for n, s in plan.layers.items()]
+    fusion = {"do_fusion": config.globals.do_fusion, "skip_fusion_layers": list(config.globals.skip_fusion_layers)}
+    for key, value in ((LAYERS_KEY, layers), (FUSION_KEY, fusion)):
+        model.metadata_props.add(key=key, value=json.dumps(value))
+
+
 def save_quantized(modified_onnx_file: str | Path, record_file: str | Path, save_path: str | Path,
                    activation_dtype: str = "uint8") -> tuple[Path, Path]:
     """Write ``{save_path}_fake_quant_model.onnx`` and ``{save_path}_deploy_model.onnx``."""
@@ -88,6 +102,8 @@ def save_quantized(modified_onnx_file: str | Path, record_file: str | Path, save
     with progress("exporting", 2) as bar:
         fake = build_quantized(base, mod.plan, mod.config, records, deploy=False)
         deploy = build_quantized(base, mod.plan, mod.config, records, deploy=True, activation_dtype=activation_dtype)
+        for model in (fake, deploy):
+            stamp_layers(model, mod.plan, mod.config)
         save_model(fake, fake_path)
         bar.advance()
         save_model(deploy, deploy_path)

@@ -2,8 +2,9 @@
 
 A site is one tensor observed with one calibration configuration. The input of a quantized layer is a
 site; so is the output of a Conv, MatMul or AveragePool, because ONNX Runtime fuses
-DequantizeLinear -> Conv -> QuantizeLinear into QLinearConv only when the output is quantized too. Sites
-with the same tensor and configuration are shared, so each tensor is observed once.
+DequantizeLinear -> Conv -> QuantizeLinear into QLinearConv only when the output is quantized too, unless
+that output feeds a layer kept in float. Sites with the same tensor and configuration are shared, so each
+tensor is observed once.
 """
 
 from __future__ import annotations
@@ -74,12 +75,15 @@ def build_plan(layers: list[LayerSpec], config: QuantConfig) -> Plan:
             sites.append(Site(tensor, act, asym))
         return keys[key]
 
+    # A layer kept in float keeps a float input: an output site that feeds it is dropped (the producer then
+    # runs without an integer kernel, which is the price of the fallback the user asked for).
+    float_inputs = {spec.input for spec in layers if spec.name not in enabled}
     input_site, output_site = {}, {}
     for name, spec in enabled.items():
         i = site_for(spec.input, name)
         sites[i].inputs_of.append(name)
         input_site[name] = i
-        if spec.output_site:
+        if spec.output_site and spec.output_site not in float_inputs:
             o = site_for(spec.output_site, name)
             sites[o].output_of.append(name)
             if spec.output_max is not None:

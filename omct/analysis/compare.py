@@ -1,0 +1,230 @@
+"""Per-layer error between a float model and its omct-quantized model (fake-quant or deploy), on real data.
+
+Two numbers per layer, both streamed over the batches:
+
+* **accumulated**: the layer's result in the quantized model against the float model's, i.e. what the
+  network really computes after every quantized layer up to this one;
+* **isolated**: the layer alone quantized (its input and weights as in the quantized model) on the float
+  model's own input to it. This is the layer's own sensitivity, and what automatic quantization ranks by.
+
+The isolated result comes from a "probe" copy of each layer, built into the float graph: the quantized
+model's nodes that feed the layer (quantize/dequantize of its input, its quantized weights) are copied next
+to the float layer and read the float tensors. Only omct's saved models carry the layer list needed
+(metadata written by ``save_model``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from omct.analysis.metrics import CosineSimilarity, ErrorStats, Sensitivity
+from omct.errors import ModelError
+from omct.graph.model_io import load_model
+from omct.graph.modified import FUSION_KEY, LAYERS_KEY
+from omct.graph.normalize import fold_batchnorm, normalize
+from omct.ui import Progress
+
+_PROBE = "#isolated"
+
+
+@dataclass
+class LayerError:
+    layer: str
+    op_type: str
+    tensor: str  # the tensor compared for the accumulated error
+    accumulated: ErrorStats
+    isolated: ErrorStats
+
+    @property
+    def cosine(self) -> float:
+        return self.accumulated.cosine
+
+    def row(self) -> dict:
+        a, i = self.accumulated, self.isolated
+        return {"layer": self.layer, "op_type": self.op_type, "cosine": a.cosine, "sqnr_db": a.sqnr_db,
+                "max_abs_error": a.max_abs, "mse": a.mse, "isolated_cosine": i.cosine, "isolated_sqnr_db": i.sqnr_db}
+
+
+@dataclass
+class AnalysisReport:
+    layers: list[LayerError]  # in graph order
+    threshold: float  # accumulated cosine below this is flagged
+    batches: int
+    samples: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # layer -> (float, quantized)
+
+    def flagged(self) -> list[LayerError]:
+        """Layers whose accumulated cosine is below the threshold, the ones whose own error is worst first."""
+        bad = [e for e in self.layers if e.cosine < self.threshold]
+        return sorted(bad, key=lambda e: e.isolated.cosine)
+
+    def suggested_skip_layers(self) -> list[str]:
+        """Layers to keep in float: those flagged whose own (isolated) error is below the threshold too.
+
+        A layer downstream of a bad one inherits its error; only layers that are bad on their own are named.
+        """
+        own = [e.layer for e in self.flagged() if e.isolated.cosine < self.threshold]
+        return own or [e.layer for e in self.flagged()[:1]]
+
+    def ranking(self, sensitivity: Sensitivity | None = None) -> list[tuple[str, float]]:
+        """Layers by isolated sensitivity, most sensitive first."""
+        sens = sensitivity or CosineSimilarity()
+        scored = [(e.layer, sens.score(e.isolated)) for e in self.layers]
+        return sorted(scored, key=lambda t: -t[1])
+
+    def to_dict(self) -> dict:
+        return {"threshold": self.threshold, "batches": self.batches, "layers": [e.row() for e in self.layers],
+                "flagged": [e.layer for e in self.flagged()], "suggested_skip_layers": self.suggested_skip_layers()}
+
+
+def _as_model(model: str | os.PathLike | onnx.ModelProto, what: str) -> onnx.ModelProto:
+    return model if isinstance(model, onnx.ModelProto) else load_model(model, what)
+
+
+def _layer_list(quant: onnx.ModelProto, path_desc: str) -> tuple[list[dict], dict]:
+    meta = {p.key: p.value for p in quant.metadata_props}
+    if LAYERS_KEY not in meta:
+        raise ModelError(f"{path_desc} has no omct layer list: pass a fake-quant or deploy model written by omct's "
+                         "save_model")
+    return json.loads(meta[LAYERS_KEY]), json.loads(meta.get(FUSION_KEY, '{"do_fusion": true, "skip_fusion_layers": []}'))
+
+
+class _Probe:
+    """Copies of the quantized model's layer nodes (and what feeds them) into the float graph."""
+
+    def __init__(self, float_model: onnx.ModelProto, quant: onnx.ModelProto):
+        self.graph = float_model.graph
+        self.float_nodes = {n.name: n for n in self.graph.node}
+        self.float_names = {o for n in self.graph.node for o in n.output} | {i.name for i in self.graph.input}
+        self.float_names |= {t.name for t in self.graph.initializer}
+        self.q_producer = {o: (n, k) for n in quant.graph.node for k, o in enumerate(n.output)}
+        self.q_inits = {t.name: t for t in quant.graph.initializer}
+        self.q_inputs = {i.name for i in quant.graph.input}
+        self.copied: dict[str, str] = {}
+
+    def resolve(self, tensor: str, suffix: str) -> str:
+        """The float graph's tensor that stands for quant-model ``tensor`` when feeding a probe."""
+        if not tensor:
+            return tensor
+        key = tensor + suffix
+        if key in self.copied:
+            return self.copied[key]
+        if tensor in self.q_producer:
+            node, k = self.q_producer[tensor]
+            twin = self.float_nodes.get(node.name)
+            if twin is not None and twin.op_type == node.op_type:  # a node of the float model: its float output
+                out = twin.output[k]
+            else:  # inserted by quantization (quantize/dequantize): copy it
+                out = self.copy_node(node, suffix)[k]
+        elif tensor in self.q_inits:
+            out = tensor + suffix
+            init = onnx.TensorProto()
+            init.CopyFrom(self.q_inits[tensor])
+            init.name = out
+            self.graph.initializer.append(init)
+        elif tensor in self.q_inputs or tensor in self.float_names:
+            out = tensor
+        else:
+            raise ModelError(f"cannot line up tensor '{tensor}' of the quantized model with the float model")
+        self.copied[key] = out
+        return out
+
+    def copy_node(self, node: onnx.NodeProto, suffix: str) -> list[str]:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = node.name + suffix
+        inputs = [self.resolve(i, suffix) for i in node.input]
+        del copy.input[:]
+        copy.input.extend(inputs)
+        outputs = [o + suffix if o else o for o in node.output]
+        del copy.output[:]
+        copy.output.extend(outputs)
+        self.graph.node.append(copy)
+        return outputs
+
+
+def _with_outputs(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelProto:
+    existing = {o.name for o in model.graph.output}
+    for t in tensors:
+        if t not in existing:
+            model.graph.output.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, None))
+            existing.add(t)
+    return model
+
+
+def _session(model: onnx.ModelProto):
+    import onnxruntime as ort
+
+    from omct.graph.export import _toposort
+
+    _toposort(model.graph)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    try:
+        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - ORT raises several types for models it cannot load
+        raise ModelError(f"ONNX Runtime cannot run the analysis model: {str(e).splitlines()[0]}") from None
+
+
+def analyze(float_model: str | os.PathLike | onnx.ModelProto, quant_model: str | os.PathLike | onnx.ModelProto,
+            batches: Iterable[Mapping[str, np.ndarray]], threshold: float = 0.99, sample_size: int = 4096,
+            batch_count: int | None = None) -> AnalysisReport:
+    """Compare every quantized layer of ``quant_model`` with ``float_model`` on ``batches`` (input feeds).
+
+    ``float_model`` is the model that was quantized (BatchNorm is folded here as it was for quantization).
+    """
+    quant = _as_model(quant_model, "quantized model")
+    layers, fusion = _layer_list(quant, f"'{quant_model}'" if not isinstance(quant_model, onnx.ModelProto) else "the model")
+    base, report = normalize(_as_model(float_model, "float model"))
+    if fusion.get("do_fusion", True):
+        fold_batchnorm(base, set(fusion.get("skip_fusion_layers", [])), report)
+    q_nodes = {n.name: n for n in quant.graph.node}
+    f_nodes = {n.name: n for n in base.graph.node}
+    missing = [entry["name"] for entry in layers if entry["name"] not in f_nodes or entry["name"] not in q_nodes]
+    if missing:
+        raise ModelError(f"layer '{missing[0]}' of the quantized model is not in the float model: pass the float model "
+                         "that was quantized")
+    probe = _Probe(base, quant)
+    entries = []
+    for entry in layers:
+        name = entry["name"]
+        compared = entry["output_site"] or q_nodes[name].output[0]
+        probe_out = probe.copy_node(q_nodes[name], _PROBE + name)[0]
+        entries.append((name, entry["op_type"], compared, f_nodes[name].output[0], probe_out))
+    float_sess = _session(_with_outputs(base, [t for e in entries for t in (e[2], e[3], e[4])]))
+    quant_copy = onnx.ModelProto()
+    quant_copy.CopyFrom(quant)
+    quant_sess = _session(_with_outputs(quant_copy, [e[2] for e in entries]))
+    f_names = [o.name for o in float_sess.get_outputs()]
+    q_names = [o.name for o in quant_sess.get_outputs()]
+    errors = [LayerError(n, op, t, ErrorStats(), ErrorStats()) for n, op, t, _, _ in entries]
+    samples: dict[str, list[list[np.ndarray]]] = {e.layer: [[], []] for e in errors}
+    count = 0
+    bar = Progress("analysing", batch_count)
+    try:
+        for feeds in batches:
+            f_out = dict(zip(f_names, float_sess.run(None, dict(feeds)), strict=True))
+            q_out = dict(zip(q_names, quant_sess.run(None, dict(feeds)), strict=True))
+            for err, (_, _, tensor, raw, probe_t) in zip(errors, entries, strict=True):
+                err.accumulated.update(f_out[tensor], q_out[tensor])
+                err.isolated.update(f_out[raw], f_out[probe_t])
+                kept = samples[err.layer]
+                have = sum(a.size for a in kept[0])
+                if have < sample_size:
+                    take = sample_size - have
+                    kept[0].append(np.ravel(f_out[tensor])[:take].copy())
+                    kept[1].append(np.ravel(q_out[tensor])[:take].copy())
+            count += 1
+            bar.advance()
+    finally:
+        bar.close()
+    if count == 0:
+        raise ModelError("no data to analyse: the batches were empty")
+    kept_samples = {k: (np.concatenate(v[0]), np.concatenate(v[1])) for k, v in samples.items()}
+    return AnalysisReport(errors, threshold, count, kept_samples)
