@@ -216,6 +216,21 @@ def run_child(method: str, name: str, batch_num: int) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def repeated_runs(run, name: str, args, rows: list) -> dict:
+    """Each method ``args.repeat`` times in child processes: median wall time, highest peak RSS; a failure
+    becomes an error row."""
+    results = {}
+    for method in args.methods:
+        runs = [run(method, name, args.batch_num) for _ in range(args.repeat)]
+        failed = [r for r in runs if "error" in r]
+        if failed:
+            rows.append({"model": name, "method": method, "error": failed[0]["error"]})
+        else:
+            results[method] = {**runs[0], "wall_s": float(np.median([r["wall_s"] for r in runs])),
+                               "peak_rss_mb": max(r["peak_rss_mb"] for r in runs)}
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", default=list(MODELS))
@@ -233,15 +248,7 @@ def main() -> None:
     for name in args.models:
         ensure_model(name)
         fp32 = model_path(name)
-        results = {}
-        for method in args.methods:
-            runs = [run_child(method, name, args.batch_num) for _ in range(args.repeat)]
-            failed = [r for r in runs if "error" in r]
-            if failed:
-                rows.append({"model": name, "method": method, "error": failed[0]["error"]})
-            else:
-                results[method] = {**runs[0], "wall_s": float(np.median([r["wall_s"] for r in runs])),
-                                   "peak_rss_mb": max(r["peak_rss_mb"] for r in runs)}
+        results = repeated_runs(run_child, name, args, rows)
         paths = [fp32] + [Path(r["deploy"]) for r in results.values()]
         lats = latencies_ms(paths)
         rows.append({"model": name, "method": "fp32", "acc": accuracy(fp32), "lat_ms": lats[0], "lat_ratio": 1.0,

@@ -18,8 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_ptq as ptq  # noqa: E402 - shares models, data and measurements with the ONNX benchmark
 
@@ -114,15 +112,7 @@ def main() -> None:
     for name in args.models:
         ptq.ensure_model(name)
         run_child(args.methods[0], name, args.batch_num)  # warm-up: NNCF compiles its torch extension once
-        results = {}
-        for method in args.methods:
-            runs = [run_child(method, name, args.batch_num) for _ in range(args.repeat)]
-            failed = [r for r in runs if "error" in r]
-            if failed:
-                rows.append({"model": name, "method": method, "error": failed[0]["error"]})
-                continue
-            results[method] = {**runs[0], "wall_s": float(np.median([r["wall_s"] for r in runs])),
-                               "peak_rss_mb": max(r["peak_rss_mb"] for r in runs)}
+        results = ptq.repeated_runs(run_child, name, args, rows)
         fp32 = ptq.model_path(name)
         lats = ptq.latencies_ms([fp32] + [Path(r["deploy"]) for r in results.values()])
         rows.append({"model": name, "method": "fp32 (ONNX)", "acc": ptq.accuracy(fp32), "lat_ms": lats[0], "lat_ratio": 1.0})

@@ -59,17 +59,23 @@ class ErrorStats:
 
 
 class Sensitivity(ABC):
-    """How much a layer's quantized output differs from its float output; larger ``score`` = more sensitive.
+    """How much a layer's quantized output differs from its float output.
 
     ``compare(data, other)`` gives the measure for one pair of arrays (AMCT's interface); ``score`` turns the
-    accumulated statistics of all calibration batches into the number layers are ranked by.
+    accumulated statistics of all calibration batches into the number layers are ranked by (larger = more
+    sensitive). A new sensitivity implements ``value`` and ``score``.
     """
 
     name: str
 
-    @abstractmethod
     def compare(self, data: np.ndarray, other: np.ndarray) -> float:
-        """The measure for one pair of arrays (float output, quantized output)."""
+        stats = ErrorStats()
+        stats.update(data, other)
+        return self.value(stats)
+
+    @abstractmethod
+    def value(self, stats: ErrorStats) -> float:
+        """The measure itself (e.g. the cosine similarity)."""
 
     @abstractmethod
     def score(self, stats: ErrorStats) -> float:
@@ -79,24 +85,20 @@ class Sensitivity(ABC):
 class CosineSimilarity(Sensitivity):
     name = "CosineSimilarity"
 
-    def compare(self, data, other):
-        s = ErrorStats()
-        s.update(data, other)
-        return s.cosine
+    def value(self, stats):
+        return stats.cosine
 
     def score(self, stats):
         return 1.0 - stats.cosine
 
 
 class MSE(Sensitivity):
-    """Mean squared error, relative to the float output's mean square (so layers of any scale compare)."""
+    """Mean squared error; ranked relative to the float output's mean square, so layers of any scale compare."""
 
     name = "MSE"
 
-    def compare(self, data, other):
-        s = ErrorStats()
-        s.update(data, other)
-        return s.mse
+    def value(self, stats):
+        return stats.mse
 
     def score(self, stats):
         return stats.err_sq / stats.ref_sq if stats.ref_sq else 0.0
