@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from omct.auto.evaluator import AutoCalibrationEvaluatorBase
 from omct.onnx.api import (
     CalibrationSession,
     create_quant_config,
@@ -18,5 +19,7 @@ from omct.onnx.api import (
     quantize_model,
     save_model,
 )
+from omct.onnx.auto import accuracy_based_auto_calibration
 
-__all__ = ["CalibrationSession", "create_quant_config", "inspect_model", "quantize_model", "save_model"]
+__all__ = ["AutoCalibrationEvaluatorBase", "CalibrationSession", "accuracy_based_auto_calibration", "create_quant_config",
+           "inspect_model", "quantize_model", "save_model"]

@@ -16,7 +16,10 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("omct.pytorch needs PyTorch: pip install 'omct[torch]'") from e
 
+from omct.auto.evaluator import AutoCalibrationEvaluatorBase
 from omct.pytorch.api import ModuleReport, create_quant_config, inspect_model, quantize_model, save_model
+from omct.pytorch.auto import OnnxModule, accuracy_based_auto_calibration
 from omct.pytorch.calibration import CalibrationModel
 
-__all__ = ["CalibrationModel", "ModuleReport", "create_quant_config", "inspect_model", "quantize_model", "save_model"]
+__all__ = ["AutoCalibrationEvaluatorBase", "CalibrationModel", "ModuleReport", "OnnxModule",
+           "accuracy_based_auto_calibration", "create_quant_config", "inspect_model", "quantize_model", "save_model"]

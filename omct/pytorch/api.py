@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from omct.errors import ModelError
-from omct.formats.config import LayerInfo, load_config
+from omct.formats.config import LayerInfo, QuantConfig, load_config
 from omct.graph.layers import LayerSpec, Refusal
-from omct.graph.modified import save_quantized
+from omct.graph.modified import ModifiedModel, save_quantized
 from omct.graph.workflow import write_modified_model, write_quant_config
 from omct.pytorch.calibration import CalibrationModel
 from omct.pytorch.fold import fold_conv_bn
@@ -81,8 +81,15 @@ def quantize_model(config_file: str | os.PathLike, modified_onnx_model: str | os
     the model's own device); then the record file holds the factors and ``save_model`` can run.
     """
     config = load_config(config_file)
+    work, traced, mod = prepare_quantization(config, config_file, modified_onnx_model, record_file, model, input_data,
+                                             input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes)
+    return CalibrationModel(work, mod, str(record_file))
+
+
+def prepare_quantization(config: QuantConfig, config_file, modified_onnx_model, record_file, model: nn.Module, input_data,
+                         **export) -> tuple[nn.Module, TracedModel, ModifiedModel]:
+    """The eval-mode, BN-folded copy of ``model``, its traced ONNX graph, and the modified model written to disk."""
     work = _eval_copy(model)
-    export = {"input_names": input_names, "output_names": output_names, "dynamic_axes": dynamic_axes}
     traced = trace_model(work, input_data, **export)
     if config.globals.do_fusion:
         skip = set(config.globals.skip_fusion_layers)
@@ -95,7 +102,7 @@ def quantize_model(config_file: str | os.PathLike, modified_onnx_model: str | os
     logger.info("wrote %s: %d layers to calibrate, %d activation tensors observed; now run %d batch(es) through the "
                 "returned calibration model", modified_onnx_model, len(mod.plan.layers), len(mod.plan.sites),
                 config.batch_num)
-    return CalibrationModel(work, mod, str(record_file))
+    return work, traced, mod
 
 
 def save_model(modified_onnx_file: str | os.PathLike, record_file: str | os.PathLike, save_path: str | os.PathLike) -> None:

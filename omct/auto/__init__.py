@@ -1,0 +1,14 @@
+"""Accuracy-based automatic quantization: layers fall back to float until the user's metric is met.
+
+    from omct.auto import AutoCalibrationEvaluatorBase
+    omct.onnx.accuracy_based_auto_calibration(model_file, evaluator, config_file, record_file, save_dir)
+    omct.pytorch.accuracy_based_auto_calibration(model, evaluator, config_file, record_file, save_dir, input_data)
+"""
+
+from omct.analysis.metrics import MSE, CosineSimilarity, Sensitivity
+from omct.auto.evaluator import AutoCalibrationEvaluatorBase
+from omct.auto.search import SearchResult
+from omct.auto.strategy import BinarySearch, Greedy, SearchStrategy
+
+__all__ = ["MSE", "AutoCalibrationEvaluatorBase", "BinarySearch", "CosineSimilarity", "Greedy", "SearchResult",
+           "SearchStrategy", "Sensitivity"]

@@ -1,0 +1,93 @@
+"""``omct.onnx.accuracy_based_auto_calibration``: AMCT's accuracy-based automatic quantization for ONNX models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from omct.analysis import analyze
+from omct.analysis.metrics import Sensitivity
+from omct.auto.build import TrialBuilder
+from omct.auto.evaluator import AutoCalibrationEvaluatorBase
+from omct.auto.search import SearchResult, check_evaluator, original_metric, search
+from omct.auto.strategy import SearchStrategy
+from omct.errors import CalibrationError
+from omct.formats.config import load_config
+from omct.graph.layers import find_layers
+from omct.graph.normalize import fold_batchnorm
+from omct.onnx.api import CalibrationSession, _prepare, quantize_model
+from omct.ui import logger
+
+
+class RecordingSession(CalibrationSession):
+    """A CalibrationSession that also keeps the input feeds (up to ``limit_bytes``) for the sensitivity ranking."""
+
+    def __init__(self, *args: Any, limit_bytes: int, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.kept: list[dict[str, np.ndarray]] = []
+        self._room = limit_bytes
+
+    def run(self, output_names, input_feed, run_options=None):
+        size = sum(np.asarray(v).nbytes for v in input_feed.values())
+        if not self.complete and size <= self._room:
+            self.kept.append({k: np.array(v, copy=True) for k, v in input_feed.items()})
+            self._room -= size
+        return super().run(output_names, input_feed, run_options)
+
+
+def calibrate_checked(evaluator: AutoCalibrationEvaluatorBase, model: Any, status: Any) -> None:
+    evaluator.calibration(model)
+    if not status.complete:
+        raise CalibrationError(f"evaluator.calibration() ran {status.batches_seen} of batch_num={status.batch_num} "
+                               "batches; it must run at least batch_num batches through the model it is given")
+
+
+def accuracy_based_auto_calibration(model_file: str | os.PathLike, model_evaluator: AutoCalibrationEvaluatorBase,
+                                    config_file: str | os.PathLike, record_file: str | os.PathLike,
+                                    save_dir: str | os.PathLike, strategy: str | SearchStrategy = "BinarySearch",
+                                    sensitivity: str | Sensitivity = "CosineSimilarity",
+                                    ranking_memory_mb: float = 256) -> SearchResult:
+    """Quantize ``model_file`` with as many layers of ``config_file`` as the evaluator's metric allows.
+
+    Calibrates once (``model_evaluator.calibration``), evaluates the fully quantized model, and if it falls
+    short ranks the layers by sensitivity on the calibration inputs (kept in memory up to
+    ``ranking_memory_mb``) and lets ``strategy`` return the most sensitive ones to float. Writes into
+    ``save_dir``: ``ranking_information.json``, ``final_config.json``, ``search_record.json`` and
+    ``{model}_fake_quant_model.onnx`` / ``{model}_deploy_model.onnx``.
+    """
+    check_evaluator(model_evaluator)
+    save_dir = Path(save_dir)
+    work = save_dir / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    config = load_config(config_file)
+    original = original_metric(model_evaluator, str(model_file))
+
+    modified = work / "modified.onnx"
+    quantize_model(config_file, model_file, modified, record_file)
+    session = RecordingSession(modified, limit_bytes=int(ranking_memory_mb * 2**20))
+    calibrate_checked(model_evaluator, session, session)
+    if len(session.kept) < session.batch_num:
+        logger.info("ranking on the first %d calibration batch(es) (ranking_memory_mb=%g)", len(session.kept),
+                    ranking_memory_mb)
+
+    norm, report, _, _ = _prepare(model_file)
+    if config.globals.do_fusion:
+        fold_batchnorm(norm, set(config.globals.skip_fusion_layers), report)
+    layers, _ = find_layers(norm)
+
+    build = TrialBuilder(config, norm, layers, modified, Path(record_file), work).build
+
+    def evaluate_float_layers(float_layers: set[str]) -> Any:
+        return model_evaluator.evaluate(str(build(float_layers, work / "trial")))
+
+    def rank(sens: Sensitivity) -> list[tuple[str, float]]:
+        quant = build(set(), work / "all_quantized")
+        return analyze(model_file, quant, session.kept, batch_count=len(session.kept)).ranking(sens)
+
+    result = search(model_evaluator, original, config, save_dir, evaluate_float_layers, rank, strategy, sensitivity)
+    build(set(result.float_layers), save_dir / Path(model_file).stem)
+    logger.info("wrote %s_fake_quant_model.onnx and _deploy_model.onnx", save_dir / Path(model_file).stem)
+    return result
