@@ -176,3 +176,47 @@ def test_bias_quantization_and_overflow():
     np.testing.assert_array_equal(q, [500, -125])
     with pytest.raises(OverflowError, match="INT32"):
         quantize_bias(np.array([1e6]), np.array([1e-6]), 1e-4)
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_bias_correction_cancels_the_mean_shift_of_quantized_weights(groups):
+    """Against torch's conv: with the correction added, the quantized conv's per-channel output mean equals the
+    float conv's; without it, it does not."""
+    torch = pytest.importorskip("torch")
+    from omct.core.bias_correction import ChannelMeans, correction
+
+    rng = np.random.default_rng(0)
+    # values constant over space (per sample and channel), so every receptive field sees the channel mean
+    x = np.broadcast_to(rng.normal(size=(64, 8, 1, 1)) + rng.normal(size=(1, 8, 1, 1)) * 3, (64, 8, 10, 10))
+    x = np.ascontiguousarray(x, np.float32)
+    w = rng.normal(size=(16, 8 // groups, 3, 3)).astype(np.float32)
+    wq = arq(w, 4, 0).fake_quant(w)  # 4 bits: a visible shift
+    means = ChannelMeans(1)
+    for part in np.array_split(x, 3):
+        means.update(part)
+    np.testing.assert_allclose(means.mean, x.mean(axis=(0, 2, 3)), rtol=1e-6, atol=1e-6)
+    shift = correction("Conv", w, wq, means.mean, 0)
+
+    def out_mean(weight, bias):
+        y = torch.nn.functional.conv2d(torch.tensor(x), torch.tensor(weight), torch.tensor(bias), groups=groups)
+        return y.double().mean(dim=(0, 2, 3)).numpy()
+
+    zero = np.zeros(16, np.float32)
+    ref, plain, fixed = out_mean(w, zero), out_mean(wq, zero), out_mean(wq, shift.astype(np.float32))
+    assert np.abs(plain - ref).max() > 1e-2
+    np.testing.assert_allclose(fixed, ref, atol=1e-4)
+
+
+def test_bias_correction_for_linear_layers():
+    from omct.core.bias_correction import ChannelMeans, correction
+
+    rng = np.random.default_rng(1)
+    x = (rng.normal(size=(64, 5, 12)) + 2).astype(np.float32)  # tokens: features on the last axis
+    w = rng.normal(size=(7, 12)).astype(np.float32)  # Gemm transB: (out, in)
+    wq = arq(w, 4, 0).fake_quant(w)
+    means = ChannelMeans(-1)
+    means.update(x)
+    shift = correction("Gemm", w, wq, means.mean, 0)
+    np.testing.assert_allclose((x @ wq.T + shift).mean(axis=(0, 1)), (x @ w.T).mean(axis=(0, 1)), atol=1e-4)
+    shift_t = correction("MatMul", w.T.copy(), wq.T.copy(), means.mean, 1)  # (in, out) layout
+    np.testing.assert_allclose(shift_t, shift, atol=1e-9)

@@ -141,7 +141,10 @@ def simulate(model, record, relu_after=()):
             m.weight.data = (torch.clamp(torch.round(w / s_w), -128, 127) * s_w).float()
             if m.bias is not None:
                 s_b = s_w.reshape(-1) * rec.scale_d
-                m.bias.data = (torch.round(m.bias.data.double() / s_b) * s_b).float()
+                bias = m.bias.data.double().float().double()
+                if rec.bias_correction:  # the record's bias correction, added before the INT32 rounding
+                    bias = (bias + torch.tensor(rec.bias_correction, dtype=torch.float64)).float().double()
+                m.bias.data = (torch.round(bias / s_b) * s_b).float()
         m.register_forward_pre_hook(lambda _m, a, r=rec: (fake_quant(a[0], r.scale_d, r.offset_d),) + tuple(a[1:]))
         if rec.scale_o is not None:
             relu = name in relu_after

@@ -40,7 +40,8 @@ def global_settings(msg):
     from omct.formats.config import GlobalConfig
 
     return GlobalConfig(batch_num=msg.batch_num, activation_offset=msg.activation_offset,
-                        do_fusion=msg.do_fusion, skip_fusion_layers=list(msg.skip_fusion_layers))
+                        do_fusion=msg.do_fusion, skip_fusion_layers=list(msg.skip_fusion_layers),
+                        bias_correction=msg.bias_correction)
 
 
 def check_override_names(msg, layer_names: set[str]) -> None:

@@ -18,7 +18,7 @@ from omct.errors import ConfigError
 
 ACT_ALGOS = ("ifmr", "hfmg", "minmax", "percentile", "mse", "kl")
 WTS_ALGOS = ("arq_quantize", "mse_clip")
-GLOBAL_KEYS = ("version", "batch_num", "activation_offset", "do_fusion", "skip_fusion_layers")
+GLOBAL_KEYS = ("version", "batch_num", "activation_offset", "do_fusion", "skip_fusion_layers", "bias_correction")
 
 
 class ActivationQuantParams(BaseModel):
@@ -77,6 +77,7 @@ class GlobalConfig(BaseModel):
     activation_offset: bool = True
     do_fusion: bool = True
     skip_fusion_layers: list[str] = []
+    bias_correction: bool = True  # omct: shift each bias by the mean error its quantized weights add
 
 
 @dataclass

@@ -60,6 +60,7 @@ _MESSAGES: dict[str, list[tuple]] = {
         ("do_fusion", 200, "bool", "optional", "true", None),
         ("skip_fusion_layers", 201, "string", "repeated", None, None),
         ("nuq_config", 300, "NuqConfig", "optional", None, None),
+        ("bias_correction", 1000, "bool", "optional", "true", None),
     ],
     "SingleLayerRecord": [
         ("scale_d", 1, "float", "optional", None, None),
@@ -73,6 +74,7 @@ _MESSAGES: dict[str, list[tuple]] = {
         ("wts_type", 12, "string", "optional", "INT8", None),
         ("scale_o", 1000, "float", "optional", None, None),
         ("offset_o", 1001, "int32", "optional", None, None),
+        ("bias_correction", 1002, "float", "repeated", None, None),
     ],
     "MapFiledEntry": [("key", 1, "string", "optional", None, None),
                       ("value", 2, "SingleLayerRecord", "optional", None, None)],

@@ -22,6 +22,7 @@ class LayerRecord:
     offset_w: list[int] = field(default_factory=list)
     scale_o: float | None = None
     offset_o: int | None = None
+    bias_correction: list[float] = field(default_factory=list)  # added to the float bias before it is quantized
 
 
 def write_record(path: str | Path, records: dict[str, LayerRecord]) -> None:
@@ -37,6 +38,7 @@ def write_record(path: str | Path, records: dict[str, LayerRecord]) -> None:
         if rec.scale_o is not None:
             v.scale_o = rec.scale_o
             v.offset_o = rec.offset_o
+        v.bias_correction.extend(rec.bias_correction)
     atomic_write_text(path, text_format.MessageToString(msg))
 
 
@@ -88,5 +90,5 @@ def read_record(path: str | Path) -> dict[str, LayerRecord]:
             raise RecordError(f"{path}: layer '{entry.key}' has a scale that is not a positive finite number")
         out[entry.key] = LayerRecord(v.scale_d, v.offset_d, list(v.scale_w), list(v.offset_w),
                                      v.scale_o if v.HasField("scale_o") else None,
-                                     v.offset_o if v.HasField("offset_o") else None)
+                                     v.offset_o if v.HasField("offset_o") else None, list(v.bias_correction))
     return out

@@ -12,6 +12,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from omct.core.bias_correction import ChannelMeans, correction
 from omct.core.calibrators import Calibrator, make_calibrator
 from omct.core.weights import WEIGHT_QUANTIZERS
 from omct.errors import CalibrationError
@@ -35,6 +36,16 @@ class Collector:
         self.batches = 0
         self.done = False
         self._progress: Progress | None = None
+        # Per-channel input means for bias correction: (site, channel axis) -> accumulator.
+        self._means: dict[tuple[int, int], ChannelMeans] = {}
+        if config.globals.bias_correction:
+            for name, spec in plan.layers.items():
+                if spec.weight is not None and spec.bias is not None:
+                    key = (plan.input_site[name], _input_channel_axis(spec.op_type))
+                    self._means.setdefault(key, ChannelMeans(key[1]))
+        self._means_of_site: dict[int, list[ChannelMeans]] = {}
+        for (site, _), acc in self._means.items():
+            self._means_of_site.setdefault(site, []).append(acc)
 
     @property
     def batch_num(self) -> int:
@@ -69,6 +80,8 @@ class Collector:
         site = self.plan.sites[index]
         try:
             self.calibrators[index].update(values)
+            for acc in self._means_of_site.get(index, ()):
+                acc.update(values)
         except ValueError as e:
             layers = ", ".join(site.inputs_of + [f"output of {n}" for n in site.output_of])
             raise CalibrationError(
@@ -101,9 +114,15 @@ class Collector:
                 wcfg_bits = wcfg.num_bits if wcfg else 8
                 algo = WEIGHT_QUANTIZERS[wcfg.wts_algo if wcfg else "arq_quantize"]
                 axis = spec.weight_axis if (wcfg is None or wcfg.channel_wise) else None
-                wp = algo(self.weight_of(spec.weight), wcfg_bits, axis)
+                weight = self.weight_of(spec.weight)
+                wp = algo(weight, wcfg_bits, axis)
                 rec.scale_w = [float(s) for s in np.ravel(wp.scale)]
                 rec.offset_w = [0] * len(rec.scale_w)
+                acc = self._means.get((self.plan.input_site[name], _input_channel_axis(spec.op_type)))
+                if acc is not None and acc.mean is not None:
+                    shift = correction(spec.op_type, weight, wp.fake_quant(weight), acc.mean, spec.weight_axis)
+                    if shift is not None and np.all(np.isfinite(shift)):
+                        rec.bias_correction = [float(v) for v in shift]
             if name in self.plan.output_site:
                 o = site_params[self.plan.output_site[name]]
                 rec.scale_o, rec.offset_o = float(o.scale), int(o.offset)
@@ -113,6 +132,11 @@ class Collector:
 
     def memory_bytes(self) -> int:
         return sum(c.sketch.nbytes() for c in self.calibrators)
+
+
+def _input_channel_axis(op_type: str) -> int:
+    """Axis of a layer's input that its weights contract with: channels for convolutions, features otherwise."""
+    return 1 if op_type in ("Conv", "ConvTranspose") else -1
 
 
 class CalibrationStatus:

@@ -154,6 +154,8 @@ def build_quantized(base: onnx.ModelProto, plan: Plan, config: QuantConfig, reco
             node.input[1] = b.add_init(wp.dequantize(q), f"{name}.weight_fake_quant")
         if spec.bias is not None:
             bias = numpy_helper.to_array(b.inits[spec.bias]).astype(np.float32)
+            if len(rec.bias_correction) == bias.size:
+                bias = (bias.astype(np.float64) + np.asarray(rec.bias_correction)).astype(np.float32)
             bias_scale = (np.broadcast_to(wp.scale, bias.shape).astype(np.float64) * rec.scale_d).astype(np.float32)
             try:
                 qb = quantize_bias(bias, bias_scale, 1.0)
