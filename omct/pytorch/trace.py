@@ -181,8 +181,8 @@ def _layer_node(mark_input: str, producer: dict[str, onnx.NodeProto], initialize
     return node
 
 
-def _strip_marks(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
-    """Remove the Mark nodes (their input tensor takes their output's name); returns name -> marked producer."""
+def _strip_marks(model: onnx.ModelProto) -> None:
+    """Remove the Mark nodes: the tensor each one marked takes the name of its output."""
     graph = model.graph
     producer = {o: n for n in graph.node for o in n.output}
     consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -190,9 +190,7 @@ def _strip_marks(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
     marks = [n for n in graph.node if n.domain == _MARK_DOMAIN]
-    found: dict[str, onnx.NodeProto] = {}
     for mark in marks:
-        name = next(a.s.decode() for a in mark.attribute if a.name == "name")
         src, dst = mark.input[0], mark.output[0]
         p = producer[src]
         p.output[list(p.output).index(src)] = dst
@@ -203,13 +201,11 @@ def _strip_marks(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
                 del n.input[:]
                 n.input.extend(renamed)
         consumers.setdefault(dst, []).extend(n for n in consumers.get(src, []) if n is not mark)
-        found.setdefault(name, p)
     for mark in marks:
         graph.node.remove(mark)
     keep = [o for o in model.opset_import if o.domain != _MARK_DOMAIN]
     del model.opset_import[:]
     model.opset_import.extend(keep)
-    return found
 
 
 def trace_model(model: nn.Module, input_data, input_names=None, output_names=None, dynamic_axes=None) -> TracedModel:
@@ -240,10 +236,11 @@ def trace_model(model: nn.Module, input_data, input_names=None, output_names=Non
             layer_nodes[name] = node
     batchnorm_after = _conv_bn_pairs(exported, mark_inputs, producer, layer_nodes, batchnorms, candidates, calls)
     _strip_marks(exported)
-    taken = {n.name for n in exported.graph.node}
+    by_name = {n.name: n for n in exported.graph.node}
     for name, node in layer_nodes.items():
-        if name in taken:
-            node.name = f"{node.name}__{len(taken)}"  # an exporter name equal to a module name: make room
+        other = by_name.get(name)
+        if other is not None and other is not node:  # an exporter node already named like the module: rename it
+            other.name = f"{other.name}__renamed"
         node.name = name
     norm, _ = normalize(exported)
     specs, onnx_refused = find_layers(norm)
