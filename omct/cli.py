@@ -227,7 +227,7 @@ def cmd_bench(args) -> int:
     for m in args.models:
         med, p90 = _latency(Path(m), feeds, args.runs)
         first = first or med
-        table.add_row(m, f"{med:.2f}", f"{p90:.2f}", f"{Path(m).stat().st_size / 1024:.0f}", f"{med / first:.2f}x")
+        table.add_row(Path(m).name, f"{med:.2f}", f"{p90:.2f}", f"{Path(m).stat().st_size / 1024:.0f}", f"{med / first:.2f}x")
     Console().print(table)
     return 0
 

@@ -1,6 +1,7 @@
 """The ``omct`` command driven through a subprocess, end to end on real models."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -13,8 +14,9 @@ import omct.analysis as analysis
 
 
 def omct(*args, cwd=None):
+    env = dict(os.environ, COLUMNS="200")  # rich tables at a width that keeps names whole
     return subprocess.run([sys.executable, "-m", "omct", *map(str, args)], capture_output=True, text=True, cwd=cwd,
-                          timeout=600)
+                          timeout=600, env=env)
 
 
 def imbalanced(path, out):
@@ -112,3 +114,14 @@ def test_errors_are_one_line_with_nonzero_exit(hard_model, tmp_path):
     assert res.returncode == 1 and "Traceback" not in res.stderr
     res = omct("--help")
     assert res.returncode == 0 and "analyze" in res.stdout
+
+
+def test_inspect_bench_and_demo(hard_model, tmp_path):
+    folder, model, hard = hard_model
+    res = omct("inspect", model)
+    assert res.returncode == 0 and hard in res.stdout and "quantizable" in res.stdout and "opset" in res.stdout
+    res = omct("demo", "--out", tmp_path / "demo")
+    assert res.returncode == 0, res.stderr
+    assert "deploy INT8" in res.stdout and (tmp_path / "demo" / "digits_deploy_model.onnx").is_file()
+    res = omct("bench", model, tmp_path / "demo" / "digits_deploy_model.onnx", "--runs", 5)
+    assert res.returncode == 0 and "median ms" in res.stdout and "digits_deploy_model.onnx" in res.stdout
