@@ -335,3 +335,20 @@ def test_calibration_stopped_early_and_nan(tmp_path):
     bad[0, 0, 0, 0] = float("nan")
     with torch.no_grad(), pytest.raises(CalibrationError, match="'0'.*skip_layers"):
         cal(bad)
+
+
+def test_conv1d_model_matches_simulation(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(3, 8, 5, padding=2), nn.ReLU(), nn.Conv1d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 20, 4)).eval()
+    batches = [torch.randn(16, 3, 20) for _ in range(2)]
+    cal, _, fake, deploy = seed_flow(model, batches[0][:2], batches, tmp_path, input_names=["input"],
+                                     dynamic_axes={"input": {0: "n"}})
+    record = read_record(tmp_path / "tmp" / "record.txt")
+    assert set(record) == {"0", "2", "5"}
+    x = torch.randn(8, 3, 20)
+    with torch.no_grad():
+        want = simulate(cal.model, record, relu_after={"0", "2"})(x).numpy()
+    got = ort_run(fake, {"input": x.numpy()})[0]
+    assert np.abs(got - want).max() < 1e-3 * np.abs(want).max()
+    np.testing.assert_allclose(ort_run(deploy, {"input": x.numpy()})[0], got, atol=0.05 * np.abs(got).max())
