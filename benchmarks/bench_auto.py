@@ -182,19 +182,12 @@ def main() -> None:
     lines = [f"Automatic quantization: allowed accuracy drop {MAX_DROP} (absolute) on 500 held-out digits, 8 calibration "
              "batches of 32; evaluations = calls of the user's validation function (the float model's included); "
              "float layers = weighted layers (Conv/Gemm/MatMul) left in float.\n",
-             "| model | method | evaluations | wall s | float layers | FP32 acc | final acc | hard layer |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['model']} | {r['method']} | failed: {r['error'][:90]} | | | | | |")
-        else:
-            lines.append(f"| {r['model']} | {r['method']} | {r['evaluations']} | {r['wall_s']:.1f} | "
-                         f"{r['float_layers']} of {r['quantizable']} | {r['fp32']:.4f} | {r['accuracy']:.4f} | "
-                         f"{r['hard_layer']} |")
-    text = "\n".join(lines) + "\n"
-    ptq.RESULTS.mkdir(parents=True, exist_ok=True)
-    (ptq.RESULTS / "auto.md").write_text(text)
-    print(text)
+             ]
+    lines += ptq.markdown_table(
+        ["model", "method", "evaluations", "wall s", "float layers", "FP32 acc", "final acc", "hard layer"],
+        rows, lambda r: [str(r["evaluations"]), f"{r['wall_s']:.1f}", f"{r['float_layers']} of {r['quantizable']}",
+                         f"{r['fp32']:.4f}", f"{r['accuracy']:.4f}", r["hard_layer"]])
+    ptq.write_results("auto", lines)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Each method runs in its own child process so its peak RSS is its own. Run by han
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -157,11 +158,16 @@ def accuracy(path: Path) -> float:
     return float((s.run(None, {"input": d.x_test})[0].argmax(1) == d.y_test).mean())
 
 
+@functools.cache
+def _fp32_logits(name: str) -> np.ndarray:
+    return session(model_path(name)).run(None, {"input": data().x_test})[0]
+
+
 def logit_sqnr_db(name: str, path: Path) -> float:
     """Signal-to-quantization-noise ratio of a quantized model's logits against the FP32 model's on the test
     set: a finer measure than accuracy, where one image is 0.2 points."""
     d = data()
-    ref = session(model_path(name)).run(None, {"input": d.x_test})[0]
+    ref = _fp32_logits(name)
     got = session(path).run(None, {"input": d.x_test})[0]
     return float(10 * np.log10((ref.astype(np.float64) ** 2).sum() / ((ref - got).astype(np.float64) ** 2).sum()))
 
@@ -216,6 +222,24 @@ def run_child(method: str, name: str, batch_num: int) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def markdown_table(headers: list[str], rows: list[dict], cells) -> list[str]:
+    """A markdown table; ``cells(row)`` gives a row's cells, a row with an "error" says it failed."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for r in rows:
+        row = [r["model"], r["method"], f"failed: {r['error'][:90]}"] + [""] * (len(headers) - 3) if "error" in r \
+            else [r["model"], r["method"], *cells(r)]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def write_results(name: str, lines: list[str]) -> None:
+    """Write ``benchmarks/results/{name}.md`` and print it."""
+    text = "\n".join(lines) + "\n"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.md").write_text(text)
+    print(text)
+
+
 def repeated_runs(run, name: str, args, rows: list) -> dict:
     """Each method ``args.repeat`` times in child processes: median wall time, highest peak RSS; a failure
     becomes an error row."""
@@ -243,7 +267,6 @@ def main() -> None:
     if args.child:
         child(args.child[0], args.child[1], int(args.child[2]))
         return
-    RESULTS.mkdir(parents=True, exist_ok=True)
     rows, lines = [], []
     for name in args.models:
         ensure_model(name)
@@ -263,15 +286,11 @@ def main() -> None:
     lines.append(f"PTQ benchmark: {args.batch_num} calibration batches of {CALIB_BATCH}, digits upsampled to {SIZE}x{SIZE}, "
                  "accuracy on 500 held-out images, ORT latency at batch 16 with 2 threads (median of 5 interleaved "
                  f"passes of 40 runs each), PTQ wall time the median of {args.repeat} runs.\n")
-    lines.append("| model | method | accuracy | logit SQNR dB | latency ms | vs FP32 | PTQ wall s | peak RSS MB | size KB |")
-    lines.append("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['model']} | {r['method']} | failed: {r['error'][:80]} | | | | | | |")
-            continue
-        sqnr = f"{r['sqnr']:.1f}" if "sqnr" in r else "-"
-        lines.append(f"| {r['model']} | {r['method']} | {r['acc']:.4f} | {sqnr} | {r['lat_ms']:.2f} | {r['lat_ratio']:.2f}x | "
-                     f"{r.get('wall_s', 0):.2f} | {r.get('peak_rss_mb', 0):.0f} | {r['size_kb']:.0f} |")
+    lines += markdown_table(
+        ["model", "method", "accuracy", "logit SQNR dB", "latency ms", "vs FP32", "PTQ wall s", "peak RSS MB", "size KB"],
+        rows, lambda r: [f"{r['acc']:.4f}", f"{r['sqnr']:.1f}" if "sqnr" in r else "-", f"{r['lat_ms']:.2f}",
+                         f"{r['lat_ratio']:.2f}x", f"{r.get('wall_s', 0):.2f}", f"{r.get('peak_rss_mb', 0):.0f}",
+                         f"{r['size_kb']:.0f}"])
     if args.memory:
         lines.append("\nomct peak RSS vs batch_num (IFMR, resnet):\n")
         lines.append("| batch_num | peak RSS MB | wall s |")
@@ -279,9 +298,7 @@ def main() -> None:
         for bn in (32, 256):
             r = run_child("omct-ifmr", args.models[0], bn)
             lines.append(f"| {bn} | {r['peak_rss_mb']:.0f} | {r['wall_s']:.1f} |")
-    text = "\n".join(lines) + "\n"
-    (RESULTS / "ptq.md").write_text(text)
-    print(text)
+    write_results("ptq", lines)
 
 
 if __name__ == "__main__":

@@ -126,19 +126,12 @@ def main() -> None:
              "deploy models exported to ONNX and run in ONNX Runtime (accuracy on 500 held-out images; latency at batch "
              f"16, 2 threads, median of interleaved passes); wall time (median of {args.repeat}) covers the whole flow "
              "including export, after `import torch`.\n",
-             "| model | method | accuracy | logit SQNR dB | latency ms | vs FP32 | PTQ wall s | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['model']} | {r['method']} | failed: {r['error'][:80]} | | | | | |")
-        else:
-            sqnr = f"{r['sqnr']:.1f}" if "sqnr" in r else "-"
-            lines.append(f"| {r['model']} | {r['method']} | {r['acc']:.4f} | {sqnr} | {r['lat_ms']:.2f} | "
-                         f"{r['lat_ratio']:.2f}x | {r.get('wall_s', 0):.2f} | {r.get('peak_rss_mb', 0):.0f} |")
-    text = "\n".join(lines) + "\n"
-    ptq.RESULTS.mkdir(parents=True, exist_ok=True)
-    (ptq.RESULTS / "pytorch.md").write_text(text)
-    print(text)
+             ]
+    lines += ptq.markdown_table(
+        ["model", "method", "accuracy", "logit SQNR dB", "latency ms", "vs FP32", "PTQ wall s", "peak RSS MB"],
+        rows, lambda r: [f"{r['acc']:.4f}", f"{r['sqnr']:.1f}" if "sqnr" in r else "-", f"{r['lat_ms']:.2f}",
+                         f"{r['lat_ratio']:.2f}x", f"{r.get('wall_s', 0):.2f}", f"{r.get('peak_rss_mb', 0):.0f}"])
+    ptq.write_results("pytorch", lines)
 
 
 if __name__ == "__main__":

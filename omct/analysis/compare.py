@@ -26,6 +26,7 @@ from onnx import TensorProto, helper
 
 from omct.analysis.metrics import CosineSimilarity, ErrorStats, Sensitivity
 from omct.errors import ModelError
+from omct.graph.export import toposort
 from omct.graph.model_io import load_model
 from omct.graph.modified import FUSION_KEY, LAYERS_KEY
 from omct.graph.normalize import fold_batchnorm, normalize
@@ -161,9 +162,7 @@ def _with_outputs(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelP
 def _session(model: onnx.ModelProto):
     import onnxruntime as ort
 
-    from omct.graph.export import _toposort
-
-    _toposort(model.graph)
+    toposort(model.graph)
     so = ort.SessionOptions()
     so.log_severity_level = 3
     try:

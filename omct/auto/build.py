@@ -13,6 +13,7 @@ from omct.graph.layers import LayerSpec
 from omct.graph.model_io import save_model
 from omct.graph.modified import save_quantized
 from omct.graph.workflow import write_modified_model
+from omct.ui import logger
 
 
 class TrialBuilder:
@@ -36,3 +37,21 @@ class TrialBuilder:
             write_modified_model(trial, trial_file, self.base, self.layers, mod_file, self.work / "trial_pending_record.txt")
             save_quantized(mod_file, self.record_file, prefix)
         return Path(f"{prefix}_fake_quant_model.onnx")
+
+
+class InputKeeper:
+    """Calibration inputs kept for the sensitivity ranking, up to a memory budget (later batches are dropped)."""
+
+    def __init__(self, limit_bytes: int):
+        self.kept: list = []
+        self._room = limit_bytes
+
+    def offer(self, nbytes: int, copy) -> None:
+        """Keep ``copy()`` if ``nbytes`` still fit; ``copy`` is only called then."""
+        if nbytes <= self._room:
+            self.kept.append(copy())
+            self._room -= nbytes
+
+    def report(self, batch_num: int, limit_mb: float) -> None:
+        if len(self.kept) < batch_num:
+            logger.info("ranking on the first %d calibration batch(es) (ranking_memory_mb=%g)", len(self.kept), limit_mb)

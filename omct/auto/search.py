@@ -122,7 +122,7 @@ def search(evaluator: AutoCalibrationEvaluatorBase, original_metric: float, conf
     return SearchResult(sorted(final), metric, original_metric, evaluations, ranking)
 
 
-def original_metric(evaluator: AutoCalibrationEvaluatorBase, model: Any) -> float:
+def measure_original(evaluator: AutoCalibrationEvaluatorBase, model: Any) -> float:
     """The float model's metric, checked against the evaluator's own rule."""
     metric = checked_metric(evaluator.evaluate(model), "the float model")
     ok, loss = checked_verdict(evaluator.metric_eval(metric, metric))

@@ -39,7 +39,7 @@ class BinarySearch(SearchStrategy):
             self.hi = k
         else:
             self.lo = k
-        if self.hi - self.lo <= 1 or self.hi == 0:
+        if self.hi - self.lo <= 1:
             return {"stop_flag": True, "roll_back_config": self.config(self.hi)}
         self.pending = (self.lo + self.hi) // 2
         return {"stop_flag": False, "roll_back_config": self.config(self.pending)}

@@ -77,7 +77,7 @@ class _Builder:
 
     def finish(self) -> onnx.ModelProto:
         self.graph.node.extend(self.new_nodes)
-        _toposort(self.graph)
+        toposort(self.graph)
         used = {n for node in self.graph.node for n in node.input} | {o.name for o in self.graph.output}
         keep = [t for t in self.graph.initializer if t.name in used]
         del self.graph.initializer[:]
@@ -85,7 +85,7 @@ class _Builder:
         return self.model
 
 
-def _toposort(graph: onnx.GraphProto) -> None:
+def toposort(graph: onnx.GraphProto) -> None:
     nodes = list(graph.node)
     producer = {o: i for i, n in enumerate(nodes) for o in n.output}
     deps = [{producer[x] for x in n.input if x in producer} for n in nodes]

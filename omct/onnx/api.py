@@ -11,7 +11,7 @@ import onnx
 from onnx import numpy_helper
 
 from omct.errors import ModelError
-from omct.formats.config import LayerInfo, load_config
+from omct.formats.config import LayerInfo, QuantConfig, load_config
 from omct.graph.calibration import CalibrationStatus, Collector
 from omct.graph.layers import LayerSpec, Refusal, find_layers
 from omct.graph.model_io import load_model
@@ -71,16 +71,21 @@ def create_quant_config(config_file: str | os.PathLike, model_file: str | os.Pat
                        config_defination=config_defination, refused=refused)
 
 
-def quantize_model(config_file: str | os.PathLike, model_file: str | os.PathLike, modified_onnx_file: str | os.PathLike,
-                   record_file: str | os.PathLike) -> None:
-    """Write the calibration model ``modified_onnx_file``; run it with ``CalibrationSession``."""
-    config = load_config(config_file)
-    norm, report, _, _ = _prepare(model_file)
+def quantizable_graph(model_file: str | os.PathLike, config: QuantConfig) -> tuple[onnx.ModelProto, list[LayerSpec]]:
+    """The normalised model, BatchNorm folded as ``config`` says, and its quantizable layers."""
+    norm, report = normalize(load_model(model_file))
     if config.globals.do_fusion:
         fold_batchnorm(norm, set(config.globals.skip_fusion_layers), report)
         if report.folded:
             logger.info("folded %d BatchNormalization node(s) into convolutions", len(report.folded))
-    layers, _ = find_layers(norm)
+    return norm, find_layers(norm)[0]
+
+
+def quantize_model(config_file: str | os.PathLike, model_file: str | os.PathLike, modified_onnx_file: str | os.PathLike,
+                   record_file: str | os.PathLike) -> None:
+    """Write the calibration model ``modified_onnx_file``; run it with ``CalibrationSession``."""
+    config = load_config(config_file)
+    norm, layers = quantizable_graph(model_file, config)
     mod = write_modified_model(config, config_file, norm, layers, modified_onnx_file, record_file)
     logger.info("wrote %s: %d layers to calibrate, %d activation tensors observed; now run %d batch(es) through "
                 "CalibrationSession", modified_onnx_file, len(mod.plan.layers), len(mod.plan.sites), config.batch_num)

@@ -10,15 +10,13 @@ import numpy as np
 
 from omct.analysis import analyze
 from omct.analysis.metrics import Sensitivity
-from omct.auto.build import TrialBuilder
+from omct.auto.build import InputKeeper, TrialBuilder
 from omct.auto.evaluator import AutoCalibrationEvaluatorBase
-from omct.auto.search import SearchResult, check_evaluator, original_metric, search
+from omct.auto.search import SearchResult, check_evaluator, measure_original, search
 from omct.auto.strategy import SearchStrategy
 from omct.errors import CalibrationError
 from omct.formats.config import load_config
-from omct.graph.layers import find_layers
-from omct.graph.normalize import fold_batchnorm
-from omct.onnx.api import CalibrationSession, _prepare, quantize_model
+from omct.onnx.api import CalibrationSession, quantizable_graph, quantize_model
 from omct.ui import logger
 
 
@@ -27,21 +25,20 @@ class RecordingSession(CalibrationSession):
 
     def __init__(self, *args: Any, limit_bytes: int, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.kept: list[dict[str, np.ndarray]] = []
-        self._room = limit_bytes
+        self.inputs = InputKeeper(limit_bytes)
 
     def run(self, output_names, input_feed, run_options=None):
-        size = sum(np.asarray(v).nbytes for v in input_feed.values())
-        if not self.complete and size <= self._room:
-            self.kept.append({k: np.array(v, copy=True) for k, v in input_feed.items()})
-            self._room -= size
+        if not self.complete:
+            self.inputs.offer(sum(np.asarray(v).nbytes for v in input_feed.values()),
+                              lambda: {k: np.array(v, copy=True) for k, v in input_feed.items()})
         return super().run(output_names, input_feed, run_options)
 
 
-def calibrate_checked(evaluator: AutoCalibrationEvaluatorBase, model: Any, status: Any) -> None:
+def calibrate_checked(evaluator: AutoCalibrationEvaluatorBase, model: Any) -> None:
+    """Run the evaluator's calibration on ``model`` (a frontend's calibration object) and check it finished."""
     evaluator.calibration(model)
-    if not status.complete:
-        raise CalibrationError(f"evaluator.calibration() ran {status.batches_seen} of batch_num={status.batch_num} "
+    if not model.complete:
+        raise CalibrationError(f"evaluator.calibration() ran {model.batches_seen} of batch_num={model.batch_num} "
                                "batches; it must run at least batch_num batches through the model it is given")
 
 
@@ -63,20 +60,15 @@ def accuracy_based_auto_calibration(model_file: str | os.PathLike, model_evaluat
     work = save_dir / "work"
     work.mkdir(parents=True, exist_ok=True)
     config = load_config(config_file)
-    original = original_metric(model_evaluator, str(model_file))
+    original = measure_original(model_evaluator, str(model_file))
 
     modified = work / "modified.onnx"
     quantize_model(config_file, model_file, modified, record_file)
     session = RecordingSession(modified, limit_bytes=int(ranking_memory_mb * 2**20))
-    calibrate_checked(model_evaluator, session, session)
-    if len(session.kept) < session.batch_num:
-        logger.info("ranking on the first %d calibration batch(es) (ranking_memory_mb=%g)", len(session.kept),
-                    ranking_memory_mb)
+    calibrate_checked(model_evaluator, session)
+    session.inputs.report(session.batch_num, ranking_memory_mb)
 
-    norm, report, _, _ = _prepare(model_file)
-    if config.globals.do_fusion:
-        fold_batchnorm(norm, set(config.globals.skip_fusion_layers), report)
-    layers, _ = find_layers(norm)
+    norm, layers = quantizable_graph(model_file, config)
 
     build = TrialBuilder(config, norm, layers, modified, Path(record_file), work).build
 
@@ -85,7 +77,7 @@ def accuracy_based_auto_calibration(model_file: str | os.PathLike, model_evaluat
 
     def rank(sens: Sensitivity) -> list[tuple[str, float]]:
         quant = build(set(), work / "all_quantized")
-        return analyze(model_file, quant, session.kept, batch_count=len(session.kept)).ranking(sens)
+        return analyze(model_file, quant, session.inputs.kept, batch_count=len(session.inputs.kept)).ranking(sens)
 
     result = search(model_evaluator, original, config, save_dir, evaluate_float_layers, rank, strategy, sensitivity)
     build(set(result.float_layers), save_dir / Path(model_file).stem)

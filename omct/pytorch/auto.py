@@ -17,9 +17,9 @@ from torch import nn
 
 from omct.analysis import analyze
 from omct.analysis.metrics import Sensitivity
-from omct.auto.build import TrialBuilder
+from omct.auto.build import InputKeeper, TrialBuilder
 from omct.auto.evaluator import AutoCalibrationEvaluatorBase
-from omct.auto.search import SearchResult, check_evaluator, original_metric, search
+from omct.auto.search import SearchResult, check_evaluator, measure_original, search
 from omct.auto.strategy import SearchStrategy
 from omct.formats.config import load_config
 from omct.onnx.auto import calibrate_checked
@@ -54,15 +54,13 @@ class RecordingCalibrationModel(CalibrationModel):
 
     def __init__(self, *args: Any, limit_bytes: int, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.kept: list[list[np.ndarray]] = []
-        self._room = limit_bytes
+        self.inputs = InputKeeper(limit_bytes)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        arrays = [a.detach().cpu().numpy().copy() for a in args if isinstance(a, torch.Tensor)]
-        size = sum(a.nbytes for a in arrays)
-        if not self.complete and size <= self._room:
-            self.kept.append(arrays)
-            self._room -= size
+        if not self.complete:
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            self.inputs.offer(sum(t.numel() * t.element_size() for t in tensors),
+                              lambda: [t.detach().cpu().numpy().copy() for t in tensors])
         return super().forward(*args, **kwargs)
 
 
@@ -84,15 +82,14 @@ def accuracy_based_auto_calibration(model: nn.Module, model_evaluator: AutoCalib
     work = save_dir / "work"
     work.mkdir(parents=True, exist_ok=True)
     config = load_config(config_file)
-    original = original_metric(model_evaluator, model)
+    original = measure_original(model_evaluator, model)
     modified = work / "modified.onnx"
     module, traced, mod = prepare_quantization(config, config_file, modified, record_file, model, input_data,
                                                input_names=input_names, output_names=output_names,
                                                dynamic_axes=dynamic_axes)
     cal = RecordingCalibrationModel(module, mod, str(record_file), limit_bytes=int(ranking_memory_mb * 2**20))
-    calibrate_checked(model_evaluator, cal, cal)
-    if len(cal.kept) < cal.batch_num:
-        logger.info("ranking on the first %d calibration batch(es) (ranking_memory_mb=%g)", len(cal.kept), ranking_memory_mb)
+    calibrate_checked(model_evaluator, cal)
+    cal.inputs.report(cal.batch_num, ranking_memory_mb)
     build = TrialBuilder(config, traced.model, traced.layers, modified, Path(record_file), work).build
     feed_names = [i.name for i in traced.model.graph.input if i.name not in {t.name for t in traced.model.graph.initializer}]
 
@@ -101,7 +98,7 @@ def accuracy_based_auto_calibration(model: nn.Module, model_evaluator: AutoCalib
 
     def rank(sens: Sensitivity) -> list[tuple[str, float]]:
         quant = build(set(), work / "all_quantized")
-        feeds = [dict(zip(feed_names, arrays, strict=False)) for arrays in cal.kept]
+        feeds = [dict(zip(feed_names, arrays, strict=False)) for arrays in cal.inputs.kept]
         return analyze(traced.model, quant, feeds, batch_count=len(feeds)).ranking(sens)
 
     result = search(model_evaluator, original, config, save_dir, evaluate_float_layers, rank, strategy, sensitivity)
