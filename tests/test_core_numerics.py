@@ -102,6 +102,26 @@ def test_sketch_quant_error_matches_brute_force(dist):
         assert abs(g - want) / want < 0.01, (g, want)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sketch_bins_and_tails_are_exact(dtype):
+    """Counts equal numpy's histogram over the sketch's own edges and the tails equal the sorted extremes,
+    with batches larger than one binning chunk, signed data away from zero, a range that keeps growing
+    (bins merge) and batches whose extremes cannot enter the full tails."""
+    rng = np.random.default_rng(3)
+    batches = [rng.normal(5.0, 1.0 + i, size=150_000 + 999 * i).astype(dtype) for i in range(5)]
+    batches += [rng.normal(5.0, 0.1, size=70_000).astype(dtype)]  # nothing new for either tail
+    sk = ActivationSketch()
+    for b in batches:
+        sk.update(b.reshape(-1, 7) if b.size % 7 == 0 else b)
+    data = np.concatenate(batches).astype(np.float64)
+    want, _ = np.histogram(data, bins=sk.edges())
+    np.testing.assert_array_equal(sk.counts, want)
+    ordered = np.sort(data)
+    np.testing.assert_array_equal(np.sort(sk.top), ordered[-sk.tail_size:])
+    np.testing.assert_array_equal(np.sort(sk.bottom), ordered[: sk.tail_size])
+    assert (sk.count, sk.min, sk.max) == (data.size, ordered[0], ordered[-1])
+
+
 def test_sketch_merge_equals_single_stream():
     rng = np.random.default_rng(1)
     a_data, b_data = rng.normal(size=50_000), rng.laplace(size=50_000) * 4

@@ -21,7 +21,8 @@ class ChannelMeans:
         axis = self.axis % x.ndim
         channels = x.shape[axis]
         lead = int(np.prod(x.shape[:axis], dtype=np.int64))
-        sums = x.reshape(lead, channels, -1).sum(axis=(0, 2), dtype=np.float64)  # no copy of the tensor
+        # float32 pairwise sums along the contiguous inner axis (SIMD, accurate), float64 across the rest
+        sums = x.reshape(lead, channels, -1).sum(axis=2).sum(axis=0, dtype=np.float64)
         if self.sums is None or self.sums.shape != sums.shape:
             self.sums, self.count = np.zeros_like(sums), 0
         self.sums += sums

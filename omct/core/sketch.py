@@ -51,7 +51,7 @@ class ActivationSketch:
         x = np.asarray(values)
         if x.dtype != np.float32 and x.dtype != np.float64:
             x = x.astype(np.float32)
-        x = x.ravel()
+        x = x.reshape(-1)
         if x.size == 0:
             return
         lo, hi = float(x.min()), float(x.max())
@@ -61,29 +61,25 @@ class ActivationSketch:
         if self.count == 0:
             self._start(lo, hi)
         self._cover(lo, hi)
-        # x / 2**e is exact in float32, so the bin of every value is exact too.
-        idx = np.floor(x * np.float32(math.ldexp(1.0, -self.exponent))).astype(np.int32)
-        idx -= self.first_index
-        n = self.counts.size
-        self.counts += np.bincount(idx, minlength=n)
+        k = self.tail_size
+        # Once a tail is full only values beyond its innermost one can change it: that test runs on each
+        # chunk while it is in cache, and not at all when the batch's extreme cannot pass it. Before
+        # that, the cut comes from the bins after this batch.
+        full_top, full_bottom = self.top.size >= k, self.bottom.size >= k
+        above = float(self.top.min()) if full_top else math.inf
+        below = float(self.bottom.max()) if full_bottom else -math.inf
+        counts, high, low = _bin_and_cut(x, self.exponent, self.first_index, self.counts.size,
+                                         above if hi > above else None, below if lo < below else None)
+        self.counts += counts
         self.count += x.size
         self.min, self.max = min(self.min, lo), max(self.max, hi)
-        # Only values in the outermost bins holding tail_size values can belong to the tails: one
-        # comparison instead of a partition of the whole batch.
-        k = self.tail_size
-        top_bin = n - 1 - int(np.searchsorted(np.cumsum(self.counts[::-1]), k))
-        bottom_bin = int(np.searchsorted(np.cumsum(self.counts), k))
-        high_cut = (self.first_index + max(top_bin, 0)) * self.width
-        low_cut = (self.first_index + min(bottom_bin, n - 1) + 1) * self.width
-        # Once a tail is full, only values beyond its innermost one can change it (ReLU zeros cannot).
-        if self.top.size >= k and self.top.min() >= high_cut:
-            high = x[x > self.top.min()]
-        else:
-            high = x[x >= high_cut]
-        if self.bottom.size >= k and self.bottom.max() < low_cut:
-            low = x[x < self.bottom.max()]
-        else:
-            low = x[x < low_cut]
+        n = self.counts.size
+        if not full_top:
+            top_bin = n - 1 - int(np.searchsorted(np.cumsum(self.counts[::-1]), k))
+            high = x[x >= (self.first_index + max(top_bin, 0)) * self.width]
+        if not full_bottom:
+            bottom_bin = int(np.searchsorted(np.cumsum(self.counts), k))
+            low = x[x < (self.first_index + min(bottom_bin, n - 1) + 1) * self.width]
         self._keep_tails(high.astype(np.float64), low.astype(np.float64))
 
     def merge(self, other: ActivationSketch) -> None:
@@ -208,6 +204,44 @@ class ActivationSketch:
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.counts, self.top, self.bottom))
+
+
+CHUNK = 1 << 16  # values binned at a time: the scratch buffers stay in the core's cache
+
+
+def _bin_and_cut(x: np.ndarray, exponent: int, first: int, n: int, above: float | None,
+                 below: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bin counts of ``x`` (bin ``floor(x / 2**exponent) - first``, ``n`` bins), and the values above
+    ``above`` and below ``below`` (empty where None), one cache-sized chunk at a time.
+
+    Why chunks: binning is a handful of elementwise passes and one ``bincount``; on whole activation
+    tensors every pass streams the tensor from memory and allocates tensor-sized temporaries.
+    The bin arithmetic is exact: ``x * 2**-exponent`` only moves the exponent, ``floor`` of it stays below
+    2**24 in magnitude (the bins span at most ``n`` widths around zero), so the float subtraction and the
+    cast to int32 are exact too.
+    """
+    step = x.dtype.type(math.ldexp(1.0, -exponent))
+    size = min(CHUNK, x.size)
+    scratch, index = np.empty(size, x.dtype), np.empty(size, np.int32)
+    counts = np.zeros(n, np.int64)
+    highs, lows = [], []
+    for start in range(0, x.size, CHUNK):
+        chunk = x[start : start + CHUNK]
+        f, i = scratch[: chunk.size], index[: chunk.size]
+        np.multiply(chunk, step, out=f)
+        np.floor(f, out=f)
+        if first:
+            np.subtract(f, first, out=f)
+        np.copyto(i, f, casting="unsafe")
+        counts += np.bincount(i, minlength=n)
+        if above is not None:
+            highs.append(chunk[chunk > above])
+        if below is not None:
+            lows.append(chunk[chunk < below])
+    if counts.size != n:
+        raise AssertionError("sketch bins do not cover the batch")  # _cover guarantees they do
+    empty = np.zeros(0, x.dtype)
+    return counts, np.concatenate(highs) if highs else empty, np.concatenate(lows) if lows else empty
 
 
 def _extreme(values: np.ndarray, k: int, largest: bool) -> np.ndarray:

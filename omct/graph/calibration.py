@@ -7,6 +7,7 @@ writes the record file atomically.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
@@ -14,6 +15,7 @@ import numpy as np
 
 from omct.core.bias_correction import ChannelMeans, correction
 from omct.core.calibrators import Calibrator, make_calibrator
+from omct.core.parallel import run_all
 from omct.core.weights import WEIGHT_QUANTIZERS
 from omct.errors import CalibrationError
 from omct.formats.config import QuantConfig
@@ -52,9 +54,11 @@ class Collector:
         return self.config.batch_num
 
     def observe(self, tensors: Mapping[str, np.ndarray]) -> None:
-        """Feed every site of the current batch at once (tensor name -> values)."""
-        for i, site in enumerate(self.plan.sites):
-            self.update_site(i, tensors[site.tensor])
+        """Feed every site of the current batch at once (tensor name -> values), the sites spread over
+        the worker threads."""
+        values = [tensors[site.tensor] for site in self.plan.sites]
+        run_all([functools.partial(self.update_site, i, v) for i, v in enumerate(values)],
+                costs=[np.size(v) for v in values])
 
     def run_batch(self, observe: Callable[[], T]) -> T:
         """One calibration batch as a frontend runs it: ``observe()`` runs the model, feeds the sites and

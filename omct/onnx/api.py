@@ -109,6 +109,10 @@ class CalibrationSession(CalibrationStatus):
         if not self.record_file:
             raise ModelError(f"'{modified_onnx_file}' has no record file path; write it with quantize_model")
         weights = {t.name: t for t in mod.model.graph.initializer}
+        if sess_options is None:
+            # Between runs the statistics need the cores: ONNX Runtime's workers must not spin-wait on them.
+            sess_options = ort.SessionOptions()
+            sess_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._session = ort.InferenceSession(str(modified_onnx_file), sess_options,
                                              providers=providers or ["CPUExecutionProvider"], **kwargs)
         self._collector = Collector(mod.plan, mod.config, self.record_file,

@@ -1,0 +1,58 @@
+"""One process-wide pool of worker threads for calibration statistics.
+
+Why: binning and reductions in numpy release the GIL, so the sites of one batch can be summarised on
+every core at once between two runs of the model. Nothing is kept longer than before (the batch's
+tensors are already in memory), so calibration memory stays what it was.
+``OMCT_NUM_THREADS`` sets the number of workers (default: the cores this process may run on).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+_pool: ThreadPoolExecutor | None = None
+_pool_workers = 0
+_lock = threading.Lock()
+
+
+def worker_count() -> int:
+    env = os.environ.get("OMCT_NUM_THREADS", "")
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise ValueError(f"OMCT_NUM_THREADS must be a whole number, got '{env}'") from None
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    global _pool, _pool_workers
+    with _lock:
+        if _pool is None or _pool_workers != workers:
+            if _pool is not None:
+                _pool.shutdown(wait=True)
+            _pool, _pool_workers = ThreadPoolExecutor(workers, thread_name_prefix="omct"), workers
+        return _pool
+
+
+def run_all(tasks: Sequence[Callable[[], None]], costs: Sequence[float] | None = None) -> None:
+    """Run every task and wait for all of them; the costliest start first so the cores finish together.
+    Raises the exception of the first failing task in list order, whatever order they ran in."""
+    workers = worker_count()
+    if workers == 1 or len(tasks) < 2:
+        for task in tasks:
+            task()
+        return
+    order = range(len(tasks)) if costs is None else sorted(range(len(tasks)), key=lambda i: -costs[i])
+    pool = _executor(workers)
+    futures: dict[int, Future] = {i: pool.submit(tasks[i]) for i in order}
+    errors = [futures[i].exception() for i in range(len(tasks))]  # waits for every task
+    for error in errors:
+        if error is not None:
+            raise error
