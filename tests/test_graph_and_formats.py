@@ -156,6 +156,8 @@ def test_record_round_trip_and_amct_text(tmp_path):
     got = read_record(path)
     assert got["conv"].scale_w == pytest.approx([0.1, 0.2]) and got["conv"].offset_o == 3
     assert got["fc"].scale_o is None
+    path.write_text(text.replace("scale_d: 0.5", "scale_d: 0.75"))  # edited by hand after it was written
+    assert read_record(path)["conv"].scale_d == 0.75
     # an AMCT-written record (no omct fields) reads too
     path.write_text('record {\n  key: "conv1"\n  value {\n    scale_d: 0.01\n    offset_d: -3\n    scale_w: 0.02\n'
                     '    offset_w: 0\n  }\n}\n')

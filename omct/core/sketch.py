@@ -137,8 +137,10 @@ class ActivationSketch:
         self.exponent += 1
 
     def _keep_tails(self, high: np.ndarray, low: np.ndarray) -> None:
-        self.top = _extreme(np.concatenate([self.top, high]), self.tail_size, largest=True)
-        self.bottom = _extreme(np.concatenate([self.bottom, low]), self.tail_size, largest=False)
+        if high.size:
+            self.top = _extreme(np.concatenate([self.top, high]), self.tail_size, largest=True)
+        if low.size:
+            self.bottom = _extreme(np.concatenate([self.bottom, low]), self.tail_size, largest=False)
 
     # ---------------------------------------------------------------- queries
     def nonzero_bins(self) -> tuple[np.ndarray, np.ndarray]:

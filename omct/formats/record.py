@@ -39,7 +39,16 @@ def write_record(path: str | Path, records: dict[str, LayerRecord]) -> None:
             v.scale_o = rec.scale_o
             v.offset_o = rec.offset_o
         v.bias_correction.extend(rec.bias_correction)
-    atomic_write_text(path, text_format.MessageToString(msg))
+    text = text_format.MessageToString(msg)
+    atomic_write_text(path, text)
+    global _last_written
+    _last_written = (text, msg)
+
+
+# The last record this process wrote, with its message: save_model reads back the file calibration has
+# just written, and text-format parsing is pure Python (tens of ms for a small CNN). Compared by content, so
+# a record edited by hand in between is parsed as usual.
+_last_written: tuple[str, ScaleOffsetRecord] | None = None
 
 
 _PENDING = "# omct: calibration pending:"
@@ -72,10 +81,14 @@ def read_record(path: str | Path) -> dict[str, LayerRecord]:
     path = Path(path)
     if not path.is_file():
         raise RecordError(f"record file '{path}' does not exist: run calibration (batch_num batches) first")
-    try:
-        msg = text_format.Parse(path.read_text(), ScaleOffsetRecord())
-    except text_format.ParseError as e:
-        raise RecordError(f"{path}: not a valid record file ({e})") from None
+    text = path.read_text()
+    if _last_written is not None and _last_written[0] == text:
+        msg = _last_written[1]
+    else:
+        try:
+            msg = text_format.Parse(text, ScaleOffsetRecord())
+        except text_format.ParseError as e:
+            raise RecordError(f"{path}: not a valid record file ({e})") from None
     if not msg.record:
         status = pending_status(path)
         raise RecordError(f"record file '{path}' holds no factors: " + (status or "it is empty"))
