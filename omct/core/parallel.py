@@ -1,8 +1,9 @@
 """One process-wide pool of worker threads for calibration statistics.
 
-Why: binning and reductions in numpy release the GIL, so the sites of one batch can be summarised on
-every core at once between two runs of the model. Nothing is kept longer than before (the batch's
-tensors are already in memory), so calibration memory stays what it was.
+Why: numpy's elementwise passes and reductions release the GIL (``bincount`` does not), so while one
+site's values are counted another site's can be scaled, floored and summed on the other core, between
+two runs of the model. Nothing is kept longer than before (the batch's tensors are already in memory),
+so calibration memory stays what it was.
 ``OMCT_NUM_THREADS`` sets the number of workers (default: the cores this process may run on).
 """
 

@@ -28,8 +28,8 @@ DEFAULT_TAIL_SIZE = 4096
 
 class ActivationSketch:
     def __init__(self, max_bins: int = DEFAULT_MAX_BINS, tail_size: int = DEFAULT_TAIL_SIZE):
-        if max_bins < 64 or max_bins & (max_bins - 1):
-            raise ValueError(f"max_bins must be a power of two >= 64, got {max_bins}")
+        if not 64 <= max_bins <= 2**20 or max_bins & (max_bins - 1):  # 2**20: bin indices stay exact in float32
+            raise ValueError(f"max_bins must be a power of two from 64 to 2**20, got {max_bins}")
         self.max_bins = max_bins
         self.tail_size = tail_size
         self.count = 0
@@ -218,9 +218,10 @@ def _bin_and_cut(x: np.ndarray, exponent: int, first: int, n: int, above: float 
 
     Why chunks: binning is a handful of elementwise passes and one ``bincount``; on whole activation
     tensors every pass streams the tensor from memory and allocates tensor-sized temporaries.
-    The bin arithmetic is exact: ``x * 2**-exponent`` only moves the exponent, ``floor`` of it stays below
-    2**24 in magnitude (the bins span at most ``n`` widths around zero), so the float subtraction and the
-    cast to int32 are exact too.
+    The bin arithmetic is exact: ``x * 2**-exponent`` only moves the exponent, and its magnitude stays
+    below 1.5 * max_bins <= 2**21 (the first batch sets the width to at least 2 / max_bins of its largest
+    magnitude, widths only grow, and the bins always cover that first batch), so ``floor``, the
+    subtraction and the cast to int32 are exact too.
     """
     step = x.dtype.type(math.ldexp(1.0, -exponent))
     size = min(CHUNK, x.size)
