@@ -12,6 +12,6 @@ from omct.examples import DIGITS_DATA, DIGITS_MODEL, zoo
 
 torch.manual_seed(0)
 data = zoo.load_digits(16)
-model = zoo.build("small_cnn", data, DIGITS_MODEL, epochs=20, width=16)
+model = zoo.build("small_cnn", data, DIGITS_MODEL, epochs=20, width=64)  # wide enough that INT8 pays off
 np.savez_compressed(DIGITS_DATA, calibration=data.x_train[:256], test_x=data.x_test, test_y=data.y_test)
 print(f"torch accuracy {zoo.accuracy_torch(model, data.x_test, data.y_test):.4f}; wrote {DIGITS_MODEL} and {DIGITS_DATA}")
