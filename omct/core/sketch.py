@@ -208,7 +208,7 @@ class ActivationSketch:
         return sum(a.nbytes for a in (self.counts, self.top, self.bottom))
 
 
-CHUNK = 1 << 16  # values binned at a time: the scratch buffers stay in the core's cache
+CHUNK = 1 << 17  # values binned at a time: the scratch buffers stay in the core's cache
 
 
 def _bin_and_cut(x: np.ndarray, exponent: int, first: int, n: int, above: float | None,
