@@ -252,11 +252,12 @@ def write_results(name: str, lines: list[str]) -> None:
 
 
 def repeated_runs(run, name: str, args, rows: list) -> dict:
-    """Each method ``args.repeat`` times in child processes: median wall time, highest peak RSS; a failure
-    becomes an error row."""
+    """Each method ``args.repeat`` times in child processes, in interleaved rounds so that a slow spell of
+    the machine hits every method alike: median wall time, highest peak RSS; a failure becomes an error row."""
     results = {}
+    rounds = [{method: run(method, name, args.batch_num) for method in args.methods} for _ in range(args.repeat)]
     for method in args.methods:
-        runs = [run(method, name, args.batch_num) for _ in range(args.repeat)]
+        runs = [r[method] for r in rounds]
         failed = [r for r in runs if "error" in r]
         if failed:
             rows.append({"model": name, "method": method, "error": failed[0]["error"]})
@@ -271,7 +272,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", default=list(MODELS))
     ap.add_argument("--methods", nargs="*", default=METHODS)
     ap.add_argument("--batch-num", type=int, default=8)
-    ap.add_argument("--repeat", type=int, default=3, help="quantize this many times; the median wall time is reported")
+    ap.add_argument("--repeat", type=int, default=5, help="quantize this many times; the median wall time is reported")
     ap.add_argument("--memory", action="store_true", help="also measure omct's peak RSS at batch_num 32 vs 256")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -296,7 +297,7 @@ def main() -> None:
             print(json.dumps(rows[-1]), file=sys.stderr)
     lines.append(f"PTQ benchmark: {args.batch_num} calibration batches of {CALIB_BATCH}, digits upsampled to {SIZE}x{SIZE}, "
                  "accuracy on 500 held-out images, ORT latency at batch 16 with 2 threads (median of 5 interleaved "
-                 f"passes of 40 runs each), PTQ wall time the median of {args.repeat} runs.\n")
+                 f"passes of 40 runs each), PTQ wall time the median of {args.repeat} interleaved rounds.\n")
     lines += markdown_table(
         ["model", "method", "accuracy", "logit SQNR dB", "latency ms", "vs FP32", "PTQ wall s", "peak RSS MB", "size KB"],
         rows, lambda r: [f"{r['acc']:.4f}", f"{r['sqnr']:.1f}" if "sqnr" in r else "-", f"{r['lat_ms']:.2f}",
