@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -173,11 +172,7 @@ def main() -> None:
     rows = []
     for name in args.models:
         for method in args.methods:
-            res = subprocess.run([sys.executable, __file__, "--child", method, name], capture_output=True, text=True)
-            if res.returncode != 0:
-                rows.append({"model": name, "method": method, "error": res.stderr.strip().splitlines()[-1]})
-            else:
-                rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+            rows.append(ptq.child_process(__file__, method, name))
             print(json.dumps(rows[-1]), file=sys.stderr)
     lines = [f"Automatic quantization: allowed accuracy drop {MAX_DROP} (absolute) on 500 held-out digits, 8 calibration "
              "batches of 32; evaluations = calls of the user's validation function (the float model's included); "

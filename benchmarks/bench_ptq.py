@@ -223,14 +223,19 @@ def compile_bytecode() -> None:
     compileall.compile_dir(str(HERE.parent / "omct"), quiet=1)
 
 
-def run_child(method: str, name: str, batch_num: int) -> dict:
+def child_process(script: str | Path, method: str, name: str, *args) -> dict:
+    """Run ``script --child method name args...`` quietly in a fresh process and return the JSON line it
+    prints last, or the method, model and the last line of its error output when it fails."""
     compile_bytecode()
-    cmd = [sys.executable, __file__, "--child", method, name, str(batch_num)]
-    env = dict(os.environ, OMCT_QUIET="1")
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    cmd = [sys.executable, str(script), "--child", method, name, *map(str, args)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMCT_QUIET="1"))
     if res.returncode != 0:
-        return {"method": method, "model": name, "batch_num": batch_num, "error": res.stderr.strip().splitlines()[-1]}
+        return {"method": method, "model": name, "error": res.stderr.strip().splitlines()[-1]}
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def run_child(method: str, name: str, batch_num: int) -> dict:
+    return {"batch_num": batch_num, **child_process(__file__, method, name, batch_num)}
 
 
 def markdown_table(headers: list[str], rows: list[dict], cells) -> list[str]:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -90,11 +88,7 @@ def child(method: str, name: str, batch_num: int) -> None:
 
 
 def run_child(method: str, name: str, batch_num: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", method, name, str(batch_num)]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMCT_QUIET="1"))
-    if res.returncode != 0:
-        return {"method": method, "model": name, "error": res.stderr.strip().splitlines()[-1]}
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return ptq.child_process(__file__, method, name, batch_num)
 
 
 def main() -> None:
