@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the model zoo lives with the tests
+
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "work"
 RESULTS = HERE / "results"
@@ -34,11 +36,11 @@ CALIB_BATCH = 32
 
 def data():
     """The digits at SIZE x SIZE, cached as .npz so that measured child processes never import torch."""
-    from omct.examples.zoo import Digits
+    from zoo import Digits
 
     cache = WORK / f"digits{SIZE}.npz"
     if not cache.exists():
-        from omct.examples import zoo
+        import zoo
 
         WORK.mkdir(parents=True, exist_ok=True)
         d = zoo.load_digits(SIZE)
@@ -60,8 +62,7 @@ def ensure_model(name: str) -> None:
     if model_path(name).exists() and state_path(name).exists():
         return
     import torch
-
-    from omct.examples import zoo
+    import zoo
 
     WORK.mkdir(parents=True, exist_ok=True)
     d = data()
@@ -73,8 +74,7 @@ def ensure_model(name: str) -> None:
 def torch_model(name: str):
     """The trained PyTorch model (eval mode)."""
     import torch
-
-    from omct.examples import zoo
+    import zoo
 
     ensure_model(name)
     m = zoo.ARCHITECTURES[name](**MODELS[name])

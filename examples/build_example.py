@@ -5,10 +5,16 @@
 Writes omct/examples/digits_cnn.onnx and omct/examples/digits_data.npz (calibration and test images).
 """
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import torch
 
-from omct.examples import DIGITS_DATA, DIGITS_MODEL, zoo
+from omct.examples import DIGITS_DATA, DIGITS_MODEL
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the model zoo lives with the tests
+import zoo  # noqa: E402
 
 torch.manual_seed(0)
 data = zoo.load_digits(16)

@@ -8,7 +8,7 @@ os.environ.setdefault("OMCT_QUIET", "1")
 
 @pytest.fixture(scope="session")
 def digits():
-    from omct.examples import zoo
+    import zoo
 
     return zoo.load_digits(16)
 
@@ -16,7 +16,7 @@ def digits():
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, digits):
     """Trained zoo models exported to ONNX, built once per session: name -> (torch model, onnx path)."""
-    from omct.examples import zoo
+    import zoo
 
     cache = {}
     folder = tmp_path_factory.mktemp("zoo")

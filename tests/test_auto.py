@@ -127,7 +127,7 @@ def test_evaluator_contract_errors(hard, digits, tmp_path):
 
 def test_pytorch_frontend_finds_the_hard_layer(digits, tmp_path):
     """The same search on an nn.Module: a CNN whose first conv has one channel 1000x the others."""
-    from omct.examples import zoo
+    import zoo
 
     torch.manual_seed(0)
     model = zoo.train(zoo.small_cnn(16), digits, epochs=6)

@@ -1,4 +1,4 @@
-"""The bundled example (a digits CNN as ONNX with its data) and the model zoo used by tests and benchmarks."""
+"""The bundled example: a digits CNN as ONNX with its calibration and test data (`omct demo`)."""
 
 from pathlib import Path
 

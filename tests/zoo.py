@@ -1,7 +1,8 @@
 """Small real models trained on scikit-learn's digits (no downloads): a plain CNN, a ResNet-style CNN
 with BatchNorm, a MobileNet-style CNN with depthwise convolutions and a transformer encoder.
 
-Used by the tests, the benchmarks and ``examples/build_example.py``. Needs torch and scikit-learn.
+Used by the tests, the benchmarks and ``examples/build_example.py`` (kept out of the installed package:
+it needs torch and scikit-learn, which omct itself does not).
 """
 
 from __future__ import annotations
