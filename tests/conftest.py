@@ -39,7 +39,8 @@ def ort_run(path, feeds):
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, feeds)
+    source = path if isinstance(path, bytes) else str(path)  # a file, or a serialised model
+    return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
 def ort_accuracy(path, x, y):

@@ -215,7 +215,7 @@ def test_bias_correction_cancels_the_mean_shift_of_quantized_weights(groups):
     for part in np.array_split(x, 3):
         means.update(part)
     np.testing.assert_allclose(means.mean, x.mean(axis=(0, 2, 3)), rtol=1e-6, atol=1e-6)
-    shift = correction("Conv", w, wq, means.mean, 0)
+    shift = correction(w, wq, means.mean, out_axis=0, in_axis=1, groups=groups)
 
     def out_mean(weight, bias):
         y = torch.nn.functional.conv2d(torch.tensor(x), torch.tensor(weight), torch.tensor(bias), groups=groups)
@@ -236,7 +236,7 @@ def test_bias_correction_for_linear_layers():
     wq = arq(w, 4, 0).fake_quant(w)
     means = ChannelMeans(-1)
     means.update(x)
-    shift = correction("Gemm", w, wq, means.mean, 0)
+    shift = correction(w, wq, means.mean, out_axis=0, in_axis=1)
     np.testing.assert_allclose((x @ wq.T + shift).mean(axis=(0, 1)), (x @ w.T).mean(axis=(0, 1)), atol=1e-4)
-    shift_t = correction("MatMul", w.T.copy(), wq.T.copy(), means.mean, 1)  # (in, out) layout
+    shift_t = correction(w.T.copy(), wq.T.copy(), means.mean, out_axis=1, in_axis=0)  # (in, out) layout
     np.testing.assert_allclose(shift_t, shift, atol=1e-9)

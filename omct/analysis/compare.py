@@ -27,8 +27,9 @@ from onnx import TensorProto, helper
 from omct.analysis.metrics import CosineSimilarity, ErrorStats, Sensitivity
 from omct.errors import ModelError
 from omct.graph.export import toposort
+from omct.graph.metadata import FUSION as FUSION_KEY
+from omct.graph.metadata import LAYERS as LAYERS_KEY
 from omct.graph.model_io import load_model
-from omct.graph.modified import FUSION_KEY, LAYERS_KEY
 from omct.graph.normalize import fold_batchnorm, normalize
 from omct.ui import Progress
 

@@ -20,6 +20,7 @@ from omct.auto.strategy import STRATEGIES, SearchStrategy
 from omct.errors import OmctError, QuantizationError
 from omct.fileio import atomic_write_text
 from omct.formats.config import QuantConfig, save_config
+from omct.graph.plan import with_float_layers
 from omct.ui import logger
 
 
@@ -44,14 +45,6 @@ def check_evaluator(evaluator: Any) -> None:
     missing = [m for m in ("calibration", "evaluate", "metric_eval") if not callable(getattr(evaluator, m, None))]
     if missing:
         raise OmctError(f"model_evaluator lacks {', '.join(missing)}(); subclass omct.auto.AutoCalibrationEvaluatorBase")
-
-
-def with_float_layers(config: QuantConfig, float_layers: set[str]) -> QuantConfig:
-    """A copy of ``config`` with ``float_layers`` disabled."""
-    data = config.to_dict()
-    for name in float_layers:
-        data[name]["quant_enable"] = False
-    return QuantConfig.from_dict(data, "auto calibration")
 
 
 @dataclass

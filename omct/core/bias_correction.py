@@ -33,27 +33,32 @@ class ChannelMeans:
         return None if self.sums is None or self.count == 0 else self.sums / self.count
 
 
-def correction(op_type: str, weight: np.ndarray, quantized: np.ndarray, mean: np.ndarray,
-               weight_axis: int | None) -> np.ndarray | None:
+def correction(weight: np.ndarray, quantized: np.ndarray, mean: np.ndarray, out_axis: int, in_axis: int,
+               groups: int = 1) -> np.ndarray | None:
     """Amount to add to the bias so that the layer's mean output is unchanged by weight quantization, or
-    None where the shapes do not line up (the layer then keeps its plain bias)."""
+    None where the shapes do not line up (the layer then keeps its plain bias).
+
+    ``out_axis`` / ``in_axis`` are the weight's output- and input-channel axes (the op handler knows them);
+    every other axis (a kernel's taps) is summed, since each tap sees the same channel mean. With ``groups``
+    either the input axis holds one group's channels (Conv: ``(out, in / groups, k...)``) or the output axis
+    does (ConvTranspose: ``(in, out / groups, k...)``).
+    """
     dw = quantized.astype(np.float64) - weight.astype(np.float64)
+    per = np.moveaxis(dw, (out_axis, in_axis), (0, 1))
+    per = per.reshape(per.shape[0], per.shape[1], -1).sum(-1)  # (weight out, weight in)
+    w_out, w_in = per.shape
     c_in = mean.size
-    if op_type == "Conv":
-        out, cin_g = dw.shape[0], dw.shape[1]
-        if cin_g == 0 or c_in % cin_g or out % (c_in // cin_g):
-            return None
-        groups = c_in // cin_g
-        per = dw.reshape(out, cin_g, -1).sum(-1)
-        means = mean.reshape(groups, cin_g)[np.arange(out) // (out // groups)]
+    if groups < 1 or c_in % groups:
+        return None
+    if w_in * groups == c_in and w_out % groups == 0:  # each output channel reads one group of inputs
+        group_of_out = np.arange(w_out) // (w_out // groups)
+        means = mean.reshape(groups, w_in)[group_of_out]
         return -(per * means).sum(1)
-    if op_type == "ConvTranspose":
-        if dw.shape[0] != c_in:
-            return None
-        return -(dw.reshape(c_in, dw.shape[1], -1).sum(-1) * mean[:, None]).sum(0) if weight_axis == 1 else None
-    if op_type in ("Gemm", "MatMul"):
-        if weight_axis == 0 and dw.shape[1] == c_in:  # (out, in)
-            return -(dw @ mean)
-        if weight_axis == 1 and dw.shape[0] == c_in:  # (in, out)
-            return -(mean @ dw)
+    if w_in == c_in and groups > 1 and c_in % groups == 0:  # weight holds all inputs, outputs per group
+        per_group = c_in // groups
+        out = np.zeros(groups * w_out)
+        for g in range(groups):
+            inputs = slice(g * per_group, (g + 1) * per_group)
+            out[g * w_out:(g + 1) * w_out] = -(per[:, inputs] @ mean[inputs])
+        return out
     return None

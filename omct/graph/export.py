@@ -19,18 +19,19 @@ from onnx import helper, numpy_helper
 
 from omct.core.params import QuantParams
 from omct.core.weights import quantize_bias
-from omct.errors import QuantizationError, RecordError
+from omct.errors import QuantizationError
 from omct.formats.config import QuantConfig
 from omct.formats.record import LayerRecord
+from omct.graph.ops import HANDLERS
 from omct.graph.plan import Plan
 
 
 class _Builder:
-    def __init__(self, model: onnx.ModelProto, deploy: bool, activation_dtype: str):
+    """Adds quantization nodes and initializers to a copy of the base model; subclasses say how."""
+
+    def __init__(self, model: onnx.ModelProto):
         self.model = model
         self.graph = model.graph
-        self.deploy = deploy
-        self.unsigned = activation_dtype == "uint8"
         self.names = {n for node in self.graph.node for n in list(node.input) + list(node.output)}
         self.names |= {t.name for t in self.graph.initializer} | {i.name for i in self.graph.input}
         self.inits = {t.name: t for t in self.graph.initializer}
@@ -53,27 +54,17 @@ class _Builder:
         self.new_nodes.append(helper.make_node(op, inputs, [out], name=self.unique(f"{output_base}_{op}"), **attrs))
         return out
 
-    def activation_qdq(self, tensor: str, scale: float, offset: int, base: str) -> str:
-        """Quantize then dequantize ``tensor``; returns the name of the dequantized tensor.
+    def weight(self, codes: np.ndarray, params: QuantParams, base: str) -> str:
+        """The tensor that replaces a layer's float weight, given its integer codes."""
+        raise NotImplementedError
 
-        Deploy: QuantizeLinear -> DequantizeLinear (the runtime fuses them into integer kernels).
-        Fake-quant: the same arithmetic in plain float ops (Div, Round, Add, Clip, Sub, Mul), because ONNX
-        Runtime re-quantizes float weights next to a QuantizeLinear/DequantizeLinear pair on its own
-        (its WeightBiasQuantization pass), which would change the simulation.
-        """
-        if self.deploy:
-            zp = np.array(offset + 128, np.uint8) if self.unsigned else np.array(offset, np.int8)
-            s = self.add_init(np.array(scale, np.float32), f"{base}.scale")
-            z = self.add_init(zp, f"{base}.zero_point")
-            q = self.node("QuantizeLinear", [tensor, s, z], f"{base}.quantized")
-            return self.node("DequantizeLinear", [q, s, z], f"{base}.dequantized")
-        s = self.add_init(np.array(scale, np.float32), f"{base}.scale")
-        z = self.add_init(np.array(offset, np.float32), f"{base}.offset")
-        lo = self.add_init(np.array(-128, np.float32), f"{base}.qmin")
-        hi = self.add_init(np.array(127, np.float32), f"{base}.qmax")
-        r = self.node("Round", [self.node("Div", [tensor, s], f"{base}.scaled")], f"{base}.rounded")
-        q = self.node("Clip", [self.node("Add", [r, z], f"{base}.shifted"), lo, hi], f"{base}.quantized")
-        return self.node("Mul", [self.node("Sub", [q, z], f"{base}.centered"), s], f"{base}.dequantized")
+    def bias(self, codes: np.ndarray, scale: np.ndarray, base: str) -> str:
+        """The tensor that replaces a layer's float bias, given its INT32 codes and their scale."""
+        raise NotImplementedError
+
+    def activation_qdq(self, tensor: str, params: QuantParams, base: str) -> str:
+        """Quantize then dequantize ``tensor``; returns the name of the dequantized tensor."""
+        raise NotImplementedError
 
     def finish(self) -> onnx.ModelProto:
         self.graph.node.extend(self.new_nodes)
@@ -83,6 +74,63 @@ class _Builder:
         del self.graph.initializer[:]
         self.graph.initializer.extend(keep)
         return self.model
+
+
+class FakeQuantBuilder(_Builder):
+    """Float weights already on their quantized values, activation quantize/dequantize in plain float ops
+    (Div, Round, Add, Clip, Sub, Mul): ONNX Runtime re-quantizes float weights next to a
+    QuantizeLinear/DequantizeLinear pair on its own (its WeightBiasQuantization pass), which would change the
+    simulation."""
+
+    def weight(self, codes, params, base):
+        return self.add_init(params.dequantize(codes), f"{base}.weight_fake_quant")
+
+    def bias(self, codes, scale, base):
+        return self.add_init((codes.astype(np.float64) * scale).astype(np.float32), f"{base}.bias_fake_quant")
+
+    def activation_qdq(self, tensor, params, base):
+        s = self.add_init(np.asarray(params.scale, np.float32), f"{base}.scale")
+        z = self.add_init(np.asarray(params.offset, np.float32), f"{base}.offset")
+        lo = self.add_init(np.array(params.qmin, np.float32), f"{base}.qmin")
+        hi = self.add_init(np.array(params.qmax, np.float32), f"{base}.qmax")
+        r = self.node("Round", [self.node("Div", [tensor, s], f"{base}.scaled")], f"{base}.rounded")
+        q = self.node("Clip", [self.node("Add", [r, z], f"{base}.shifted"), lo, hi], f"{base}.quantized")
+        return self.node("Mul", [self.node("Sub", [q, z], f"{base}.centered"), s], f"{base}.dequantized")
+
+
+class DeployBuilder(_Builder):
+    """INT8 weights and INT32 bias behind DequantizeLinear, activations through QuantizeLinear ->
+    DequantizeLinear: the pattern ONNX Runtime fuses into integer kernels.
+
+    Activations are stored as uint8 by default (``unsigned_activations``): the record keeps AMCT's signed
+    mapping and the deploy model the same mapping shifted by 128, because ONNX Runtime's x86 kernels fuse far
+    more convolutions with U8S8 than with S8S8."""
+
+    def __init__(self, model: onnx.ModelProto, unsigned_activations: bool = True):
+        super().__init__(model)
+        self.unsigned = unsigned_activations
+
+    def weight(self, codes, params, base):
+        qi = self.add_init(codes.astype(np.int8), f"{base}.weight_quantized")
+        s = self.add_init(params.scale, f"{base}.weight_scale")
+        z = self.add_init(np.zeros(params.scale.shape, np.int8), f"{base}.weight_zero_point")
+        attrs = {"axis": params.axis} if params.axis is not None else {}
+        return self.node("DequantizeLinear", [qi, s, z], f"{base}.weight_dequantized", **attrs)
+
+    def bias(self, codes, scale, base):
+        bi = self.add_init(codes, f"{base}.bias_quantized")
+        bs = self.add_init(scale, f"{base}.bias_scale")
+        bz = self.add_init(np.zeros(codes.shape, np.int32), f"{base}.bias_zero_point")
+        return self.node("DequantizeLinear", [bi, bs, bz], f"{base}.bias_dequantized", axis=0)
+
+    def activation_qdq(self, tensor, params, base):
+        half = 2 ** (params.num_bits - 1)
+        offset = np.asarray(params.offset, np.int64)
+        zp = (offset + half).astype(np.uint8) if self.unsigned else offset.astype(np.int8)
+        s = self.add_init(np.asarray(params.scale, np.float32), f"{base}.scale")
+        z = self.add_init(zp, f"{base}.zero_point")
+        q = self.node("QuantizeLinear", [tensor, s, z], f"{base}.quantized")
+        return self.node("DequantizeLinear", [q, s, z], f"{base}.dequantized")
 
 
 def toposort(graph: onnx.GraphProto) -> None:
@@ -109,49 +157,28 @@ def toposort(graph: onnx.GraphProto) -> None:
     graph.node.extend(nodes[i] for i in order)
 
 
-def check_record(plan: Plan, records: dict[str, LayerRecord], record_file: str, weight_shape) -> None:
-    missing = [n for n in plan.layers if n not in records]
-    if missing:
-        raise RecordError(f"record file '{record_file}' has no factors for {len(missing)} layer(s) of the model "
-                          f"(e.g. '{missing[0]}'): it belongs to another model or calibration did not finish")
-    for name, spec in plan.layers.items():
-        rec = records[name]
-        if spec.weight is not None:
-            channels = weight_shape(spec.weight)[spec.weight_axis]
-            if len(rec.scale_w) not in (1, channels):
-                raise RecordError(f"record file '{record_file}': layer '{name}' has {len(rec.scale_w)} weight scales "
-                                  f"but its weight has {channels} output channels: the record belongs to another model")
-        if name in plan.output_site and rec.scale_o is None:
-            raise RecordError(f"record file '{record_file}': layer '{name}' has no output factors (scale_o)")
+def weight_params(record: LayerRecord, num_bits: int, weight_axis: int | None) -> QuantParams:
+    """The weight quantization a record describes: per channel on ``weight_axis`` or per tensor."""
+    axis = weight_axis if len(record.scale_w) > 1 else None
+    return QuantParams(np.array(record.scale_w if axis is not None else record.scale_w[0], np.float32),
+                       np.zeros(len(record.scale_w) if axis is not None else (), np.int32), num_bits, axis)
 
 
-def build_quantized(base: onnx.ModelProto, plan: Plan, config: QuantConfig, records: dict[str, LayerRecord],
-                    deploy: bool, activation_dtype: str = "uint8") -> onnx.ModelProto:
-    model = onnx.ModelProto()
-    model.CopyFrom(base)
-    b = _Builder(model, deploy, activation_dtype)
-    nodes = {n.name: n for n in model.graph.node}
+def build(builder: _Builder, plan: Plan, config: QuantConfig, records: dict[str, LayerRecord]) -> onnx.ModelProto:
+    """Quantize ``builder.model`` (a copy of the base model) as ``plan`` and ``records`` say."""
+    b = builder
+    nodes = {n.name: n for n in b.graph.node}
 
-    # Weights and bias, one private copy per layer (weights shared between layers stay correct).
+    # Weights and bias, one private copy per layer (weights shared between layers stay correct), wired into
+    # the ports the op's handler names.
     for name, spec in plan.layers.items():
         if spec.weight is None:
             continue
-        rec, node = records[name], nodes[name]
+        rec, node, handler = records[name], nodes[name], HANDLERS[spec.op_type]
         wcfg = config.layers[name].weight_quant_params
-        bits = wcfg.num_bits if wcfg else 8
+        wp = weight_params(rec, wcfg.num_bits if wcfg else 8, spec.weight_axis)
         w = numpy_helper.to_array(b.inits[spec.weight]).astype(np.float32)
-        axis = spec.weight_axis if len(rec.scale_w) > 1 else None
-        wp = QuantParams(np.array(rec.scale_w if axis is not None else rec.scale_w[0], np.float32),
-                         np.zeros(len(rec.scale_w) if axis is not None else (), np.int32), bits, axis)
-        q = wp.quantize(w)
-        if deploy:
-            qi = b.add_init(q.astype(np.int8), f"{name}.weight_quantized")
-            s = b.add_init(wp.scale, f"{name}.weight_scale")
-            z = b.add_init(np.zeros(wp.scale.shape, np.int8), f"{name}.weight_zero_point")
-            attrs = {"axis": axis} if axis is not None else {}
-            node.input[1] = b.node("DequantizeLinear", [qi, s, z], f"{name}.weight_dequantized", **attrs)
-        else:
-            node.input[1] = b.add_init(wp.dequantize(q), f"{name}.weight_fake_quant")
+        node.input[handler.weight_port] = b.weight(wp.quantize(w), wp, name)
         if spec.bias is not None:
             bias = numpy_helper.to_array(b.inits[spec.bias]).astype(np.float32)
             if len(rec.bias_correction) == bias.size:
@@ -162,33 +189,42 @@ def build_quantized(base: onnx.ModelProto, plan: Plan, config: QuantConfig, reco
             except OverflowError as e:
                 raise QuantizationError(f"layer '{name}': INT32 bias overflow: {e}; add '{name}' to skip_layers to "
                                         "keep it in float") from None
-            if deploy:
-                bi = b.add_init(qb, f"{name}.bias_quantized")
-                bs = b.add_init(bias_scale, f"{name}.bias_scale")
-                bz = b.add_init(np.zeros(bias.shape, np.int32), f"{name}.bias_zero_point")
-                node.input[2] = b.node("DequantizeLinear", [bi, bs, bz], f"{name}.bias_dequantized", axis=0)
-            else:
-                node.input[2] = b.add_init((qb.astype(np.float64) * bias_scale).astype(np.float32), f"{name}.bias_fake_quant")
+            node.input[handler.bias_port] = b.bias(qb, bias_scale, name)
 
     # Activations. Output sites are quantized for every reader (so the producer fuses into an integer
     # kernel); input-only sites only for the quantized layers that read them.
-    producer = {o: n for n in model.graph.node for o in n.output}
+    producer = {o: n for n in b.graph.node for o in n.output}
     for index, site in enumerate(plan.sites):
         owner = site.output_of[0] if site.output_of else site.inputs_of[0]
         rec = records[owner]
         scale, offset = (rec.scale_o, rec.offset_o) if site.output_of else (rec.scale_d, rec.offset_d)
+        params = QuantParams(np.asarray(scale, np.float32), np.asarray(offset, np.int32), site.act.get("num_bits", 8))
         base_name = f"{site.tensor}.site{index}"
         if site.output_of and site.tensor in producer:
             raw = b.unique(f"{site.tensor}.float")
             prod = producer[site.tensor]
             prod.output[list(prod.output).index(site.tensor)] = raw
-            b.activation_qdq(raw, scale, offset, base_name)
+            b.activation_qdq(raw, params, base_name)
             b.new_nodes[-1].output[0] = site.tensor  # the last dequantize node now produces the original name
             producer[raw] = prod
             producer[site.tensor] = b.new_nodes[-1]
         else:
-            dq = b.activation_qdq(site.tensor, scale, offset, base_name)
+            dq = b.activation_qdq(site.tensor, params, base_name)
             for layer in site.inputs_of:
-                node = nodes[layer]
-                node.input[0] = dq
+                nodes[layer].input[HANDLERS[plan.layers[layer].op_type].activation_port] = dq
     return b.finish()
+
+
+def _copy(base: onnx.ModelProto) -> onnx.ModelProto:
+    model = onnx.ModelProto()
+    model.CopyFrom(base)
+    return model
+
+
+def fake_quant_model(base: onnx.ModelProto, plan: Plan, config: QuantConfig, records: dict[str, LayerRecord]) -> onnx.ModelProto:
+    return build(FakeQuantBuilder(_copy(base)), plan, config, records)
+
+
+def deploy_model(base: onnx.ModelProto, plan: Plan, config: QuantConfig, records: dict[str, LayerRecord],
+                 unsigned_activations: bool = True) -> onnx.ModelProto:
+    return build(DeployBuilder(_copy(base), unsigned_activations), plan, config, records)

@@ -1,9 +1,6 @@
-"""The modified (calibration) model file and ``save_model``, shared by every frontend.
-
-The modified model is the normalised model (BN folded, nodes named) with the observed activation tensors
-added as graph outputs, and the plan, config and record file path stored in its metadata, so
-``save_model(modified_onnx_file, record_file, save_path)`` needs nothing else.
-"""
+"""The modified (calibration) model: the normalised model (BN folded, nodes named) with the observed
+activation tensors added as graph outputs, and the plan, config and record file path in its metadata, so that
+AMCT's ``save_model(modified_onnx_file, record_file, save_path)`` needs nothing else."""
 
 from __future__ import annotations
 
@@ -14,15 +11,11 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, helper
 
-from omct.errors import ModelError, OmctError
+from omct.errors import ModelError
 from omct.formats.config import QuantConfig
-from omct.formats.record import read_record
-from omct.graph.export import build_quantized, check_record
-from omct.graph.model_io import load_model, save_model
+from omct.graph import metadata
+from omct.graph.model_io import load_model
 from omct.graph.plan import Plan
-from omct.ui import logger, progress
-
-_PLAN, _CONFIG, _ADDED = "omct.plan", "omct.config", "omct.calibration_outputs"
 
 
 @dataclass
@@ -39,36 +32,37 @@ class ModifiedModel:
         keep = [o for o in base.graph.output if o.name not in self.added_outputs]
         del base.graph.output[:]
         base.graph.output.extend(keep)
-        meta = [p for p in base.metadata_props if not p.key.startswith("omct.")]
-        del base.metadata_props[:]
-        base.metadata_props.extend(meta)
+        metadata.strip(base)
         return base
 
+    @property
+    def record_file(self) -> str | None:
+        return metadata.read(self.model).get(metadata.RECORD_FILE)
 
-def make_modified(base: onnx.ModelProto, plan: Plan, config: QuantConfig) -> ModifiedModel:
+
+def make_modified(base: onnx.ModelProto, plan: Plan, config: QuantConfig, observed: list[str]) -> ModifiedModel:
+    """``base`` with the ``observed`` tensors (what the calibration reads) added as outputs, and its metadata."""
     model = onnx.ModelProto()
     model.CopyFrom(base)
     existing = {o.name for o in model.graph.output}
-    added = [t for t in plan.site_tensors() if t not in existing]
+    added = [t for t in observed if t not in existing]
     for t in added:
         model.graph.output.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, None))
-    for key, value in ((_PLAN, plan.to_json()), (_CONFIG, json.dumps(config.to_dict())), (_ADDED, json.dumps(added))):
+    for key, value in ((metadata.PLAN, plan.to_json()), (metadata.CONFIG, json.dumps(config.to_dict())),
+                       (metadata.ADDED_OUTPUTS, json.dumps(added))):
         model.metadata_props.add(key=key, value=value)
     return ModifiedModel(model, plan, config, added)
 
 
 def read_modified(path: str | Path) -> ModifiedModel:
     model = load_model(path, "modified model")
-    meta = {p.key: p.value for p in model.metadata_props}
-    if _PLAN not in meta:
+    meta = metadata.read(model)
+    if metadata.PLAN not in meta:
         raise ModelError(f"'{path}' is not a modified model written by omct's quantize_model; pass the "
                          "modified_onnx_file that quantize_model wrote")
-    return ModifiedModel(model, Plan.from_json(meta[_PLAN]),
-                         QuantConfig.from_dict(json.loads(meta[_CONFIG]), f"{path} (embedded config)"),
-                         json.loads(meta[_ADDED]))
-
-
-LAYERS_KEY, FUSION_KEY = "omct.layers", "omct.fusion"
+    return ModifiedModel(model, Plan.from_json(meta[metadata.PLAN]),
+                         QuantConfig.from_dict(json.loads(meta[metadata.CONFIG]), f"{path} (embedded config)"),
+                         json.loads(meta[metadata.ADDED_OUTPUTS]))
 
 
 def stamp_layers(model: onnx.ModelProto, plan: Plan, config: QuantConfig) -> None:
@@ -78,35 +72,5 @@ def stamp_layers(model: onnx.ModelProto, plan: Plan, config: QuantConfig) -> Non
                "output_site": plan.sites[plan.output_site[n]].tensor if n in plan.output_site else None}
               for n, s in plan.layers.items()]
     fusion = {"do_fusion": config.globals.do_fusion, "skip_fusion_layers": list(config.globals.skip_fusion_layers)}
-    for key, value in ((LAYERS_KEY, layers), (FUSION_KEY, fusion)):
+    for key, value in ((metadata.LAYERS, layers), (metadata.FUSION, fusion)):
         model.metadata_props.add(key=key, value=json.dumps(value))
-
-
-def save_quantized(modified_onnx_file: str | Path, record_file: str | Path, save_path: str | Path,
-                   activation_dtype: str = "uint8") -> tuple[Path, Path]:
-    """Write ``{save_path}_fake_quant_model.onnx`` and ``{save_path}_deploy_model.onnx``."""
-    mod = read_modified(modified_onnx_file)
-    records = read_record(record_file)
-    base = mod.base_model()
-    inits = {t.name: t for t in base.graph.initializer}
-    check_record(mod.plan, records, str(record_file), lambda w: tuple(inits[w].dims))
-    extra = sorted(set(records) - set(mod.plan.layers))
-    if extra:
-        logger.info("record file has factors for %d layer(s) that are not quantized here (e.g. '%s'); ignored",
-                    len(extra), extra[0])
-    save_path = str(save_path)
-    if not Path(save_path).name:
-        raise OmctError(f"save_path '{save_path}' must end with a file name prefix, e.g. './results/model'")
-    fake_path = Path(save_path + "_fake_quant_model.onnx")
-    deploy_path = Path(save_path + "_deploy_model.onnx")
-    with progress("exporting", 2) as bar:
-        fake = build_quantized(base, mod.plan, mod.config, records, deploy=False)
-        deploy = build_quantized(base, mod.plan, mod.config, records, deploy=True, activation_dtype=activation_dtype)
-        for model in (fake, deploy):
-            stamp_layers(model, mod.plan, mod.config)
-        save_model(fake, fake_path)
-        bar.advance()
-        save_model(deploy, deploy_path)
-        bar.advance()
-    logger.info("wrote %s and %s (%d layers quantized)", fake_path, deploy_path, len(mod.plan.layers))
-    return fake_path, deploy_path

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 
 from omct.formats.config import ActivationQuantParams, QuantConfig
-from omct.graph.layers import LayerSpec
+from omct.graph.ops import LayerSpec
 
 
 @dataclass
@@ -90,3 +90,11 @@ def build_plan(layers: list[LayerSpec], config: QuantConfig) -> Plan:
                 sites[o].upper = spec.output_max
             output_site[name] = o
     return Plan(enabled, sites, input_site, output_site)
+
+
+def with_float_layers(config: QuantConfig, float_layers: set[str]) -> QuantConfig:
+    """A copy of ``config`` with ``float_layers`` disabled (an automatic search's trial)."""
+    data = config.to_dict()
+    for name in float_layers:
+        data[name]["quant_enable"] = False
+    return QuantConfig.from_dict(data, "auto calibration")

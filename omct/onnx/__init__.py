@@ -7,6 +7,8 @@
     for feeds in calibration_batches:                        # batch_num batches
         session.run(None, feeds)
     amct.save_model(modified_onnx_file, record_file, save_path)
+
+In memory, no files: ``amct.quantize(model, config, batches)`` returns a ``QuantizedModel``.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from omct.onnx.api import (
     CalibrationSession,
     create_quant_config,
     inspect_model,
+    prepare,
+    quantize,
     quantize_model,
     save_model,
 )
 from omct.onnx.auto import accuracy_based_auto_calibration
 
 __all__ = ["AutoCalibrationEvaluatorBase", "CalibrationSession", "accuracy_based_auto_calibration", "create_quant_config",
-           "inspect_model", "quantize_model", "save_model"]
+           "inspect_model", "prepare", "quantize", "quantize_model", "save_model"]

@@ -1,4 +1,4 @@
-"""Implementation of ``omct.onnx``: thin calls into formats/ and graph/."""
+"""Implementation of ``omct.onnx``: AMCT's ONNX call sequence as thin calls into the shared workflow."""
 
 from __future__ import annotations
 
@@ -8,18 +8,22 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from omct.errors import ModelError
-from omct.formats.config import LayerInfo, QuantConfig, load_config
-from omct.graph.calibration import CalibrationStatus, Collector
-from omct.graph.layers import LayerSpec, Refusal, find_layers
+from omct.formats.config import QuantConfig, load_config
+from omct.frontend import PreparedModel
 from omct.graph.model_io import load_model
 from omct.graph.model_io import save_model as _save_onnx
-from omct.graph.modified import read_modified, save_quantized
+from omct.graph.modified import read_modified
 from omct.graph.normalize import NormalizeReport, default_opset, fold_batchnorm, normalize
-from omct.graph.workflow import RECORD_KEY, write_modified_model, write_quant_config
+from omct.graph.ops import LayerSpec, Refusal, find_layers
+from omct.quantize import Calibration, CalibrationStatus, QuantizedModel, initializer_reader, ort_session
+from omct.quantize import quantize as _quantize
 from omct.ui import logger
+from omct.workflow import save_model, write_modified_model, write_quant_config
+
+__all__ = ["CalibrationSession", "ModelReport", "create_quant_config", "inspect_model", "prepare", "quantize",
+           "quantize_model", "save_model"]
 
 
 @dataclass
@@ -33,17 +37,32 @@ class ModelReport:
     normalize: NormalizeReport
 
 
-def _prepare(model_file: str | os.PathLike) -> tuple[onnx.ModelProto, NormalizeReport, list[LayerSpec], list[Refusal]]:
-    model = load_model(model_file)
-    norm, report = normalize(model)
+def _model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
+    return model if isinstance(model, onnx.ModelProto) else load_model(model)
+
+
+def prepare(model: str | os.PathLike | onnx.ModelProto, config: QuantConfig | None = None,
+            report: NormalizeReport | None = None) -> PreparedModel:
+    """The ONNX frontend's side of the contract: the normalised graph (BatchNorm folded when ``config`` says
+    so) and its layers, named after the nodes; types are ONNX op types."""
+    norm, rep = normalize(_model(model))
+    if report is not None:
+        report.__dict__.update(rep.__dict__)
+    if config is not None and config.globals.do_fusion:
+        fold_batchnorm(norm, set(config.globals.skip_fusion_layers), rep)
+        if rep.folded:
+            logger.info("folded %d BatchNormalization node(s) into convolutions", len(rep.folded))
     layers, refused = find_layers(norm)
-    return norm, report, layers, refused
+    desc = "the model" if isinstance(model, onnx.ModelProto) else f"'{model}'"
+    return PreparedModel(norm, layers, refused, {s.name: s.op_type for s in layers}, desc,
+                         {n.name for n in norm.graph.node})
 
 
 def inspect_model(model_file: str | os.PathLike) -> ModelReport:
-    norm, report, layers, refused = _prepare(model_file)
-    params = sum(int(np.prod(t.dims)) for t in norm.graph.initializer)
-    return ModelReport(layers, refused, default_opset(load_model(model_file)), params, report)
+    report = NormalizeReport()
+    prepared = prepare(model_file, report=report)
+    params = sum(int(np.prod(t.dims)) for t in prepared.model.graph.initializer)
+    return ModelReport(prepared.layers, prepared.refused, default_opset(load_model(model_file)), params, report)
 
 
 def create_quant_config(config_file: str | os.PathLike, model_file: str | os.PathLike, skip_layers: list[str] | None = None,
@@ -56,69 +75,53 @@ def create_quant_config(config_file: str | os.PathLike, model_file: str | os.Pat
     activation_offset are ignored, as in AMCT. Unnamed or duplicate node names are made unique
     (``{op_type}_{index}``); pass ``updated_model`` to save the renamed model.
     """
-    norm, report, layers, refused = _prepare(model_file)
+    report = NormalizeReport()
+    prepared = prepare(model_file, report=report)
     if report.renamed:
         if updated_model:
-            _save_onnx(norm, updated_model)
+            _save_onnx(prepared.model, updated_model)
             logger.info("named %d node(s) and saved the renamed model to %s", len(report.renamed), updated_model)
         else:
             logger.info("named %d unnamed or duplicate node(s) (e.g. %s); pass updated_model=PATH to save the "
                         "renamed model", len(report.renamed), next(iter(report.renamed.values())))
-    infos = [LayerInfo(s.name, s.op_type, s.weight is not None) for s in layers]
-    infos += [LayerInfo(r.name, r.op_type, False, quantizable=False) for r in refused]
-    write_quant_config(config_file, infos, model_desc=f"'{model_file}'", all_names={n.name for n in norm.graph.node},
-                       skip_layers=skip_layers, batch_num=batch_num, activation_offset=activation_offset,
-                       config_defination=config_defination, refused=refused)
-
-
-def quantizable_graph(model_file: str | os.PathLike, config: QuantConfig) -> tuple[onnx.ModelProto, list[LayerSpec]]:
-    """The normalised model, BatchNorm folded as ``config`` says, and its quantizable layers."""
-    norm, report = normalize(load_model(model_file))
-    if config.globals.do_fusion:
-        fold_batchnorm(norm, set(config.globals.skip_fusion_layers), report)
-        if report.folded:
-            logger.info("folded %d BatchNormalization node(s) into convolutions", len(report.folded))
-    return norm, find_layers(norm)[0]
+    write_quant_config(config_file, prepared, skip_layers=skip_layers, batch_num=batch_num,
+                       activation_offset=activation_offset, config_defination=config_defination)
 
 
 def quantize_model(config_file: str | os.PathLike, model_file: str | os.PathLike, modified_onnx_file: str | os.PathLike,
                    record_file: str | os.PathLike) -> None:
     """Write the calibration model ``modified_onnx_file``; run it with ``CalibrationSession``."""
     config = load_config(config_file)
-    norm, layers = quantizable_graph(model_file, config)
-    mod = write_modified_model(config, config_file, norm, layers, modified_onnx_file, record_file)
+    mod = write_modified_model(config, config_file, prepare(model_file, config), modified_onnx_file, record_file)
     logger.info("wrote %s: %d layers to calibrate, %d activation tensors observed; now run %d batch(es) through "
                 "CalibrationSession", modified_onnx_file, len(mod.plan.layers), len(mod.plan.sites), config.batch_num)
+
+
+def quantize(model: str | os.PathLike | onnx.ModelProto, config: QuantConfig, batches) -> QuantizedModel:
+    """The in-memory path: calibrate ``model`` on ``batches`` (input feeds) as ``config`` says, write nothing.
+    ``result.save(save_path)`` writes the fake-quant and deploy models."""
+    prepared = prepare(model, config)
+    return _quantize(prepared.model, prepared.layers, config, batches)
 
 
 class CalibrationSession(CalibrationStatus):
     """An ``onnxruntime.InferenceSession`` over the modified model that also calibrates.
 
     ``run`` returns exactly what the original model would; on the side it feeds the observed activations
-    to the calibrators. After ``batch_num`` runs the record file is complete. Every other attribute is
+    to the calibration. After ``batch_num`` runs the record file is complete. Every other attribute is
     the underlying InferenceSession's.
     """
 
     def __init__(self, modified_onnx_file: str | os.PathLike, sess_options: Any = None, providers: list | None = None,
                  **kwargs: Any):
-        import onnxruntime as ort
-
         mod = read_modified(modified_onnx_file)
-        meta = {p.key: p.value for p in mod.model.metadata_props}
-        self.record_file = meta.get(RECORD_KEY)
+        self.record_file = mod.record_file
         if not self.record_file:
             raise ModelError(f"'{modified_onnx_file}' has no record file path; write it with quantize_model")
-        weights = {t.name: t for t in mod.model.graph.initializer}
-        if sess_options is None:
-            # Between runs the statistics need the cores: ONNX Runtime's workers must not spin-wait on them.
-            sess_options = ort.SessionOptions()
-            sess_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self._session = ort.InferenceSession(str(modified_onnx_file), sess_options,
-                                             providers=providers or ["CPUExecutionProvider"], **kwargs)
-        self._collector = Collector(mod.plan, mod.config, self.record_file,
-                                    lambda name: numpy_helper.to_array(weights[name]))
+        self._session = ort_session(modified_onnx_file, sess_options, providers, **kwargs)
+        self.calibration = Calibration(mod.plan, mod.config, initializer_reader(mod.model), self.record_file)
         self._added = set(mod.added_outputs)
-        self._site_tensors = mod.plan.site_tensors()
+        self._site_tensors = self.calibration.tensors()
         self._user_outputs = [o.name for o in self._session.get_outputs() if o.name not in self._added]
 
     def get_outputs(self):
@@ -126,21 +129,18 @@ class CalibrationSession(CalibrationStatus):
 
     def run(self, output_names, input_feed, run_options=None):
         wanted = list(output_names) if output_names else self._user_outputs
-        if self._collector.done:
+        if self.calibration.done:
             return self._session.run(wanted, input_feed, run_options)
+        self.calibration.keep_inputs(sum(np.asarray(v).nbytes for v in input_feed.values()),
+                                     lambda: {k: np.array(v, copy=True) for k, v in input_feed.items()})
         fetch = wanted + [t for t in self._site_tensors if t not in wanted]
 
         def observe():
             values = self._session.run(fetch, input_feed, run_options)
-            self._collector.observe(dict(zip(fetch, values, strict=False)))
+            self.calibration.observe(dict(zip(fetch, values, strict=False)))
             return values
 
-        return self._collector.run_batch(observe)[: len(wanted)]
+        return self.calibration.run_batch(observe)[: len(wanted)]
 
     def __getattr__(self, name: str):
         return getattr(self._session, name)
-
-
-def save_model(modified_onnx_file: str | os.PathLike, record_file: str | os.PathLike, save_path: str | os.PathLike) -> None:
-    """Write ``save_path + '_fake_quant_model.onnx'`` and ``save_path + '_deploy_model.onnx'``."""
-    save_quantized(modified_onnx_file, record_file, save_path)

@@ -9,14 +9,17 @@ from dataclasses import dataclass
 from torch import nn
 
 from omct.errors import ModelError
-from omct.formats.config import LayerInfo, QuantConfig, load_config
-from omct.graph.layers import LayerSpec, Refusal
-from omct.graph.modified import ModifiedModel, save_quantized
-from omct.graph.workflow import write_modified_model, write_quant_config
+from omct.formats.config import QuantConfig, load_config
+from omct.frontend import PreparedModel
+from omct.graph.modified import ModifiedModel
+from omct.graph.ops import LayerSpec, Refusal
 from omct.pytorch.calibration import CalibrationModel
 from omct.pytorch.fold import fold_conv_bn
 from omct.pytorch.trace import TracedModel, as_args, trace_model
 from omct.ui import logger
+from omct.workflow import save_model, write_modified_model, write_quant_config
+
+__all__ = ["ModuleReport", "create_quant_config", "inspect_model", "prepare", "quantize_model", "save_model"]
 
 
 def _eval_copy(model: nn.Module) -> nn.Module:
@@ -50,10 +53,11 @@ def inspect_model(model: nn.Module, input_data) -> ModuleReport:
     return ModuleReport(traced.layers, traced.refused, traced.types, traced.batchnorm_after)
 
 
-def _infos(traced: TracedModel) -> list[LayerInfo]:
-    infos = [LayerInfo(s.name, traced.types[s.name], s.weight is not None) for s in traced.layers]
-    infos += [LayerInfo(r.name, r.op_type, False, quantizable=False) for r in traced.refused]
-    return infos
+def prepare(traced: TracedModel, model: nn.Module) -> PreparedModel:
+    """The PyTorch frontend's side of the contract: the traced graph, layers named after modules, and the
+    modules' type names (Conv2d, Linear, ...)."""
+    return PreparedModel(traced.model, traced.layers, traced.refused, dict(traced.types),
+                         f"the {type(model).__name__} model", traced.module_names)
 
 
 def create_quant_config(config_file: str | os.PathLike, model: nn.Module, input_data, skip_layers: list[str] | None = None,
@@ -67,9 +71,8 @@ def create_quant_config(config_file: str | os.PathLike, model: nn.Module, input_
     """
     as_args(input_data)
     traced = trace_model(_eval_copy(model), input_data)
-    write_quant_config(config_file, _infos(traced), model_desc=f"the {type(model).__name__} model",
-                       all_names=traced.module_names, skip_layers=skip_layers, batch_num=batch_num,
-                       activation_offset=activation_offset, config_defination=config_defination, refused=traced.refused)
+    write_quant_config(config_file, prepare(traced, model), skip_layers=skip_layers, batch_num=batch_num,
+                       activation_offset=activation_offset, config_defination=config_defination)
 
 
 def quantize_model(config_file: str | os.PathLike, modified_onnx_model: str | os.PathLike, record_file: str | os.PathLike,
@@ -98,13 +101,8 @@ def prepare_quantization(config: QuantConfig, config_file, modified_onnx_model, 
         if folded:
             logger.info("folded %d BatchNorm module(s) into convolutions", len(folded))
             traced = trace_model(work, input_data, **export)
-    mod = write_modified_model(config, config_file, traced.model, traced.layers, modified_onnx_model, record_file)
+    mod = write_modified_model(config, config_file, prepare(traced, model), modified_onnx_model, record_file)
     logger.info("wrote %s: %d layers to calibrate, %d activation tensors observed; now run %d batch(es) through the "
                 "returned calibration model", modified_onnx_model, len(mod.plan.layers), len(mod.plan.sites),
                 config.batch_num)
     return work, traced, mod
-
-
-def save_model(modified_onnx_file: str | os.PathLike, record_file: str | os.PathLike, save_path: str | os.PathLike) -> None:
-    """Write ``save_path + '_fake_quant_model.onnx'`` and ``save_path + '_deploy_model.onnx'``."""
-    save_quantized(modified_onnx_file, record_file, save_path)

@@ -15,17 +15,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from omct.analysis import analyze
 from omct.analysis.metrics import Sensitivity
-from omct.auto.build import InputKeeper, TrialBuilder
 from omct.auto.evaluator import AutoCalibrationEvaluatorBase
-from omct.auto.search import SearchResult, check_evaluator, measure_original, search
+from omct.auto.flow import AutoTarget, run_auto_calibration
+from omct.auto.search import SearchResult
 from omct.auto.strategy import SearchStrategy
 from omct.formats.config import load_config
-from omct.onnx.auto import calibrate_checked
-from omct.pytorch.api import prepare_quantization
+from omct.frontend import PreparedModel
+from omct.pytorch.api import prepare, prepare_quantization
 from omct.pytorch.calibration import CalibrationModel
-from omct.ui import logger
 
 
 class OnnxModule(nn.Module):
@@ -49,21 +47,6 @@ class OnnxModule(nn.Module):
         return outs[0] if len(outs) == 1 else tuple(outs)
 
 
-class RecordingCalibrationModel(CalibrationModel):
-    """A CalibrationModel that also keeps its inputs (up to ``limit_bytes``) for the sensitivity ranking."""
-
-    def __init__(self, *args: Any, limit_bytes: int, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.inputs = InputKeeper(limit_bytes)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if not self.complete:
-            tensors = [a for a in args if isinstance(a, torch.Tensor)]
-            self.inputs.offer(sum(t.numel() * t.element_size() for t in tensors),
-                              lambda: [t.detach().cpu().numpy().copy() for t in tensors])
-        return super().forward(*args, **kwargs)
-
-
 def accuracy_based_auto_calibration(model: nn.Module, model_evaluator: AutoCalibrationEvaluatorBase,
                                     config_file: str | os.PathLike, record_file: str | os.PathLike,
                                     save_dir: str | os.PathLike, input_data, input_names: list[str] | None = None,
@@ -77,31 +60,17 @@ def accuracy_based_auto_calibration(model: nn.Module, model_evaluator: AutoCalib
     ``OnnxModule`` wrappers of fake-quant models. Writes into ``save_dir``: ``ranking_information.json``,
     ``final_config.json``, ``search_record.json``, ``model_fake_quant_model.onnx`` and ``model_deploy_model.onnx``.
     """
-    check_evaluator(model_evaluator)
-    save_dir = Path(save_dir)
-    work = save_dir / "work"
-    work.mkdir(parents=True, exist_ok=True)
-    config = load_config(config_file)
-    original = measure_original(model_evaluator, model)
-    modified = work / "modified.onnx"
-    module, traced, mod = prepare_quantization(config, config_file, modified, record_file, model, input_data,
-                                               input_names=input_names, output_names=output_names,
-                                               dynamic_axes=dynamic_axes)
-    cal = RecordingCalibrationModel(module, mod, str(record_file), limit_bytes=int(ranking_memory_mb * 2**20))
-    calibrate_checked(model_evaluator, cal)
-    cal.inputs.report(cal.batch_num, ranking_memory_mb)
-    build = TrialBuilder(config, traced.model, traced.layers, modified, Path(record_file), work).build
-    feed_names = [i.name for i in traced.model.graph.input if i.name not in {t.name for t in traced.model.graph.initializer}]
 
-    def evaluate_float_layers(float_layers: set[str]) -> Any:
-        return model_evaluator.evaluate(OnnxModule(build(float_layers, work / "trial")))
+    def start(modified: Path):
+        module, traced, mod = prepare_quantization(load_config(config_file), config_file, modified, record_file, model,
+                                                   input_data, input_names=input_names, output_names=output_names,
+                                                   dynamic_axes=dynamic_axes)
+        return prepare(traced, model), CalibrationModel(module, mod, str(record_file))
 
-    def rank(sens: Sensitivity) -> list[tuple[str, float]]:
-        quant = build(set(), work / "all_quantized")
-        feeds = [dict(zip(feed_names, arrays, strict=False)) for arrays in cal.inputs.kept]
-        return analyze(traced.model, quant, feeds, batch_count=len(feeds)).ranking(sens)
+    def feeds(prepared: PreparedModel, kept: list) -> list[dict]:  # kept: positional input arrays of each batch
+        inits = {t.name for t in prepared.model.graph.initializer}
+        names = [i.name for i in prepared.model.graph.input if i.name not in inits]
+        return [dict(zip(names, arrays, strict=False)) for arrays in kept]
 
-    result = search(model_evaluator, original, config, save_dir, evaluate_float_layers, rank, strategy, sensitivity)
-    build(set(result.float_layers), save_dir / "model")
-    logger.info("wrote %s_fake_quant_model.onnx and _deploy_model.onnx", save_dir / "model")
-    return result
+    target = AutoTarget(original=model, start=start, as_evaluated=OnnxModule, feeds=feeds, prefix="model")
+    return run_auto_calibration(target, model_evaluator, config_file, save_dir, strategy, sensitivity, ranking_memory_mb)

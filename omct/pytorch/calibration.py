@@ -1,4 +1,4 @@
-"""The calibration model: the user's (folded, eval-mode) module with hooks that feed the shared collector.
+"""The calibration model: the user's (folded, eval-mode) module with hooks that feed the shared calibration.
 
 Forward passes return exactly what the module returns; hooks only read tensors. The input of each
 quantized layer is read by a forward pre-hook; the output site (quantized after the layer so that the
@@ -11,11 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from onnx import numpy_helper
 from torch import nn
 
-from omct.graph.calibration import CalibrationStatus, Collector
 from omct.graph.modified import ModifiedModel
+from omct.quantize import Calibration, CalibrationStatus, initializer_reader
 
 
 def _to_numpy(t: torch.Tensor):
@@ -33,40 +32,42 @@ class CalibrationModel(CalibrationStatus, nn.Module):
         super().__init__()
         self.model = model
         self.record_file = record_file
-        weights = {t.name: t for t in mod.model.graph.initializer}
-        self._collector = Collector(mod.plan, mod.config, record_file, lambda n: numpy_helper.to_array(weights[n]))
-        self._seen: set[int] = set()
+        self.calibration = Calibration(mod.plan, mod.config, initializer_reader(mod.model), record_file)
+        self._seen: set[str] = set()
         self._active = False
         producers = {o: n for n in mod.model.graph.node for o in n.output}
         self._handles = []
         for name, spec in mod.plan.layers.items():
             module = model.get_submodule(name)
-            self._handles.append(module.register_forward_pre_hook(self._input_hook(mod.plan.input_site[name])))
+            self._handles.append(module.register_forward_pre_hook(self._input_hook(spec.input)))
             if name in mod.plan.output_site:
                 # The site is the layer's own output, or a Relu / Clip(0, max) right after it.
                 clamp = None if producers[spec.output_site].name == name else (0.0, spec.output_max)
-                self._handles.append(module.register_forward_hook(self._output_hook(mod.plan.output_site[name], clamp)))
+                self._handles.append(module.register_forward_hook(self._output_hook(spec.output_site, clamp)))
 
-    def _observe(self, site: int, value: Any) -> None:
-        if self._active and site not in self._seen and isinstance(value, torch.Tensor):
-            self._seen.add(site)
-            self._collector.update_site(site, _to_numpy(value))
+    def _observe(self, tensor: str, value: Any) -> None:
+        if self._active and tensor not in self._seen and isinstance(value, torch.Tensor):
+            self._seen.add(tensor)
+            self.calibration.update(tensor, _to_numpy(value))
 
-    def _input_hook(self, site: int):
+    def _input_hook(self, tensor: str):
         def hook(_module, args):
             if args:
-                self._observe(site, args[0])
+                self._observe(tensor, args[0])
         return hook
 
-    def _output_hook(self, site: int, clamp: tuple[float, float | None] | None):
+    def _output_hook(self, tensor: str, clamp: tuple[float, float | None] | None):
         def hook(_module, _args, out):
-            if self._active and isinstance(out, torch.Tensor) and site not in self._seen:
-                self._observe(site, out if clamp is None else out.detach().clamp(clamp[0], clamp[1]))
+            if self._active and isinstance(out, torch.Tensor) and tensor not in self._seen:
+                self._observe(tensor, out if clamp is None else out.detach().clamp(clamp[0], clamp[1]))
         return hook
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self._collector.done:
+        if self.calibration.done:
             return self.model(*args, **kwargs)
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        self.calibration.keep_inputs(sum(t.numel() * t.element_size() for t in tensors),
+                                     lambda: [t.detach().cpu().numpy().copy() for t in tensors])
 
         def observe():
             self._seen.clear()
@@ -76,4 +77,4 @@ class CalibrationModel(CalibrationStatus, nn.Module):
             finally:
                 self._active = False
 
-        return self._collector.run_batch(observe)
+        return self.calibration.run_batch(observe)

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from omct.errors import ModelError
-from omct.graph.layers import LayerSpec, Refusal, find_layers
 from omct.graph.normalize import normalize
+from omct.graph.ops import LayerSpec, Refusal, find_layers
 from omct.ui import logger
 
 # Supported module types (subclasses count) and the ONNX op each becomes.

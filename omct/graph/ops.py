@@ -1,12 +1,17 @@
-"""Which ONNX nodes omct quantizes: one rule per op type, each refusal with a reason a user can read.
+"""Op handlers: everything omct knows about one ONNX op type, in one place.
 
-A rule returns a ``LayerSpec`` (how to quantize the node) or a string (why it is left in float). Adding an
-op type is one function and one ``RULES`` entry.
+A handler says which input ports carry the activation, the weight and the bias, which axes of the weight
+and of the input are channels (the numpy core takes these axes, never op names), whether the op can be
+quantized here (a ``LayerSpec``) or why not (a reason a user can read), and which integer kernel ONNX
+Runtime fuses it into. Export asks the handler where to wire the quantized weight and bias.
+
+Adding an op type is one ``OpHandler`` subclass and one ``HANDLERS`` row.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import onnx
 from onnx import numpy_helper
@@ -22,6 +27,9 @@ class LayerSpec:
     bias: str | None = None  # 1-D bias quantized to INT32
     output_site: str | None = None  # tensor quantized after the layer so the runtime fuses an integer kernel
     output_max: float | None = None  # upper bound of the output site's values (a ReLU6-style Clip's max)
+    input_channel_axis: int = 1  # axis of the input that the weight contracts with (bias correction's means)
+    weight_in_axis: int | None = None  # axis of the weight's input channels
+    groups: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -149,74 +157,115 @@ def _bias(node, index: GraphIndex, i: int, channels: int) -> str | None:
     return None
 
 
-def conv_rule(node, index):
-    problem = _activation_problem(node, index) or _weight_problem(node, index, 1, (3, 4, 5), "weight")
-    if problem:
-        return problem
-    if len(node.input) > 2 and node.input[2] and node.input[2] not in index.initializers:
-        return f"its bias '{node.input[2]}' is computed at run time, not a constant"
-    out_ch = index.const_shape(node.input[1])[0]
-    return LayerSpec(node.name, node.op_type, node.input[0], node.input[1], 0, _bias(node, index, 2, out_ch),
-                     *index.output_site(node))
+class OpHandler:
+    """How omct quantizes one op type. Subclasses set the ports and implement ``layer``."""
+
+    op_type: ClassVar[str]
+    activation_port: ClassVar[int] = 0
+    weight_port: ClassVar[int | None] = None
+    bias_port: ClassVar[int | None] = None
+    integer_kernel: ClassVar[str] = "none"  # what ONNX Runtime (CPU) fuses the quantized op into
+
+    def layer(self, node: onnx.NodeProto, index: GraphIndex) -> LayerSpec | str:
+        """How to quantize ``node``, or why it stays in float."""
+        raise NotImplementedError
+
+    def _runtime_bias(self, node: onnx.NodeProto, index: GraphIndex, what: str = "bias") -> str | None:
+        port = self.bias_port
+        if port is not None and len(node.input) > port and node.input[port] and node.input[port] not in index.initializers:
+            return f"its {what} '{node.input[port]}' is computed at run time, not a constant"
+        return None
 
 
-def conv_transpose_rule(node, index):
-    problem = _activation_problem(node, index) or _weight_problem(node, index, 1, (4,), "weight")
-    if problem:
-        return problem.replace("supported: 4", "only 2D ConvTranspose (4D weight) is supported")
-    if _attr(node, "group", 1) != 1:
-        return f"group {_attr(node, 'group')} is not supported (only group 1)"
-    dil = _attr(node, "dilations", [1, 1])
-    if any(d != 1 for d in dil):
-        return f"dilation {max(dil)} is not supported (only 1)"
-    if len(node.input) > 2 and node.input[2] and node.input[2] not in index.initializers:
-        return f"its bias '{node.input[2]}' is computed at run time, not a constant"
-    out_ch = index.const_shape(node.input[1])[1]
-    return LayerSpec(node.name, node.op_type, node.input[0], node.input[1], 1, _bias(node, index, 2, out_ch), None)
+class ConvHandler(OpHandler):
+    op_type = "Conv"
+    weight_port, bias_port = 1, 2
+    integer_kernel = "QLinearConv (2D)"
+
+    def layer(self, node, index):
+        problem = (_activation_problem(node, index) or _weight_problem(node, index, 1, (3, 4, 5), "weight")
+                   or self._runtime_bias(node, index))
+        if problem:
+            return problem
+        out_ch = index.const_shape(node.input[1])[0]
+        return LayerSpec(node.name, node.op_type, node.input[0], node.input[1], 0, _bias(node, index, 2, out_ch),
+                         *index.output_site(node), input_channel_axis=1, weight_in_axis=1, groups=_attr(node, "group", 1))
 
 
-def gemm_rule(node, index):
-    if _attr(node, "transA", 0):
-        return "transA 1 is not supported (only transA 0)"
-    for key in ("alpha", "beta"):
-        if abs(_attr(node, key, 1.0) - 1.0) > 1e-12:
-            return f"{key} {_attr(node, key):g} is not supported (only 1)"
-    problem = _activation_problem(node, index) or _weight_problem(node, index, 1, (2,), "weight B")
-    if problem:
-        return problem
-    if len(node.input) > 2 and node.input[2] and node.input[2] not in index.initializers:
-        return f"its bias C '{node.input[2]}' is computed at run time, not a constant"
-    trans_b = _attr(node, "transB", 0)
-    axis = 0 if trans_b else 1
-    out_ch = index.const_shape(node.input[1])[axis]
-    return LayerSpec(node.name, node.op_type, node.input[0], node.input[1], axis, _bias(node, index, 2, out_ch), None)
+class ConvTransposeHandler(OpHandler):
+    op_type = "ConvTranspose"
+    weight_port, bias_port = 1, 2
+    integer_kernel = "none on CPU (runs as QDQ)"
+
+    def layer(self, node, index):
+        problem = _activation_problem(node, index) or _weight_problem(node, index, 1, (4,), "weight")
+        if problem:
+            return problem.replace("supported: 4", "only 2D ConvTranspose (4D weight) is supported")
+        if _attr(node, "group", 1) != 1:
+            return f"group {_attr(node, 'group')} is not supported (only group 1)"
+        dil = _attr(node, "dilations", [1, 1])
+        if any(d != 1 for d in dil):
+            return f"dilation {max(dil)} is not supported (only 1)"
+        problem = self._runtime_bias(node, index)
+        if problem:
+            return problem
+        out_ch = index.const_shape(node.input[1])[1]
+        return LayerSpec(node.name, node.op_type, node.input[0], node.input[1], 1, _bias(node, index, 2, out_ch), None,
+                         input_channel_axis=1, weight_in_axis=0)
 
 
-def matmul_rule(node, index):
-    problem = _activation_problem(node, index) or _weight_problem(node, index, 1, (2,), "second input")
-    if problem:
-        return problem
-    # A 2D MatMul + Add turns into a float Gemm in ONNX Runtime unless its output is quantized; with more
-    # dimensions (tokens) it becomes MatMulIntegerToFloat without one, and an output Q would only add error
-    # (measured: the benchmark transformer lost 0.4 points to it).
-    site = index.output_site(node) if index.ranks.get(node.input[0]) == 2 else (None, None)
-    return LayerSpec(node.name, node.op_type, node.input[0], node.input[1], 1, None, *site)
+class GemmHandler(OpHandler):
+    op_type = "Gemm"
+    weight_port, bias_port = 1, 2
+    integer_kernel = "QGemm"
+
+    def layer(self, node, index):
+        if _attr(node, "transA", 0):
+            return "transA 1 is not supported (only transA 0)"
+        for key in ("alpha", "beta"):
+            if abs(_attr(node, key, 1.0) - 1.0) > 1e-12:
+                return f"{key} {_attr(node, key):g} is not supported (only 1)"
+        problem = (_activation_problem(node, index) or _weight_problem(node, index, 1, (2,), "weight B")
+                   or self._runtime_bias(node, index, "bias C"))
+        if problem:
+            return problem
+        axis = 0 if _attr(node, "transB", 0) else 1
+        out_ch = index.const_shape(node.input[1])[axis]
+        return LayerSpec(node.name, node.op_type, node.input[0], node.input[1], axis, _bias(node, index, 2, out_ch), None,
+                         input_channel_axis=-1, weight_in_axis=1 - axis)
 
 
-def average_pool_rule(node, index):
-    problem = _activation_problem(node, index)
-    if problem:
-        return problem
-    return LayerSpec(node.name, node.op_type, node.input[0], output_site=node.output[0])
+class MatMulHandler(OpHandler):
+    op_type = "MatMul"
+    weight_port = 1
+    integer_kernel = "QLinearMatMul / MatMulIntegerToFloat"
+
+    def layer(self, node, index):
+        problem = _activation_problem(node, index) or _weight_problem(node, index, 1, (2,), "second input")
+        if problem:
+            return problem
+        # A 2D MatMul + Add turns into a float Gemm in ONNX Runtime unless its output is quantized; with more
+        # dimensions (tokens) it becomes MatMulIntegerToFloat without one, and an output Q would only add error
+        # (measured: the benchmark transformer lost 0.4 points to it).
+        site = index.output_site(node) if index.ranks.get(node.input[0]) == 2 else (None, None)
+        return LayerSpec(node.name, node.op_type, node.input[0], node.input[1], 1, None, *site,
+                         input_channel_axis=-1, weight_in_axis=0)
 
 
-RULES = {
-    "Conv": conv_rule,
-    "ConvTranspose": conv_transpose_rule,
-    "Gemm": gemm_rule,
-    "MatMul": matmul_rule,
-    "AveragePool": average_pool_rule,
-}
+class AveragePoolHandler(OpHandler):
+    op_type = "AveragePool"
+    integer_kernel = "QLinearAveragePool"
+
+    def layer(self, node, index):
+        problem = _activation_problem(node, index)
+        if problem:
+            return problem
+        return LayerSpec(node.name, node.op_type, node.input[0], output_site=node.output[0])
+
+
+#: op type -> handler: the one table of what omct quantizes.
+HANDLERS: dict[str, OpHandler] = {h.op_type: h for h in (ConvHandler(), ConvTransposeHandler(), GemmHandler(),
+                                                           MatMulHandler(), AveragePoolHandler())}
 
 
 def find_layers(model: onnx.ModelProto) -> tuple[list[LayerSpec], list[Refusal]]:
@@ -224,10 +273,10 @@ def find_layers(model: onnx.ModelProto) -> tuple[list[LayerSpec], list[Refusal]]
     index = GraphIndex(model)
     layers, refused = [], []
     for node in model.graph.node:
-        rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
-        if rule is None:
+        handler = HANDLERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if handler is None:
             continue
-        result = rule(node, index)
+        result = handler.layer(node, index)
         if isinstance(result, str):
             refused.append(Refusal(node.name, node.op_type, result))
         else:

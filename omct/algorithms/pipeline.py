@@ -1,0 +1,11 @@
+"""The algorithms of post-training quantization, in the order they fill the records."""
+
+from __future__ import annotations
+
+from omct.algorithms.activations import ActivationRanges
+from omct.algorithms.base import Algorithm
+from omct.algorithms.bias_correction import BiasCorrection
+from omct.algorithms.weights import WeightQuantization
+
+#: Later algorithms read what earlier ones wrote (bias correction needs the weight quantization).
+PIPELINE: tuple[Algorithm, ...] = (ActivationRanges(), WeightQuantization(), BiasCorrection())

@@ -1,0 +1,29 @@
+"""The keys omct stores in ONNX ``metadata_props``, in one place.
+
+The modified (calibration) model carries its plan, config, added outputs and record file path, so that
+``save_model`` and ``CalibrationSession`` need nothing else; saved models carry their layer list and
+BatchNorm folding, so that ``omct analyze`` can line them up with the float model.
+"""
+
+from __future__ import annotations
+
+import onnx
+
+PLAN = "omct.plan"
+CONFIG = "omct.config"
+ADDED_OUTPUTS = "omct.calibration_outputs"
+RECORD_FILE = "omct.record_file"
+LAYERS = "omct.layers"
+FUSION = "omct.fusion"
+PREFIX = "omct."
+
+
+def read(model: onnx.ModelProto) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def strip(model: onnx.ModelProto) -> None:
+    """Remove every omct key (a model handed back to the user carries only its own metadata)."""
+    keep = [p for p in model.metadata_props if not p.key.startswith(PREFIX)]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)

@@ -1,0 +1,262 @@
+"""The in-memory core of post-training quantization: calibrate, compute the records, export.
+
+    from omct.quantize import quantize
+    result = quantize(graph, layers, config, batches)   # a frontend's prepared graph, any iterable of feeds
+    result.deploy_model()                                # onnx.ModelProto; result.save("results/model") writes both
+
+AMCT's file-based call sequence (``omct.workflow``: config.json, modified model, record file) and the automatic
+searches are thin users of these pieces; nothing here writes a file unless asked to.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from omct.algorithms.base import RecordContext
+from omct.algorithms.pipeline import PIPELINE
+from omct.algorithms.statistics import Statistics
+from omct.errors import CalibrationError, ConfigError, OmctError
+from omct.formats.config import QuantConfig
+from omct.formats.record import LayerRecord, write_pending_record, write_record
+from omct.graph.export import deploy_model, fake_quant_model
+from omct.graph.model_io import save_model
+from omct.graph.modified import make_modified, stamp_layers
+from omct.graph.ops import LayerSpec
+from omct.graph.plan import Plan, build_plan, with_float_layers
+from omct.ui import Progress, logger, progress
+
+T = TypeVar("T")
+
+
+class InputKeeper:
+    """Calibration inputs kept for a later pass (the sensitivity ranking), up to a memory budget; later batches
+    are dropped once it is spent."""
+
+    def __init__(self, limit_bytes: int):
+        self.kept: list = []
+        self._room = limit_bytes
+
+    def offer(self, nbytes: int, copy: Callable[[], object]) -> None:
+        """Keep ``copy()`` if ``nbytes`` still fit; ``copy`` is only called then."""
+        if nbytes <= self._room:
+            self.kept.append(copy())
+            self._room -= nbytes
+
+    def report(self, batch_num: int, limit_mb: float) -> None:
+        if len(self.kept) < batch_num:
+            logger.info("ranking on the first %d calibration batch(es) (ranking_memory_mb=%g)", len(self.kept), limit_mb)
+
+
+class Calibration:
+    """One calibration run: the statistics every algorithm asked for, fed batch by batch by a frontend (ONNX
+    Runtime outputs or PyTorch hooks); after ``batch_num`` batches the algorithms turn them into the records.
+
+    With ``record_file`` the record file follows the run (pending until the last batch, then the factors), as
+    AMCT's call sequence expects; without, nothing is written.
+    """
+
+    def __init__(self, plan: Plan, config: QuantConfig, weight_of: Callable[[str], np.ndarray],
+                 record_file: str | os.PathLike | None = None):
+        self.plan, self.config, self.weight_of = plan, config, weight_of
+        self.record_file = record_file
+        self.stats = Statistics(p for algorithm in PIPELINE for p in algorithm.points(plan, config))
+        self.batches = 0
+        self.records: dict[str, LayerRecord] | None = None
+        self.inputs: InputKeeper | None = None
+        self._progress: Progress | None = None
+
+    @property
+    def batch_num(self) -> int:
+        return self.config.batch_num
+
+    @property
+    def done(self) -> bool:
+        return self.records is not None
+
+    def tensors(self) -> list[str]:
+        """The tensors to read each batch."""
+        return self.stats.tensors()
+
+    def _error(self, tensor: str, error: ValueError) -> CalibrationError:
+        sites = [s for s in self.plan.sites if s.tensor == tensor]
+        layers = ", ".join(n for s in sites for n in s.inputs_of + [f"output of {o}" for o in s.output_of]) or "statistics"
+        owner = sites[0].owner if sites else next((n for n, s in self.plan.layers.items() if s.input == tensor), "?")
+        return CalibrationError(f"calibration batch {self.batches + 1}: tensor '{tensor}' ({layers}): {error}; check the "
+                                f"input data, or add '{owner}' to skip_layers to keep it in float")
+
+    def observe(self, tensors: Mapping[str, np.ndarray]) -> None:
+        """Feed every requested tensor of the current batch at once, spread over the worker threads."""
+        self.stats.observe(tensors, self._error)
+
+    def update(self, tensor: str, values: np.ndarray) -> None:
+        """Feed one tensor of the current batch (frontends that see tensors one at a time)."""
+        try:
+            self.stats.update(tensor, values)
+        except ValueError as e:
+            raise self._error(tensor, e) from None
+
+    def keep_inputs_up_to(self, limit_bytes: int) -> InputKeeper:
+        """From now on keep this run's inputs (up to ``limit_bytes``) for a later pass over them."""
+        self.inputs = InputKeeper(limit_bytes)
+        return self.inputs
+
+    def keep_inputs(self, nbytes: int, copy: Callable[[], object]) -> None:
+        """Offer this batch's inputs to the keeper (when the run keeps inputs for a later pass)."""
+        if self.inputs is not None and not self.done:
+            self.inputs.offer(nbytes, copy)
+
+    def run_batch(self, observe: Callable[[], T]) -> T:
+        """One batch as a frontend runs it: ``observe()`` runs the model, feeds the statistics and returns the
+        model's outputs. Shows progress, and keeps the record file saying how far it got."""
+        if self._progress is None:
+            self._progress = Progress("calibrating", self.batch_num)
+        try:
+            out = observe()
+            self.batches += 1
+            if self.batches >= self.batch_num:
+                self.finish()
+        except Exception:
+            self._progress.close()
+            raise
+        self._progress.advance()
+        if self.done:
+            self._progress.close()
+            if self.record_file is not None:
+                logger.info("calibration complete after %d batch(es): wrote %s", self.batches, self.record_file)
+        elif self.record_file is not None:
+            write_pending_record(self.record_file, self.batches, self.batch_num, list(self.plan.layers))
+        return out
+
+    def finish(self) -> dict[str, LayerRecord]:
+        """Run the algorithms on the statistics; writes the record file when there is one."""
+        ctx = RecordContext(self.plan, self.config, self.stats, self.weight_of)
+        for algorithm in PIPELINE:
+            algorithm.apply(ctx)
+        self.records = {name: ctx.records[name] for name in self.plan.layers}
+        if self.record_file is not None:
+            write_record(self.record_file, self.records)
+        return self.records
+
+
+class CalibrationStatus:
+    """How far calibration got; mixed into each frontend's calibration object (which has ``.calibration``)."""
+
+    calibration: Calibration
+
+    @property
+    def batch_num(self) -> int:
+        return self.calibration.batch_num
+
+    @property
+    def batches_seen(self) -> int:
+        return self.calibration.batches
+
+    @property
+    def complete(self) -> bool:
+        return self.calibration.done
+
+
+def observed_tensors(plan: Plan, config: QuantConfig) -> list[str]:
+    """The tensors a calibration of ``plan`` reads (what the modified model exposes as outputs)."""
+    return Statistics(p for algorithm in PIPELINE for p in algorithm.points(plan, config)).tensors()
+
+
+def initializer_reader(model: onnx.ModelProto) -> Callable[[str], np.ndarray]:
+    """Name -> float array of the model's initializers (converted on demand, not all at once)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    return lambda name: numpy_helper.to_array(inits[name])
+
+
+def ort_session(model: str | os.PathLike | bytes, sess_options=None, providers: list | None = None, **kwargs):
+    """An ONNX Runtime session for calibration: its workers do not spin-wait, because between runs the
+    statistics need the cores."""
+    import onnxruntime as ort
+
+    if sess_options is None:
+        sess_options = ort.SessionOptions()
+        sess_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, sess_options, providers=providers or ["CPUExecutionProvider"], **kwargs)
+
+
+@dataclass
+class QuantizedModel:
+    """A calibrated model: the float graph, every quantizable layer, the config and the records. The fake-quant
+    and deploy models are built from these on request; ``with_float_layers`` re-plans without recalibrating."""
+
+    base: onnx.ModelProto  # the normalised float graph (BatchNorm folded as the config says)
+    layers: list[LayerSpec]  # every quantizable layer, enabled or not
+    config: QuantConfig
+    records: dict[str, LayerRecord]
+    plan: Plan = field(default=None)  # type: ignore[assignment]  # built from layers and config when not given
+
+    def __post_init__(self) -> None:
+        if self.plan is None:
+            self.plan = build_plan(self.layers, self.config)
+
+    def fake_quant_model(self) -> onnx.ModelProto:
+        """Float weights on their quantized values and simulated activation quantization: runs anywhere."""
+        model = fake_quant_model(self.base, self.plan, self.config, self.records)
+        stamp_layers(model, self.plan, self.config)
+        return model
+
+    def deploy_model(self) -> onnx.ModelProto:
+        """INT8/INT32 tensors and QuantizeLinear/DequantizeLinear that ONNX Runtime fuses into integer kernels."""
+        model = deploy_model(self.base, self.plan, self.config, self.records)
+        stamp_layers(model, self.plan, self.config)
+        return model
+
+    def with_float_layers(self, float_layers: Iterable[str]) -> QuantizedModel:
+        """The same calibration with ``float_layers`` kept in float (a trial of an automatic search)."""
+        config = with_float_layers(self.config, set(float_layers))
+        return QuantizedModel(self.base, self.layers, config, self.records)
+
+    @property
+    def all_float(self) -> bool:
+        return not self.plan.layers
+
+    def save(self, save_path: str | os.PathLike) -> tuple[Path, Path]:
+        """Write ``{save_path}_fake_quant_model.onnx`` and ``{save_path}_deploy_model.onnx``."""
+        save_path = str(save_path)
+        if not Path(save_path).name:
+            raise OmctError(f"save_path '{save_path}' must end with a file name prefix, e.g. './results/model'")
+        fake_path = Path(save_path + "_fake_quant_model.onnx")
+        deploy_path = Path(save_path + "_deploy_model.onnx")
+        with progress("exporting", 2) as bar:
+            models = (self.base, self.base) if self.all_float else (self.fake_quant_model(), self.deploy_model())
+            save_model(models[0], fake_path)
+            bar.advance()
+            save_model(models[1], deploy_path)
+            bar.advance()
+        logger.info("wrote %s and %s (%d layers quantized)", fake_path, deploy_path, len(self.plan.layers))
+        return fake_path, deploy_path
+
+
+def quantize(graph: onnx.ModelProto, layers: list[LayerSpec], config: QuantConfig,
+             batches: Iterable[Mapping[str, np.ndarray]]) -> QuantizedModel:
+    """Calibrate ``graph`` (a frontend's normalised graph and its quantizable layers) on ``batches`` of input
+    feeds with ONNX Runtime, as ``config`` says. Uses the first ``config.batch_num`` batches."""
+    plan = build_plan(layers, config)
+    if not plan.layers:
+        raise ConfigError("no layer has quant_enable true; nothing to quantize")
+    mod = make_modified(graph, plan, config, observed_tensors(plan, config))
+    session = ort_session(mod.model.SerializeToString())
+    calibration = Calibration(plan, config, initializer_reader(graph))
+    fetch = calibration.tensors()
+    for feeds in batches:
+        if calibration.done:
+            break
+        calibration.run_batch(lambda feeds=feeds: calibration.observe(dict(zip(fetch, session.run(fetch, dict(feeds)),
+                                                                               strict=True))))
+    if not calibration.done:
+        raise CalibrationError(f"the data gave {calibration.batches} of batch_num={config.batch_num} batches; give more "
+                               "batches or lower batch_num")
+    return QuantizedModel(graph, layers, config, calibration.records, plan)
