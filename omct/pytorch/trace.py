@@ -58,9 +58,17 @@ def as_args(input_data) -> tuple:
 
 
 class _Mark(torch.autograd.Function):
+    """Identity that only the exported graph sees (as ``omct::Mark``).
+
+    It returns a copy, not its input: an input returned as-is is a view to autograd, and the in-place ops that
+    follow modules in most CNNs (``nn.ReLU(inplace=True)``, ``out += identity``) may not modify such a view.
+    Candidates (Conv, Linear, AvgPool) and BatchNorm never return an alias of their input, so the copy changes
+    nothing the rest of ``forward()`` can see; it exists only during export, on omct's copy of the model.
+    """
+
     @staticmethod
-    def forward(ctx, x, name):  # noqa: ARG004 - identity: only the exported graph sees the mark
-        return x
+    def forward(ctx, x, name):  # noqa: ARG004
+        return x.clone()
 
     @staticmethod
     def symbolic(g, x, name):
