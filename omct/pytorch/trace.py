@@ -9,6 +9,7 @@ each module runs, and the weights are checked for sharing, so every candidate le
 
 from __future__ import annotations
 
+import inspect
 import io
 import warnings
 from collections.abc import Iterator
@@ -55,6 +56,27 @@ def as_args(input_data) -> tuple:
         return tuple(input_data)
     raise ModelError(f"input_data must be a tensor or a tuple of tensors (as torch.onnx.export takes them), got "
                      f"{type(input_data).__name__}")
+
+
+def default_input_names(model: nn.Module, args: tuple) -> list[str] | None:
+    """The names of ``forward()``'s first ``len(args)`` positional parameters (``input_ids``, ``attention_mask``...).
+
+    Without them the exporter calls inputs ``input.1``, ``input.3``; the saved models are fed by name, so the
+    names the user wrote are the ones to keep. None when they cannot be known: ``*args``, fewer parameters
+    than inputs, or an input that is not one tensor (a tuple or dict becomes several graph inputs, or none).
+    """
+    if not all(isinstance(a, torch.Tensor) for a in args):
+        return None
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # a forward without a Python signature
+        return None
+    names = []
+    for p in params[:len(args)]:
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            return None
+        names.append(p.name)
+    return names if len(names) == len(args) else None
 
 
 class _Mark(torch.autograd.Function):
@@ -219,6 +241,8 @@ def _strip_marks(model: onnx.ModelProto) -> None:
 def trace_model(model: nn.Module, input_data, input_names=None, output_names=None, dynamic_axes=None) -> TracedModel:
     """Export ``model`` (already in the state to quantize, e.g. eval mode) and map modules to ONNX nodes."""
     args = as_args(input_data)
+    if input_names is None:
+        input_names = default_input_names(model, args)
     candidates = _candidates(model)
     batchnorms = {n: m for n, m in model.named_modules() if isinstance(m, BATCHNORMS)}
     calls = _count_calls(model, {**candidates, **batchnorms}, args)
