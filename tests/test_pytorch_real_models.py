@@ -132,6 +132,7 @@ def test_amct_call_sequence_on_real_models(name, dynamic, setups, tmp_path):
 
     for path in (modified, fake, deploy):
         assert [i.name for i in onnx.load(path).graph.input] == names, path
+    assert "BatchNormalization" not in {n.op_type for n in onnx.load(modified).graph.node}  # every BN folded
     layers = read_record(record)
     assert len(layers) == sum(isinstance(m, nn.Conv2d | nn.Linear) for m in model.modules())
 
