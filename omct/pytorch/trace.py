@@ -9,6 +9,7 @@ each module runs, and the weights are checked for sharing, so every candidate le
 
 from __future__ import annotations
 
+import inspect
 import io
 import warnings
 from collections.abc import Iterator
@@ -57,10 +58,39 @@ def as_args(input_data) -> tuple:
                      f"{type(input_data).__name__}")
 
 
+def default_input_names(model: nn.Module, args: tuple) -> list[str] | None:
+    """The names of ``forward()``'s first ``len(args)`` positional parameters (``input_ids``, ``attention_mask``...).
+
+    Without them the exporter calls inputs ``input.1``, ``input.3``; the saved models are fed by name, so the
+    names the user wrote are the ones to keep. None when they cannot be known: ``*args``, fewer parameters
+    than inputs, or an input that is not one tensor (a tuple or dict becomes several graph inputs, or none).
+    """
+    if not all(isinstance(a, torch.Tensor) for a in args):
+        return None
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # a forward without a Python signature
+        return None
+    names = []
+    for p in params[:len(args)]:
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            return None
+        names.append(p.name)
+    return names if len(names) == len(args) else None
+
+
 class _Mark(torch.autograd.Function):
+    """Identity that only the exported graph sees (as ``omct::Mark``).
+
+    It returns a copy, not its input: an input returned as-is is a view to autograd, and the in-place ops that
+    follow modules in most CNNs (``nn.ReLU(inplace=True)``, ``out += identity``) may not modify such a view.
+    Candidates (Conv, Linear, AvgPool) and BatchNorm never return an alias of their input, so the copy changes
+    nothing the rest of ``forward()`` can see; it exists only during export, on omct's copy of the model.
+    """
+
     @staticmethod
-    def forward(ctx, x, name):  # noqa: ARG004 - identity: only the exported graph sees the mark
-        return x
+    def forward(ctx, x, name):  # noqa: ARG004
+        return x.clone()
 
     @staticmethod
     def symbolic(g, x, name):
@@ -162,7 +192,28 @@ def _export(model: nn.Module, args: tuple, marked: dict[str, nn.Module], input_n
             raise ModelError(f"torch.onnx.export could not export the model: {first}") from None
     for w in caught:
         logger.debug("torch.onnx.export: %s", w.message)
-    return onnx.load_from_string(buf.getvalue())
+    model_proto = onnx.load_from_string(buf.getvalue())
+    _materialize_shared_initializers(model_proto)
+    return model_proto
+
+
+def _materialize_shared_initializers(model: onnx.ModelProto) -> None:
+    """Replace ``Identity(initializer)`` nodes by a copy of the initializer under the Identity's output name.
+
+    The exporter stores parameters with equal values once (``_deduplicate_initializers``): the zero biases of a
+    freshly initialised Hugging Face model all become Identity nodes of one tensor, and a layer whose bias or
+    weight is not a constant is not quantized. Each layer gets its own constant back, as in the module.
+    """
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    graph_outputs = {o.name for o in graph.output}
+    for node in list(graph.node):
+        if node.op_type == "Identity" and node.input[0] in inits and node.output[0] not in graph_outputs:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(inits[node.input[0]])
+            copy.name = node.output[0]
+            graph.initializer.append(copy)
+            graph.node.remove(node)
 
 
 def _layer_node(mark_input: str, producer: dict[str, onnx.NodeProto], initializers: set[str],
@@ -211,6 +262,8 @@ def _strip_marks(model: onnx.ModelProto) -> None:
 def trace_model(model: nn.Module, input_data, input_names=None, output_names=None, dynamic_axes=None) -> TracedModel:
     """Export ``model`` (already in the state to quantize, e.g. eval mode) and map modules to ONNX nodes."""
     args = as_args(input_data)
+    if input_names is None:
+        input_names = default_input_names(model, args)
     candidates = _candidates(model)
     batchnorms = {n: m for n, m in model.named_modules() if isinstance(m, BATCHNORMS)}
     calls = _count_calls(model, {**candidates, **batchnorms}, args)
