@@ -36,6 +36,20 @@ def test_constant_node_weights_are_quantized(tmp_path, rng):
     assert np.abs(ort_run(deploy, {"x": x})[0] - ort_run(path, {"x": x})[0]).max() < 0.1
 
 
+def test_bias_behind_an_identity_of_a_constant_is_quantized(tmp_path, rng):
+    """torch.onnx.export stores equal-valued parameters once and feeds the others through Identity nodes."""
+    model = linear_model(rng, "Gemm")
+    model.graph.node.insert(0, helper.make_node("Identity", ["b"], ["b_copy"], name="dedup"))
+    model.graph.node[1].input[2] = "b_copy"
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    rep = amct.inspect_model(str(path))
+    assert [s.name for s in rep.layers] == ["fc"] and not rep.refused and rep.normalize.constants_moved == 1
+    x = rng.normal(size=(4, 12)).astype(np.float32)
+    fake, _ = run_flow(path, tmp_path, [x], feed_name="x")
+    assert np.abs(ort_run(fake, {"x": x})[0] - ort_run(path, {"x": x})[0]).max() < 0.1
+
+
 def test_batchnorm_folding_matches_and_can_be_skipped(tmp_path, rng):
     w = (rng.normal(size=(8, 8, 3, 3)) * 0.3).astype(np.float32)
     bn = {"g": rng.uniform(0.5, 2, 8), "beta": rng.normal(size=8), "mean": rng.normal(size=8), "var": rng.uniform(0.5, 2, 8)}

@@ -1,6 +1,8 @@
 """Graph normalisation before quantization.
 
-* Constant nodes become initializers (exporters such as Paddle's keep weights in Constant nodes).
+* Constant nodes become initializers (exporters such as Paddle's keep weights in Constant nodes), and so do
+  Identity nodes of an initializer (torch.onnx.export stores equal-valued parameters once and feeds the
+  others through Identity: every zero bias of a freshly initialised Hugging Face model).
 * Opsets below 13 are upgraded to 13 (per-channel QuantizeLinear/DequantizeLinear need it), or refused.
 * Unnamed nodes are named ``{op_type}_{index}``, duplicate names get ``_1``, ``_2`` ...: stable and unique.
 * Conv + BatchNormalization is folded (``do_fusion``), except for ``skip_fusion_layers``.
@@ -71,6 +73,28 @@ def constants_to_initializers(model: onnx.ModelProto, report: NormalizeReport) -
         graph.node.extend(keep)
 
 
+def constant_identities_to_initializers(model: onnx.ModelProto, report: NormalizeReport | None = None) -> None:
+    """Replace ``Identity(initializer)`` by a copy of the initializer under the Identity's output name, so that
+    each layer has its own constant weight and bias again (a layer whose bias is computed is not quantized)."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    graph_outputs = {o.name for o in graph.output}
+    keep = []
+    for node in graph.node:
+        if node.op_type == "Identity" and node.input and node.input[0] in inits and node.output[0] not in graph_outputs:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(inits[node.input[0]])
+            copy.name = node.output[0]
+            graph.initializer.append(copy)
+            if report is not None:
+                report.constants_moved += 1
+            continue
+        keep.append(node)
+    if len(keep) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(keep)
+
+
 def name_nodes(model: onnx.ModelProto, report: NormalizeReport) -> None:
     used: set[str] = set()
     named = [n.name for n in model.graph.node if n.name]
@@ -95,6 +119,7 @@ def normalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, NormalizeReport]
     out.CopyFrom(model)
     out = upgrade_opset(out, report)
     constants_to_initializers(out, report)
+    constant_identities_to_initializers(out, report)
     name_nodes(out, report)
     return out, report
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from omct.errors import ModelError
-from omct.graph.normalize import normalize
+from omct.graph.normalize import constant_identities_to_initializers, normalize
 from omct.graph.ops import LayerSpec, Refusal, find_layers
 from omct.ui import logger
 
@@ -193,27 +193,8 @@ def _export(model: nn.Module, args: tuple, marked: dict[str, nn.Module], input_n
     for w in caught:
         logger.debug("torch.onnx.export: %s", w.message)
     model_proto = onnx.load_from_string(buf.getvalue())
-    _materialize_shared_initializers(model_proto)
+    constant_identities_to_initializers(model_proto)  # before mapping: a Linear's weight may come through one
     return model_proto
-
-
-def _materialize_shared_initializers(model: onnx.ModelProto) -> None:
-    """Replace ``Identity(initializer)`` nodes by a copy of the initializer under the Identity's output name.
-
-    The exporter stores parameters with equal values once (``_deduplicate_initializers``): the zero biases of a
-    freshly initialised Hugging Face model all become Identity nodes of one tensor, and a layer whose bias or
-    weight is not a constant is not quantized. Each layer gets its own constant back, as in the module.
-    """
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    graph_outputs = {o.name for o in graph.output}
-    for node in list(graph.node):
-        if node.op_type == "Identity" and node.input[0] in inits and node.output[0] not in graph_outputs:
-            copy = onnx.TensorProto()
-            copy.CopyFrom(inits[node.input[0]])
-            copy.name = node.output[0]
-            graph.initializer.append(copy)
-            graph.node.remove(node)
 
 
 def _layer_node(mark_input: str, producer: dict[str, onnx.NodeProto], initializers: set[str],
