@@ -59,8 +59,38 @@ def optimized_ops(path, tmp_path):
     return [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
 
 
-def run_flow(model_path, tmp_path, batches, feed_name="input", prefix="q", **config_kwargs):
-    """The ONNX call sequence end to end; returns (fake_quant_path, deploy_path)."""
+def weights_dequantized_at_run_time(path, tmp_path) -> dict[str, int]:
+    """In ONNX Runtime's optimised graph of ``path``: the float ops fed by a DequantizeLinear of a weight
+    initializer (rank >= 2), op type -> count. Such a weight is dequantized on every run: the integer kernel the
+    deploy model exists for did not fuse. Bias vectors (rank 1) are not counted."""
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.optimized_model_filepath = str(tmp_path / "optimized_check.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    graph = onnx.load(so.optimized_model_filepath).graph
+    weights = {t.name for t in graph.initializer if len(t.dims) >= 2}
+    dq_out = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in weights}
+    found: dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            if i in dq_out:
+                found[n.op_type] = found.get(n.op_type, 0) + 1
+    return found
+
+
+def assert_integer_kernels(path, tmp_path, allowed=()) -> None:
+    """No weight is dequantized at run time into a float op (except op types in ``allowed``: those with no
+    integer kernel in ONNX Runtime's CPU provider)."""
+    found = {op: n for op, n in weights_dequantized_at_run_time(path, tmp_path).items() if op not in allowed}
+    assert not found, f"{path}: weights dequantized at run time into float {found}"
+
+
+def run_flow(model_path, tmp_path, batches, feed_name="input", prefix="q", float_weight_ops=(), **config_kwargs):
+    """The ONNX call sequence end to end; returns (fake_quant_path, deploy_path). Checks that the deploy model
+    runs on integer kernels (``float_weight_ops``: op types allowed to take dequantized weights)."""
     import omct.onnx as amct
 
     cfg, mod, rec = tmp_path / f"{prefix}.json", tmp_path / f"{prefix}_mod.onnx", tmp_path / f"{prefix}_record.txt"
@@ -71,7 +101,9 @@ def run_flow(model_path, tmp_path, batches, feed_name="input", prefix="q", **con
     for b in batches:
         sess.run(None, b if isinstance(b, dict) else {feed_name: b})
     amct.save_model(str(mod), str(rec), str(tmp_path / prefix))
-    return tmp_path / f"{prefix}_fake_quant_model.onnx", tmp_path / f"{prefix}_deploy_model.onnx"
+    deploy = tmp_path / f"{prefix}_deploy_model.onnx"
+    assert_integer_kernels(deploy, tmp_path, float_weight_ops)
+    return tmp_path / f"{prefix}_fake_quant_model.onnx", deploy
 
 
 def batches_of(x, n, size=32):

@@ -56,12 +56,12 @@ def test_deploy_model_has_int8_weights_int32_bias_and_dynamic_batch(trained, dig
     assert max(levels) <= 255
 
 
-def _check_op(model, tmp_path, x, expect_quantized, integer_kernel=None, rel_tol=0.06):
+def _check_op(model, tmp_path, x, expect_quantized, integer_kernel=None, rel_tol=0.06, float_weight_ops=()):
     src = tmp_path / "model.onnx"
     onnx.save(model, src)
     rng = np.random.default_rng(1)
     batches = [x * (1 + 0.1 * rng.normal()) for _ in range(3)]
-    fake, deploy = run_flow(src, tmp_path, batches, feed_name="x")
+    fake, deploy = run_flow(src, tmp_path, batches, feed_name="x", float_weight_ops=float_weight_ops)
     ref = ort_run(src, {"x": x})[0]
     f = ort_run(fake, {"x": x})[0]
     d = ort_run(deploy, {"x": x})[0]
@@ -71,14 +71,17 @@ def _check_op(model, tmp_path, x, expect_quantized, integer_kernel=None, rel_tol
     ops = [n.op_type for n in onnx.load(fake).graph.node]
     assert ("Round" in ops) == expect_quantized
     if integer_kernel:
-        assert integer_kernel in optimized_ops(deploy, tmp_path)
+        ops = set(optimized_ops(deploy, tmp_path))
+        assert ops & ({integer_kernel} if isinstance(integer_kernel, str) else set(integer_kernel)), ops
 
 
 @pytest.mark.parametrize("dims,groups,dilation", [(1, 1, 1), (2, 1, 1), (3, 1, 1), (2, 2, 1), (2, 8, 1), (2, 1, 2)])
 def test_conv_variants(dims, groups, dilation, tmp_path, rng):
     model = conv_model(rng, dims=dims, groups=groups, dilation=dilation)
     x = rng.normal(size=(2, 8) + (6,) * dims).astype(np.float32)
-    _check_op(model, tmp_path, x, True, "QLinearConv" if dims == 2 else None)
+    # ONNX Runtime's CPU provider has QLinearConv for 2D only: 1D/3D convs take dequantized weights
+    _check_op(model, tmp_path, x, True, "QLinearConv" if dims == 2 else None,
+              float_weight_ops=() if dims == 2 else ("Conv",))
 
 
 def test_relu6_clip_is_absorbed_by_the_output_quantization(tmp_path, rng):
@@ -106,14 +109,15 @@ def test_gemm(trans_b, tmp_path, rng):
 @pytest.mark.parametrize("tokens", [False, True])
 def test_matmul_with_constant_weight(tokens, tmp_path, rng):
     x = rng.normal(size=(4, 5, 12) if tokens else (4, 12)).astype(np.float32)
-    # 2D: output quantized so that MatMul + Add is not turned into a float Gemm; tokens: no output Q needed
+    # The bias Add belongs to the layer (INT32 bias), so ONNX Runtime's MatMul + Add -> Gemm rewrite gives QGemm;
+    # 2D: output quantized after the Add; tokens: no output Q needed
     _check_op(linear_model(rng, "MatMul", tokens=tokens), tmp_path, x, True,
-              "MatMulIntegerToFloat" if tokens else "QLinearMatMul")
+              ("MatMulIntegerToFloat", "QGemm") if tokens else ("QGemm", "QLinearMatMul"))
 
 
 def test_conv_transpose(tmp_path, rng):
     x = rng.normal(size=(2, 8, 5, 5)).astype(np.float32)
-    _check_op(conv_transpose_model(rng), tmp_path, x, True)
+    _check_op(conv_transpose_model(rng), tmp_path, x, True, float_weight_ops=("ConvTranspose",))  # no integer kernel
 
 
 def test_average_pool(tmp_path, rng):

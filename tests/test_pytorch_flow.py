@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import optimized_ops, ort_run
+from conftest import assert_integer_kernels, optimized_ops, ort_run
 from torch import nn
 
 import omct.pytorch as amct
@@ -19,8 +19,9 @@ from omct.formats.record import read_record
 INTEGER_KERNELS = {"QLinearConv", "QGemm", "MatMulIntegerToFloat", "QLinearMatMul"}
 
 
-def seed_flow(model, input_data, batches, tmp_path, **export):
-    """Seed 001's example, with ``import omct.pytorch as amct``, keyword for keyword."""
+def seed_flow(model, input_data, batches, tmp_path, float_weight_ops=(), **export):
+    """Seed 001's example, with ``import omct.pytorch as amct``, keyword for keyword; then the deploy model's
+    integer kernels are checked (``float_weight_ops``: op types with none in ONNX Runtime's CPU provider)."""
     config_file = str(tmp_path / "tmp" / "config.json")
     record_file = str(tmp_path / "tmp" / "record.txt")
     modified_onnx_model = str(tmp_path / "tmp" / "modified_model.onnx")
@@ -32,6 +33,7 @@ def seed_flow(model, input_data, batches, tmp_path, **export):
         outputs = [calibration_model(b) for b in batches]
     quant_model_path = str(tmp_path / "results" / "user_model")
     amct.save_model(modified_onnx_file=modified_onnx_model, record_file=record_file, save_path=quant_model_path)
+    assert_integer_kernels(tmp_path / "results" / "user_model_deploy_model.onnx", tmp_path, float_weight_ops)
     return calibration_model, outputs, tmp_path / "results" / "user_model_fake_quant_model.onnx", \
         tmp_path / "results" / "user_model_deploy_model.onnx"
 
@@ -202,7 +204,7 @@ def test_conv3d_classifier_and_simulation(digits, tmp_path):
     model = train(Video(), x_train, digits.y_train, F.cross_entropy, epochs=8)
     batches = [torch.tensor(x_train[i * 32:(i + 1) * 32]) for i in range(3)]
     export = {"input_names": ["input"], "dynamic_axes": {"input": {0: "n"}}}
-    cal, _, fake, deploy = seed_flow(model, batches[0][:2], batches, tmp_path, **export)
+    cal, _, fake, deploy = seed_flow(model, batches[0][:2], batches, tmp_path, float_weight_ops=("Conv",), **export)
     with torch.no_grad():
         fp32 = float((model(torch.tensor(x_test)).argmax(1).numpy() == digits.y_test).mean())
     assert accuracy(deploy, x_test, digits.y_test) >= fp32 - 0.01
@@ -218,7 +220,7 @@ def test_conv_transpose_decoder_and_simulation(digits, tmp_path):
     model = train(Decoder(), digits.x_train, digits.x_train, F.mse_loss, epochs=15)
     batches = [torch.tensor(digits.x_train[i * 32:(i + 1) * 32]) for i in range(3)]
     export = {"input_names": ["input"], "output_names": ["image"], "dynamic_axes": {"input": {0: "n"}, "image": {0: "n"}}}
-    cal, _, fake, deploy = seed_flow(model, batches[0][:2], batches, tmp_path, **export)
+    cal, _, fake, deploy = seed_flow(model, batches[0][:2], batches, tmp_path, float_weight_ops=("ConvTranspose",), **export)
     record = read_record(tmp_path / "tmp" / "record.txt")
     assert set(record) == {"enc.0", "enc.2", "dec.0", "dec.2"}
     x = digits.x_test[:64]
@@ -342,8 +344,8 @@ def test_conv1d_model_matches_simulation(tmp_path):
     model = nn.Sequential(nn.Conv1d(3, 8, 5, padding=2), nn.ReLU(), nn.Conv1d(8, 8, 3, padding=1), nn.ReLU(),
                           nn.Flatten(), nn.Linear(8 * 20, 4)).eval()
     batches = [torch.randn(16, 3, 20) for _ in range(2)]
-    cal, _, fake, deploy = seed_flow(model, batches[0][:2], batches, tmp_path, input_names=["input"],
-                                     dynamic_axes={"input": {0: "n"}})
+    cal, _, fake, deploy = seed_flow(model, batches[0][:2], batches, tmp_path, float_weight_ops=("Conv",),  # 1D
+                                     input_names=["input"], dynamic_axes={"input": {0: "n"}})
     record = read_record(tmp_path / "tmp" / "record.txt")
     assert set(record) == {"0", "2", "5"}
     x = torch.randn(8, 3, 20)

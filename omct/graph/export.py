@@ -189,7 +189,12 @@ def build(builder: _Builder, plan: Plan, config: QuantConfig, records: dict[str,
             except OverflowError as e:
                 raise QuantizationError(f"layer '{name}': INT32 bias overflow: {e}; add '{name}' to skip_layers to "
                                         "keep it in float") from None
-            node.input[handler.bias_port] = b.bias(qb, bias_scale, name)
+            bias_tensor = b.bias(qb, bias_scale, name)
+            if spec.bias_node is None:
+                node.input[handler.bias_port] = bias_tensor
+            else:  # the bias is added by another node (MatMul + Add): replace it where that node reads it
+                reader = nodes[spec.bias_node]
+                reader.input[list(reader.input).index(spec.bias)] = bias_tensor
 
     # Activations. Output sites are quantized for every reader (so the producer fuses into an integer
     # kernel); input-only sites only for the quantized layers that read them.

@@ -30,6 +30,7 @@ class LayerSpec:
     input_channel_axis: int = 1  # axis of the input that the weight contracts with (bias correction's means)
     weight_in_axis: int | None = None  # axis of the weight's input channels
     groups: int = 1
+    bias_node: str | None = None  # the node that adds the bias when it is not the layer's own (MatMul + Add)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -149,6 +150,21 @@ def _weight_problem(node, index: GraphIndex, i: int, ranks: tuple[int, ...], wha
     return None
 
 
+def _bias_add(node: onnx.NodeProto, index: GraphIndex, channels: int) -> onnx.NodeProto | None:
+    """The Add that adds a constant FLOAT bias of ``channels`` values to ``node``'s output, its only reader."""
+    out = node.output[0]
+    users = index.consumers.get(out, [])
+    if len(users) != 1 or users[0].op_type != "Add" or out in index.graph_outputs:
+        return None
+    add = users[0]
+    others = [i for i in add.input if i != out]
+    if len(others) != 1 or others[0] not in index.initializers:
+        return None
+    if index.const_shape(others[0]) != (channels,) or index.const_dtype(others[0]) != onnx.TensorProto.FLOAT:
+        return None
+    return add
+
+
 def _bias(node, index: GraphIndex, i: int, channels: int) -> str | None:
     if len(node.input) > i and node.input[i]:
         b = node.input[i]
@@ -244,12 +260,20 @@ class MatMulHandler(OpHandler):
         problem = _activation_problem(node, index) or _weight_problem(node, index, 1, (2,), "second input")
         if problem:
             return problem
-        # A 2D MatMul + Add turns into a float Gemm in ONNX Runtime unless its output is quantized; with more
+        # The bias Add that follows (a Linear exported as MatMul + Add) belongs to the layer: its constant is
+        # quantized to INT32 like a Gemm's. Left in float, ONNX Runtime rewrites MatMul + Add into a float Gemm
+        # behind Reshapes when shapes are static, before its QDQ fusion, and every weight is dequantized on
+        # each run; with an INT32 bias it fuses QGemm (static) or MatMulIntegerToFloat (dynamic) either way.
+        out_ch = index.const_shape(node.input[1])[1]
+        add = _bias_add(node, index, out_ch)
+        last = add or node
+        # A 2D MatMul turns into a float Gemm in ONNX Runtime unless its output is quantized; with more
         # dimensions (tokens) it becomes MatMulIntegerToFloat without one, and an output Q would only add error
         # (measured: the benchmark transformer lost 0.4 points to it).
-        site = index.output_site(node) if index.ranks.get(node.input[0]) == 2 else (None, None)
-        return LayerSpec(node.name, node.op_type, node.input[0], node.input[1], 1, None, *site,
-                         input_channel_axis=-1, weight_in_axis=0)
+        site = index.output_site(last) if index.ranks.get(node.input[0]) == 2 else (None, None)
+        bias = next((i for i in add.input if i in index.initializers), None) if add else None
+        return LayerSpec(node.name, node.op_type, node.input[0], node.input[1], 1, bias, *site,
+                         input_channel_axis=-1, weight_in_axis=0, bias_node=add.name if add else None)
 
 
 class AveragePoolHandler(OpHandler):

@@ -42,7 +42,7 @@ class CalibrationModel(CalibrationStatus, nn.Module):
             self._handles.append(module.register_forward_pre_hook(self._input_hook(spec.input)))
             if name in mod.plan.output_site:
                 # The site is the layer's own output, or a Relu / Clip(0, max) right after it.
-                clamp = None if producers[spec.output_site].name == name else (0.0, spec.output_max)
+                clamp = (0.0, spec.output_max) if producers[spec.output_site].op_type in ("Relu", "Clip") else None
                 self._handles.append(module.register_forward_hook(self._output_hook(spec.output_site, clamp)))
 
     def _observe(self, tensor: str, value: Any) -> None:
