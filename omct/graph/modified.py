@@ -18,7 +18,7 @@ from omct.errors import ModelError, OmctError
 from omct.formats.config import QuantConfig
 from omct.formats.record import read_record
 from omct.graph.export import build_quantized, check_record
-from omct.graph.model_io import load_model, save_model
+from omct.graph.model_io import check_save_outputs, load_model, save_models
 from omct.graph.plan import Plan
 from omct.ui import logger, progress
 
@@ -86,6 +86,7 @@ def save_quantized(modified_onnx_file: str | Path, record_file: str | Path, save
                    activation_dtype: str = "uint8") -> tuple[Path, Path]:
     """Write ``{save_path}_fake_quant_model.onnx`` and ``{save_path}_deploy_model.onnx``."""
     mod = read_modified(modified_onnx_file)
+    check_save_outputs(mod.model, modified_onnx_file, record_file, save_path)
     records = read_record(record_file)
     base = mod.base_model()
     inits = {t.name: t for t in base.graph.initializer}
@@ -104,9 +105,7 @@ def save_quantized(modified_onnx_file: str | Path, record_file: str | Path, save
         deploy = build_quantized(base, mod.plan, mod.config, records, deploy=True, activation_dtype=activation_dtype)
         for model in (fake, deploy):
             stamp_layers(model, mod.plan, mod.config)
-        save_model(fake, fake_path)
-        bar.advance()
-        save_model(deploy, deploy_path)
-        bar.advance()
+        save_models([(fake, fake_path), (deploy, deploy_path)])  # all or nothing: a previous pair stays intact on failure
+        bar.advance(2)
     logger.info("wrote %s and %s (%d layers quantized)", fake_path, deploy_path, len(mod.plan.layers))
     return fake_path, deploy_path

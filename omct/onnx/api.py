@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -11,10 +12,11 @@ import onnx
 from onnx import numpy_helper
 
 from omct.errors import ModelError
+from omct.fileio import check_outputs
 from omct.formats.config import LayerInfo, QuantConfig, load_config
 from omct.graph.calibration import CalibrationStatus, Collector
 from omct.graph.layers import LayerSpec, Refusal, find_layers
-from omct.graph.model_io import load_model
+from omct.graph.model_io import SOURCE_KEY, input_files, load_model, output_files
 from omct.graph.model_io import save_model as _save_onnx
 from omct.graph.modified import read_modified, save_quantized
 from omct.graph.normalize import NormalizeReport, default_opset, fold_batchnorm, normalize
@@ -56,6 +58,8 @@ def create_quant_config(config_file: str | os.PathLike, model_file: str | os.Pat
     activation_offset are ignored, as in AMCT. Unnamed or duplicate node names are made unique
     (``{op_type}_{index}``); pass ``updated_model`` to save the renamed model.
     """
+    check_outputs({**input_files("model_file", model_file), "config_defination": config_defination},
+                  {"config_file": config_file, **output_files("updated_model", updated_model)})
     norm, report, layers, refused = _prepare(model_file)
     if report.renamed:
         if updated_model:
@@ -84,8 +88,11 @@ def quantizable_graph(model_file: str | os.PathLike, config: QuantConfig) -> tup
 def quantize_model(config_file: str | os.PathLike, model_file: str | os.PathLike, modified_onnx_file: str | os.PathLike,
                    record_file: str | os.PathLike) -> None:
     """Write the calibration model ``modified_onnx_file``; run it with ``CalibrationSession``."""
+    check_outputs({**input_files("model_file", model_file), "config_file": config_file},
+                  {**output_files("modified_onnx_file", modified_onnx_file), "record_file": record_file})
     config = load_config(config_file)
     norm, layers = quantizable_graph(model_file, config)
+    norm.metadata_props.add(key=SOURCE_KEY, value=str(Path(model_file).resolve()))  # save_model must not overwrite it
     mod = write_modified_model(config, config_file, norm, layers, modified_onnx_file, record_file)
     logger.info("wrote %s: %d layers to calibrate, %d activation tensors observed; now run %d batch(es) through "
                 "CalibrationSession", modified_onnx_file, len(mod.plan.layers), len(mod.plan.sites), config.batch_num)

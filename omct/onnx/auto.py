@@ -15,7 +15,9 @@ from omct.auto.evaluator import AutoCalibrationEvaluatorBase
 from omct.auto.search import SearchResult, check_evaluator, measure_original, search
 from omct.auto.strategy import SearchStrategy
 from omct.errors import CalibrationError
+from omct.fileio import check_outputs
 from omct.formats.config import load_config
+from omct.graph.model_io import input_files, output_files
 from omct.onnx.api import CalibrationSession, quantizable_graph, quantize_model
 from omct.ui import logger
 
@@ -42,6 +44,19 @@ def calibrate_checked(evaluator: AutoCalibrationEvaluatorBase, model: Any) -> No
                                "batches; it must run at least batch_num batches through the model it is given")
 
 
+def auto_outputs(save_dir: Path, prefix: str, record_file: str | os.PathLike) -> dict[str, Path | str | os.PathLike]:
+    """Every file the automatic search writes (record, save_dir's results and work files), for ``check_outputs``."""
+    outs: dict[str, Path | str | os.PathLike] = {"record_file": record_file}
+    names = ["ranking_information.json", "final_config.json", "search_record.json", "work/trial_config.json",
+             "work/trial_pending_record.txt"]
+    models = ["work/modified.onnx", "work/trial_modified.onnx"] + [
+        f"{p}_{kind}_model.onnx" for p in (prefix, "work/trial", "work/all_quantized") for kind in ("fake_quant", "deploy")]
+    outs.update({f"save_dir's {n}": save_dir / n for n in names})
+    for m in models:
+        outs.update(output_files(f"save_dir's {m}", save_dir / m))
+    return outs
+
+
 def accuracy_based_auto_calibration(model_file: str | os.PathLike, model_evaluator: AutoCalibrationEvaluatorBase,
                                     config_file: str | os.PathLike, record_file: str | os.PathLike,
                                     save_dir: str | os.PathLike, strategy: str | SearchStrategy = "BinarySearch",
@@ -57,6 +72,8 @@ def accuracy_based_auto_calibration(model_file: str | os.PathLike, model_evaluat
     """
     check_evaluator(model_evaluator)
     save_dir = Path(save_dir)
+    check_outputs({**input_files("model_file", model_file), "config_file": config_file},
+                  auto_outputs(save_dir, Path(model_file).stem, record_file))
     work = save_dir / "work"
     work.mkdir(parents=True, exist_ok=True)
     config = load_config(config_file)

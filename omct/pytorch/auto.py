@@ -21,8 +21,9 @@ from omct.auto.build import InputKeeper, TrialBuilder
 from omct.auto.evaluator import AutoCalibrationEvaluatorBase
 from omct.auto.search import SearchResult, check_evaluator, measure_original, search
 from omct.auto.strategy import SearchStrategy
+from omct.fileio import check_outputs
 from omct.formats.config import load_config
-from omct.onnx.auto import calibrate_checked
+from omct.onnx.auto import auto_outputs, calibrate_checked
 from omct.pytorch.api import prepare_quantization
 from omct.pytorch.calibration import CalibrationModel
 from omct.ui import logger
@@ -79,6 +80,7 @@ def accuracy_based_auto_calibration(model: nn.Module, model_evaluator: AutoCalib
     """
     check_evaluator(model_evaluator)
     save_dir = Path(save_dir)
+    check_outputs({"config_file": config_file}, auto_outputs(save_dir, "model", record_file))
     work = save_dir / "work"
     work.mkdir(parents=True, exist_ok=True)
     config = load_config(config_file)
