@@ -201,10 +201,13 @@ def _commit(pairs: list[tuple[Path, Path]]) -> None:
             os.replace(tmp, target)
     except BaseException:
         for target, backup in reversed(moved):
-            if backup is not None:
-                os.replace(backup, target)
-            elif os.path.lexists(target):
-                os.unlink(target)
+            try:
+                if backup is not None:
+                    os.replace(backup, target)
+                elif os.path.lexists(target):
+                    os.unlink(target)
+            except OSError:  # put back all that can be; the first error is the one reported
+                continue
         raise
 
 
