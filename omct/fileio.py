@@ -44,16 +44,19 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def _case_insensitive(folder: str) -> bool:
-    """Whether ``folder`` (an existing directory) lives on a case-insensitive filesystem (macOS, Windows)."""
-    head, name = os.path.split(folder.rstrip(os.sep)) if folder.rstrip(os.sep) else ("", "")
-    swapped = name.swapcase()
-    if swapped == name:
-        return os.path.normcase("A") == os.path.normcase("a")
-    other = os.path.join(head, swapped)
-    try:
-        return os.path.samefile(folder, other)
-    except OSError:
-        return False
+    """Whether ``folder`` (an existing directory) lives on a case-insensitive filesystem (macOS, Windows): the
+    nearest folder name with letters, case swapped, still names the same folder."""
+    path = os.path.realpath(folder)
+    while True:
+        head, name = os.path.split(path)
+        if name.swapcase() != name:
+            try:
+                return os.path.samefile(path, os.path.join(head, name.swapcase()))
+            except OSError:
+                return False
+        if head == path or not name:
+            return False
+        path = head
 
 
 def same_file(a: PathLike, b: PathLike) -> bool:

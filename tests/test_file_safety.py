@@ -380,3 +380,35 @@ def test_save_models_with_external_data_is_all_or_nothing(tmp_path, rng, monkeyp
     with pytest.raises(ModelError, match=r"cannot write '.*b.onnx': No space left"):
         mio.save_models([(conv_model(rng), tmp_path / "a.onnx"), (conv_model(rng), tmp_path / "b.onnx")], external_threshold=0)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_a_previous_file_that_cannot_be_put_back_is_kept_and_named(calibrated, tmp_path, monkeypatch):
+    import omct.graph.model_io as mio
+
+    out = tmp_path / "out"
+    out.mkdir()
+    fake, deploy = out / "m_fake_quant_model.onnx", out / "m_deploy_model.onnx"
+    for p in (fake, deploy):
+        p.write_bytes(b"the previous result")
+    real = mio.os.replace
+
+    def replace(src, dst):  # the new deploy model cannot be renamed into place, and the old fake cannot go back
+        if os.fspath(dst) == os.fspath(deploy) and ".previous." not in os.fspath(src) or \
+                (os.fspath(dst) == os.fspath(fake) and ".previous." in os.fspath(src)):
+            raise OSError(5, "Input/output error")
+        return real(src, dst)
+
+    monkeypatch.setattr(mio.os, "replace", replace)
+    with pytest.raises(ModelError, match=r"Input/output error; the previous '.*m_fake_quant_model.onnx' is kept as '(.*)'") as e:
+        amct.save_model(*calibrated, str(out / "m"))
+    kept = str(e.value).rsplit("'", 2)[-2]
+    assert open(kept, "rb").read() == b"the previous result" and deploy.read_bytes() == b"the previous result"
+
+
+def test_a_folder_where_an_output_goes_is_left_alone(calibrated, tmp_path):
+    folder = tmp_path / "m_deploy_model.onnx"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(ModelError, match="is a folder"):
+        amct.save_model(*calibrated, str(tmp_path / "m"))
+    assert (folder / "notes.txt").read_text() == "mine" and not (tmp_path / "m_fake_quant_model.onnx").exists()

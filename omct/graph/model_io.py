@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -187,9 +188,13 @@ def _stage(model: onnx.ModelProto, path: Path, tmpdir: str, external_threshold: 
     return pairs
 
 
-def _commit(pairs: list[tuple[Path, Path]]) -> None:
+def _commit(pairs: list[tuple[Path, Path]], stranded: list[tuple[Path, Path]]) -> None:
     """Rename every staged file onto its target; on any failure put every previous file back, so the targets
-    hold either all the new files or exactly what they held before."""
+    hold either all the new files or exactly what they held before. A previous file that cannot be put back
+    is listed in ``stranded`` as (target, where it is now), so that it is kept, not cleaned up."""
+    for _, target in pairs:
+        if os.path.isdir(target) and not os.path.islink(target):
+            raise IsADirectoryError(errno.EISDIR, f"'{target}' is a folder", str(target))
     moved: list[tuple[Path, Path | None]] = []
     try:
         for tmp, target in pairs:
@@ -207,7 +212,8 @@ def _commit(pairs: list[tuple[Path, Path]]) -> None:
                 elif os.path.lexists(target):
                     os.unlink(target)
             except OSError:  # put back all that can be; the first error is the one reported
-                continue
+                if backup is not None:
+                    stranded.append((target, backup))
         raise
 
 
@@ -228,11 +234,15 @@ def save_models(items: list[tuple[onnx.ModelProto, str | Path]],
                 staged += _stage(model, path, tmpdirs[-1], external_threshold)
             except OSError as e:
                 raise ModelError(f"cannot write '{path}': {e.strerror or e}") from None
+        stranded: list[tuple[Path, Path]] = []
         try:
-            _commit(staged)
+            _commit(staged, stranded)
         except OSError as e:
             targets = "', '".join(str(target) for _, target in staged)
-            raise ModelError(f"cannot write '{targets}': {e.strerror or e}; the previous files were left as they were") from None
+            kept = "; ".join(f"the previous '{t}' is kept as '{b}'" for t, b in stranded)
+            tmpdirs = [d for d in tmpdirs if not any(str(b).startswith(d + os.sep) for _, b in stranded)]
+            kept = kept or "the previous files were left as they were"
+            raise ModelError(f"cannot write '{targets}': {e.strerror or e}; {kept}") from None
         return [target for _, target in staged]
     finally:
         for tmpdir in tmpdirs:
