@@ -161,7 +161,7 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
-def save_model(model: onnx.ModelProto, path: str | Path, external_threshold: int = EXTERNAL_DATA_THRESHOLD) -> list[Path]:
+def save_model(model: onnx.ModelProto, path: str | Path, external_threshold: int | None = None) -> list[Path]:
     """Write ``model`` to ``path`` atomically; tensors go to ``<name>.data`` when the model is too large.
 
     Returns the files written. Nothing is left half-written (see ``save_models``).
@@ -217,13 +217,14 @@ def _commit(pairs: list[tuple[Path, Path]], stranded: list[tuple[Path, Path]]) -
         raise
 
 
-def save_models(items: list[tuple[onnx.ModelProto, str | Path]],
-                external_threshold: int = EXTERNAL_DATA_THRESHOLD) -> list[Path]:
+def save_models(items: list[tuple[onnx.ModelProto, str | Path]], external_threshold: int | None = None) -> list[Path]:
     """Write several models all-or-nothing: each is built in a temporary folder beside its target, then all
     are renamed into place. If any write fails, no target is changed (a previous result stays intact).
 
-    Returns the files written.
+    Returns the files written. ``external_threshold`` defaults to EXTERNAL_DATA_THRESHOLD (read at call time).
     """
+    if external_threshold is None:
+        external_threshold = EXTERNAL_DATA_THRESHOLD
     staged: list[tuple[Path, Path]] = []
     tmpdirs: list[str] = []
     try:
