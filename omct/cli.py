@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from omct.errors import OmctError
+from omct.fileio import atomic_write_text, check_outputs
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -127,24 +128,29 @@ def _latency(path: Path, feeds: dict[str, np.ndarray], runs: int = 50, threads: 
 
 def cmd_quantize(args) -> int:
     import omct.onnx as amct
+    from omct.graph.model_io import input_files, output_files
 
+    out = Path(args.out)
+    work = Path(str(out) + "_work")
+    own_config = bool(args.config and args.config.endswith(".json"))
+    config = Path(args.config) if own_config else work / "config.json"
+    written = ["record.txt"] + ["config.json"] * (not own_config) + ["algo.cfg"] * bool(args.algo and not args.config)
+    check_outputs({**input_files("model", args.model), "--calib": args.calib, "--config": args.config},
+                  {**{f"--out's {n}": work / n for n in written}, **output_files("--out's modified.onnx", work / "modified.onnx"),
+                   **output_files("--out's fake-quant model", f"{out}_fake_quant_model.onnx"),
+                   **output_files("--out's deploy model", f"{out}_deploy_model.onnx")})
     batches = _load_batches(args.calib, _model_inputs(args.model), args.batch_size, args)
     batch_num = args.batch_num or len(batches)
     if batch_num > len(batches):
         raise OmctError(f"--batch-num {batch_num} needs {batch_num} batches of {args.batch_size}, but '{args.calib}' "
                         f"holds only {len(batches)}")
-    out = Path(args.out)
-    work = Path(str(out) + "_work")
     work.mkdir(parents=True, exist_ok=True)
-    config = work / "config.json"
-    if args.config and args.config.endswith(".json"):
-        config = Path(args.config)
-    else:
+    if not own_config:
         cfg_text = None
         if args.algo and not args.config:
             cfg_text = f"batch_num: {batch_num}\ncommon_config {{ {args.algo}_quantize {{ }} }}\n" + "".join(
                 f'skip_layers: "{s}"\n' for s in args.skip or [])
-            (work / "algo.cfg").write_text(cfg_text)
+            atomic_write_text(work / "algo.cfg", cfg_text)
         amct.create_quant_config(str(config), args.model, skip_layers=args.skip, batch_num=batch_num,
                                  config_defination=args.config or (str(work / "algo.cfg") if cfg_text else None))
     modified, record = work / "modified.onnx", work / "record.txt"
@@ -163,7 +169,12 @@ def cmd_analyze(args) -> int:
 
     from omct.analysis import analyze
     from omct.analysis.report import write_html
+    from omct.graph.model_io import input_files
 
+    quant = Path(args.quant_model)
+    html_path = Path(args.report) if args.report else quant.with_name(quant.stem + "_analysis.html")
+    check_outputs({**input_files("float_model", args.float_model), **input_files("quant_model", args.quant_model),
+                   "--data": args.data}, {"--report": html_path, "--json": args.json})
     batches = _load_batches(args.data, _model_inputs(args.float_model), args.batch_size, args)
     if args.batches:
         batches = batches[:args.batches]
@@ -182,13 +193,9 @@ def cmd_analyze(args) -> int:
         console.print(f"suggested skip_layers: {report.suggested_skip_layers()}")
     else:
         console.print(f"no layer below cosine {args.threshold}")
-    quant = Path(args.quant_model)
-    html_path = Path(args.report) if args.report else quant.with_name(quant.stem + "_analysis.html")
     write_html(report, html_path, title=f"omct analysis: {Path(args.quant_model).name}")
     console.print(f"report: {html_path}")
     if args.json:
-        from omct.fileio import atomic_write_text
-
         atomic_write_text(args.json, json.dumps(report.to_dict(), indent=2))
     return 0
 

@@ -23,3 +23,7 @@ class RecordError(OmctError):
 
 class QuantizationError(OmctError):
     """A layer cannot be quantized with the requested parameters (e.g. bias overflow)."""
+
+
+class OutputPathError(OmctError):
+    """An output path would overwrite an input file (or another output) of the same call."""

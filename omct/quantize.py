@@ -27,7 +27,7 @@ from omct.errors import CalibrationError, ConfigError, OmctError
 from omct.formats.config import QuantConfig
 from omct.formats.record import LayerRecord, write_pending_record, write_record
 from omct.graph.export import deploy_model, fake_quant_model
-from omct.graph.model_io import save_model
+from omct.graph.model_io import save_models
 from omct.graph.modified import make_modified, stamp_layers
 from omct.graph.ops import LayerSpec
 from omct.graph.plan import Plan, build_plan, with_float_layers
@@ -232,10 +232,8 @@ class QuantizedModel:
         deploy_path = Path(save_path + "_deploy_model.onnx")
         with progress("exporting", 2) as bar:
             models = (self.base, self.base) if self.all_float else (self.fake_quant_model(), self.deploy_model())
-            save_model(models[0], fake_path)
-            bar.advance()
-            save_model(models[1], deploy_path)
-            bar.advance()
+            save_models([(models[0], fake_path), (models[1], deploy_path)])  # all or nothing: a previous pair stays
+            bar.advance(2)
         logger.info("wrote %s and %s (%d layers quantized)", fake_path, deploy_path, len(self.plan.layers))
         return fake_path, deploy_path
 

@@ -16,6 +16,7 @@ from omct.formats.config import QuantConfig, build_config, check_layer_names, sa
 from omct.formats.record import LayerRecord, read_record, write_pending_record
 from omct.frontend import PreparedModel
 from omct.graph import metadata
+from omct.graph.model_io import check_save_outputs
 from omct.graph.model_io import save_model as save_onnx
 from omct.graph.modified import ModifiedModel, make_modified, read_modified
 from omct.graph.ops import LayerSpec, Refusal
@@ -62,7 +63,8 @@ def check_config_against_model(config: QuantConfig, layers: list[LayerSpec], con
 
 
 def write_modified_model(config: QuantConfig, config_file: str | os.PathLike, prepared: PreparedModel,
-                         modified_onnx_file: str | os.PathLike, record_file: str | os.PathLike) -> ModifiedModel:
+                         modified_onnx_file: str | os.PathLike, record_file: str | os.PathLike,
+                         model_file: str | os.PathLike | None = None) -> ModifiedModel:
     """Plan the layers the config enables, save the modified model and a pending record file (AMCT's
     ``quantize_model``)."""
     check_config_against_model(config, prepared.layers, config_file)
@@ -71,6 +73,8 @@ def write_modified_model(config: QuantConfig, config_file: str | os.PathLike, pr
         raise ConfigError(f"{config_file}: no layer has quant_enable true; nothing to quantize")
     mod = make_modified(prepared.model, plan, config, observed_tensors(plan, config))
     mod.model.metadata_props.add(key=metadata.RECORD_FILE, value=str(Path(record_file).resolve()))
+    if model_file is not None:  # so that save_model can refuse to overwrite it
+        mod.model.metadata_props.add(key=metadata.MODEL_FILE, value=str(Path(model_file).resolve()))
     save_onnx(mod.model, modified_onnx_file)
     write_pending_record(record_file, 0, config.batch_num, list(plan.layers))
     return mod
@@ -93,9 +97,8 @@ def check_record(plan: Plan, records: dict[str, LayerRecord], record_file: str, 
             raise RecordError(f"record file '{record_file}': layer '{name}' has no output factors (scale_o)")
 
 
-def load_quantized(modified_onnx_file: str | os.PathLike, record_file: str | os.PathLike) -> QuantizedModel:
+def quantized_from(mod: ModifiedModel, record_file: str | os.PathLike) -> QuantizedModel:
     """The calibrated model that AMCT's two files describe: the modified model and its record."""
-    mod = read_modified(modified_onnx_file)
     records = read_record(record_file)
     base = mod.base_model()
     inits = {t.name: t for t in base.graph.initializer}
@@ -110,4 +113,6 @@ def load_quantized(modified_onnx_file: str | os.PathLike, record_file: str | os.
 def save_model(modified_onnx_file: str | os.PathLike, record_file: str | os.PathLike,
                save_path: str | os.PathLike) -> tuple[Path, Path]:
     """AMCT's ``save_model``: write ``save_path + '_fake_quant_model.onnx'`` and ``save_path + '_deploy_model.onnx'``."""
-    return load_quantized(modified_onnx_file, record_file).save(save_path)
+    mod = read_modified(modified_onnx_file)
+    check_save_outputs(mod.model, modified_onnx_file, record_file, save_path)  # before anything is written
+    return quantized_from(mod, record_file).save(save_path)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,10 @@ from omct.auto.evaluator import AutoCalibrationEvaluatorBase
 from omct.auto.search import SearchResult, check_evaluator, measure_original, search
 from omct.auto.strategy import SearchStrategy
 from omct.errors import CalibrationError
+from omct.fileio import check_outputs
 from omct.formats.config import load_config
 from omct.frontend import PreparedModel
-from omct.graph.model_io import save_model
+from omct.graph.model_io import output_files, save_model
 from omct.quantize import QuantizedModel
 from omct.ui import logger
 
@@ -37,6 +38,7 @@ class AutoTarget:
     as_evaluated: Callable[[Path], Any]  # a fake-quant model file -> what evaluate() gets
     feeds: Callable[[PreparedModel, list], list[dict]]  # kept calibration inputs -> feeds of the prepared graph
     prefix: str  # file name prefix of the final models in save_dir
+    inputs: dict = field(default_factory=dict)  # argument name -> input file, which no output may overwrite
 
 
 def calibrate_checked(evaluator: AutoCalibrationEvaluatorBase, model: Any) -> None:
@@ -47,11 +49,23 @@ def calibrate_checked(evaluator: AutoCalibrationEvaluatorBase, model: Any) -> No
                                "batches; it must run at least batch_num batches through the model it is given")
 
 
+def auto_outputs(save_dir: Path, prefix: str, record_file: str | os.PathLike) -> dict[str, Path | str | os.PathLike]:
+    """Every file the automatic search writes (record, save_dir's results and work files), for ``check_outputs``."""
+    outs: dict[str, Path | str | os.PathLike] = {"record_file": record_file}
+    names = ["ranking_information.json", "final_config.json", "search_record.json"]
+    outs.update({f"save_dir's {n}": save_dir / n for n in names})
+    for m in ["work/modified.onnx", "work/trial_fake_quant_model.onnx"] + [
+            f"{prefix}_{kind}_model.onnx" for kind in ("fake_quant", "deploy")]:
+        outs.update(output_files(f"save_dir's {m}", save_dir / m))
+    return outs
+
+
 def run_auto_calibration(target: AutoTarget, evaluator: AutoCalibrationEvaluatorBase, config_file: str | os.PathLike,
-                         save_dir: str | os.PathLike, strategy: str | SearchStrategy, sensitivity: str | Sensitivity,
-                         ranking_memory_mb: float) -> SearchResult:
+                         record_file: str | os.PathLike, save_dir: str | os.PathLike, strategy: str | SearchStrategy,
+                         sensitivity: str | Sensitivity, ranking_memory_mb: float) -> SearchResult:
     check_evaluator(evaluator)
     save_dir = Path(save_dir)
+    check_outputs({**target.inputs, "config_file": config_file}, auto_outputs(save_dir, target.prefix, record_file))
     work = save_dir / "work"
     work.mkdir(parents=True, exist_ok=True)
     config = load_config(config_file)

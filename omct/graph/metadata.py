@@ -13,6 +13,7 @@ PLAN = "omct.plan"
 CONFIG = "omct.config"
 ADDED_OUTPUTS = "omct.calibration_outputs"
 RECORD_FILE = "omct.record_file"
+MODEL_FILE = "omct.model_file"  # the model a modified model was made from: save_model must not overwrite it
 LAYERS = "omct.layers"
 FUSION = "omct.fusion"
 PREFIX = "omct."

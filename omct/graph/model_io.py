@@ -2,25 +2,36 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
+from onnx import TensorProto
 
 from omct.errors import ModelError
-from omct.fileio import prepare_parent
+from omct.fileio import check_outputs, prepare_parent
+from omct.graph import metadata
 
 #: Protobuf cannot serialise more than 2 GiB; models whose tensors approach it are saved with external data.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 #: The newest IR version ONNX Runtime 1.2x-1.3x loads; onnx's helpers may stamp a newer one.
 MAX_IR_VERSION = 10
+#: ``input_files`` reads a model's external-data references only from files up to this size: a model whose
+#: weights live outside is small, and parsing a big self-contained model twice would cost seconds and GBs.
+PEEK_LIMIT = 64 * 2**20
 
 
 def load_model(path: str | Path, what: str = "model") -> onnx.ModelProto:
-    """Load ``path`` (external data included) or raise ModelError saying what is wrong."""
+    """Load ``path`` (external data included) or raise ModelError saying what is wrong.
+
+    The graph and the external-data references are checked before any weight is read, so a broken model
+    fails with one line naming the node, tensor or file instead of a raw onnx error.
+    """
     path = Path(path)
     if not path.exists():
         raise ModelError(f"{what} file '{path}' does not exist")
@@ -29,13 +40,116 @@ def load_model(path: str | Path, what: str = "model") -> onnx.ModelProto:
     if path.stat().st_size == 0:
         raise ModelError(f"{what} file '{path}' is empty")
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as e:
         raise ModelError(f"{what} file '{path}' is not a readable ONNX model ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else 'parse failed'}); is it corrupt or another format?") from None
     if not model.graph.node or not model.opset_import:
         raise ModelError(f"{what} file '{path}' is not an ONNX model (no graph nodes or opset); is it another format?")
+    check_graph(model.graph, set(), f"{what} file '{path}'")
+    if external_data_files(model, path, what):
+        try:
+            onnx.load_external_data_for_model(model, str(path.parent))
+        except (onnx.checker.ValidationError, ValueError, OSError) as e:  # races and checks newer onnx adds
+            raise ModelError(f"{what} file '{path}': cannot read its external data ({str(e).splitlines()[0]})") from None
     return model
+
+
+def check_graph(graph: onnx.GraphProto, outer: set[str], where: str) -> None:
+    """Every tensor a node reads, and every graph output, must be produced by something (onnx's full checker
+    also rejects models ONNX Runtime runs, such as outputs typed without a shape, so only this is checked)."""
+    known = set(outer) | {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    known |= {t.values.name for t in graph.sparse_initializer}
+    known |= {o for node in graph.node for o in node.output if o}
+    for i, node in enumerate(graph.node):
+        for t in node.input:
+            if t and t not in known:
+                label = f"'{node.name}'" if node.name else f"#{i}"
+                raise ModelError(f"{where}: node {label} ({node.op_type}) reads tensor '{t}', which no node, graph input "
+                                 "or initializer produces; the model is broken (truncated or edited?): export it again")
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                check_graph(sub, known, where)
+    for o in graph.output:
+        if o.name not in known:
+            raise ModelError(f"{where}: graph output '{o.name}' is produced by no node, input or initializer; "
+                             "the model is broken (truncated or edited?): export it again")
+
+
+def _tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _tensors(sub)
+
+
+def external_data_files(model: onnx.ModelProto, path: str | Path, what: str = "model") -> list[Path]:
+    """The data files ``model`` (read from ``path``) keeps tensors in; ModelError when one is missing, too
+    short, or outside the model's folder (a model may only read files beside it, as onnx >= 1.16 enforces)."""
+    path = Path(path)
+    folder = os.path.realpath(path.parent)
+    files: dict[str, Path] = {}
+    for t in _tensors(model.graph):
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        location = info.get("location", "")
+        where = f"{what} file '{path}': tensor '{t.name}'"
+        if not location:
+            raise ModelError(f"{where} is stored externally but names no data file (no 'location'); export it again")
+        full = os.path.realpath(os.path.join(folder, location))
+        if os.path.isabs(location) or os.path.commonpath([folder, full]) != folder:
+            raise ModelError(f"{where} reads its data from '{location}', outside the model's folder '{path.parent}'; "
+                             "refused: a model may only read data files beside it. Move the file next to the model and "
+                             "set its location to the bare file name")
+        if not os.path.isfile(full):
+            raise ModelError(f"{where} keeps its data in '{Path(path.parent, location)}', which is missing; copy the "
+                             "data file saved with the model next to it")
+        offset, length = int(info.get("offset") or 0), info.get("length")
+        size = os.path.getsize(full)
+        if offset > size or (length is not None and offset + int(length) > size):
+            raise ModelError(f"{where} needs bytes {offset}..{offset + int(length or 0)} of '{Path(path.parent, location)}', "
+                             f"which has {size}; is the data file truncated or from another model?")
+        files.setdefault(full, Path(path.parent, location))
+    return list(files.values())
+
+
+def input_files(name: str, path: str | os.PathLike | None) -> dict[str, str | os.PathLike | None]:
+    """``{name: path}`` plus the external-data files the model reads, for ``fileio.check_outputs``: an output
+    must not overwrite those either. Unreadable models are left to ``load_model`` to report."""
+    files: dict[str, str | os.PathLike | None] = {name: path}
+    if path is None or not os.path.isfile(path) or os.path.getsize(path) > PEEK_LIMIT:
+        return files
+    try:
+        model = onnx.load(os.fspath(path), load_external_data=False)
+        data = external_data_files(model, path)
+    except Exception:  # noqa: BLE001 - load_model reports it in one line later
+        return files
+    files.update({f"{name}'s external data file" + (f" #{i + 1}" if len(data) > 1 else ""): f for i, f in enumerate(data)})
+    return files
+
+
+def output_files(name: str, path: str | os.PathLike | None) -> dict[str, str | os.PathLike | None]:
+    """``{name: path}`` plus the ``.data`` file ``save_model`` writes beside it for a large model."""
+    return {name: path} if path is None else {name: path, f"{name}'s external data file": f"{os.fspath(path)}.data"}
+
+
+def check_save_outputs(modified: onnx.ModelProto, modified_file: str | os.PathLike, record_file: str | os.PathLike,
+                       save_path: str | os.PathLike) -> None:
+    """save_model's outputs must not overwrite the modified model, its record(s) or the model it was made from."""
+    meta, prefix = metadata.read(modified), os.fspath(save_path)
+    check_outputs({**input_files("modified_onnx_file", modified_file), "record_file": record_file,
+                   "record file named in modified_onnx_file": meta.get(metadata.RECORD_FILE),
+                   "original model_file": meta.get(metadata.MODEL_FILE)},
+                  {**output_files("save_path's fake-quant model", prefix + "_fake_quant_model.onnx"),
+                   **output_files("save_path's deploy model", prefix + "_deploy_model.onnx")})
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
@@ -46,35 +160,90 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
-def save_model(model: onnx.ModelProto, path: str | Path, external_threshold: int = EXTERNAL_DATA_THRESHOLD) -> list[Path]:
+def save_model(model: onnx.ModelProto, path: str | Path, external_threshold: int | None = None) -> list[Path]:
     """Write ``model`` to ``path`` atomically; tensors go to ``<name>.data`` when the model is too large.
 
-    Returns the files written. Nothing is left half-written: files are built in a temporary folder beside
-    the target and renamed into place, data file first.
+    Returns the files written. Nothing is left half-written (see ``save_models``).
     """
-    path = prepare_parent(path)
+    return save_models([(model, path)], external_threshold)
+
+
+def _stage(model: onnx.ModelProto, path: Path, tmpdir: str, external_threshold: int) -> list[tuple[Path, Path]]:
+    """Write ``model`` into ``tmpdir``; returns (temporary file, target) pairs, data file first."""
     if model.ir_version > MAX_IR_VERSION:
         model.ir_version = MAX_IR_VERSION
-    external = tensor_bytes(model) > external_threshold
-    tmpdir = tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.")
+    tmp_model = Path(tmpdir) / path.name
+    if tensor_bytes(model) <= external_threshold:
+        onnx.save_model(model, str(tmp_model))
+        return [(tmp_model, path)]
+    data_name = path.name + ".data"
+    to_save = onnx.ModelProto()
+    to_save.CopyFrom(model)
+    onnx.save_model(to_save, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_name, size_threshold=256)
+    pairs = [(tmp_model, path)]
+    if (Path(tmpdir) / data_name).exists():  # absent when no tensor reached size_threshold
+        pairs.insert(0, (Path(tmpdir) / data_name, path.parent / data_name))
+    return pairs
+
+
+def _commit(pairs: list[tuple[Path, Path]], stranded: list[tuple[Path, Path]]) -> None:
+    """Rename every staged file onto its target; on any failure put every previous file back, so the targets
+    hold either all the new files or exactly what they held before. A previous file that cannot be put back
+    is listed in ``stranded`` as (target, where it is now), so that it is kept, not cleaned up."""
+    for _, target in pairs:
+        if os.path.isdir(target) and not os.path.islink(target):
+            raise IsADirectoryError(errno.EISDIR, f"'{target}' is a folder", str(target))
+    moved: list[tuple[Path, Path | None]] = []
     try:
-        tmp_model = Path(tmpdir) / path.name
-        if external:
-            data_name = path.name + ".data"
-            to_save = onnx.ModelProto()
-            to_save.CopyFrom(model)
-            onnx.save_model(to_save, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=256)
-            written = [path]
-            if (Path(tmpdir) / data_name).exists():  # absent when no tensor reached size_threshold
-                os.replace(Path(tmpdir) / data_name, path.parent / data_name)
-                written.insert(0, path.parent / data_name)
-        else:
-            onnx.save_model(model, str(tmp_model))
-            written = [path]
-        os.replace(tmp_model, path)
-        return written
-    except OSError as e:
-        raise ModelError(f"cannot write '{path}': {e.strerror or e}") from None
+        for tmp, target in pairs:
+            backup = None
+            if os.path.lexists(target):
+                backup = tmp.with_name(f".previous.{tmp.name}")
+                os.replace(target, backup)
+            moved.append((target, backup))
+            os.replace(tmp, target)
+    except BaseException:
+        for target, backup in reversed(moved):
+            try:
+                if backup is not None:
+                    os.replace(backup, target)
+                elif os.path.lexists(target):
+                    os.unlink(target)
+            except OSError:  # put back all that can be; the first error is the one reported
+                if backup is not None:
+                    stranded.append((target, backup))
+        raise
+
+
+def save_models(items: list[tuple[onnx.ModelProto, str | Path]], external_threshold: int | None = None) -> list[Path]:
+    """Write several models all-or-nothing: each is built in a temporary folder beside its target, then all
+    are renamed into place. If any write fails, no target is changed (a previous result stays intact).
+
+    Returns the files written. ``external_threshold`` defaults to EXTERNAL_DATA_THRESHOLD (read at call time).
+    """
+    if external_threshold is None:
+        external_threshold = EXTERNAL_DATA_THRESHOLD
+    staged: list[tuple[Path, Path]] = []
+    tmpdirs: list[str] = []
+    try:
+        for model, path in items:
+            path = prepare_parent(path)
+            try:
+                tmpdirs.append(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+                staged += _stage(model, path, tmpdirs[-1], external_threshold)
+            except OSError as e:
+                raise ModelError(f"cannot write '{path}': {e.strerror or e}") from None
+        stranded: list[tuple[Path, Path]] = []
+        try:
+            _commit(staged, stranded)
+        except OSError as e:
+            targets = "', '".join(str(target) for _, target in staged)
+            kept = "; ".join(f"the previous '{t}' is kept as '{b}'" for t, b in stranded)
+            tmpdirs = [d for d in tmpdirs if not any(str(b).startswith(d + os.sep) for _, b in stranded)]
+            kept = kept or "the previous files were left as they were"
+            raise ModelError(f"cannot write '{targets}': {e.strerror or e}; {kept}") from None
+        return [target for _, target in staged]
     finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        for tmpdir in tmpdirs:
+            shutil.rmtree(tmpdir, ignore_errors=True)

@@ -10,9 +10,10 @@ import numpy as np
 import onnx
 
 from omct.errors import ModelError
+from omct.fileio import check_outputs
 from omct.formats.config import QuantConfig, load_config
 from omct.frontend import PreparedModel
-from omct.graph.model_io import load_model
+from omct.graph.model_io import input_files, load_model, output_files
 from omct.graph.model_io import save_model as _save_onnx
 from omct.graph.modified import read_modified
 from omct.graph.normalize import NormalizeReport, default_opset, fold_batchnorm, normalize
@@ -75,6 +76,8 @@ def create_quant_config(config_file: str | os.PathLike, model_file: str | os.Pat
     activation_offset are ignored, as in AMCT. Unnamed or duplicate node names are made unique
     (``{op_type}_{index}``); pass ``updated_model`` to save the renamed model.
     """
+    check_outputs({**input_files("model_file", model_file), "config_defination": config_defination},
+                  {"config_file": config_file, **output_files("updated_model", updated_model)})
     report = NormalizeReport()
     prepared = prepare(model_file, report=report)
     if report.renamed:
@@ -91,8 +94,11 @@ def create_quant_config(config_file: str | os.PathLike, model_file: str | os.Pat
 def quantize_model(config_file: str | os.PathLike, model_file: str | os.PathLike, modified_onnx_file: str | os.PathLike,
                    record_file: str | os.PathLike) -> None:
     """Write the calibration model ``modified_onnx_file``; run it with ``CalibrationSession``."""
+    check_outputs({**input_files("model_file", model_file), "config_file": config_file},
+                  {**output_files("modified_onnx_file", modified_onnx_file), "record_file": record_file})
     config = load_config(config_file)
-    mod = write_modified_model(config, config_file, prepare(model_file, config), modified_onnx_file, record_file)
+    mod = write_modified_model(config, config_file, prepare(model_file, config), modified_onnx_file, record_file,
+                               model_file)
     logger.info("wrote %s: %d layers to calibrate, %d activation tensors observed; now run %d batch(es) through "
                 "CalibrationSession", modified_onnx_file, len(mod.plan.layers), len(mod.plan.sites), config.batch_num)
 

@@ -11,6 +11,7 @@ from omct.auto.flow import AutoTarget, run_auto_calibration
 from omct.auto.search import SearchResult
 from omct.auto.strategy import SearchStrategy
 from omct.formats.config import load_config
+from omct.graph.model_io import input_files
 from omct.onnx.api import CalibrationSession, prepare
 from omct.workflow import write_modified_model
 
@@ -32,9 +33,10 @@ def accuracy_based_auto_calibration(model_file: str | os.PathLike, model_evaluat
 
     def start(modified: Path):
         prepared = prepare(model_file, load_config(config_file))
-        write_modified_model(load_config(config_file), config_file, prepared, modified, record_file)
+        write_modified_model(load_config(config_file), config_file, prepared, modified, record_file, model_file)
         return prepared, CalibrationSession(modified)
 
     target = AutoTarget(original=str(model_file), start=start, as_evaluated=str, feeds=lambda _prepared, kept: kept,
-                        prefix=Path(model_file).stem)
-    return run_auto_calibration(target, model_evaluator, config_file, save_dir, strategy, sensitivity, ranking_memory_mb)
+                        prefix=Path(model_file).stem, inputs=input_files("model_file", model_file))
+    return run_auto_calibration(target, model_evaluator, config_file, record_file, save_dir, strategy, sensitivity,
+                                ranking_memory_mb)

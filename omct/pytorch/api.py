@@ -9,8 +9,10 @@ from dataclasses import dataclass
 from torch import nn
 
 from omct.errors import ModelError
+from omct.fileio import check_outputs
 from omct.formats.config import QuantConfig, load_config
 from omct.frontend import PreparedModel
+from omct.graph.model_io import output_files
 from omct.graph.modified import ModifiedModel
 from omct.graph.ops import LayerSpec, Refusal
 from omct.pytorch.calibration import CalibrationModel
@@ -69,6 +71,7 @@ def create_quant_config(config_file: str | os.PathLike, model: nn.Module, input_
     With ``config_defination`` (a simplified .cfg) skip_layers, batch_num and activation_offset are ignored.
     Layer types in the .cfg are PyTorch's: Conv2d, Linear, ConvTranspose2d, AvgPool2d, Conv1d, Conv3d.
     """
+    check_outputs({"config_defination": config_defination}, {"config_file": config_file})
     as_args(input_data)
     traced = trace_model(_eval_copy(model), input_data)
     write_quant_config(config_file, prepare(traced, model), skip_layers=skip_layers, batch_num=batch_num,
@@ -83,6 +86,8 @@ def quantize_model(config_file: str | os.PathLike, modified_onnx_model: str | os
     Run ``batch_num`` forward passes through the returned module (it computes what ``model`` computes, on
     the model's own device); then the record file holds the factors and ``save_model`` can run.
     """
+    check_outputs({"config_file": config_file},
+                  {**output_files("modified_onnx_model", modified_onnx_model), "record_file": record_file})
     config = load_config(config_file)
     work, traced, mod = prepare_quantization(config, config_file, modified_onnx_model, record_file, model, input_data,
                                              input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes)

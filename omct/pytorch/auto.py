@@ -73,4 +73,5 @@ def accuracy_based_auto_calibration(model: nn.Module, model_evaluator: AutoCalib
         return [dict(zip(names, arrays, strict=False)) for arrays in kept]
 
     target = AutoTarget(original=model, start=start, as_evaluated=OnnxModule, feeds=feeds, prefix="model")
-    return run_auto_calibration(target, model_evaluator, config_file, save_dir, strategy, sensitivity, ranking_memory_mb)
+    return run_auto_calibration(target, model_evaluator, config_file, record_file, save_dir, strategy, sensitivity,
+                                ranking_memory_mb)
