@@ -89,7 +89,7 @@ def check_record(plan: Plan, records: dict[str, LayerRecord], record_file: str, 
     for name, spec in plan.layers.items():
         rec = records[name]
         if spec.weight is not None:
-            channels = weight_shape(spec.weight)[spec.weight_axis]
+            channels = 1 if spec.weight_axis is None else weight_shape(spec.weight)[spec.weight_axis]
             if len(rec.scale_w) not in (1, channels):
                 raise RecordError(f"record file '{record_file}': layer '{name}' has {len(rec.scale_w)} weight scales "
                                   f"but its weight has {channels} output channels: the record belongs to another model")

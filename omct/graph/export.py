@@ -183,7 +183,10 @@ def build(builder: _Builder, plan: Plan, config: QuantConfig, records: dict[str,
             bias = numpy_helper.to_array(b.inits[spec.bias]).astype(np.float32)
             if len(rec.bias_correction) == bias.size:
                 bias = (bias.astype(np.float64) + np.asarray(rec.bias_correction)).astype(np.float32)
-            bias_scale = (np.broadcast_to(wp.scale, bias.shape).astype(np.float64) * rec.scale_d).astype(np.float32)
+            # per-channel weight scales, repeated for each group when the weight holds one group's outputs
+            # (grouped ConvTranspose: weight (in, out / group, k...))
+            channel_scale = np.tile(wp.scale, bias.size // wp.scale.size) if wp.scale.size > 1 else wp.scale
+            bias_scale = (np.broadcast_to(channel_scale, bias.shape).astype(np.float64) * rec.scale_d).astype(np.float32)
             try:
                 qb = quantize_bias(bias, bias_scale, 1.0)
             except OverflowError as e:

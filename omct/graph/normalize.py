@@ -4,6 +4,9 @@
   Identity nodes of an initializer (torch.onnx.export stores equal-valued parameters once and feeds the
   others through Identity: every zero bias of a freshly initialised Hugging Face model).
 * Opsets below 13 are upgraded to 13 (per-channel QuantizeLinear/DequantizeLinear need it), or refused.
+* Gemm's alpha and beta are folded into its constant B and C, transA becomes a Transpose in front, a constant
+  C that broadcasts along the rows becomes a 1-D bias and any other constant C an Add after the Gemm, so that
+  every Gemm is the plain ``A @ B' + bias`` that ONNX Runtime fuses into QGemm.
 * Unnamed nodes are named ``{op_type}_{index}``, duplicate names get ``_1``, ``_2`` ...: stable and unique.
 * Conv + BatchNormalization is folded (``do_fusion``), except for ``skip_fusion_layers``.
 """
@@ -27,6 +30,7 @@ class NormalizeReport:
     constants_moved: int = 0
     opset_from: int | None = None
     folded: list[tuple[str, str]] = field(default_factory=list)  # (conv, bn)
+    gemms_rewritten: list[str] = field(default_factory=list)  # Gemm nodes whose alpha/beta/transA were folded
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -121,7 +125,69 @@ def normalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, NormalizeReport]
     constants_to_initializers(out, report)
     constant_identities_to_initializers(out, report)
     name_nodes(out, report)
+    plain_gemms(out, report)
     return out, report
+
+
+def plain_gemms(model: onnx.ModelProto, report: NormalizeReport) -> None:
+    """Fold alpha into a constant B and beta into a constant C (new initializers: shared ones stay intact), and
+    turn transA into a Transpose of A. The rewritten graph computes the same; what cannot be folded (a computed
+    B or C) is left for the Gemm handler to refuse."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    added: list[tuple[int, onnx.NodeProto]] = []
+
+    def scaled(name: str, factor: float, new_name: str) -> str:
+        value = (numpy_helper.to_array(inits[name]).astype(np.float64) * factor).astype(np.float32)
+        graph.initializer.append(numpy_helper.from_array(value, new_name))
+        inits[new_name] = graph.initializer[-1]
+        return new_name
+
+    for position, node in enumerate(graph.node):
+        if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx"):
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        alpha, beta, trans_a = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0)), int(attrs.get("transA", 0))
+        has_c = len(node.input) > 2 and bool(node.input[2])
+        changed = False
+        if alpha != 1.0 and node.input[1] in inits:
+            node.input[1] = scaled(node.input[1], alpha, f"{node.name}.B_alpha")
+            alpha, changed = 1.0, True
+        if beta != 1.0 and (not has_c or node.input[2] in inits):
+            if has_c:
+                node.input[2] = scaled(node.input[2], beta, f"{node.name}.C_beta")
+            beta, changed = 1.0, True
+        if has_c and node.input[2] in inits and node.input[1] in inits:
+            c = numpy_helper.to_array(inits[node.input[2]])
+            b_dims = inits[node.input[1]].dims
+            n_out = b_dims[0] if attrs.get("transB", 0) else b_dims[-1]
+            if c.shape != (n_out,) and (c.size == 1 or c.shape == (1, n_out)):  # the same value for every row
+                bias = np.broadcast_to(c.reshape(-1), (n_out,)).astype(c.dtype)
+                graph.initializer.append(numpy_helper.from_array(bias, f"{node.name}.bias"))
+                inits[f"{node.name}.bias"] = graph.initializer[-1]
+                node.input[2], changed = f"{node.name}.bias", True
+            elif c.shape != (n_out,):  # a value per row: an elementwise Add after the product
+                product = f"{node.name}.product"
+                added.append((position + 1, onnx.helper.make_node("Add", [product, node.input[2]], [node.output[0]],
+                                                                   name=f"{node.name}.C")))
+                node.output[0] = product
+                del node.input[2]
+                changed = True
+        if trans_a and node.input[1] in inits:
+            transposed = f"{node.name}.A_transposed"
+            added.append((position, onnx.helper.make_node("Transpose", [node.input[0]], [transposed], perm=[1, 0],
+                                                           name=f"{node.name}.transA")))
+            node.input[0] = transposed
+            trans_a, changed = 0, True
+        if changed:
+            keep = [a for a in node.attribute if a.name not in ("alpha", "beta", "transA")]
+            del node.attribute[:]
+            node.attribute.extend(keep)
+            node.attribute.extend(onnx.helper.make_attribute(k, v) for k, v in
+                                  (("alpha", alpha), ("beta", beta), ("transA", trans_a)) if v != (1.0 if k != "transA" else 0))
+            report.gemms_rewritten.append(node.name)
+    for offset, (position, new_node) in enumerate(sorted(added, key=lambda item: item[0])):  # stable: graph order
+        graph.node.insert(position + offset, new_node)
 
 
 def fold_batchnorm(model: onnx.ModelProto, skip: set[str], report: NormalizeReport) -> None:

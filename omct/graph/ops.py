@@ -214,20 +214,15 @@ class ConvTransposeHandler(OpHandler):
     integer_kernel = "none on CPU (runs as QDQ)"
 
     def layer(self, node, index):
-        problem = _activation_problem(node, index) or _weight_problem(node, index, 1, (4,), "weight")
-        if problem:
-            return problem.replace("supported: 4", "only 2D ConvTranspose (4D weight) is supported")
-        if _attr(node, "group", 1) != 1:
-            return f"group {_attr(node, 'group')} is not supported (only group 1)"
-        dil = _attr(node, "dilations", [1, 1])
-        if any(d != 1 for d in dil):
-            return f"dilation {max(dil)} is not supported (only 1)"
-        problem = self._runtime_bias(node, index)
+        problem = (_activation_problem(node, index) or _weight_problem(node, index, 1, (3, 4, 5), "weight")
+                   or self._runtime_bias(node, index))
         if problem:
             return problem
-        out_ch = index.const_shape(node.input[1])[1]
+        # weight (in, out / group, k...): per-channel scales on axis 1 serve every group's channel of that index
+        groups = _attr(node, "group", 1)
+        out_ch = index.const_shape(node.input[1])[1] * groups
         return LayerSpec(node.name, node.op_type, node.input[0], node.input[1], 1, _bias(node, index, 2, out_ch), None,
-                         input_channel_axis=1, weight_in_axis=0)
+                         input_channel_axis=1, weight_in_axis=0, groups=groups)
 
 
 class GemmHandler(OpHandler):
@@ -257,9 +252,16 @@ class MatMulHandler(OpHandler):
     integer_kernel = "QLinearMatMul / MatMulIntegerToFloat"
 
     def layer(self, node, index):
-        problem = _activation_problem(node, index) or _weight_problem(node, index, 1, (2,), "second input")
+        problem = _activation_problem(node, index) or _weight_problem(node, index, 1, (2, 3), "second input")
         if problem:
             return problem
+        rank = len(index.const_shape(node.input[1]))
+        if rank == 3:  # a batch of weight matrices (AMCT's ONNX table lists it): no bias fusion
+            # per tensor: ONNX Runtime's MatMulIntegerToFloat takes no per-column zero points for a rank-3 weight
+            x_rank = index.ranks.get(node.input[0])
+            if x_rank is not None and x_rank < 3:
+                return f"its input has rank {x_rank} against a rank-3 weight; only batched inputs of rank 3 are supported"
+            return LayerSpec(node.name, node.op_type, node.input[0], node.input[1], None, None, input_channel_axis=-1)
         # The bias Add that follows (a Linear exported as MatMul + Add) belongs to the layer: its constant is
         # quantized to INT32 like a Gemm's. Left in float, ONNX Runtime rewrites MatMul + Add into a float Gemm
         # behind Reshapes when shapes are static, before its QDQ fusion, and every weight is dequantized on
@@ -284,6 +286,10 @@ class AveragePoolHandler(OpHandler):
         problem = _activation_problem(node, index)
         if problem:
             return problem
+        if any(d != 1 for d in _attr(node, "dilations", [])):
+            # ONNX Runtime fuses a quantized AveragePool into QLinearAveragePool, which has no dilations: the
+            # deploy model would not load
+            return f"dilations {_attr(node, 'dilations')} are not supported (QLinearAveragePool has none)"
         return LayerSpec(node.name, node.op_type, node.input[0], output_site=node.output[0])
 
 
