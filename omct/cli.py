@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from omct.core.calibrators import CALIBRATORS
 from omct.errors import OmctError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -140,13 +141,14 @@ def cmd_quantize(args) -> int:
     if args.config and args.config.endswith(".json"):
         config = Path(args.config)
     else:
-        cfg_text = None
-        if args.algo and not args.config:
-            cfg_text = f"batch_num: {batch_num}\ncommon_config {{ {args.algo}_quantize {{ }} }}\n" + "".join(
-                f'skip_layers: "{s}"\n' for s in args.skip or [])
-            (work / "algo.cfg").write_text(cfg_text)
         amct.create_quant_config(str(config), args.model, skip_layers=args.skip, batch_num=batch_num,
-                                 config_defination=args.config or (str(work / "algo.cfg") if cfg_text else None))
+                                 config_defination=args.config)
+    if args.algo:  # every layer's act_algo replaced, written to this run's own config.json
+        from omct.formats.config import load_config, save_config, with_act_algo
+
+        overridden = with_act_algo(load_config(config), args.algo)
+        config = work / "config.json"
+        save_config(overridden, config)
     modified, record = work / "modified.onnx", work / "record.txt"
     amct.quantize_model(str(config), args.model, str(modified), str(record))
     calib = amct.CalibrationSession(str(modified))
@@ -306,8 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--config", help="a simplified .cfg (AMCT text format) or a config.json")
     q.add_argument("--batch-num", type=int, help="calibration batches to run (default: all the data)")
     q.add_argument("--skip", nargs="*", help="layer names to keep in float")
-    q.add_argument("--algo", choices=["ifmr", "hfmg", "minmax", "percentile", "mse", "kl"],
-                   help="activation calibration algorithm (default ifmr)")
+    q.add_argument("--algo", choices=list(CALIBRATORS), help="activation calibration algorithm for every layer, "
+                   "at its default options (default: the config's, else ifmr)")
     q.set_defaults(func=cmd_quantize)
 
     a = sub.add_parser("analyze", parents=[common, data_opts],
