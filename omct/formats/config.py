@@ -143,10 +143,6 @@ class WeightQuantParams(BaseModel):
         extra.update(options)
         return self
 
-    def quantizer_options(self) -> dict[str, Any]:
-        """Keyword arguments of the weight quantizer named by ``wts_algo``."""
-        return dict(self.__pydantic_extra__)
-
 
 class LayerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
