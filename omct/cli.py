@@ -2,7 +2,7 @@
 
     omct demo                                   # the bundled example end to end
     omct inspect MODEL.onnx                     # quantizable layers, refusals with reasons
-    omct quantize MODEL.onnx --calib DATA --out PREFIX [--config F.cfg|F.json] [--batch-num N] [--skip L ...]
+    omct quantize MODEL.onnx --calib DATA --out PREFIX [--config F.cfg|F.json] [--batch-num N] [--skip L ...] [--algo A]
     omct analyze FLOAT.onnx QUANT.onnx --data DATA   # per-layer error table and HTML report
     omct bench MODEL.onnx [QUANT.onnx]          # latency (median, p90) and size side by side
 """
