@@ -2,7 +2,7 @@
 
     omct demo                                   # the bundled example end to end
     omct inspect MODEL.onnx                     # quantizable layers, refusals with reasons
-    omct quantize MODEL.onnx --calib DATA --out PREFIX [--config F.cfg|F.json] [--batch-num N] [--skip L ...]
+    omct quantize MODEL.onnx --calib DATA --out PREFIX [--config F.cfg|F.json] [--batch-num N] [--skip L ...] [--algo A]
     omct analyze FLOAT.onnx QUANT.onnx --data DATA   # per-layer error table and HTML report
     omct bench MODEL.onnx [QUANT.onnx]          # latency (median, p90) and size side by side
 """
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from omct.core.calibrators import CALIBRATORS
 from omct.errors import OmctError
 from omct.fileio import atomic_write_text, check_outputs
 
@@ -134,7 +135,7 @@ def cmd_quantize(args) -> int:
     work = Path(str(out) + "_work")
     own_config = bool(args.config and args.config.endswith(".json"))
     config = Path(args.config) if own_config else work / "config.json"
-    written = ["record.txt"] + ["config.json"] * (not own_config) + ["algo.cfg"] * bool(args.algo and not args.config)
+    written = ["record.txt"] + ["config.json"] * (not own_config or bool(args.algo))
     check_outputs({**input_files("model", args.model), "--calib": args.calib, "--config": args.config},
                   {**{f"--out's {n}": work / n for n in written}, **output_files("--out's modified.onnx", work / "modified.onnx"),
                    **output_files("--out's fake-quant model", f"{out}_fake_quant_model.onnx"),
@@ -146,13 +147,14 @@ def cmd_quantize(args) -> int:
                         f"holds only {len(batches)}")
     work.mkdir(parents=True, exist_ok=True)
     if not own_config:
-        cfg_text = None
-        if args.algo and not args.config:
-            cfg_text = f"batch_num: {batch_num}\ncommon_config {{ {args.algo}_quantize {{ }} }}\n" + "".join(
-                f'skip_layers: "{s}"\n' for s in args.skip or [])
-            atomic_write_text(work / "algo.cfg", cfg_text)
         amct.create_quant_config(str(config), args.model, skip_layers=args.skip, batch_num=batch_num,
-                                 config_defination=args.config or (str(work / "algo.cfg") if cfg_text else None))
+                                 config_defination=args.config)
+    if args.algo:  # every layer's act_algo replaced, written to this run's own config.json
+        from omct.formats.config import load_config, save_config, with_act_algo
+
+        overridden = with_act_algo(load_config(config), args.algo)
+        config = work / "config.json"
+        save_config(overridden, config)
     modified, record = work / "modified.onnx", work / "record.txt"
     amct.quantize_model(str(config), args.model, str(modified), str(record))
     calib = amct.CalibrationSession(str(modified))
@@ -313,8 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--config", help="a simplified .cfg (AMCT text format) or a config.json")
     q.add_argument("--batch-num", type=int, help="calibration batches to run (default: all the data)")
     q.add_argument("--skip", nargs="*", help="layer names to keep in float")
-    q.add_argument("--algo", choices=["ifmr", "hfmg", "minmax", "percentile", "mse", "kl"],
-                   help="activation calibration algorithm (default ifmr)")
+    q.add_argument("--algo", choices=list(CALIBRATORS), help="activation calibration algorithm for every layer, "
+                   "at its default options (default: the config's, else ifmr)")
     q.set_defaults(func=cmd_quantize)
 
     a = sub.add_parser("analyze", parents=[common, data_opts],

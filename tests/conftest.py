@@ -6,6 +6,14 @@ import pytest
 os.environ.setdefault("OMCT_QUIET", "1")
 
 
+def pytest_collection_modifyitems(items):
+    """Every test on the trained zoo models (the ``trained`` fixture, directly or through another fixture)
+    trains them: marked ``slow``. Tests that train their own model carry the marker themselves."""
+    for item in items:
+        if "trained" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def digits():
     import zoo

@@ -127,6 +127,7 @@ def test_evaluator_contract_errors(hard, digits, tmp_path):
     assert not list((tmp_path / "o4").glob("hard_*"))
 
 
+@pytest.mark.slow
 def test_pytorch_frontend_finds_the_hard_layer(digits, tmp_path):
     """The same search on an nn.Module: a CNN whose first conv has one channel 1000x the others."""
     import zoo

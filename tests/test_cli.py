@@ -125,3 +125,28 @@ def test_inspect_bench_and_demo(hard_model, tmp_path):
     assert "deploy INT8" in res.stdout and (tmp_path / "demo" / "digits_deploy_model.onnx").is_file()
     res = omct("bench", model, tmp_path / "demo" / "digits_deploy_model.onnx", "--runs", 5)
     assert res.returncode == 0 and "median ms" in res.stdout and "digits_deploy_model.onnx" in res.stdout
+
+
+def test_algo_applies_to_every_layer_and_over_a_config_json(tmp_path, rng):
+    """--algo goes straight into config.json (no generated .cfg), also on top of the user's own config.json."""
+    from onnx_builders import conv_model
+
+    import omct.onnx as amct
+
+    onnx.save(conv_model(rng), tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", x=rng.normal(size=(8, 8, 6, 6)).astype(np.float32))
+    common = ("quantize", tmp_path / "m.onnx", "--calib", tmp_path / "calib.npz", "--batch-size", 4, "--quiet")
+    res = omct(*common, "--out", tmp_path / "a", "--algo", "kl")
+    assert res.returncode == 0, res.stderr
+    act = json.loads((tmp_path / "a_work" / "config.json").read_text())["conv"]["activation_quant_params"]
+    assert act == {"num_bits": 8, "act_algo": "kl", "num_bins": 2048}
+    mine = tmp_path / "mine.json"
+    amct.create_quant_config(str(mine), str(tmp_path / "m.onnx"), batch_num=2, activation_offset=False)
+    before = mine.read_text()
+    res = omct(*common, "--out", tmp_path / "b", "--config", mine, "--algo", "mse")
+    assert res.returncode == 0, res.stderr
+    used = json.loads((tmp_path / "b_work" / "config.json").read_text())
+    assert used["conv"]["activation_quant_params"] == {"num_bits": 8, "act_algo": "mse", "num_candidates": 200}
+    assert used["batch_num"] == 2 and used["activation_offset"] is False and mine.read_text() == before
+    res = omct(*common, "--out", tmp_path / "c", "--algo", "nope")
+    assert res.returncode != 0 and "invalid choice: 'nope'" in res.stderr

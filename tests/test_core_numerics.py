@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from omct.core.calibrators import CALIBRATORS, IFMR, make_calibrator
+from omct.core.calibrators import CALIBRATORS, HFMG, IFMR, make_calibrator
 from omct.core.params import candidate_params, params_from_range
 from omct.core.sketch import ActivationSketch
 from omct.core.weights import arq, mse_clip, quantize_bias
@@ -139,12 +139,128 @@ def test_sketch_merge_equals_single_stream():
 
 @pytest.mark.parametrize("name", sorted(CALIBRATORS))
 def test_every_calibrator_handles_constant_and_zero_tensors(name):
-    for value in (0.0, 2.5, -1.0):
+    # a constant tensor takes compute()'s exact-range shortcut; one other value (a ReLU's zeros and one
+    # activation, a spike on a constant) reaches the algorithm's own choose_range
+    for values in ([0.0] * 64, [2.5] * 64, [-1.0] * 64, [0.0] * 63 + [2.5], [-1.0] * 63 + [3.0]):
         c = make_calibrator(name)
-        c.update(np.full((4, 16), value, np.float32))
+        c.update(np.array(values, np.float32).reshape(4, 16))
         p = c.compute()
         assert np.isfinite(p.scale) and float(p.scale) > 0
-        assert abs(float(p.fake_quant(np.array([value], np.float32))[0]) - value) <= float(p.scale)
+        most = values[0]  # the bulk of the values is represented within a step
+        assert abs(float(p.fake_quant(np.array([most], np.float32))[0]) - most) <= float(p.scale)
+
+
+def _brute_error(x, lo, hi, asym, bits=8):
+    """Squared fake-quant error of every value (float64) for the clip range [lo, hi]."""
+    p = params_from_range(lo, hi, bits, asym)
+    return float(((ref_fake_quant(x, float(p.scale), int(p.offset), bits) - x) ** 2).sum())
+
+
+def _best_range(x, los, his, asym):
+    errors = [_brute_error(x, lo, hi, asym) for lo, hi in zip(los, his, strict=True)]
+    return los[int(np.argmin(errors))], his[int(np.argmin(errors))], min(errors)
+
+
+def _sym(los, his, asym):
+    m = np.maximum(np.abs(los), np.abs(his))
+    return (los, his) if asym else (-m, m)
+
+
+def ref_range_minmax(x, asym, c):
+    return x.min(), x.max(), None
+
+
+def ref_range_percentile(x, asym, c):
+    s, n = np.sort(x), x.size
+    drop = n - math.ceil(c.options.percentile / 100.0 * n)
+    if asym:
+        return s[drop], s[n - 1 - drop], None
+    m = max(abs(s[drop // 2]), abs(s[n - 1 - drop // 2]))
+    return -m, m, None
+
+
+def ref_range_ifmr(x, asym, c):
+    s, n, o = np.sort(x), x.size, c.options
+    hi, lo = s[math.ceil(o.max_percentile * n) - 1], s[n - math.ceil(o.min_percentile * n)]
+    ratios = np.arange(o.search_range[0], o.search_range[1] - 1e-9, o.search_step)
+    return _best_range(x, *_sym(lo * ratios, hi * ratios, asym), asym)
+
+
+def ref_range_mse(x, asym, c):
+    ratios = np.linspace(1.0 / c.options.num_candidates, 1.0, c.options.num_candidates)
+    return _best_range(x, *_sym(x.min() * ratios, x.max() * ratios, asym), asym)
+
+
+def ref_range_hfmg(x, asym, c):
+    bins = c.options.num_of_bins
+    top = max(-x.min(), x.max())
+    counts, edges = np.histogram(x, bins=bins, range=(x.min(), x.max()) if asym else (-top, top))
+    left, right, cands = 0, bins, [(0, bins)]
+    while right - left > max(2, bins // 64):
+        if not asym:
+            left, right = left + 1, right - 1
+        elif counts[left] <= counts[right - 1]:
+            left += 1
+        else:
+            right -= 1
+        cands.append((left, right))
+    cands = cands[:: max(1, len(cands) // HFMG.max_candidates)]
+    return _best_range(x, np.array([edges[a] for a, _ in cands]), np.array([edges[b] for _, b in cands]), asym)
+
+
+def kl_divergences(x, num_bins, bits=8):
+    """TensorRT's entropy calibration on numpy's histogram of |x|: threshold -> KL divergence."""
+    hist, edges = np.histogram(np.abs(x), bins=num_bins, range=(0, np.abs(x).max()))
+    levels, out = 2 ** (bits - 1), {}
+    for i in range(levels, num_bins + 1, max(1, (num_bins - levels) // 256)):
+        p = hist[:i].astype(np.float64)
+        p[-1] += hist[i:].sum()
+        q = np.zeros(i)
+        for g in np.array_split(np.arange(i), levels):
+            q[g] = np.where(hist[g] > 0, hist[g].sum() / max(np.count_nonzero(hist[g]), 1), 0)
+        p, q = p / p.sum(), q / q.sum()
+        keep = p > 0
+        out[edges[i]] = float(np.sum(p[keep] * np.log(p[keep] / np.maximum(q[keep], 1e-12))))
+    return out
+
+
+REFERENCE_RANGES = {"minmax": ref_range_minmax, "percentile": ref_range_percentile, "ifmr": ref_range_ifmr,
+                    "mse": ref_range_mse, "hfmg": ref_range_hfmg, "kl": None}
+OPTIONS = {"percentile": {"percentile": 99.9}}  # 60 values clipped per side (the default clips none of 60 000)
+
+
+@pytest.mark.parametrize("asym", [True, False])
+@pytest.mark.parametrize("name", sorted(CALIBRATORS))
+def test_choose_range_matches_a_numpy_reference(name, asym):
+    """Each calibrator's choose_range on the sketch against the same rule computed on all values with numpy:
+    exact for the order statistics, the same squared error (within 1%) for the searches, and for KL a
+    threshold on numpy's own grid whose divergence is within 10% of the least."""
+    rng = np.random.default_rng(11)
+    n = 60_000
+    x = np.where(rng.random(n) < 1e-3, rng.normal(size=n) * 12, rng.laplace(size=n) + 0.4).astype(np.float32)
+    c = make_calibrator(name, asymmetric=asym, **OPTIONS.get(name, {}))
+    for batch in np.array_split(x, 5):
+        c.update(batch)
+    lo, hi = c.choose_range()
+    x64 = x.astype(np.float64)
+    if name == "kl":
+        kls = kl_divergences(x64, c.options.num_bins)
+        grid = np.array(list(kls))
+        nearest = grid[np.argmin(np.abs(grid - hi))]
+        assert abs(nearest - hi) < 0.5 * (grid[1] - grid[0]) and lo == pytest.approx(max(x.min(), -hi))
+        assert kls[nearest] <= 1.1 * min(kls.values()), (hi, nearest, kls[nearest], min(kls.values()))
+        assert hi < 0.9 * np.abs(x).max()  # an outlier-heavy tensor: the search did clip
+        return
+    ref_lo, ref_hi, ref_err = REFERENCE_RANGES[name](x64, asym, c)
+    if ref_err is None:  # order statistics: the sketch's tails hold them exactly
+        assert (lo, hi) == (pytest.approx(ref_lo, abs=0), pytest.approx(ref_hi, abs=0))
+    else:
+        # the error surface is flat near its minimum: the sketch may pick a neighbouring candidate
+        assert _brute_error(x64, lo, hi, asym) <= 1.01 * ref_err, ((lo, hi), (ref_lo, ref_hi))
+
+
+def test_every_calibrator_has_a_reference():
+    assert set(REFERENCE_RANGES) == set(CALIBRATORS)
 
 
 def test_sketch_rejects_nan_and_inf():

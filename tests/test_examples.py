@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "pytorch_ptq.py"
 
@@ -15,6 +17,7 @@ def test_readme_shows_the_example_verbatim():
     assert block in (ROOT / "README.md").read_text()
 
 
+@pytest.mark.slow  # the example trains its CNN
 def test_pytorch_example_runs_as_written(tmp_path):
     res = subprocess.run([sys.executable, str(EXAMPLE)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]

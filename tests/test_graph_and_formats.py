@@ -1,6 +1,7 @@
 """Graph normalisation (Constant weights, BN folding, naming, opset, external data) and AMCT's file formats."""
 
 import json
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -10,7 +11,10 @@ from onnx import helper
 from onnx_builders import conv_model, linear_model, make_model, vi
 
 import omct.onnx as amct
-from omct.errors import ConfigError
+from omct.core.calibrators import CALIBRATORS, Calibrator, make_calibrator
+from omct.core.options import AlgorithmOptions, CfgPlacement, option
+from omct.core.params import params_from_range
+from omct.errors import ConfigError, ModelError
 from omct.formats.record import LayerRecord, read_record, write_record
 from omct.graph import model_io
 
@@ -106,14 +110,21 @@ def test_refused_candidates_have_reasons(tmp_path, rng):
     model = linear_model(rng, "Gemm", trans_a=0, alpha=0.5)
     path = tmp_path / "g.onnx"
     onnx.save(model, path)
-    rep = amct.inspect_model(str(path))
-    assert [str(r) for r in rep.refused] == ["fc: alpha 0.5 is not supported (only 1)"]
+    rep = amct.inspect_model(str(path))  # alpha folded into the constant B: quantized, nothing refused
+    assert [s.name for s in rep.layers] == ["fc"] and not rep.refused and rep.normalize.gemms_rewritten == ["fc"]
+    x = rng.normal(size=(4, 12)).astype(np.float32)
+    fake, _ = run_flow(path, tmp_path, [x], feed_name="x")
+    assert np.abs(ort_run(fake, {"x": x})[0] - ort_run(path, {"x": x})[0]).max() < 0.05
+    # what cannot be folded (alpha with a computed B) is refused with its reason
+    gemm = helper.make_node("Gemm", ["a", "b"], ["y"], name="fc", alpha=0.5)
+    onnx.save(make_model([gemm], [vi("a", [2, 3]), vi("b", [3, 2])], [vi("y", None)], {}), path)
+    assert [str(r) for r in amct.inspect_model(str(path)).refused] == ["fc: alpha 0.5 is not supported (only 1)"]
     # activation x activation MatMul is a refused candidate, not an error
     nodes = [helper.make_node("MatMul", ["a", "b"], ["y"], name="attn")]
     onnx.save(make_model(nodes, [vi("a", [2, 3]), vi("b", [3, 2])], [vi("y", None)], {}), path)
     rep = amct.inspect_model(str(path))
     assert "not a constant" in rep.refused[0].reason
-    with pytest.raises(Exception, match="no quantizable layer"):
+    with pytest.raises(ModelError, match=r"g\.onnx' has no quantizable layer \(attn: .*not a constant"):
         amct.create_quant_config(str(tmp_path / "c.json"), str(path))
 
 
@@ -121,9 +132,9 @@ def test_external_data_models_load_and_save(tmp_path, rng, monkeypatch):
     src = tmp_path / "ext.onnx"
     onnx.save(conv_model(rng), src, save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
     assert (tmp_path / "ext.onnx.data").exists()
-    # Pretend the limit is tiny so the >2 GB path (external data) is taken for the outputs too.
-    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 100)
-    monkeypatch.setattr(model_io.save_model, "__defaults__", (100,))
+    # Pretend every model holds more tensor bytes than the limit, so the >2 GB path (external data) is
+    # taken for the outputs too: save_model looks tensor_bytes up in its module on every call.
+    monkeypatch.setattr(model_io, "tensor_bytes", lambda model: model_io.EXTERNAL_DATA_THRESHOLD + 1)
     x = _x(rng)
     fake, deploy = run_flow(src, tmp_path, [x], feed_name="x")
     assert (tmp_path / "q_deploy_model.onnx.data").exists()
@@ -197,3 +208,115 @@ def test_calibration_session_returns_what_the_original_returns(tmp_path, rng):
     assert len(out) == 1 and sess.complete
     assert sess.run(None, {"x": x})[0].shape == (4, 8, 6, 6)  # extra runs are fine
     assert "scale_d" in rec.read_text()
+
+
+class FractionOfRange(Calibrator):
+    """A calibrator only this file knows: clips at a fraction of the observed range."""
+
+    name = "fraction"
+
+    @dataclass(frozen=True)
+    class Options(AlgorithmOptions):
+        cfg = CfgPlacement("fraction_quantize", 1999, "FractionQuantize", shared=(("asymmetric", 1),))
+        fraction: float = option(0.5, cfg=2, gt=0.0, le=1.0)
+
+    def choose_range(self):
+        return self.sketch.min * self.options.fraction, self.sketch.max * self.options.fraction
+
+
+def _calibrate(config_json, model_path, tmp_path, x, prefix):
+    """quantize_model + one calibration batch from an existing config.json; returns the conv layer's record."""
+    mod, rec = tmp_path / f"{prefix}_mod.onnx", tmp_path / f"{prefix}_record.txt"
+    amct.quantize_model(str(config_json), str(model_path), str(mod), str(rec))
+    amct.CalibrationSession(str(mod)).run(None, {"x": x})
+    return read_record(rec)["conv"]
+
+
+def test_a_calibrator_registered_in_one_place_is_selectable_from_cfg_and_json(tmp_path, rng, monkeypatch):
+    """One class and one registry entry: the .cfg message, config.json's act_algo and its option follow."""
+    monkeypatch.setitem(CALIBRATORS, FractionOfRange.name, FractionOfRange)
+    path = tmp_path / "m.onnx"
+    onnx.save(conv_model(rng), path)
+    x = _x(rng)
+    cfg = tmp_path / "f.cfg"
+    cfg.write_text("batch_num: 1\ncommon_config { fraction_quantize { fraction: 0.25 } }\n")
+    amct.create_quant_config(str(tmp_path / "c.json"), str(path), config_defination=str(cfg))
+    data = json.loads((tmp_path / "c.json").read_text())
+    assert data["conv"]["activation_quant_params"] == {"num_bits": 8, "act_algo": "fraction", "fraction": 0.25}
+    for fraction in (0.25, 0.75):
+        data["conv"]["activation_quant_params"]["fraction"] = fraction
+        (tmp_path / "c.json").write_text(json.dumps(data))
+        rec = _calibrate(tmp_path / "c.json", path, tmp_path, x, f"f{fraction}")
+        want = params_from_range(float(x.min()) * fraction, float(x.max()) * fraction)
+        assert rec.scale_d == pytest.approx(float(want.scale), rel=1e-6) and rec.offset_d == int(want.offset)
+    cfg.write_text("common_config { fraction_quantize { fraction: 1.5 } }\n")
+    with pytest.raises(ConfigError, match=r"f\.cfg: layer 'conv': activation_quant_params\.fraction: .*less than or equal to 1"):
+        amct.create_quant_config(str(tmp_path / "c.json"), str(path), config_defination=str(cfg))
+
+
+@pytest.mark.parametrize("algo,option,values", [("mse", "num_candidates", (3, 200)), ("kl", "num_bins", (256, 4096))])
+def test_mse_and_kl_options_are_settable_from_cfg_and_json(algo, option, values, tmp_path, rng):
+    path = tmp_path / "m.onnx"
+    onnx.save(conv_model(rng), path)
+    x = _x(rng, 8)
+    x[0, 0, 0, :3] = [25.0, -30.0, 40.0]  # outliers: the searches clip them, each in its own way
+    scales = []
+    for value in values:
+        cfg = tmp_path / f"{value}.cfg"
+        cfg.write_text(f"batch_num: 1\ncommon_config {{ {algo}_quantize {{ {option}: {value} }} }}\n")
+        amct.create_quant_config(str(tmp_path / f"{value}.json"), str(path), config_defination=str(cfg))
+        act = json.loads((tmp_path / f"{value}.json").read_text())["conv"]["activation_quant_params"]
+        assert act == {"num_bits": 8, "act_algo": algo, option: value}
+        rec = _calibrate(tmp_path / f"{value}.json", path, tmp_path, x, f"cfg{value}")
+        ref = make_calibrator(algo, **{option: value})
+        ref.update(x)
+        assert rec.scale_d == pytest.approx(float(ref.compute().scale), rel=1e-6)
+        scales.append(rec.scale_d)
+    assert scales[0] != pytest.approx(scales[1], rel=1e-3), "the option must change the calibrated range"
+    data = json.loads((tmp_path / f"{values[1]}.json").read_text())  # config.json: the other value, by hand
+    data["conv"]["activation_quant_params"][option] = values[0]
+    (tmp_path / "edited.json").write_text(json.dumps(data))
+    assert _calibrate(tmp_path / "edited.json", path, tmp_path, x, "edited").scale_d == pytest.approx(scales[0], rel=1e-6)
+
+
+def test_an_option_of_another_algorithm_is_a_clear_error(tmp_path, rng):
+    path = tmp_path / "m.onnx"
+    onnx.save(conv_model(rng), path)
+    cfg = tmp_path / "c.json"
+    amct.create_quant_config(str(cfg), str(path))
+    data = json.loads(cfg.read_text())
+    act = data["conv"]["activation_quant_params"]
+    assert act["act_algo"] == "ifmr" and "num_of_bins" not in act  # only the chosen algorithm's options
+    act["num_of_bins"] = 1024
+    cfg.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"c\.json: layer 'conv': activation_quant_params\.num_of_bins: an option of "
+                                          r"act_algo 'hfmg', not of act_algo 'ifmr' \(its options: max_percentile"):
+        amct.quantize_model(str(cfg), str(path), str(tmp_path / "m_mod.onnx"), str(tmp_path / "r.txt"))
+    del act["num_of_bins"]
+    act["num_bin"] = 4096
+    cfg.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"layer 'conv': activation_quant_params\.num_bin: unknown key; act_algo 'ifmr'"):
+        amct.quantize_model(str(cfg), str(path), str(tmp_path / "m_mod.onnx"), str(tmp_path / "r.txt"))
+    simplified = tmp_path / "q.cfg"  # in a .cfg each algorithm's message only has its own fields
+    simplified.write_text("common_config { ifmr_quantize { num_of_bins: 1024 } }\n")
+    with pytest.raises(ConfigError, match=r"q\.cfg: .*FMRQuantize.*num_of_bins"):
+        amct.create_quant_config(str(cfg), str(path), config_defination=str(simplified))
+
+
+def test_a_config_json_with_every_algorithms_defaults_still_loads(tmp_path, rng):
+    """omct 0.1 wrote every algorithm's default options into each layer: those files keep working."""
+    path = tmp_path / "m.onnx"
+    onnx.save(conv_model(rng), path)
+    old = {"version": 1, "batch_num": 1, "activation_offset": True, "do_fusion": True, "skip_fusion_layers": [],
+           "bias_correction": True,
+           "conv": {"quant_enable": True,
+                    "activation_quant_params": {"num_bits": 8, "act_algo": "hfmg", "max_percentile": 0.999999,
+                                                "min_percentile": 0.999999, "search_range": [0.7, 1.3], "search_step": 0.01,
+                                                "num_of_bins": 2048, "percentile": 99.999},
+                    "weight_quant_params": {"num_bits": 8, "wts_algo": "arq_quantize", "channel_wise": True}}}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    x = _x(rng)
+    rec = _calibrate(tmp_path / "old.json", path, tmp_path, x, "old")
+    ref = make_calibrator("hfmg", num_of_bins=2048)
+    ref.update(x)
+    assert rec.scale_d == pytest.approx(float(ref.compute().scale), rel=1e-6)

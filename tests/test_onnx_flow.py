@@ -49,11 +49,20 @@ def test_deploy_model_has_int8_weights_int32_bias_and_dynamic_batch(trained, dig
     for batch in (1, 7):
         for q in (fake, deploy):
             assert ort_run(q, {"input": digits.x_test[:batch]})[0].shape == (batch, 10)
-    # fake-quant weights are exactly representable: w / s is an integer per channel
+    # fake-quant weights are exactly the record's scale_w times integers in [-127, 127], per output channel,
+    # with each channel's largest magnitude at 127 (ARQ): checked on the convolution with the most weights
     fm = onnx.load(fake)
-    w = next(numpy_helper.to_array(t) for t in fm.graph.initializer if t.name.endswith("weight_fake_quant"))
-    levels = [len(np.unique(ch)) for ch in w.reshape(w.shape[0], -1)]
-    assert max(levels) <= 255
+    convs = {n.name for n in fm.graph.node if n.op_type == "Conv"}
+    weights = {t.name.removesuffix(".weight_fake_quant"): numpy_helper.to_array(t) for t in fm.graph.initializer
+               if t.name.endswith(".weight_fake_quant") and t.name.removesuffix(".weight_fake_quant") in convs}
+    layer = max(weights, key=lambda name: weights[name].size)
+    w = weights[layer].astype(np.float64)
+    assert w.size >= 2000, (layer, w.shape)
+    scale_w = np.asarray(read_record(tmp_path / "q_record.txt")[layer].scale_w)
+    assert scale_w.shape == (w.shape[0],)
+    k = w.reshape(w.shape[0], -1) / scale_w[:, None]
+    assert np.abs(k - np.round(k)).max() < 1e-3
+    assert np.abs(np.round(k)).max(axis=1).tolist() == [127] * w.shape[0]
 
 
 def _check_op(model, tmp_path, x, expect_quantized, integer_kernel=None, rel_tol=0.06, float_weight_ops=()):

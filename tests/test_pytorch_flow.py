@@ -198,6 +198,7 @@ def train(model, x, target, loss, epochs, lr=3e-3):
     return model.eval()
 
 
+@pytest.mark.slow
 def test_conv3d_classifier_and_simulation(digits, tmp_path):
     torch.manual_seed(0)
     x_train, x_test = clips(digits.x_train), clips(digits.x_test)
@@ -216,6 +217,7 @@ def test_conv3d_classifier_and_simulation(digits, tmp_path):
     assert np.abs(got - want).max() < 1e-3 * np.abs(want).max(), np.abs(got - want).max()
 
 
+@pytest.mark.slow
 def test_conv_transpose_decoder_and_simulation(digits, tmp_path):
     model = train(Decoder(), digits.x_train, digits.x_train, F.mse_loss, epochs=15)
     batches = [torch.tensor(digits.x_train[i * 32:(i + 1) * 32]) for i in range(3)]

@@ -1,41 +1,40 @@
-"""Activation calibrators behind one streaming, mergeable interface.
+"""Activation calibrators behind one streaming interface, and their registry.
 
 Every calibrator feeds the same bounded ``ActivationSketch`` and differs only in how it picks the clip
-range from it, so memory never grows with the number of batches and a new algorithm is one subclass
-plus one registry entry.
+range from it, so memory never grows with the number of batches. A new algorithm is one subclass (with
+its ``Options`` dataclass) plus one ``CALIBRATORS`` entry; config.json, the .cfg messages and the command
+line take their choices from that registry.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
+from omct.core.options import AlgorithmOptions, CfgPlacement, option
 from omct.core.params import QuantParams, candidate_params, params_from_range
 from omct.core.sketch import ActivationSketch
 
 
 class Calibrator(ABC):
-    """``update(array)`` per batch, ``merge(other)`` to combine workers, ``compute()`` for the parameters."""
+    """``update(array)`` per batch, ``compute()`` for the parameters; ``Options`` declares the algorithm's own
+    settings (beyond ``num_bits`` and ``asymmetric``) and where they sit in a .cfg."""
 
     name: ClassVar[str]
+    Options: ClassVar[type[AlgorithmOptions]]
 
-    def __init__(self, num_bits: int = 8, asymmetric: bool = True, sketch: ActivationSketch | None = None):
+    def __init__(self, num_bits: int = 8, asymmetric: bool = True, sketch: ActivationSketch | None = None, **options):
         self.num_bits = num_bits
         self.asymmetric = asymmetric
         self.sketch = sketch if sketch is not None else ActivationSketch()
+        self.options = self.Options(**options)
 
     def update(self, values: np.ndarray) -> None:
         self.sketch.update(values)
-
-    def merge(self, other: Calibrator) -> None:
-        self.sketch.merge(other.sketch)
-
-    @property
-    def batches_seen(self) -> int:
-        return self.sketch.count
 
     def compute(self, upper: float | None = None) -> QuantParams:
         """Parameters for the observed data; ``upper`` caps the range where the values are known to be
@@ -51,7 +50,7 @@ class Calibrator(ABC):
 
     @abstractmethod
     def choose_range(self) -> tuple[float, float]:
-        """The clip range [lo, hi] this algorithm picks from ``self.sketch``."""
+        """The clip range [lo, hi] this algorithm picks from ``self.sketch`` (never called on constant data)."""
 
     def _best_of(self, lo: np.ndarray, hi: np.ndarray) -> tuple[float, float]:
         """The candidate range with the smallest fake-quant squared error (first one on ties)."""
@@ -73,26 +72,35 @@ def search_ratios(start: float, end: float, step: float) -> np.ndarray:
     return start + step * np.arange(n)
 
 
+def _ordered(v: tuple[float, float]) -> None:
+    if not 0 < v[0] < v[1]:
+        raise ValueError(f"must be [start, end] with 0 < start < end, got {list(v)}")
+
+
 class IFMR(Calibrator):
     """AMCT's IFMR: percentile start values scaled by each search ratio; the smallest MSE wins."""
 
     name = "ifmr"
 
-    def __init__(self, num_bits=8, asymmetric=True, max_percentile=0.999999, min_percentile=0.999999,
-                 search_range=(0.7, 1.3), search_step=0.01, sketch=None):
-        super().__init__(num_bits, asymmetric, sketch)
-        self.max_percentile, self.min_percentile = max_percentile, min_percentile
-        self.search_range, self.search_step = tuple(search_range), search_step
+    @dataclass(frozen=True)
+    class Options(AlgorithmOptions):
+        cfg = CfgPlacement("ifmr_quantize", 100, "FMRQuantize", shared=(("asymmetric", 6),))
+        max_percentile: float = option(0.999999, cfg=4, gt=0.5, le=1.0)
+        min_percentile: float = option(0.999999, cfg=5, gt=0.5, le=1.0)
+        search_range: tuple[float, float] = option((0.7, 1.3), cfg=(("search_range_start", 1), ("search_range_end", 2)),
+                                                   check=_ordered)
+        search_step: float = option(0.01, cfg=3, gt=0.0, le=1.0)
 
     def initial_range(self) -> tuple[float, float]:
         n = self.sketch.count
-        hi = self.sketch.largest(n - math.ceil(self.max_percentile * n))
-        lo = self.sketch.smallest(n - math.ceil(self.min_percentile * n))
+        hi = self.sketch.largest(n - math.ceil(self.options.max_percentile * n))
+        lo = self.sketch.smallest(n - math.ceil(self.options.min_percentile * n))
         return lo, hi
 
     def choose_range(self):
         lo0, hi0 = self.initial_range()
-        ratios = search_ratios(self.search_range[0], self.search_range[1], self.search_step)
+        (start, end), step = self.options.search_range, self.options.search_step
+        ratios = search_ratios(start, end, step)
         lo, hi = self._symmetric_candidates(lo0 * ratios, hi0 * ratios)
         return self._best_of(lo, hi)
 
@@ -103,24 +111,25 @@ class HFMG(Calibrator):
     name = "hfmg"
     max_candidates = 512
 
-    def __init__(self, num_bits=8, asymmetric=True, num_of_bins=4096, sketch=None):
-        super().__init__(num_bits, asymmetric, sketch)
-        self.num_of_bins = num_of_bins
+    @dataclass(frozen=True)
+    class Options(AlgorithmOptions):
+        cfg = CfgPlacement("hfmg_quantize", 101, "HFMGQuantize", shared=(("asymmetric", 2),))
+        num_of_bins: int = option(4096, cfg=1, choices=(1024, 2048, 4096, 8192))
 
     def choose_range(self):
-        sk = self.sketch
+        sk, bins = self.sketch, self.options.num_of_bins
         lo, hi = (sk.min, sk.max) if self.asymmetric else (-max(-sk.min, sk.max), max(-sk.min, sk.max))
-        edges = np.linspace(lo, hi, self.num_of_bins + 1)
+        edges = np.linspace(lo, hi, bins + 1)
         counts = np.diff(sk.cumulative(edges))
-        left, right = 0, self.num_of_bins  # candidate keeps bins [left, right)
+        left, right = 0, bins  # candidate keeps bins [left, right)
         cands = [(left, right)]
-        while right - left > max(2, self.num_of_bins // 64):
-            if counts[left] <= counts[right - 1]:
+        while right - left > max(2, bins // 64):
+            if not self.asymmetric:  # symmetric ranges shrink on both sides at once
+                left, right = left + 1, right - 1
+            elif counts[left] <= counts[right - 1]:
                 left += 1
             else:
                 right -= 1
-            if not self.asymmetric:  # keep symmetric ranges symmetric
-                left, right = min(left, self.num_of_bins - right), max(right, self.num_of_bins - left)
             cands.append((left, right))
         cands = cands[:: max(1, len(cands) // self.max_candidates)]
         los = np.array([edges[a] for a, _ in cands])
@@ -133,6 +142,10 @@ class MinMax(Calibrator):
 
     name = "minmax"
 
+    @dataclass(frozen=True)
+    class Options(AlgorithmOptions):
+        cfg = CfgPlacement("minmax_quantize", 1001, "MinMaxQuantize", shared=(("asymmetric", 1),))
+
     def choose_range(self):
         return self.sketch.min, self.sketch.max
 
@@ -142,13 +155,14 @@ class Percentile(Calibrator):
 
     name = "percentile"
 
-    def __init__(self, num_bits=8, asymmetric=True, percentile=99.999, sketch=None):
-        super().__init__(num_bits, asymmetric, sketch)
-        self.percentile = percentile
+    @dataclass(frozen=True)
+    class Options(AlgorithmOptions):
+        cfg = CfgPlacement("percentile_quantize", 1002, "PercentileQuantize", shared=(("asymmetric", 2),))
+        percentile: float = option(99.999, cfg=1, gt=50.0, le=100.0)
 
     def choose_range(self):
         n = self.sketch.count
-        drop = n - math.ceil(self.percentile / 100.0 * n)
+        drop = n - math.ceil(self.options.percentile / 100.0 * n)
         if self.asymmetric:
             return self.sketch.smallest(drop), self.sketch.largest(drop)
         # Symmetric: percentile of |x|, from both tails.
@@ -161,12 +175,14 @@ class MSE(Calibrator):
 
     name = "mse"
 
-    def __init__(self, num_bits=8, asymmetric=True, num_candidates=200, sketch=None):
-        super().__init__(num_bits, asymmetric, sketch)
-        self.num_candidates = num_candidates
+    @dataclass(frozen=True)
+    class Options(AlgorithmOptions):
+        cfg = CfgPlacement("mse_quantize", 1003, "MSEQuantize", shared=(("asymmetric", 1),))
+        num_candidates: int = option(200, cfg=2, ge=1, le=10000, help="clip ranges tried, evenly spaced")
 
     def choose_range(self):
-        ratios = np.linspace(1.0 / self.num_candidates, 1.0, self.num_candidates)
+        n = self.options.num_candidates
+        ratios = np.linspace(1.0 / n, 1.0, n)
         lo, hi = self._symmetric_candidates(self.sketch.min * ratios, self.sketch.max * ratios)
         return self._best_of(lo, hi)
 
@@ -176,19 +192,20 @@ class KL(Calibrator):
 
     name = "kl"
 
-    def __init__(self, num_bits=8, asymmetric=True, num_bins=2048, sketch=None):
-        super().__init__(num_bits, asymmetric, sketch)
-        self.num_bins = num_bins
+    @dataclass(frozen=True)
+    class Options(AlgorithmOptions):
+        cfg = CfgPlacement("kl_quantize", 1004, "KLQuantize", shared=(("asymmetric", 1),))
+        num_bins: int = option(2048, cfg=2, ge=256, le=65536, help="histogram bins of |x|")
 
     def choose_range(self):
-        sk = self.sketch
+        sk, num_bins = self.sketch, self.options.num_bins
         top = max(abs(sk.min), abs(sk.max))
-        edges = np.linspace(0.0, top, self.num_bins + 1)
+        edges = np.linspace(0.0, top, num_bins + 1)
         # Histogram of |x|: fold the negative side onto the positive one.
         hist = np.diff(sk.cumulative(edges)) + np.diff(sk.cumulative(-edges[::-1]))[::-1]
         levels = 2 ** (self.num_bits - 1)
-        best_kl, best_i = math.inf, self.num_bins
-        for i in range(levels, self.num_bins + 1, max(1, (self.num_bins - levels) // 256)):
+        best_kl, best_i = math.inf, num_bins
+        for i in range(levels, num_bins + 1, max(1, (num_bins - levels) // 256)):
             ref = hist[:i].copy()
             ref[-1] += hist[i:].sum()
             groups = np.array_split(np.arange(i), levels)
@@ -207,6 +224,7 @@ class KL(Calibrator):
         return max(sk.min, -t), min(sk.max, t)
 
 
+#: The activation algorithms by config.json name (``act_algo``). Register a new one with one entry here.
 CALIBRATORS: dict[str, type[Calibrator]] = {c.name: c for c in (IFMR, HFMG, MinMax, Percentile, MSE, KL)}
 
 
@@ -216,4 +234,9 @@ def make_calibrator(name: str, num_bits: int = 8, asymmetric: bool = True, **opt
         cls = CALIBRATORS[name]
     except KeyError:
         raise ValueError(f"unknown activation algorithm '{name}'; choose one of {sorted(CALIBRATORS)}") from None
+    known = {spec.name for spec in cls.Options.specs()}
+    for key in options:
+        if key not in known:
+            raise ValueError(f"'{key}' is not an option of activation algorithm '{name}' "
+                             f"(its options: {', '.join(sorted(known)) or 'none'})")
     return cls(num_bits=num_bits, asymmetric=asymmetric, **options)

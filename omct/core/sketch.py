@@ -143,11 +143,6 @@ class ActivationSketch:
             self.bottom = _extreme(np.concatenate([self.bottom, low]), self.tail_size, largest=False)
 
     # ---------------------------------------------------------------- queries
-    def nonzero_bins(self) -> tuple[np.ndarray, np.ndarray]:
-        """Count and lower edge of each non-empty bin."""
-        keep = np.nonzero(self.counts)[0]
-        return self.counts[keep], (self.first_index + keep) * self.width
-
     def edges(self) -> np.ndarray:
         return (self.first_index + np.arange(self.counts.size + 1)) * self.width
 

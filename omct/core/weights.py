@@ -1,9 +1,13 @@
-"""Weight and bias quantization: ARQ (AMCT's max-abs) and an MSE-optimal clipping search."""
+"""Weight and bias quantization: ARQ (AMCT's max-abs) and an MSE-optimal clipping search, and their registry."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 
+from omct.core.options import AlgorithmOptions, CfgPlacement
 from omct.core.params import QuantParams, symmetric_params
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -39,7 +43,34 @@ def mse_clip(weight: np.ndarray, num_bits: int = 8, axis: int | None = 0, num_ca
     return symmetric_params(best if axis is not None else best[0], num_bits, axis)
 
 
-WEIGHT_QUANTIZERS = {"arq_quantize": arq, "mse_clip": mse_clip}
+@dataclass(frozen=True)
+class WeightQuantizer:
+    """A registry entry: the quantizing function and its ``Options`` (options of its own, if any, and its
+    .cfg placement). Called as ``quantizer(weight, num_bits, axis)``."""
+
+    name: str
+    quantize: Callable[..., QuantParams]
+    Options: type[AlgorithmOptions]
+
+    def __call__(self, weight: np.ndarray, num_bits: int = 8, axis: int | None = 0, **options) -> QuantParams:
+        return self.quantize(weight, num_bits, axis, **self.Options(**options).as_dict())
+
+
+@dataclass(frozen=True)
+class ARQOptions(AlgorithmOptions):
+    cfg = CfgPlacement("arq_quantize", 13, "ARQuantize", shared=(("channel_wise", 1), ("quant_bits", 10)))
+
+
+@dataclass(frozen=True)
+class MSEClipOptions(AlgorithmOptions):
+    cfg = CfgPlacement("mse_clip_quantize", 1000, "MSEClipQuantize", shared=(("channel_wise", 1), ("quant_bits", 10)))
+
+
+#: The weight algorithms by config.json name (``wts_algo``). Register a new one with one entry here.
+WEIGHT_QUANTIZERS: dict[str, WeightQuantizer] = {q.name: q for q in (
+    WeightQuantizer("arq_quantize", arq, ARQOptions),
+    WeightQuantizer("mse_clip", mse_clip, MSEClipOptions),
+)}
 
 
 def quantize_bias(bias: np.ndarray, weight_scale: np.ndarray, act_scale: float) -> np.ndarray:

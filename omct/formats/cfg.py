@@ -1,18 +1,49 @@
-"""The simplified configuration (.cfg): AMCT's ``AMCTConfig`` message in protobuf text format."""
+"""The simplified configuration (.cfg): AMCT's ``AMCTConfig`` message in protobuf text format.
+
+This module only reads: it turns the .cfg into plain settings keyed like config.json (``SimplifiedConfig``);
+``omct.formats.config`` applies and validates them. The algorithm messages come from the registries, so
+the .cfg name of an algorithm and of each of its options is the one its ``Options`` declare.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from google.protobuf import text_format
 
 from omct.errors import ConfigError
-from omct.formats.proto import AMCTConfig
+from omct.formats.algorithms import ACT, SHARED_FIELDS, WTS, Kind
+from omct.formats.proto import amct_config_class
 
-# .cfg algorithm message -> config.json act_algo
-_ACT_ALGO = {"ifmr_quantize": "ifmr", "hfmg_quantize": "hfmg", "minmax_quantize": "minmax",
-             "percentile_quantize": "percentile", "mse_quantize": "mse", "kl_quantize": "kl"}
-_WTS_ALGO = {"arq_quantize": "arq_quantize", "mse_clip_quantize": "mse_clip"}
+GLOBAL_FIELDS = ("batch_num", "activation_offset", "do_fusion", "skip_fusion_layers", "bias_correction")
+
+
+@dataclass
+class Override:
+    """What one ``CalibrationConfig`` sets, as config.json keys: ``act`` holds ``act_algo`` and the options
+    the .cfg gave (a tuple option holds None for each element it left out); ``wts`` likewise."""
+
+    act: dict[str, Any] | None = None
+    wts: dict[str, Any] | None = None
+
+
+@dataclass
+class SimplifiedConfig:
+    source: str  # the .cfg path, for error messages
+    globals: dict[str, Any]
+    skip_layers: list[str] = field(default_factory=list)
+    skip_layer_types: list[str] = field(default_factory=list)
+    common: Override | None = None
+    by_type: list[tuple[str, Override]] = field(default_factory=list)
+    by_name: list[tuple[str, Override]] = field(default_factory=list)
+
+    def overrides_for(self, name: str, layer_type: str) -> list[Override]:
+        """The overrides that apply to a layer, lowest priority first: common, layer type, layer name."""
+        out = [self.common] if self.common is not None else []
+        out += [o for t, o in self.by_type if t == layer_type]
+        return out + [o for n, o in self.by_name if n == name]
 
 
 def _f32(v: float) -> float:
@@ -20,12 +51,38 @@ def _f32(v: float) -> float:
     return float(f"{v:.7g}")
 
 
-def read_cfg(path: str | Path):
+def _settings(sub, kind: Kind, algo: str) -> dict[str, Any]:
+    """config.json keys for one algorithm message: ``kind.key`` and whatever fields the .cfg set."""
+    opts = kind.algorithms()[algo]
+    out: dict[str, Any] = {kind.key: algo}
+    for cfg_name, _ in opts.cfg.shared:
+        if sub.HasField(cfg_name):
+            out[SHARED_FIELDS[cfg_name][0]] = getattr(sub, cfg_name)
+    for spec in opts.specs():
+        values = [getattr(sub, n) if sub.HasField(n) else None for n, _ in spec.cfg]
+        values = [_f32(v) if isinstance(v, float) else v for v in values]
+        if any(v is not None for v in values):
+            out[spec.name] = tuple(values) if spec.is_tuple else values[0]
+    return out
+
+
+def _override(calib) -> Override:
+    found = {}
+    for kind in (ACT, WTS):
+        which = calib.WhichOneof(kind.oneof)
+        if which:
+            algo = next(name for name, opts in kind.algorithms().items() if opts.cfg.field == which)
+            found[kind.key] = _settings(getattr(calib, which), kind, algo)
+    return Override(found.get(ACT.key), found.get(WTS.key))
+
+
+def read_cfg(path: str | Path) -> SimplifiedConfig:
+    """Parse a simplified .cfg; ConfigError names the file and what is wrong."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"simplified config '{path}' does not exist")
     try:
-        msg = text_format.Parse(path.read_text(), AMCTConfig())
+        msg = text_format.Parse(path.read_text(), amct_config_class()())
     except text_format.ParseError as e:
         raise ConfigError(f"{path}: {e}") from None
     if msg.HasField("nuq_config"):
@@ -33,57 +90,10 @@ def read_cfg(path: str | Path):
                           "release; remove it to run uniform quantization")
     if msg.batch_num < 1:
         raise ConfigError(f"{path}: batch_num must be >= 1, got {msg.batch_num}")
-    return msg
-
-
-def global_settings(msg):
-    from omct.formats.config import GlobalConfig
-
-    return GlobalConfig(batch_num=msg.batch_num, activation_offset=msg.activation_offset,
-                        do_fusion=msg.do_fusion, skip_fusion_layers=list(msg.skip_fusion_layers),
-                        bias_correction=msg.bias_correction)
-
-
-def check_override_names(msg, layer_names: set[str]) -> None:
-    from omct.formats.config import check_layer_names
-
-    check_layer_names([o.layer_name for o in msg.override_layer_configs], layer_names, "override_layer_configs")
-
-
-def _apply(calib, act: dict, wts: dict | None) -> None:
-    algo = calib.WhichOneof("acts_quant_algo")
-    if algo:
-        sub = getattr(calib, algo)
-        if act.get("act_algo") != _ACT_ALGO[algo]:
-            act.clear()
-        act["act_algo"] = _ACT_ALGO[algo]
-        for field, value in sub.ListFields():
-            name = field.name
-            if name in ("search_range_start", "search_range_end"):
-                start = _f32(sub.search_range_start)
-                end = _f32(sub.search_range_end)
-                act["search_range"] = (start, end)
-            elif name == "dst_type":
-                continue
-            else:
-                act[name] = _f32(value) if isinstance(value, float) else value
-    walgo = calib.WhichOneof("wts_quant_algo")
-    if walgo and wts is not None:
-        sub = getattr(calib, walgo)
-        wts["wts_algo"] = _WTS_ALGO[walgo]
-        if sub.HasField("channel_wise"):
-            wts["channel_wise"] = sub.channel_wise
-        if sub.HasField("quant_bits"):
-            wts["num_bits"] = sub.quant_bits
-
-
-def apply_overrides(msg, layer, act: dict, wts: dict | None) -> None:
-    """Merge common_config, then the layer-type override, then the layer-name override into act/wts."""
-    if msg.HasField("common_config"):
-        _apply(msg.common_config, act, wts)
-    for o in msg.override_layer_types:
-        if o.layer_type == layer.layer_type:
-            _apply(o.calibration_config, act, wts)
-    for o in msg.override_layer_configs:
-        if o.layer_name == layer.name:
-            _apply(o.calibration_config, act, wts)
+    glob = {name: getattr(msg, name) for name in GLOBAL_FIELDS}
+    glob["skip_fusion_layers"] = list(msg.skip_fusion_layers)
+    return SimplifiedConfig(
+        source=str(path), globals=glob, skip_layers=list(msg.skip_layers), skip_layer_types=list(msg.skip_layer_types),
+        common=_override(msg.common_config) if msg.HasField("common_config") else None,
+        by_type=[(o.layer_type, _override(o.calibration_config)) for o in msg.override_layer_types],
+        by_name=[(o.layer_name, _override(o.calibration_config)) for o in msg.override_layer_configs])

@@ -7,65 +7,148 @@ Layout (AMCT's): top-level ``version``, ``batch_num``, ``activation_offset``, ``
 
 from __future__ import annotations
 
+import difflib
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
+from omct.core.options import AlgorithmOptions, OptionSpec
 from omct.errors import ConfigError
+from omct.fileio import atomic_write_text
+from omct.formats.algorithms import ACT, WTS, Kind
+from omct.formats.cfg import Override, SimplifiedConfig
 
-ACT_ALGOS = ("ifmr", "hfmg", "minmax", "percentile", "mse", "kl")
-WTS_ALGOS = ("arq_quantize", "mse_clip")
 GLOBAL_KEYS = ("version", "batch_num", "activation_offset", "do_fusion", "skip_fusion_layers", "bias_correction")
 
 
+def _annotation(spec: OptionSpec) -> Any:
+    """The pydantic type of one declared option: its type or choices, its limits and its extra rule."""
+    ann = Literal[spec.choices] if spec.choices is not None else spec.type
+    limits = {k: getattr(spec, k) for k in ("gt", "ge", "lt", "le") if getattr(spec, k) is not None}
+    extra = [AfterValidator(functools.partial(_run_check, spec.check))] if spec.check is not None else []
+    return Annotated[(ann, Field(spec.default, **limits), *extra)]
+
+
+def _run_check(check, value):
+    check(value)
+    return value
+
+
+@functools.cache
+def _options_model(opts: type[AlgorithmOptions]) -> type[BaseModel]:
+    """A pydantic model of an algorithm's ``Options`` declaration (built once per algorithm)."""
+    fields = {spec.name: _annotation(spec) for spec in opts.specs()}
+    return create_model(f"{opts.__qualname__}Model", __config__=ConfigDict(extra="forbid"), **fields)
+
+
+def _is_default(opts: type[AlgorithmOptions], key: str, value: Any) -> bool:
+    spec = next(s for s in opts.specs() if s.name == key)
+    if spec.is_tuple:
+        return isinstance(value, (list, tuple)) and tuple(value) == spec.default
+    return type(value) is type(spec.default) and value == spec.default
+
+
+def _check_algo(kind: Kind, value: str) -> str:
+    names = kind.algorithms()
+    if value not in names:
+        quoted = [repr(n) for n in names]
+        choices = " or ".join(filter(None, [", ".join(quoted[:-1]), quoted[-1]]))
+        raise PydanticCustomError("algorithm", "Input should be {choices}", {"choices": choices})
+    return value
+
+
+def _validated_options(kind: Kind, algo: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The options of ``algo`` from the flat ``given`` keys, checked and completed with their defaults.
+
+    A key of another algorithm is an error naming that algorithm, except at its default value: omct 0.1
+    wrote every algorithm's defaults into each layer, and those files keep working.
+    """
+    algorithms = kind.algorithms()
+    opts = algorithms[algo]
+    own_names = [s.name for s in opts.specs()]
+    own = {}
+    for key, value in given.items():
+        if key in own_names:
+            own[key] = value
+            continue
+        owners = kind.owners(key)
+        if owners and all(_is_default(algorithms[o], key, value) for o in owners):
+            continue
+        ctx = {"option": key, "value": value, "key": kind.key, "algo": algo,
+               "owners": " or ".join(repr(o) for o in owners), "own": ", ".join(own_names) or "none"}
+        if owners:
+            raise PydanticCustomError("foreign_option", "an option of {key} {owners}, not of {key} '{algo}' "
+                                      "(its options: {own})", ctx)
+        raise PydanticCustomError("unknown_option", "unknown key; {key} '{algo}' takes {own}", ctx)
+    try:
+        return _options_model(opts)(**own).model_dump()
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise PydanticCustomError("option", "{msg}", {"option": ".".join(str(p) for p in err["loc"]),
+                                                      "value": err.get("input"), "msg": err["msg"]}) from None
+
+
 class ActivationQuantParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """AMCT's flat ``activation_quant_params``: shared settings, then the options of ``act_algo`` (declared by
+    its calibrator's ``Options``) as extra keys."""
+
+    model_config = ConfigDict(extra="allow")
 
     num_bits: Literal[8] = 8
-    act_algo: Literal["ifmr", "hfmg", "minmax", "percentile", "mse", "kl"] = "ifmr"
+    act_algo: str = "ifmr"
     asymmetric: bool | None = Field(None, description="None: use the global activation_offset")
-    max_percentile: float = Field(0.999999, gt=0.5, le=1.0)
-    min_percentile: float = Field(0.999999, gt=0.5, le=1.0)
-    search_range: tuple[float, float] = (0.7, 1.3)
-    search_step: float = Field(0.01, gt=0.0, le=1.0)
-    num_of_bins: Literal[1024, 2048, 4096, 8192] = 4096
-    percentile: float = Field(99.999, gt=50.0, le=100.0)
 
-    @field_validator("search_range")
+    @field_validator("act_algo")
     @classmethod
-    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not 0 < v[0] < v[1]:
-            raise ValueError(f"must be [start, end] with 0 < start < end, got {list(v)}")
-        return v
+    def registered_algorithm(cls, v: str) -> str:
+        return _check_algo(ACT, v)
 
-    def calibrator_options(self) -> dict:
+    @model_validator(mode="after")
+    def algorithm_options(self) -> ActivationQuantParams:
+        extra = self.__pydantic_extra__
+        options = _validated_options(ACT, self.act_algo, dict(extra))
+        extra.clear()
+        extra.update(options)
+        return self
+
+    def calibrator_options(self) -> dict[str, Any]:
         """Keyword arguments of the calibrator named by ``act_algo``."""
-        if self.act_algo == "ifmr":
-            return {"max_percentile": self.max_percentile, "min_percentile": self.min_percentile,
-                    "search_range": self.search_range, "search_step": self.search_step}
-        if self.act_algo == "hfmg":
-            return {"num_of_bins": self.num_of_bins}
-        if self.act_algo == "percentile":
-            return {"percentile": self.percentile}
-        return {}
+        return dict(self.__pydantic_extra__)
 
 
 class WeightQuantParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """AMCT's ``weight_quant_params``: shared settings, then the options of ``wts_algo`` (if it declares any)."""
+
+    model_config = ConfigDict(extra="allow")
 
     num_bits: int = Field(8, ge=4, le=8)
-    wts_algo: Literal["arq_quantize", "mse_clip"] = "arq_quantize"
+    wts_algo: str = "arq_quantize"
     channel_wise: bool = True
+
+    @field_validator("wts_algo")
+    @classmethod
+    def registered_algorithm(cls, v: str) -> str:
+        return _check_algo(WTS, v)
+
+    @model_validator(mode="after")
+    def algorithm_options(self) -> WeightQuantParams:
+        extra = self.__pydantic_extra__
+        options = _validated_options(WTS, self.wts_algo, dict(extra))
+        extra.clear()
+        extra.update(options)
+        return self
 
 
 class LayerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     quant_enable: bool = True
-    activation_quant_params: ActivationQuantParams = ActivationQuantParams()
+    activation_quant_params: ActivationQuantParams = Field(default_factory=ActivationQuantParams)
     weight_quant_params: WeightQuantParams | None = None
 
 
@@ -129,9 +212,14 @@ class QuantConfig:
 
 def _first_error(e: ValidationError) -> str:
     err = e.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
+    loc = [str(p) for p in err["loc"]]
     got = err.get("input")
-    return f"{loc}: {err['msg']} (got {json.dumps(got) if _jsonable(got) else got!r})"
+    ctx = err.get("ctx") or {}
+    if "option" in ctx:  # an algorithm option, checked by the model validator: name it, show its value
+        loc.append(ctx["option"])
+        got = ctx.get("value")
+    shown = json.dumps(got) if _jsonable(got) else repr(got)
+    return f"{'.'.join(loc)}: {err['msg']} (got {shown})"
 
 
 def _jsonable(v) -> bool:
@@ -154,8 +242,6 @@ def load_config(path: str | Path) -> QuantConfig:
 
 
 def save_config(config: QuantConfig, path: str | Path) -> None:
-    from omct.fileio import atomic_write_text
-
     atomic_write_text(path, json.dumps(config.to_dict(), indent=4) + "\n")
 
 
@@ -170,41 +256,69 @@ class LayerInfo:
 
 
 def build_config(layers: list[LayerInfo], *, batch_num: int = 1, activation_offset: bool = True,
-                 skip_layers: list[str] | None = None, simplified=None, all_names: set[str] | None = None) -> QuantConfig:
+                 skip_layers: list[str] | None = None, simplified: SimplifiedConfig | None = None,
+                 all_names: set[str] | None = None) -> QuantConfig:
     """Defaults < simplified .cfg common_config < layer-type overrides < layer-name overrides."""
-    from omct.formats import cfg as cfgmod
-
     if not isinstance(batch_num, int) or isinstance(batch_num, bool) or batch_num < 1:
         raise ConfigError(f"batch_num must be an integer >= 1, got {batch_num!r}")
     skip_types: list[str] = []
+    source = simplified.source if simplified is not None else "config"
     glob = GlobalConfig(batch_num=batch_num, activation_offset=activation_offset)
     if simplified is not None:
-        glob = cfgmod.global_settings(simplified)
+        try:
+            glob = GlobalConfig(**simplified.globals)
+        except ValidationError as e:
+            raise ConfigError(f"{source}: {_first_error(e)}") from None
         skip_layers = list(simplified.skip_layers)
         skip_types = list(simplified.skip_layer_types)
     skip_layers = list(skip_layers or [])
     quantizable = [li for li in layers if li.quantizable]
     check_layer_names(skip_layers, {li.name for li in layers} | (all_names or set()), "skip_layers")
     if simplified is not None:
-        cfgmod.check_override_names(simplified, {li.name for li in quantizable})
+        check_layer_names([name for name, _ in simplified.by_name], {li.name for li in quantizable}, "override_layer_configs")
     out: dict[str, LayerConfig] = {}
     for li in quantizable:
         act, wts = {}, ({} if li.has_weight else None)
-        if simplified is not None:
-            cfgmod.apply_overrides(simplified, li, act, wts)
-        enabled = li.name not in skip_layers and li.layer_type not in skip_types
-        out[li.name] = LayerConfig(
-            quant_enable=enabled,
-            activation_quant_params=ActivationQuantParams(**act),
-            weight_quant_params=WeightQuantParams(**wts) if wts is not None else None,
-        )
+        for override in simplified.overrides_for(li.name, li.layer_type) if simplified is not None else []:
+            _apply(override, act, wts)
+        try:
+            out[li.name] = LayerConfig(quant_enable=li.name not in skip_layers and li.layer_type not in skip_types,
+                                       activation_quant_params=act, weight_quant_params=wts)
+        except ValidationError as e:
+            raise ConfigError(f"{source}: layer '{li.name}': {_first_error(e)}") from None
     return QuantConfig(glob, out)
+
+
+def _apply(override: Override, act: dict, wts: dict | None) -> None:
+    """Merge one .cfg override into a layer's settings. Another activation algorithm starts from its defaults;
+    a tuple option's elements the .cfg left out keep their current values."""
+    if override.act is not None:
+        algo = override.act["act_algo"]
+        if act.get("act_algo") != algo:
+            act.clear()
+        defaults = {spec.name: spec.default for spec in ACT.algorithms()[algo].specs()}
+        for key, value in override.act.items():
+            if isinstance(value, tuple) and None in value:
+                value = tuple(c if v is None else v for v, c in zip(value, act.get(key, defaults[key]), strict=True))
+            act[key] = value
+    if override.wts is not None and wts is not None:
+        wts.update(override.wts)
+
+
+def with_act_algo(config: QuantConfig, act_algo: str) -> QuantConfig:
+    """``config`` with every layer calibrated by ``act_algo`` at its default options (``asymmetric`` kept)."""
+    layers = {}
+    for name, layer in config.layers.items():
+        act = {"act_algo": act_algo, "asymmetric": layer.activation_quant_params.asymmetric}
+        try:
+            layers[name] = layer.model_copy(update={"activation_quant_params": ActivationQuantParams(**act)})
+        except ValidationError as e:
+            raise ConfigError(f"layer '{name}': activation_quant_params.{_first_error(e)}") from None
+    return QuantConfig(config.globals, layers)
 
 
 def check_layer_names(names: list[str], known: set[str], what: str) -> None:
     """Raise ConfigError for a name that is not a layer of the model, listing close names."""
-    import difflib
-
     for name in names:
         if name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.5)

@@ -1,13 +1,19 @@
 """Protobuf messages of AMCT's simplified .cfg (``AMCTConfig``) and record file (``ScaleOffsetRecord``).
 
-Built from descriptors at import time so no protoc step is needed. Field names and numbers follow AMCT's
-public .proto files, so AMCT's text files parse unchanged; fields numbered 1000 and up are omct's own
-extensions (extra calibration algorithms, output quantization for integer kernels).
+Built from descriptors so no protoc step is needed. Field names and numbers follow AMCT's public .proto
+files, so AMCT's text files parse unchanged; fields numbered 1000 and up are omct's own extensions (extra
+calibration algorithms, output quantization for integer kernels). The algorithm messages and
+``CalibrationConfig`` are generated from the algorithms' ``Options`` declarations (``omct.core``).
 """
 
 from __future__ import annotations
 
+import functools
+
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+from omct.core.options import OptionSpec
+from omct.formats.algorithms import ACT, SHARED_FIELDS, WTS, check_placements, registry_key
 
 _F = descriptor_pb2.FieldDescriptorProto
 _TYPES = {"bool": _F.TYPE_BOOL, "uint32": _F.TYPE_UINT32, "int32": _F.TYPE_INT32, "float": _F.TYPE_FLOAT,
@@ -15,34 +21,7 @@ _TYPES = {"bool": _F.TYPE_BOOL, "uint32": _F.TYPE_UINT32, "int32": _F.TYPE_INT32
 _PACKAGE = "omct"
 
 # message name -> [(field name, number, type or message name, label, default, oneof name)]
-_MESSAGES: dict[str, list[tuple]] = {
-    "ARQuantize": [("channel_wise", 1, "bool", "optional", None, None),
-                   ("quant_bits", 10, "uint32", "optional", None, None)],
-    "MSEClipQuantize": [("channel_wise", 1, "bool", "optional", None, None),
-                        ("quant_bits", 10, "uint32", "optional", None, None)],
-    "FMRQuantize": [("search_range_start", 1, "float", "optional", "0.7", None),
-                    ("search_range_end", 2, "float", "optional", "1.3", None),
-                    ("search_step", 3, "float", "optional", "0.01", None),
-                    ("max_percentile", 4, "float", "optional", "0.999999", None),
-                    ("min_percentile", 5, "float", "optional", "0.999999", None),
-                    ("asymmetric", 6, "bool", "optional", None, None)],
-    "HFMGQuantize": [("num_of_bins", 1, "uint32", "optional", "4096", None),
-                     ("asymmetric", 2, "bool", "optional", None, None)],
-    "MinMaxQuantize": [("asymmetric", 1, "bool", "optional", None, None)],
-    "PercentileQuantize": [("percentile", 1, "float", "optional", "99.999", None),
-                           ("asymmetric", 2, "bool", "optional", None, None)],
-    "MSEQuantize": [("asymmetric", 1, "bool", "optional", None, None)],
-    "KLQuantize": [("asymmetric", 1, "bool", "optional", None, None)],
-    "CalibrationConfig": [
-        ("arq_quantize", 13, "ARQuantize", "optional", None, "wts_quant_algo"),
-        ("mse_clip_quantize", 1000, "MSEClipQuantize", "optional", None, "wts_quant_algo"),
-        ("ifmr_quantize", 100, "FMRQuantize", "optional", None, "acts_quant_algo"),
-        ("hfmg_quantize", 101, "HFMGQuantize", "optional", None, "acts_quant_algo"),
-        ("minmax_quantize", 1001, "MinMaxQuantize", "optional", None, "acts_quant_algo"),
-        ("percentile_quantize", 1002, "PercentileQuantize", "optional", None, "acts_quant_algo"),
-        ("mse_quantize", 1003, "MSEQuantize", "optional", None, "acts_quant_algo"),
-        ("kl_quantize", 1004, "KLQuantize", "optional", None, "acts_quant_algo"),
-    ],
+_CONFIG_MESSAGES: dict[str, list[tuple]] = {
     "OverrideLayerType": [("layer_type", 1, "string", "required", None, None),
                           ("calibration_config", 2, "CalibrationConfig", "required", None, None)],
     "OverrideLayer": [("layer_name", 1, "string", "required", None, None),
@@ -62,6 +41,9 @@ _MESSAGES: dict[str, list[tuple]] = {
         ("nuq_config", 300, "NuqConfig", "optional", None, None),
         ("bias_correction", 1000, "bool", "optional", "true", None),
     ],
+}
+
+_RECORD_MESSAGES: dict[str, list[tuple]] = {
     "SingleLayerRecord": [
         ("scale_d", 1, "float", "optional", None, None),
         ("offset_d", 2, "int32", "optional", None, None),
@@ -82,9 +64,45 @@ _MESSAGES: dict[str, list[tuple]] = {
 }
 
 
-def _build() -> dict[str, type]:
-    fdp = descriptor_pb2.FileDescriptorProto(name="omct_amct.proto", package=_PACKAGE, syntax="proto2")
-    for name, fields in _MESSAGES.items():
+def _proto_type(spec: OptionSpec) -> str:
+    t = spec.element_type()
+    if t is bool:
+        return "bool"
+    if t is int:
+        low = min(spec.choices) if spec.choices else max(b for b in (spec.ge, spec.gt, -1) if b is not None)
+        return "uint32" if low >= 0 else "int32"
+    return {float: "float", str: "string"}[t]
+
+
+def _proto_default(value) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
+def algorithm_messages() -> dict[str, list[tuple]]:
+    """The algorithm messages and ``CalibrationConfig``, generated from the registries' Options."""
+    check_placements()
+    messages: dict[str, list[tuple]] = {}
+    calibration = []
+    for kind in (WTS, ACT):
+        for opts in kind.algorithms().values():
+            cfg = opts.cfg
+            if cfg.message in _CONFIG_MESSAGES or cfg.message == "CalibrationConfig":
+                raise ValueError(f"{kind.key}: .cfg message name '{cfg.message}' is taken by AMCTConfig's own messages")
+            fields = []
+            for spec in opts.specs():
+                defaults = spec.default if spec.is_tuple else (spec.default,)
+                for (fname, number), default in zip(spec.cfg, defaults, strict=True):
+                    fields.append((fname, number, _proto_type(spec), "optional", _proto_default(default), None))
+            fields += [(fname, number, SHARED_FIELDS[fname][1], "optional", None, None) for fname, number in cfg.shared]
+            messages[cfg.message] = sorted(fields, key=lambda f: f[1])
+            calibration.append((cfg.field, cfg.number, cfg.message, "optional", None, kind.oneof))
+    messages["CalibrationConfig"] = calibration
+    return messages
+
+
+def _build(messages: dict[str, list[tuple]], file_name: str) -> dict[str, type]:
+    fdp = descriptor_pb2.FileDescriptorProto(name=file_name, package=_PACKAGE, syntax="proto2")
+    for name, fields in messages.items():
         msg = fdp.message_type.add(name=name)
         oneofs: list[str] = []
         for fname, number, ftype, label, default, oneof in fields:
@@ -105,9 +123,17 @@ def _build() -> dict[str, type]:
     pool = descriptor_pool.DescriptorPool()
     pool.Add(fdp)
     return {name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{_PACKAGE}.{name}"))
-            for name in _MESSAGES}
+            for name in messages}
 
 
-MESSAGES = _build()
-AMCTConfig = MESSAGES["AMCTConfig"]
-ScaleOffsetRecord = MESSAGES["ScaleOffsetRecord"]
+@functools.lru_cache(maxsize=4)
+def _config_classes(key: tuple) -> dict[str, type]:
+    return _build({**algorithm_messages(), **_CONFIG_MESSAGES}, "omct_amct_config.proto")
+
+
+def amct_config_class() -> type:
+    """``AMCTConfig`` for the algorithms registered now (rebuilt when a registry changes)."""
+    return _config_classes(registry_key())["AMCTConfig"]
+
+
+ScaleOffsetRecord = _build(_RECORD_MESSAGES, "omct_amct_record.proto")["ScaleOffsetRecord"]

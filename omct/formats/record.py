@@ -9,6 +9,7 @@ import numpy as np
 from google.protobuf import text_format
 
 from omct.errors import RecordError
+from omct.fileio import atomic_write_text
 from omct.formats.proto import ScaleOffsetRecord
 
 
@@ -26,8 +27,6 @@ class LayerRecord:
 
 
 def write_record(path: str | Path, records: dict[str, LayerRecord]) -> None:
-    from omct.fileio import atomic_write_text
-
     msg = ScaleOffsetRecord()
     for key, rec in records.items():
         v = msg.record.add(key=key).value
@@ -56,8 +55,6 @@ _PENDING = "# omct: calibration pending:"
 
 def write_pending_record(path: str | Path, seen: int, batch_num: int, layers: list[str]) -> None:
     """A record file with no factors yet, saying how far calibration got (read back by save_model's checks)."""
-    from omct.fileio import atomic_write_text
-
     atomic_write_text(path, f"{_PENDING} {seen} of {batch_num} batches for {len(layers)} layers: "
                             f"{' '.join(layers)}\n")
 
