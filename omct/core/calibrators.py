@@ -115,12 +115,12 @@ class HFMG(Calibrator):
         left, right = 0, self.num_of_bins  # candidate keeps bins [left, right)
         cands = [(left, right)]
         while right - left > max(2, self.num_of_bins // 64):
-            if counts[left] <= counts[right - 1]:
+            if not self.asymmetric:  # symmetric ranges shrink on both sides at once
+                left, right = left + 1, right - 1
+            elif counts[left] <= counts[right - 1]:
                 left += 1
             else:
                 right -= 1
-            if not self.asymmetric:  # keep symmetric ranges symmetric
-                left, right = min(left, self.num_of_bins - right), max(right, self.num_of_bins - left)
             cands.append((left, right))
         cands = cands[:: max(1, len(cands) // self.max_candidates)]
         los = np.array([edges[a] for a, _ in cands])
