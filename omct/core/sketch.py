@@ -27,8 +27,10 @@ Guarantee (tests/test_sketch_sampling.py, against a numpy brute force, Gaussian,
 Student-t and outlier-heavy data, 0.3 to 4 million values in 1 to 8 batches, asymmetric and symmetric):
 the clip IFMR picks from this sketch has a quantization MSE on all the data within 1% of the exact IFMR
 optimum's (every value kept, every candidate ratio fake-quantizing all the data); HFMG's within 1% of the
-MSE of HFMG's choice from an unsampled sketch. Sampling noise in that MSE shrinks as one over the square
-root of the values binned; with 8192 values binned per batch the guarantee measurably fails (1.06%).
+MSE of HFMG's choice from an unsampled sketch. Measured worst cases there: IFMR 0.41%, HFMG 0.34%. The
+sampling noise in the MSE shrinks as one over the square root of the values binned: with 8192 values
+per batch the worst test case is at 0.62% and 3 million Gaussian values in one batch at 1.06%; with 1000,
+6 of the 50 test cases fail.
 """
 
 from __future__ import annotations
@@ -236,20 +238,18 @@ class ActivationSketch:
         t_lo, t_hi = float(self.bottom.max()), float(self.top.min())
         outer_lo, outer_hi = np.sort(self.bottom[self.bottom < t_lo]), np.sort(self.top[self.top > t_hi])
         middle = self.count - outer_lo.size - outer_hi.size  # values in [t_lo, t_hi]
-        inner = [b - a for a, b in zip(self._bin_moments(np.array([t_lo])), self._bin_moments(np.array([t_hi])), strict=True)]
-        if t_hi <= t_lo or inner[0][0] <= 0:  # the middle is one value (ties) or the bins saw none of it
+        bins = self._bin_moments(np.concatenate([[t_lo, t_hi], np.clip(points.ravel(), t_lo, t_hi)]))
+        binned_middle = bins[0][1] - bins[0][0]
+        if t_hi <= t_lo or binned_middle <= 0:  # the middle is one value (ties) or the bins saw none of it
             at = (t_lo + t_hi) / 2
             inner_at = [np.where(points > at, middle * at**k, 0.0) for k in range(3)]
         else:
-            scale = middle / inner[0][0]
-            base = self._bin_moments(np.array([t_lo]))
-            mid = self._bin_moments(np.clip(points, t_lo, t_hi))
-            inner_at = [scale * (m - b[0]) for m, b in zip(mid, base, strict=True)]
+            inner_at = [middle / binned_middle * (m[2:].reshape(points.shape) - m[0]) for m in bins]
+        i_lo, i_hi = np.searchsorted(outer_lo, points), np.searchsorted(outer_hi, points)
         out = []
         for k in range(3):
-            lo_k = np.concatenate([[0.0], np.cumsum(outer_lo**k)])[np.searchsorted(outer_lo, points, side="left")]
-            hi_k = np.concatenate([[0.0], np.cumsum(outer_hi**k)])[np.searchsorted(outer_hi, points, side="left")]
-            out.append(lo_k + inner_at[k] + hi_k)
+            lo_k, hi_k = (np.concatenate([[0.0], np.cumsum(v**k)]) for v in (outer_lo, outer_hi))
+            out.append(lo_k[i_lo] + inner_at[k] + hi_k[i_hi])
         return out[0], out[1], out[2]
 
     def _bin_moments(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
