@@ -128,7 +128,9 @@ class ActivationSketch:
             low = x[x < cut]
             if low.size + np.count_nonzero(self.bottom < cut) < min(k, self.count):
                 low = _extreme(x, k, largest=False)
-        self._keep_tails(high.astype(np.float64), low.astype(np.float64))
+        # The k most extreme first, in the batch's dtype: a cut on a spike (a ReLU's zeros, a ReLU6's sixes)
+        # holds a large part of the batch, not worth converting.
+        self._keep_tails(_extreme(high, k, largest=True).astype(np.float64), _extreme(low, k, largest=False).astype(np.float64))
 
     def merge(self, other: ActivationSketch) -> None:
         """Fold ``other`` into this sketch (exact: the result equals one sketch fed both streams)."""
