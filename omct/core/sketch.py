@@ -13,7 +13,7 @@ memory grows with the number of batches. This sketch has a fixed size whatever t
 
 Sampling: a batch of at least ``2 * sample_size`` values (default 65536) bins one value drawn at random
 from each run of ``stride = size // sample_size`` values, counted ``stride`` times (plus the few values
-after the last whole run, counted once): ``sample_size`` to ``2 * sample_size`` values binned, the same
+after the last whole run, counted once): ``sample_size`` to ``1.5 * sample_size`` values binned, the same
 draw for every batch of that size, so the same input gives the same record. The tails, count, minimum and
 maximum still see every value. Merging stays exact: a sketch is the sum of its batches' contributions
 whoever folds them. ``sample_size=0`` bins every value.
@@ -42,7 +42,7 @@ import numpy as np
 
 DEFAULT_MAX_BINS = 16384
 DEFAULT_TAIL_SIZE = 4096
-DEFAULT_SAMPLE_SIZE = 1 << 16  # a batch of at least twice this many values bins a sample of this many to twice that
+DEFAULT_SAMPLE_SIZE = 1 << 16  # a batch of at least twice this many values bins a sample of this many to 1.5 times that
 
 
 class ActivationSketch:
