@@ -5,6 +5,7 @@ Each method runs in its own child process so its peak RSS is its own. Run by han
 
     python benchmarks/bench_ptq.py                 # all models, all methods, writes benchmarks/results/ptq.md
     python benchmarks/bench_ptq.py --models resnet --methods omct-ifmr ort-minmax
+    python benchmarks/bench_ptq.py --methods omct-ifmr omct-ifmr-exact ort-minmax   # -exact: every value binned
 """
 
 from __future__ import annotations
@@ -88,18 +89,38 @@ def calib_batches(batch_num: int):
     return [x[(i * CALIB_BATCH) % len(x):][:CALIB_BATCH] for i in range(batch_num)]
 
 
+def omct_method(method: str) -> str:
+    """The omct algorithm of an omct method name. ``omct-ifmr-exact`` is omct-ifmr with every activation value
+    binned (the sketch before sampling), to measure before and after in the same interleaved run."""
+    algo = method[5:]
+    if algo.endswith("-exact"):
+        import omct.core.sketch
+
+        omct.core.sketch.DEFAULT_SAMPLE_SIZE = 0
+        algo = algo[: -len("-exact")]
+    return algo
+
+
+def prepare_omct(method: str, name: str, out: Path, batch_num: int) -> None:
+    """create_quant_config + quantize_model: the modified model at ``out_mod.onnx``."""
+    import omct.onnx as amct
+    from omct.ui import set_quiet
+
+    set_quiet()
+    src = str(model_path(name))
+    cfg = out.with_suffix(".cfg")
+    cfg.write_text(f"batch_num: {batch_num}\ncommon_config {{ {omct_method(method)}_quantize {{ }} }}\n")
+    amct.create_quant_config(str(out) + ".json", src, config_defination=str(cfg))
+    amct.quantize_model(str(out) + ".json", src, str(out) + "_mod.onnx", str(out) + "_record.txt")
+
+
 def quantize(method: str, name: str, out: Path, batch_num: int) -> Path:
     src = str(model_path(name))
     batches = calib_batches(batch_num)
     if method.startswith("omct"):
         import omct.onnx as amct
-        from omct.ui import set_quiet
 
-        set_quiet()
-        cfg = out.with_suffix(".cfg")
-        cfg.write_text(f"batch_num: {batch_num}\ncommon_config {{ {method[5:]}_quantize {{ }} }}\n")
-        amct.create_quant_config(str(out) + ".json", src, config_defination=str(cfg))
-        amct.quantize_model(str(out) + ".json", src, str(out) + "_mod.onnx", str(out) + "_record.txt")
+        prepare_omct(method, name, out, batch_num)
         sess = amct.CalibrationSession(str(out) + "_mod.onnx")
         for b in batches:
             sess.run(None, {"input": b})
@@ -201,8 +222,44 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def calibration_vs_forward(method: str, name: str, batch_num: int, rounds: int = 7) -> dict:
+    """Seconds of the calibration part (a CalibrationSession's runs over the calibration batches, the last
+    one writing the record) and of the bare FP32 forward passes over the same batches (an ONNX Runtime
+    session on the original model, default options), each the median of ``rounds`` interleaved rounds.
+    Sessions are built outside the timings; each round calibrates with a fresh CalibrationSession."""
+    import omct.onnx as amct
+
+    out = WORK / f"{name}_{method}_calib_b{batch_num}"
+    prepare_omct(method, name, out, batch_num)
+    batches = calib_batches(batch_num)
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    fp32 = ort.InferenceSession(str(model_path(name)), so, providers=["CPUExecutionProvider"])
+    for b in batches[:2]:  # warm-up: first-run allocations
+        fp32.run(None, {"input": b})
+    fwd, cal = [], []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for b in batches:
+            fp32.run(None, {"input": b})
+        fwd.append(time.perf_counter() - t)
+        sess = amct.CalibrationSession(str(out) + "_mod.onnx")
+        t = time.perf_counter()
+        for b in batches:
+            sess.run(None, {"input": b})
+        cal.append(time.perf_counter() - t)
+        del sess
+    return {"forward_s": float(np.median(fwd)), "calib_s": float(np.median(cal))}
+
+
 def child(method: str, name: str, batch_num: int) -> None:
-    """Quantize once in this process and print a JSON line of measurements."""
+    """Quantize once in this process and print a JSON line of measurements (``calib:`` methods: the
+    calibration part against the bare forward passes instead)."""
+    if method.startswith("calib:"):
+        print(json.dumps({"method": method[6:], "model": name, **calibration_vs_forward(method[6:], name, batch_num)}))
+        return
     out = WORK / f"{name}_{method}_b{batch_num}"
     base_rss = peak_rss_mb()
     t = time.perf_counter()
@@ -279,6 +336,8 @@ def main() -> None:
     ap.add_argument("--batch-num", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=5, help="quantize this many times; the median wall time is reported")
     ap.add_argument("--memory", action="store_true", help="also measure omct's peak RSS at batch_num 32 vs 256")
+    ap.add_argument("--no-calib-ratio", dest="calib_ratio", action="store_false",
+                    help="skip timing omct's calibration part against the bare FP32 forward passes")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -289,6 +348,8 @@ def main() -> None:
         ensure_model(name)
         fp32 = model_path(name)
         results = repeated_runs(run_child, name, args, rows)
+        calib = {m: child_process(__file__, f"calib:{m}", name, args.batch_num) for m in results if m.startswith("omct")} \
+            if args.calib_ratio else {}
         paths = [fp32] + [Path(r["deploy"]) for r in results.values()]
         lats = latencies_ms(paths)
         rows.append({"model": name, "method": "fp32", "acc": accuracy(fp32), "lat_ms": lats[0], "lat_ratio": 1.0,
@@ -299,15 +360,26 @@ def main() -> None:
                          "lat_ms": lat,
                          "lat_ratio": lat / lats[0], "wall_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"],
                          "size_kb": deploy.stat().st_size / 1024})
+            if "ort-minmax" in results:
+                rows[-1]["wall_ratio"] = r["wall_s"] / results["ort-minmax"]["wall_s"]
+            c = calib.get(method, {})
+            if "calib_s" in c:
+                rows[-1].update(calib_s=c["calib_s"], forward_s=c["forward_s"], calib_ratio=c["calib_s"] / c["forward_s"])
             print(json.dumps(rows[-1]), file=sys.stderr)
     lines.append(f"PTQ benchmark: {args.batch_num} calibration batches of {CALIB_BATCH}, digits upsampled to {SIZE}x{SIZE}, "
                  "accuracy on 500 held-out images, ORT latency at batch 16 with 2 threads (median of 5 interleaved "
-                 f"passes of 40 runs each), PTQ wall time the median of {args.repeat} interleaved rounds.\n")
+                 f"passes of 40 runs each), PTQ wall time the median of {args.repeat} interleaved rounds; vs MinMax: "
+                 "PTQ wall time over ORT MinMax's; calib/fwd: omct's calibration part (its CalibrationSession's "
+                 f"runs over the {args.batch_num} batches) over bare FP32 ONNX Runtime runs over the same batches "
+                 "(medians of 7 interleaved rounds in one process).\n")
     lines += markdown_table(
-        ["model", "method", "accuracy", "logit SQNR dB", "latency ms", "vs FP32", "PTQ wall s", "peak RSS MB", "size KB"],
+        ["model", "method", "accuracy", "logit SQNR dB", "latency ms", "vs FP32", "PTQ wall s", "vs MinMax", "calib/fwd",
+         "peak RSS MB", "size KB"],
         rows, lambda r: [f"{r['acc']:.4f}", f"{r['sqnr']:.1f}" if "sqnr" in r else "-", f"{r['lat_ms']:.2f}",
-                         f"{r['lat_ratio']:.2f}x", f"{r.get('wall_s', 0):.2f}", f"{r.get('peak_rss_mb', 0):.0f}",
-                         f"{r['size_kb']:.0f}"])
+                         f"{r['lat_ratio']:.2f}x", f"{r.get('wall_s', 0):.2f}",
+                         f"{r['wall_ratio']:.2f}x" if "wall_ratio" in r else "-",
+                         f"{r['calib_ratio']:.2f}x ({r['calib_s']:.3f}/{r['forward_s']:.3f} s)" if "calib_ratio" in r else "-",
+                         f"{r.get('peak_rss_mb', 0):.0f}", f"{r['size_kb']:.0f}"])
     if args.memory:
         lines.append("\nomct peak RSS vs batch_num (IFMR, resnet):\n")
         lines.append("| batch_num | peak RSS MB | wall s |")

@@ -106,11 +106,12 @@ def test_sketch_quant_error_matches_brute_force(dist):
 def test_sketch_bins_and_tails_are_exact(dtype):
     """Counts equal numpy's histogram over the sketch's own edges and the tails equal the sorted extremes,
     with batches larger than one binning chunk, signed data away from zero, a range that keeps growing
-    (bins merge) and batches whose extremes cannot enter the full tails."""
+    (bins merge) and batches whose extremes cannot enter the full tails. On the exact path (no sampling;
+    the sampled one is tested in test_sketch_sampling.py)."""
     rng = np.random.default_rng(3)
     batches = [rng.normal(5.0, 1.0 + i, size=150_000 + 999 * i).astype(dtype) for i in range(5)]
     batches += [rng.normal(5.0, 0.1, size=70_000).astype(dtype)]  # nothing new for either tail
-    sk = ActivationSketch()
+    sk = ActivationSketch(sample_size=0)
     for b in batches:
         sk.update(b.reshape(-1, 7) if b.size % 7 == 0 else b)
     data = np.concatenate(batches).astype(np.float64)

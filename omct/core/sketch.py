@@ -11,27 +11,53 @@ memory grows with the number of batches. This sketch has a fixed size whatever t
   for up to ``tail_size / (1 - percentile)`` values;
 * exact count, minimum and maximum.
 
+Sampling: a batch of at least ``2 * sample_size`` values (default 65536) bins one value drawn at random
+from each run of ``stride = size // sample_size`` values, counted ``stride`` times (plus the few values
+after the last whole run, counted once): ``sample_size`` to ``1.5 * sample_size`` values binned, the same
+draw for every batch of that size, so the same input gives the same record. The tails, count, minimum and
+maximum still see every value. Merging stays exact: a sketch is the sum of its batches' contributions
+whoever folds them. ``sample_size=0`` bins every value.
+
 The quantization error of any candidate (scale, offset) is computed in closed form per bin, taking the
 values of a bin as spread evenly inside it: the bins are far narrower than a quantization step (16384 bins
-against 255 steps), so that is exact up to a term that does not depend on the candidate.
+against 255 steps), so that is exact up to a term that does not depend on the candidate. Once sampled, the
+values beyond the innermost kept tail values (where the clipping error lives) come from the exact tails.
+
+Guarantee (tests/test_sketch_sampling.py, against a numpy brute force, Gaussian, Laplace, ReLU-shaped,
+Student-t and outlier-heavy data, 0.3 to 4 million values in 1 to 8 batches, asymmetric and symmetric):
+the clip IFMR picks from this sketch has a quantization MSE on all the data within 1% of the exact IFMR
+optimum's (every value kept, every candidate ratio fake-quantizing all the data); HFMG's within 1% of the
+MSE of HFMG's choice from an unsampled sketch. Measured worst cases there: IFMR 0.41%, HFMG 0.34%. The
+sampling noise in the MSE shrinks as one over the square root of the values binned: with 8192 values
+per batch the worst test case is at 0.62% and 3 million Gaussian values in one batch at 1.06%; with 1000,
+6 of the 50 test cases fail.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 
 DEFAULT_MAX_BINS = 16384
 DEFAULT_TAIL_SIZE = 4096
+DEFAULT_SAMPLE_SIZE = 1 << 16  # a batch of at least twice this many values bins a sample of this many to 1.5 times that
 
 
 class ActivationSketch:
-    def __init__(self, max_bins: int = DEFAULT_MAX_BINS, tail_size: int = DEFAULT_TAIL_SIZE):
+    def __init__(self, max_bins: int = DEFAULT_MAX_BINS, tail_size: int = DEFAULT_TAIL_SIZE,
+                 sample_size: int | None = None):
         if not 64 <= max_bins <= 2**20 or max_bins & (max_bins - 1):  # 2**20: bin indices stay exact in float32
             raise ValueError(f"max_bins must be a power of two from 64 to 2**20, got {max_bins}")
+        if sample_size is None:
+            sample_size = DEFAULT_SAMPLE_SIZE  # read at construction, so a process can change the default
+        if sample_size < 0:
+            raise ValueError(f"sample_size must be 0 (bin every value) or positive, got {sample_size}")
         self.max_bins = max_bins
         self.tail_size = tail_size
+        self.sample_size = sample_size
+        self.sampled = False  # some batch's histogram counts come from a sample
         self.count = 0
         self.min = math.inf
         self.max = -math.inf
@@ -68,19 +94,43 @@ class ActivationSketch:
         full_top, full_bottom = self.top.size >= k, self.bottom.size >= k
         above = float(self.top.min()) if full_top else math.inf
         below = float(self.bottom.max()) if full_bottom else -math.inf
-        counts, high, low = _bin_and_cut(x, self.exponent, self.first_index, self.counts.size,
-                                         above if hi > above else None, below if lo < below else None)
+        above, below = above if hi > above else None, below if lo < below else None
+        stride = x.size // self.sample_size if self.sample_size else 0
+        if stride >= 2:
+            # One value drawn at random from each run of ``stride`` values (the same draw for every batch of
+            # this size, so the record is reproducible) stands for the run; the few values after the last
+            # whole run are binned as they are. The tails still see every value.
+            used = x.size - x.size % stride
+            sample = x[_sample_index(x.size, stride)]
+            counts = stride * _bin_and_cut(sample, self.exponent, self.first_index, self.counts.size, None, None)[0]
+            counts += _bin_and_cut(x[used:], self.exponent, self.first_index, self.counts.size, None, None)[0]
+            high, low = _cut(x, above, below)
+            self.sampled = True
+        else:
+            counts, high, low = _bin_and_cut(x, self.exponent, self.first_index, self.counts.size, above, below)
         self.counts += counts
         self.count += x.size
         self.min, self.max = min(self.min, lo), max(self.max, hi)
         n = self.counts.size
+        # Before a tail is full its cut comes from the bins. Bins counted from a sample can put the cut too
+        # far out, so the cut asks for twice the values then; if it still holds too few, the batch's own
+        # extremes are taken exactly (any k values at or beyond the cut hold the k most extreme ones).
+        want = 2 * k if self.sampled else k
         if not full_top:
-            top_bin = n - 1 - int(np.searchsorted(np.cumsum(self.counts[::-1]), k))
-            high = x[x >= (self.first_index + max(top_bin, 0)) * self.width]
+            top_bin = n - 1 - int(np.searchsorted(np.cumsum(self.counts[::-1]), want))
+            cut = (self.first_index + max(top_bin, 0)) * self.width
+            high = x[x >= cut]
+            if high.size + np.count_nonzero(self.top >= cut) < min(k, self.count):
+                high = _extreme(x, k, largest=True)
         if not full_bottom:
-            bottom_bin = int(np.searchsorted(np.cumsum(self.counts), k))
-            low = x[x < (self.first_index + min(bottom_bin, n - 1) + 1) * self.width]
-        self._keep_tails(high.astype(np.float64), low.astype(np.float64))
+            bottom_bin = int(np.searchsorted(np.cumsum(self.counts), want))
+            cut = (self.first_index + min(bottom_bin, n - 1) + 1) * self.width
+            low = x[x < cut]
+            if low.size + np.count_nonzero(self.bottom < cut) < min(k, self.count):
+                low = _extreme(x, k, largest=False)
+        # The k most extreme first, in the batch's dtype: a cut on a spike (a ReLU's zeros, a ReLU6's sixes)
+        # holds a large part of the batch, not worth converting.
+        self._keep_tails(_extreme(high, k, largest=True).astype(np.float64), _extreme(low, k, largest=False).astype(np.float64))
 
     def merge(self, other: ActivationSketch) -> None:
         """Fold ``other`` into this sketch (exact: the result equals one sketch fed both streams)."""
@@ -98,6 +148,7 @@ class ActivationSketch:
         start = other.first_index - self.first_index
         self.counts[start : start + other.counts.size] += other.counts
         self.count += other.count
+        self.sampled = self.sampled or other.sampled
         self.min, self.max = min(self.min, other.min), max(self.max, other.max)
         self._keep_tails(other.top, other.bottom)
 
@@ -164,12 +215,42 @@ class ActivationSketch:
         return float(np.clip(np.interp(position, cum, self.edges()), self.min, self.max))
 
     def cumulative(self, points: np.ndarray) -> np.ndarray:
-        """Number of values below each point (linear inside a bin)."""
+        """Number of values below each point (linear inside a bin; exact in the kept tails once sampled)."""
+        if self.sampled:
+            return self.moments(points)[0]
         cum = np.concatenate([[0.0], np.cumsum(self.counts)])
         return np.interp(points, self.edges(), cum)
 
     def moments(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Count, sum and sum of squares of the values below each point (values spread evenly in a bin)."""
+        """Count, sum and sum of squares of the values below each point.
+
+        Exact path: read off the bins, values spread evenly in a bin. Once a batch was sampled, the values
+        beyond the innermost kept tail values are all in the tails, so they come from there exactly (they
+        make the clipping error, where a sample is poorest); the bins give the shape of the rest, scaled to
+        its exact count (``count`` minus the exact tails).
+        """
+        points = np.asarray(points, np.float64)
+        if not self.sampled or self.top.size < self.tail_size or self.bottom.size < self.tail_size:
+            return self._bin_moments(points)
+        t_lo, t_hi = float(self.bottom.max()), float(self.top.min())
+        outer_lo, outer_hi = np.sort(self.bottom[self.bottom < t_lo]), np.sort(self.top[self.top > t_hi])
+        middle = self.count - outer_lo.size - outer_hi.size  # values in [t_lo, t_hi]
+        bins = self._bin_moments(np.concatenate([[t_lo, t_hi], np.clip(points.ravel(), t_lo, t_hi)]))
+        binned_middle = bins[0][1] - bins[0][0]
+        if t_hi <= t_lo or binned_middle <= 0:  # the middle is one value (ties) or the bins saw none of it
+            at = (t_lo + t_hi) / 2
+            inner_at = [np.where(points > at, middle * at**k, 0.0) for k in range(3)]
+        else:
+            inner_at = [middle / binned_middle * (m[2:].reshape(points.shape) - m[0]) for m in bins]
+        i_lo, i_hi = np.searchsorted(outer_lo, points), np.searchsorted(outer_hi, points)
+        out = []
+        for k in range(3):
+            lo_k, hi_k = (np.concatenate([[0.0], np.cumsum(v**k)]) for v in (outer_lo, outer_hi))
+            out.append(lo_k[i_lo] + inner_at[k] + hi_k[i_hi])
+        return out[0], out[1], out[2]
+
+    def _bin_moments(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Count, sum and sum of squares of the binned values below each point (values spread evenly in a bin)."""
         w, e0 = self.width, self.first_index * self.width
         mid = e0 + (np.arange(self.counts.size) + 0.5) * w
         m0 = np.concatenate([[0.0], np.cumsum(self.counts)])
@@ -240,6 +321,32 @@ def _bin_and_cut(x: np.ndarray, exponent: int, first: int, n: int, above: float 
         raise AssertionError("sketch bins do not cover the batch")  # _cover guarantees they do
     empty = np.zeros(0, x.dtype)
     return counts, np.concatenate(highs) if highs else empty, np.concatenate(lows) if lows else empty
+
+
+def _cut(x: np.ndarray, above: float | None, below: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """The values of ``x`` above ``above`` and below ``below`` (empty where None), a chunk at a time."""
+    highs, lows = [], []
+    if above is not None or below is not None:
+        for start in range(0, x.size, CHUNK):
+            chunk = x[start : start + CHUNK]
+            if above is not None:
+                highs.append(chunk[chunk > above])
+            if below is not None:
+                lows.append(chunk[chunk < below])
+    empty = np.zeros(0, x.dtype)
+    return np.concatenate(highs) if highs else empty, np.concatenate(lows) if lows else empty
+
+
+@functools.lru_cache(maxsize=16)
+def _sample_index(size: int, stride: int) -> np.ndarray:
+    """One position drawn from each whole run of ``stride`` values, from a fixed seed: every value of the
+    runs is drawn with probability ``1 / stride`` (an unbiased count once multiplied by ``stride``) and no
+    regular pattern of the tensor's layout (channels, rows) can line up with the draw."""
+    runs = size // stride
+    rng = np.random.default_rng([size, stride])
+    index = np.arange(0, runs * stride, stride, dtype=np.int64) + rng.integers(0, stride, runs)
+    index.flags.writeable = False
+    return index
 
 
 def _extreme(values: np.ndarray, k: int, largest: bool) -> np.ndarray:
