@@ -52,13 +52,6 @@ class Plan:
         layers = {d["name"]: LayerSpec(**d) for d in data["layers"]}
         return cls(layers, [Site(**s) for s in data["sites"]], data["input_site"], data["output_site"])
 
-    def site_tensors(self) -> list[str]:
-        seen: list[str] = []
-        for s in self.sites:
-            if s.tensor not in seen:
-                seen.append(s.tensor)
-        return seen
-
 
 def build_plan(layers: list[LayerSpec], config: QuantConfig) -> Plan:
     enabled = {spec.name: spec for spec in layers if spec.name in config.layers and config.layers[spec.name].quant_enable}
