@@ -11,6 +11,7 @@ searches are thin users of these pieces; nothing here writes a file unless asked
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from omct.errors import CalibrationError, ConfigError, OmctError
 from omct.formats.config import QuantConfig
 from omct.formats.record import LayerRecord, write_pending_record, write_record
 from omct.graph.export import deploy_model, fake_quant_model
-from omct.graph.model_io import save_models
+from omct.graph.model_io import EXTERNAL_DATA_THRESHOLD, save_model, save_models, tensor_bytes
 from omct.graph.modified import make_modified, stamp_layers
 from omct.graph.ops import LayerSpec
 from omct.graph.plan import Plan, build_plan, with_float_layers
@@ -246,14 +247,19 @@ def quantize(graph: onnx.ModelProto, layers: list[LayerSpec], config: QuantConfi
     if not plan.layers:
         raise ConfigError("no layer has quant_enable true; nothing to quantize")
     mod = make_modified(graph, plan, config, observed_tensors(plan, config))
-    session = ort_session(mod.model.SerializeToString())
     calibration = Calibration(plan, config, initializer_reader(graph))
     fetch = calibration.tensors()
-    for feeds in batches:
-        if calibration.done:
-            break
-        calibration.run_batch(lambda feeds=feeds: calibration.observe(dict(zip(fetch, session.run(fetch, dict(feeds)),
-                                                                               strict=True))))
+    with tempfile.TemporaryDirectory(prefix="omct-") as tmp:
+        if tensor_bytes(mod.model) > EXTERNAL_DATA_THRESHOLD:  # protobuf cannot serialise it: ORT reads it from disk
+            save_model(mod.model, Path(tmp) / "modified.onnx")
+            session = ort_session(Path(tmp) / "modified.onnx")
+        else:
+            session = ort_session(mod.model.SerializeToString())
+        for feeds in batches:
+            if calibration.done:
+                break
+            calibration.run_batch(lambda feeds=feeds: calibration.observe(
+                dict(zip(fetch, session.run(fetch, dict(feeds)), strict=True))))
     if not calibration.done:
         raise CalibrationError(f"the data gave {calibration.batches} of batch_num={config.batch_num} batches; give more "
                                "batches or lower batch_num")

@@ -82,3 +82,16 @@ def test_statistics_share_equal_points_and_feed_each_once():
     assert (stats[a].total, stats[a].calls, stats[c].total) == (3.0, 1, 4.0)
     with pytest.raises(RuntimeError, match="^u$"):
         stats.observe({"t": np.ones(3), "u": np.array([np.nan])}, lambda t, e: RuntimeError(t))
+
+
+def test_models_too_large_to_serialise_are_calibrated_from_a_file(monkeypatch, rng):
+    """Past protobuf's 2 GiB the modified model cannot be handed to ONNX Runtime as bytes: it goes through a file."""
+    import omct.quantize as core
+
+    model = conv_model(rng)
+    batches = [{"x": rng.normal(size=(2, 8, 6, 6)).astype(np.float32)}]
+    small = amct.quantize(model, _config(model), batches)
+    sizes = []
+    monkeypatch.setattr(core, "tensor_bytes", lambda m: sizes.append(1) or core.EXTERNAL_DATA_THRESHOLD + 1)
+    large = amct.quantize(model, _config(model), batches)
+    assert sizes and large.records == small.records
