@@ -19,7 +19,7 @@ from omct.graph import metadata
 from omct.graph.model_io import check_save_outputs
 from omct.graph.model_io import save_model as save_onnx
 from omct.graph.modified import ModifiedModel, make_modified, read_modified
-from omct.graph.ops import LayerSpec, Refusal
+from omct.graph.ops import LayerSpec, Refusal, quantization_nodes
 from omct.graph.plan import Plan, build_plan
 from omct.quantize import QuantizedModel, observed_tensors
 from omct.ui import logger
@@ -41,6 +41,11 @@ def write_quant_config(config_file: str | os.PathLike, prepared: PreparedModel, 
                           simplified=simplified, all_names=all_names)
     check_layer_names(config.globals.skip_fusion_layers, all_names, "skip_fusion_layers")
     quantizable = [info for info in layers if info.quantizable]
+    done = quantization_nodes(prepared.model)
+    if done:
+        kinds = sorted({n.op_type for n in done})
+        raise ModelError(f"{prepared.description} is already quantized ({len(done)} node(s) of type {', '.join(kinds)}, e.g. "
+                         f"'{done[0].name}'); omct quantizes float models: give the FP32 model it was made from")
     if not quantizable:
         reasons = "; ".join(str(r) for r in refused[:3]) or "it has no layer of a quantizable type"
         raise ModelError(f"{prepared.description} has no quantizable layer ({reasons})")

@@ -311,4 +311,33 @@ def find_layers(model: onnx.ModelProto) -> tuple[list[LayerSpec], list[Refusal]]
             refused.append(Refusal(node.name, node.op_type, result))
         else:
             layers.append(result)
+    refused += _subgraph_candidates(model.graph, "")
     return layers, refused
+
+
+def _subgraph_candidates(graph: onnx.GraphProto, where: str) -> list[Refusal]:
+    """Candidates inside the bodies of If / Loop / Scan nodes, each refused with where it sits: their tensors
+    cannot be observed as model outputs, so calibration cannot reach them yet."""
+    found = []
+    for node in graph.node:
+        for attr in node.attribute:
+            bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for body in bodies:
+                place = f"{where}{node.name or node.op_type}/{attr.name}"
+                for inner in body.node:
+                    if inner.op_type in HANDLERS and inner.domain in ("", "ai.onnx"):
+                        found.append(Refusal(f"{place}/{inner.name or inner.op_type}", inner.op_type,
+                                             f"it sits inside the {attr.name} of {node.op_type} node '{node.name}'; layers "
+                                             "in control-flow subgraphs are not quantized yet"))
+                found += _subgraph_candidates(body, place + "/")
+    return found
+
+
+#: op types that only appear in a model that is already quantized
+QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
+                 "QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearAveragePool", "MatMulIntegerToFloat")
+
+
+def quantization_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The nodes that show a model is already quantized (QDQ, QLinear*, integer ops)."""
+    return [n for n in model.graph.node if n.op_type in QUANTIZED_OPS or n.op_type.startswith("QLinear")]
