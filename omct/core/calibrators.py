@@ -26,11 +26,12 @@ class Calibrator(ABC):
 
     name: ClassVar[str]
     Options: ClassVar[type[AlgorithmOptions]]
+    sample_size: ClassVar[int | None] = None  # the sketch's: None = its default (large batches sampled), 0 = exact
 
     def __init__(self, num_bits: int = 8, asymmetric: bool = True, sketch: ActivationSketch | None = None, **options):
         self.num_bits = num_bits
         self.asymmetric = asymmetric
-        self.sketch = sketch if sketch is not None else ActivationSketch()
+        self.sketch = sketch if sketch is not None else ActivationSketch(sample_size=self.sample_size)
         self.options = self.Options(**options)
 
     def update(self, values: np.ndarray) -> None:
@@ -110,6 +111,9 @@ class HFMG(Calibrator):
 
     name = "hfmg"
     max_candidates = 512
+    # every value binned: HFMG trims the histogram bin by bin from its lighter side, and a sampled histogram's
+    # noisy tail bins moved its choice (ResNet benchmark logit SQNR 41.4 -> 40.5 dB with sampling)
+    sample_size = 0
 
     @dataclass(frozen=True)
     class Options(AlgorithmOptions):
