@@ -98,6 +98,56 @@ def test_tied_embedding_and_output_projection_stay_correct(tmp_path, rng):
     np.testing.assert_allclose(ort_run(fake, feeds)[0], ort_run(deploy, feeds)[0], rtol=1e-3, atol=2e-3)
 
 
+def test_lookup_alone_calibrates_nothing_and_analyze_lines_it_up(tmp_path, rng):
+    """Only a weight-only layer enabled: calibration observes no tensor, yet the record and both models are
+    written; ``omct analyze`` compares the lookup's float output in the fake-quant and the deploy model (where the
+    layer's name is on the Mul that scales the gathered INT8 rows)."""
+    from omct.analysis.compare import analyze
+
+    table = rng.normal(size=(600, 16)).astype(np.float32)
+    model = _gather_model(table)
+    path = tmp_path / "lookup.onnx"
+    onnx.save(model, path)
+    batches = [{"ids": rng.integers(0, 600, (8, 5))} for _ in range(2)]
+    fake, deploy = run_flow(path, tmp_path, batches)
+    mod = onnx.load(tmp_path / "q_mod.onnx")
+    assert [o.name for o in mod.graph.output] == ["y"]  # nothing observed
+    by_name = {n.name: n.op_type for n in onnx.load(deploy).graph.node}
+    assert by_name["emb"] == "Mul" and by_name["emb.int8_rows"] == "Gather"
+    for p in (fake, deploy):
+        [layer] = analyze(path, p, batches).layers
+        assert layer.layer == "emb" and layer.tensor == "e" and 0.999 < layer.cosine < 1.0
+        assert 0.999 < layer.isolated.cosine < 1.0
+
+
+def test_inspect_lists_the_lookup_and_auto_calibration_can_return_it_to_float(tmp_path, rng):
+    import subprocess
+    import sys
+
+    from omct.auto.evaluator import AutoCalibrationEvaluatorBase
+
+    path = tmp_path / "lookup.onnx"
+    onnx.save(_gather_model(rng.normal(size=(600, 16)).astype(np.float32)), path)
+    res = subprocess.run([sys.executable, "-m", "omct", "inspect", str(path)], capture_output=True, text=True,
+                         env={**os.environ, "COLUMNS": "200"})
+    assert res.returncode == 0 and "emb" in res.stdout and "quantizable (weight-only)" in res.stdout, res.stdout
+    batches = [{"ids": rng.integers(0, 600, (8, 5))} for _ in range(2)]
+    ref = ort_run(path, batches[0])[0]
+
+    class Exact(AutoCalibrationEvaluatorBase):  # only the float table passes: the search must return it to float
+        def calibration(self, model):
+            for b in batches:
+                model.run(None, b)
+
+        def evaluate(self, model):
+            return 1.0 if np.array_equal(ort_run(model, batches[0])[0], ref) else 0.5
+
+    amct.create_quant_config(str(tmp_path / "c.json"), str(path), batch_num=2)
+    result = amct.accuracy_based_auto_calibration(str(path), Exact(), str(tmp_path / "c.json"), str(tmp_path / "r.txt"),
+                                                  str(tmp_path / "out"))
+    assert result.float_layers == ["emb"] and [name for name, _ in result.ranking] == ["emb"]
+
+
 # ------------------------------------------------------------------ BERT: size, accuracy, ORT's optimised graph
 @pytest.fixture(scope="module")
 def bert(digits, tmp_path_factory):

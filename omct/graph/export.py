@@ -145,6 +145,8 @@ class DeployBuilder(_Builder):
             scale = self.node("Gather", [table, ids], f"{base}.gathered_scale", axis=0)
         self.node("Mul", [rows, scale], f"{base}.dequantized")
         self.new_nodes[-1].output[0] = out  # the original name: readers and graph outputs are unchanged
+        # The Mul that yields the layer's float output takes the layer's name (omct analyze lines layers up by it)
+        self.new_nodes[-1].name, node.name = node.name, self.unique(f"{node.name}.int8_rows")
 
     def activation_qdq(self, tensor, params, base):
         half = 2 ** (params.num_bits - 1)
