@@ -98,6 +98,21 @@ def test_tied_embedding_and_output_projection_stay_correct(tmp_path, rng):
     np.testing.assert_allclose(ort_run(fake, feeds)[0], ort_run(deploy, feeds)[0], rtol=1e-3, atol=2e-3)
 
 
+def test_per_tensor_table_when_channel_wise_is_off(tmp_path, rng):
+    table = rng.normal(size=(600, 16)).astype(np.float32)
+    path = tmp_path / "lookup.onnx"
+    onnx.save(_gather_model(table), path)
+    cfg = tmp_path / "q.cfg"
+    cfg.write_text("common_config { arq_quantize { channel_wise: false } }\n")
+    batches = [{"ids": rng.integers(0, 600, (8, 5))}]
+    fake, deploy = run_flow(path, tmp_path, batches, config_defination=str(cfg))
+    assert len(read_record(tmp_path / "q_record.txt")["emb"].scale_w) == 1
+    scale = np.abs(table).max() / 127
+    want = np.maximum(np.rint(table / scale) * scale, 0)[batches[0]["ids"]]
+    for p in (fake, deploy):
+        np.testing.assert_allclose(ort_run(p, batches[0])[0], want, rtol=1e-5, atol=1e-6)
+
+
 def test_lookup_alone_calibrates_nothing_and_analyze_lines_it_up(tmp_path, rng):
     """Only a weight-only layer enabled: calibration observes no tensor, yet the record and both models are
     written; ``omct analyze`` compares the lookup's float output in the fake-quant and the deploy model (where the
@@ -114,6 +129,10 @@ def test_lookup_alone_calibrates_nothing_and_analyze_lines_it_up(tmp_path, rng):
     assert [o.name for o in mod.graph.output] == ["y"]  # nothing observed
     by_name = {n.name: n.op_type for n in onnx.load(deploy).graph.node}
     assert by_name["emb"] == "Mul" and by_name["emb.int8_rows"] == "Gather"
+    scales = np.abs(table).max(axis=1, keepdims=True) / 127  # one symmetric scale per row
+    want = np.maximum(np.rint(table / scales) * scales, 0)[batches[0]["ids"]]
+    for p in (fake, deploy):
+        np.testing.assert_allclose(ort_run(p, batches[0])[0], want, rtol=1e-5, atol=1e-6)
     for p in (fake, deploy):
         [layer] = analyze(path, p, batches).layers
         assert layer.layer == "emb" and layer.tensor == "e" and 0.999 < layer.cosine < 1.0
