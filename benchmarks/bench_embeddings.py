@@ -150,7 +150,8 @@ def main() -> None:
     fp32 = rows[0][1]
     lines = ["Embedding tables: BERT-mini (vocab 8000, hidden 256, 2 layers, intermediate 512; the word table is 2.05M "
              "of 3.1M parameters), digits as 32-token sequences, 8 calibration batches of 16, accuracy on "
-             f"{len(labels)} held-out sequences. ORT latency: median of 5 interleaved passes of 40 runs, sequence 32.\n",
+             f"{len(labels)} held-out sequences. ORT latency: median of 5 interleaved passes of 40 runs, sequence 32 "
+             "(the 2-thread column is noisy on a shared 2-core host).\n",
              "| model | size KB | vs FP32 | accuracy | cosine vs FP32 | word table in ORT's optimised graph | "
              + " | ".join(f"ms b{b} t{t} (vs FP32)" for b, t in lat) + " |",
              "|---|---|---|---|---|---|" + "---|" * len(lat)]
