@@ -214,7 +214,7 @@ def cmd_inspect(args) -> int:
                   f"{len(rep.layers)} quantizable layers, {len(rep.refused)} left in float")
     table = Table("layer", "type", "weight", "status")
     for s in rep.layers:
-        table.add_row(s.name, s.op_type, s.weight or "-", "quantizable")
+        table.add_row(s.name, s.op_type, s.weight or "-", "quantizable (weight-only)" if s.weight_only else "quantizable")
     for r in rep.refused:
         table.add_row(r.name, r.op_type, "-", f"float: {r.reason}")
     console.print(table)

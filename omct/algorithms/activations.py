@@ -29,7 +29,10 @@ class ActivationRanges(Algorithm):
                 raise CalibrationError(f"layer '{site.owner}' never ran during calibration (tensor '{site.tensor}'); make "
                                        "sure the calibration data reaches it, or add it to skip_layers")
         ctx.site_params = [c.compute(upper=s.upper) for c, s in zip(calibrators, ctx.plan.sites, strict=True)]
-        for name in ctx.plan.layers:
+        for name, spec in ctx.plan.layers.items():
+            if spec.weight_only:  # no input is quantized: scale_d 1, offset_d 0 (the format requires them; unused)
+                ctx.records.setdefault(name, LayerRecord(1.0, 0))
+                continue
             p = ctx.site_params[ctx.plan.input_site[name]]
             rec = ctx.records.setdefault(name, LayerRecord(float(p.scale), int(p.offset)))
             rec.scale_d, rec.offset_d = float(p.scale), int(p.offset)

@@ -15,7 +15,11 @@ from omct.formats.proto import ScaleOffsetRecord
 
 @dataclass
 class LayerRecord:
-    """Quantization factors of one layer: input (``_d``), weights (``_w``) and, for integer kernels, output (``_o``)."""
+    """Quantization factors of one layer: input (``_d``), weights (``_w``) and, for integer kernels, output (``_o``).
+
+    A weight-only layer (an embedding table lookup) quantizes no input: the format requires ``scale_d``, so it is
+    1 with ``offset_d`` 0 and unused (the modified model's plan marks the layer weight-only); ``scale_w`` has one
+    scale per table row."""
 
     scale_d: float
     offset_d: int

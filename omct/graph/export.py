@@ -6,7 +6,8 @@ Both models quantize exactly the same tensors with the same parameters:
   grid, and quantize-dequantize of activations written in plain float ops; runs in float anywhere.
 * deploy: INT8 weight initializers and INT32 bias behind DequantizeLinear, activations through
   QuantizeLinear -> DequantizeLinear. ONNX Runtime's graph optimiser fuses these into integer kernels
-  (QLinearConv, QLinearMatMul, QGemm, MatMulIntegerToFloat, QLinearAveragePool).
+  (QLinearConv, QLinearMatMul, QGemm, MatMulIntegerToFloat, QLinearAveragePool). A weight-only table
+  lookup (Gather) gathers INT8 rows and scales them after the lookup.
 """
 
 from __future__ import annotations
@@ -62,6 +63,10 @@ class _Builder:
         """The tensor that replaces a layer's float bias, given its INT32 codes and their scale."""
         raise NotImplementedError
 
+    def lookup(self, node: onnx.NodeProto, codes: np.ndarray, params: QuantParams, base: str) -> None:
+        """Quantize a weight-only table lookup (``Gather(table, ids)``, one scale per row) in place."""
+        raise NotImplementedError
+
     def activation_qdq(self, tensor: str, params: QuantParams, base: str) -> str:
         """Quantize then dequantize ``tensor``; returns the name of the dequantized tensor."""
         raise NotImplementedError
@@ -87,6 +92,9 @@ class FakeQuantBuilder(_Builder):
 
     def bias(self, codes, scale, base):
         return self.add_init((codes.astype(np.float64) * scale).astype(np.float32), f"{base}.bias_fake_quant")
+
+    def lookup(self, node, codes, params, base):
+        node.input[0] = self.weight(codes, params, base)
 
     def activation_qdq(self, tensor, params, base):
         s = self.add_init(np.asarray(params.scale, np.float32), f"{base}.scale")
@@ -122,6 +130,23 @@ class DeployBuilder(_Builder):
         bs = self.add_init(scale, f"{base}.bias_scale")
         bz = self.add_init(np.zeros(codes.shape, np.int32), f"{base}.bias_zero_point")
         return self.node("DequantizeLinear", [bi, bs, bz], f"{base}.bias_dequantized", axis=0)
+
+    def lookup(self, node, codes, params, base):
+        """Gather INT8 rows, then Cast and Mul by the gathered row scales: only the rows looked up are converted.
+        A DequantizeLinear of the table in front of the Gather would dequantize the whole table on every run."""
+        out, ids = node.output[0], node.input[1]
+        node.input[0] = self.add_init(codes.astype(np.int8), f"{base}.weight_quantized")
+        node.output[0] = self.unique(f"{out}.int8_rows")
+        rows = self.node("Cast", [node.output[0]], f"{base}.rows", to=onnx.TensorProto.FLOAT)
+        if params.axis is None:  # per-tensor (channel_wise false): one scale
+            scale = self.add_init(np.asarray(params.scale, np.float32), f"{base}.weight_scale")
+        else:  # [rows, 1]: the gathered scales broadcast over each row
+            table = self.add_init(np.asarray(params.scale, np.float32).reshape(-1, 1), f"{base}.row_scale")
+            scale = self.node("Gather", [table, ids], f"{base}.gathered_scale", axis=0)
+        self.node("Mul", [rows, scale], f"{base}.dequantized")
+        self.new_nodes[-1].output[0] = out  # the original name: readers and graph outputs are unchanged
+        # The Mul that yields the layer's float output takes the layer's name (omct analyze lines layers up by it)
+        self.new_nodes[-1].name, node.name = node.name, self.unique(f"{node.name}.int8_rows")
 
     def activation_qdq(self, tensor, params, base):
         half = 2 ** (params.num_bits - 1)
@@ -178,6 +203,9 @@ def build(builder: _Builder, plan: Plan, config: QuantConfig, records: dict[str,
         wcfg = config.layers[name].weight_quant_params
         wp = weight_params(rec, wcfg.num_bits if wcfg else 8, spec.weight_axis)
         w = numpy_helper.to_array(b.inits[spec.weight]).astype(np.float32)
+        if spec.weight_only:
+            b.lookup(node, wp.quantize(w), wp, name)
+            continue
         node.input[handler.weight_port] = b.weight(wp.quantize(w), wp, name)
         if spec.bias is not None:
             bias = numpy_helper.to_array(b.inits[spec.bias]).astype(np.float32)

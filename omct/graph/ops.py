@@ -31,6 +31,7 @@ class LayerSpec:
     weight_in_axis: int | None = None  # axis of the weight's input channels
     groups: int = 1
     bias_node: str | None = None  # the node that adds the bias when it is not the layer's own (MatMul + Add)
+    weight_only: bool = False  # no activation is quantized (a table lookup): ``input`` is only read, never a site
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -182,8 +183,8 @@ class OpHandler:
     bias_port: ClassVar[int | None] = None
     integer_kernel: ClassVar[str] = "none"  # what ONNX Runtime (CPU) fuses the quantized op into
 
-    def layer(self, node: onnx.NodeProto, index: GraphIndex) -> LayerSpec | str:
-        """How to quantize ``node``, or why it stays in float."""
+    def layer(self, node: onnx.NodeProto, index: GraphIndex) -> LayerSpec | str | None:
+        """How to quantize ``node``, or why it stays in float (None: not a candidate at all)."""
         raise NotImplementedError
 
     def _runtime_bias(self, node: onnx.NodeProto, index: GraphIndex, what: str = "bias") -> str | None:
@@ -293,9 +294,43 @@ class AveragePoolHandler(OpHandler):
         return LayerSpec(node.name, node.op_type, node.input[0], output_site=node.output[0])
 
 
+class GatherHandler(OpHandler):
+    """A lookup in a constant table (word embeddings): weight-only, one symmetric INT8 scale per row.
+
+    Its output feeds a LayerNorm, so it stays float; only the table shrinks (4x), which in a BERT-class model is
+    most of the file. The deploy model gathers INT8 rows and scales them after the lookup, so the runtime never
+    dequantizes the whole table."""
+
+    op_type = "Gather"
+    activation_port, weight_port = 1, 0  # Gather(data, indices): the indices are what runs, the data is the weight
+    integer_kernel = "Gather of INT8 rows, scaled after the lookup (weight-only)"
+    min_values: ClassVar[int] = 1024  # smaller tables (token types, short position tables) are not worth a node
+
+    def layer(self, node, index):
+        table, ids = node.input[0], node.input[1]
+        if table not in index.initializers:
+            if ids in index.initializers or index.elem_types.get(table, onnx.TensorProto.FLOAT) != onnx.TensorProto.FLOAT:
+                return None  # slicing an activation (x[:, 0]) or shape arithmetic, not a table lookup: no candidate
+            return f"its table '{table}' is computed at run time, not a constant"
+        if index.const_dtype(table) != onnx.TensorProto.FLOAT:
+            dtype = onnx.TensorProto.DataType.Name(index.const_dtype(table))
+            return f"its table '{table}' is {dtype}; only FLOAT tables are quantized"
+        shape = index.const_shape(table)
+        if len(shape) != 2:
+            return f"its table has rank {len(shape)}; only 2-D tables (one embedding per row) are quantized"
+        axis = _attr(node, "axis", 0)
+        if axis % 2 != 0:
+            return f"axis {axis} is not supported (only 0: a lookup of rows)"
+        if ids in index.initializers:
+            return f"its indices '{ids}' are constants: ONNX Runtime folds the lookup when it loads the model"
+        if shape[0] * shape[1] < self.min_values:
+            return f"its table has {shape[0] * shape[1]} values (< {self.min_values}): too small for quantization to matter"
+        return LayerSpec(node.name, node.op_type, ids, table, 0, weight_only=True)
+
+
 #: op type -> handler: the one table of what omct quantizes.
 HANDLERS: dict[str, OpHandler] = {h.op_type: h for h in (ConvHandler(), ConvTransposeHandler(), GemmHandler(),
-                                                           MatMulHandler(), AveragePoolHandler())}
+                                                           MatMulHandler(), AveragePoolHandler(), GatherHandler())}
 
 
 def find_layers(model: onnx.ModelProto) -> tuple[list[LayerSpec], list[Refusal]]:
@@ -307,6 +342,8 @@ def find_layers(model: onnx.ModelProto) -> tuple[list[LayerSpec], list[Refusal]]
         if handler is None:
             continue
         result = handler.layer(node, index)
+        if result is None:
+            continue
         if isinstance(result, str):
             refused.append(Refusal(node.name, node.op_type, result))
         else:

@@ -73,6 +73,8 @@ def build_plan(layers: list[LayerSpec], config: QuantConfig) -> Plan:
     float_inputs = {spec.input for spec in layers if spec.name not in enabled}
     input_site, output_site = {}, {}
     for name, spec in enabled.items():
+        if spec.weight_only:  # a table lookup: its indices are read, nothing is observed
+            continue
         i = site_for(spec.input, name)
         sites[i].inputs_of.append(name)
         input_site[name] = i

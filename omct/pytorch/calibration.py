@@ -39,6 +39,8 @@ class CalibrationModel(CalibrationStatus, nn.Module):
         self._handles = []
         for name, spec in mod.plan.layers.items():
             module = model.get_submodule(name)
+            if spec.weight_only:  # a table lookup: nothing to observe
+                continue
             self._handles.append(module.register_forward_pre_hook(self._input_hook(spec.input)))
             if name in mod.plan.output_site:
                 # The site is the layer's own output, or a Relu / Clip(0, max) right after it.

@@ -33,6 +33,7 @@ SUPPORTED: dict[type, tuple[str, ...]] = {
     nn.Conv3d: ("Conv",),
     nn.ConvTranspose2d: ("ConvTranspose",),
     nn.AvgPool2d: ("AveragePool",),
+    nn.Embedding: ("Gather",),  # weight-only: the table is quantized per row, the lookup's output stays float
 }
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
