@@ -24,6 +24,7 @@ class Site:
     inputs_of: list[str] = field(default_factory=list)  # layers that read this tensor as their input
     output_of: list[str] = field(default_factory=list)  # layers whose output is quantized here
     upper: float | None = None  # the tensor's values never exceed this (a ReLU6-style Clip's max)
+    same_as: int | None = None  # quantized exactly as that site (a shared-scale chain op's output): not calibrated
 
     @property
     def owner(self) -> str:
@@ -77,9 +78,28 @@ def build_plan(layers: list[LayerSpec], config: QuantConfig) -> Plan:
 
     # A layer kept in float keeps a float input: an output site that feeds it is dropped (the producer then
     # runs without an integer kernel, which is the price of the fallback the user asked for).
-    float_inputs = {spec.input for spec in layers if spec.name not in enabled}
+    # A chain op kept in float only stays float: the quantized tensors it reads are there for their producers.
+    float_inputs = {spec.input for spec in layers if spec.name not in enabled and spec.chain is None}
     input_site, output_site = {}, {}
-    for name, spec in enabled.items():
+    quantized: dict[str, int] = {}  # tensor -> output site: what a chain op may read without a new quantization
+    for name, spec in list(enabled.items()):
+        if spec.chain is not None:
+            # A chain op is integer only between integer tensors: every input already quantized (by a layer or
+            # a chain op before it in graph order), else it stays float and costs nothing.
+            if not spec.inputs or any(x not in quantized for x in spec.inputs) or spec.output_site in float_inputs:
+                del enabled[name]
+                continue
+            i = quantized[spec.input]
+            sites[i].inputs_of.append(name)
+            input_site[name] = i
+            o = site_for(spec.output_site, name)
+            if spec.chain == "shared" and not sites[o].output_of and not sites[o].inputs_of:
+                sites[o].same_as = sites[i].same_as if sites[i].same_as is not None else i
+            sites[o].output_of.append(name)
+            if spec.output_max is not None:
+                sites[o].upper = spec.output_max
+            output_site[name] = quantized[spec.output_site] = o
+            continue
         i = site_for(spec.input, name)
         sites[i].inputs_of.append(name)
         input_site[name] = i
@@ -88,7 +108,7 @@ def build_plan(layers: list[LayerSpec], config: QuantConfig) -> Plan:
             sites[o].output_of.append(name)
             if spec.output_max is not None:
                 sites[o].upper = spec.output_max
-            output_site[name] = o
+            output_site[name] = quantized[spec.output_site] = o
     return Plan(enabled, sites, input_site, output_site)
 
 
