@@ -6,7 +6,8 @@ Both models quantize exactly the same tensors with the same parameters:
   grid, and quantize-dequantize of activations written in plain float ops; runs in float anywhere.
 * deploy: INT8 weight initializers and INT32 bias behind DequantizeLinear, activations through
   QuantizeLinear -> DequantizeLinear. ONNX Runtime's graph optimiser fuses these into integer kernels
-  (QLinearConv, QLinearMatMul, QGemm, MatMulIntegerToFloat, QLinearAveragePool).
+  (QLinearConv, QLinearMatMul, QGemm, MatMulIntegerToFloat, QLinearAveragePool; between them, chain ops:
+  QLinearAdd, QLinearConcat, QLinearGlobalAveragePool, and uint8 MaxPool/Resize/Reshape/Transpose).
 """
 
 from __future__ import annotations

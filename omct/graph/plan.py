@@ -4,7 +4,8 @@ A site is one tensor observed with one calibration configuration. The input of a
 site; so is the output of a Conv, MatMul or AveragePool, because ONNX Runtime fuses
 DequantizeLinear -> Conv -> QuantizeLinear into QLinearConv only when the output is quantized too, unless
 that output feeds a layer kept in float. Sites with the same tensor and configuration are shared, so each
-tensor is observed once.
+tensor is observed once. Chain ops (Add, MaxPool, Pad, ...) are planned only between tensors already
+quantized, and a shared-scale chain op's output site is ``same_as`` its input's (not observed).
 """
 
 from __future__ import annotations
