@@ -347,10 +347,12 @@ class MaxPoolHandler(ChainHandler):
 
 class PadHandler(ChainHandler):
     """Constant zero padding: 0 is exactly representable (the zero point is an integer), so the padded tensor
-    keeps its input's scale and ORT pads the uint8 tensor with the zero point."""
+    keeps its input's scale. ONNX Runtime has no QDQ rule for Pad and runs it in float between DQ and Q; a Pad
+    in front of Convs is folded into them before this (normalize.fold_pads). Quantized here, a Pad that feeds
+    other chain ops (a TF-style padded MaxPool) keeps them integer."""
 
     op_type = "Pad"
-    integer_kernel = "Pad (uint8)"
+    integer_kernel = "none (float between DQ and Q; folded into a following Conv)"
 
     def _problem(self, node, index):
         mode = _attr(node, "mode", b"constant")
