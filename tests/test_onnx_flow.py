@@ -189,11 +189,12 @@ def test_chain_op_stays_integer_between_quantized_layers(kind, tmp_path, rng):
             assert (rec.scale_o, rec.offset_o) == (rec.scale_d, rec.offset_d)
 
 
-def test_chain_op_can_be_skipped_and_needs_quantized_inputs(tmp_path, rng):
+def test_chain_op_can_be_skipped_and_sits_between_quantized_tensors_only(tmp_path, rng):
     """A chain op in skip_layers gets no record and no quantization of its own, and its producers keep their
     integer kernels (unlike a skipped weighted layer, it does not take their output quantization away: ONNX Runtime
-    may still fuse it when its consumer quantizes its output); a chain op whose input is not quantized by a layer
-    (here the graph input) is not quantized at all."""
+    may still fuse it when its consumer quantizes its output); a chain op is quantized only between quantized
+    tensors: not when an input is not quantized by a layer (the graph input), nor when no quantized op reads its
+    output."""
     src = tmp_path / "m.onnx"
     onnx.save(chain_model(rng, "Add"), src)
     x = rng.normal(size=(2, 4, 8, 8)).astype(np.float32)
@@ -216,6 +217,17 @@ def test_chain_op_can_be_skipped_and_needs_quantized_inputs(tmp_path, rng):
     assert "add" in {s.name for s in layers}
     plan = build_plan(layers, build_config([LayerInfo(s.name, s.op_type, s.weight is not None) for s in layers]))
     assert "add" not in plan.layers and {"conv1", "conv2"} <= set(plan.layers)
+
+    # an Add whose output no quantized op reads (here: the graph output) stays float: its quantization would only
+    # add error; the convs keep their output sites, and no site is left without a reader or writer
+    model = chain_model(rng, "Add")
+    del model.graph.node[-2:]  # conv2 and its Relu: the Add's output is the model's output
+    model.graph.output[0].name = "t"
+    layers, _ = find_layers(model)
+    plan = build_plan(layers, build_config([LayerInfo(s.name, s.op_type, s.weight is not None) for s in layers]))
+    assert set(plan.layers) == {"conv1", "conv_b"} and "add" in {s.name for s in layers}
+    assert all(site.inputs_of or site.output_of for site in plan.sites)
+    assert sorted(plan.sites[i].tensor for i in plan.output_site.values()) == ["a", "b"]
 
 
 def test_zero_pad_is_folded_into_the_conv_even_when_computed(tmp_path, rng):

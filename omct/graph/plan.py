@@ -90,9 +90,9 @@ def build_plan(layers: list[LayerSpec], config: QuantConfig) -> Plan:
             if not spec.inputs or any(x not in quantized for x in spec.inputs) or spec.output_site in float_inputs:
                 del enabled[name]
                 continue
-            i = quantized[spec.input]
-            sites[i].inputs_of.append(name)
-            input_site[name] = i
+            for x in dict.fromkeys(spec.inputs):
+                sites[quantized[x]].inputs_of.append(name)
+            i = input_site[name] = quantized[spec.input]
             o = site_for(spec.output_site, name)
             if spec.chain == "shared" and not sites[o].output_of and not sites[o].inputs_of:
                 sites[o].same_as = sites[i].same_as if sites[i].same_as is not None else i
@@ -110,7 +110,33 @@ def build_plan(layers: list[LayerSpec], config: QuantConfig) -> Plan:
             if spec.output_max is not None:
                 sites[o].upper = spec.output_max
             output_site[name] = quantized[spec.output_site] = o
+    _drop_dead_ends(enabled, sites, input_site, output_site)
     return Plan(enabled, sites, input_site, output_site)
+
+
+def _drop_dead_ends(enabled: dict[str, LayerSpec], sites: list[Site], input_site: dict, output_site: dict) -> None:
+    """Un-plan chain ops whose output no quantized op reads (a residual Add into the graph output, a Concat into
+    float code): quantizing it would only add error. Last first, so a chain that ends in float unwinds."""
+    for name in reversed([n for n, spec in enabled.items() if spec.chain is not None]):
+        o = output_site[name]
+        if sites[o].inputs_of:
+            continue
+        del enabled[name], output_site[name], input_site[name]
+        sites[o].output_of.remove(name)
+        for site in sites:
+            if name in site.inputs_of:
+                site.inputs_of.remove(name)
+    keep = [i for i, site in enumerate(sites) if site.inputs_of or site.output_of]
+    if len(keep) == len(sites):
+        return
+    new = {old: k for k, old in enumerate(keep)}
+    sites[:] = [sites[i] for i in keep]
+    for site in sites:
+        if site.same_as is not None:
+            site.same_as = new[site.same_as]
+    for table in (input_site, output_site):
+        for name in table:
+            table[name] = new[table[name]]
 
 
 def with_float_layers(config: QuantConfig, float_layers: set[str]) -> QuantConfig:
