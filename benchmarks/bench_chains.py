@@ -1,10 +1,11 @@
 """Integer chains: deploy latency and logit SQNR of omct's deploy model vs FP32 and vs ONNX Runtime's own
-``quantize_static`` (QDQ, per-channel, MinMax, same calibration batches), on the real-model replicas
-(tests/real_models.py) at full width, random weights with BatchNorm statistics calibrated on the digits (64x64).
+``quantize_static`` (QDQ, per-channel, MinMax, uint8 activations as omct's, same calibration batches), on the
+real-model replicas of tests/real_models.py: latency at full width (random weights, BatchNorm statistics set on
+the digits at 64x64), accuracy and logit SQNR on the tests' small replicas trained on the 32x32 digits.
 
 ``before`` is omct with chain ops off (only Conv/Gemm/MatMul/AveragePool quantized, no Pad folding), ``after``
-the current plan. Latency: batch 8, ``--threads`` intra-op threads, median of interleaved passes (the machine
-is shared: quote the ratios). Run by hand:
+the current plan. Latency: batch 8, 1 and 2 intra-op threads, median of interleaved passes (the machine is
+shared: quote the ratios). Run by hand:
 
     OMP_NUM_THREADS=1 python benchmarks/bench_chains.py          # writes benchmarks/results/chains.md
 """
@@ -148,7 +149,7 @@ def integer_ops(path: Path) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="*", default=MODELS)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, nargs="*", default=[1, 2], help="intra-op thread counts to time")
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -159,29 +160,33 @@ def main() -> None:
             models = {"FP32": src, "omct before": omct_deploy(src, batches, False),
                       "omct after": omct_deploy(src, batches, True), "ORT quantize_static": ort_deploy(src, batches)}
             if full:
-                lat = dict(zip(models, latencies_ms(list(models.values()), test[:BATCH], args.threads), strict=True))
+                lat = {t: dict(zip(models, latencies_ms(list(models.values()), test[:BATCH], t), strict=True))
+                       for t in args.threads}
                 graph = {m: integer_ops(p) if m != "FP32" else "-" for m, p in models.items()}
                 continue
             ref = session(src, 2).run(None, {"input": test})[0].astype(np.float64)
             for method, path in models.items():
                 got = session(path, 2).run(None, {"input": test})[0].astype(np.float64)
                 sqnr = float("inf") if method == "FP32" else 10 * np.log10((ref ** 2).sum() / ((ref - got) ** 2).sum())
-                rows.append((name, method, lat[method], lat["FP32"] / lat[method], lat["ORT quantize_static"] / lat[method],
-                             float((got.argmax(1) == labels).mean()), sqnr, graph[method]))
+                timing = [(lat[t][method], lat[t]["FP32"] / lat[t][method], lat[t]["ORT quantize_static"] / lat[t][method])
+                          for t in args.threads]
+                rows.append((name, method, timing, float((got.argmax(1) == labels).mean()), sqnr, graph[method]))
                 print(rows[-1], flush=True)
     lines = ["# Integer chains: omct deploy vs FP32 and ORT quantize_static", "",
              f"Latency and the optimised graph: the replicas of tests/real_models.py at full width (torchvision / timm), random "
-             f"weights, BatchNorm calibrated, {SIZE}x{SIZE} inputs, batch {BATCH}, {args.threads} intra-op thread(s), median "
+             f"weights, BatchNorm calibrated, {SIZE}x{SIZE} inputs, batch {BATCH}, median "
              "of 7 interleaved passes of 30 runs. Accuracy and logit SQNR (vs FP32, 500 test images): the tests' small "
              "replicas trained on the 32x32 digits. Calibration: the same "
              f"{CALIB} batches of 32 for every method.",
              "`before`: chain ops off (only Conv/Gemm/MatMul/AveragePool quantized, no Pad folding). "
              "Q/DQ left: QuantizeLinear / DequantizeLinear nodes in ONNX Runtime's optimised graph (1 Q and 1 DQ are the "
              "model's input and output).", "",
-             "| model | method | latency ms | vs FP32 | vs ORT QDQ | accuracy | logit SQNR dB | Q/DQ left in ORT graph |",
-             "|---|---|---:|---:|---:|---:|---:|---|"]
+             "| model | method | " + " | ".join(f"ms, {t} thr | vs FP32 | vs ORT QDQ" for t in args.threads)
+             + " | accuracy | logit SQNR dB | Q/DQ left in ORT graph |",
+             "|---|---|" + "---:|---:|---:|" * len(args.threads) + "---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r[0]} | {r[1]} | {r[2]:.2f} | {r[3]:.2f}x | {r[4]:.2f}x | {r[5]:.3f} | {r[6]:.1f} | {r[7]} |")
+        timing = " | ".join(f"{ms:.2f} | {fp:.2f}x | {ort:.2f}x" for ms, fp, ort in r[2])
+        lines.append(f"| {r[0]} | {r[1]} | {timing} | {r[3]:.3f} | {r[4]:.1f} | {r[5]} |")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "chains.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
