@@ -180,8 +180,8 @@ def main() -> None:
              f"{CALIB} batches of 32 for every method.",
              "`before`: chain ops off (only Conv/Gemm/MatMul/AveragePool quantized, no Pad folding). "
              "Q/DQ left: QuantizeLinear / DequantizeLinear nodes in ONNX Runtime's optimised graph (1 Q and 1 DQ are the "
-             "model's input and output). The host is shared (2 cores, several jobs at once): 2 threads ran slower than 1 "
-             "here, so compare ratios within a column.", "",
+             "model's input and output). On a shared host more threads can run slower: compare ratios within a column.",
+             "",
              "| model | method | " + " | ".join(f"ms, {t} thr | vs FP32 | vs ORT QDQ" for t in args.threads)
              + " | accuracy | logit SQNR dB | Q/DQ left in ORT graph |",
              "|---|---|" + "---:|---:|---:|" * len(args.threads) + "---:|---:|---|"]
