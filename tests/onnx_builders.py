@@ -65,3 +65,50 @@ def avgpool_model():
 
 def as_bytes(model: onnx.ModelProto) -> bytes:
     return model.SerializeToString()
+
+
+def chain_model(rng, kind: str):
+    """Conv layers around one chain op ``kind`` (Pad, Add, MaxPool, Concat, GlobalAveragePool, Resize): the op
+    reads quantized conv outputs and feeds a quantized layer, so the deploy model can keep it integer."""
+    c = 8
+
+    def conv(name, x, y, cin=c, cout=c, **attrs):
+        inits[f"{name}.w"] = (rng.normal(size=(cout, cin, 3, 3)) * 0.3).astype(np.float32)
+        inits[f"{name}.b"] = (rng.normal(size=cout) * 0.1).astype(np.float32)
+        attrs.setdefault("pads", [1, 1, 1, 1])
+        nodes.append(helper.make_node("Conv", [x, f"{name}.w", f"{name}.b"], [f"{name}.c"], name=name, **attrs))
+        nodes.append(helper.make_node("Relu", [f"{name}.c"], [y], name=f"{name}.relu"))
+
+    nodes: list = []
+    inits: dict = {}
+    conv("conv1", "x", "a", cin=4)
+    out_shape = None
+    if kind == "Pad":  # TF "same" padding before a stride-2 conv
+        inits["pads"] = np.array([0, 0, 0, 0, 0, 0, 1, 1], np.int64)
+        nodes.append(helper.make_node("Pad", ["a", "pads"], ["t"], name="pad"))
+        conv("conv2", "t", "y", strides=[2, 2], pads=[0, 0, 0, 0])
+    elif kind == "Add":
+        conv("conv_b", "x", "b", cin=4)
+        nodes.append(helper.make_node("Add", ["a", "b"], ["t"], name="add"))
+        conv("conv2", "t", "y")
+    elif kind == "MaxPool":
+        nodes.append(helper.make_node("MaxPool", ["a"], ["t"], name="pool", kernel_shape=[2, 2], strides=[2, 2]))
+        conv("conv2", "t", "y")
+    elif kind == "Concat":
+        conv("conv_b", "x", "b", cin=4)
+        nodes.append(helper.make_node("Concat", ["a", "b"], ["t"], name="concat", axis=1))
+        conv("conv2", "t", "y", cin=2 * c)
+    elif kind == "GlobalAveragePool":
+        nodes.append(helper.make_node("GlobalAveragePool", ["a"], ["g"], name="gap"))
+        nodes.append(helper.make_node("Flatten", ["g"], ["t"], name="flatten"))
+        inits["fc.w"] = (rng.normal(size=(10, c)) * 0.3).astype(np.float32)
+        inits["fc.b"] = (rng.normal(size=10) * 0.1).astype(np.float32)
+        nodes.append(helper.make_node("Gemm", ["t", "fc.w", "fc.b"], ["y"], name="fc", transB=1))
+        out_shape = ["N", 10]
+    elif kind == "Resize":
+        inits["scales"] = np.array([1, 1, 2, 2], np.float32)
+        nodes.append(helper.make_node("Resize", ["a", "", "scales"], ["t"], name="resize", mode="nearest"))
+        conv("conv2", "t", "y")
+    else:
+        raise ValueError(kind)
+    return make_model(nodes, [vi("x", ["N", 4, 8, 8])], [vi("y", out_shape)], inits)

@@ -6,6 +6,9 @@ widths and input sizes are reduced so that the tests stay fast.
   downsample Sequential, 7x7 stem + maxpool), ``width`` channels in the first stage instead of 64.
 * ``mobilenet_v2``: torchvision.models.mobilenet_v2 (Conv2dNormActivation Sequentials with
   ``nn.ReLU6(inplace=True)``, InvertedResidual with ``self.conv``, ``x + self.conv(x)``), any width_mult.
+* ``efficientnet_lite``: EfficientNet-Lite as TF ports build it (timm ``tf_efficientnet_lite*``): MBConv blocks
+  (1x1 expand, depthwise, 1x1 project, no squeeze-excitation), BatchNorm, ``nn.ReLU6``, TF "same" padding as an
+  explicit asymmetric ``nn.ZeroPad2d`` before each stride-2 conv, residual ``x + block(x)``.
 * ``bert``: transformers' BertForSequenceClassification (embeddings with ``embeddings += position_embeddings``,
   separate query/key/value, extended mask ``(1 - mask) * finfo.min``, GELU, pooler), mini sizes.
 """
@@ -205,6 +208,68 @@ class MobileNetV2(nn.Module):
 
 def mobilenet_v2(num_classes: int = 10, width_mult: float = 0.25, last_channel: int = 1280) -> MobileNetV2:
     return MobileNetV2(num_classes=num_classes, width_mult=width_mult, last_channel=last_channel)
+
+
+# ------------------------------------------------------------------ EfficientNet-Lite (TF port)
+def _same_pad(kernel_size: int, stride: int) -> nn.Module:
+    """TF "same" padding for an even input size: stride 2 pads one pixel less before than after (explicit Pad)."""
+    total = max(kernel_size - stride, 0)
+    return nn.ZeroPad2d((total // 2, total - total // 2, total // 2, total - total // 2))
+
+
+class ConvBnAct(nn.Sequential):
+    def __init__(self, cin: int, cout: int, kernel_size: int = 1, stride: int = 1, groups: int = 1, act: bool = True):
+        layers: list[nn.Module] = []
+        if stride > 1:
+            layers.append(_same_pad(kernel_size, stride))
+        layers += [nn.Conv2d(cin, cout, kernel_size, stride, 0 if stride > 1 else kernel_size // 2, groups=groups,
+                             bias=False), nn.BatchNorm2d(cout)]
+        if act:
+            layers.append(nn.ReLU6(inplace=True))
+        super().__init__(*layers)
+
+
+class MBConv(nn.Module):
+    def __init__(self, cin: int, cout: int, kernel_size: int, stride: int, expand: int):
+        super().__init__()
+        mid = cin * expand
+        self.has_residual = stride == 1 and cin == cout
+        self.conv_pw = ConvBnAct(cin, mid) if expand != 1 else nn.Identity()
+        self.conv_dw = ConvBnAct(mid, mid, kernel_size, stride, groups=mid)
+        self.conv_pwl = ConvBnAct(mid, cout, act=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.conv_pwl(self.conv_dw(self.conv_pw(x)))
+        return x + out if self.has_residual else out
+
+
+class EfficientNetLite(nn.Module):
+    # expand, channels, repeats, stride, kernel (EfficientNet-B0 stages)
+    STAGES = [(1, 16, 1, 1, 3), (6, 24, 2, 2, 3), (6, 40, 2, 2, 5), (6, 80, 3, 2, 3), (6, 112, 3, 1, 5),
+              (6, 192, 4, 2, 5), (6, 320, 1, 1, 3)]
+
+    def __init__(self, num_classes: int = 1000, width_mult: float = 1.0, head: int = 1280, dropout: float = 0.2):
+        super().__init__()
+        ch = lambda c: _make_divisible(c * width_mult, 8)  # noqa: E731
+        cin = 32  # EfficientNet-Lite keeps the stem at 32 channels
+        self.conv_stem = ConvBnAct(3, cin, 3, 2)
+        blocks: list[nn.Module] = []
+        for expand, c, n, s, k in self.STAGES:
+            for i in range(n):
+                blocks.append(MBConv(cin, ch(c), k, s if i == 0 else 1, expand))
+                cin = ch(c)
+        self.blocks = nn.Sequential(*blocks)
+        self.conv_head = ConvBnAct(cin, head)
+        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(head, num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv_head(self.blocks(self.conv_stem(x)))
+        return self.classifier(torch.flatten(self.global_pool(x), 1))
+
+
+def efficientnet_lite(num_classes: int = 10, width_mult: float = 0.5, head: int = 320) -> EfficientNetLite:
+    return EfficientNetLite(num_classes=num_classes, width_mult=width_mult, head=head)
 
 
 # ------------------------------------------------------------------ Hugging Face BERT

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from conftest import batches_of, optimized_ops, ort_accuracy, ort_run, run_flow
 from onnx import numpy_helper
-from onnx_builders import avgpool_model, conv_model, conv_transpose_model, linear_model
+from onnx_builders import avgpool_model, chain_model, conv_model, conv_transpose_model, linear_model
 
 from omct.formats.record import read_record
 
@@ -150,3 +150,168 @@ def test_bias_correction_is_recorded_and_can_be_turned_off(tmp_path, rng):
     # the corrected model's per-channel mean error is smaller
     err = lambda y: float(np.abs((y - ref).mean(axis=(0, 2, 3))).mean())  # noqa: E731
     assert err(on) < err(off)
+
+
+def _optimized_graph(path, tmp_path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.optimized_model_filepath = str(tmp_path / "optimized_chain.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return onnx.load(so.optimized_model_filepath).graph
+
+
+# op kind -> what ONNX Runtime runs it as once its inputs and output are quantized (None: the op is gone)
+CHAIN_KERNELS = {"Add": "QLinearAdd", "Concat": "QLinearConcat", "GlobalAveragePool": "QLinearGlobalAveragePool",
+                 "MaxPool": ("MaxPool", "NhwcMaxPool"), "Resize": "Resize", "Pad": None}
+
+
+@pytest.mark.parametrize("kind", list(CHAIN_KERNELS))
+def test_chain_op_stays_integer_between_quantized_layers(kind, tmp_path, rng):
+    """Conv -> op -> Conv/Gemm: the op's tensors are quantized once, so ONNX Runtime runs the whole chain on
+    integers: no DequantizeLinear inside the graph (only the model's input Q and, after a QLinearConv, its output
+    DQ remain), and the op is its QLinear kernel, an integer op, or (Pad) folded into the conv."""
+    model = chain_model(rng, kind)
+    x = rng.normal(size=(2, 4, 8, 8)).astype(np.float32)
+    _check_op(model, tmp_path, x, True, rel_tol=0.05)
+    deploy = tmp_path / "q_deploy_model.onnx"
+    graph = _optimized_graph(deploy, tmp_path)
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") <= 1, ops
+    expected = CHAIN_KERNELS[kind]
+    if expected is None:
+        assert kind not in ops and kind not in [n.op_type for n in onnx.load(deploy).graph.node], ops
+    else:
+        assert set(ops) & ({expected} if isinstance(expected, str) else set(expected)), ops
+        # a data-movement op runs on the uint8 tensor: its input comes from an integer kernel, not a DQ
+        producer = {o: n.op_type for n in graph.node for o in n.output}
+        node = next(n for n in graph.node if n.op_type in ({expected} if isinstance(expected, str) else set(expected)))
+        assert producer.get(node.input[0]) != "DequantizeLinear", ops
+    records = read_record(tmp_path / "q_record.txt")
+    chain = {"Pad": None, "Add": "add", "Concat": "concat", "GlobalAveragePool": "gap", "MaxPool": "pool",
+             "Resize": "resize"}[kind]
+    if chain:  # the chain op has its own record entry: input and output factors, equal where scales are shared
+        rec = records[chain]
+        assert rec.scale_o is not None and not rec.scale_w
+        if kind in ("MaxPool", "Resize"):
+            assert (rec.scale_o, rec.offset_o) == (rec.scale_d, rec.offset_d)
+
+
+def test_chain_op_can_be_skipped_and_sits_between_quantized_tensors_only(tmp_path, rng):
+    """A chain op in skip_layers gets no record and no quantization of its own, and its producers keep their
+    integer kernels (unlike a skipped weighted layer, it does not take their output quantization away: ONNX Runtime
+    may still fuse it when its consumer quantizes its output); a chain op is quantized only between quantized
+    tensors: not when an input is not quantized by a layer (the graph input), nor when no quantized op reads its
+    output."""
+    src = tmp_path / "m.onnx"
+    onnx.save(chain_model(rng, "Add"), src)
+    x = rng.normal(size=(2, 4, 8, 8)).astype(np.float32)
+    _, deploy = run_flow(src, tmp_path, [x], feed_name="x", skip_layers=["add"])
+    assert optimized_ops(deploy, tmp_path).count("QLinearConv") == 3
+    assert "add" not in read_record(tmp_path / "q_record.txt")
+    add = next(n for n in onnx.load(deploy).graph.node if n.op_type == "Add")
+    assert add.output[0] == "t"  # no output quantization of its own: conv2's input quantization reads it
+
+    from omct.formats.config import LayerInfo, build_config
+    from omct.graph.ops import find_layers
+    from omct.graph.plan import build_plan
+
+    model = chain_model(rng, "Add")
+    add = next(n for n in model.graph.node if n.op_type == "Add")
+    add.input[1] = "x"  # conv1 output + the graph input (which only conv1 quantizes, as its input)
+    model.graph.node[-2].input[0] = "t"
+    del model.graph.node[2:4]  # conv_b and its Relu
+    layers, _ = find_layers(model)
+    assert "add" in {s.name for s in layers}
+    plan = build_plan(layers, build_config([LayerInfo(s.name, s.op_type, s.weight is not None) for s in layers]))
+    assert "add" not in plan.layers and {"conv1", "conv2"} <= set(plan.layers)
+
+    # an Add whose output no quantized op reads (here: the graph output) stays float: its quantization would only
+    # add error; the convs keep their output sites, and no site is left without a reader or writer
+    model = chain_model(rng, "Add")
+    del model.graph.node[-2:]  # conv2 and its Relu: the Add's output is the model's output
+    model.graph.output[0].name = "t"
+    layers, _ = find_layers(model)
+    plan = build_plan(layers, build_config([LayerInfo(s.name, s.op_type, s.weight is not None) for s in layers]))
+    assert set(plan.layers) == {"conv1", "conv_b"} and "add" in {s.name for s in layers}
+    assert all(site.inputs_of or site.output_of for site in plan.sites)
+    assert sorted(plan.sites[i].tensor for i in plan.output_site.values()) == ["a", "b"]
+
+
+def test_zero_pad_is_folded_into_the_conv_even_when_computed(tmp_path, rng):
+    """torch.onnx.export computes F.pad's pads with a Concat/Slice/Transpose/Reshape/Cast chain of constants: the
+    Pad is still folded into the stride-2 conv (exactly: same float outputs), and its pads computation removed."""
+    import torch
+
+    from omct.onnx.api import prepare
+
+    class Same(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 8, 3, 2)
+
+        def forward(self, x):
+            return self.conv(torch.nn.functional.pad(torch.relu(x), (0, 1, 0, 1)))
+
+    src = tmp_path / "same.onnx"
+    x = rng.normal(size=(2, 4, 8, 8)).astype(np.float32)
+    torch.onnx.export(Same().eval(), (torch.tensor(x),), str(src), input_names=["x"], output_names=["y"], opset_version=17,
+                      dynamo=False)
+    assert "Pad" in [n.op_type for n in onnx.load(src).graph.node]
+    prepared = prepare(str(src))
+    assert [n.op_type for n in prepared.model.graph.node] == ["Relu", "Conv"]
+    np.testing.assert_array_equal(ort_run(prepared.model.SerializeToString(), {"x": x})[0], ort_run(src, {"x": x})[0])
+
+
+@pytest.fixture(scope="module")
+def efficientnet_lite():
+    """The EfficientNet-Lite replica trained for three epochs on the 32x32 digits (RGB-like, normalised): ~30 s."""
+    import real_models
+    import torch
+    import zoo
+
+    d = zoo.load_digits(32)
+    x, test = (torch.tensor((a.repeat(3, axis=1) - 0.2) / 0.3) for a in (d.x_train, d.x_test))
+    y = torch.tensor(d.y_train)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = real_models.efficientnet_lite().train()
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    for _ in range(3):
+        for idx in torch.randperm(len(y)).split(64):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    torch.set_num_threads(threads)
+    return model.eval(), x, test, d.y_test
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_efficientnet_lite_runs_as_one_integer_chain(dynamic, efficientnet_lite, tmp_path):
+    """EfficientNet-Lite as TF ports build it (explicit asymmetric Pad before stride-2 depthwise convs, ReLU6,
+    residual Adds), exported with a static and a dynamic batch: every Pad folded, every residual Add a QLinearAdd,
+    no DequantizeLinear inside the optimised graph, and the deploy model agrees with fake-quant and fake-quant
+    with float (accuracy within a point)."""
+    import real_models
+    import torch
+
+    model, x, test, labels = efficientnet_lite
+    src = tmp_path / "effnet.onnx"
+    axes = {"dynamic_axes": {"input": {0: "batch"}, "logits": {0: "batch"}}} if dynamic else {}
+    batch = 100
+    torch.onnx.export(model, (x[:batch],), str(src), input_names=["input"], output_names=["logits"], opset_version=17,
+                      dynamo=False, **axes)
+    assert "Pad" in {n.op_type for n in onnx.load(src).graph.node}
+    fake, deploy = run_flow(src, tmp_path, [x[i * batch:(i + 1) * batch].numpy() for i in range(3)])
+    outs = [np.concatenate([ort_run(p, {"input": test[i:i + batch].numpy()})[0] for i in range(0, 500, batch)])
+            for p in (src, fake, deploy)]
+    acc = [float((o.argmax(1) == labels).mean()) for o in outs]
+    assert acc[0] > 0.7 and min(acc[1:]) >= acc[0] - 0.01, acc
+    ref, f, d = outs
+    assert np.abs(d - f).max() < 0.05 * np.abs(ref).max() and (d.argmax(1) == f.argmax(1)).mean() > 0.99
+    ops = optimized_ops(deploy, tmp_path)
+    residual = sum(isinstance(m, real_models.MBConv) and m.has_residual for m in model.modules())
+    assert ops.count("QLinearAdd") == residual and "Pad" not in ops and "QLinearGlobalAveragePool" in ops, ops
+    assert ops.count("DequantizeLinear") == 0 and ops.count("QuantizeLinear") == 1, ops

@@ -20,15 +20,18 @@ class ActivationRanges(Algorithm):
     name = "activation_ranges"
 
     def points(self, plan, config):
-        return [_point(plan, i) for i in range(len(plan.sites))]
+        # a site quantized as another (a shared-scale chain op's output) is not observed
+        return [_point(plan, i) for i, s in enumerate(plan.sites) if s.same_as is None]
 
     def apply(self, ctx: RecordContext) -> None:
-        calibrators = [ctx.stats[_point(ctx.plan, i)] for i in range(len(ctx.plan.sites))]
-        for site, calib in zip(ctx.plan.sites, calibrators, strict=True):
+        sites = ctx.plan.sites
+        calibrators = {i: ctx.stats[_point(ctx.plan, i)] for i, s in enumerate(sites) if s.same_as is None}
+        for i, calib in calibrators.items():
             if calib.sketch.count == 0:
-                raise CalibrationError(f"layer '{site.owner}' never ran during calibration (tensor '{site.tensor}'); make "
-                                       "sure the calibration data reaches it, or add it to skip_layers")
-        ctx.site_params = [c.compute(upper=s.upper) for c, s in zip(calibrators, ctx.plan.sites, strict=True)]
+                raise CalibrationError(f"layer '{sites[i].owner}' never ran during calibration (tensor '{sites[i].tensor}'); "
+                                       "make sure the calibration data reaches it, or add it to skip_layers")
+        params = {i: c.compute(upper=sites[i].upper) for i, c in calibrators.items()}
+        ctx.site_params = [params[i if s.same_as is None else s.same_as] for i, s in enumerate(sites)]
         for name, spec in ctx.plan.layers.items():
             if spec.weight_only:  # no input is quantized: scale_d 1, offset_d 0 (the format requires them; unused)
                 ctx.records.setdefault(name, LayerRecord(1.0, 0))

@@ -6,8 +6,9 @@ Both models quantize exactly the same tensors with the same parameters:
   grid, and quantize-dequantize of activations written in plain float ops; runs in float anywhere.
 * deploy: INT8 weight initializers and INT32 bias behind DequantizeLinear, activations through
   QuantizeLinear -> DequantizeLinear. ONNX Runtime's graph optimiser fuses these into integer kernels
-  (QLinearConv, QLinearMatMul, QGemm, MatMulIntegerToFloat, QLinearAveragePool). A weight-only table
-  lookup (Gather) gathers INT8 rows and scales them after the lookup.
+  (QLinearConv, QLinearMatMul, QGemm, MatMulIntegerToFloat, QLinearAveragePool; between them, chain ops:
+  QLinearAdd, QLinearConcat, QLinearGlobalAveragePool, and uint8 MaxPool/Resize/Reshape/Transpose). A
+  weight-only table lookup (Gather) gathers INT8 rows and scales them after the lookup.
 """
 
 from __future__ import annotations

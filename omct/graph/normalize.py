@@ -9,6 +9,9 @@
   every Gemm is the plain ``A @ B' + bias`` that ONNX Runtime fuses into QGemm.
 * Unnamed nodes are named ``{op_type}_{index}``, duplicate names get ``_1``, ``_2`` ...: stable and unique.
 * Conv + BatchNormalization is folded (``do_fusion``), except for ``skip_fusion_layers``.
+* A constant zero Pad in front of Convs (TF "same" padding, EfficientNet-Lite) is folded into their ``pads``
+  (ONNX frontend): ONNX Runtime runs Pad in float between DequantizeLinear and QuantizeLinear, which splits the
+  integer chain, and its own Pad + Conv fusion does not apply to a quantized graph.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class NormalizeReport:
     opset_from: int | None = None
     folded: list[tuple[str, str]] = field(default_factory=list)  # (conv, bn)
     gemms_rewritten: list[str] = field(default_factory=list)  # Gemm nodes whose alpha/beta/transA were folded
+    pads_folded: list[str] = field(default_factory=list)  # Pad nodes folded into the Convs they feed
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -229,6 +233,106 @@ def fold_batchnorm(model: onnx.ModelProto, skip: set[str], report: NormalizeRepo
         conv.output[0] = bn.output[0]
         removed.add(id(bn))
         report.folded.append((conv.name, bn.name))
+    if removed:
+        keep = [n for n in graph.node if id(n) not in removed]
+        del graph.node[:]
+        graph.node.extend(keep)
+        _drop_unused_initializers(model)
+
+
+def _constant(name: str, inits: dict, producers: dict, limit: int = 32) -> tuple[np.ndarray, list] | None:
+    """The value of ``name`` when it is an initializer or computed from initializers alone by a few nodes (the
+    pads torch.onnx.export computes for ``F.pad`` with Concat/Slice/Transpose/Reshape/Cast), and those nodes."""
+    if name in inits:
+        return numpy_helper.to_array(inits[name]), []
+    order: list[onnx.NodeProto] = []
+    leaves: set[str] = set()
+
+    def visit(t: str) -> bool:
+        if t in inits:
+            leaves.add(t)
+            return True
+        node = producers.get(t)
+        if node is None or len(order) >= limit or node.domain not in ("", "ai.onnx"):
+            return False
+        if any(n is node for n in order):
+            return True
+        if not all(visit(i) for i in node.input if i):
+            return False
+        order.append(node)
+        return True
+
+    if not visit(name):
+        return None
+    from onnx.reference import ReferenceEvaluator
+
+    graph = onnx.helper.make_graph(order, "pads", [], [onnx.helper.make_tensor_value_info(name, 0, None)],
+                                   [inits[t] for t in sorted(leaves)])
+    try:
+        return np.asarray(ReferenceEvaluator(onnx.helper.make_model(graph)).run(None, {})[0]), order
+    except Exception:  # not evaluable here (an op the reference runtime lacks): the Pad stays
+        return None
+
+
+def _zero_spatial_pads(pad: onnx.NodeProto, inits: dict, producers: dict) -> tuple[list[int], list] | None:
+    """A Pad's [begin..., end...] pads of the spatial axes, when it pads with zeros on those axes only, and the
+    nodes that compute them."""
+    mode = next((a.s.decode() for a in pad.attribute if a.name == "mode"), "constant")
+    if mode != "constant" or len(pad.input) < 2 or (len(pad.input) > 3 and pad.input[3]):
+        return None
+    if len(pad.input) > 2 and pad.input[2]:
+        value = _constant(pad.input[2], inits, producers)
+        if value is None or value[0].size != 1 or float(value[0].ravel()[0]) != 0.0:
+            return None
+    found = _constant(pad.input[1], inits, producers)
+    if found is None:
+        return None
+    pads = found[0].astype(np.int64).ravel().tolist()
+    rank = len(pads) // 2
+    if rank < 3 or any(p < 0 for p in pads) or pads[0] or pads[1] or pads[rank] or pads[rank + 1]:
+        return None
+    return pads[2:rank] + pads[rank + 2:], found[1]
+
+
+def fold_pads(model: onnx.ModelProto, report: NormalizeReport) -> None:
+    """Fold a constant zero Pad into the Convs that read it (in place): Conv's own ``pads`` say the same."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    graph_outputs = {o.name for o in graph.output}
+    producers = {o: n for n in graph.node for o in n.output}
+    removed, computing = set(), []
+    for pad in graph.node:
+        if pad.op_type != "Pad" or pad.domain not in ("", "ai.onnx") or pad.output[0] in graph_outputs:
+            continue
+        users = consumers.get(pad.output[0], [])
+        if not users or any(u.op_type != "Conv" or u.input[0] != pad.output[0] for u in users):
+            continue
+        found = _zero_spatial_pads(pad, inits, producers)
+        extra = found[0] if found else None
+        if extra is None or not users or any(u.op_type != "Conv" or u.input[0] != pad.output[0] for u in users):
+            continue
+        if any(a.name == "auto_pad" and a.s.decode() not in ("NOTSET", "") for u in users for a in u.attribute):
+            continue
+        for conv in users:
+            old = next((a for a in conv.attribute if a.name == "pads"), None)
+            base = list(old.ints) if old is not None else [0] * len(extra)
+            if old is not None:
+                conv.attribute.remove(old)
+            conv.attribute.append(onnx.helper.make_attribute("pads", [a + b for a, b in zip(base, extra, strict=True)]))
+            conv.input[0] = pad.input[0]
+        removed.add(id(pad))
+        computing += found[1]
+        report.pads_folded.append(pad.name)
+    # the nodes that computed the folded pads, once nothing else reads them
+    used = {i for n in graph.node if id(n) not in removed for i in n.input} | graph_outputs
+    for node in reversed(computing):
+        if id(node) not in removed and not any(o in used for o in node.output):
+            removed.add(id(node))
+            used = {i for n in graph.node if id(n) not in removed for i in n.input} | graph_outputs
     if removed:
         keep = [n for n in graph.node if id(n) not in removed]
         del graph.node[:]

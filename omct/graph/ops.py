@@ -32,6 +32,11 @@ class LayerSpec:
     groups: int = 1
     bias_node: str | None = None  # the node that adds the bias when it is not the layer's own (MatMul + Add)
     weight_only: bool = False  # no activation is quantized (a table lookup): ``input`` is only read, never a site
+    # Chain ops (no weights) keep a tensor integer between two quantized layers: ``inputs`` are all their
+    # activation inputs; ``chain`` is "shared" (output quantized with its input's scale: data movement, MaxPool,
+    # Pad) or "calibrated" (output range observed: Add, Concat, GlobalAveragePool requantize).
+    inputs: tuple[str, ...] = ()
+    chain: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -326,11 +331,110 @@ class GatherHandler(OpHandler):
         if shape[0] * shape[1] < self.min_values:
             return f"its table has {shape[0] * shape[1]} values (< {self.min_values}): too small for quantization to matter"
         return LayerSpec(node.name, node.op_type, ids, table, 0, weight_only=True)
+class ChainHandler(OpHandler):
+    """An op without weights between quantized layers. It is quantized only where every activation input is
+    already quantized by the plan (the output of a quantized layer or of another chain op), so no tensor is
+    quantized twice and the runtime sees DequantizeLinear -> op -> QuantizeLinear: a QLinear kernel (Add,
+    Concat, GlobalAveragePool) or, with ``shared`` scales, the Q/DQ pair dropped around it (MaxPool, Reshape,
+    Transpose, Resize). Its record holds the first input's factors (``_d``) and the output's (``_o``)."""
+
+    shared: ClassVar[bool] = True  # output quantized with the input's scale and offset (no calibration)
+    ports: ClassVar[tuple[int, ...]] = (0,)  # activation inputs; other inputs are constants or shapes
+
+    def layer(self, node, index):
+        """The chain op's spec, or None where it cannot carry quantized tensors (not a refusal: these ops are
+        only quantized opportunistically, and a bias Add or a reflect Pad is no candidate a user asked for)."""
+        inputs = tuple(node.input[i] for i in self.ports if i < len(node.input)) if self.ports else tuple(node.input)
+        if (_activation_problem(node, index) or self._problem(node, index)
+                or any(x in index.initializers or index.elem_types.get(x, 1) != onnx.TensorProto.FLOAT for x in inputs)):
+            return None
+        if self.shared:
+            return LayerSpec(node.name, node.op_type, node.input[0], output_site=node.output[0], inputs=inputs,
+                             chain="shared")
+        return LayerSpec(node.name, node.op_type, node.input[0], None, None, None, *index.output_site(node), inputs=inputs,
+                         chain="calibrated")
+
+    def _problem(self, node, index) -> str | None:
+        return None
+
+
+class AddHandler(ChainHandler):
+    op_type = "Add"
+    shared, ports = False, (0, 1)
+    integer_kernel = "QLinearAdd"
+
+
+class ConcatHandler(ChainHandler):
+    op_type = "Concat"
+    shared, ports = False, ()  # every input (QLinearConcat requantizes each input to the output's scale)
+    integer_kernel = "QLinearConcat"
+
+
+class GlobalAveragePoolHandler(ChainHandler):
+    op_type = "GlobalAveragePool"
+    shared = False
+    integer_kernel = "QLinearGlobalAveragePool"
+
+
+class MaxPoolHandler(ChainHandler):
+    op_type = "MaxPool"
+    integer_kernel = "MaxPool (uint8, Q/DQ dropped)"
+
+    def _problem(self, node, index):
+        return "its second output (indices) is used" if len(node.output) > 1 and node.output[1] else None
+
+
+class PadHandler(ChainHandler):
+    """Constant zero padding: 0 is exactly representable (the zero point is an integer), so the padded tensor
+    keeps its input's scale. ONNX Runtime has no QDQ rule for Pad and runs it in float between DQ and Q; a Pad
+    in front of Convs is folded into them before this (normalize.fold_pads). Quantized here, a Pad that feeds
+    other chain ops (a TF-style padded MaxPool) keeps them integer."""
+
+    op_type = "Pad"
+    integer_kernel = "none (float between DQ and Q; folded into a following Conv)"
+
+    def _problem(self, node, index):
+        mode = _attr(node, "mode", b"constant")
+        if (mode.decode() if isinstance(mode, bytes) else mode) != "constant":
+            return f"mode '{mode.decode() if isinstance(mode, bytes) else mode}' is not supported (only constant)"
+        if len(node.input) < 2 or node.input[1] not in index.initializers:
+            return "its pads are computed at run time, not a constant"
+        if len(node.input) > 2 and node.input[2]:
+            value = index._scalar(node.input[2])
+            if value != 0.0:
+                return "its constant_value is not 0 (only zero padding keeps the input's quantization)"
+        if len(node.input) > 3 and node.input[3]:
+            return "its axes input is not supported"
+        return None
+
+
+class ResizeHandler(ChainHandler):
+    op_type = "Resize"
+    integer_kernel = "Resize (uint8, Q/DQ dropped)"
+
+
+class ReshapeHandler(ChainHandler):
+    op_type = "Reshape"
+    integer_kernel = "none needed (Q/DQ dropped)"
+
+
+class TransposeHandler(ChainHandler):
+    op_type = "Transpose"
+    integer_kernel = "none needed (Q/DQ dropped)"
+
+
+class FlattenHandler(ChainHandler):
+    op_type = "Flatten"
+    integer_kernel = "none needed (runs on uint8)"
 
 
 #: op type -> handler: the one table of what omct quantizes.
 HANDLERS: dict[str, OpHandler] = {h.op_type: h for h in (ConvHandler(), ConvTransposeHandler(), GemmHandler(),
                                                            MatMulHandler(), AveragePoolHandler(), GatherHandler())}
+#: chain ops: no weights, quantized only between quantized tensors (see ``ChainHandler``)
+HANDLERS.update({h.op_type: h for h in (AddHandler(), ConcatHandler(), GlobalAveragePoolHandler(), MaxPoolHandler(),
+                                        PadHandler(), ResizeHandler(), ReshapeHandler(), TransposeHandler(),
+                                        FlattenHandler())})
 
 
 def find_layers(model: onnx.ModelProto) -> tuple[list[LayerSpec], list[Refusal]]:

@@ -4,7 +4,8 @@ A site is one tensor observed with one calibration configuration. The input of a
 site; so is the output of a Conv, MatMul or AveragePool, because ONNX Runtime fuses
 DequantizeLinear -> Conv -> QuantizeLinear into QLinearConv only when the output is quantized too, unless
 that output feeds a layer kept in float. Sites with the same tensor and configuration are shared, so each
-tensor is observed once.
+tensor is observed once. Chain ops (Add, MaxPool, Pad, ...) are planned only between tensors already
+quantized, and a shared-scale chain op's output site is ``same_as`` its input's (not observed).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class Site:
     inputs_of: list[str] = field(default_factory=list)  # layers that read this tensor as their input
     output_of: list[str] = field(default_factory=list)  # layers whose output is quantized here
     upper: float | None = None  # the tensor's values never exceed this (a ReLU6-style Clip's max)
+    same_as: int | None = None  # quantized exactly as that site (a shared-scale chain op's output): not calibrated
 
     @property
     def owner(self) -> str:
@@ -70,10 +72,29 @@ def build_plan(layers: list[LayerSpec], config: QuantConfig) -> Plan:
 
     # A layer kept in float keeps a float input: an output site that feeds it is dropped (the producer then
     # runs without an integer kernel, which is the price of the fallback the user asked for).
-    float_inputs = {spec.input for spec in layers if spec.name not in enabled}
+    # A chain op kept in float only stays float: the quantized tensors it reads are there for their producers.
+    float_inputs = {spec.input for spec in layers if spec.name not in enabled and spec.chain is None}
     input_site, output_site = {}, {}
-    for name, spec in enabled.items():
+    quantized: dict[str, int] = {}  # tensor -> output site: what a chain op may read without a new quantization
+    for name, spec in list(enabled.items()):
         if spec.weight_only:  # a table lookup: its indices are read, nothing is observed
+            continue
+        if spec.chain is not None:
+            # A chain op is integer only between integer tensors: every input already quantized (by a layer or
+            # a chain op before it in graph order), else it stays float and costs nothing.
+            if not spec.inputs or any(x not in quantized for x in spec.inputs) or spec.output_site in float_inputs:
+                del enabled[name]
+                continue
+            for x in dict.fromkeys(spec.inputs):
+                sites[quantized[x]].inputs_of.append(name)
+            i = input_site[name] = quantized[spec.input]
+            o = site_for(spec.output_site, name)
+            if spec.chain == "shared" and not sites[o].output_of and not sites[o].inputs_of:
+                sites[o].same_as = sites[i].same_as if sites[i].same_as is not None else i
+            sites[o].output_of.append(name)
+            if spec.output_max is not None:
+                sites[o].upper = spec.output_max
+            output_site[name] = quantized[spec.output_site] = o
             continue
         i = site_for(spec.input, name)
         sites[i].inputs_of.append(name)
@@ -83,8 +104,34 @@ def build_plan(layers: list[LayerSpec], config: QuantConfig) -> Plan:
             sites[o].output_of.append(name)
             if spec.output_max is not None:
                 sites[o].upper = spec.output_max
-            output_site[name] = o
+            output_site[name] = quantized[spec.output_site] = o
+    _drop_dead_ends(enabled, sites, input_site, output_site)
     return Plan(enabled, sites, input_site, output_site)
+
+
+def _drop_dead_ends(enabled: dict[str, LayerSpec], sites: list[Site], input_site: dict, output_site: dict) -> None:
+    """Un-plan chain ops whose output no quantized op reads (a residual Add into the graph output, a Concat into
+    float code): quantizing it would only add error. Last first, so a chain that ends in float unwinds."""
+    for name in reversed([n for n, spec in enabled.items() if spec.chain is not None]):
+        o = output_site[name]
+        if sites[o].inputs_of:
+            continue
+        del enabled[name], output_site[name], input_site[name]
+        sites[o].output_of.remove(name)
+        for site in sites:
+            if name in site.inputs_of:
+                site.inputs_of.remove(name)
+    keep = [i for i, site in enumerate(sites) if site.inputs_of or site.output_of]
+    if len(keep) == len(sites):
+        return
+    new = {old: k for k, old in enumerate(keep)}
+    sites[:] = [sites[i] for i in keep]
+    for site in sites:
+        if site.same_as is not None:
+            site.same_as = new[site.same_as]
+    for table in (input_site, output_site):
+        for name in table:
+            table[name] = new[table[name]]
 
 
 def with_float_layers(config: QuantConfig, float_layers: set[str]) -> QuantConfig:

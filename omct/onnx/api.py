@@ -16,7 +16,7 @@ from omct.frontend import PreparedModel
 from omct.graph.model_io import input_files, load_model, output_files
 from omct.graph.model_io import save_model as _save_onnx
 from omct.graph.modified import read_modified
-from omct.graph.normalize import NormalizeReport, default_opset, fold_batchnorm, normalize
+from omct.graph.normalize import NormalizeReport, default_opset, fold_batchnorm, fold_pads, normalize
 from omct.graph.ops import LayerSpec, Refusal, find_layers
 from omct.quantize import Calibration, CalibrationStatus, QuantizedModel, initializer_reader, ort_session
 from omct.quantize import quantize as _quantize
@@ -49,6 +49,7 @@ def prepare(model: str | os.PathLike | onnx.ModelProto, config: QuantConfig | No
     norm, rep = normalize(_model(model))
     if report is not None:
         report.__dict__.update(rep.__dict__)
+    fold_pads(norm, rep)
     if config is not None and config.globals.do_fusion:
         fold_batchnorm(norm, set(config.globals.skip_fusion_layers), rep)
         if rep.folded:

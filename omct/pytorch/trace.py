@@ -284,7 +284,7 @@ def trace_model(model: nn.Module, input_data, input_names=None, output_names=Non
     for r in onnx_refused:
         if r.name in layer_nodes:
             reasons[r.name] = r.reason
-    unmapped = [s.name for s in specs if s.name not in layer_nodes]
+    unmapped = [s.name for s in specs if s.name not in layer_nodes and s.chain is None]  # chain ops: ONNX frontend only
     if unmapped:
         logger.debug("ONNX nodes not produced by a supported module, left in float: %s", ", ".join(unmapped))
     types = {n: layer_type(m) for n, m in candidates.items()}
