@@ -21,6 +21,7 @@ import numpy as np
 from omct.core.calibrators import CALIBRATORS
 from omct.errors import OmctError
 from omct.fileio import atomic_write_text, check_outputs
+from omct.ui import logger
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -58,22 +59,46 @@ def _load_images(files: list[Path], shape: list, args) -> np.ndarray:
     return np.stack(out).astype(np.float32)
 
 
-def _load_batches(path: str, inputs: list[tuple[str, list]], batch_size: int, args=None) -> list[dict[str, np.ndarray]]:
+def _batch_size(args, inputs: list) -> int:
+    """--batch-size, else the batch the model fixes, else 32; a --batch-size the model cannot take is refused."""
+    from omct.feeds import fixed_batch
+
+    fixed = fixed_batch(inputs)
+    if args.batch_size is None:
+        return fixed or 32
+    if args.batch_size < 1:
+        raise OmctError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if fixed is not None and args.batch_size != fixed:
+        raise OmctError(f"the model's batch dimension is fixed at {fixed}; --batch-size {args.batch_size} cannot run: "
+                        f"leave --batch-size out (it defaults to {fixed}) or export the model with a dynamic batch axis")
+    return args.batch_size
+
+
+def _load_batches(path: str, inputs: list, args, option: str) -> list[dict[str, np.ndarray]]:
     """Feeds from an .npz/.npy file, a folder of them (arrays keyed by input name, or one array), or a folder
-    of images (one-input models; preprocessing from the image options)."""
-    input_names = [n for n, _ in inputs]
+    of images (one-input models; preprocessing from the image options), checked against the model's inputs
+    (``inputs``: ONNX Runtime's ``get_inputs()``) before anything runs."""
+    from omct.feeds import FeedCheck, fixed_batch
+
+    input_names = [i.name for i in inputs]
+    batch_size = _batch_size(args, inputs)
     p = Path(path)
     if not p.exists():
-        raise OmctError(f"data '{p}' does not exist")
+        raise OmctError(f"{option} '{p}' does not exist")
     images = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if p.is_dir() else []
     if images:
         if len(inputs) != 1:
             raise OmctError(f"a folder of images feeds one input, but the model has inputs {input_names}")
-        full = {input_names[0]: _load_images(images, inputs[0][1], args)}
+        full = {input_names[0]: _load_images(images, list(inputs[0].shape), args)}
     else:
         full = _load_arrays(p, input_names)
     total = len(next(iter(full.values())))
-    return [{n: a[i:i + batch_size] for n, a in full.items()} for i in range(0, total, batch_size)]
+    if fixed_batch(inputs) and total % batch_size:
+        logger.info("the model's batch is fixed at %d: the last %d of %d samples in %s are not used", batch_size,
+                    total % batch_size, total, p)
+        total -= total % batch_size
+    check = FeedCheck(inputs, f"{option} '{p}'")
+    return [check.check({n: a[i:i + batch_size] for n, a in full.items()}) for i in range(0, total, batch_size)]
 
 
 def _load_arrays(p: Path, input_names: list[str]) -> dict[str, np.ndarray]:
@@ -96,18 +121,32 @@ def _load_arrays(p: Path, input_names: list[str]) -> dict[str, np.ndarray]:
             key = n if n in keys else (keys[0] if len(keys) == 1 and len(input_names) == 1 else None)
             if key is None:
                 raise OmctError(f"'{f}' has arrays {keys} but no array named '{n}' (the model's input)")
+            if key != n:
+                logger.warning("'%s' holds one array, '%s', and the model's input is '%s': used it by position", f, key, n)
             arrays[n].append(data[key])
     return {n: np.concatenate(v) for n, v in arrays.items()}
 
 
-def _model_inputs(model: str) -> list[tuple[str, list]]:
+def _model_path(model: str, what: str = "model") -> str:
+    """The same one line for every command: a missing file or a folder given for a model."""
+    p = Path(model)
+    if not p.exists():
+        raise OmctError(f"{what} file '{p}' does not exist")
+    if p.is_dir():
+        raise OmctError(f"{what} path '{p}' is a folder; give the .onnx file")
+    return model
+
+
+def _model_inputs(model: str, what: str = "model") -> list:
+    """ONNX Runtime's view of the model's inputs (name, shape, type)."""
     import onnxruntime as ort
 
+    _model_path(model, what)
     try:
         sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - reported as one line
-        raise OmctError(f"cannot load '{model}' in ONNX Runtime: {str(e).splitlines()[0]}") from None
-    return [(i.name, list(i.shape)) for i in sess.get_inputs()]
+        raise OmctError(f"cannot load {what} '{model}' in ONNX Runtime: {str(e).splitlines()[0]}") from None
+    return sess.get_inputs()
 
 
 def _latency(path: Path, feeds: dict[str, np.ndarray], runs: int = 50, threads: int = 2) -> tuple[float, float]:
@@ -116,7 +155,10 @@ def _latency(path: Path, feeds: dict[str, np.ndarray], runs: int = 50, threads: 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    try:
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - reported as one line
+        raise OmctError(f"cannot load '{path}' in ONNX Runtime: {str(e).splitlines()[0]}") from None
     for _ in range(5):
         sess.run(None, feeds)
     times = []
@@ -131,6 +173,7 @@ def cmd_quantize(args) -> int:
     import omct.onnx as amct
     from omct.graph.model_io import input_files, output_files
 
+    _model_path(args.model)
     out = Path(args.out)
     work = Path(str(out) + "_work")
     own_config = bool(args.config and args.config.endswith(".json"))
@@ -140,11 +183,12 @@ def cmd_quantize(args) -> int:
                   {**{f"--out's {n}": work / n for n in written}, **output_files("--out's modified.onnx", work / "modified.onnx"),
                    **output_files("--out's fake-quant model", f"{out}_fake_quant_model.onnx"),
                    **output_files("--out's deploy model", f"{out}_deploy_model.onnx")})
-    batches = _load_batches(args.calib, _model_inputs(args.model), args.batch_size, args)
+    inputs = _model_inputs(args.model)
+    batches = _load_batches(args.calib, inputs, args, "--calib")
     batch_num = args.batch_num or len(batches)
     if batch_num > len(batches):
-        raise OmctError(f"--batch-num {batch_num} needs {batch_num} batches of {args.batch_size}, but '{args.calib}' "
-                        f"holds only {len(batches)}")
+        raise OmctError(f"--batch-num {batch_num} needs {batch_num} batches of {_batch_size(args, inputs)}, but "
+                        f"'{args.calib}' holds only {len(batches)}")
     work.mkdir(parents=True, exist_ok=True)
     if not own_config:
         amct.create_quant_config(str(config), args.model, skip_layers=args.skip, batch_num=batch_num,
@@ -173,11 +217,13 @@ def cmd_analyze(args) -> int:
     from omct.analysis.report import write_html
     from omct.graph.model_io import input_files
 
+    _model_path(args.float_model, "float_model")
+    _model_path(args.quant_model, "quant_model")
     quant = Path(args.quant_model)
     html_path = Path(args.report) if args.report else quant.with_name(quant.stem + "_analysis.html")
     check_outputs({**input_files("float_model", args.float_model), **input_files("quant_model", args.quant_model),
                    "--data": args.data}, {"--report": html_path, "--json": args.json})
-    batches = _load_batches(args.data, _model_inputs(args.float_model), args.batch_size, args)
+    batches = _load_batches(args.data, _model_inputs(args.float_model, "float_model"), args, "--data")
     if args.batches:
         batches = batches[:args.batches]
     report = analyze(args.float_model, args.quant_model, batches, threshold=args.threshold, batch_count=len(batches))
@@ -222,19 +268,27 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    import onnxruntime as ort
     from rich.console import Console
     from rich.table import Table
 
-    sess = ort.InferenceSession(args.models[0], providers=["CPUExecutionProvider"])
+    from omct.feeds import ORT_DTYPES, fixed_batch
+
+    for m in args.models:
+        _model_path(m)
+    inputs = _model_inputs(args.models[0])
+    batch = fixed_batch(inputs) or args.batch_size
+    rng = np.random.default_rng(0)
     feeds = {}
-    for i in sess.get_inputs():
+    for i in inputs:
         shape = [d if isinstance(d, int) and d > 0 else args.batch_size for d in i.shape]
-        feeds[i.name] = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    table = Table("model", "median ms", "p90 ms", "size KB", "vs first")
+        dtype = ORT_DTYPES.get(i.type, np.float32)
+        values = rng.standard_normal(shape) if np.issubdtype(dtype, np.floating) else np.zeros(shape)
+        feeds[i.name] = values.astype(dtype)
+    table = Table("model", "median ms", "p90 ms", "size KB", "vs first",
+                  caption=f"ONNX Runtime CPU, batch {batch}, {args.threads} thread(s), {args.runs} runs")
     first = None
     for m in args.models:
-        med, p90 = _latency(Path(m), feeds, args.runs)
+        med, p90 = _latency(Path(m), feeds, args.runs, args.threads)
         first = first or med
         table.add_row(Path(m).name, f"{med:.2f}", f"{p90:.2f}", f"{Path(m).stat().st_size / 1024:.0f}", f"{med / first:.2f}x")
     Console().print(table)
@@ -297,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_opts = argparse.ArgumentParser(add_help=False)
     g = data_opts.add_argument_group("data", "DATA is an .npz (arrays named by model input) or .npy file, a folder of "
                                      "them, or a folder of images; images are resized and normalised as these say")
-    g.add_argument("--batch-size", type=int, default=32, help="samples per batch (default 32)")
+    g.add_argument("--batch-size", type=int, help="samples per batch (default: the model's fixed batch size, else 32)")
     g.add_argument("--image-size", type=int, nargs="+", metavar="N", help="H [W] (default: the model's input size)")
     g.add_argument("--layout", choices=["nchw", "nhwc"], default="nchw", help="input layout (default nchw)")
     g.add_argument("--scale", type=float, default=1 / 255, help="pixel multiplier before mean/std (default 1/255)")
@@ -339,8 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", parents=[common], help="ONNX Runtime latency (median, p90) and file size of models, side by side")
     b.add_argument("models", nargs="+")
-    b.add_argument("--batch-size", type=int, default=1, help="value for dynamic dimensions (default 1)")
-    b.add_argument("--runs", type=int, default=50)
+    b.add_argument("--batch-size", type=int, default=1, help="value for dynamic dimensions (default 1; a fixed "
+                   "batch dimension keeps its size)")
+    b.add_argument("--runs", type=int, default=50, help="timed runs per model, after 5 warm-up runs (default 50)")
+    b.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (default 2)")
     b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", parents=[common], help="quantize the bundled digits CNN and print FP32 vs fake-quant vs deploy")
@@ -361,4 +417,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"omct: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("omct: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - every error is one line; --debug shows where it came from
+        if args.debug:
+            raise
+        first = str(e).splitlines()[0] if str(e) else ""
+        print(f"omct: error: {type(e).__name__}: {first} (unexpected; rerun with --debug for the traceback and "
+              "report it)", file=sys.stderr)
         return 1

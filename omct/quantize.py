@@ -24,6 +24,7 @@ from omct.algorithms.base import RecordContext
 from omct.algorithms.pipeline import PIPELINE
 from omct.algorithms.statistics import Statistics
 from omct.errors import CalibrationError, ConfigError, OmctError
+from omct.feeds import FeedCheck
 from omct.formats.config import QuantConfig
 from omct.formats.record import LayerRecord, write_pending_record, write_record
 from omct.graph.export import deploy_model, fake_quant_model
@@ -249,10 +250,12 @@ def quantize(graph: onnx.ModelProto, layers: list[LayerSpec], config: QuantConfi
     session = ort_session(mod.model.SerializeToString())
     calibration = Calibration(plan, config, initializer_reader(graph))
     fetch = calibration.tensors()
+    check = FeedCheck(session.get_inputs(), "quantize")
     for feeds in batches:
         if calibration.done:
             break
-        calibration.run_batch(lambda feeds=feeds: calibration.observe(dict(zip(fetch, session.run(fetch, dict(feeds)),
+        feeds = check.check(feeds)
+        calibration.run_batch(lambda feeds=feeds: calibration.observe(dict(zip(fetch, session.run(fetch, feeds),
                                                                                strict=True))))
     if not calibration.done:
         raise CalibrationError(f"the data gave {calibration.batches} of batch_num={config.batch_num} batches; give more "

@@ -16,6 +16,7 @@ LAYERS = [
     ("omct.formats",),
     ("omct.graph",),
     ("omct.algorithms",),
+    ("omct.feeds",),
     ("omct.quantize", "omct.frontend"),
     ("omct.workflow",),
     ("omct.analysis",),

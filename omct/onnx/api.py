@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 
 from omct.errors import ModelError
+from omct.feeds import FeedCheck
 from omct.fileio import check_outputs
 from omct.formats.config import QuantConfig, load_config
 from omct.frontend import PreparedModel
@@ -129,13 +130,21 @@ class CalibrationSession(CalibrationStatus):
         self._added = set(mod.added_outputs)
         self._site_tensors = self.calibration.tensors()
         self._user_outputs = [o.name for o in self._session.get_outputs() if o.name not in self._added]
+        self._feeds = FeedCheck(self._session.get_inputs(), "CalibrationSession.run")
+        self._extra_runs = 0
 
     def get_outputs(self):
         return [o for o in self._session.get_outputs() if o.name not in self._added]
 
     def run(self, output_names, input_feed, run_options=None):
         wanted = list(output_names) if output_names else self._user_outputs
+        input_feed = self._feeds.check(input_feed)  # one line naming the input, before ONNX Runtime's traceback
         if self.calibration.done:
+            self._extra_runs += 1
+            if self._extra_runs == 1 and self.calibration.batches:
+                logger.warning("CalibrationSession.run: calibration finished after batch_num=%d batches; this and "
+                               "further runs are not used for calibration (raise batch_num to use them)",
+                               self.batch_num)
             return self._session.run(wanted, input_feed, run_options)
         self.calibration.keep_inputs(sum(np.asarray(v).nbytes for v in input_feed.values()),
                                      lambda: {k: np.array(v, copy=True) for k, v in input_feed.items()})

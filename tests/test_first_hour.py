@@ -1,0 +1,105 @@
+"""What a new user trips over in the first hour (issue 11): each mistake ends in one line naming the culprit and
+what to do, through the ``omct`` command in a subprocess or through the public API."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx_builders import conv_model
+
+import omct.onnx as amct
+from omct.errors import DataError
+
+
+def omct(*args, cwd=None, columns=None):
+    env = dict(os.environ, OMCT_QUIET="0")  # the notices are what is tested
+    env.pop("COLUMNS", None)
+    if columns:
+        env["COLUMNS"] = str(columns)
+    return subprocess.run([sys.executable, "-m", "omct", *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          timeout=600, env=env)
+
+
+def one_line(res, *needles):
+    """Exit code 1, a single stderr line with no traceback, containing every needle."""
+    err = res.stderr.strip()
+    assert res.returncode == 1, (res.returncode, res.stdout, err)
+    assert "Traceback" not in err and err.count("\n") == 0, err
+    for n in needles:
+        assert n in err, (n, err)
+    return err
+
+
+@pytest.fixture
+def conv(tmp_path, rng):
+    path = tmp_path / "m.onnx"
+    onnx.save(conv_model(rng), path)
+    return path
+
+
+def _fixed_batch(model_path, out, batch=1):
+    model = onnx.load(model_path)
+    dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    dim.ClearField("dim_param")
+    dim.dim_value = batch
+    onnx.save(model, out)
+    return out
+
+
+def test_fixed_batch_dimension_sets_the_default_batch_size(conv, tmp_path, rng):
+    fixed = _fixed_batch(conv, tmp_path / "fixed.onnx")
+    np.savez(tmp_path / "c.npz", x=rng.normal(size=(6, 8, 6, 6)).astype(np.float32))
+    res = omct("quantize", fixed, "--calib", tmp_path / "c.npz", "--out", tmp_path / "q", "--batch-num", 3)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "q_deploy_model.onnx").is_file()
+    res = omct("quantize", fixed, "--calib", tmp_path / "c.npz", "--out", tmp_path / "q2", "--batch-size", 4)
+    one_line(res, "fixed at 1", "--batch-size 4")
+    res = omct("analyze", fixed, tmp_path / "q_fake_quant_model.onnx", "--data", tmp_path / "c.npz", "--quiet")
+    assert res.returncode == 0, res.stderr
+
+
+def test_wrong_arrays_are_named_before_onnx_runtime_runs(conv, tmp_path, rng):
+    x = rng.normal(size=(8, 8, 6, 6))
+    np.savez(tmp_path / "f64.npz", x=x)
+    res = omct("quantize", conv, "--calib", tmp_path / "f64.npz", "--out", tmp_path / "q", "--batch-size", 4)
+    assert res.returncode == 0, res.stderr
+    assert "float64; cast to float32" in res.stderr
+    cases = {"u8": (x * 10).astype(np.uint8), "rank": x[:, 0].astype(np.float32), "size": x[:, :4].astype(np.float32)}
+    expect = {"u8": "got uint8 [4, 8, 6, 6]", "rank": "expects 4 dimensions", "size": "dimension 1 is 4, not 8"}
+    for name, arr in cases.items():
+        np.savez(tmp_path / f"{name}.npz", x=arr)
+        res = omct("quantize", conv, "--calib", tmp_path / f"{name}.npz", "--out", tmp_path / name, "--batch-size", 4)
+        one_line(res, "input 'x'", "float32 [N, 8, 6, 6]", expect[name])
+        assert not (tmp_path / f"{name}_work").exists()
+
+
+def test_calibration_session_names_the_input_of_a_wrong_feed(conv, tmp_path, rng):
+    cfg, mod, rec = tmp_path / "c.json", tmp_path / "mod.onnx", tmp_path / "r.txt"
+    amct.create_quant_config(str(cfg), str(conv), batch_num=1)
+    amct.quantize_model(str(cfg), str(conv), str(mod), str(rec))
+    sess = amct.CalibrationSession(str(mod))
+    x = rng.normal(size=(2, 8, 6, 6)).astype(np.float32)
+    with pytest.raises(DataError, match=r"input 'x' expects float32 \[N, 8, 6, 6\], got float32 \[2, 8, 5, 6\]"):
+        sess.run(None, {"x": x[:, :, :5]})
+    with pytest.raises(DataError, match=r"'input' is not an input of the model; its inputs are \['x'\]"):
+        sess.run(None, {"input": x})
+    with pytest.raises(DataError, match=r"input 'x' expects float32.*got int32"):
+        sess.run(None, {"x": x.astype(np.int32)})
+    out = sess.run(None, {"x": x.astype(np.float64)})  # cast, with a notice
+    assert out[0].dtype == np.float32 and sess.complete
+
+
+def test_model_paths_and_unexpected_errors_are_one_line(conv, tmp_path):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    np.savez(tmp_path / "c.npz", x=np.zeros((4, 8, 6, 6), np.float32))
+    one_line(omct("bench", tmp_path / "nothere.onnx"), "nothere.onnx' does not exist")
+    one_line(omct("bench", folder), "is a folder; give the .onnx file")
+    one_line(omct("quantize", folder, "--calib", tmp_path / "c.npz", "--out", tmp_path / "q"),
+             "is a folder; give the .onnx file")
+    one_line(omct("analyze", folder, conv, "--data", tmp_path / "c.npz"), "is a folder; give the .onnx file")
+    res = omct("inspect", folder, "--debug")
+    assert res.returncode == 1 and "Traceback" in res.stderr
