@@ -209,10 +209,32 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def cmd_analyze(args) -> int:
-    from rich.console import Console
-    from rich.table import Table
+def _table(headers: list[str], rows: list[list[str]], title: str | None = None, styles: list | None = None) -> None:
+    """On a terminal a rich table whose cells wrap but are never cut; piped or redirected, tab-separated lines
+    (header first) that scripts and spreadsheets read: the layer names are what --skip needs, whole."""
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Column, Table
 
+        table = Table(*(Column(h, overflow="fold") for h in headers), title=title)
+        for row, style in zip(rows, styles or [None] * len(rows), strict=True):
+            table.add_row(*row, style=style)
+        Console().print(table)
+        return
+    if title:
+        print(title)
+    for row in [headers, *rows]:
+        print("\t".join(str(c).replace("\t", " ") for c in row))
+
+
+def skip_option(layers: list[str]) -> str:
+    """``--skip a b ...`` quoted for a POSIX shell, ready to paste after ``omct quantize``."""
+    import shlex
+
+    return "--skip " + " ".join(shlex.quote(n) for n in layers)
+
+
+def cmd_analyze(args) -> int:
     from omct.analysis import analyze
     from omct.analysis.report import write_html
     from omct.graph.model_io import input_files
@@ -228,42 +250,38 @@ def cmd_analyze(args) -> int:
         batches = batches[:args.batches]
     report = analyze(args.float_model, args.quant_model, batches, threshold=args.threshold, batch_count=len(batches))
     flagged = {e.layer for e in report.flagged()}
-    table = Table("layer", "op", "cosine", "SQNR dB", "max abs err", "isolated cosine",
-                  title=f"float vs quantized, {report.batches} batch(es); red: cosine < {args.threshold}")
-    for e in report.layers:
-        style = "red" if e.layer in flagged else None
-        table.add_row(e.layer, e.op_type, f"{e.cosine:.5f}", f"{e.accumulated.sqnr_db:.1f}", f"{e.accumulated.max_abs:.4g}",
-                      f"{e.isolated.cosine:.5f}", style=style)
-    console = Console()
-    console.print(table)
+    rows = [[e.layer, e.op_type, f"{e.cosine:.5f}", f"{e.accumulated.sqnr_db:.1f}", f"{e.accumulated.max_abs:.4g}",
+             f"{e.isolated.cosine:.5f}"] for e in report.layers]
+    _table(["layer", "op", "cosine", "SQNR dB", "max abs err", "isolated cosine"], rows,
+           title=f"float vs quantized, {report.batches} batch(es); red: cosine < {args.threshold}",
+           styles=["red" if e.layer in flagged else None for e in report.layers])
     if flagged:
-        console.print(f"flagged, worst own error first: {', '.join(e.layer for e in report.flagged())}")
-        console.print(f"suggested skip_layers: {report.suggested_skip_layers()}")
+        print(f"flagged, worst own error first: {', '.join(e.layer for e in report.flagged())}")
+        skip = report.suggested_skip_layers()
+        if skip:
+            print(f"suggested skip_layers: {skip}")
+            print(f"to keep them in float, add to omct quantize: {skip_option(skip)}")
+        else:
+            print(f"suggested skip_layers: none bad on its own (every flagged layer's isolated cosine is at least "
+                  f"{args.threshold}: they inherit error from upstream layers)")
     else:
-        console.print(f"no layer below cosine {args.threshold}")
+        print(f"no layer below cosine {args.threshold}")
     write_html(report, html_path, title=f"omct analysis: {Path(args.quant_model).name}")
-    console.print(f"report: {html_path}")
+    print(f"report: {html_path}")
     if args.json:
         atomic_write_text(args.json, json.dumps(report.to_dict(), indent=2))
     return 0
 
 
 def cmd_inspect(args) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
     import omct.onnx as amct
 
     rep = amct.inspect_model(args.model)
-    console = Console()
-    console.print(f"{args.model}: opset {rep.opset}, {rep.parameters:,} parameters, "
-                  f"{len(rep.layers)} quantizable layers, {len(rep.refused)} left in float")
-    table = Table("layer", "type", "weight", "status")
-    for s in rep.layers:
-        table.add_row(s.name, s.op_type, s.weight or "-", "quantizable")
-    for r in rep.refused:
-        table.add_row(r.name, r.op_type, "-", f"float: {r.reason}")
-    console.print(table)
+    if args.json:
+        print(json.dumps({"model": args.model, **rep.to_dict()}, indent=2))
+        return 0
+    print(f"{args.model}: {rep.summary()}")
+    _table(list(rep.HEADERS), rep.rows())
     return 0
 
 
@@ -388,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=cmd_analyze)
 
     i = sub.add_parser("inspect", parents=[common], help="list quantizable layers and the ones left in float, with reasons")
-    i.add_argument("model")
+    i.add_argument("model", help="the ONNX model to inspect")
+    i.add_argument("--json", action="store_true", help="print the layers as JSON (for scripts)")
     i.set_defaults(func=cmd_inspect)
 
     b = sub.add_parser("bench", parents=[common], help="ONNX Runtime latency (median, p90) and file size of models, side by side")

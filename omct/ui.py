@@ -70,3 +70,10 @@ def progress(description: str, total: int | None):
         yield bar
     finally:
         bar.close()
+
+
+def format_table(headers: list[str], rows: list[list[str]]) -> str:
+    """Plain aligned columns, every cell whole (layer names are what ``--skip`` needs, so nothing is cut)."""
+    cells = [list(map(str, headers))] + [list(map(str, r)) for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells)

@@ -103,3 +103,81 @@ def test_model_paths_and_unexpected_errors_are_one_line(conv, tmp_path):
     one_line(omct("analyze", folder, conv, "--data", tmp_path / "c.npz"), "is a folder; give the .onnx file")
     res = omct("inspect", folder, "--debug")
     assert res.returncode == 1 and "Traceback" in res.stderr
+
+
+LONG = "/encoder/layers.0/feed_forward/a_rather_long_module_name_that_a_terminal_table_would_cut/Conv"
+
+
+@pytest.fixture
+def long_named(tmp_path, rng):
+    """The conv model with a layer name longer than a terminal, quantized through the CLI."""
+    model = conv_model(rng)
+    model.graph.node[0].name = LONG
+    path = tmp_path / "long.onnx"
+    onnx.save(model, path)
+    np.savez(tmp_path / "c.npz", x=rng.normal(size=(8, 8, 6, 6)).astype(np.float32))
+    res = omct("quantize", path, "--calib", tmp_path / "c.npz", "--out", tmp_path / "q", "--batch-size", 4, "--quiet")
+    assert res.returncode == 0, res.stderr
+    return path
+
+
+def test_layer_names_are_never_cut_when_piped(long_named, tmp_path):
+    import json
+
+    res = omct("inspect", long_named, columns=40)
+    assert res.returncode == 0, res.stderr
+    rows = [line.split("\t") for line in res.stdout.splitlines() if "\t" in line]
+    assert rows[0] == ["layer", "type", "weight", "status"] and [LONG, "Conv", "w", "quantizable"] in rows
+    res = omct("inspect", long_named, "--json")
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert data["layers"] == [{"name": LONG, "type": "Conv", "weight": "w"}] and data["opset"] == 17
+    res = omct("analyze", long_named, tmp_path / "q_fake_quant_model.onnx", "--data", tmp_path / "c.npz",
+               "--batch-size", 4, "--threshold", "0.99999999", columns=40)
+    assert res.returncode == 0, res.stderr
+    assert any(line.startswith(LONG + "\tConv\t") for line in res.stdout.splitlines()), res.stdout
+    assert f"add to omct quantize: --skip {LONG}\n" in res.stdout
+    page = (tmp_path / "q_fake_quant_model_analysis.html").read_text()
+    assert '<div id="summary">' in page and "model output <code>y</code>: cosine" in page
+
+
+def test_print_inspect_model_reads_as_a_table(long_named):
+    text = str(amct.inspect_model(long_named))
+    assert text.splitlines()[0].startswith("opset 17,") and "LayerSpec(" not in text
+    assert any(line.startswith(LONG) and line.rstrip().endswith("quantizable") for line in text.splitlines())
+
+
+def test_analysis_suggests_only_layers_bad_on_their_own():
+    """A flagged layer whose isolated error is fine inherits its error: nothing is suggested (was: the top one)."""
+    from omct.analysis.compare import AnalysisReport, LayerError
+    from omct.analysis.metrics import ErrorStats
+    from omct.analysis.report import render_html
+
+    x = np.linspace(-1, 1, 1000)
+
+    def stats(noise):
+        s = ErrorStats()
+        s.update(x, x + noise * np.cos(37 * x))
+        return s
+
+    inherited = LayerError("down", "Conv", "t", accumulated=stats(0.3), isolated=stats(1e-4))
+    assert inherited.cosine < 0.99 and inherited.isolated.cosine > 0.9999
+    report = AnalysisReport([inherited], threshold=0.9999, batches=1)
+    assert [e.layer for e in report.flagged()] == ["down"]
+    assert report.suggested_skip_layers() == [] and report.to_dict()["suggested_skip_layers"] == []
+    assert "none bad on its own" in render_html(report)
+    own = LayerError("bad", "Conv", "u", accumulated=stats(0.3), isolated=stats(0.3))
+    assert AnalysisReport([inherited, own], threshold=0.9999, batches=1).suggested_skip_layers() == ["bad"]
+
+
+def test_print_pytorch_inspect_model_reads_as_a_table():
+    torch = pytest.importorskip("torch")
+    import omct.pytorch as pt
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 6 * 6, 2)).eval()
+    text = str(pt.inspect_model(model, torch.zeros(1, 3, 8, 8)))
+    lines = text.splitlines()
+    assert lines[0] == "2 quantizable modules, 0 left in float" and "LayerSpec(" not in text
+    assert any(line.split()[:3] == ["0", "Conv2d", "quantizable"] and "folds 1" in line for line in lines), text
+    assert any(line.split() == ["4", "Linear", "quantizable"] for line in lines), text

@@ -21,7 +21,7 @@ from omct.graph.normalize import NormalizeReport, default_opset, fold_batchnorm,
 from omct.graph.ops import LayerSpec, Refusal, find_layers
 from omct.quantize import Calibration, CalibrationStatus, QuantizedModel, initializer_reader, ort_session
 from omct.quantize import quantize as _quantize
-from omct.ui import logger
+from omct.ui import format_table, logger
 from omct.workflow import save_model, write_modified_model, write_quant_config
 
 __all__ = ["CalibrationSession", "ModelReport", "create_quant_config", "inspect_model", "prepare", "quantize",
@@ -37,6 +37,25 @@ class ModelReport:
     opset: int
     parameters: int
     normalize: NormalizeReport
+
+    HEADERS = ("layer", "type", "weight", "status")
+
+    def rows(self) -> list[list[str]]:
+        """One row per candidate: the quantizable layers, then the ones left in float with their reason."""
+        return ([[s.name, s.op_type, s.weight or "-", "quantizable"] for s in self.layers]
+                + [[r.name, r.op_type, "-", f"float: {r.reason}"] for r in self.refused])
+
+    def summary(self) -> str:
+        return (f"opset {self.opset}, {self.parameters:,} parameters, {len(self.layers)} quantizable layers, "
+                f"{len(self.refused)} left in float")
+
+    def to_dict(self) -> dict:
+        return {"opset": self.opset, "parameters": self.parameters,
+                "layers": [{"name": s.name, "type": s.op_type, "weight": s.weight} for s in self.layers],
+                "float": [{"name": r.name, "type": r.op_type, "reason": r.reason} for r in self.refused]}
+
+    def __str__(self) -> str:  # print(amct.inspect_model(...)) reads as a table, not dataclass reprs
+        return self.summary() + "\n" + format_table(list(self.HEADERS), self.rows())
 
 
 def _model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:

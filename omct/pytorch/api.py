@@ -18,7 +18,7 @@ from omct.graph.ops import LayerSpec, Refusal
 from omct.pytorch.calibration import CalibrationModel
 from omct.pytorch.fold import fold_conv_bn
 from omct.pytorch.trace import TracedModel, as_args, trace_model
-from omct.ui import logger
+from omct.ui import format_table, logger
 from omct.workflow import save_model, write_modified_model, write_quant_config
 
 __all__ = ["ModuleReport", "create_quant_config", "inspect_model", "prepare", "quantize_model", "save_model"]
@@ -48,6 +48,21 @@ class ModuleReport:
     refused: list[Refusal]
     types: dict[str, str]
     foldable: dict[str, str]
+
+    HEADERS = ("layer", "type", "status")
+
+    def rows(self) -> list[list[str]]:
+        """One row per candidate module: the quantizable ones (and the BatchNorm folded into them), then the
+        ones left in float with their reason."""
+        rows = []
+        for s in self.layers:
+            bn = self.foldable.get(s.name)
+            rows.append([s.name, self.types.get(s.name, s.op_type), "quantizable" + (f" (folds {bn})" if bn else "")])
+        return rows + [[r.name, r.op_type, f"float: {r.reason}"] for r in self.refused]
+
+    def __str__(self) -> str:  # print(amct.inspect_model(...)) reads as a table, not dataclass reprs
+        head = f"{len(self.layers)} quantizable modules, {len(self.refused)} left in float"
+        return head + "\n" + format_table(list(self.HEADERS), self.rows())
 
 
 def inspect_model(model: nn.Module, input_data) -> ModuleReport:
