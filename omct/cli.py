@@ -174,6 +174,8 @@ def cmd_quantize(args) -> int:
     from omct.graph.model_io import input_files, output_files
 
     _model_path(args.model)
+    if args.skip is not None and not args.skip:
+        logger.warning("--skip was given no layer names; nothing is skipped (list them: --skip NAME [NAME ...])")
     out = Path(args.out)
     work = Path(str(out) + "_work")
     own_config = bool(args.config and args.config.endswith(".json"))

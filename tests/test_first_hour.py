@@ -24,10 +24,13 @@ def omct(*args, cwd=None, columns=None):
 
 
 def one_line(res, *needles):
-    """Exit code 1, a single stderr line with no traceback, containing every needle."""
-    err = res.stderr.strip()
-    assert res.returncode == 1, (res.returncode, res.stdout, err)
-    assert "Traceback" not in err and err.count("\n") == 0, err
+    """Exit code 1, no traceback, a single error line (after any one-line warnings) containing every needle."""
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 1, (res.returncode, res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr and all(line.startswith("omct: ") for line in lines), res.stderr
+    errors = [line for line in lines if line.startswith("omct: error: ")]
+    assert len(errors) == 1 and errors[0] == lines[-1], res.stderr
+    err = errors[0]
     for n in needles:
         assert n in err, (n, err)
     return err
@@ -181,3 +184,89 @@ def test_print_pytorch_inspect_model_reads_as_a_table():
     assert lines[0] == "2 quantizable modules, 0 left in float" and "LayerSpec(" not in text
     assert any(line.split()[:3] == ["0", "Conv2d", "quantizable"] and "folds 1" in line for line in lines), text
     assert any(line.split() == ["4", "Linear", "quantizable"] for line in lines), text
+
+
+@pytest.fixture
+def omct_log():
+    """The messages omct's logger emits during a test (it does not propagate to pytest's caplog)."""
+    import logging
+
+    from omct.ui import logger
+
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler, level = Keep(logging.INFO), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield records
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def test_suspicious_but_valid_input_is_warned_about(conv, tmp_path, rng):
+    np.savez(tmp_path / "c.npz", images=rng.normal(size=(8, 8, 6, 6)).astype(np.float32))
+    common = ("quantize", conv, "--calib", tmp_path / "c.npz", "--batch-size", 4)
+    res = omct(*common, "--out", tmp_path / "a", "--skip", "act")  # the Relu node: exists, but is not quantizable
+    assert res.returncode == 0, res.stderr
+    assert "skip_layers names 'act', which is not a quantizable layer: skipping it has no effect" in res.stderr
+    assert "c.npz' holds one array, 'images', and the model's input is 'x': used it by position" in res.stderr
+    res = omct(*common, "--out", tmp_path / "b", "--skip")
+    assert res.returncode == 0 and "--skip was given no layer names" in res.stderr
+    # "did you mean" offers quantizable layers only, not the Relu node 'act'
+    err = one_line(omct(*common, "--out", tmp_path / "c", "--skip", "acts"), "skip_layers names 'acts'")
+    assert "'act'" not in err and "'conv'" in err
+    cfg = tmp_path / "my.cfg"
+    cfg.write_text('batch_num: 2\nskip_layer_types: "Linear"\n'
+                   'override_layer_types { layer_type: "Conv2d" calibration_config { hfmg_quantize { num_of_bins: 4096 } } }\n')
+    res = omct(*common, "--out", tmp_path / "d", "--config", cfg)
+    assert res.returncode == 0, res.stderr
+    assert "skip_layer_types names type 'Linear', which no quantizable layer of the model has (its types: Conv)" in res.stderr
+    assert "override_layer_types names type 'Conv2d'" in res.stderr
+
+
+def test_threshold_and_extra_calibration_runs_are_warned_about(conv, tmp_path, rng, omct_log):
+    from omct.analysis import analyze
+
+    cfg, mod, rec = tmp_path / "c.json", tmp_path / "mod.onnx", tmp_path / "r.txt"
+    amct.create_quant_config(str(cfg), str(conv), batch_num=1)
+    amct.quantize_model(str(cfg), str(conv), str(mod), str(rec))
+    sess = amct.CalibrationSession(str(mod))
+    x = rng.normal(size=(2, 8, 6, 6)).astype(np.float32)
+    sess.run(None, {"x": x})
+    assert not any("not used for calibration" in m for m in omct_log)
+    sess.run(None, {"x": x})
+    sess.run(None, {"x": x})
+    assert sum("not used for calibration" in m for m in omct_log) == 1
+    amct.save_model(str(mod), str(rec), str(tmp_path / "q"))
+    analyze(conv, tmp_path / "q_fake_quant_model.onnx", [{"x": x}], threshold=1.5)
+    assert any("threshold 1.5 is outside (0, 1)" in m for m in omct_log)
+
+
+def test_automatic_search_ending_all_float_says_so(conv, tmp_path, rng, omct_log):
+    import json
+
+    from omct.auto import AutoCalibrationEvaluatorBase
+
+    batches = [{"x": rng.normal(size=(4, 8, 6, 6)).astype(np.float32)} for _ in range(2)]
+
+    class OnlyFloat(AutoCalibrationEvaluatorBase):
+        """Passes only a model without quantization (no Round node of the fake-quant simulation)."""
+
+        def calibration(self, model):
+            for feeds in batches:
+                model.run(None, feeds)
+
+        def evaluate(self, model):
+            return 0.0 if any(n.op_type == "Round" for n in onnx.load(model).graph.node) else 1.0
+
+    cfg = tmp_path / "c.json"
+    amct.create_quant_config(str(cfg), str(conv), batch_num=2)
+    result = amct.accuracy_based_auto_calibration(str(conv), OnlyFloat(), str(cfg), str(tmp_path / "r.txt"),
+                                                  str(tmp_path / "auto"))
+    assert result.float_layers == ["conv"]
+    assert any("every layer (1 of 1) in float" in m and "not a quantized one" in m for m in omct_log), omct_log
+    assert json.loads((tmp_path / "auto" / "search_record.json").read_text())["all_float"] is True

@@ -31,7 +31,7 @@ from omct.graph.metadata import FUSION as FUSION_KEY
 from omct.graph.metadata import LAYERS as LAYERS_KEY
 from omct.graph.model_io import load_model
 from omct.graph.normalize import fold_batchnorm, normalize
-from omct.ui import Progress
+from omct.ui import Progress, logger
 
 _PROBE = "#isolated"
 
@@ -182,6 +182,9 @@ def analyze(float_model: str | os.PathLike | onnx.ModelProto, quant_model: str |
 
     ``float_model`` is the model that was quantized (BatchNorm is folded here as it was for quantization).
     """
+    if not 0 < threshold < 1:
+        logger.warning("threshold %g is outside (0, 1): cosine similarity is at most 1, so %s", threshold,
+                       "(almost) every layer is flagged" if threshold >= 1 else "(almost) no layer is flagged")
     quant = _as_model(quant_model, "quantized model")
     layers, fusion = _layer_list(quant, f"'{quant_model}'" if not isinstance(quant_model, onnx.ModelProto) else "the model")
     base, report = normalize(_as_model(float_model, "float model"))
