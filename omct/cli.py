@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 import tempfile
 import time
@@ -170,13 +172,12 @@ def _latency(path: Path, feeds: dict[str, np.ndarray], runs: int = 50, threads: 
 
 
 def cmd_quantize(args) -> int:
-    import omct.onnx as amct
     from omct.graph.model_io import input_files, output_files
 
     _model_path(args.model)
     if args.skip is not None and not args.skip:
         logger.warning("--skip was given no layer names; nothing is skipped (list them: --skip NAME [NAME ...])")
-    out = Path(args.out)
+    out = _out_prefix(args.out, args.model)
     work = Path(str(out) + "_work")
     own_config = bool(args.config and args.config.endswith(".json"))
     config = Path(args.config) if own_config else work / "config.json"
@@ -191,7 +192,31 @@ def cmd_quantize(args) -> int:
     if batch_num > len(batches):
         raise OmctError(f"--batch-num {batch_num} needs {batch_num} batches of {_batch_size(args, inputs)}, but "
                         f"'{args.calib}' holds only {len(batches)}")
-    work.mkdir(parents=True, exist_ok=True)
+    created = not work.exists()
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        _quantize_into(args, work, config, own_config, batches, batch_num, out)
+    except BaseException:
+        if created and not args.keep_work:  # a failed run leaves no half-made work folder behind
+            shutil.rmtree(work, ignore_errors=True)
+        elif work.exists():
+            logger.warning("kept %s (the config, record and calibration model of the failed run)", work)
+        raise
+    print(f"{out}_fake_quant_model.onnx\n{out}_deploy_model.onnx")
+    return 0
+
+
+def _out_prefix(out: str, model: str) -> Path:
+    """--out as people mean it: a folder (an existing one, or a path ending in '/') gets files named after the
+    model; a name ending in .onnx is the prefix without it."""
+    if out.endswith(("/", os.sep)) or Path(out).is_dir():
+        return Path(out) / Path(model).stem
+    return Path(out[:-len(".onnx")]) if out.endswith(".onnx") else Path(out)
+
+
+def _quantize_into(args, work: Path, config: Path, own_config: bool, batches: list, batch_num: int, out: Path) -> None:
+    import omct.onnx as amct
+
     if not own_config:
         amct.create_quant_config(str(config), args.model, skip_layers=args.skip, batch_num=batch_num,
                                  config_defination=args.config)
@@ -204,11 +229,13 @@ def cmd_quantize(args) -> int:
     modified, record = work / "modified.onnx", work / "record.txt"
     amct.quantize_model(str(config), args.model, str(modified), str(record))
     calib = amct.CalibrationSession(str(modified))
+    if calib.batch_num > len(batches):
+        source = args.config if own_config or args.config else "the config"
+        raise OmctError(f"{source} sets batch_num {calib.batch_num}, but '{args.calib}' holds only {len(batches)} "
+                        f"batch(es) of {len(next(iter(batches[0].values()))) if batches else 0}: lower batch_num, or give more data")
     for feeds in batches[:calib.batch_num]:
         calib.run(None, feeds)
     amct.save_model(str(modified), str(record), str(out))
-    print(f"{out}_fake_quant_model.onnx\n{out}_deploy_model.onnx")
-    return 0
 
 
 def _table(headers: list[str], rows: list[list[str]], title: str | None = None, styles: list | None = None) -> None:
@@ -385,7 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="FP32 ONNX model")
     q.add_argument("--calib", required=True, help=".npz/.npy file, a folder of them, or a folder of images")
     q.add_argument("--out", required=True, help="output prefix: writes PREFIX_fake_quant_model.onnx and "
-                   "PREFIX_deploy_model.onnx (and PREFIX_work/ with config, record, calibration model)")
+                   "PREFIX_deploy_model.onnx, and PREFIX_work/ with this run's config.json, record.txt and calibration "
+                   "model (removed if the run fails). A folder (results/) gets results/MODEL_...; a trailing .onnx is "
+                   "dropped")
+    q.add_argument("--keep-work", action="store_true", help="keep PREFIX_work/ when the run fails (to look into it)")
     q.add_argument("--config", help="a simplified .cfg (AMCT text format) or a config.json")
     q.add_argument("--batch-num", type=int, help="calibration batches to run (default: all the data)")
     q.add_argument("--skip", nargs="*", help="layer names to keep in float")

@@ -270,3 +270,27 @@ def test_automatic_search_ending_all_float_says_so(conv, tmp_path, rng, omct_log
     assert result.float_layers == ["conv"]
     assert any("every layer (1 of 1) in float" in m and "not a quantized one" in m for m in omct_log), omct_log
     assert json.loads((tmp_path / "auto" / "search_record.json").read_text())["all_float"] is True
+
+
+def test_out_as_a_folder_or_an_onnx_name_and_the_work_folder(conv, tmp_path, rng):
+    x = rng.normal(size=(8, 8, 6, 6)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x)
+    common = ("quantize", conv, "--calib", tmp_path / "c.npz", "--batch-size", 4, "--quiet")
+    res = omct(*common, "--out", str(tmp_path / "results") + "/")
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "results" / "m_deploy_model.onnx").is_file() and (tmp_path / "results" / "m_work").is_dir()
+    res = omct(*common, "--out", tmp_path / "results")  # an existing folder, no slash
+    assert res.returncode == 0 and res.stdout.split() == [str(tmp_path / "results" / f"m_{k}_model.onnx")
+                                                          for k in ("fake_quant", "deploy")]
+    res = omct(*common, "--out", tmp_path / "named.onnx")
+    assert res.returncode == 0 and (tmp_path / "named_fake_quant_model.onnx").is_file()
+    assert not (tmp_path / "named.onnx_fake_quant_model.onnx").exists()
+    # a run that fails after the work folder was made leaves none behind, unless --keep-work
+    x[0, 0, 0, 0] = np.nan
+    np.savez(tmp_path / "nan.npz", x=x)
+    bad = ("quantize", conv, "--calib", tmp_path / "nan.npz", "--batch-size", 4)
+    one_line(omct(*bad, "--out", tmp_path / "failed"), "NaN or Inf")
+    assert not (tmp_path / "failed_work").exists()
+    res = omct(*bad, "--out", tmp_path / "kept", "--keep-work")
+    assert res.returncode == 1 and (tmp_path / "kept_work" / "modified.onnx").is_file()
+    assert "kept " in res.stderr
