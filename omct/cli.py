@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from omct import __version__
 from omct.core.calibrators import CALIBRATORS
 from omct.errors import OmctError
 from omct.fileio import atomic_write_text, check_outputs
@@ -230,9 +231,9 @@ def _quantize_into(args, work: Path, config: Path, own_config: bool, batches: li
     amct.quantize_model(str(config), args.model, str(modified), str(record))
     calib = amct.CalibrationSession(str(modified))
     if calib.batch_num > len(batches):
-        source = args.config if own_config or args.config else "the config"
-        raise OmctError(f"{source} sets batch_num {calib.batch_num}, but '{args.calib}' holds only {len(batches)} "
-                        f"batch(es) of {len(next(iter(batches[0].values()))) if batches else 0}: lower batch_num, or give more data")
+        size = len(next(iter(batches[0].values()))) if batches else 0
+        raise OmctError(f"{args.config or 'the config'} sets batch_num {calib.batch_num}, but '{args.calib}' holds only "
+                        f"{len(batches)} batch(es) of {size}: lower batch_num, or give more data")
     for feeds in batches[:calib.batch_num]:
         calib.run(None, feeds)
     amct.save_model(str(modified), str(record), str(out))
@@ -377,8 +378,9 @@ def cmd_demo(args) -> int:
         fp32_ms = fp32_ms or med
         table.add_row(name, f"{acc:.4f}", f"{p.stat().st_size / 1024:.0f}", f"{med:.2f}", f"{med / fp32_ms:.2f}x")
     console = Console()
-    console.print(f"omct demo: digits CNN, {batch_num} calibration batches of 32, {len(y)} test images; "
-                  f"quantized in {ptq_s:.1f} s; files in {out}")
+    print(f"omct demo: digits CNN, {batch_num} calibration batches of 32, {len(y)} test images; "
+          f"quantized in {ptq_s:.1f} s")  # plain print: a rich console would wrap it mid-sentence at 80 columns
+    print(f"files in {out}")
     console.print(table)
     return 0
 
@@ -391,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
                         help="no progress bars or informational messages")
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show a traceback on errors")
+    p.add_argument("--version", action="version", version=f"omct {__version__}")
     p.add_argument("--quiet", action="store_true", help="no progress bars or informational messages")
     p.add_argument("--debug", action="store_true", help="show a traceback on errors")
     sub = p.add_subparsers(dest="command", required=True)
@@ -443,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_inspect)
 
     b = sub.add_parser("bench", parents=[common], help="ONNX Runtime latency (median, p90) and file size of models, side by side")
-    b.add_argument("models", nargs="+")
+    b.add_argument("models", nargs="+", help="ONNX models to time on the same random inputs (the first sets them)")
     b.add_argument("--batch-size", type=int, default=1, help="value for dynamic dimensions (default 1; a fixed "
                    "batch dimension keeps its size)")
     b.add_argument("--runs", type=int, default=50, help="timed runs per model, after 5 warm-up runs (default 50)")
@@ -458,8 +461,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from omct.ui import set_quiet
+    import logging
 
+    from omct.ui import hints, set_quiet
+
+    hints.setLevel(logging.WARNING)  # the API's "now call X" lines: the command runs those steps itself
     if args.quiet:
         set_quiet()
     try:

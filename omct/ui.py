@@ -8,6 +8,9 @@ import sys
 from contextlib import contextmanager
 
 logger = logging.getLogger("omct")
+#: the API's "what to call next" lines (AMCT's call sequence); the command line runs those steps itself and
+#: silences this child logger, so its log speaks CLI
+hints = logging.getLogger("omct.hints")
 _quiet = False
 
 

@@ -294,3 +294,33 @@ def test_out_as_a_folder_or_an_onnx_name_and_the_work_folder(conv, tmp_path, rng
     res = omct(*bad, "--out", tmp_path / "kept", "--keep-work")
     assert res.returncode == 1 and (tmp_path / "kept_work" / "modified.onnx").is_file()
     assert "kept " in res.stderr
+
+
+def test_small_things_version_help_bench_and_cli_wording(conv, tmp_path, rng):
+    import argparse
+
+    from omct import __version__
+    from omct.cli import build_parser
+
+    res = omct("--version")
+    assert res.returncode == 0 and res.stdout.strip() == f"omct {__version__}"
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"{name} {a.dest}" for name, sub in subparsers.choices.items() for a in sub._actions
+               if not a.help and not isinstance(a, argparse._HelpAction)]
+    assert missing == []
+    res = omct("bench", conv, "--runs", 2, "--batch-size", 3, "--threads", 1, columns=200)
+    assert res.returncode == 0, res.stderr
+    assert "batch 3, 1 thread(s), 2 runs" in res.stdout
+    np.savez(tmp_path / "c.npz", x=rng.normal(size=(4, 8, 6, 6)).astype(np.float32))
+    res = omct("quantize", conv, "--calib", tmp_path / "c.npz", "--out", tmp_path / "q")
+    assert res.returncode == 0 and "CalibrationSession" not in res.stderr and "wrote " in res.stderr
+
+
+def test_pyproject_license_is_an_spdx_string():
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    meta = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert meta["project"]["license"] == "Apache-2.0"

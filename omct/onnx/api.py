@@ -21,7 +21,7 @@ from omct.graph.normalize import NormalizeReport, default_opset, fold_batchnorm,
 from omct.graph.ops import LayerSpec, Refusal, find_layers
 from omct.quantize import Calibration, CalibrationStatus, QuantizedModel, initializer_reader, ort_session
 from omct.quantize import quantize as _quantize
-from omct.ui import format_table, logger
+from omct.ui import format_table, hints, logger
 from omct.workflow import save_model, write_modified_model, write_quant_config
 
 __all__ = ["CalibrationSession", "ModelReport", "create_quant_config", "inspect_model", "prepare", "quantize",
@@ -119,8 +119,9 @@ def quantize_model(config_file: str | os.PathLike, model_file: str | os.PathLike
     config = load_config(config_file)
     mod = write_modified_model(config, config_file, prepare(model_file, config), modified_onnx_file, record_file,
                                model_file)
-    logger.info("wrote %s: %d layers to calibrate, %d activation tensors observed; now run %d batch(es) through "
-                "CalibrationSession", modified_onnx_file, len(mod.plan.layers), len(mod.plan.sites), config.batch_num)
+    logger.info("wrote %s: %d layers to calibrate, %d activation tensors observed", modified_onnx_file,
+                len(mod.plan.layers), len(mod.plan.sites))
+    hints.info("now run %d batch(es) through CalibrationSession", config.batch_num)
 
 
 def quantize(model: str | os.PathLike | onnx.ModelProto, config: QuantConfig, batches) -> QuantizedModel:

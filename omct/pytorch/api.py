@@ -18,7 +18,7 @@ from omct.graph.ops import LayerSpec, Refusal
 from omct.pytorch.calibration import CalibrationModel
 from omct.pytorch.fold import fold_conv_bn
 from omct.pytorch.trace import TracedModel, as_args, trace_model
-from omct.ui import format_table, logger
+from omct.ui import format_table, hints, logger
 from omct.workflow import save_model, write_modified_model, write_quant_config
 
 __all__ = ["ModuleReport", "create_quant_config", "inspect_model", "prepare", "quantize_model", "save_model"]
@@ -122,7 +122,7 @@ def prepare_quantization(config: QuantConfig, config_file, modified_onnx_model, 
             logger.info("folded %d BatchNorm module(s) into convolutions", len(folded))
             traced = trace_model(work, input_data, **export)
     mod = write_modified_model(config, config_file, prepare(traced, model), modified_onnx_model, record_file)
-    logger.info("wrote %s: %d layers to calibrate, %d activation tensors observed; now run %d batch(es) through the "
-                "returned calibration model", modified_onnx_model, len(mod.plan.layers), len(mod.plan.sites),
-                config.batch_num)
+    logger.info("wrote %s: %d layers to calibrate, %d activation tensors observed", modified_onnx_model,
+                len(mod.plan.layers), len(mod.plan.sites))
+    hints.info("now run %d batch(es) through the returned calibration model", config.batch_num)
     return work, traced, mod
