@@ -324,3 +324,24 @@ def test_pyproject_license_is_an_spdx_string():
 
     meta = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     assert meta["project"]["license"] == "Apache-2.0"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_every_output_honours_the_umask(conv, tmp_path, rng, umask):
+    """config.json, record.txt, the HTML report and the models get 0666 less the umask (mkstemp alone gave 0600)."""
+    from omct.analysis import analyze
+    from omct.analysis.report import write_html
+
+    old = os.umask(umask)
+    try:
+        cfg, mod, rec = tmp_path / "c.json", tmp_path / "mod.onnx", tmp_path / "r.txt"
+        amct.create_quant_config(str(cfg), str(conv), batch_num=1)
+        amct.quantize_model(str(cfg), str(conv), str(mod), str(rec))
+        x = rng.normal(size=(2, 8, 6, 6)).astype(np.float32)
+        amct.CalibrationSession(str(mod)).run(None, {"x": x})
+        amct.save_model(str(mod), str(rec), str(tmp_path / "q"))
+        write_html(analyze(conv, tmp_path / "q_fake_quant_model.onnx", [{"x": x}]), tmp_path / "r.html")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (cfg, rec, tmp_path / "r.html", tmp_path / "q_deploy_model.onnx")}
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask)
