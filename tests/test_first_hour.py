@@ -220,12 +220,12 @@ def test_suspicious_but_valid_input_is_warned_about(conv, tmp_path, rng):
     err = one_line(omct(*common, "--out", tmp_path / "c", "--skip", "acts"), "skip_layers names 'acts'")
     assert "'act'" not in err and "'conv'" in err
     cfg = tmp_path / "my.cfg"
-    cfg.write_text('batch_num: 2\nskip_layer_types: "Linear"\n'
-                   'override_layer_types { layer_type: "Conv2d" calibration_config { hfmg_quantize { num_of_bins: 4096 } } }\n')
+    cfg.write_text('batch_num: 2\nskip_layer_types: "MatMul"\n'
+                   'override_layer_types { layer_type: "Gemm" calibration_config { hfmg_quantize { num_of_bins: 4096 } } }\n')
     res = omct(*common, "--out", tmp_path / "d", "--config", cfg)
     assert res.returncode == 0, res.stderr
-    assert "skip_layer_types names type 'Linear', which no quantizable layer of the model has (its types: Conv)" in res.stderr
-    assert "override_layer_types names type 'Conv2d'" in res.stderr
+    assert "skip_layer_types names type 'MatMul', which no quantizable layer of the model has (its types: Conv)" in res.stderr
+    assert "override_layer_types names type 'Gemm'" in res.stderr
 
 
 def test_threshold_and_extra_calibration_runs_are_warned_about(conv, tmp_path, rng, omct_log):
@@ -345,3 +345,63 @@ def test_every_output_honours_the_umask(conv, tmp_path, rng, umask):
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in (cfg, rec, tmp_path / "r.html", tmp_path / "q_deploy_model.onnx")}
     assert modes == dict.fromkeys(modes, 0o666 & ~umask)
+
+
+def test_pytorch_saved_models_take_any_batch_without_dynamic_axes(tmp_path):
+    """The batch dimension is dynamic by default (it was input_data's batch, and an evaluation at another batch
+    size crashed in ONNX Runtime); an explicit dynamic_axes still wins, and a fixed batch fails in one line."""
+    torch = pytest.importorskip("torch")
+    import onnxruntime as ort
+
+    import omct.pytorch as pt
+    from omct.pytorch.auto import OnnxModule
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+            self.fc = torch.nn.Linear(4 * 6 * 6, 2)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).view(x.size(0), -1))  # the batch read from the input's shape
+
+    torch.manual_seed(0)
+    model, one = Net().eval(), torch.randn(1, 3, 8, 8)
+    for name, axes in (("dyn", None), ("fixed", {})):
+        cfg, mod, rec = tmp_path / f"{name}.json", tmp_path / f"{name}_mod.onnx", tmp_path / f"{name}_r.txt"
+        pt.create_quant_config(str(cfg), model, one, batch_num=1)
+        calib = pt.quantize_model(str(cfg), str(mod), str(rec), model, one, dynamic_axes=axes)
+        calib(torch.randn(4, 3, 8, 8))
+        pt.save_model(str(mod), str(rec), str(tmp_path / name))
+    x = torch.randn(7, 3, 8, 8)
+    out = ort.InferenceSession(str(tmp_path / "dyn_deploy_model.onnx")).run(None, {"x": x.numpy()})[0]
+    assert out.shape == (7, 2)
+    assert OnnxModule(tmp_path / "dyn_fake_quant_model.onnx")(x).shape == (7, 2)
+    with pytest.raises(DataError, match=r"input 'x' expects float32 \[1, 3, 8, 8\], got float32 \[7, 3, 8, 8\]"):
+        OnnxModule(tmp_path / "fixed_fake_quant_model.onnx")(x)
+
+
+def test_cfg_mistakes_say_where_and_what(conv, tmp_path):
+    """A misspelt field gets "did you mean"; a missing '}' is reported at the block left open, not as a confusing
+    error on the next field; a layer type the frontend never quantizes (PyTorch's Linear on ONNX) lists the types."""
+    from omct.errors import ConfigError
+
+    cases = {
+        "batch_nun: 4\n": r"line 1: 'batch_nun' is not a field of AMCTConfig; did you mean 'batch_num'\?",
+        "batch_num: 4\ncommon_config { arq_quantize { chanel_wise: true } }\n":
+            r"line 2: 'chanel_wise' is not a field of ARQuantize; did you mean 'channel_wise'\?",
+        "batch_num: 4\ncommon_config { arq_quantize { channel_wise: true }\n"
+        'override_layer_types { layer_type: "Conv" calibration_config { hfmg_quantize { num_of_bins: 4096 } } }\n':
+            r"line 3: 'override_layer_types' is a top-level field, but 'common_config \{' opened at line 2 is not closed",
+        "batch_num: 4\ncommon_config { arq_quantize { channel_wise: true }\n":
+            r"line 2: 'common_config \{' is never closed: a '\}' is missing",
+        'skip_layer_types: "Linear"\n':
+            r"skip_layer_types names type 'Linear', which this model's frontend does not quantize; its types are "
+            r"AveragePool, Conv, ConvTranspose, Gemm, MatMul",
+    }
+    for i, (text, pattern) in enumerate(cases.items()):
+        cfg = tmp_path / f"{i}.cfg"
+        cfg.write_text(text)
+        with pytest.raises(ConfigError, match=rf"{i}\.cfg: {pattern}"):
+            amct.create_quant_config(str(tmp_path / "c.json"), str(conv), config_defination=str(cfg))
+    assert not (tmp_path / "c.json").exists()

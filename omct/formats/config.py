@@ -258,8 +258,11 @@ class LayerInfo:
 
 def build_config(layers: list[LayerInfo], *, batch_num: int = 1, activation_offset: bool = True,
                  skip_layers: list[str] | None = None, simplified: SimplifiedConfig | None = None,
-                 all_names: set[str] | None = None) -> QuantConfig:
-    """Defaults < simplified .cfg common_config < layer-type overrides < layer-name overrides."""
+                 all_names: set[str] | None = None, type_names: set[str] | None = None) -> QuantConfig:
+    """Defaults < simplified .cfg common_config < layer-type overrides < layer-name overrides.
+
+    ``type_names``: every type the frontend quantizes; a .cfg type outside it is an error (an ONNX model's
+    types are op types, Gemm/MatMul, not PyTorch's Linear), one inside it that no layer has a warning."""
     if not isinstance(batch_num, int) or isinstance(batch_num, bool) or batch_num < 1:
         raise ConfigError(f"batch_num must be an integer >= 1, got {batch_num!r}")
     skip_types: list[str] = []
@@ -279,6 +282,8 @@ def build_config(layers: list[LayerInfo], *, batch_num: int = 1, activation_offs
     check_layer_names(skip_layers, {li.name for li in layers} | (all_names or set()), what, suggest=quant_names)
     _warn_not_quantizable(skip_layers, quantizable, layers, what)
     if simplified is not None:
+        _check_types(skip_types, type_names, f"{source}: skip_layer_types")
+        _check_types([t for t, _ in simplified.by_type], type_names, f"{source}: override_layer_types")
         _warn_unused_types(skip_types, quantizable, f"{source}: skip_layer_types")
         _warn_unused_types([t for t, _ in simplified.by_type], quantizable, f"{source}: override_layer_types")
     if simplified is not None:
@@ -337,6 +342,16 @@ def _warn_not_quantizable(names: list[str], quantizable: list[LayerInfo], layers
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else (
             "; list the quantizable layers with `omct inspect MODEL.onnx` (or omct.pytorch.inspect_model)")
         logger.warning("%s names '%s', which is %s: skipping it has no effect%s", what, name, why, hint)
+
+
+def _check_types(types: list[str], known: set[str] | None, what: str) -> None:
+    """A type the frontend never quantizes can match no layer of any model: an error listing the valid ones."""
+    for t in types:
+        if known and t not in known:
+            close = difflib.get_close_matches(t, sorted(known), n=2, cutoff=0.5)
+            hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+            raise ConfigError(f"{what} names type '{t}', which this model's frontend does not quantize; {hint}"
+                              f"its types are {', '.join(sorted(known))}")
 
 
 def _warn_unused_types(types: list[str], quantizable: list[LayerInfo], what: str) -> None:

@@ -18,7 +18,7 @@ from omct.graph.model_io import input_files, load_model, output_files
 from omct.graph.model_io import save_model as _save_onnx
 from omct.graph.modified import read_modified
 from omct.graph.normalize import NormalizeReport, default_opset, fold_batchnorm, normalize
-from omct.graph.ops import LayerSpec, Refusal, find_layers
+from omct.graph.ops import HANDLERS, LayerSpec, Refusal, find_layers
 from omct.quantize import Calibration, CalibrationStatus, QuantizedModel, initializer_reader, ort_session
 from omct.quantize import quantize as _quantize
 from omct.ui import format_table, hints, logger
@@ -76,7 +76,7 @@ def prepare(model: str | os.PathLike | onnx.ModelProto, config: QuantConfig | No
     layers, refused = find_layers(norm)
     desc = "the model" if isinstance(model, onnx.ModelProto) else f"'{model}'"
     return PreparedModel(norm, layers, refused, {s.name: s.op_type for s in layers}, desc,
-                         {n.name for n in norm.graph.node})
+                         {n.name for n in norm.graph.node}, set(HANDLERS))
 
 
 def inspect_model(model_file: str | os.PathLike) -> ModelReport:

@@ -17,7 +17,7 @@ from omct.graph.modified import ModifiedModel
 from omct.graph.ops import LayerSpec, Refusal
 from omct.pytorch.calibration import CalibrationModel
 from omct.pytorch.fold import fold_conv_bn
-from omct.pytorch.trace import TracedModel, as_args, trace_model
+from omct.pytorch.trace import SUPPORTED, TracedModel, as_args, trace_model
 from omct.ui import format_table, hints, logger
 from omct.workflow import save_model, write_modified_model, write_quant_config
 
@@ -74,7 +74,7 @@ def prepare(traced: TracedModel, model: nn.Module) -> PreparedModel:
     """The PyTorch frontend's side of the contract: the traced graph, layers named after modules, and the
     modules' type names (Conv2d, Linear, ...)."""
     return PreparedModel(traced.model, traced.layers, traced.refused, dict(traced.types),
-                         f"the {type(model).__name__} model", traced.module_names)
+                         f"the {type(model).__name__} model", traced.module_names, {t.__name__ for t in SUPPORTED})
 
 
 def create_quant_config(config_file: str | os.PathLike, model: nn.Module, input_data, skip_layers: list[str] | None = None,
