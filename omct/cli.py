@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from omct import __version__
+from omct._version import __version__
 from omct.core.calibrators import CALIBRATORS
 from omct.errors import OmctError
 from omct.fileio import atomic_write_text, check_outputs

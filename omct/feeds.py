@@ -15,6 +15,10 @@ import numpy as np
 from omct.errors import DataError
 from omct.ui import logger
 
+#: fewer calibration samples than this get a warning: the activation ranges then rest on a handful of values
+#: per channel, and one outlier image sets the clipping for everything (AMCT's and ORT's examples use 100s)
+MIN_CALIBRATION_SAMPLES = 32
+
 #: ONNX Runtime's type strings -> numpy dtypes
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
               "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16, "tensor(int8)": np.int8,
@@ -29,6 +33,19 @@ def fixed_batch(inputs: Sequence) -> int | None:
     """The batch size every input fixes in its first dimension, or None when one of them leaves it free."""
     sizes = {i.shape[0] if i.shape and isinstance(i.shape[0], int) and i.shape[0] > 0 else None for i in inputs}
     return sizes.pop() if len(sizes) == 1 and None not in sizes else None
+
+
+def batch_rows(feeds: Mapping[str, np.ndarray]) -> int:
+    """Samples in a batch: the first dimension of its first array with one (0 for scalars only)."""
+    return next((int(np.shape(v)[0]) for v in feeds.values() if np.ndim(v) > 0), 0)
+
+
+def warn_few_samples(samples: int, batches: int, where: str) -> None:
+    if 0 < samples < MIN_CALIBRATION_SAMPLES:
+        logger.warning("%scalibration saw only %d sample(s) in %d batch(es): activation ranges from fewer than %d "
+                       "samples rest on a few values, and one outlier sets the clipping; give more data (a few hundred "
+                       "samples is usual)",
+                       where, samples, batches, MIN_CALIBRATION_SAMPLES)
 
 
 class FeedCheck:

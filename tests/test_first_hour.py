@@ -238,6 +238,7 @@ def test_threshold_and_extra_calibration_runs_are_warned_about(conv, tmp_path, r
     x = rng.normal(size=(2, 8, 6, 6)).astype(np.float32)
     sess.run(None, {"x": x})
     assert not any("not used for calibration" in m for m in omct_log)
+    assert any("calibration saw only 2 sample(s) in 1 batch(es)" in m for m in omct_log), omct_log
     sess.run(None, {"x": x})
     sess.run(None, {"x": x})
     assert sum("not used for calibration" in m for m in omct_log) == 1
@@ -387,9 +388,9 @@ def test_cfg_mistakes_say_where_and_what(conv, tmp_path):
     from omct.errors import ConfigError
 
     cases = {
-        "batch_nun: 4\n": r"line 1: 'batch_nun' is not a field of AMCTConfig; did you mean 'batch_num'\?",
+        "batch_nun: 4\n": r"line 1: AMCTConfig has no field 'batch_nun'; did you mean 'batch_num'\?",
         "batch_num: 4\ncommon_config { arq_quantize { chanel_wise: true } }\n":
-            r"line 2: 'chanel_wise' is not a field of ARQuantize; did you mean 'channel_wise'\?",
+            r"line 2: ARQuantize has no field 'chanel_wise'; did you mean 'channel_wise'\?",
         "batch_num: 4\ncommon_config { arq_quantize { channel_wise: true }\n"
         'override_layer_types { layer_type: "Conv" calibration_config { hfmg_quantize { num_of_bins: 4096 } } }\n':
             r"line 3: 'override_layer_types' is a top-level field, but 'common_config \{' opened at line 2 is not closed",

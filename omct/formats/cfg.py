@@ -125,7 +125,7 @@ def _explain(error: text_format.ParseError, text: str) -> str:
                     f"a '}}' is missing before line {line}")
         close = difflib.get_close_matches(name, fields, n=2, cutoff=0.6)
         hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else f"its fields are {', '.join(fields)}"
-        return f"line {line}: '{name}' is not a field of {short}; {hint}"
+        return f"line {line}: {short} has no field '{name}'; {hint}"
     at_end = _open_blocks(text, len(text.splitlines()) + 1, 0)  # what the whole file leaves open
     if 'Expected "}"' in message and at_end:
         opened_at, block = at_end[-1]

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 
 from omct.errors import ModelError
-from omct.feeds import FeedCheck
+from omct.feeds import FeedCheck, batch_rows, warn_few_samples
 from omct.fileio import check_outputs
 from omct.formats.config import QuantConfig, load_config
 from omct.frontend import PreparedModel
@@ -152,6 +152,7 @@ class CalibrationSession(CalibrationStatus):
         self._user_outputs = [o.name for o in self._session.get_outputs() if o.name not in self._added]
         self._feeds = FeedCheck(self._session.get_inputs(), "CalibrationSession.run")
         self._extra_runs = 0
+        self._samples = 0
 
     def get_outputs(self):
         return [o for o in self._session.get_outputs() if o.name not in self._added]
@@ -175,7 +176,11 @@ class CalibrationSession(CalibrationStatus):
             self.calibration.observe(dict(zip(fetch, values, strict=False)))
             return values
 
-        return self.calibration.run_batch(observe)[: len(wanted)]
+        out = self.calibration.run_batch(observe)[: len(wanted)]
+        self._samples += batch_rows(input_feed)
+        if self.calibration.done:
+            warn_few_samples(self._samples, self.calibration.batches, "")
+        return out
 
     def __getattr__(self, name: str):
         return getattr(self._session, name)
