@@ -385,6 +385,17 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts (--runs, --threads, --batch-size, --batch-num, --batches): 0 or less is refused."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="omct", description="Open model compression toolkit (AMCT-style quantization "
                                 "for ONNX Runtime).", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -401,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_opts = argparse.ArgumentParser(add_help=False)
     g = data_opts.add_argument_group("data", "DATA is an .npz (arrays named by model input) or .npy file, a folder of "
                                      "them, or a folder of images; images are resized and normalised as these say")
-    g.add_argument("--batch-size", type=int, help="samples per batch (default: the model's fixed batch size, else 32)")
+    g.add_argument("--batch-size", type=positive_int, help="samples per batch (default: the model's fixed batch size, else 32)")
     g.add_argument("--image-size", type=int, nargs="+", metavar="N", help="H [W] (default: the model's input size)")
     g.add_argument("--layout", choices=["nchw", "nhwc"], default="nchw", help="input layout (default nchw)")
     g.add_argument("--scale", type=float, default=1 / 255, help="pixel multiplier before mean/std (default 1/255)")
@@ -420,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "dropped")
     q.add_argument("--keep-work", action="store_true", help="keep PREFIX_work/ when the run fails (to look into it)")
     q.add_argument("--config", help="a simplified .cfg (AMCT text format) or a config.json")
-    q.add_argument("--batch-num", type=int, help="calibration batches to run (default: all the data)")
+    q.add_argument("--batch-num", type=positive_int, help="calibration batches to run (default: all the data)")
     q.add_argument("--skip", nargs="*", help="layer names to keep in float")
     q.add_argument("--algo", choices=list(CALIBRATORS), help="activation calibration algorithm for every layer, "
                    "at its default options (default: the config's, else ifmr)")
@@ -435,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("quant_model", help="PREFIX_fake_quant_model.onnx (or _deploy_model.onnx) written by omct")
     a.add_argument("--data", required=True, help=".npz/.npy file, a folder of them, or a folder of images")
     a.add_argument("--threshold", type=float, default=0.99, help="flag layers with cosine below this (default 0.99)")
-    a.add_argument("--batches", type=int, help="use at most this many batches")
+    a.add_argument("--batches", type=positive_int, help="use at most this many batches")
     a.add_argument("--report", help="HTML report path (default: next to QUANT, *_analysis.html)")
     a.add_argument("--json", help="also write the numbers as JSON here")
     a.set_defaults(func=cmd_analyze)
@@ -447,10 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", parents=[common], help="ONNX Runtime latency (median, p90) and file size of models, side by side")
     b.add_argument("models", nargs="+", help="ONNX models to time on the same random inputs (the first sets them)")
-    b.add_argument("--batch-size", type=int, default=1, help="value for dynamic dimensions (default 1; a fixed "
+    b.add_argument("--batch-size", type=positive_int, default=1, help="value for dynamic dimensions (default 1; a fixed "
                    "batch dimension keeps its size)")
-    b.add_argument("--runs", type=int, default=50, help="timed runs per model, after 5 warm-up runs (default 50)")
-    b.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (default 2)")
+    b.add_argument("--runs", type=positive_int, default=50, help="timed runs per model, after 5 warm-up runs (default 50)")
+    b.add_argument("--threads", type=positive_int, default=2, help="ONNX Runtime intra-op threads (default 2)")
     b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", parents=[common], help="quantize the bundled digits CNN and print FP32 vs fake-quant vs deploy")

@@ -313,6 +313,8 @@ def test_small_things_version_help_bench_and_cli_wording(conv, tmp_path, rng):
     res = omct("bench", conv, "--runs", 2, "--batch-size", 3, "--threads", 1, columns=200)
     assert res.returncode == 0, res.stderr
     assert "batch 3, 1 thread(s), 2 runs" in res.stdout
+    res = omct("bench", conv, "--runs", 0)  # was an IndexError from numpy's median of nothing
+    assert res.returncode == 2 and "argument --runs: must be at least 1, got 0" in res.stderr
     np.savez(tmp_path / "c.npz", x=rng.normal(size=(4, 8, 6, 6)).astype(np.float32))
     res = omct("quantize", conv, "--calib", tmp_path / "c.npz", "--out", tmp_path / "q")
     assert res.returncode == 0 and "CalibrationSession" not in res.stderr and "wrote " in res.stderr
