@@ -32,7 +32,7 @@ from omct.graph.model_io import save_models
 from omct.graph.modified import make_modified, stamp_layers
 from omct.graph.ops import LayerSpec
 from omct.graph.plan import Plan, build_plan, with_float_layers
-from omct.ui import Progress, logger, progress
+from omct.ui import Progress, logger, progress, shown_path
 
 T = TypeVar("T")
 
@@ -131,7 +131,7 @@ class Calibration:
         if self.done:
             self._progress.close()
             if self.record_file is not None:
-                logger.info("calibration complete after %d batch(es): wrote %s", self.batches, self.record_file)
+                logger.info("calibration complete after %d batch(es): wrote %s", self.batches, shown_path(self.record_file))
         elif self.record_file is not None:
             write_pending_record(self.record_file, self.batches, self.batch_num, list(self.plan.layers))
         return out

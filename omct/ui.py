@@ -80,3 +80,17 @@ def format_table(headers: list[str], rows: list[list[str]]) -> str:
     cells = [list(map(str, headers))] + [list(map(str, r)) for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells)
+
+
+def shown_path(path: str | os.PathLike) -> str:
+    """A path as messages print it: relative to the working folder when it lies inside it (the record file's
+    path is stored absolute in the modified model, the others are printed as the user gave them)."""
+    text = os.fspath(path)
+    if os.path.isabs(text):
+        try:
+            rel = os.path.relpath(text)
+        except ValueError:  # another drive (Windows)
+            return text
+        if not rel.startswith(os.pardir):
+            return rel
+    return text

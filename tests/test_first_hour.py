@@ -316,8 +316,10 @@ def test_small_things_version_help_bench_and_cli_wording(conv, tmp_path, rng):
     res = omct("bench", conv, "--runs", 0)  # was an IndexError from numpy's median of nothing
     assert res.returncode == 2 and "argument --runs: must be at least 1, got 0" in res.stderr
     np.savez(tmp_path / "c.npz", x=rng.normal(size=(4, 8, 6, 6)).astype(np.float32))
-    res = omct("quantize", conv, "--calib", tmp_path / "c.npz", "--out", tmp_path / "q")
+    res = omct("quantize", conv.name, "--calib", "c.npz", "--out", "q", cwd=tmp_path)
     assert res.returncode == 0 and "CalibrationSession" not in res.stderr and "wrote " in res.stderr
+    # paths printed as given: relative (the record file's path was printed absolute)
+    assert "wrote q_work/record.txt" in res.stderr and str(tmp_path) not in res.stderr + res.stdout
 
 
 def test_pyproject_license_is_an_spdx_string():
