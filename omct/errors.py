@@ -27,3 +27,7 @@ class QuantizationError(OmctError):
 
 class OutputPathError(OmctError):
     """An output path would overwrite an input file (or another output) of the same call."""
+
+
+class DataError(OmctError):
+    """Input arrays that do not fit the model's inputs (name, dtype, rank or a fixed dimension)."""

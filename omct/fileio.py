@@ -26,12 +26,29 @@ def prepare_parent(path: str | Path) -> Path:
     return path
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the system says it (/proc), else set and restored."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``path`` through a temporary file and a rename. mkstemp makes the file 0600; it gets the mode a
+    plain ``open`` would give (0666 less the umask) before the rename, like the .onnx files beside it."""
     path = prepare_parent(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

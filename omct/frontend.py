@@ -26,6 +26,7 @@ class PreparedModel:
     layer_types: dict[str, str]  # layer name -> the frontend's type name (Conv for ONNX, Conv2d for PyTorch)
     description: str  # how messages name the model: "'model.onnx'", "the ResNet model"
     all_names: set[str] = field(default_factory=set)  # every name skip_layers may give (for "did you mean")
+    type_names: set[str] = field(default_factory=set)  # every type the frontend quantizes (a .cfg type outside is an error)
 
     def layer_infos(self) -> list[LayerInfo]:
         """The candidates as config.json's builder sees them: quantizable ones, then refused ones."""

@@ -25,6 +25,7 @@ from omct.algorithms.base import RecordContext
 from omct.algorithms.pipeline import PIPELINE
 from omct.algorithms.statistics import Statistics
 from omct.errors import CalibrationError, ConfigError, OmctError
+from omct.feeds import FeedCheck
 from omct.formats.config import QuantConfig
 from omct.formats.record import LayerRecord, write_pending_record, write_record
 from omct.graph.export import deploy_model, fake_quant_model
@@ -32,7 +33,7 @@ from omct.graph.model_io import EXTERNAL_DATA_THRESHOLD, save_model, save_models
 from omct.graph.modified import make_modified, stamp_layers
 from omct.graph.ops import LayerSpec
 from omct.graph.plan import Plan, build_plan, with_float_layers
-from omct.ui import Progress, logger, progress
+from omct.ui import Progress, logger, progress, shown_path
 
 T = TypeVar("T")
 
@@ -131,7 +132,7 @@ class Calibration:
         if self.done:
             self._progress.close()
             if self.record_file is not None:
-                logger.info("calibration complete after %d batch(es): wrote %s", self.batches, self.record_file)
+                logger.info("calibration complete after %d batch(es): wrote %s", self.batches, shown_path(self.record_file))
         elif self.record_file is not None:
             write_pending_record(self.record_file, self.batches, self.batch_num, list(self.plan.layers))
         return out
@@ -255,11 +256,13 @@ def quantize(graph: onnx.ModelProto, layers: list[LayerSpec], config: QuantConfi
             session = ort_session(Path(tmp) / "modified.onnx")
         else:
             session = ort_session(mod.model.SerializeToString())
+        check = FeedCheck(session.get_inputs(), "quantize")
         for feeds in batches:
             if calibration.done:
                 break
+            feeds = check.check(feeds)
             calibration.run_batch(lambda feeds=feeds: calibration.observe(
-                dict(zip(fetch, session.run(fetch, dict(feeds)), strict=True))))
+                dict(zip(fetch, session.run(fetch, feeds), strict=True))))
     if not calibration.done:
         raise CalibrationError(f"the data gave {calibration.batches} of batch_num={config.batch_num} batches; give more "
                                "batches or lower batch_num")

@@ -8,6 +8,9 @@ import sys
 from contextlib import contextmanager
 
 logger = logging.getLogger("omct")
+#: the API's "what to call next" lines (AMCT's call sequence); the command line runs those steps itself and
+#: silences this child logger, so its log speaks CLI
+hints = logging.getLogger("omct.hints")
 _quiet = False
 
 
@@ -70,3 +73,24 @@ def progress(description: str, total: int | None):
         yield bar
     finally:
         bar.close()
+
+
+def format_table(headers: list[str], rows: list[list[str]]) -> str:
+    """Plain aligned columns, every cell whole (layer names are what ``--skip`` needs, so nothing is cut)."""
+    cells = [list(map(str, headers))] + [list(map(str, r)) for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells)
+
+
+def shown_path(path: str | os.PathLike) -> str:
+    """A path as messages print it: relative to the working folder when it lies inside it (the record file's
+    path is stored absolute in the modified model, the others are printed as the user gave them)."""
+    text = os.fspath(path)
+    if os.path.isabs(text):
+        try:
+            rel = os.path.relpath(text)
+        except ValueError:  # another drive (Windows)
+            return text
+        if not rel.startswith(os.pardir):
+            return rel
+    return text

@@ -38,7 +38,7 @@ def write_quant_config(config_file: str | os.PathLike, prepared: PreparedModel, 
         raise ConfigError(f"skip_layers must be a list of layer names, got {skip_layers!r}")
     simplified = read_cfg(config_defination) if config_defination else None
     config = build_config(layers, batch_num=batch_num, activation_offset=activation_offset, skip_layers=skip_layers,
-                          simplified=simplified, all_names=all_names)
+                          simplified=simplified, all_names=all_names, type_names=prepared.type_names)
     check_layer_names(config.globals.skip_fusion_layers, all_names, "skip_fusion_layers")
     quantizable = [info for info in layers if info.quantizable]
     done = quantization_nodes(prepared.model)

@@ -10,12 +10,13 @@ ROOT = Path(omct.__file__).parent
 
 #: lowest first; a module may import its own package and anything in a lower layer
 LAYERS = [
-    ("omct.errors", "omct.examples"),
+    ("omct.errors", "omct.examples", "omct._version"),
     ("omct.ui", "omct.fileio"),
     ("omct.core",),
     ("omct.formats",),
     ("omct.graph",),
     ("omct.algorithms",),
+    ("omct.feeds",),
     ("omct.quantize", "omct.frontend"),
     ("omct.workflow",),
     ("omct.analysis",),

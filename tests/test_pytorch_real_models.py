@@ -135,10 +135,11 @@ def test_amct_call_sequence_on_real_models(name, dynamic, setups, tmp_path):
         assert [i.name for i in onnx.load(path).graph.input] == names, path
     assert "BatchNormalization" not in {n.op_type for n in onnx.load(modified).graph.node}  # every BN folded
     layers = read_record(record)
-    # every Conv and Linear, and BERT's word-embedding table (weight-only; the token-type table is too small and the
-    # position ids are constants in the trace)
+    # every Conv and Linear, and BERT's word- and position-embedding tables (weight-only; the export computes the
+    # position ids from the sequence length; the token-type table is too small)
     tables = [k for k in layers if "embeddings" in k]
-    assert tables == (["bert.embeddings.word_embeddings"] if name == "bert" else [])
+    assert set(tables) == ({"bert.embeddings.word_embeddings", "bert.embeddings.position_embeddings"} if name == "bert"
+                           else set())
     assert len(layers) == sum(isinstance(m, nn.Conv2d | nn.Linear) for m in model.modules()) + len(tables)
 
     # the saved models agree with PyTorch on held-out inputs
@@ -241,7 +242,7 @@ def test_freshly_initialised_bert_quantizes_every_linear():
     model = real_models.bert_mini().eval()
     ids = torch.randint(3, 1000, (2, 16))
     report = amct.inspect_model(model, (ids, torch.ones_like(ids), torch.zeros_like(ids)))
-    assert {r.name for r in report.refused} == {"bert.embeddings.token_type_embeddings",  # 2 x 64 values: too small
-                                                "bert.embeddings.position_embeddings"}  # constant position ids
+    assert {r.name for r in report.refused} == {"bert.embeddings.token_type_embeddings"}  # 2 x 64 values: too small
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    assert {s.name for s in report.layers} == linears | {"bert.embeddings.word_embeddings"}
+    assert {s.name for s in report.layers} == linears | {"bert.embeddings.word_embeddings",
+                                                         "bert.embeddings.position_embeddings"}

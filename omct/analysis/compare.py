@@ -31,7 +31,7 @@ from omct.graph.metadata import FUSION as FUSION_KEY
 from omct.graph.metadata import LAYERS as LAYERS_KEY
 from omct.graph.model_io import load_model
 from omct.graph.normalize import fold_batchnorm, normalize
-from omct.ui import Progress
+from omct.ui import Progress, logger
 
 _PROBE = "#isolated"
 
@@ -60,6 +60,7 @@ class AnalysisReport:
     threshold: float  # accumulated cosine below this is flagged
     batches: int
     samples: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # layer -> (float, quantized)
+    outputs: dict[str, ErrorStats] = field(default_factory=dict)  # model output -> float vs quantized (float outputs)
 
     def flagged(self) -> list[LayerError]:
         """Layers whose accumulated cosine is below the threshold, the ones whose own error is worst first."""
@@ -69,10 +70,10 @@ class AnalysisReport:
     def suggested_skip_layers(self) -> list[str]:
         """Layers to keep in float: those flagged whose own (isolated) error is below the threshold too.
 
-        A layer downstream of a bad one inherits its error; only layers that are bad on their own are named.
+        A layer downstream of a bad one inherits its error; only layers that are bad on their own are named, so
+        the list is empty when none is (skipping a layer that is fine alone would not repair the error).
         """
-        own = [e.layer for e in self.flagged() if e.isolated.cosine < self.threshold]
-        return own or [e.layer for e in self.flagged()[:1]]
+        return [e.layer for e in self.flagged() if e.isolated.cosine < self.threshold]
 
     def ranking(self, sensitivity: Sensitivity | None = None) -> list[tuple[str, float]]:
         """Layers by isolated sensitivity, most sensitive first."""
@@ -81,7 +82,9 @@ class AnalysisReport:
         return sorted(scored, key=lambda t: -t[1])
 
     def to_dict(self) -> dict:
-        return {"threshold": self.threshold, "batches": self.batches, "layers": [e.row() for e in self.layers],
+        outputs = {n: {"cosine": e.cosine, "sqnr_db": e.sqnr_db, "max_abs_error": e.max_abs} for n, e in self.outputs.items()}
+        return {"threshold": self.threshold, "batches": self.batches, "outputs": outputs,
+                "layers": [e.row() for e in self.layers],
                 "flagged": [e.layer for e in self.flagged()], "suggested_skip_layers": self.suggested_skip_layers()}
 
 
@@ -179,11 +182,15 @@ def analyze(float_model: str | os.PathLike | onnx.ModelProto, quant_model: str |
 
     ``float_model`` is the model that was quantized (BatchNorm is folded here as it was for quantization).
     """
+    if not 0 < threshold < 1:
+        logger.warning("threshold %g is outside (0, 1): cosine similarity is at most 1, so %s", threshold,
+                       "(almost) every layer is flagged" if threshold >= 1 else "(almost) no layer is flagged")
     quant = _as_model(quant_model, "quantized model")
     layers, fusion = _layer_list(quant, f"'{quant_model}'" if not isinstance(quant_model, onnx.ModelProto) else "the model")
     base, report = normalize(_as_model(float_model, "float model"))
     if fusion.get("do_fusion", True):
         fold_batchnorm(base, set(fusion.get("skip_fusion_layers", [])), report)
+    model_outputs = [o.name for o in base.graph.output]  # before the probes' outputs are added
     q_nodes = {n.name: n for n in quant.graph.node}
     f_nodes = {n.name: n for n in base.graph.node}
     missing = [entry["name"] for entry in layers if entry["name"] not in f_nodes or entry["name"] not in q_nodes]
@@ -204,6 +211,8 @@ def analyze(float_model: str | os.PathLike | onnx.ModelProto, quant_model: str |
     f_names = [o.name for o in float_sess.get_outputs()]
     q_names = [o.name for o in quant_sess.get_outputs()]
     errors = [LayerError(n, op, t, ErrorStats(), ErrorStats()) for n, op, t, _, _ in entries]
+    quant_outputs = {o.name for o in quant.graph.output}
+    outputs = {name: ErrorStats() for name in model_outputs if name in quant_outputs}
     samples: dict[str, list[list[np.ndarray]]] = {e.layer: [[], []] for e in errors}
     count = 0
     bar = Progress("analysing", batch_count)
@@ -220,6 +229,9 @@ def analyze(float_model: str | os.PathLike | onnx.ModelProto, quant_model: str |
                     take = sample_size - have
                     kept[0].append(np.ravel(f_out[tensor])[:take].copy())
                     kept[1].append(np.ravel(q_out[tensor])[:take].copy())
+            for name, stats in outputs.items():
+                if np.issubdtype(np.asarray(f_out[name]).dtype, np.floating):
+                    stats.update(f_out[name], q_out[name])
             count += 1
             bar.advance()
     finally:
@@ -227,4 +239,5 @@ def analyze(float_model: str | os.PathLike | onnx.ModelProto, quant_model: str |
     if count == 0:
         raise ModelError("no data to analyse: the batches were empty")
     kept_samples = {k: (np.concatenate(v[0]), np.concatenate(v[1])) for k, v in samples.items()}
-    return AnalysisReport(errors, threshold, count, kept_samples)
+    outputs = {n: e for n, e in outputs.items() if e.count}
+    return AnalysisReport(errors, threshold, count, kept_samples, outputs)

@@ -63,6 +63,33 @@ def _fmt(v: float, digits: int) -> str:
     return "inf" if math.isinf(v) else f"{v:.{digits}f}"
 
 
+def _summary(report: AnalysisReport, worst: int = 3) -> str:
+    """The box on top: what the model's outputs lost, the worst layers, and what to skip (or why nothing)."""
+    items = []
+    for name, e in report.outputs.items():
+        items.append(f"<li>model output <code>{html.escape(name)}</code>: cosine {e.cosine:.5f}, SQNR "
+                     f"{_fmt(e.sqnr_db, 1)} dB, max abs error {e.max_abs:.4g}</li>")
+    ranked = sorted(report.layers, key=lambda e: e.cosine)[:worst]
+    if ranked:
+        worst_list = ", ".join(f"<code>{html.escape(e.layer)}</code> ({e.cosine:.5f}, alone {e.isolated.cosine:.5f})"
+                               for e in ranked)
+        items.append(f"<li>worst layers (accumulated cosine, isolated cosine): {worst_list}</li>")
+    flagged = report.flagged()
+    flagged_list = ", ".join(html.escape(e.layer) for e in flagged) or "none"
+    items.append(f"<li>flagged (accumulated cosine below {report.threshold}), worst own error first: "
+                 f"<b>{flagged_list}</b></li>")
+    skip = report.suggested_skip_layers()
+    if skip:
+        items.append("<li>suggested <code>skip_layers</code> (bad on their own, not only downstream of a bad layer): "
+                     f"<code>{html.escape(str(skip))}</code>; on the command line "
+                     f"<code>--skip {html.escape(' '.join(skip))}</code></li>")
+    elif flagged:
+        items.append("<li>suggested <code>skip_layers</code>: none bad on its own (the flagged layers inherit error "
+                     "from upstream; skipping them would not repair it)</li>")
+    return (f'<div id="summary"><p>{len(report.layers)} quantized layers compared on {report.batches} batch(es).</p>'
+            f"<ul>{''.join(items)}</ul></div>")
+
+
 def render_html(report: AnalysisReport, title: str = "omct quantization analysis", worst: int = 3) -> str:
     flagged = {e.layer for e in report.flagged()}
     rows = []
@@ -77,18 +104,13 @@ def render_html(report: AnalysisReport, title: str = "omct quantization analysis
                           for t, b in plots)
     except ImportError:
         figures = "<p>Plots need matplotlib: <code>pip install 'omct[report]'</code>.</p>"
-    skip = report.suggested_skip_layers() if flagged else []
-    flagged_list = ", ".join(html.escape(e.layer) for e in report.flagged()) or "none"
-    summary = (f"<p>{len(report.layers)} quantized layers compared on {report.batches} batch(es). Flagged (accumulated "
-               f"cosine below {report.threshold}), worst own error first: <b>{flagged_list}</b>.</p>")
-    if skip:
-        summary += ("<p>Suggested <code>skip_layers</code> (bad on their own, not only downstream of a bad layer): "
-                    f"<code>{html.escape(str(skip))}</code></p>")
+    summary = _summary(report)
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:70em}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}} td:first-child{{text-align:left}}
-tr.bad{{background:#fdd}} img{{max-width:100%}}</style></head><body>
+tr.bad{{background:#fdd}} img{{max-width:100%}}
+#summary{{background:#f4f4f8;padding:0.5em 1em;border:1px solid #ccd}}</style></head><body>
 <h1>{html.escape(title)}</h1>
 {summary}
 <table id="layers"><tr><th>layer</th><th>op</th><th>cosine</th><th>SQNR dB</th><th>max abs error</th>

@@ -87,6 +87,11 @@ def run_auto_calibration(target: AutoTarget, evaluator: AutoCalibrationEvaluator
         return analyze(prepared.model, quantized.fake_quant_model(), feeds, batch_count=len(feeds)).ranking(sens)
 
     result = search(evaluator, original, config, save_dir, evaluate_float_layers, rank, strategy, sensitivity)
-    quantized.with_float_layers(result.float_layers).save(save_dir / target.prefix)
-    logger.info("wrote %s_fake_quant_model.onnx and _deploy_model.onnx", save_dir / target.prefix)
+    final = quantized.with_float_layers(result.float_layers)
+    final.save(save_dir / target.prefix)
+    if final.all_float:
+        logger.warning("wrote %s_fake_quant_model.onnx and _deploy_model.onnx: both are the float model (every layer "
+                       "in float)", save_dir / target.prefix)
+    else:
+        logger.info("wrote %s_fake_quant_model.onnx and _deploy_model.onnx", save_dir / target.prefix)
     return result

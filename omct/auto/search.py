@@ -109,9 +109,15 @@ def search(evaluator: AutoCalibrationEvaluatorBase, original_metric: float, conf
     save_config(with_float_layers(config, final), save_dir / "final_config.json")
     atomic_write_text(save_dir / "search_record.json", json.dumps({
         "original_metric": original_metric, "strategy": type(strat).__name__, "sensitivity": sens.name,
-        "evaluations": evaluations, "final_float_layers": sorted(final), "final_metric": metric}, indent=2))
+        "evaluations": evaluations, "final_float_layers": sorted(final), "final_metric": metric,
+        "all_float": bool(layers) and final >= set(layers)}, indent=2))
     logger.info("done after %d evaluation(s) of quantized models: %d of %d layers in float, metric %.6g (original %.6g)",
                 len(evaluations), len(final), len(layers), metric, original_metric)
+    if layers and final >= set(layers):
+        logger.warning("WARNING: the search ended with every layer (%d of %d) in float: no quantized layer keeps the "
+                       "metric within its target, so the saved '_deploy_model.onnx' is the float model, not a quantized "
+                       "one. Check metric_eval (max_loss), the calibration data, or run omct analyze on a fully "
+                       "quantized model", len(final), len(layers))
     return SearchResult(sorted(final), metric, original_metric, evaluations, ranking)
 
 

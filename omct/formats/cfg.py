@@ -76,15 +76,73 @@ def _override(calib) -> Override:
     return Override(found.get(ACT.key), found.get(WTS.key))
 
 
+def _open_blocks(text: str, line: int, col: int) -> list[tuple[int, str]]:
+    """The blocks still open at ``line``:``col`` (1-based), outermost first: (line, 'name {') of each '{'."""
+    stack: list[tuple[int, str]] = []
+    for number, row in enumerate(text.splitlines()[:line], 1):
+        if number == line:
+            row = row[:max(col - 1, 0)]
+        quote = None
+        for i, ch in enumerate(row):
+            if quote:
+                quote = None if ch == quote else quote
+            elif ch in "\"'":
+                quote = ch
+            elif ch == "#":
+                break
+            elif ch == "{":
+                words = row[:i].replace(":", " ").split()
+                stack.append((number, f"{words[-1] if words else ''} {{".strip()))
+            elif ch == "}" and stack:
+                stack.pop()
+    return stack
+
+
+def _explain(error: text_format.ParseError, text: str) -> str:
+    """protobuf's message, made useful: a misspelt field gets "did you mean", and a field that belongs further
+    out (the sign of a missing '}') or an unexpected end names the block left open and its line."""
+    import difflib
+    import re
+
+    message = str(error)
+    line, col = (error.GetLine(), error.GetColumn()) if hasattr(error, "GetLine") else (None, None)
+    if line is None:
+        found = re.match(r"(\d+):(\d+)", message)
+        line, col = (int(found[1]), int(found[2])) if found else (0, 0)
+    top = amct_config_class().DESCRIPTOR
+    unknown = re.search(r'Message type "([\w.]+)" has no field named "(\w+)"', message)
+    open_blocks = _open_blocks(text, line, col) if line else []
+    if unknown:
+        where, name = unknown[1], unknown[2]
+        try:
+            fields = [f.name for f in top.file.pool.FindMessageTypeByName(where).fields]
+        except KeyError:
+            fields = []
+        short = where.rsplit(".", 1)[-1]
+        if where != top.full_name and name in top.fields_by_name and open_blocks:
+            opened_at, block = open_blocks[0]
+            return (f"line {line}: '{name}' is a top-level field, but '{block}' opened at line {opened_at} is not closed: "
+                    f"a '}}' is missing before line {line}")
+        close = difflib.get_close_matches(name, fields, n=2, cutoff=0.6)
+        hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else f"its fields are {', '.join(fields)}"
+        return f"line {line}: {short} has no field '{name}'; {hint}"
+    at_end = _open_blocks(text, len(text.splitlines()) + 1, 0)  # what the whole file leaves open
+    if 'Expected "}"' in message and at_end:
+        opened_at, block = at_end[-1]
+        return f"line {opened_at}: '{block}' is never closed: a '}}' is missing (the file ends at line {line})"
+    return message
+
+
 def read_cfg(path: str | Path) -> SimplifiedConfig:
     """Parse a simplified .cfg; ConfigError names the file and what is wrong."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"simplified config '{path}' does not exist")
+    text = path.read_text()
     try:
-        msg = text_format.Parse(path.read_text(), amct_config_class()())
+        msg = text_format.Parse(text, amct_config_class()())
     except text_format.ParseError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        raise ConfigError(f"{path}: {_explain(e, text)}") from None
     if msg.HasField("nuq_config"):
         raise ConfigError(f"{path}: nuq_config (non-uniform quantization) is not supported yet by this "
                           "release; remove it to run uniform quantization")

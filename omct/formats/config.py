@@ -22,6 +22,7 @@ from omct.errors import ConfigError
 from omct.fileio import atomic_write_text
 from omct.formats.algorithms import ACT, WTS, Kind
 from omct.formats.cfg import Override, SimplifiedConfig
+from omct.ui import logger
 
 GLOBAL_KEYS = ("version", "batch_num", "activation_offset", "do_fusion", "skip_fusion_layers", "bias_correction")
 
@@ -257,8 +258,11 @@ class LayerInfo:
 
 def build_config(layers: list[LayerInfo], *, batch_num: int = 1, activation_offset: bool = True,
                  skip_layers: list[str] | None = None, simplified: SimplifiedConfig | None = None,
-                 all_names: set[str] | None = None) -> QuantConfig:
-    """Defaults < simplified .cfg common_config < layer-type overrides < layer-name overrides."""
+                 all_names: set[str] | None = None, type_names: set[str] | None = None) -> QuantConfig:
+    """Defaults < simplified .cfg common_config < layer-type overrides < layer-name overrides.
+
+    ``type_names``: every type the frontend quantizes; a .cfg type outside it is an error (an ONNX model's
+    types are op types, Gemm/MatMul, not PyTorch's Linear), one inside it that no layer has a warning."""
     if not isinstance(batch_num, int) or isinstance(batch_num, bool) or batch_num < 1:
         raise ConfigError(f"batch_num must be an integer >= 1, got {batch_num!r}")
     skip_types: list[str] = []
@@ -273,7 +277,15 @@ def build_config(layers: list[LayerInfo], *, batch_num: int = 1, activation_offs
         skip_types = list(simplified.skip_layer_types)
     skip_layers = list(skip_layers or [])
     quantizable = [li for li in layers if li.quantizable]
-    check_layer_names(skip_layers, {li.name for li in layers} | (all_names or set()), "skip_layers")
+    quant_names = {li.name for li in quantizable}
+    what = f"{source}: skip_layers" if simplified is not None else "skip_layers"
+    check_layer_names(skip_layers, {li.name for li in layers} | (all_names or set()), what, suggest=quant_names)
+    _warn_not_quantizable(skip_layers, quantizable, layers, what)
+    if simplified is not None:
+        _check_types(skip_types, type_names, f"{source}: skip_layer_types")
+        _check_types([t for t, _ in simplified.by_type], type_names, f"{source}: override_layer_types")
+        _warn_unused_types(skip_types, quantizable, f"{source}: skip_layer_types")
+        _warn_unused_types([t for t, _ in simplified.by_type], quantizable, f"{source}: override_layer_types")
     if simplified is not None:
         check_layer_names([name for name, _ in simplified.by_name], {li.name for li in quantizable}, "override_layer_configs")
     out: dict[str, LayerConfig] = {}
@@ -317,15 +329,52 @@ def with_act_algo(config: QuantConfig, act_algo: str) -> QuantConfig:
     return QuantConfig(config.globals, layers)
 
 
-def check_layer_names(names: list[str], known: set[str], what: str) -> None:
-    """Raise ConfigError for a name that is not a layer of the model, listing close names."""
+def _warn_not_quantizable(names: list[str], quantizable: list[LayerInfo], layers: list[LayerInfo], what: str) -> None:
+    """A skip name that is a node (or a refused candidate) of the model but no quantizable layer does nothing:
+    say so, with the quantizable layers it may have meant."""
+    quant_names = sorted(li.name for li in quantizable)
+    refused = {li.name for li in layers if not li.quantizable}
+    for name in names:
+        if name in quant_names:
+            continue
+        why = "a candidate already left in float" if name in refused else "not a quantizable layer"
+        close = difflib.get_close_matches(name, quant_names, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else (
+            "; list the quantizable layers with `omct inspect MODEL.onnx` (or omct.pytorch.inspect_model)")
+        logger.warning("%s names '%s', which is %s: skipping it has no effect%s", what, name, why, hint)
+
+
+def _check_types(types: list[str], known: set[str] | None, what: str) -> None:
+    """A type the frontend never quantizes can match no layer of any model: an error listing the valid ones."""
+    for t in types:
+        if known and t not in known:
+            close = difflib.get_close_matches(t, sorted(known), n=2, cutoff=0.5)
+            hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+            raise ConfigError(f"{what} names type '{t}', which this model's frontend does not quantize; {hint}"
+                              f"its types are {', '.join(sorted(known))}")
+
+
+def _warn_unused_types(types: list[str], quantizable: list[LayerInfo], what: str) -> None:
+    """A layer type no quantizable layer has (ONNX types are op types: Conv, Gemm; PyTorch's module types:
+    Conv2d, Linear) matches nothing: say so, with the types the model has."""
+    have = sorted({li.layer_type for li in quantizable})
+    for t in types:
+        if t not in have:
+            logger.warning("%s names type '%s', which no quantizable layer of the model has (its types: %s); it "
+                           "matches nothing", what, t, ", ".join(have) or "none")
+
+
+def check_layer_names(names: list[str], known: set[str], what: str, suggest: set[str] | None = None) -> None:
+    """Raise ConfigError for a name that is not a layer of the model, listing close names (from ``suggest``
+    when given: the quantizable layers, not every node)."""
     for name in names:
         if name not in known:
-            close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.5)
+            pool = sorted(known if suggest is None else suggest)
+            close = difflib.get_close_matches(name, pool, n=3, cutoff=0.5)
             if close:
                 hint = f"; did you mean {', '.join(repr(c) for c in close)}?"
-            elif len(known) <= 12:
-                hint = f"; its layers are {', '.join(repr(k) for k in sorted(known))}"
+            elif len(pool) <= 12:
+                hint = f"; its {'quantizable ' if suggest is not None else ''}layers are {', '.join(repr(k) for k in pool)}"
             else:
                 hint = "; list the layers with `omct inspect MODEL.onnx` (or omct.pytorch.inspect_model)"
             raise ConfigError(f"{what} names '{name}', which is not a layer of the model{hint}")

@@ -255,7 +255,7 @@ class GemmHandler(OpHandler):
 class MatMulHandler(OpHandler):
     op_type = "MatMul"
     weight_port = 1
-    integer_kernel = "QLinearMatMul / MatMulIntegerToFloat"
+    integer_kernel = "QGemm / QLinearMatMul / MatMulIntegerToFloat"
 
     def layer(self, node, index):
         problem = _activation_problem(node, index) or _weight_problem(node, index, 1, (2, 3), "second input")

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 
 from omct.errors import ModelError
+from omct.feeds import FeedCheck, batch_rows, warn_few_samples
 from omct.fileio import check_outputs
 from omct.formats.config import QuantConfig, load_config
 from omct.frontend import PreparedModel
@@ -17,10 +18,10 @@ from omct.graph.model_io import input_files, load_model, output_files
 from omct.graph.model_io import save_model as _save_onnx
 from omct.graph.modified import read_modified
 from omct.graph.normalize import NormalizeReport, default_opset, fold_batchnorm, fold_pads, normalize
-from omct.graph.ops import LayerSpec, Refusal, find_layers
+from omct.graph.ops import HANDLERS, LayerSpec, Refusal, find_layers
 from omct.quantize import Calibration, CalibrationStatus, QuantizedModel, initializer_reader, ort_session
 from omct.quantize import quantize as _quantize
-from omct.ui import logger
+from omct.ui import format_table, hints, logger
 from omct.workflow import save_model, write_modified_model, write_quant_config
 
 __all__ = ["CalibrationSession", "ModelReport", "create_quant_config", "inspect_model", "prepare", "quantize",
@@ -36,6 +37,27 @@ class ModelReport:
     opset: int
     parameters: int
     normalize: NormalizeReport
+
+    HEADERS = ("layer", "type", "weight", "status", "integer kernel in ONNX Runtime")
+
+    def rows(self) -> list[list[str]]:
+        """One row per candidate: the quantizable layers (with what the runtime fuses them into), then the ones
+        left in float with their reason."""
+        return ([[s.name, s.op_type, s.weight or "-", "quantizable (weight-only)" if s.weight_only else "quantizable",
+                  HANDLERS[s.op_type].integer_kernel] for s in self.layers]
+                + [[r.name, r.op_type, "-", f"float: {r.reason}", "-"] for r in self.refused])
+
+    def summary(self) -> str:
+        return (f"opset {self.opset}, {self.parameters:,} parameters, {len(self.layers)} quantizable layers, "
+                f"{len(self.refused)} left in float")
+
+    def to_dict(self) -> dict:
+        return {"opset": self.opset, "parameters": self.parameters,
+                "layers": [{"name": s.name, "type": s.op_type, "weight": s.weight} for s in self.layers],
+                "float": [{"name": r.name, "type": r.op_type, "reason": r.reason} for r in self.refused]}
+
+    def __str__(self) -> str:  # print(amct.inspect_model(...)) reads as a table, not dataclass reprs
+        return self.summary() + "\n" + format_table(list(self.HEADERS), self.rows())
 
 
 def _model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
@@ -57,7 +79,7 @@ def prepare(model: str | os.PathLike | onnx.ModelProto, config: QuantConfig | No
     layers, refused = find_layers(norm)
     desc = "the model" if isinstance(model, onnx.ModelProto) else f"'{model}'"
     return PreparedModel(norm, layers, refused, {s.name: s.op_type for s in layers}, desc,
-                         {n.name for n in norm.graph.node})
+                         {n.name for n in norm.graph.node}, set(HANDLERS))
 
 
 def inspect_model(model_file: str | os.PathLike) -> ModelReport:
@@ -100,8 +122,9 @@ def quantize_model(config_file: str | os.PathLike, model_file: str | os.PathLike
     config = load_config(config_file)
     mod = write_modified_model(config, config_file, prepare(model_file, config), modified_onnx_file, record_file,
                                model_file)
-    logger.info("wrote %s: %d layers to calibrate, %d activation tensors observed; now run %d batch(es) through "
-                "CalibrationSession", modified_onnx_file, len(mod.plan.layers), len(mod.plan.sites), config.batch_num)
+    logger.info("wrote %s: %d layers to calibrate, %d activation tensors observed", modified_onnx_file,
+                len(mod.plan.layers), len(mod.plan.sites))
+    hints.info("now run %d batch(es) through CalibrationSession", config.batch_num)
 
 
 def quantize(model: str | os.PathLike | onnx.ModelProto, config: QuantConfig, batches) -> QuantizedModel:
@@ -130,13 +153,22 @@ class CalibrationSession(CalibrationStatus):
         self._added = set(mod.added_outputs)
         self._site_tensors = self.calibration.tensors()
         self._user_outputs = [o.name for o in self._session.get_outputs() if o.name not in self._added]
+        self._feeds = FeedCheck(self._session.get_inputs(), "CalibrationSession.run")
+        self._extra_runs = 0
+        self._samples = 0
 
     def get_outputs(self):
         return [o for o in self._session.get_outputs() if o.name not in self._added]
 
     def run(self, output_names, input_feed, run_options=None):
         wanted = list(output_names) if output_names else self._user_outputs
+        input_feed = self._feeds.check(input_feed)  # one line naming the input, before ONNX Runtime's traceback
         if self.calibration.done:
+            self._extra_runs += 1
+            if self._extra_runs == 1 and self.calibration.batches:
+                logger.warning("CalibrationSession.run: calibration finished after batch_num=%d batches; this and "
+                               "further runs are not used for calibration (raise batch_num to use them)",
+                               self.batch_num)
             return self._session.run(wanted, input_feed, run_options)
         self.calibration.keep_inputs(sum(np.asarray(v).nbytes for v in input_feed.values()),
                                      lambda: {k: np.array(v, copy=True) for k, v in input_feed.items()})
@@ -147,7 +179,11 @@ class CalibrationSession(CalibrationStatus):
             self.calibration.observe(dict(zip(fetch, values, strict=False)))
             return values
 
-        return self.calibration.run_batch(observe)[: len(wanted)]
+        out = self.calibration.run_batch(observe)[: len(wanted)]
+        self._samples += batch_rows(input_feed)
+        if self.calibration.done:
+            warn_few_samples(self._samples, self.calibration.batches, "")
+        return out
 
     def __getattr__(self, name: str):
         return getattr(self._session, name)

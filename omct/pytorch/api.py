@@ -17,8 +17,8 @@ from omct.graph.modified import ModifiedModel
 from omct.graph.ops import LayerSpec, Refusal
 from omct.pytorch.calibration import CalibrationModel
 from omct.pytorch.fold import fold_conv_bn
-from omct.pytorch.trace import TracedModel, as_args, trace_model
-from omct.ui import logger
+from omct.pytorch.trace import SUPPORTED, TracedModel, as_args, trace_model
+from omct.ui import format_table, hints, logger
 from omct.workflow import save_model, write_modified_model, write_quant_config
 
 __all__ = ["ModuleReport", "create_quant_config", "inspect_model", "prepare", "quantize_model", "save_model"]
@@ -49,6 +49,21 @@ class ModuleReport:
     types: dict[str, str]
     foldable: dict[str, str]
 
+    HEADERS = ("layer", "type", "status")
+
+    def rows(self) -> list[list[str]]:
+        """One row per candidate module: the quantizable ones (and the BatchNorm folded into them), then the
+        ones left in float with their reason."""
+        rows = []
+        for s in self.layers:
+            bn = self.foldable.get(s.name)
+            rows.append([s.name, self.types.get(s.name, s.op_type), "quantizable" + (f" (folds {bn})" if bn else "")])
+        return rows + [[r.name, r.op_type, f"float: {r.reason}"] for r in self.refused]
+
+    def __str__(self) -> str:  # print(amct.inspect_model(...)) reads as a table, not dataclass reprs
+        head = f"{len(self.layers)} quantizable modules, {len(self.refused)} left in float"
+        return head + "\n" + format_table(list(self.HEADERS), self.rows())
+
 
 def inspect_model(model: nn.Module, input_data) -> ModuleReport:
     traced = trace_model(_eval_copy(model), input_data)
@@ -59,7 +74,7 @@ def prepare(traced: TracedModel, model: nn.Module) -> PreparedModel:
     """The PyTorch frontend's side of the contract: the traced graph, layers named after modules, and the
     modules' type names (Conv2d, Linear, ...)."""
     return PreparedModel(traced.model, traced.layers, traced.refused, dict(traced.types),
-                         f"the {type(model).__name__} model", traced.module_names)
+                         f"the {type(model).__name__} model", traced.module_names, {t.__name__ for t in SUPPORTED})
 
 
 def create_quant_config(config_file: str | os.PathLike, model: nn.Module, input_data, skip_layers: list[str] | None = None,
@@ -107,7 +122,7 @@ def prepare_quantization(config: QuantConfig, config_file, modified_onnx_model, 
             logger.info("folded %d BatchNorm module(s) into convolutions", len(folded))
             traced = trace_model(work, input_data, **export)
     mod = write_modified_model(config, config_file, prepare(traced, model), modified_onnx_model, record_file)
-    logger.info("wrote %s: %d layers to calibrate, %d activation tensors observed; now run %d batch(es) through the "
-                "returned calibration model", modified_onnx_model, len(mod.plan.layers), len(mod.plan.sites),
-                config.batch_num)
+    logger.info("wrote %s: %d layers to calibrate, %d activation tensors observed", modified_onnx_model,
+                len(mod.plan.layers), len(mod.plan.sites))
+    hints.info("now run %d batch(es) through the returned calibration model", config.batch_num)
     return work, traced, mod

@@ -20,6 +20,7 @@ from omct.auto.evaluator import AutoCalibrationEvaluatorBase
 from omct.auto.flow import AutoTarget, run_auto_calibration
 from omct.auto.search import SearchResult
 from omct.auto.strategy import SearchStrategy
+from omct.feeds import FeedCheck
 from omct.formats.config import load_config
 from omct.frontend import PreparedModel
 from omct.pytorch.api import prepare, prepare_quantization
@@ -39,9 +40,11 @@ class OnnxModule(nn.Module):
         self.path = str(path)
         self.session = ort.InferenceSession(self.path, so, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
+        self._check = FeedCheck(self.session.get_inputs(), f"OnnxModule('{path}')")
 
     def forward(self, *args: torch.Tensor) -> Any:
         feeds = {n: a.detach().cpu().numpy() for n, a in zip(self.input_names, args, strict=False)}
+        feeds = self._check.check(feeds)  # one line naming the input (e.g. a fixed batch), not ORT's traceback
         device = args[0].device if args else torch.device("cpu")
         outs = [torch.from_numpy(np.asarray(o)).to(device) for o in self.session.run(None, feeds)]
         return outs[0] if len(outs) == 1 else tuple(outs)
