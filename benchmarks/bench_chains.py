@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_ptq import interleaved_latencies_ms  # noqa: E402 - one interleaved timer for every benchmark
+
 WORK = ROOT / "benchmarks" / "work" / "chains"
 RESULTS = ROOT / "benchmarks" / "results"
 MODELS = ["efficientnet_lite", "resnet18", "mobilenet_v2"]
@@ -118,19 +120,7 @@ def session(path: Path, threads: int):
 
 def latencies_ms(paths: list[Path], x: np.ndarray, threads: int, passes: int = 7, runs: int = 30) -> list[float]:
     """Median latency per model over interleaved passes (each pass warms its session up first)."""
-    sessions = [session(p, threads) for p in paths]
-    medians: list[list[float]] = [[] for _ in paths]
-    for _ in range(passes):
-        for s, med in zip(sessions, medians, strict=True):
-            for _ in range(5):
-                s.run(None, {"input": x})
-            times = []
-            for _ in range(runs):
-                t = time.perf_counter()
-                s.run(None, {"input": x})
-                times.append(time.perf_counter() - t)
-            med.append(float(np.median(times)))
-    return [float(np.median(m) * 1000) for m in medians]
+    return interleaved_latencies_ms([session(p, threads) for p in paths], {"input": x}, passes, runs, warmup=5)
 
 
 def integer_ops(path: Path) -> str:

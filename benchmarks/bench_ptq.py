@@ -193,25 +193,27 @@ def logit_sqnr_db(name: str, path: Path) -> float:
     return float(10 * np.log10((ref.astype(np.float64) ** 2).sum() / ((ref - got).astype(np.float64) ** 2).sum()))
 
 
-def latencies_ms(paths: list[Path], batch: int = 16, passes: int = 5, runs: int = 40) -> list[float]:
-    """Median latency of each model, measured in interleaved passes so that machine noise hits every model
+def interleaved_latencies_ms(sessions: list, feeds: dict, passes: int, runs: int, warmup: int = 10) -> list[float]:
+    """Median latency of each session, measured in interleaved passes so that machine noise hits every model
     alike. Each pass warms the session up first: ORT's idle worker threads spin for a while after a run, so
     strict round-robin between sessions would measure their contention, not the models."""
-    d = data()
-    x = d.x_test[:batch]
-    sessions = [session(p) for p in paths]
     medians: list[list[float]] = [[] for _ in sessions]
     for _ in range(passes):
         for s, med in zip(sessions, medians, strict=True):
-            for _ in range(10):
-                s.run(None, {"input": x})
+            for _ in range(warmup):
+                s.run(None, feeds)
             times = []
             for _ in range(runs):
                 t = time.perf_counter()
-                s.run(None, {"input": x})
+                s.run(None, feeds)
                 times.append(time.perf_counter() - t)
             med.append(float(np.median(times)))
     return [float(np.median(m) * 1000) for m in medians]
+
+
+def latencies_ms(paths: list[Path], batch: int = 16, passes: int = 5, runs: int = 40) -> list[float]:
+    """Median latency of each model at ``batch`` test images (interleaved passes)."""
+    return interleaved_latencies_ms([session(p) for p in paths], {"input": data().x_test[:batch]}, passes, runs)
 
 
 def peak_rss_mb() -> float:

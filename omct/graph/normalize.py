@@ -194,16 +194,20 @@ def plain_gemms(model: onnx.ModelProto, report: NormalizeReport) -> None:
         graph.node.insert(position + offset, new_node)
 
 
-def fold_batchnorm(model: onnx.ModelProto, skip: set[str], report: NormalizeReport) -> None:
-    """Fold BatchNormalization into the Conv that feeds it (in place) when the Conv feeds nothing else."""
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
+def _links(graph: onnx.GraphProto) -> tuple[dict, dict[str, list[onnx.NodeProto]], dict[str, onnx.NodeProto], set[str]]:
+    """Initializers, readers and producer of each tensor, and the graph outputs: what the folding passes look up."""
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    graph_outputs = {o.name for o in graph.output}
-    producers = {o: n for n in graph.node for o in n.output}
+    return ({t.name: t for t in graph.initializer}, consumers, {o: n for n in graph.node for o in n.output},
+            {o.name for o in graph.output})
+
+
+def fold_batchnorm(model: onnx.ModelProto, skip: set[str], report: NormalizeReport) -> None:
+    """Fold BatchNormalization into the Conv that feeds it (in place) when the Conv feeds nothing else."""
+    graph = model.graph
+    inits, consumers, producers, graph_outputs = _links(graph)
     removed = set()
     for bn in list(graph.node):
         if bn.op_type != "BatchNormalization" or any(bn.output[1:]):
@@ -297,13 +301,7 @@ def _zero_spatial_pads(pad: onnx.NodeProto, inits: dict, producers: dict) -> tup
 def fold_pads(model: onnx.ModelProto, report: NormalizeReport) -> None:
     """Fold a constant zero Pad into the Convs that read it (in place): Conv's own ``pads`` say the same."""
     graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    graph_outputs = {o.name for o in graph.output}
-    producers = {o: n for n in graph.node for o in n.output}
+    inits, consumers, producers, graph_outputs = _links(graph)
     removed, computing = set(), []
     for pad in graph.node:
         if pad.op_type != "Pad" or pad.domain not in ("", "ai.onnx") or pad.output[0] in graph_outputs:
