@@ -281,8 +281,9 @@ def cmd_analyze(args) -> int:
     report = analyze(args.float_model, args.quant_model, batches, threshold=args.threshold, batch_count=len(batches))
     flagged = {e.layer for e in report.flagged()}
     rows = [[e.layer, e.op_type, f"{e.cosine:.5f}", f"{e.accumulated.sqnr_db:.1f}", f"{e.accumulated.max_abs:.4g}",
-             f"{e.isolated.cosine:.5f}"] for e in report.layers]
-    _table(["layer", "op", "cosine", "SQNR dB", "max abs err", "isolated cosine"], rows,
+             f"{e.isolated.cosine:.5f}", "-" if e.clipped_fraction is None else f"{100 * e.clipped_fraction:.3f}%"]
+            for e in report.layers]
+    _table(["layer", "op", "cosine", "SQNR dB", "max abs err", "isolated cosine", "input clipped"], rows,
            title=f"float vs quantized, {report.batches} batch(es); red: cosine < {args.threshold}",
            styles=["red" if e.layer in flagged else None for e in report.layers])
     if flagged:

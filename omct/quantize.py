@@ -207,13 +207,13 @@ class QuantizedModel:
     def fake_quant_model(self) -> onnx.ModelProto:
         """Float weights on their quantized values and simulated activation quantization: runs anywhere."""
         model = fake_quant_model(self.base, self.plan, self.config, self.records)
-        stamp_layers(model, self.plan, self.config)
+        stamp_layers(model, self.plan, self.config, self.records)
         return model
 
     def deploy_model(self) -> onnx.ModelProto:
         """INT8/INT32 tensors and QuantizeLinear/DequantizeLinear that ONNX Runtime fuses into integer kernels."""
         model = deploy_model(self.base, self.plan, self.config, self.records)
-        stamp_layers(model, self.plan, self.config)
+        stamp_layers(model, self.plan, self.config, self.records)
         return model
 
     def with_float_layers(self, float_layers: Iterable[str]) -> QuantizedModel:

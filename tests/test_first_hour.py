@@ -412,3 +412,38 @@ def test_cfg_mistakes_say_where_and_what(conv, tmp_path):
         with pytest.raises(ConfigError, match=rf"{i}\.cfg: {pattern}"):
             amct.create_quant_config(str(tmp_path / "c.json"), str(conv), config_defination=str(cfg))
     assert not (tmp_path / "c.json").exists()
+
+
+def test_a_scripted_first_hour_ends_without_a_traceback(tmp_path):
+    """The README's commands on the bundled example, then the usual mistakes one after the other, as a new user
+    makes them: every command ends with exit 0 or with one line naming the culprit; no traceback anywhere."""
+    from omct.examples import DIGITS_DATA, DIGITS_MODEL
+
+    data = np.load(DIGITS_DATA)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input=data["calibration"][:64])
+    wrong_dtype, wrong_name = tmp_path / "u8.npz", tmp_path / "renamed.npz"
+    np.savez(wrong_dtype, input=(data["calibration"][:64] * 255).astype(np.uint8))
+    np.savez(wrong_name, images=data["calibration"][:64])
+    good = ["quantize", DIGITS_MODEL, "--calib", calib, "--batch-size", 32]
+    session = [
+        (["inspect", DIGITS_MODEL], 0, ()),
+        ([*good, "--out", tmp_path / "results" / "digits"], 0, ()),
+        (["analyze", DIGITS_MODEL, tmp_path / "results" / "digits_fake_quant_model.onnx", "--data", calib], 0, ()),
+        (["bench", DIGITS_MODEL, tmp_path / "results" / "digits_deploy_model.onnx", "--runs", 3], 0, ()),
+        (["inspect", tmp_path / "nothere.onnx"], 1, ("nothere.onnx",)),
+        (["bench", tmp_path], 1, ("folder",)),
+        (["quantize", tmp_path, "--calib", calib, "--out", tmp_path / "x"], 1, ("folder",)),
+        (["quantize", DIGITS_MODEL, "--calib", wrong_dtype, "--out", tmp_path / "y"], 1, ("uint8", "'input'")),
+        ([*good, "--out", tmp_path / "z", "--skip", "no_such_layer"], 1, ("no_such_layer",)),
+        ([*good, "--out", tmp_path / "w", "--config", tmp_path / "missing.cfg"], 1, ("missing.cfg",)),
+        (["quantize", DIGITS_MODEL, "--calib", wrong_name, "--out", tmp_path / "v"], 0, ()),  # used by position
+        (["analyze", DIGITS_MODEL, DIGITS_MODEL, "--data", calib], 1, ("omct",)),  # not a model omct wrote
+    ]
+    for args, code, needles in session:
+        res = omct(*args)
+        assert "Traceback" not in res.stderr + res.stdout, (args, res.stderr)
+        if code == 0:
+            assert res.returncode == 0, (args, res.stderr)
+        else:
+            one_line(res, *needles)

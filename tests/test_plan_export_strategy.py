@@ -84,3 +84,24 @@ def test_error_stats_stream_equals_numpy_on_all_the_data(rng):
     assert stats.sqnr_db == pytest.approx(10 * np.log10((r @ r) / ((t - r) @ (t - r))), rel=1e-12)
     assert stats.mse == pytest.approx(np.mean((t - r) ** 2), rel=1e-12)
     assert stats.max_abs == pytest.approx(np.abs(t - r).max())
+
+
+def test_analyze_reports_each_layers_input_scale_and_how_much_was_clipped(tmp_path, rng):
+    """Against numpy: the fraction of the float input outside the recorded quantization range."""
+    from conftest import run_flow
+
+    from omct.analysis import analyze
+    from omct.formats.record import read_record
+
+    src = tmp_path / "m.onnx"
+    onnx.save(conv_model(rng), src)
+    calib = [rng.normal(size=(4, 8, 6, 6)).astype(np.float32) for _ in range(2)]
+    fake, _ = run_flow(src, tmp_path, calib, feed_name="x")
+    test = [rng.standard_t(2, size=(4, 8, 6, 6)).astype(np.float32) * 2]  # heavier tails than the calibration data
+    layer = analyze(src, fake, [{"x": x} for x in test]).layers[0]
+    rec = read_record(tmp_path / "q_record.txt")["conv"]
+    lo, hi = (-128 - rec.offset_d) * rec.scale_d, (127 - rec.offset_d) * rec.scale_d
+    want = float(np.mean((test[0] < lo) | (test[0] > hi)))
+    assert layer.input_scale == pytest.approx(rec.scale_d) and want > 0
+    assert layer.clipped_fraction == pytest.approx(want)
+    assert layer.row()["input_clipped_fraction"] == pytest.approx(want)

@@ -43,6 +43,14 @@ class LayerError:
     tensor: str  # the tensor compared for the accumulated error
     accumulated: ErrorStats
     isolated: ErrorStats
+    input_scale: float | None = None  # the scale the layer's input is quantized with (None: not recorded)
+    input_range: tuple[float, float] | None = None
+    clipped: int = 0  # float input values outside input_range, over all batches
+    seen: int = 0
+
+    @property
+    def clipped_fraction(self) -> float | None:
+        return self.clipped / self.seen if self.seen else None
 
     @property
     def cosine(self) -> float:
@@ -51,7 +59,8 @@ class LayerError:
     def row(self) -> dict:
         a, i = self.accumulated, self.isolated
         return {"layer": self.layer, "op_type": self.op_type, "cosine": a.cosine, "sqnr_db": a.sqnr_db,
-                "max_abs_error": a.max_abs, "mse": a.mse, "isolated_cosine": i.cosine, "isolated_sqnr_db": i.sqnr_db}
+                "max_abs_error": a.max_abs, "mse": a.mse, "isolated_cosine": i.cosine, "isolated_sqnr_db": i.sqnr_db,
+                "input_scale": self.input_scale, "input_clipped_fraction": self.clipped_fraction}
 
 
 @dataclass
@@ -204,13 +213,16 @@ def analyze(float_model: str | os.PathLike | onnx.ModelProto, quant_model: str |
         compared = entry["output_site"] or q_nodes[name].output[0]
         probe_out = probe.copy_node(q_nodes[name], _PROBE + name)[0]
         entries.append((name, entry["op_type"], compared, f_nodes[name].output[0], probe_out))
-    float_sess = _session(_with_outputs(base, [t for e in entries for t in (e[2], e[3], e[4])]))
+    inputs = {entry["name"]: entry for entry in layers if entry.get("input") and entry["input"] in probe.float_names}
+    float_sess = _session(_with_outputs(base, [t for e in entries for t in (e[2], e[3], e[4])]
+                                        + [e["input"] for e in inputs.values()]))
     quant_copy = onnx.ModelProto()
     quant_copy.CopyFrom(quant)
     quant_sess = _session(_with_outputs(quant_copy, [e[2] for e in entries]))
     f_names = [o.name for o in float_sess.get_outputs()]
     q_names = [o.name for o in quant_sess.get_outputs()]
-    errors = [LayerError(n, op, t, ErrorStats(), ErrorStats()) for n, op, t, _, _ in entries]
+    errors = [LayerError(n, op, t, ErrorStats(), ErrorStats(), inputs[n]["input_scale"] if n in inputs else None,
+                         tuple(inputs[n]["input_range"]) if n in inputs else None) for n, op, t, _, _ in entries]
     quant_outputs = {o.name for o in quant.graph.output}
     outputs = {name: ErrorStats() for name in model_outputs if name in quant_outputs}
     samples: dict[str, list[list[np.ndarray]]] = {e.layer: [[], []] for e in errors}
@@ -223,6 +235,11 @@ def analyze(float_model: str | os.PathLike | onnx.ModelProto, quant_model: str |
             for err, (_, _, tensor, raw, probe_t) in zip(errors, entries, strict=True):
                 err.accumulated.update(f_out[tensor], q_out[tensor])
                 err.isolated.update(f_out[raw], f_out[probe_t])
+                if err.input_range is not None:  # how much of the float input the quantization range cuts off
+                    x = np.asarray(f_out[inputs[err.layer]["input"]])
+                    lo, hi = err.input_range
+                    err.clipped += int(np.count_nonzero((x < lo) | (x > hi)))
+                    err.seen += x.size
                 kept = samples[err.layer]
                 have = sum(a.size for a in kept[0])
                 if have < sample_size:

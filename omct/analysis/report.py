@@ -97,7 +97,9 @@ def render_html(report: AnalysisReport, title: str = "omct quantization analysis
         cls = ' class="bad"' if e.layer in flagged else ""
         rows.append(f"<tr{cls}><td>{html.escape(e.layer)}</td><td>{e.op_type}</td><td>{e.cosine:.5f}</td>"
                     f"<td>{_fmt(e.accumulated.sqnr_db, 1)}</td><td>{e.accumulated.max_abs:.4g}</td>"
-                    f"<td>{e.isolated.cosine:.5f}</td><td>{_fmt(e.isolated.sqnr_db, 1)}</td></tr>")
+                    f"<td>{e.isolated.cosine:.5f}</td><td>{_fmt(e.isolated.sqnr_db, 1)}</td>"
+                    f"<td>{'-' if e.input_scale is None else f'{e.input_scale:.4g}'}</td>"
+                    f"<td>{'-' if e.clipped_fraction is None else f'{100 * e.clipped_fraction:.3f}%'}</td></tr>")
     try:
         plots = _plots(report, worst)
         figures = "".join(f'<h2>{html.escape(t)}</h2><img alt="{html.escape(t)}" src="data:image/png;base64,{b}">'
@@ -114,7 +116,7 @@ tr.bad{{background:#fdd}} img{{max-width:100%}}
 <h1>{html.escape(title)}</h1>
 {summary}
 <table id="layers"><tr><th>layer</th><th>op</th><th>cosine</th><th>SQNR dB</th><th>max abs error</th>
-<th>isolated cosine</th><th>isolated SQNR dB</th></tr>
+<th>isolated cosine</th><th>isolated SQNR dB</th><th>input scale</th><th>input clipped</th></tr>
 {''.join(rows)}
 </table>
 <p>Accumulated: the layer's result in the quantized model vs the float model. Isolated: the layer alone

@@ -65,12 +65,21 @@ def read_modified(path: str | Path) -> ModifiedModel:
                          json.loads(meta[metadata.ADDED_OUTPUTS]))
 
 
-def stamp_layers(model: onnx.ModelProto, plan: Plan, config: QuantConfig) -> None:
-    """Record in a saved model which layers are quantized and which tensor shows each one's result, and how
-    BatchNorm was folded, so that ``omct analyze`` can line it up with the float model."""
-    layers = [{"name": n, "op_type": s.op_type,
-               "output_site": plan.sites[plan.output_site[n]].tensor if n in plan.output_site else None}
-              for n, s in plan.layers.items()]
+def stamp_layers(model: onnx.ModelProto, plan: Plan, config: QuantConfig, records: dict | None = None) -> None:
+    """Record in a saved model which layers are quantized, which tensor shows each one's result and which range
+    its input is quantized to, and how BatchNorm was folded, so that ``omct analyze`` can line it up with the
+    float model and say how much of each input was clipped."""
+    layers = []
+    for n, s in plan.layers.items():
+        entry = {"name": n, "op_type": s.op_type,
+                 "output_site": plan.sites[plan.output_site[n]].tensor if n in plan.output_site else None}
+        rec = (records or {}).get(n)
+        if rec is not None and not s.weight_only and n in plan.input_site:
+            bits = plan.sites[plan.input_site[n]].act.get("num_bits", 8)
+            lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+            entry.update(input=s.input, input_scale=rec.scale_d,
+                         input_range=[(lo - rec.offset_d) * rec.scale_d, (hi - rec.offset_d) * rec.scale_d])
+        layers.append(entry)
     fusion = {"do_fusion": config.globals.do_fusion, "skip_fusion_layers": list(config.globals.skip_fusion_layers)}
     for key, value in ((metadata.LAYERS, layers), (metadata.FUSION, fusion)):
         model.metadata_props.add(key=key, value=json.dumps(value))
