@@ -320,3 +320,34 @@ def test_a_config_json_with_every_algorithms_defaults_still_loads(tmp_path, rng)
     ref = make_calibrator("hfmg", num_of_bins=2048)
     ref.update(x)
     assert rec.scale_d == pytest.approx(float(ref.compute().scale), rel=1e-6)
+
+
+def test_record_text_parses_to_the_message_protobuf_would_print(tmp_path, rng):
+    """The record is written without protobuf's (slow) text printer: protobuf must read it back to the very message
+    it would have printed, float32 values and odd layer names included; the cached read equals a fresh parse."""
+    from google.protobuf import text_format
+
+    import omct.formats.record as record_module
+    from omct.formats.proto import ScaleOffsetRecord
+    from omct.formats.record import record_text
+
+    records = {
+        "conv": LayerRecord(0.1, -128, list(rng.random(7) * 1e-3), [0] * 7, 0.25, 3, list(rng.normal(size=7) * 1e-6)),
+        'we"ird\\name\n/é': LayerRecord(3e-12, 127, [1e20, 5e-39], [0, 0], None, None, []),
+        "fc": LayerRecord(1.5, 0, [0.3], [0], 7.0, -1, [-2.5e6]),
+    }
+    want = ScaleOffsetRecord()
+    for key, rec in records.items():  # what protobuf's own printer was given before
+        v = want.record.add(key=key).value
+        v.scale_d, v.offset_d = rec.scale_d, rec.offset_d
+        v.scale_w.extend(rec.scale_w)
+        v.offset_w.extend(rec.offset_w)
+        if rec.scale_o is not None:
+            v.scale_o, v.offset_o = rec.scale_o, rec.offset_o
+        v.bias_correction.extend(rec.bias_correction)
+    assert text_format.Parse(record_text(records), ScaleOffsetRecord()) == want
+    path = tmp_path / "r.txt"
+    write_record(path, records)
+    cached = read_record(path)
+    record_module._last_written = None
+    assert read_record(path) == cached
