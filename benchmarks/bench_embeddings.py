@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_ptq import interleaved_latencies_ms  # noqa: E402 - one interleaved timer for every benchmark
+
 NAMES = ["input_ids", "attention_mask", "token_type_ids"]
 
 
@@ -87,19 +89,7 @@ def session(path: Path, threads: int):
 
 def latencies_ms(paths, feeds, threads: int, passes: int = 5, runs: int = 40) -> list[float]:
     """Median latency of each model, in interleaved passes so that machine noise hits every model alike."""
-    sessions = [session(p, threads) for p in paths]
-    medians: list[list[float]] = [[] for _ in sessions]
-    for _ in range(passes):
-        for s, med in zip(sessions, medians, strict=True):
-            for _ in range(10):
-                s.run(None, feeds)
-            times = []
-            for _ in range(runs):
-                t = time.perf_counter()
-                s.run(None, feeds)
-                times.append(time.perf_counter() - t)
-            med.append(float(np.median(times)))
-    return [float(np.median(m) * 1000) for m in medians]
+    return interleaved_latencies_ms([session(p, threads) for p in paths], feeds, passes, runs)
 
 
 def optimised_table_readers(path: Path, folder: Path) -> str:

@@ -76,6 +76,11 @@ def constants_to_initializers(model: onnx.ModelProto, report: NormalizeReport) -
                 report.constants_moved += 1
                 continue
         keep.append(node)
+    _keep_nodes(graph, keep)
+
+
+def _keep_nodes(graph: onnx.GraphProto, keep: list[onnx.NodeProto]) -> None:
+    """Leave only ``keep`` (in its order) in the graph, when anything was dropped."""
     if len(keep) != len(graph.node):
         del graph.node[:]
         graph.node.extend(keep)
@@ -98,9 +103,7 @@ def constant_identities_to_initializers(model: onnx.ModelProto, report: Normaliz
                 report.constants_moved += 1
             continue
         keep.append(node)
-    if len(keep) != len(graph.node):
-        del graph.node[:]
-        graph.node.extend(keep)
+    _keep_nodes(graph, keep)
 
 
 def name_nodes(model: onnx.ModelProto, report: NormalizeReport) -> None:
