@@ -21,7 +21,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_ptq import interleaved_latencies_ms  # noqa: E402 - one interleaved timer for every benchmark
+from bench_ptq import batch_reader, interleaved_latencies_ms  # noqa: E402 - shared with every benchmark
 
 WORK = ROOT / "benchmarks" / "work" / "chains"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -94,18 +94,10 @@ def omct_deploy(src: Path, batches, chains: bool) -> Path:
 
 
 def ort_deploy(src: Path, batches) -> Path:
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(batches)
-
-        def get_next(self):
-            b = next(self.it, None)
-            return None if b is None else {"input": b}
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     dst = WORK / f"{src.stem}_ort_qdq.onnx"
-    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+    quantize_static(str(src), str(dst), batch_reader(batches), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
     return dst
 

@@ -114,6 +114,21 @@ def prepare_omct(method: str, name: str, out: Path, batch_num: int) -> None:
     amct.quantize_model(str(out) + ".json", src, str(out) + "_mod.onnx", str(out) + "_record.txt")
 
 
+def batch_reader(batches):
+    """ONNX Runtime's calibration reader over ``batches`` (arrays fed to the input named "input")."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(batches)
+
+        def get_next(self):
+            b = next(self.it, None)
+            return None if b is None else {"input": b}
+
+    return Reader()
+
+
 def quantize(method: str, name: str, out: Path, batch_num: int) -> Path:
     src = str(model_path(name))
     batches = calib_batches(batch_num)
@@ -128,25 +143,16 @@ def quantize(method: str, name: str, out: Path, batch_num: int) -> Path:
         return Path(str(out) + "_deploy_model.onnx")
     if method.startswith("ort"):
         from onnxruntime.quantization import (
-            CalibrationDataReader,
             CalibrationMethod,
             QuantFormat,
             QuantType,
             quantize_static,
         )
 
-        class Reader(CalibrationDataReader):
-            def __init__(self):
-                self.it = iter(batches)
-
-            def get_next(self):
-                b = next(self.it, None)
-                return None if b is None else {"input": b}
-
         algo = {"ort-minmax": CalibrationMethod.MinMax, "ort-entropy": CalibrationMethod.Entropy,
                 "ort-percentile": CalibrationMethod.Percentile}[method]
         dst = Path(str(out) + "_deploy_model.onnx")
-        quantize_static(src, str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+        quantize_static(src, str(dst), batch_reader(batches), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=algo)
         return dst
     if method == "nncf":
