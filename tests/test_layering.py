@@ -21,6 +21,7 @@ LAYERS = [
     ("omct.workflow",),
     ("omct.analysis",),
     ("omct.auto",),
+    ("omct.decompose",),
     ("omct.onnx", "omct.pytorch"),
     ("omct.cli",),
     ("omct.__main__",),

@@ -20,6 +20,7 @@ from omct.auto.evaluator import AutoCalibrationEvaluatorBase
 from omct.pytorch.api import ModuleReport, create_quant_config, inspect_model, quantize_model, save_model
 from omct.pytorch.auto import OnnxModule, accuracy_based_auto_calibration
 from omct.pytorch.calibration import CalibrationModel
+from omct.pytorch.decompose import auto_decomposition, decompose_network
 
 __all__ = ["AutoCalibrationEvaluatorBase", "CalibrationModel", "ModuleReport", "OnnxModule",
-           "accuracy_based_auto_calibration", "create_quant_config", "inspect_model", "quantize_model", "save_model"]
+           "accuracy_based_auto_calibration", "auto_decomposition", "create_quant_config", "decompose_network", "inspect_model", "quantize_model", "save_model"]
