@@ -113,11 +113,11 @@ def tucker2_factors(w: np.ndarray, r_in: int, r_out: int, sweeps: int = 2) -> li
     u_out = _leading(w.reshape(cout, -1), r_out)
     u_in = _leading(w.transpose(1, 0, 2, 3).reshape(cin, -1), r_in)
     for _ in range(sweeps):
-        proj = np.einsum("oihw,ir->orhw", w, u_in)
+        proj = np.einsum("oihw,ir->orhw", w, u_in, optimize=True)
         u_out = _leading(proj.reshape(cout, -1), r_out)
-        proj = np.einsum("oihw,or->rihw", w, u_out)
+        proj = np.einsum("oihw,or->rihw", w, u_out, optimize=True)
         u_in = _leading(proj.transpose(1, 0, 2, 3).reshape(cin, -1), r_in)
-    core = np.einsum("oihw,or,is->rshw", w, u_out, u_in)
+    core = np.einsum("oihw,or,is->rshw", w, u_out, u_in, optimize=True)
     return [u_in.T.reshape(r_in, cin, 1, 1), core, u_out.reshape(cout, r_out, 1, 1)]
 
 
@@ -125,9 +125,9 @@ def compose(form: str, weights: list[np.ndarray]) -> np.ndarray:
     """The full (Cout, Cin, K, K) weight the factors stand for."""
     if form == "svd":
         a, b = weights
-        return np.einsum("rihx,oryw->oihw", a, b)
+        return np.einsum("rihx,oryw->oihw", a, b, optimize=True)
     first, core, last = weights
-    return np.einsum("si,rshw,or->oihw", first[:, :, 0, 0], core, last[:, :, 0, 0])
+    return np.einsum("si,rshw,or->oihw", first[:, :, 0, 0], core, last[:, :, 0, 0], optimize=True)
 
 
 # ------------------------------------------------------------------ rank estimate
@@ -271,7 +271,7 @@ class LayerData:
     largest rank considered (smaller ranks are leading sub-blocks). Built once per layer."""
 
     def __init__(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, geometry: ConvGeometry,
-                 max_rows: int = 8192, seed: int = 0):
+                 max_rows: int = 8192, seed: int = 0, target: np.ndarray | None = None):
         self.x = np.asarray(x, np.float32)
         if self.x.ndim != 4 or self.x.shape[1] != geometry.cin:
             raise ValueError(f"layer input of shape {self.x.shape} does not fit a conv with {geometry.cin} input channels")
@@ -279,15 +279,30 @@ class LayerData:
         ho, wo = conv2d(self.x[:1], self.weight[:1], None, geometry.stride, geometry.pads).shape[2:]
         per_image = ho * wo
         rng = np.random.default_rng(seed)
-        images = self.x
-        if len(images) * per_image > 4 * max_rows:  # enough images to spread the sampled pixels over
-            images = images[rng.choice(len(images), max(1, 4 * max_rows // per_image), replace=False)]
+        keep = np.arange(len(self.x))
+        if len(keep) * per_image > 4 * max_rows:  # enough images to spread the sampled pixels over
+            keep = np.sort(rng.choice(len(keep), max(1, 4 * max_rows // per_image), replace=False))
+        images = self.x[keep]
         total = len(images) * per_image
         self.rows = np.sort(rng.choice(total, min(total, max_rows), replace=False))
         self.images = images
-        y = conv2d(images, self.weight, bias, geometry.stride, geometry.pads)
+        if target is not None:  # the original layer's outputs, the inputs being those of the decomposed model so far
+            y = np.asarray(target, np.float64)[keep]
+        else:
+            y = conv2d(images, self.weight, bias, geometry.stride, geometry.pads)
         self.y = y.transpose(0, 2, 3, 1).reshape(-1, geometry.cout)[self.rows]
         self._cache: dict = {}
+
+    def input_root(self, kh: int, kw: int, stride: tuple[int, int], pads: tuple[int, int, int, int]) -> np.ndarray:
+        """Symmetric square root of the second moment of the input patches a first factor of shape (kh, kw)
+        reads: with it, the first factor spends its rank on the directions the data uses."""
+        p = im2col(self.images, kh, kw, stride, pads).astype(np.float64)
+        if len(p) > 4 * len(self.rows):
+            p = p[np.random.default_rng(1).choice(len(p), 4 * len(self.rows), replace=False)]
+        m = p.T @ p / len(p)
+        m += 1e-6 * max(float(np.trace(m)) / len(m), 1e-30) * np.eye(len(m))
+        vals, vecs = np.linalg.eigh(m)
+        return (vecs * np.sqrt(np.clip(vals, 0, None))) @ vecs.T
 
     def _features(self, first_conv: np.ndarray, stride1, pads1, kh, kw, stride2, pads2) -> np.ndarray:
         mid = conv2d(self.images, first_conv, None, stride1, pads1)
@@ -305,7 +320,7 @@ def _fit_svd(ld: LayerData, a_full: np.ndarray, rank: int) -> tuple[list[np.ndar
     """Second (1 x K) conv and its bias by least squares on the layer's real outputs, first conv fixed."""
     g = ld.geometry
     t, left, b, r = g.pads
-    mom = ld.moments(("svd", a_full.shape[0]), a_full, (g.stride[0], 1), (t, 0, b, 0), 1, g.k, (1, g.stride[1]),
+    mom = ld.moments(("svd", a_full.tobytes()), a_full, (g.stride[0], 1), (t, 0, b, 0), 1, g.k, (1, g.stride[1]),
                      (0, left, 0, r))
     cols = np.arange(rank * g.k)
     mg, my, gg, gy, yy = mom.centred(cols)
@@ -320,7 +335,7 @@ def _fit_tucker2(ld: LayerData, first_full: np.ndarray, r_in: int, r_out: int):
     """Core conv and last 1x1 conv by reduced-rank regression of the real outputs on the core's input
     patches: the least-squares map projected on the ``r_out`` leading directions of its fitted outputs."""
     g = ld.geometry
-    mom = ld.moments(("tucker2", first_full.shape[0]), first_full, (1, 1), (0, 0, 0, 0), g.k, g.k, g.stride, g.pads)
+    mom = ld.moments(("tucker2", first_full.tobytes()), first_full, (1, 1), (0, 0, 0, 0), g.k, g.k, g.stride, g.pads)
     k2 = g.k * g.k
     cols = np.arange(r_in * k2)
     mg, my, gg, gy, yy = mom.centred(cols)
@@ -349,7 +364,7 @@ def tucker2_bases(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     cout, cin = w.shape[:2]
     u_out = np.linalg.svd(w.reshape(cout, -1), full_matrices=False)[0]
     u_in = np.linalg.svd(w.transpose(1, 0, 2, 3).reshape(cin, -1), full_matrices=False)[0]
-    return u_out, u_in, np.einsum("oihw,or,is->rshw", w, u_out, u_in)
+    return u_out, u_in, np.einsum("oihw,or,is->rshw", w, u_out, u_in, optimize=True)
 
 
 def candidates(weight: np.ndarray, bias: np.ndarray | None, geometry: ConvGeometry, multiple: int = 16,
@@ -398,24 +413,42 @@ def _as_float32(d: Decomposition) -> Decomposition:
     return d
 
 
+#: the data-aware fit needs at least this many sampled output pixels per fitted input feature
+MIN_ROWS_PER_FEATURE = 4
+
+
+def geometry_k(w: np.ndarray) -> int:
+    return int(w.shape[2])
+
+
 def refine(d: Decomposition, weight: np.ndarray, bias: np.ndarray | None, data: LayerData | None = None,
            sweeps: int = 2) -> Decomposition:
     """The chosen candidate's final factors: with real inputs, the last factor (``svd``) or the core and the
     last 1x1 conv (``tucker2``, reduced-rank regression) fitted to the layer's outputs, error on those
     outputs; without, HOOI sweeps for ``tucker2`` (the SVD is already optimal), error of the weight."""
     w = np.asarray(weight, np.float64)
+    features = d.ranks[0] * geometry_k(w) if d.form == "svd" else d.ranks[0] * geometry_k(w) ** 2
+    if data is not None and len(data.rows) < MIN_ROWS_PER_FEATURE * features:
+        data = None  # too few output pixels: a least-squares fit would follow the samples, not the layer
+    cin, k = w.shape[1], w.shape[2]
     if d.form == "svd":
         if data is None:
             return d
-        ws, bb, err = _fit_svd(data, svd_factors(w, d.ranks[0])[0], d.ranks[0])
+        g = data.geometry
+        root = data.input_root(k, 1, (g.stride[0], 1), (g.pads[0], 0, g.pads[2], 0))
+        first = (_leading(root @ svd_matrix(w), d.ranks[0]).T @ root).reshape(d.ranks[0], cin, k, 1)
+        ws, bb, err = _fit_svd(data, first, d.ranks[0])
     else:
         r_in, r_out = d.ranks
-        ws = tucker2_factors(w, r_in, r_out, sweeps)
         if data is None:
+            ws = tucker2_factors(w, r_in, r_out, sweeps)
             bb = bias
             err = float(np.linalg.norm(compose("tucker2", ws) - w)) / max(float(np.linalg.norm(w)), 1e-30)
         else:
-            ws, bb, err = _fit_tucker2(data, ws[0], r_in, r_out)
+            root = data.input_root(1, 1, (1, 1), (0, 0, 0, 0))
+            mode_in = w.transpose(1, 0, 2, 3).reshape(cin, -1)
+            first = (_leading(root @ mode_in, r_in).T @ root).reshape(r_in, cin, 1, 1)
+            ws, bb, err = _fit_tucker2(data, first, r_in, r_out)
     return _as_float32(Decomposition(d.form, d.ranks, ws, bb, err, d.macs, data is not None))
 
 

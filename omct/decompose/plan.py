@@ -113,8 +113,10 @@ class LayerDecision:
 
 
 def decide(name: str, weight: np.ndarray, bias: np.ndarray | None, g: dec.ConvGeometry, options: DecomposeOptions,
-           inputs: np.ndarray | None = None) -> LayerDecision:
-    """The replacement of one qualifying conv (weight OIHW), or the reason it stays."""
+           inputs: np.ndarray | None = None, targets=None) -> LayerDecision:
+    """The replacement of one qualifying conv (weight OIHW), or the reason it stays. ``inputs``: the layer's real
+    inputs for the data-aware fit; ``targets`` (or a function giving them): the original layer's outputs to fit,
+    when ``inputs`` come from the model decomposed so far (its error is then compensated)."""
     d = LayerDecision(name, g)
     cands = dec.candidates(weight, bias, g, options.rank_multiple, options.forms)
     if not cands:
@@ -131,7 +133,9 @@ def decide(name: str, weight: np.ndarray, bias: np.ndarray | None, g: dec.ConvGe
             if after * options.min_speedup > before:
                 continue
             d.latency_ms = (before * 1e3, after * 1e3)
-        data = dec.LayerData(inputs, weight, bias, g) if inputs is not None else None
+        data = None
+        if inputs is not None:
+            data = dec.LayerData(inputs, weight, bias, g, target=targets() if callable(targets) else targets)
         d.chosen = dec.refine(c, weight, bias, data)
         return d
     d.reason = "slower in ONNX Runtime than the original (" + "; ".join(d.tried) + ")"

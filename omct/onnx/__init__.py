@@ -24,6 +24,8 @@ from omct.onnx.api import (
     save_model,
 )
 from omct.onnx.auto import accuracy_based_auto_calibration
+from omct.onnx.decompose import auto_decomposition
 
-__all__ = ["AutoCalibrationEvaluatorBase", "CalibrationSession", "accuracy_based_auto_calibration", "create_quant_config",
+__all__ = ["AutoCalibrationEvaluatorBase", "CalibrationSession", "accuracy_based_auto_calibration", "auto_decomposition",
+           "create_quant_config",
            "inspect_model", "prepare", "quantize", "quantize_model", "save_model"]

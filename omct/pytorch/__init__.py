@@ -23,4 +23,5 @@ from omct.pytorch.calibration import CalibrationModel
 from omct.pytorch.decompose import auto_decomposition, decompose_network
 
 __all__ = ["AutoCalibrationEvaluatorBase", "CalibrationModel", "ModuleReport", "OnnxModule",
-           "accuracy_based_auto_calibration", "auto_decomposition", "create_quant_config", "decompose_network", "inspect_model", "quantize_model", "save_model"]
+           "accuracy_based_auto_calibration", "auto_decomposition", "create_quant_config",
+           "decompose_network", "inspect_model", "quantize_model", "save_model"]

@@ -70,14 +70,24 @@ def _candidates(model: nn.Module) -> tuple[dict[str, nn.Conv2d], dict[str, str]]
     return convs, kept
 
 
-def _layer_inputs(model: nn.Module, convs: dict[str, nn.Conv2d], input_data) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """Each conv's input on ``input_data`` (at most MAX_IMAGES images) and how often it ran."""
+def _capture(model: nn.Module, convs: dict[str, nn.Module], input_data, outputs: bool = False):
+    """Each module's input (and output) on ``input_data`` (at most MAX_IMAGES images), how often it ran, and
+    the order in which the modules first ran."""
     seen: dict[str, list] = {n: [] for n in convs}
+    outs: dict[str, np.ndarray] = {}
+    order: list[str] = []
     handles = []
     for name, m in convs.items():
-        def hook(_m, args, name=name):
+        def pre(_m, args, name=name):
+            if not seen[name]:
+                order.append(name)
             seen[name].append(args[0].detach().float().cpu().numpy()[:MAX_IMAGES])
-        handles.append(m.register_forward_pre_hook(hook))
+
+        def post(_m, _args, out, name=name):
+            outs.setdefault(name, out.detach().double().cpu().numpy()[:MAX_IMAGES])
+        handles.append(m.register_forward_pre_hook(pre))
+        if outputs:
+            handles.append(m.register_forward_hook(post))
     was_training = model.training
     try:
         model.eval()
@@ -87,7 +97,7 @@ def _layer_inputs(model: nn.Module, convs: dict[str, nn.Conv2d], input_data) -> 
         for h in handles:
             h.remove()
         model.train(was_training)
-    return {n: v[0] for n, v in seen.items() if v}, {n: len(v) for n, v in seen.items()}
+    return {n: v[0] for n, v in seen.items() if v}, outs, {n: len(v) for n, v in seen.items()}, order
 
 
 def auto_decomposition(model: nn.Module, decompose_info_path: str | os.PathLike | None = None, input_data=None,
@@ -105,20 +115,24 @@ def auto_decomposition(model: nn.Module, decompose_info_path: str | os.PathLike 
     options = DecomposeOptions(rank_budget=rank_budget, max_error=max_error, rank_multiple=rank_multiple,
                                forms=tuple(forms), check_latency=check_latency, latency_batch=latency_batch)
     convs, kept = _candidates(model)
-    inputs, calls = _layer_inputs(model, convs, input_data) if input_data is not None and convs else ({}, {})
-    if input_data is not None:
+    inputs, targets, order = {}, {}, list(convs)
+    if input_data is not None and convs:
+        inputs, targets, calls, order = _capture(model, convs, input_data, outputs=data_aware)
         for name in list(convs):
             if calls.get(name, 0) != 1:
                 kept[name] = "not run by the model" if not calls.get(name) else f"run {calls[name]} times per forward"
                 del convs[name]
     changes, entries = {}, {}
-    for name, conv in convs.items():
+    for name in [n for n in order if n in convs]:
+        conv = convs[name]
         x = inputs.get(name)
         g = geometry(conv.out_channels, conv.in_channels, conv.kernel_size[0], conv.stride, _pads(conv),
                      None if x is None else x.shape[2:])
         weight = conv.weight.detach().double().cpu().numpy()
         bias = None if conv.bias is None else conv.bias.detach().double().cpu().numpy()
-        d = decide(name, weight, bias, g, options, x if data_aware else None)
+        if data_aware and x is not None and changes:  # the inputs the layer gets once those before it are decomposed
+            x = _capture(model, {name: conv}, input_data)[0][name]
+        d = decide(name, weight, bias, g, options, x if data_aware else None, targets.get(name))
         logger.info(d.summary())
         if d.chosen is None:
             kept[name] = d.reason
@@ -169,7 +183,8 @@ def decompose_network(model: nn.Module, decompose_info_path: str | os.PathLike) 
                 "stride": list(conv.stride), "pads": list(_pads(conv) or ())}
         for key, value in have.items():
             if e[key] != value:
-                raise ConfigError(f"{where}: layer '{name}' has {key} {value}, the file says {e[key]} (written for another model?)")
+                raise ConfigError(f"{where}: layer '{name}' has {key} {value}, the file says {e[key]} "
+                                  "(written for another model?)")
         g = ConvGeometry(e["out_channels"], e["in_channels"], e["kernel_size"], tuple(e["stride"]), tuple(e["pads"]))
         specs = child_specs(e["form"], tuple(e["ranks"]), g, e["bias"])
         if [f"{name}.{i}" for i in range(len(specs))] != e["children"]:
