@@ -25,3 +25,14 @@ def test_pytorch_example_runs_as_written(tmp_path):
                                               r"([\d.]+)", res.stdout).groups())
     assert fp32 > 0.85 and deploy >= fp32 - 0.01 and fake >= fp32 - 0.01, res.stdout
     assert (tmp_path / "results" / "user_model_deploy_model.onnx").is_file()
+
+
+@pytest.mark.slow  # the example trains its CNN
+def test_decompose_example_runs_as_written(tmp_path):
+    example = ROOT / "examples" / "pytorch_decompose.py"
+    res = subprocess.run([sys.executable, str(example)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    original, decomposed, tuned, int8 = map(float, re.search(
+        r"original ([\d.]+)\s+decomposed ([\d.]+)\s+fine-tuned ([\d.]+)\s+INT8 \(ORT\) ([\d.]+)", res.stdout).groups())
+    assert "decomposed: {'" in res.stdout  # at least one layer was decomposed
+    assert original > 0.9 and tuned >= original - 0.03 and int8 >= tuned - 0.02, res.stdout
