@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_ptq as ptq  # noqa: E402 - data, ORT sessions and latency measurement shared with the PTQ benchmark
 
 WORK = ptq.WORK / "decompose"
-FINETUNE_LR = 5e-4
+FINETUNE_LR = 1e-4
 
 
 def data3():
@@ -32,21 +32,28 @@ def data3():
     return [np.repeat(a, 3, axis=1) if a.ndim == 4 else a for a in (d.x_train, d.y_train, d.x_test, d.y_test)]
 
 
-def train(model, x, y, epochs: int, lr: float, seed: int = 0, batch: int = 64):
+def train(model, x, y, epochs: int, lr: float, seed: int = 0, batch: int = 64, freeze_bn: bool = False):
+    """Adam with a cosine schedule; ``freeze_bn`` (the fine-tune): BatchNorm keeps its running statistics, which
+    a few steps on small batches would otherwise overwrite."""
     import torch
     from torch import nn
 
     torch.manual_seed(seed)
     xt, yt = torch.tensor(x), torch.tensor(y)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(epochs, 1))
+    steps = max(epochs, 1) * -(-len(xt) // batch)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     model.train()
+    if freeze_bn:
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
     for _ in range(epochs):
         for idx in torch.randperm(len(xt)).split(batch):
             opt.zero_grad()
             nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
             opt.step()
-        sched.step()
+            sched.step()
     return model.eval()
 
 
@@ -154,7 +161,7 @@ def main() -> None:
         acc0 = accuracy(m, xt, yt)
         if kwargs is not None and args.finetune_epochs > 0:
             n = int(len(x) * args.finetune_epochs)
-            train(m, x[:n], y[:n], 1, FINETUNE_LR, seed=1)
+            train(m, x[:n], y[:n], 1, FINETUNE_LR, seed=1, freeze_bn=True)
         models[name] = m
         rows.append({"name": name, "layers": len(changes), "secs": secs, "acc0": acc0, "acc1": accuracy(m, xt, yt),
                      "params": sum(p.numel() for p in m.parameters())})
@@ -175,7 +182,8 @@ def main() -> None:
     o = rows[0]
     lines = [f"Decomposition benchmark: torchvision-layout ResNet-18 (width 64: 64-512 channels) trained {args.epochs} "
              f"epochs on digits {ptq.SIZE}x{ptq.SIZE} (3 channels), accuracy on 500 held-out images; rank_budget "
-             f"{args.budget} per layer for both methods; fine-tune: {args.finetune_epochs:g} epoch, Adam lr {FINETUNE_LR}; "
+             f"{args.budget} per layer for both methods; fine-tune: {args.finetune_epochs:g} epoch, Adam lr {FINETUNE_LR} "
+             "(cosine), BatchNorm statistics frozen; "
              "INT8: omct PTQ (8 batches of 32, IFMR) of the fine-tuned model. ORT latency at batch 16, 2 threads, "
              "median of 5 interleaved passes; the host was shared with other jobs, so compare ratios.\n",
              "| model | layers decomposed | params | conv MMACs | conv MACs vs orig | FP32 ms | FP32 speed-up | "

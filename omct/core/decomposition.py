@@ -293,16 +293,20 @@ class LayerData:
         self.y = y.transpose(0, 2, 3, 1).reshape(-1, geometry.cout)[self.rows]
         self._cache: dict = {}
 
-    def input_root(self, kh: int, kw: int, stride: tuple[int, int], pads: tuple[int, int, int, int]) -> np.ndarray:
-        """Symmetric square root of the second moment of the input patches a first factor of shape (kh, kw)
-        reads: with it, the first factor spends its rank on the directions the data uses."""
+    def whitening(self, kh: int, kw: int, stride: tuple[int, int], pads: tuple[int, int, int, int],
+                  ridge: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+        """Symmetric square root of the second moment ``S`` of the input patches a first factor of shape
+        (kh, kw) reads, and its inverse (``S`` plus ``ridge`` x its mean eigenvalue). The output error of a
+        factorisation ``M ~ A B`` on these inputs is ``|S^1/2 M - S^1/2 A B|``: the SVD of ``S^1/2 M`` gives the
+        best one (taps and channels the data never fills cost nothing)."""
         p = im2col(self.images, kh, kw, stride, pads).astype(np.float64)
-        if len(p) > 4 * len(self.rows):
-            p = p[np.random.default_rng(1).choice(len(p), 4 * len(self.rows), replace=False)]
+        if len(p) > 8 * max_dim(p):
+            p = p[np.random.default_rng(1).choice(len(p), 8 * max_dim(p), replace=False)]
         m = p.T @ p / len(p)
-        m += 1e-6 * max(float(np.trace(m)) / len(m), 1e-30) * np.eye(len(m))
+        m += ridge * max(float(np.trace(m)) / len(m), 1e-30) * np.eye(len(m))
         vals, vecs = np.linalg.eigh(m)
-        return (vecs * np.sqrt(np.clip(vals, 0, None))) @ vecs.T
+        vals = np.clip(vals, 1e-30, None)
+        return (vecs * np.sqrt(vals)) @ vecs.T, (vecs / np.sqrt(vals)) @ vecs.T
 
     def _features(self, first_conv: np.ndarray, stride1, pads1, kh, kw, stride2, pads2) -> np.ndarray:
         mid = conv2d(self.images, first_conv, None, stride1, pads1)
@@ -413,43 +417,55 @@ def _as_float32(d: Decomposition) -> Decomposition:
     return d
 
 
-#: the data-aware fit needs at least this many sampled output pixels per fitted input feature
+#: the least-squares fit to real outputs needs at least this many sampled output pixels per fitted feature
 MIN_ROWS_PER_FEATURE = 4
-
-
-def geometry_k(w: np.ndarray) -> int:
-    return int(w.shape[2])
 
 
 def refine(d: Decomposition, weight: np.ndarray, bias: np.ndarray | None, data: LayerData | None = None,
            sweeps: int = 2) -> Decomposition:
-    """The chosen candidate's final factors: with real inputs, the last factor (``svd``) or the core and the
-    last 1x1 conv (``tucker2``, reduced-rank regression) fitted to the layer's outputs, error on those
-    outputs; without, HOOI sweeps for ``tucker2`` (the SVD is already optimal), error of the weight."""
+    """The chosen candidate's final factors. Without data: HOOI sweeps for ``tucker2`` (the SVD is already
+    optimal), error of the weight. With the layer's real inputs: the factorisation that is best for the second
+    moment of its inputs (``LayerData.whitening``); then, given enough sampled output pixels, the last factor
+    (``svd``) or the core and last 1x1 conv (``tucker2``, reduced-rank regression) fitted by least squares to the
+    original layer's outputs, with a bias. The error is then that of the output on these inputs."""
     w = np.asarray(weight, np.float64)
-    features = d.ranks[0] * geometry_k(w) if d.form == "svd" else d.ranks[0] * geometry_k(w) ** 2
-    if data is not None and len(data.rows) < MIN_ROWS_PER_FEATURE * features:
-        data = None  # too few output pixels: a least-squares fit would follow the samples, not the layer
-    cin, k = w.shape[1], w.shape[2]
-    if d.form == "svd":
-        if data is None:
+    cout, cin, k = w.shape[0], w.shape[1], w.shape[2]
+    if data is None:
+        if d.form == "svd":
             return d
-        g = data.geometry
-        root = data.input_root(k, 1, (g.stride[0], 1), (g.pads[0], 0, g.pads[2], 0))
-        first = (_leading(root @ svd_matrix(w), d.ranks[0]).T @ root).reshape(d.ranks[0], cin, k, 1)
-        ws, bb, err = _fit_svd(data, first, d.ranks[0])
+        r_in, r_out = d.ranks
+        ws = tucker2_factors(w, r_in, r_out, sweeps)
+        err = float(np.linalg.norm(compose("tucker2", ws) - w)) / max(float(np.linalg.norm(w)), 1e-30)
+        return _as_float32(Decomposition(d.form, d.ranks, ws, bias, err, d.macs))
+    g = data.geometry
+    if d.form == "svd":
+        (r,) = d.ranks
+        root, inv = data.whitening(k, 1, (g.stride[0], 1), (g.pads[0], 0, g.pads[2], 0))
+        u, sv, vt = np.linalg.svd(root @ svd_matrix(w), full_matrices=False)
+        first = (inv @ u[:, :r]).T.reshape(r, cin, k, 1)
+        ws = [first, (sv[:r, None] * vt[:r]).reshape(r, cout, 1, k).transpose(1, 0, 2, 3)]
+        bb, err = bias, math.sqrt(float((sv[r:] ** 2).sum()) / max(float((sv ** 2).sum()), 1e-30))
+        if len(data.rows) >= MIN_ROWS_PER_FEATURE * r * k:
+            ws, bb, err = _fit_svd(data, first, r)
     else:
         r_in, r_out = d.ranks
-        if data is None:
-            ws = tucker2_factors(w, r_in, r_out, sweeps)
-            bb = bias
-            err = float(np.linalg.norm(compose("tucker2", ws) - w)) / max(float(np.linalg.norm(w)), 1e-30)
-        else:
-            root = data.input_root(1, 1, (1, 1), (0, 0, 0, 0))
-            mode_in = w.transpose(1, 0, 2, 3).reshape(cin, -1)
-            first = (_leading(root @ mode_in, r_in).T @ root).reshape(r_in, cin, 1, 1)
+        root, inv = data.whitening(1, 1, (1, 1), (0, 0, 0, 0))
+        white = root @ w.transpose(1, 0, 2, 3).reshape(cin, -1)  # (Cin, Cout K K), whitened input mode
+        u = _leading(white, r_in)
+        first = (inv @ u).T.reshape(r_in, cin, 1, 1)
+        reduced = (u.T @ white).reshape(r_in, cout, k, k).transpose(1, 0, 2, 3)  # (Cout, r_in, K, K)
+        u_out = _leading(reduced.reshape(cout, -1), r_out)
+        core = np.einsum("or,oshw->rshw", u_out, reduced, optimize=True)
+        ws = [first, core, u_out.reshape(cout, r_out, 1, 1)]
+        approx = u @ np.einsum("or,rshw->sohw", u_out, core, optimize=True).reshape(r_in, -1)
+        bb, err = bias, float(np.linalg.norm(white - approx)) / max(float(np.linalg.norm(white)), 1e-30)
+        if len(data.rows) >= MIN_ROWS_PER_FEATURE * r_in * k * k:
             ws, bb, err = _fit_tucker2(data, first, r_in, r_out)
-    return _as_float32(Decomposition(d.form, d.ranks, ws, bb, err, d.macs, data is not None))
+    return _as_float32(Decomposition(d.form, d.ranks, ws, bb, err, d.macs, True))
+
+
+def max_dim(p: np.ndarray) -> int:
+    return max(p.shape[1], 1024)
 
 
 def check_budget(rank_budget: float | None, what: str = "rank_budget") -> None:

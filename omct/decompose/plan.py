@@ -126,11 +126,18 @@ def decide(name: str, weight: np.ndarray, bias: np.ndarray | None, g: dec.ConvGe
     if not ordered:
         d.reason = d.rule
         return d
-    for c in ordered[:options.tries]:
+    remaining, failed = list(ordered), {f: 0 for f in options.forms}
+    for _ in range(options.tries):
+        if not remaining:
+            break
+        # the next candidate in order, from the form that has measured slower the fewest times
+        c = min(remaining, key=lambda c: failed[c.form])
+        remaining.remove(c)
         if options.check_latency:
             before, after = measure_latency(g, c.form, c.ranks, options)
             d.tried.append(f"{c.form}{list(c.ranks)}: {after / before:.2f}x time")
             if after * options.min_speedup > before:
+                failed[c.form] += 1
                 continue
             d.latency_ms = (before * 1e3, after * 1e3)
         data = None
