@@ -275,3 +275,25 @@ def test_onnx_decomposition_rewrites_conv_nodes(resnet, tmp_path):
     with pytest.raises(ConfigError, match="rank_budget"):
         onnx_amct.auto_decomposition(str(path), str(tmp_path / "x.onnx"), rank_budget=2.0)
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_onnx_nothing_decomposable_is_written_unchanged(tmp_path, caplog):
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((8, 4, 1, 1), np.float32), "w")
+    dw = numpy_helper.from_array(np.ones((8, 1, 3, 3), np.float32), "dw")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="pointwise"),
+         helper.make_node("Conv", ["y", "dw"], ["z"], name="depthwise", group=8, pads=[1, 1, 1, 1])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], [w, dw])
+    src, out = tmp_path / "m.onnx", tmp_path / "d.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    with caplog.at_level("WARNING", logger="omct"):
+        changes = onnx_amct.auto_decomposition(str(src), str(out), str(tmp_path / "i.json"))
+    assert changes == {} and "nothing decomposable" in caplog.text
+    assert "kernel 1x1" in caplog.text and "groups=8" in caplog.text
+    x = {"x": np.random.default_rng(0).standard_normal((1, 4, 6, 6)).astype(np.float32)}
+    np.testing.assert_array_equal(ort_run(src, x)[0], ort_run(out, x)[0])
+    assert json.loads((tmp_path / "i.json").read_text())["kept"] == {"pointwise": "kernel 1x1 (needs 3x3 or larger)",
+                                                                    "depthwise": "groups=8 (only groups 1)"}
