@@ -195,7 +195,8 @@ def main() -> None:
                      f"{r['acc1']:.3f} | {r['acc_int8']:.3f} | {r['lat_int8']:.2f} | {o['lat_int8'] / r['lat_int8']:.2f}x | "
                      f"{r['secs']:.1f} |")
     lines.append("\n`acc before FT` of the original is its accuracy; `acc after FT` of the original is the same model "
-                 "(not fine-tuned). AIMET's spatial SVD was not run: aimet-torch does not install against torch 2.13.")
+                 "(not fine-tuned). AIMET's spatial SVD was not run: aimet-torch 2.42 requires torch 2.14.1 and the CUDA wheels "
+                 "(pip's resolver), which would replace the pinned torch 2.13.0.")
     ptq.write_results("decompose", lines)
 
 
