@@ -117,6 +117,15 @@ def test_rank_rules(rng):
     ordered, _ = dec.rank_order(cands, g, w, 16, max_error=0.8)
     assert all(c.error <= 0.8 for c in ordered) and ordered[0].macs == min(c.macs for c in cands if c.error <= 0.8)
     assert dec.rank_order(cands, g, w, 16, max_error=1e-6)[0] == []
+    # AMCT's default: the EVBMF rank of the two-conv form (here a rank-20 weight plus noise: 32 after rounding)
+    # sets the error; nothing with more error is chosen, and the first choice is the cheapest within it
+    low = np.einsum("ihr,row->oihw", rng.standard_normal((64, 3, 20)), rng.standard_normal((20, 64, 3)))
+    low += 0.05 * rng.standard_normal(low.shape)
+    cands = dec.candidates(low, None, g, 16)
+    ordered, rule = dec.rank_order(cands, g, low, 16)
+    ref = next(c for c in cands if c.form == "svd" and c.ranks == (32,))
+    assert rule.startswith("EVBMF rank 32") and all(c.error <= ref.error + 1e-12 for c in ordered)
+    assert ordered[0].macs == min(c.macs for c in ordered) <= ref.macs
     for bad in (0, -0.5, 1.5, float("nan")):
         with pytest.raises(ConfigError, match="rank_budget must be in \\(0, 1\\]"):
             plan.DecomposeOptions(rank_budget=bad)
