@@ -408,3 +408,34 @@ def test_pytorch_auto_nuq(tmp_path):
     assert set(result.steps) == {"0", "4", "7"}  # the depthwise conv cannot take NUQ
     assert Evaluator.calls == result.evaluations <= 2 * 2 + 4 and result.metric > 0.999 - 1e-9
     assert (tmp_path / "out" / "model_deploy_model.onnx").exists()
+
+
+# ---- command line ----------------------------------------------------------------------------------------
+
+
+def test_cli_quantize_nuq_steps_and_inspect(tmp_path, rng):
+    import os
+    import subprocess
+    import sys
+
+    model = _conv_stack(tmp_path, depthwise=True, width=32, blocks=1)
+    np.savez(tmp_path / "c.npz", input=rng.normal(size=(16, 3, 12, 12)).astype(np.float32))
+    env = dict(os.environ, OMCT_QUIET="0")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "omct", *map(str, a)], capture_output=True, text=True,  # noqa: E731
+                                    timeout=300, env=env)
+    res = run("quantize", model, "--calib", tmp_path / "c.npz", "--batch-size", 8, "--out", tmp_path / "q", "--nuq-steps", 16)
+    assert res.returncode == 0, res.stderr
+    dw = _depthwise(model)
+    assert f"layer '{dw}' keeps uniform weights: NUQ cannot take it (group 32; NUQ takes group 1 only)" in res.stderr
+    assert "--nuq-steps 16: 3 of 4 weighted layers take NUQ" in res.stderr and "NUQ-16 weights:" in res.stderr
+    config = json.loads((tmp_path / "q_work" / "config.json").read_text())
+    assert config[dw]["weight_quant_params"]["wts_algo"] == "arq_quantize"
+    assert sum(v.get("weight_quant_params", {}).get("num_steps") == 16 for v in config.values() if isinstance(v, dict)) == 3
+    assert_integer_kernels(tmp_path / "q_deploy_model.onnx", tmp_path)
+    res = run("quantize", model, "--calib", tmp_path / "c.npz", "--out", tmp_path / "r", "--nuq-steps", 20)
+    assert res.returncode == 2 and "invalid choice: 20" in res.stderr
+    res = run("inspect", model)
+    assert res.returncode == 0 and "(3 can take NUQ)" in res.stdout
+    rows = [line.split("\t") for line in res.stdout.splitlines() if "\t" in line]
+    assert [dw, "Conv"] == rows[[r[0] for r in rows].index(dw)][:2]
+    assert rows[[r[0] for r in rows].index(dw)][-1] == "no: group 32; NUQ takes group 1 only"
