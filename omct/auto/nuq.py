@@ -59,7 +59,9 @@ class AutoNuqEvaluatorBase(ABC):
     * ONNX frontend: ``model_file`` is an ONNX file path (the float model, then fake-quant trials) and
       ``weights_file`` None. Once, for calibration, it gets the calibration model: run ``batch_num`` batches
       through ``onnxruntime.InferenceSession(model_file)`` (omct hands back a ``CalibrationSession`` for that
-      file; the metric returned then is not used).
+      file: an evaluation loop over your validation data calibrates on its first ``batch_num`` batches, or test
+      ``isinstance(session, omct.onnx.CalibrationSession)`` to feed calibration data instead; the metric
+      returned then is not used).
     * PyTorch frontend: ``model_file`` is an nn.Module (your model, the calibration module, then fake-quant
       trials behind ``OnnxModule``) and ``weights_file`` None.
 
