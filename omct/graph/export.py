@@ -122,7 +122,7 @@ class DeployBuilder(_Builder):
 
     def weight(self, codes, params, base, levels=None):
         qi = (self.add_init(codes.astype(np.int8), f"{base}.weight_quantized") if not levels
-              else self.unpacked_levels(codes, levels, base))
+              else self.unpacked_levels(codes, levels, params.axis, base))
         s = self.add_init(params.scale, f"{base}.weight_scale")
         z = self.add_init(np.zeros(params.scale.shape, np.int8), f"{base}.weight_zero_point")
         attrs = {"axis": params.axis} if params.axis is not None else {}
@@ -135,16 +135,21 @@ class DeployBuilder(_Builder):
             cache[key] = self.add_init(array, key)
         return cache[key]
 
-    def unpacked_levels(self, codes: np.ndarray, levels: list[int], base: str) -> str:
-        """NUQ: the INT8 weight stored as bit-packed indices into the layer's level table, expanded by standard
-        ops on constants only (BitShift, Mod, Mul, ReduceSum, Gather, Reshape), which ONNX Runtime folds into an
-        INT8 initializer when the session is created: the DequantizeLinear that follows then fuses into the
-        integer kernel as with a uniform weight. Bit planes (one bit of every index per plane, 8 per byte) serve
-        any table size with plain byte ops."""
-        table = np.asarray(levels, np.int8)
-        bits = nuq.index_bits(len(levels))
-        count = codes.size
-        planes = nuq.pack_indices(np.searchsorted(table.astype(np.int64), codes.reshape(-1)), bits)
+    def unpacked_levels(self, codes: np.ndarray, levels: list[int], axis: int | None, base: str) -> str:
+        """NUQ: the INT8 weight stored as bit-packed indices into the layer's level tables (one row per output
+        channel on ``axis``), expanded by standard ops on constants only (BitShift, Cast, Mod, Mul, ReduceSum,
+        Reshape, Slice, Add, Gather), which ONNX Runtime folds into an INT8 initializer when the session is
+        created: the DequantizeLinear that follows then fuses into the integer kernel as with a uniform weight.
+        Bit planes (one bit of every index per plane, 8 per byte) serve any table size with plain byte ops."""
+        channels = codes.shape[axis] if axis is not None else 1
+        table = nuq.level_table(levels, channels)
+        steps_per_row = table.shape[1]
+        bits = nuq.index_bits(steps_per_row)
+        moved = np.moveaxis(codes, axis, 0).reshape(channels, -1) if axis is not None else codes.reshape(1, -1)
+        index = np.stack([np.searchsorted(table[c if table.shape[0] > 1 else 0], moved[c]) for c in range(channels)])
+        index = np.moveaxis(index.reshape((channels,) + tuple(np.delete(codes.shape, axis))), 0, axis) \
+            if axis is not None else index.reshape(codes.shape)
+        planes = nuq.pack_indices(index, bits)
         packed = self.add_init(planes[:, :, None], f"{base}.weight_packed")  # [bits, bytes, 1] uint8
         steps = iter(range(100))
 
@@ -162,10 +167,15 @@ class DeployBuilder(_Builder):
                                self.shared(np.array([0], np.int64), "nuq.zero")], keepdims=0)  # [bytes, 8]
         idx = op("Slice", [op("Reshape", [idx, self.shared(np.array([-1], np.int64), "nuq.flat")]),
                            self.shared(np.array([0], np.int64), "nuq.zero"),
-                           self.add_init(np.array([count], np.int64), f"{base}.count")])
-        w = op("Gather", [self.add_init(table, f"{base}.weight_levels"), idx], axis=0)
-        shape = self.add_init(np.array(codes.shape, np.int64), f"{base}.weight_shape")
-        return self.node("Reshape", [w, shape], f"{base}.weight_quantized")
+                           self.add_init(np.array([codes.size], np.int64), f"{base}.count")])
+        idx = op("Reshape", [idx, self.add_init(np.array(codes.shape, np.int64), f"{base}.weight_shape")])
+        if table.shape[0] > 1:  # row c of the flattened tables starts at c * steps_per_row
+            shape = [1] * codes.ndim
+            shape[axis] = channels
+            offsets = (np.arange(channels, dtype=np.int32) * steps_per_row).reshape(shape)
+            idx = op("Add", [idx, self.add_init(offsets, f"{base}.level_rows")])
+        w = self.add_init(table.reshape(-1).astype(np.int8), f"{base}.weight_levels")
+        return self.node("Gather", [w, idx], f"{base}.weight_quantized", axis=0)
 
     def bias(self, codes, scale, base):
         bi = self.add_init(codes, f"{base}.bias_quantized")
