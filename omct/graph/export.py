@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from omct.core import nuq
 from omct.core.params import QuantParams
 from omct.core.weights import quantize_bias
 from omct.errors import QuantizationError
@@ -56,8 +57,8 @@ class _Builder:
         self.new_nodes.append(helper.make_node(op, inputs, [out], name=self.unique(f"{output_base}_{op}"), **attrs))
         return out
 
-    def weight(self, codes: np.ndarray, params: QuantParams, base: str) -> str:
-        """The tensor that replaces a layer's float weight, given its integer codes."""
+    def weight(self, codes: np.ndarray, params: QuantParams, base: str, levels: list[int] | None = None) -> str:
+        """The tensor that replaces a layer's float weight, given its integer codes (on ``levels`` with NUQ)."""
         raise NotImplementedError
 
     def bias(self, codes: np.ndarray, scale: np.ndarray, base: str) -> str:
@@ -88,7 +89,7 @@ class FakeQuantBuilder(_Builder):
     QuantizeLinear/DequantizeLinear pair on its own (its WeightBiasQuantization pass), which would change the
     simulation."""
 
-    def weight(self, codes, params, base):
+    def weight(self, codes, params, base, levels=None):
         return self.add_init(params.dequantize(codes), f"{base}.weight_fake_quant")
 
     def bias(self, codes, scale, base):
@@ -118,13 +119,63 @@ class DeployBuilder(_Builder):
     def __init__(self, model: onnx.ModelProto, unsigned_activations: bool = True):
         super().__init__(model)
         self.unsigned = unsigned_activations
+        self._shared: dict[str, str] = {}  # NUQ unpacking constants every layer reads
 
-    def weight(self, codes, params, base):
-        qi = self.add_init(codes.astype(np.int8), f"{base}.weight_quantized")
+    def weight(self, codes, params, base, levels=None):
+        qi = (self.add_init(codes.astype(np.int8), f"{base}.weight_quantized") if not levels
+              else self.unpacked_levels(codes, levels, params.axis, base))
         s = self.add_init(params.scale, f"{base}.weight_scale")
         z = self.add_init(np.zeros(params.scale.shape, np.int8), f"{base}.weight_zero_point")
         attrs = {"axis": params.axis} if params.axis is not None else {}
         return self.node("DequantizeLinear", [qi, s, z], f"{base}.weight_dequantized", **attrs)
+
+    def shared(self, array: np.ndarray, key: str) -> str:
+        """One initializer for a constant that every NUQ layer's unpacking reads."""
+        if key not in self._shared:
+            self._shared[key] = self.add_init(array, key)
+        return self._shared[key]
+
+    def unpacked_levels(self, codes: np.ndarray, levels: list[int], axis: int | None, base: str) -> str:
+        """NUQ: the INT8 weight stored as bit-packed indices into the layer's level tables (one row per output
+        channel on ``axis``), expanded by standard ops on constants only (BitShift, Cast, Mod, Mul, ReduceSum,
+        Reshape, Slice, GatherElements), which ONNX Runtime folds into an INT8 initializer when the session is
+        created: the DequantizeLinear that follows then fuses into the integer kernel as with a uniform weight.
+        Bit planes (one bit of every index per plane, 8 per byte) serve any table size with plain byte ops."""
+        channels = codes.shape[axis] if axis is not None else 1
+        table = nuq.level_table(levels, channels)  # [channels, num_steps]
+        bits = nuq.index_bits(table.shape[1])
+        rows = np.moveaxis(codes, axis, 0).reshape(channels, -1) if axis is not None else codes.reshape(1, -1)
+        index = np.stack([np.searchsorted(table[c], rows[c]) for c in range(channels)])  # position in its row
+        # the index in the weight's own layout: it is packed in that order and expanded back to that shape
+        index = (np.moveaxis(index.reshape((channels,) + tuple(np.delete(codes.shape, axis))), 0, axis)
+                 if axis is not None else index.reshape(codes.shape))
+        packed = self.add_init(nuq.pack_indices(index, bits)[:, :, None], f"{base}.weight_packed")  # [bits, bytes, 1]
+        steps = iter(range(100))
+
+        def op(op_type: str, inputs: list[str], **attrs) -> str:
+            """An unpacking node: short output name, no node name (a few hundred bytes less per layer)."""
+            out = self.unique(f"{base}.u{next(steps)}")
+            self.new_nodes.append(helper.make_node(op_type, inputs, [out], **attrs))
+            return out
+
+        bit = op("BitShift", [packed, self.shared(np.arange(7, -1, -1, dtype=np.uint8), "nuq.bit_shifts")],
+                 direction="RIGHT")  # [bits, bytes, 8]
+        bit = op("Mod", [op("Cast", [bit], to=onnx.TensorProto.INT32), self.shared(np.array(2, np.int32), "nuq.two")])
+        values = (1 << np.arange(bits, dtype=np.int32)).reshape(bits, 1, 1)
+        idx = op("ReduceSum", [op("Mul", [bit, self.shared(values, f"nuq.bit_values{bits}")]),
+                               self.shared(np.array([0], np.int64), "nuq.zero")], keepdims=0)  # [bytes, 8]
+        idx = op("Slice", [op("Reshape", [idx, self.shared(np.array([-1], np.int64), "nuq.flat")]),
+                           self.shared(np.array([0], np.int64), "nuq.zero"),
+                           self.add_init(np.array([codes.size], np.int64), f"{base}.count")])
+        # each weight looks up its channel's row: GatherElements on [channels, -1] (channels first) or, for a 2-D
+        # weight with its channels last (MatMul), on [-1, channels] with the tables transposed
+        last = axis is not None and axis == codes.ndim - 1 and axis != 0
+        lookup = (-1, channels) if last else (channels, -1)
+        idx = op("Reshape", [idx, self.add_init(np.array(lookup, np.int64), f"{base}.lookup_shape")])
+        levels_init = self.add_init((table.T if last else table).astype(np.int8), f"{base}.weight_levels")
+        w = op("GatherElements", [levels_init, idx], axis=0 if last else 1)
+        shape = self.add_init(np.array(codes.shape, np.int64), f"{base}.weight_shape")
+        return self.node("Reshape", [w, shape], f"{base}.weight_quantized")
 
     def bias(self, codes, scale, base):
         bi = self.add_init(codes, f"{base}.bias_quantized")
@@ -190,6 +241,15 @@ def weight_params(record: LayerRecord, num_bits: int, weight_axis: int | None) -
                        np.zeros(len(record.scale_w) if axis is not None else (), np.int32), num_bits, axis)
 
 
+def integer_weight(weight: np.ndarray, record: LayerRecord, params: QuantParams) -> np.ndarray:
+    """The integer weight of a layer from its float weight and its record: the one place where a weight
+    algorithm that changes the rounding (NUQ's levels; AdaRound) is applied, for both exported models and for
+    bias correction."""
+    if record.nuq_levels:
+        return nuq.to_levels(weight, params.scale, params.axis, record.nuq_levels)
+    return params.quantize(weight)
+
+
 def build(builder: _Builder, plan: Plan, config: QuantConfig, records: dict[str, LayerRecord]) -> onnx.ModelProto:
     """Quantize ``builder.model`` (a copy of the base model) as ``plan`` and ``records`` say."""
     b = builder
@@ -205,9 +265,9 @@ def build(builder: _Builder, plan: Plan, config: QuantConfig, records: dict[str,
         wp = weight_params(rec, wcfg.num_bits if wcfg else 8, spec.weight_axis)
         w = numpy_helper.to_array(b.inits[spec.weight]).astype(np.float32)
         if spec.weight_only:
-            b.lookup(node, wp.quantize(w), wp, name)
+            b.lookup(node, integer_weight(w, rec, wp), wp, name)
             continue
-        node.input[handler.weight_port] = b.weight(wp.quantize(w), wp, name)
+        node.input[handler.weight_port] = b.weight(integer_weight(w, rec, wp), wp, name, rec.nuq_levels or None)
         if spec.bias is not None:
             bias = numpy_helper.to_array(b.inits[spec.bias]).astype(np.float32)
             if len(rec.bias_correction) == bias.size:

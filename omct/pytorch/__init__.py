@@ -17,11 +17,12 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("omct.pytorch needs PyTorch: pip install 'omct[torch]'") from e
 
 from omct.auto.evaluator import AutoCalibrationEvaluatorBase
+from omct.auto.nuq import AutoNuqEvaluatorBase
 from omct.pytorch.api import ModuleReport, create_quant_config, inspect_model, quantize_model, save_model
-from omct.pytorch.auto import OnnxModule, accuracy_based_auto_calibration
+from omct.pytorch.auto import OnnxModule, accuracy_based_auto_calibration, auto_nuq
 from omct.pytorch.calibration import CalibrationModel
 from omct.pytorch.decompose import auto_decomposition, decompose_network
 
-__all__ = ["AutoCalibrationEvaluatorBase", "CalibrationModel", "ModuleReport", "OnnxModule",
-           "accuracy_based_auto_calibration", "auto_decomposition", "create_quant_config",
+__all__ = ["AutoCalibrationEvaluatorBase", "AutoNuqEvaluatorBase", "CalibrationModel", "ModuleReport", "OnnxModule",
+           "accuracy_based_auto_calibration", "auto_decomposition", "auto_nuq", "create_quant_config",
            "decompose_network", "inspect_model", "quantize_model", "save_model"]
