@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from omct.algorithms.activations import ActivationRanges
+from omct.algorithms.adaround import AdaRound
 from omct.algorithms.base import Algorithm
 from omct.algorithms.bias_correction import BiasCorrection
 from omct.algorithms.weights import WeightQuantization
 
-#: Later algorithms read what earlier ones wrote (bias correction needs the weight quantization).
-PIPELINE: tuple[Algorithm, ...] = (ActivationRanges(), WeightQuantization(), BiasCorrection())
+#: Later algorithms read what earlier ones wrote (AdaRound rounds with the weight quantization's scales; bias
+#: correction corrects the weights as rounded).
+PIPELINE: tuple[Algorithm, ...] = (ActivationRanges(), WeightQuantization(), AdaRound(), BiasCorrection())

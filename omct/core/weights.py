@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from omct.core.adaround import AdaRoundOptions
 from omct.core.options import AlgorithmOptions, CfgPlacement
 from omct.core.params import QuantParams, symmetric_params
 
@@ -66,10 +67,17 @@ class MSEClipOptions(AlgorithmOptions):
     cfg = CfgPlacement("mse_clip_quantize", 1000, "MSEClipQuantize", shared=(("channel_wise", 1), ("quant_bits", 10)))
 
 
+def ada_scale(weight: np.ndarray, num_bits: int = 8, axis: int | None = 0, **_options) -> QuantParams:
+    """AdaRound's scale is ARQ's; its options steer the rounding, learned later from the layer's inputs
+    (``omct.algorithms.adaround``)."""
+    return arq(weight, num_bits, axis)
+
+
 #: The weight algorithms by config.json name (``wts_algo``). Register a new one with one entry here.
 WEIGHT_QUANTIZERS: dict[str, WeightQuantizer] = {q.name: q for q in (
     WeightQuantizer("arq_quantize", arq, ARQOptions),
     WeightQuantizer("mse_clip", mse_clip, MSEClipOptions),
+    WeightQuantizer("ada_quantize", ada_scale, AdaRoundOptions),
 )}
 
 

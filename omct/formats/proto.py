@@ -57,6 +57,7 @@ _RECORD_MESSAGES: dict[str, list[tuple]] = {
         ("scale_o", 1000, "float", "optional", None, None),
         ("offset_o", 1001, "int32", "optional", None, None),
         ("bias_correction", 1002, "float", "repeated", None, None),
+        ("ada_flip", 1003, "uint32", "repeated", None, None),
     ],
     "MapFiledEntry": [("key", 1, "string", "optional", None, None),
                       ("value", 2, "SingleLayerRecord", "optional", None, None)],

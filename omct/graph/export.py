@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from omct.core.adaround import apply_flips
 from omct.core.params import QuantParams
 from omct.core.weights import quantize_bias
 from omct.errors import QuantizationError
@@ -190,6 +191,16 @@ def weight_params(record: LayerRecord, num_bits: int, weight_axis: int | None) -
                        np.zeros(len(record.scale_w) if axis is not None else (), np.int32), num_bits, axis)
 
 
+def layer_weight_codes(weight: np.ndarray, record: LayerRecord, params: QuantParams) -> np.ndarray:
+    """The integer weight of a layer from its float weight and its record: the one place export, and every
+    algorithm that needs the quantized weight (bias correction), turn a weight into codes, so fake-quant,
+    deploy and the corrections agree. Round to nearest unless the record says otherwise; a weight encoding
+    with its own record fields (AdaRound's ``ada_flip``, ...) is one branch here."""
+    if record.ada_flip:
+        return apply_flips(weight, params, record.ada_flip)
+    return params.quantize(weight)
+
+
 def build(builder: _Builder, plan: Plan, config: QuantConfig, records: dict[str, LayerRecord]) -> onnx.ModelProto:
     """Quantize ``builder.model`` (a copy of the base model) as ``plan`` and ``records`` say."""
     b = builder
@@ -204,10 +215,14 @@ def build(builder: _Builder, plan: Plan, config: QuantConfig, records: dict[str,
         wcfg = config.layers[name].weight_quant_params
         wp = weight_params(rec, wcfg.num_bits if wcfg else 8, spec.weight_axis)
         w = numpy_helper.to_array(b.inits[spec.weight]).astype(np.float32)
+        try:
+            codes = layer_weight_codes(w, rec, wp)
+        except ValueError as e:
+            raise QuantizationError(f"layer '{name}': record: {e}") from None
         if spec.weight_only:
-            b.lookup(node, wp.quantize(w), wp, name)
+            b.lookup(node, codes, wp, name)
             continue
-        node.input[handler.weight_port] = b.weight(wp.quantize(w), wp, name)
+        node.input[handler.weight_port] = b.weight(codes, wp, name)
         if spec.bias is not None:
             bias = numpy_helper.to_array(b.inits[spec.bias]).astype(np.float32)
             if len(rec.bias_correction) == bias.size:
