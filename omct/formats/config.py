@@ -20,7 +20,7 @@ from pydantic_core import PydanticCustomError
 from omct.core.options import AlgorithmOptions, OptionSpec
 from omct.errors import ConfigError
 from omct.fileio import atomic_write_text
-from omct.formats.algorithms import ACT, WTS, Kind
+from omct.formats.algorithms import ACT, SHARED_FIELDS, WTS, Kind
 from omct.formats.cfg import Override, SimplifiedConfig
 from omct.ui import logger
 
@@ -314,6 +314,11 @@ def _apply(override: Override, act: dict, wts: dict | None) -> None:
                 value = tuple(c if v is None else v for v, c in zip(value, act.get(key, defaults[key]), strict=True))
             act[key] = value
     if override.wts is not None and wts is not None:
+        if wts.get("wts_algo", override.wts.get("wts_algo")) != override.wts.get("wts_algo"):
+            # another weight algorithm: the previous one's own options go, the shared settings stay
+            shared = {key for key, _ in SHARED_FIELDS.values()} | {"wts_algo"}
+            for key in [k for k in wts if k not in shared]:
+                del wts[key]
         wts.update(override.wts)
 
 
