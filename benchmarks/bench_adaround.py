@@ -32,7 +32,8 @@ WORK = HERE / "work" / "adaround"
 RESULTS = HERE / "results"
 MODELS = {"mobilenet_v2": {"width_mult": 0.5, "last_channel": 256}, "resnet18": {"width": 16}}
 EPOCHS = {"mobilenet_v2": 12, "resnet18": 8}
-METHODS = ["omct", "omct-ada", "omct-ada-200", "ort-minmax", "ort-percentile", "ort-entropy"]
+METHODS = ["omct", "omct-cle", "omct-ada", "omct-ada-200", "omct-cle-ada-200", "ort-minmax", "ort-percentile",
+           "ort-entropy"]
 BATCH_NUM, CALIB_BATCH, LOW_MARGIN = 8, 32, 200
 
 
@@ -69,9 +70,10 @@ def quantize(method: str, src: Path, out: Path) -> Path:
 
         set_quiet()
         cfg = out.with_suffix(".cfg")
-        body = f"batch_num: {BATCH_NUM}\n"
-        if method.startswith("omct-ada"):
-            iters = method.split("-")[2] if method.count("-") == 2 else None
+        parts = method.split("-")  # omct[-cle][-ada[-ITERATIONS]]
+        body = f"batch_num: {BATCH_NUM}\n" + ("cross_layer_equalization: true\n" if "cle" in parts else "")
+        if "ada" in parts:
+            iters = parts[-1] if parts[-1].isdigit() else None
             body += "common_config { ada_quantize { " + (f"num_iteration: {iters} " if iters else "") + "} }\n"
         cfg.write_text(body)
         amct.create_quant_config(f"{out}.json", str(src), config_defination=str(cfg))

@@ -17,7 +17,8 @@ from omct.errors import ConfigError
 from omct.formats.algorithms import ACT, SHARED_FIELDS, WTS, Kind
 from omct.formats.proto import amct_config_class
 
-GLOBAL_FIELDS = ("batch_num", "activation_offset", "do_fusion", "skip_fusion_layers", "bias_correction")
+GLOBAL_FIELDS = ("batch_num", "activation_offset", "do_fusion", "skip_fusion_layers", "bias_correction",
+                 "cross_layer_equalization")
 
 
 @dataclass

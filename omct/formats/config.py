@@ -24,7 +24,8 @@ from omct.formats.algorithms import ACT, SHARED_FIELDS, WTS, Kind
 from omct.formats.cfg import Override, SimplifiedConfig
 from omct.ui import logger
 
-GLOBAL_KEYS = ("version", "batch_num", "activation_offset", "do_fusion", "skip_fusion_layers", "bias_correction")
+GLOBAL_KEYS = ("version", "batch_num", "activation_offset", "do_fusion", "skip_fusion_layers", "bias_correction",
+               "cross_layer_equalization")
 
 
 def _annotation(spec: OptionSpec) -> Any:
@@ -162,6 +163,7 @@ class GlobalConfig(BaseModel):
     do_fusion: bool = True
     skip_fusion_layers: list[str] = []
     bias_correction: bool = True  # omct: shift each bias by the mean error its quantized weights add
+    cross_layer_equalization: bool = False  # omct: equalize Conv -> (Relu) -> Conv weight ranges before calibration
 
 
 @dataclass

@@ -40,6 +40,7 @@ _CONFIG_MESSAGES: dict[str, list[tuple]] = {
         ("skip_fusion_layers", 201, "string", "repeated", None, None),
         ("nuq_config", 300, "NuqConfig", "optional", None, None),
         ("bias_correction", 1000, "bool", "optional", "true", None),
+        ("cross_layer_equalization", 1001, "bool", "optional", "false", None),
     ],
 }
 
