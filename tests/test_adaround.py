@@ -17,6 +17,7 @@ import omct.onnx as amct
 from omct.algorithms.adaround import learn_layer
 from omct.core.adaround import AdaRoundOptions, InputSamples, Window, apply_flips, rounding_flips
 from omct.core.weights import arq
+from omct.formats.config import load_config
 from omct.formats.proto import ScaleOffsetRecord
 from omct.formats.record import LayerRecord, read_record, record_text, write_record
 from omct.graph.export import layer_weight_codes, weight_params
@@ -181,3 +182,57 @@ def test_pytorch_flow_learns_and_exports_rounding(tmp_path):
     weights = {name: (getattr(net, name).weight.detach().numpy(), 0) for name in ("conv1", "conv2", "conv3")}
     _check_exported(tmp_path / "q_fake_quant_model.onnx", tmp_path / "q_deploy_model.onnx", files[2], weights,
                     ["conv1", "conv2"], "conv3")
+
+
+def test_dmq_balancer_moves_outlier_channels_into_the_weights(tmp_path):
+    """SmoothQuant-style balancing (AMCT's dmq_balancer, .cfg common_config): the record holds the factors, the
+    exported fake-quant model computes what an independent numpy simulation of ``(X / s) (s W)`` gives, the
+    deploy model agrees, and the error against float drops where a few input channels carry outliers."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 10)).eval()
+    path = tmp_path / "mlp.onnx"
+    torch.onnx.export(net, (torch.zeros(1, 32),), str(path), input_names=["input"], output_names=["out"],
+                      dynamic_axes={"input": {0: "n"}}, opset_version=17, dynamo=False)
+    rng = np.random.default_rng(4)
+    x = (rng.normal(size=(256, 32)) * np.where(np.arange(32) < 2, 60.0, 1.0)).astype(np.float32)  # 2 outlier channels
+    with torch.no_grad():
+        want = net(torch.tensor(x)).numpy()
+    errors = {}
+    dmq = 'override_layer_configs { layer_name: "/0/Gemm" calibration_config { dmq_balancer { } } }\n'  # alpha 0.5
+    for name, body in (("plain", ""), ("dmq", dmq)):
+        cfg = tmp_path / f"{name}.cfg"
+        cfg.write_text("batch_num: 1\nbias_correction: false\n" + body)
+        files = [str(tmp_path / f"{name}{f}") for f in (".json", "_mod.onnx", "_rec.txt")]
+        amct.create_quant_config(files[0], str(path), config_defination=str(cfg))
+        amct.quantize_model(files[0], str(path), files[1], files[2])
+        amct.CalibrationSession(files[1]).run(None, {"input": x})
+        amct.save_model(files[1], files[2], str(tmp_path / name))
+        fake = ort_run(tmp_path / f"{name}_fake_quant_model.onnx", {"input": x})[0]
+        deploy = ort_run(tmp_path / f"{name}_deploy_model.onnx", {"input": x})[0]
+        assert np.abs(fake - deploy).max() < 0.02 * np.abs(fake).max()
+        errors[name] = float(((fake - want) ** 2).mean())
+        rec = read_record(files[2])
+        first = next(iter(rec))
+        assert bool(rec[first].dmq_factor) == (name == "dmq") and not rec[list(rec)[1]].dmq_factor
+        assert load_config(files[0]).layers[first].dmq_balancer_param == (0.5 if name == "dmq" else None)
+    s = np.asarray(rec[first].dmq_factor)
+    assert s[:2].min() > 5 * np.median(s)  # the outlier channels are divided down most
+    # independent simulation of the first layer: (X / s) quantized as the record says, (W * s) per output row
+    r = rec[first]
+    w = net[0].weight.detach().numpy() * s[None, :]
+    sw = np.abs(w).max(axis=1, keepdims=True) / 127
+    xq = (np.clip(np.round(x / s / r.scale_d) + r.offset_d, -128, 127) - r.offset_d) * r.scale_d
+    b = np.round(net[0].bias.detach().numpy() / (sw[:, 0] * r.scale_d)) * sw[:, 0] * r.scale_d
+    h = xq @ (np.round(w / sw) * sw).T + b
+    np.testing.assert_allclose(np.asarray(r.scale_w), sw[:, 0], rtol=1e-6)
+    sess_out = ort_run(tmp_path / "dmq_fake_quant_model.onnx", {"input": x})[0]
+    # second layer: quantize ReLU(h) as the record says and run it in float: the fake-quant output follows
+    r2 = rec[list(rec)[1]]
+    hq = np.maximum(h, 0)
+    hq = (np.clip(np.round(hq / r2.scale_d) + r2.offset_d, -128, 127) - r2.offset_d) * r2.scale_d
+    w2 = net[2].weight.detach().numpy()
+    sw2 = np.asarray(r2.scale_w)[:, None]
+    out = hq @ (np.round(w2 / sw2) * sw2).T + np.round(net[2].bias.detach().numpy() / (sw2[:, 0] * r2.scale_d)) * \
+        sw2[:, 0] * r2.scale_d
+    np.testing.assert_allclose(sess_out, out, rtol=1e-3, atol=1e-3 * np.abs(out).max())
+    assert errors["dmq"] < 0.5 * errors["plain"], errors

@@ -10,6 +10,7 @@ from omct.algorithms.base import Algorithm, RecordContext
 from omct.algorithms.statistics import StatPoint
 from omct.core.adaround import AdaRoundOptions, InputSamples, Window, layer_seed, learn_rounding, rounding_flips
 from omct.core.params import QuantParams
+from omct.graph.export import layer_float_weight
 
 NAME = "ada_quantize"
 
@@ -66,6 +67,10 @@ class AdaRound(Algorithm):
             rows = ctx.stats[_point(spec)].rows
             if wp is None or rows is None:
                 continue
-            weight = ctx.weight_of(spec.weight).astype(np.float32)
+            rec = ctx.records[spec.name]
+            weight = layer_float_weight(ctx.weight_of(spec.weight).astype(np.float32), rec, spec)
+            if rec.dmq_factor:  # the balanced layer reads its input divided by the factors
+                s = np.asarray(rec.dmq_factor, np.float32)
+                rows = rows / (np.repeat(s, rows.shape[1] // s.size) if spec.op_type == "Conv" else s)
             codes = learn_layer(weight, wp, spec, rows, options)
-            ctx.records[spec.name].ada_flip = rounding_flips(weight, wp, codes)
+            rec.ada_flip = rounding_flips(weight, wp, codes)

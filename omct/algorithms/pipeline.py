@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from omct.algorithms.activations import ActivationRanges
 from omct.algorithms.adaround import AdaRound
+from omct.algorithms.balance import DMQBalancer
 from omct.algorithms.base import Algorithm
 from omct.algorithms.bias_correction import BiasCorrection
 from omct.algorithms.weights import WeightQuantization
 
-#: Later algorithms read what earlier ones wrote (AdaRound rounds with the weight quantization's scales; bias
-#: correction corrects the weights as rounded).
-PIPELINE: tuple[Algorithm, ...] = (ActivationRanges(), WeightQuantization(), AdaRound(), BiasCorrection())
+#: Later algorithms read what earlier ones wrote (the balancer replaces a balanced layer's input range and sets the
+#: factors the weight quantization applies; AdaRound rounds with its scales; bias correction corrects the weights
+#: as rounded).
+PIPELINE: tuple[Algorithm, ...] = (ActivationRanges(), DMQBalancer(), WeightQuantization(), AdaRound(), BiasCorrection())

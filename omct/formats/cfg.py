@@ -28,6 +28,7 @@ class Override:
 
     act: dict[str, Any] | None = None
     wts: dict[str, Any] | None = None
+    dmq: float | None = None  # dmq_balancer's migration_strength (config.json: dmq_balancer_param)
 
 
 @dataclass
@@ -74,7 +75,8 @@ def _override(calib) -> Override:
         if which:
             algo = next(name for name, opts in kind.algorithms().items() if opts.cfg.field == which)
             found[kind.key] = _settings(getattr(calib, which), kind, algo)
-    return Override(found.get(ACT.key), found.get(WTS.key))
+    dmq = _f32(calib.dmq_balancer.migration_strength) if calib.HasField("dmq_balancer") else None
+    return Override(found.get(ACT.key), found.get(WTS.key), dmq)
 
 
 def _open_blocks(text: str, line: int, col: int) -> list[tuple[int, str]]:

@@ -152,6 +152,8 @@ class LayerConfig(BaseModel):
     quant_enable: bool = True
     activation_quant_params: ActivationQuantParams = Field(default_factory=ActivationQuantParams)
     weight_quant_params: WeightQuantParams | None = None
+    # AMCT's dmq_balancer: move activation outliers into the weights with this migration strength (alpha)
+    dmq_balancer_param: float | None = Field(None, ge=0.2, le=0.8)
 
 
 class GlobalConfig(BaseModel):
@@ -292,12 +294,14 @@ def build_config(layers: list[LayerInfo], *, batch_num: int = 1, activation_offs
         check_layer_names([name for name, _ in simplified.by_name], {li.name for li in quantizable}, "override_layer_configs")
     out: dict[str, LayerConfig] = {}
     for li in quantizable:
-        act, wts = {}, ({} if li.has_weight else None)
+        act, wts, dmq = {}, ({} if li.has_weight else None), None
         for override in simplified.overrides_for(li.name, li.layer_type) if simplified is not None else []:
             _apply(override, act, wts)
+            dmq = override.dmq if override.dmq is not None else dmq
         try:
             out[li.name] = LayerConfig(quant_enable=li.name not in skip_layers and li.layer_type not in skip_types,
-                                       activation_quant_params=act, weight_quant_params=wts)
+                                       activation_quant_params=act, weight_quant_params=wts,
+                                       dmq_balancer_param=dmq if li.has_weight else None)
         except ValidationError as e:
             raise ConfigError(f"{source}: layer '{li.name}': {_first_error(e)}") from None
     return QuantConfig(glob, out)

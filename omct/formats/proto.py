@@ -26,6 +26,7 @@ _CONFIG_MESSAGES: dict[str, list[tuple]] = {
                           ("calibration_config", 2, "CalibrationConfig", "required", None, None)],
     "OverrideLayer": [("layer_name", 1, "string", "required", None, None),
                       ("calibration_config", 2, "CalibrationConfig", "required", None, None)],
+    "DMQBalancer": [("migration_strength", 1, "float", "optional", "0.5", None)],
     "NuqConfig": [("num_steps", 1, "uint32", "optional", None, None),
                   ("num_of_iteration", 2, "uint32", "optional", None, None)],
     "AMCTConfig": [
@@ -59,6 +60,7 @@ _RECORD_MESSAGES: dict[str, list[tuple]] = {
         ("offset_o", 1001, "int32", "optional", None, None),
         ("bias_correction", 1002, "float", "repeated", None, None),
         ("ada_flip", 1003, "uint32", "repeated", None, None),
+        ("dmq_factor", 1004, "float", "repeated", None, None),
     ],
     "MapFiledEntry": [("key", 1, "string", "optional", None, None),
                       ("value", 2, "SingleLayerRecord", "optional", None, None)],
@@ -98,6 +100,8 @@ def algorithm_messages() -> dict[str, list[tuple]]:
             fields += [(fname, number, SHARED_FIELDS[fname][1], "optional", None, None) for fname, number in cfg.shared]
             messages[cfg.message] = sorted(fields, key=lambda f: f[1])
             calibration.append((cfg.field, cfg.number, cfg.message, "optional", None, kind.oneof))
+    # AMCT's activation/weight balancer (not a registry algorithm: one per layer, beside the two algorithms)
+    calibration.append(("dmq_balancer", 200, "DMQBalancer", "optional", None, "tensor_balancer"))
     messages["CalibrationConfig"] = calibration
     return messages
 

@@ -25,7 +25,7 @@ from omct.core.weights import quantize_bias
 from omct.errors import QuantizationError
 from omct.formats.config import QuantConfig
 from omct.formats.record import LayerRecord
-from omct.graph.ops import HANDLERS
+from omct.graph.ops import HANDLERS, LayerSpec
 from omct.graph.plan import Plan
 
 
@@ -191,6 +191,16 @@ def weight_params(record: LayerRecord, num_bits: int, weight_axis: int | None) -
                        np.zeros(len(record.scale_w) if axis is not None else (), np.int32), num_bits, axis)
 
 
+def layer_float_weight(weight: np.ndarray, record: LayerRecord, spec: LayerSpec) -> np.ndarray:
+    """The float weight a layer's codes approximate: the model's, times the ``dmq_balancer`` factors along its
+    input-channel axis when the record has them (the layer then reads its input divided by them)."""
+    if not record.dmq_factor:
+        return weight
+    shape = [1] * weight.ndim
+    shape[spec.weight_in_axis] = -1
+    return (weight * np.asarray(record.dmq_factor, np.float32).reshape(shape)).astype(np.float32)
+
+
 def layer_weight_codes(weight: np.ndarray, record: LayerRecord, params: QuantParams) -> np.ndarray:
     """The integer weight of a layer from its float weight and its record: the one place export, and every
     algorithm that needs the quantized weight (bias correction), turn a weight into codes, so fake-quant,
@@ -214,7 +224,7 @@ def build(builder: _Builder, plan: Plan, config: QuantConfig, records: dict[str,
         rec, node, handler = records[name], nodes[name], HANDLERS[spec.op_type]
         wcfg = config.layers[name].weight_quant_params
         wp = weight_params(rec, wcfg.num_bits if wcfg else 8, spec.weight_axis)
-        w = numpy_helper.to_array(b.inits[spec.weight]).astype(np.float32)
+        w = layer_float_weight(numpy_helper.to_array(b.inits[spec.weight]).astype(np.float32), rec, spec)
         try:
             codes = layer_weight_codes(w, rec, wp)
         except ValueError as e:
@@ -247,7 +257,12 @@ def build(builder: _Builder, plan: Plan, config: QuantConfig, records: dict[str,
     # kernel); input-only sites only for the quantized layers that read them.
     producer = {o: n for n in b.graph.node for o in n.output}
     for index, site in enumerate(plan.sites):
-        owner = site.output_of[0] if site.output_of else site.inputs_of[0]
+        # an input-only site is quantized as its first reader's record says; a balanced reader (dmq_balancer)
+        # quantizes its own scaled copy below
+        plain = [layer for layer in site.inputs_of if not records[layer].dmq_factor]
+        if not site.output_of and not plain:
+            continue
+        owner = site.output_of[0] if site.output_of else plain[0]
         rec = records[owner]
         scale, offset = (rec.scale_o, rec.offset_o) if site.output_of else (rec.scale_d, rec.offset_d)
         params = QuantParams(np.asarray(scale, np.float32), np.asarray(offset, np.int32), site.act.get("num_bits", 8))
@@ -262,8 +277,20 @@ def build(builder: _Builder, plan: Plan, config: QuantConfig, records: dict[str,
             producer[site.tensor] = b.new_nodes[-1]
         else:
             dq = b.activation_qdq(site.tensor, params, base_name)
-            for layer in site.inputs_of:
+            for layer in plain:
                 nodes[layer].input[HANDLERS[plan.layers[layer].op_type].activation_port] = dq
+    for name, spec in plan.layers.items():
+        rec = records.get(name)
+        if rec is None or not rec.dmq_factor or name not in plan.input_site:
+            continue
+        # dmq_balancer: the layer reads its input divided per channel by the factors, quantized as its record says
+        port = HANDLERS[spec.op_type].activation_port
+        shape = (-1, 1, 1) if spec.op_type == "Conv" else (-1,)
+        inv = b.add_init((1.0 / np.asarray(rec.dmq_factor, np.float32)).reshape(shape), f"{name}.dmq_inverse")
+        scaled = b.node("Mul", [nodes[name].input[port], inv], f"{name}.dmq_balanced")
+        bits = plan.sites[plan.input_site[name]].act.get("num_bits", 8)
+        params = QuantParams(np.asarray(rec.scale_d, np.float32), np.asarray(rec.offset_d, np.int32), bits)
+        nodes[name].input[port] = b.activation_qdq(scaled, params, f"{name}.dmq_input")
     return b.finish()
 
 
