@@ -1,5 +1,6 @@
 """Where min-max PTQ loses: omct's default vs omct + AdaRound (``ada_quantize``) vs ONNX Runtime's
-quantize_static (QDQ, per-channel; MinMax, Percentile, Entropy), on torchvision-layout MobileNetV2 and
+quantize_static (QDQ, per-channel; MinMax, Percentile, Entropy), with cross-layer equalization (-cle) and
+dmq_balancer (-dmq), on torchvision-layout MobileNetV2 and
 ResNet-18 replicas (tests/real_models.py) trained here.
 
 Data: scikit-learn's digits, upsampled to 32 x 32 and repeated to 3 channels (no image data set or pretrained
@@ -32,8 +33,8 @@ WORK = HERE / "work" / "adaround"
 RESULTS = HERE / "results"
 MODELS = {"mobilenet_v2": {"width_mult": 0.5, "last_channel": 256}, "resnet18": {"width": 16}}
 EPOCHS = {"mobilenet_v2": 12, "resnet18": 8}
-METHODS = ["omct", "omct-cle", "omct-ada", "omct-ada-200", "omct-cle-ada-200", "ort-minmax", "ort-percentile",
-           "ort-entropy"]
+METHODS = ["omct", "omct-cle", "omct-dmq", "omct-ada", "omct-ada-200", "omct-cle-ada", "omct-cle-ada-200", "ort-minmax",
+           "ort-percentile", "ort-entropy"]
 BATCH_NUM, CALIB_BATCH, LOW_MARGIN = 8, 32, 200
 
 
@@ -70,11 +71,13 @@ def quantize(method: str, src: Path, out: Path) -> Path:
 
         set_quiet()
         cfg = out.with_suffix(".cfg")
-        parts = method.split("-")  # omct[-cle][-ada[-ITERATIONS]]
+        parts = method.split("-")  # omct[-cle][-dmq][-ada[-ITERATIONS]]
         body = f"batch_num: {BATCH_NUM}\n" + ("cross_layer_equalization: true\n" if "cle" in parts else "")
+        common = "dmq_balancer { } " if "dmq" in parts else ""
         if "ada" in parts:
             iters = parts[-1] if parts[-1].isdigit() else None
-            body += "common_config { ada_quantize { " + (f"num_iteration: {iters} " if iters else "") + "} }\n"
+            common += "ada_quantize { " + (f"num_iteration: {iters} " if iters else "") + "} "
+        body += f"common_config {{ {common}}}\n" if common else ""
         cfg.write_text(body)
         amct.create_quant_config(f"{out}.json", str(src), config_defination=str(cfg))
         amct.quantize_model(f"{out}.json", str(src), f"{out}_mod.onnx", f"{out}_record.txt")
