@@ -33,8 +33,8 @@ WORK = HERE / "work" / "adaround"
 RESULTS = HERE / "results"
 MODELS = {"mobilenet_v2": {"width_mult": 0.5, "last_channel": 256}, "resnet18": {"width": 16}}
 EPOCHS = {"mobilenet_v2": 12, "resnet18": 8}
-METHODS = ["omct", "omct-cle", "omct-dmq", "omct-ada", "omct-ada-200", "omct-cle-ada", "omct-cle-ada-200", "ort-minmax",
-           "ort-percentile", "ort-entropy"]
+METHODS = ["omct", "omct-cle", "omct-dmq", "omct-ada", "omct-ada-200", "omct-ada-fi-200", "omct-cle-ada-200",
+           "ort-minmax", "ort-percentile", "ort-entropy"]
 BATCH_NUM, CALIB_BATCH, LOW_MARGIN = 8, 32, 200
 
 
@@ -71,12 +71,13 @@ def quantize(method: str, src: Path, out: Path) -> Path:
 
         set_quiet()
         cfg = out.with_suffix(".cfg")
-        parts = method.split("-")  # omct[-cle][-dmq][-ada[-ITERATIONS]]
+        parts = method.split("-")  # omct[-cle][-dmq][-ada[-fi][-ITERATIONS]]; fi: AdaRound on float inputs
         body = f"batch_num: {BATCH_NUM}\n" + ("cross_layer_equalization: true\n" if "cle" in parts else "")
         common = "dmq_balancer { } " if "dmq" in parts else ""
         if "ada" in parts:
             iters = parts[-1] if parts[-1].isdigit() else None
-            common += "ada_quantize { " + (f"num_iteration: {iters} " if iters else "") + "} "
+            common += "ada_quantize { " + (f"num_iteration: {iters} " if iters else "") + \
+                ("quantized_input: false " if "fi" in parts else "") + "} "
         body += f"common_config {{ {common}}}\n" if common else ""
         cfg.write_text(body)
         amct.create_quant_config(f"{out}.json", str(src), config_defination=str(cfg))
@@ -104,6 +105,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--methods", nargs="+", default=METHODS)
+    ap.add_argument("--out", default=str(RESULTS / "adaround.md"))
     args = ap.parse_args()
     _, _, xte, yte = data()
     rows = []
@@ -136,8 +138,8 @@ def main() -> None:
              "| model | method | logit SQNR, low-margin (dB) | low-margin agreement | accuracy (FP32) | wall (s) |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {m} | {k} | {s:.2f} | {a:.2f} | {acc:.3f} ({f:.3f}) | {w:.1f} |" for m, k, s, a, acc, f, w in rows]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "adaround.md").write_text("\n".join(lines) + "\n")
+    Path(args.out).parent.mkdir(exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

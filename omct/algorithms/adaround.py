@@ -27,16 +27,17 @@ def _point(spec) -> StatPoint:
                      lambda: InputSamples(window, layer_seed(f"{spec.input}{window}")))
 
 
-def learn_layer(weight: np.ndarray, params: QuantParams, spec, rows: np.ndarray, options: AdaRoundOptions) -> np.ndarray:
+def learn_layer(weight: np.ndarray, params: QuantParams, spec, rows: np.ndarray, options: AdaRoundOptions,
+                quantized_rows: np.ndarray | None = None) -> np.ndarray:
     """Integer codes of a Conv (out, in / groups, kh, kw) or dense (``weight_axis`` = outputs) weight."""
     if spec.op_type == "Conv":
         g = spec.groups
         w = weight.reshape(g, weight.shape[0] // g, -1)
         scale = np.broadcast_to(params.scale.astype(np.float32).reshape(-1), (weight.shape[0],)).reshape(g, -1, 1)
-        return learn_rounding(w, scale, rows, params.qmin, params.qmax, options).reshape(weight.shape)
+        return learn_rounding(w, scale, rows, params.qmin, params.qmax, options, quantized_rows).reshape(weight.shape)
     w = np.moveaxis(weight, spec.weight_axis, 0)
     scale = np.broadcast_to(params.scale.astype(np.float32).reshape(-1), (w.shape[0],)).reshape(1, -1, 1)
-    codes = learn_rounding(w[None], scale, rows, params.qmin, params.qmax, options)[0]
+    codes = learn_rounding(w[None], scale, rows, params.qmin, params.qmax, options, quantized_rows)[0]
     return np.moveaxis(codes, 0, spec.weight_axis)
 
 
@@ -72,5 +73,10 @@ class AdaRound(Algorithm):
             if rec.dmq_factor:  # the balanced layer reads its input divided by the factors
                 s = np.asarray(rec.dmq_factor, np.float32)
                 rows = rows / (np.repeat(s, rows.shape[1] // s.size) if spec.op_type == "Conv" else s)
-            codes = learn_layer(weight, wp, spec, rows, options)
+            quantized = None
+            if options.quantized_input:  # the rows as the deployed layer reads them
+                bits = ctx.plan.sites[ctx.plan.input_site[spec.name]].act.get("num_bits", 8)
+                quantized = QuantParams(np.asarray(rec.scale_d, np.float32), np.asarray(rec.offset_d, np.int32),
+                                        bits).fake_quant(rows)
+            codes = learn_layer(weight, wp, spec, rows, options, quantized)
             rec.ada_flip = rounding_flips(weight, wp, codes)

@@ -45,6 +45,7 @@ class AdaRoundOptions(AlgorithmOptions):
     beta_range_end: float = option(2.0, cfg=4, gt=0.0, help="regulariser exponent at the last iteration")
     warm_start: float = option(0.2, cfg=5, ge=0.0, lt=1.0, help="fraction of iterations without the regulariser")
     learning_rate: float = option(0.01, cfg=1000, gt=0.0, help="Adam step size (omct)")
+    quantized_input: bool = option(True, cfg=1001, help="fit W x with the rounded weights on the quantized input (omct)")
     cfg = CfgPlacement("ada_quantize", 15, "ADAquantize", shared=(("channel_wise", 10),))
 
 
@@ -144,20 +145,30 @@ def _rect_sigmoid(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def learn_rounding(weight: np.ndarray, scale: np.ndarray, rows: np.ndarray, qmin: int, qmax: int,
-                   options: AdaRoundOptions | None = None) -> np.ndarray:
+                   options: AdaRoundOptions | None = None, quantized_rows: np.ndarray | None = None) -> np.ndarray:
     """Integer codes of ``weight`` (groups, out, d) with learned rounding, given its per-row ``scale``
     (broadcastable to (groups, out, 1)) and input ``rows`` (N, groups * d: group g reads columns
-    ``g*d:(g+1)*d``). All groups and output channels are optimised together (vectorised Adam)."""
+    ``g*d:(g+1)*d``). All groups and output channels are optimised together (vectorised Adam).
+
+    With ``quantized_rows`` (the same rows as the deployed layer sees them, quantized) the target stays the
+    float output ``W x`` and the rounded weights are applied to the quantized input: the rounding then also
+    absorbs what input quantization does to this layer's output."""
     o = options or AdaRoundOptions()
     w = np.asarray(weight, np.float32)
     g, out, d = w.shape
     s = np.broadcast_to(np.asarray(scale, np.float32), (g, out, 1)).astype(np.float32)
     x = np.asarray(rows, np.float32).reshape(len(rows), g, d).transpose(1, 0, 2)  # (groups, N, d)
+    xq = x if quantized_rows is None else \
+        np.asarray(quantized_rows, np.float32).reshape(len(rows), g, d).transpose(1, 0, 2)
     n = x.shape[1]
     base = np.floor(w / s)
     rest = np.clip(w / s - base, 1e-4, 1 - 1e-4)
     v = (-np.log((ZETA - GAMMA) / (rest - GAMMA) - 1)).astype(np.float32)
-    gram = np.matmul(x.transpose(0, 2, 1), x) / n if n > d else None  # (groups, d, d): cheaper when N > d
+    # ||Wq xq - W x||^2 = ||(Wq - W) xq - W (x - xq)||^2: the gradient is 2 ((Wq - W) A - W C) with
+    # A = xq' xq / N and C = (x - xq)' xq / N, (groups, d, d) each: cheaper than the rows when N > d
+    gram = np.matmul(xq.transpose(0, 2, 1), xq) / n if n > d else None
+    shift = None if xq is x else np.matmul(w, np.matmul((x - xq).transpose(0, 2, 1), xq) / n) if n > d else None
+    err_in = None if xq is x or n > d else np.matmul(w, (x - xq).transpose(0, 2, 1))  # W (x - xq): (groups, out, N)
     m1, m2 = np.zeros_like(v), np.zeros_like(v)
     b1, b2, eps = 0.9, 0.999, 1e-8
     total = o.num_iteration
@@ -168,9 +179,10 @@ def learn_rounding(weight: np.ndarray, scale: np.ndarray, rows: np.ndarray, qmin
         inside = (soft >= qmin) & (soft <= qmax)
         delta = s * np.clip(soft, qmin, qmax) - w  # (groups, out, d)
         if gram is not None:
-            g_delta = 2.0 * np.matmul(delta, gram)
+            g_delta = 2.0 * (np.matmul(delta, gram) - (shift if shift is not None else 0.0))
         else:
-            g_delta = (2.0 / n) * np.matmul(np.matmul(delta, x.transpose(0, 2, 1)), x)
+            e = np.matmul(delta, xq.transpose(0, 2, 1)) - (err_in if err_in is not None else 0.0)
+            g_delta = (2.0 / n) * np.matmul(e, xq)
         grad = g_delta * s * inside
         if t >= warm and o.reg_param > 0:
             rel = (t - warm) / max(1, total - warm)
