@@ -33,8 +33,8 @@ WORK = HERE / "work" / "adaround"
 RESULTS = HERE / "results"
 MODELS = {"mobilenet_v2": {"width_mult": 0.5, "last_channel": 256}, "resnet18": {"width": 16}}
 EPOCHS = {"mobilenet_v2": 12, "resnet18": 8}
-METHODS = ["omct", "omct-cle", "omct-dmq", "omct-ada", "omct-ada-200", "omct-ada-fi-200", "omct-cle-ada-200",
-           "ort-minmax", "ort-percentile", "ort-entropy"]
+METHODS = ["omct", "omct-cle", "omct-dmq", "omct-ada", "omct-ada-200", "omct-ada-fi-200", "omct-cle-ada",
+           "omct-cle-ada-200", "ort-minmax", "ort-percentile", "ort-entropy"]
 BATCH_NUM, CALIB_BATCH, LOW_MARGIN = 8, 32, 200
 
 
