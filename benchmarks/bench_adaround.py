@@ -12,11 +12,14 @@ per method: calibration + export, one process, on a shared host (compare ratios)
 
     python benchmarks/bench_adaround.py            # writes benchmarks/results/adaround.md
     python benchmarks/bench_adaround.py --models mobilenet_v2 --methods omct omct-ada
+    NNCF_PYTHON=/path/to/venv/bin/python python benchmarks/bench_adaround.py --methods omct nncf nncf-mixed
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -62,8 +65,30 @@ def ensure_model(name: str) -> Path:
     return path
 
 
+#: A Python with nncf installed (its own venv: installing it into omct's would change pinned versions).
+NNCF_PYTHON = os.environ.get("NNCF_PYTHON", sys.executable)
+
+
+def nncf_child(method: str, src: str, dst: str) -> None:
+    """Run in NNCF's venv: nncf.quantize with its defaults (``nncf``) or the MIXED preset (``nncf-mixed``)."""
+    import nncf
+    import onnx
+
+    xtr = data()[0]
+    batches = [xtr[i * CALIB_BATCH:(i + 1) * CALIB_BATCH] for i in range(BATCH_NUM)]
+    kwargs = {"preset": nncf.QuantizationPreset.MIXED} if method == "nncf-mixed" else {}
+    q = nncf.quantize(onnx.load(src), nncf.Dataset(batches, lambda b: {"input": b}),
+                      subset_size=BATCH_NUM * CALIB_BATCH, **kwargs)
+    onnx.save(q, dst)
+
+
 def quantize(method: str, src: Path, out: Path) -> Path:
     xtr = data()[0]
+    if method.startswith("nncf"):  # wall time includes starting that Python and importing nncf
+        dst = Path(f"{out}_deploy_model.onnx")
+        subprocess.run([NNCF_PYTHON, __file__, "--nncf-child", method, str(src), str(dst)], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return dst
     batches = [xtr[i * CALIB_BATCH:(i + 1) * CALIB_BATCH] for i in range(BATCH_NUM)]
     if method.startswith("omct"):
         import omct.onnx as amct
@@ -106,7 +131,11 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--methods", nargs="+", default=METHODS)
     ap.add_argument("--out", default=str(RESULTS / "adaround.md"))
+    ap.add_argument("--nncf-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.nncf_child:
+        nncf_child(*args.nncf_child)
+        return
     _, _, xte, yte = data()
     rows = []
     for name in args.models:
