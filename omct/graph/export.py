@@ -224,8 +224,8 @@ def build(builder: _Builder, plan: Plan, config: QuantConfig, records: dict[str,
         rec, node, handler = records[name], nodes[name], HANDLERS[spec.op_type]
         wcfg = config.layers[name].weight_quant_params
         wp = weight_params(rec, wcfg.num_bits if wcfg else 8, spec.weight_axis)
-        w = layer_float_weight(numpy_helper.to_array(b.inits[spec.weight]).astype(np.float32), rec, spec)
         try:
+            w = layer_float_weight(numpy_helper.to_array(b.inits[spec.weight]).astype(np.float32), rec, spec)
             codes = layer_weight_codes(w, rec, wp)
         except ValueError as e:
             raise QuantizationError(f"layer '{name}': record: {e}") from None
