@@ -167,7 +167,9 @@ def test_pytorch_flow_learns_and_exports_rounding(tmp_path):
 
     net, x = _net_and_data()
     cfg = tmp_path / "ada.cfg"
-    cfg.write_text(_CFG % "conv3")
+    # fc: AdaRound and dmq_balancer together (the rounding is learned on the balanced weight and input)
+    cfg.write_text(_CFG % "conv3" + 'override_layer_configs { layer_name: "fc" calibration_config '
+                   '{ ada_quantize { num_iteration: 200 } dmq_balancer { migration_strength: 0.3 } } }\n')
     files = [str(tmp_path / f) for f in ("c.json", "mod.onnx", "rec.txt")]
     example = torch.tensor(x[:1])
     pt.create_quant_config(files[0], net, example, config_defination=str(cfg))
@@ -178,7 +180,12 @@ def test_pytorch_flow_learns_and_exports_rounding(tmp_path):
             cal(torch.tensor(b))
     pt.save_model(files[1], files[2], str(tmp_path / "q"))
     rec = read_record(files[2])
-    assert rec["fc"].ada_flip  # the Linear (Gemm or MatMul) learns its rounding too
+    assert rec["fc"].ada_flip and len(rec["fc"].dmq_factor) == 24  # the Linear learns its rounding, balanced
+    fake, deploy = (ort_run(tmp_path / f"q_{k}_model.onnx", {"input": x})[0] for k in ("fake_quant", "deploy"))
+    with torch.no_grad():
+        want = net(torch.tensor(x)).numpy()
+    assert np.abs(fake - deploy).max() < 0.02 * np.abs(want).max()
+    assert np.abs(fake - want).max() < 0.1 * np.abs(want).max()
     weights = {name: (getattr(net, name).weight.detach().numpy(), 0) for name in ("conv1", "conv2", "conv3")}
     _check_exported(tmp_path / "q_fake_quant_model.onnx", tmp_path / "q_deploy_model.onnx", files[2], weights,
                     ["conv1", "conv2"], "conv3")
