@@ -8,7 +8,7 @@ import numpy as np
 from omct.algorithms.base import Algorithm, RecordContext
 from omct.algorithms.statistics import StatPoint
 from omct.core.bias_correction import ChannelMeans, correction
-from omct.graph.export import integer_weight
+from omct.graph.export import layer_float_weight, layer_weight_codes
 
 
 def _point(spec) -> StatPoint:
@@ -34,8 +34,11 @@ class BiasCorrection(Algorithm):
             wp = ctx.weight_params.get(spec.name)
             if mean is None or wp is None:
                 continue
-            weight = ctx.weight_of(spec.weight)
-            quantized = wp.dequantize(integer_weight(weight, ctx.records[spec.name], wp))
+            rec = ctx.records[spec.name]
+            weight = layer_float_weight(ctx.weight_of(spec.weight), rec, spec)
+            if rec.dmq_factor and mean.shape == (len(rec.dmq_factor),):
+                mean = mean / np.asarray(rec.dmq_factor, np.float64)  # the balanced layer's input
+            quantized = wp.dequantize(layer_weight_codes(weight, rec, wp))
             shift = correction(weight, quantized, mean, spec.weight_axis, spec.weight_in_axis, spec.groups)
             if shift is not None and np.all(np.isfinite(shift)):
                 # float32 as the record file stores it, so in-memory and file-based exports agree bit for bit

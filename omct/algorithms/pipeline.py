@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from omct.algorithms.activations import ActivationRanges
+from omct.algorithms.adaround import AdaRound
+from omct.algorithms.balance import DMQBalancer
 from omct.algorithms.base import Algorithm
 from omct.algorithms.bias_correction import BiasCorrection
 from omct.algorithms.weights import WeightQuantization
 
-#: Later algorithms read what earlier ones wrote (bias correction needs the weight quantization).
-PIPELINE: tuple[Algorithm, ...] = (ActivationRanges(), WeightQuantization(), BiasCorrection())
+#: Later algorithms read what earlier ones wrote (the balancer replaces a balanced layer's input range and sets the
+#: factors the weight quantization applies; AdaRound rounds with its scales; bias correction corrects the weights
+#: as rounded).
+PIPELINE: tuple[Algorithm, ...] = (ActivationRanges(), DMQBalancer(), WeightQuantization(), AdaRound(), BiasCorrection())

@@ -12,6 +12,7 @@ from omct.algorithms.statistics import StatPoint
 from omct.core import nuq
 from omct.core.params import QuantParams
 from omct.core.weights import WEIGHT_QUANTIZERS
+from omct.graph.export import layer_float_weight
 from omct.ui import logger
 
 
@@ -43,7 +44,7 @@ class WeightQuantization(Algorithm):
             wcfg = ctx.config.layers[name].weight_quant_params
             algo = WEIGHT_QUANTIZERS[wcfg.wts_algo if wcfg else "arq_quantize"]
             axis = spec.weight_axis if (wcfg is None or wcfg.channel_wise) else None
-            weight = ctx.weight_of(spec.weight)
+            weight = layer_float_weight(ctx.weight_of(spec.weight), ctx.records[name], spec)
             wp = algo(weight, wcfg.num_bits if wcfg else 8, axis)
             rec = ctx.records[name]
             if name in nuq_names and not nuq.worthwhile(weight.shape, axis, wcfg.__pydantic_extra__["num_steps"]):

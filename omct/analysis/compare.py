@@ -26,6 +26,7 @@ from onnx import TensorProto, helper
 
 from omct.analysis.metrics import CosineSimilarity, ErrorStats, Sensitivity
 from omct.errors import ModelError
+from omct.graph.equalize import equalize
 from omct.graph.export import toposort
 from omct.graph.metadata import FUSION as FUSION_KEY
 from omct.graph.metadata import LAYERS as LAYERS_KEY
@@ -199,6 +200,8 @@ def analyze(float_model: str | os.PathLike | onnx.ModelProto, quant_model: str |
     base, report = normalize(_as_model(float_model, "float model"))
     if fusion.get("do_fusion", True):
         fold_batchnorm(base, set(fusion.get("skip_fusion_layers", [])), report)
+    if fusion.get("cross_layer_equalization"):  # the quantized model's weights were equalized: so is the reference
+        equalize(base)
     model_outputs = [o.name for o in base.graph.output]  # before the probes' outputs are added
     q_nodes = {n.name: n for n in quant.graph.node}
     f_nodes = {n.name: n for n in base.graph.node}

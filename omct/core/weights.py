@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from omct.core.adaround import AdaRoundOptions
 from omct.core.nuq import ALLOWED_STEPS
 from omct.core.options import AlgorithmOptions, CfgPlacement, option
 from omct.core.params import QuantParams, symmetric_params
@@ -83,11 +84,18 @@ def nuq_uniform_start(weight: np.ndarray, num_bits: int = 8, axis: int | None = 
     return arq(weight, num_bits, axis)
 
 
+def ada_scale(weight: np.ndarray, num_bits: int = 8, axis: int | None = 0, **_options) -> QuantParams:
+    """AdaRound's scale is ARQ's; its options steer the rounding, learned later from the layer's inputs
+    (``omct.algorithms.adaround``)."""
+    return arq(weight, num_bits, axis)
+
+
 #: The weight algorithms by config.json name (``wts_algo``). Register a new one with one entry here.
 WEIGHT_QUANTIZERS: dict[str, WeightQuantizer] = {q.name: q for q in (
     WeightQuantizer("arq_quantize", arq, ARQOptions),
     WeightQuantizer("mse_clip", mse_clip, MSEClipOptions),
     WeightQuantizer("nuq_quantize", nuq_uniform_start, NUQOptions),
+    WeightQuantizer("ada_quantize", ada_scale, AdaRoundOptions),
 )}
 
 

@@ -19,7 +19,8 @@ from omct.formats.algorithms import ACT, SHARED_FIELDS, WTS, Kind
 from omct.formats.proto import amct_config_class
 from omct.ui import logger
 
-GLOBAL_FIELDS = ("batch_num", "activation_offset", "do_fusion", "skip_fusion_layers", "bias_correction")
+GLOBAL_FIELDS = ("batch_num", "activation_offset", "do_fusion", "skip_fusion_layers", "bias_correction",
+                 "cross_layer_equalization")
 
 
 @dataclass
@@ -29,6 +30,7 @@ class Override:
 
     act: dict[str, Any] | None = None
     wts: dict[str, Any] | None = None
+    dmq: float | None = None  # dmq_balancer's migration_strength (config.json: dmq_balancer_param)
 
 
 @dataclass
@@ -79,7 +81,8 @@ def _override(calib) -> Override:
         if which:
             algo = next(name for name, opts in kind.algorithms().items() if opts.cfg.field == which)
             found[kind.key] = _settings(getattr(calib, which), kind, algo)
-    return Override(found.get(ACT.key), found.get(WTS.key))
+    dmq = _f32(calib.dmq_balancer.migration_strength) if calib.HasField("dmq_balancer") else None
+    return Override(found.get(ACT.key), found.get(WTS.key), dmq)
 
 
 def _open_blocks(text: str, line: int, col: int) -> list[tuple[int, str]]:

@@ -24,7 +24,8 @@ from omct.formats.algorithms import ACT, WTS, Kind
 from omct.formats.cfg import Override, SimplifiedConfig
 from omct.ui import logger
 
-GLOBAL_KEYS = ("version", "batch_num", "activation_offset", "do_fusion", "skip_fusion_layers", "bias_correction")
+GLOBAL_KEYS = ("version", "batch_num", "activation_offset", "do_fusion", "skip_fusion_layers", "bias_correction",
+               "cross_layer_equalization")
 
 
 def _annotation(spec: OptionSpec) -> Any:
@@ -154,6 +155,8 @@ class LayerConfig(BaseModel):
     quant_enable: bool = True
     activation_quant_params: ActivationQuantParams = Field(default_factory=ActivationQuantParams)
     weight_quant_params: WeightQuantParams | None = None
+    # AMCT's dmq_balancer: move activation outliers into the weights with this migration strength (alpha)
+    dmq_balancer_param: float | None = Field(None, ge=0.2, le=0.8)
 
 
 class GlobalConfig(BaseModel):
@@ -165,6 +168,7 @@ class GlobalConfig(BaseModel):
     do_fusion: bool = True
     skip_fusion_layers: list[str] = []
     bias_correction: bool = True  # omct: shift each bias by the mean error its quantized weights add
+    cross_layer_equalization: bool = False  # omct: equalize Conv -> (Relu) -> Conv weight ranges before calibration
 
 
 @dataclass
@@ -296,13 +300,14 @@ def build_config(layers: list[LayerInfo], *, batch_num: int = 1, activation_offs
         _warn_unmatched_mapping(simplified.nuq_layers, quantizable)
     out: dict[str, LayerConfig] = {}
     for li in quantizable:
-        act, wts = {}, ({} if li.has_weight else None)
+        act, wts, dmq = {}, ({} if li.has_weight else None), None
         overrides = simplified.overrides_for(li.name, li.layer_type) if simplified is not None else []
         for i, override in enumerate(overrides + [None]):
             if i == (simplified is not None and simplified.common is not None):  # nuq_config: just above common_config
                 _apply_nuq_config(simplified, li, wts)
             if override is not None:
                 _apply(override, act, wts)
+                dmq = override.dmq if override.dmq is not None else dmq
         if wts is not None and wts.get("wts_algo") == "nuq_quantize" and li.nuq_refusal:
             named = any(o.wts and o.wts.get("wts_algo") == "nuq_quantize" for n, o in simplified.by_name if n == li.name)
             if named:
@@ -312,7 +317,8 @@ def build_config(layers: list[LayerInfo], *, batch_num: int = 1, activation_offs
             wts = {k: v for k, v in wts.items() if k not in ("wts_algo", *_nuq_option_names())}
         try:
             out[li.name] = LayerConfig(quant_enable=li.name not in skip_layers and li.layer_type not in skip_types,
-                                       activation_quant_params=act, weight_quant_params=wts)
+                                       activation_quant_params=act, weight_quant_params=wts,
+                                       dmq_balancer_param=dmq if li.has_weight else None)
         except ValidationError as e:
             raise ConfigError(f"{source}: layer '{li.name}': {_first_error(e)}") from None
     return QuantConfig(glob, out)

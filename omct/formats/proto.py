@@ -26,6 +26,7 @@ _CONFIG_MESSAGES: dict[str, list[tuple]] = {
                           ("calibration_config", 2, "CalibrationConfig", "required", None, None)],
     "OverrideLayer": [("layer_name", 1, "string", "required", None, None),
                       ("calibration_config", 2, "CalibrationConfig", "required", None, None)],
+    "DMQBalancer": [("migration_strength", 1, "float", "optional", "0.5", None)],
     # AMCT's nesting: nuq_config { mapping_file: "fusion.json" nuq_quantize { num_steps: 32 num_of_iteration: 1 } }
     "NuqConfig": [("mapping_file", 1, "string", "optional", None, None),
                   ("nuq_quantize", 2, "NUQuantize", "optional", None, None)],
@@ -41,6 +42,7 @@ _CONFIG_MESSAGES: dict[str, list[tuple]] = {
         ("skip_fusion_layers", 201, "string", "repeated", None, None),
         ("nuq_config", 300, "NuqConfig", "optional", None, None),
         ("bias_correction", 1000, "bool", "optional", "true", None),
+        ("cross_layer_equalization", 1001, "bool", "optional", "false", None),
     ],
 }
 
@@ -58,6 +60,8 @@ _RECORD_MESSAGES: dict[str, list[tuple]] = {
         ("scale_o", 1000, "float", "optional", None, None),
         ("offset_o", 1001, "int32", "optional", None, None),
         ("bias_correction", 1002, "float", "repeated", None, None),
+        ("ada_flip", 1003, "uint32", "repeated", None, None),
+        ("dmq_factor", 1004, "float", "repeated", None, None),
         ("nuq_levels", 1013, "int32", "repeated", None, None),  # NUQ: the INT8 levels the layer's weights keep
     ],
     "MapFiledEntry": [("key", 1, "string", "optional", None, None),
@@ -98,6 +102,8 @@ def algorithm_messages() -> dict[str, list[tuple]]:
             fields += [(fname, number, SHARED_FIELDS[fname][1], "optional", None, None) for fname, number in cfg.shared]
             messages[cfg.message] = sorted(fields, key=lambda f: f[1])
             calibration.append((cfg.field, cfg.number, cfg.message, "optional", None, kind.oneof))
+    # AMCT's activation/weight balancer (not a registry algorithm: one per layer, beside the two algorithms)
+    calibration.append(("dmq_balancer", 200, "DMQBalancer", "optional", None, "tensor_balancer"))
     messages["CalibrationConfig"] = calibration
     return messages
 

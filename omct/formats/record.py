@@ -29,6 +29,10 @@ class LayerRecord:
     offset_o: int | None = None
     bias_correction: list[float] = field(default_factory=list)  # added to the float bias before it is quantized
     nuq_levels: list[int] = field(default_factory=list)  # NUQ: per weight scale, the sorted INT8 levels it keeps
+    # AdaRound: flat indices (gap-coded) of the weights that round the other way than round-to-nearest
+    ada_flip: list[int] = field(default_factory=list)
+    # dmq_balancer: per input channel, the layer reads its input divided by these and its weight multiplied
+    dmq_factor: list[float] = field(default_factory=list)
 
 
 def _f32(values) -> list[str]:
@@ -50,7 +54,11 @@ def record_text(records: dict[str, LayerRecord]) -> str:
         if rec.scale_o is not None:
             lines += [f"    scale_o: {_f32(rec.scale_o)[0]}", f"    offset_o: {int(rec.offset_o)}"]
         lines += [f"    bias_correction: {v}" for v in _f32(rec.bias_correction)]
-        lines += [f"    nuq_levels: {int(v)}" for v in rec.nuq_levels]
+        if rec.ada_flip:  # one line, protobuf's list syntax: a layer may have thousands
+            lines.append(f"    ada_flip: [{', '.join(map(str, rec.ada_flip))}]")
+        lines += [f"    dmq_factor: {v}" for v in _f32(rec.dmq_factor)]
+        if rec.nuq_levels:  # one line, like ada_flip: one table per output channel
+            lines.append(f"    nuq_levels: [{', '.join(str(int(v)) for v in rec.nuq_levels)}]")
         lines += ["  }", "}"]
     return "\n".join(lines) + "\n"
 
@@ -67,7 +75,8 @@ def _copy(rec: LayerRecord) -> LayerRecord:
     f32 = lambda v: float(np.float32(v))  # noqa: E731
     return LayerRecord(f32(rec.scale_d), int(rec.offset_d), [f32(v) for v in rec.scale_w], [int(v) for v in rec.offset_w],
                        None if rec.scale_o is None else f32(rec.scale_o), None if rec.offset_o is None else int(rec.offset_o),
-                       [f32(v) for v in rec.bias_correction], [int(v) for v in rec.nuq_levels])
+                       [f32(v) for v in rec.bias_correction], [int(v) for v in rec.nuq_levels], [int(v) for v in rec.ada_flip],
+                       [f32(v) for v in rec.dmq_factor])
 
 
 # The last record this process wrote, with its layers: save_model reads back the file calibration has just
@@ -132,5 +141,5 @@ def read_record(path: str | Path) -> dict[str, LayerRecord]:
         out[entry.key] = LayerRecord(v.scale_d, v.offset_d, list(v.scale_w), list(v.offset_w),
                                      v.scale_o if v.HasField("scale_o") else None,
                                      v.offset_o if v.HasField("offset_o") else None, list(v.bias_correction),
-                                     list(v.nuq_levels))
+                                     list(v.nuq_levels), list(v.ada_flip), list(v.dmq_factor))
     return out

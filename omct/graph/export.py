@@ -20,12 +20,13 @@ import onnx
 from onnx import helper, numpy_helper
 
 from omct.core import nuq
+from omct.core.adaround import apply_flips
 from omct.core.params import QuantParams
 from omct.core.weights import quantize_bias
 from omct.errors import QuantizationError
 from omct.formats.config import QuantConfig
 from omct.formats.record import LayerRecord
-from omct.graph.ops import HANDLERS
+from omct.graph.ops import HANDLERS, LayerSpec
 from omct.graph.plan import Plan
 
 
@@ -241,12 +242,25 @@ def weight_params(record: LayerRecord, num_bits: int, weight_axis: int | None) -
                        np.zeros(len(record.scale_w) if axis is not None else (), np.int32), num_bits, axis)
 
 
-def integer_weight(weight: np.ndarray, record: LayerRecord, params: QuantParams) -> np.ndarray:
-    """The integer weight of a layer from its float weight and its record: the one place where a weight
-    algorithm that changes the rounding (NUQ's levels; AdaRound) is applied, for both exported models and for
-    bias correction."""
+def layer_float_weight(weight: np.ndarray, record: LayerRecord, spec: LayerSpec) -> np.ndarray:
+    """The float weight a layer's codes approximate: the model's, times the ``dmq_balancer`` factors along its
+    input-channel axis when the record has them (the layer then reads its input divided by them)."""
+    if not record.dmq_factor:
+        return weight
+    shape = [1] * weight.ndim
+    shape[spec.weight_in_axis] = -1
+    return (weight * np.asarray(record.dmq_factor, np.float32).reshape(shape)).astype(np.float32)
+
+
+def layer_weight_codes(weight: np.ndarray, record: LayerRecord, params: QuantParams) -> np.ndarray:
+    """The integer weight of a layer from its float weight and its record: the one place export, and every
+    algorithm that needs the quantized weight (bias correction), turn a weight into codes, so fake-quant,
+    deploy and the corrections agree. Round to nearest unless the record says otherwise; a weight encoding
+    with its own record fields (NUQ's ``nuq_levels``, AdaRound's ``ada_flip``) is one branch here."""
     if record.nuq_levels:
         return nuq.to_levels(weight, params.scale, params.axis, record.nuq_levels)
+    if record.ada_flip:
+        return apply_flips(weight, params, record.ada_flip)
     return params.quantize(weight)
 
 
@@ -263,11 +277,15 @@ def build(builder: _Builder, plan: Plan, config: QuantConfig, records: dict[str,
         rec, node, handler = records[name], nodes[name], HANDLERS[spec.op_type]
         wcfg = config.layers[name].weight_quant_params
         wp = weight_params(rec, wcfg.num_bits if wcfg else 8, spec.weight_axis)
-        w = numpy_helper.to_array(b.inits[spec.weight]).astype(np.float32)
+        try:
+            w = layer_float_weight(numpy_helper.to_array(b.inits[spec.weight]).astype(np.float32), rec, spec)
+            codes = layer_weight_codes(w, rec, wp)
+        except ValueError as e:
+            raise QuantizationError(f"layer '{name}': record: {e}") from None
         if spec.weight_only:
-            b.lookup(node, integer_weight(w, rec, wp), wp, name)
+            b.lookup(node, codes, wp, name)
             continue
-        node.input[handler.weight_port] = b.weight(integer_weight(w, rec, wp), wp, name, rec.nuq_levels or None)
+        node.input[handler.weight_port] = b.weight(codes, wp, name, rec.nuq_levels or None)
         if spec.bias is not None:
             bias = numpy_helper.to_array(b.inits[spec.bias]).astype(np.float32)
             if len(rec.bias_correction) == bias.size:
@@ -292,7 +310,12 @@ def build(builder: _Builder, plan: Plan, config: QuantConfig, records: dict[str,
     # kernel); input-only sites only for the quantized layers that read them.
     producer = {o: n for n in b.graph.node for o in n.output}
     for index, site in enumerate(plan.sites):
-        owner = site.output_of[0] if site.output_of else site.inputs_of[0]
+        # an input-only site is quantized as its first reader's record says; a balanced reader (dmq_balancer)
+        # quantizes its own scaled copy below
+        plain = [layer for layer in site.inputs_of if not records[layer].dmq_factor]
+        if not site.output_of and not plain:
+            continue
+        owner = site.output_of[0] if site.output_of else plain[0]
         rec = records[owner]
         scale, offset = (rec.scale_o, rec.offset_o) if site.output_of else (rec.scale_d, rec.offset_d)
         params = QuantParams(np.asarray(scale, np.float32), np.asarray(offset, np.int32), site.act.get("num_bits", 8))
@@ -307,8 +330,20 @@ def build(builder: _Builder, plan: Plan, config: QuantConfig, records: dict[str,
             producer[site.tensor] = b.new_nodes[-1]
         else:
             dq = b.activation_qdq(site.tensor, params, base_name)
-            for layer in site.inputs_of:
+            for layer in plain:
                 nodes[layer].input[HANDLERS[plan.layers[layer].op_type].activation_port] = dq
+    for name, spec in plan.layers.items():
+        rec = records.get(name)
+        if rec is None or not rec.dmq_factor or name not in plan.input_site:
+            continue
+        # dmq_balancer: the layer reads its input divided per channel by the factors, quantized as its record says
+        port = HANDLERS[spec.op_type].activation_port
+        shape = (-1, 1, 1) if spec.op_type == "Conv" else (-1,)
+        inv = b.add_init((1.0 / np.asarray(rec.dmq_factor, np.float32)).reshape(shape), f"{name}.dmq_inverse")
+        scaled = b.node("Mul", [nodes[name].input[port], inv], f"{name}.dmq_balanced")
+        bits = plan.sites[plan.input_site[name]].act.get("num_bits", 8)
+        params = QuantParams(np.asarray(rec.scale_d, np.float32), np.asarray(rec.offset_d, np.int32), bits)
+        nodes[name].input[port] = b.activation_qdq(scaled, params, f"{name}.dmq_input")
     return b.finish()
 
 

@@ -81,5 +81,7 @@ def stamp_layers(model: onnx.ModelProto, plan: Plan, config: QuantConfig, record
                          input_range=[(lo - rec.offset_d) * rec.scale_d, (hi - rec.offset_d) * rec.scale_d])
         layers.append(entry)
     fusion = {"do_fusion": config.globals.do_fusion, "skip_fusion_layers": list(config.globals.skip_fusion_layers)}
+    if config.globals.cross_layer_equalization:
+        fusion["cross_layer_equalization"] = True
     for key, value in ((metadata.LAYERS, layers), (metadata.FUSION, fusion)):
         model.metadata_props.add(key=key, value=json.dumps(value))

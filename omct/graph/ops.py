@@ -38,6 +38,8 @@ class LayerSpec:
     inputs: tuple[str, ...] = ()
     chain: str | None = None
     nuq_refusal: str | None = "NUQ takes only Conv (4-D weight, group 1, dilation 1), Gemm and MatMul with a 2-D weight"
+    # A 2-D Conv's (kernel, strides, pads, dilations) with explicit pads (None otherwise): AdaRound's im2col
+    window: tuple | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -213,7 +215,8 @@ class ConvHandler(OpHandler):
         out_ch = index.const_shape(node.input[1])[0]
         return LayerSpec(node.name, node.op_type, node.input[0], node.input[1], 0, _bias(node, index, 2, out_ch),
                          *index.output_site(node), input_channel_axis=1, weight_in_axis=1, groups=_attr(node, "group", 1),
-                         nuq_refusal=self._nuq_refusal(node, index))
+                         nuq_refusal=self._nuq_refusal(node, index),
+                         window=_conv_window(node, index))
 
     @staticmethod
     def _nuq_refusal(node, index) -> str | None:
@@ -226,6 +229,15 @@ class ConvHandler(OpHandler):
         if any(d != 1 for d in _attr(node, "dilations", [])):
             return f"dilations {list(_attr(node, 'dilations'))}; NUQ takes dilation 1 only"
         return None
+
+
+def _conv_window(node: onnx.NodeProto, index: GraphIndex) -> tuple | None:
+    """(kernel, strides, pads, dilations) of a 2-D Conv with explicit padding; None for other ranks or auto_pad."""
+    shape = index.const_shape(node.input[1])
+    if len(shape) != 4 or _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        return None
+    return (tuple(shape[2:]), tuple(_attr(node, "strides", [1, 1])), tuple(_attr(node, "pads", [0, 0, 0, 0])),
+            tuple(_attr(node, "dilations", [1, 1])))
 
 
 class ConvTransposeHandler(OpHandler):

@@ -14,6 +14,7 @@ from omct.feeds import FeedCheck, batch_rows, warn_few_samples
 from omct.fileio import check_outputs
 from omct.formats.config import QuantConfig, load_config
 from omct.frontend import PreparedModel
+from omct.graph.equalize import equalize
 from omct.graph.model_io import input_files, load_model, output_files
 from omct.graph.model_io import save_model as _save_onnx
 from omct.graph.modified import read_modified
@@ -86,6 +87,9 @@ def prepare(model: str | os.PathLike | onnx.ModelProto, config: QuantConfig | No
         fold_batchnorm(norm, set(config.globals.skip_fusion_layers), rep)
         if rep.folded:
             logger.info("folded %d BatchNormalization node(s) into convolutions", len(rep.folded))
+    if config is not None and config.globals.cross_layer_equalization:
+        pairs = equalize(norm)
+        logger.info("cross-layer equalization: %d Conv pair(s)", len(pairs))
     layers, refused = find_layers(norm)
     desc = "the model" if isinstance(model, onnx.ModelProto) else f"'{model}'"
     return PreparedModel(norm, layers, refused, {s.name: s.op_type for s in layers}, desc,

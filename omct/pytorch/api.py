@@ -6,17 +6,19 @@ import copy
 import os
 from dataclasses import dataclass
 
+import onnx
 from torch import nn
 
 from omct.errors import ModelError
 from omct.fileio import check_outputs
 from omct.formats.config import QuantConfig, load_config
 from omct.frontend import PreparedModel
+from omct.graph.equalize import equalize
 from omct.graph.model_io import output_files
 from omct.graph.modified import ModifiedModel
 from omct.graph.ops import LayerSpec, Refusal
 from omct.pytorch.calibration import CalibrationModel
-from omct.pytorch.fold import fold_conv_bn
+from omct.pytorch.fold import equalize_modules, fold_conv_bn
 from omct.pytorch.trace import SUPPORTED, TracedModel, as_args, trace_model
 from omct.ui import format_table, hints, logger
 from omct.workflow import save_model, write_modified_model, write_quant_config
@@ -122,6 +124,13 @@ def prepare_quantization(config: QuantConfig, config_file, modified_onnx_model, 
         folded = fold_conv_bn(work, pairs)
         if folded:
             logger.info("folded %d BatchNorm module(s) into convolutions", len(folded))
+            traced = trace_model(work, input_data, **export)
+    if config.globals.cross_layer_equalization:
+        graph = onnx.ModelProto()
+        graph.CopyFrom(traced.model)
+        done = equalize_modules(work, equalize(graph))
+        logger.info("cross-layer equalization: %d Conv2d pair(s)", len(done))
+        if done:
             traced = trace_model(work, input_data, **export)
     prepared = prepare(traced, model)
     if config_for is not None:

@@ -4,6 +4,7 @@ module, sees the same folded model that is exported."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -37,3 +38,27 @@ def fold_conv_bn(model: nn.Module, pairs: dict[str, str]) -> list[str]:
         _set_module(model, bn_name, nn.Identity())
         folded.append(conv_name)
     return folded
+
+
+@torch.no_grad()
+def equalize_modules(model: nn.Module, scales: dict[tuple[str, str], np.ndarray]) -> list[tuple[str, str]]:
+    """Apply cross-layer equalization scales found on the traced graph (``omct.graph.equalize``) to the
+    modules of the same names: conv A's output channel ``i`` divided by ``s_i``, conv B's input channel ``i``
+    (a depthwise B: its output channels) multiplied. Pairs whose nodes are not both Conv2d modules are left
+    alone; the model is traced again afterwards, so calibration and export see the same weights."""
+    modules = dict(model.named_modules())
+    done = []
+    for (a_name, b_name), s in scales.items():
+        a, b = modules.get(a_name), modules.get(b_name)
+        if not isinstance(a, nn.Conv2d) or not isinstance(b, nn.Conv2d) or a.weight.shape[0] != len(s):
+            continue
+        t = torch.as_tensor(s, dtype=a.weight.dtype)
+        a.weight.div_(t.reshape(-1, 1, 1, 1))
+        if a.bias is not None:
+            a.bias.div_(t)
+        if b.groups == 1:
+            b.weight.mul_(t.reshape(1, -1, 1, 1))
+        else:
+            b.weight.mul_(t.repeat_interleave(b.weight.shape[0] // len(s)).reshape(-1, 1, 1, 1))
+        done.append((a_name, b_name))
+    return done

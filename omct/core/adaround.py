@@ -1,0 +1,244 @@
+"""AdaRound (AMCT's ``ada_quantize``): learn, per weight, whether it rounds up or down.
+
+Round-to-nearest minimises each weight's own error, not the layer's output error. AdaRound (Nagel et al.,
+"Up or Down? Adaptive Rounding for Post-Training Quantization", 2020) relaxes the choice between ``floor(w/s)``
+and ``floor(w/s) + 1`` to a rectified sigmoid ``h(V)`` and minimises the layer's output error on its
+calibration inputs plus a regulariser that drives every ``h`` to 0 or 1:
+
+    || (s * clip(floor(W/s) + h(V)) - W) X ||^2 / N  +  reg_param * sum(1 - |2h - 1|^beta)
+
+with ``beta`` annealed from ``beta_range_start`` to ``beta_range_end`` after ``warm_start`` of the iterations.
+The scale ``s`` is ARQ's (max |w| per output channel); only the rounding changes.
+
+Everything here is numpy: the layer inputs are rows (a dense layer's input vectors or a convolution's
+im2col patches) kept by ``InputSamples``, a bounded, seeded random subset of every row calibration saw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from omct.core.options import AlgorithmOptions, CfgPlacement, option
+from omct.core.params import QuantParams
+
+ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (AMCT's and the paper's values)
+
+#: Bytes of input rows kept per layer (float32). With d = Cin * kh * kw values per row a layer keeps
+#: min(MAX_ROWS, SAMPLE_BYTES // (4 d)) rows: 4096 rows up to d = 512, 512 rows at d = 4096.
+SAMPLE_BYTES = 8 * 2**20
+MAX_ROWS = 4096
+
+
+@dataclass(frozen=True)
+class AdaRoundOptions(AlgorithmOptions):
+    """AMCT's ``ADAquantize`` message (field numbers as in AMCT's calibration_config proto).
+
+    ``num_iteration`` defaults to 1000, not AMCT's 10000: AMCT runs on an accelerator; on a CPU core the
+    optimisation costs about ``num_iteration * 4 * out_channels * d * min(rows, d)`` flops per layer (a minute
+    for the ResNet-18 benchmark model at 1000), and 200 iterations were already within 0.3 dB of 1000 on the
+    benchmark models (docs/ADVANCED_PTQ.md)."""
+
+    num_iteration: int = option(1000, cfg=1, ge=0, le=1_000_000, help="Adam steps per layer")
+    reg_param: float = option(0.01, cfg=2, ge=0.0, help="weight of the rounding regulariser")
+    beta_range_start: float = option(20.0, cfg=3, gt=0.0, help="regulariser exponent at the end of the warm-up")
+    beta_range_end: float = option(2.0, cfg=4, gt=0.0, help="regulariser exponent at the last iteration")
+    warm_start: float = option(0.2, cfg=5, ge=0.0, lt=1.0, help="fraction of iterations without the regulariser")
+    learning_rate: float = option(0.01, cfg=1000, gt=0.0, help="Adam step size (omct)")
+    quantized_input: bool = option(True, cfg=1001, help="fit W x with the rounded weights on the quantized input (omct)")
+    cfg = CfgPlacement("ada_quantize", 15, "ADAquantize", shared=(("channel_wise", 10),))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Calibration inputs: a bounded sample of rows
+
+
+@dataclass(frozen=True)
+class Window:
+    """A 2-D convolution's geometry (ONNX attribute order): pads are (top, left, bottom, right)."""
+
+    kernel: tuple[int, int]
+    strides: tuple[int, int]
+    pads: tuple[int, int, int, int]
+    dilations: tuple[int, int]
+
+
+class InputSamples:
+    """A uniform random subset of the rows (dense inputs or conv patches) of every batch, at most ``max_rows``.
+
+    Memory is ``max_rows * d * 4`` bytes whatever the number of batches: each batch's rows are merged into the
+    kept set by reservoir sampling (the number taken from the new batch is hypergeometric), so the kept rows
+    are a uniform sample of all rows seen. Seeded by ``seed`` and the batch count: the same data gives the
+    same sample."""
+
+    def __init__(self, window: Window | None, seed: int, max_bytes: int = SAMPLE_BYTES, max_rows: int = MAX_ROWS):
+        self.window, self.seed, self.max_bytes, self.max_rows = window, seed, max_bytes, max_rows
+        self.rows: np.ndarray | None = None
+        self.seen = 0  # rows offered so far
+        self.batches = 0
+
+    def capacity(self, d: int) -> int:
+        return max(1, min(self.max_rows, self.max_bytes // (4 * d)))
+
+    def update(self, values: np.ndarray) -> None:
+        x = np.asarray(values, np.float32)
+        rng = np.random.default_rng([self.seed, self.batches])
+        self.batches += 1
+        if self.window is None:
+            total = x.size // x.shape[-1]
+            d = x.shape[-1]
+        else:
+            n, c, h, w = x.shape
+            oh, ow = _out_size(h, w, self.window)
+            total, d = n * oh * ow, c * self.window.kernel[0] * self.window.kernel[1]
+        cap = self.capacity(d)
+        keep = min(cap, self.seen + total)
+        take = keep if self.seen == 0 else int(rng.hypergeometric(total, self.seen, keep))
+        picks = np.sort(rng.choice(total, size=take, replace=False)) if take < total else np.arange(total)
+        new = x.reshape(-1, d)[picks] if self.window is None else _patches(x, self.window, picks)
+        old = self.rows
+        if old is not None and keep - take > 0:
+            old = old[np.sort(rng.choice(len(old), size=keep - take, replace=False))] if keep - take < len(old) else old
+            new = np.concatenate([old, new])
+        self.rows = np.ascontiguousarray(new, np.float32)
+        self.seen += total
+
+
+def _out_size(h: int, w: int, win: Window) -> tuple[int, int]:
+    (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw) = win.kernel, win.strides, win.pads, win.dilations
+    return (h + pt + pb - dh * (kh - 1) - 1) // sh + 1, (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+
+
+def _patches(x: np.ndarray, win: Window, flat: np.ndarray) -> np.ndarray:
+    """The im2col rows (C * kh * kw values, in the weight's (in, kh, kw) order) at output positions ``flat``."""
+    n, c, h, w = x.shape
+    (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw) = win.kernel, win.strides, win.pads, win.dilations
+    oh, ow = _out_size(h, w, win)
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr))) if any(win.pads) else x
+    b, rest = np.divmod(flat, oh * ow)
+    r, q = np.divmod(rest, ow)
+    rows = (r * sh)[:, None, None, None] + (np.arange(kh) * dh)[None, None, :, None]
+    cols = (q * sw)[:, None, None, None] + (np.arange(kw) * dw)[None, None, None, :]
+    out = xp[b[:, None, None, None], np.arange(c)[None, :, None, None], rows, cols]
+    return out.reshape(len(flat), c * kh * kw)
+
+
+def layer_seed(name: str) -> int:
+    """A stable seed per layer (the same on every run and platform; ``hash`` of a str is salted): FNV-1a."""
+    h = 2166136261
+    for byte in name.encode():
+        h = ((h ^ byte) * 16777619) % 2**32
+    return h
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The optimisation
+
+
+def _rect_sigmoid(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """h(V) and dh/dV (zero where h is clipped)."""
+    sig = 1.0 / (1.0 + np.exp(-v))
+    raw = sig * (ZETA - GAMMA) + GAMMA
+    h = np.clip(raw, 0.0, 1.0)
+    grad = np.where((raw > 0) & (raw < 1), sig * (1 - sig) * (ZETA - GAMMA), 0.0)
+    return h, grad
+
+
+def learn_rounding(weight: np.ndarray, scale: np.ndarray, rows: np.ndarray, qmin: int, qmax: int,
+                   options: AdaRoundOptions | None = None, quantized_rows: np.ndarray | None = None) -> np.ndarray:
+    """Integer codes of ``weight`` (groups, out, d) with learned rounding, given its per-row ``scale``
+    (broadcastable to (groups, out, 1)) and input ``rows`` (N, groups * d: group g reads columns
+    ``g*d:(g+1)*d``). All groups and output channels are optimised together (vectorised Adam).
+
+    With ``quantized_rows`` (the same rows as the deployed layer sees them, quantized) the target stays the
+    float output ``W x`` and the rounded weights are applied to the quantized input: the rounding then also
+    absorbs what input quantization does to this layer's output."""
+    o = options or AdaRoundOptions()
+    w = np.asarray(weight, np.float32)
+    g, out, d = w.shape
+    s = np.broadcast_to(np.asarray(scale, np.float32), (g, out, 1)).astype(np.float32)
+    x = np.asarray(rows, np.float32).reshape(len(rows), g, d).transpose(1, 0, 2)  # (groups, N, d)
+    xq = x if quantized_rows is None else \
+        np.asarray(quantized_rows, np.float32).reshape(len(rows), g, d).transpose(1, 0, 2)
+    n = x.shape[1]
+    base = np.floor(w / s)
+    rest = np.clip(w / s - base, 1e-4, 1 - 1e-4)
+    v = (-np.log((ZETA - GAMMA) / (rest - GAMMA) - 1)).astype(np.float32)
+    # ||Wq xq - W x||^2 = ||(Wq - W) xq - W (x - xq)||^2: the gradient is 2 ((Wq - W) A - W C) with
+    # A = xq' xq / N and C = (x - xq)' xq / N, (groups, d, d) each: cheaper than the rows when N > d
+    gram = np.matmul(xq.transpose(0, 2, 1), xq) / n if n > d else None
+    shift = None if xq is x else np.matmul(w, np.matmul((x - xq).transpose(0, 2, 1), xq) / n) if n > d else None
+    err_in = None if xq is x or n > d else np.matmul(w, (x - xq).transpose(0, 2, 1))  # W (x - xq): (groups, out, N)
+    m1, m2 = np.zeros_like(v), np.zeros_like(v)
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    total = o.num_iteration
+    warm = int(o.warm_start * total)
+    for t in range(total):
+        h, dh = _rect_sigmoid(v)
+        soft = base + h
+        inside = (soft >= qmin) & (soft <= qmax)
+        delta = s * np.clip(soft, qmin, qmax) - w  # (groups, out, d)
+        if gram is not None:
+            g_delta = 2.0 * (np.matmul(delta, gram) - (shift if shift is not None else 0.0))
+        else:
+            e = np.matmul(delta, xq.transpose(0, 2, 1)) - (err_in if err_in is not None else 0.0)
+            g_delta = (2.0 / n) * np.matmul(e, xq)
+        grad = g_delta * s * inside
+        if t >= warm and o.reg_param > 0:
+            rel = (t - warm) / max(1, total - warm)
+            beta = o.beta_range_end + (o.beta_range_start - o.beta_range_end) * max(0.0, 1.0 - rel)
+            u = 2 * h - 1
+            grad = grad - o.reg_param * beta * np.abs(u) ** (beta - 1) * np.sign(u) * 2
+        grad = grad * dh
+        m1 = b1 * m1 + (1 - b1) * grad
+        m2 = b2 * m2 + (1 - b2) * grad * grad
+        step = o.learning_rate * np.sqrt(1 - b2 ** (t + 1)) / (1 - b1 ** (t + 1))
+        v = v - (step * m1 / (np.sqrt(m2) + eps)).astype(np.float32)
+    learned = np.clip(base + (v >= 0), qmin, qmax)
+    nearest = np.clip(np.round(w / s), qmin, qmax)
+
+    def loss(codes: np.ndarray) -> np.ndarray:  # per (group, output channel), up to a constant
+        delta = s * codes - w
+        if gram is not None:
+            return (np.matmul(delta, gram) * delta).sum(-1) - 2 * ((shift if shift is not None else 0.0) * delta).sum(-1)
+        e = np.matmul(delta, xq.transpose(0, 2, 1)) - (err_in if err_in is not None else 0.0)
+        return (e * e).sum(-1) / n
+
+    # a channel whose learned rounding (thresholded: h may not have reached 0 or 1) ends up worse on the sample
+    # than round-to-nearest keeps round-to-nearest: AdaRound never makes a layer's sampled output error worse
+    worse = loss(learned) > loss(nearest)
+    return np.where(worse[..., None], nearest, learned).astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Rounding decisions as the record keeps them
+
+
+def _nearest_and_other(weight: np.ndarray, params: QuantParams) -> tuple[np.ndarray, np.ndarray]:
+    """Round-to-nearest codes (as ``params.quantize``) and the other neighbour of each value (clipped)."""
+    nearest = params.quantize(weight)
+    s = params._broadcast(params.scale.astype(np.float32), weight.ndim)
+    x = weight.astype(np.float32) / s
+    other = np.where(np.round(x) > x, np.floor(x), np.ceil(x)).astype(np.int64)
+    return nearest, np.clip(other, params.qmin, params.qmax)
+
+
+def rounding_flips(weight: np.ndarray, params: QuantParams, codes: np.ndarray) -> list[int]:
+    """Where ``codes`` round the other way than round-to-nearest, gap-coded (first flat index, then the
+    differences to the previous one): the compact form the record stores (``ada_flip``)."""
+    nearest, other = _nearest_and_other(weight, params)
+    flat = np.flatnonzero((codes.reshape(nearest.shape) != nearest) & (codes.reshape(nearest.shape) == other))
+    return np.diff(flat, prepend=0).astype(np.int64).tolist() if flat.size else []
+
+
+def apply_flips(weight: np.ndarray, params: QuantParams, gaps: list[int]) -> np.ndarray:
+    """Integer codes of ``weight``: round-to-nearest except at the gap-coded flat indices in ``gaps``."""
+    nearest, other = _nearest_and_other(weight, params)
+    flat = np.cumsum(np.asarray(gaps, np.int64))
+    if flat.size and (flat[-1] >= nearest.size or np.any(np.asarray(gaps[1:]) <= 0)):
+        raise ValueError(f"rounding flips index {int(flat[-1])} of a weight with {nearest.size} values, "
+                         "or are not increasing")
+    codes = nearest.reshape(-1).copy()
+    codes[flat] = other.reshape(-1)[flat]
+    return codes.reshape(nearest.shape)

@@ -1,0 +1,245 @@
+"""AdaRound (``wts_algo: ada_quantize``): the learned rounding beats round-to-nearest on a layer's output
+(checked with torch's conv as the independent reference, on all the inputs, not only the sampled rows), the
+bounded input sample is what it says, the decisions survive the record file, and both frontends export them
+(fake-quant weights == deploy weights == the learned codes)."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ort_run
+from google.protobuf import text_format
+from onnx import numpy_helper
+from torch import nn
+
+import omct.onnx as amct
+from omct.algorithms.adaround import learn_layer
+from omct.core.adaround import AdaRoundOptions, InputSamples, Window, apply_flips, rounding_flips
+from omct.core.weights import arq
+from omct.formats.config import load_config
+from omct.formats.proto import ScaleOffsetRecord
+from omct.formats.record import LayerRecord, read_record, record_text, write_record
+from omct.graph.export import layer_weight_codes, weight_params
+from omct.graph.ops import LayerSpec
+
+
+def _conv_layer(rng, cin=8, cout=16, groups=1):
+    w = (rng.normal(size=(cout, cin // groups, 3, 3)) * 0.2).astype(np.float32)
+    # correlated, non-centred inputs: where the rounding errors of a row add up instead of averaging out
+    base = rng.normal(size=(64, cin, 1, 1)) * 0.5 + 1.0
+    x = (base + 0.3 * rng.normal(size=(64, cin, 12, 12))).astype(np.float32)
+    return w, x
+
+
+@pytest.mark.parametrize("groups", [1, 8])
+def test_adaround_beats_round_to_nearest_on_layer_output(groups):
+    rng = np.random.default_rng(0)
+    w, x = _conv_layer(rng, groups=groups)
+    window = Window((3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
+    samples = InputSamples(window, seed=1, max_rows=1024)
+    for batch in np.split(x, 4):
+        samples.update(batch)
+    params = arq(w, 8, 0)
+    spec = LayerSpec("conv", "Conv", "x", "w", 0, groups=groups)
+    codes = learn_layer(w, params, spec, samples.rows, AdaRoundOptions(num_iteration=300))
+    nearest = params.quantize(w)
+    assert np.all(np.abs(codes - w / params.scale[:, None, None, None]) < 1)  # floor or ceil, never further
+    assert 0 < np.mean(codes != nearest) < 0.5
+
+    def out_mse(q):  # independent reference: torch's convolution on every input, not only the sampled rows
+        wq = torch.tensor(params.dequantize(q))
+        ref = F.conv2d(torch.tensor(x), torch.tensor(w), padding=1, groups=groups)
+        return float(((F.conv2d(torch.tensor(x), wq, padding=1, groups=groups) - ref) ** 2).mean())
+
+    assert out_mse(codes) < 0.8 * out_mse(nearest), (out_mse(codes), out_mse(nearest))
+
+
+def test_input_samples_are_patches_and_bounded():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(3, 4, 9, 7)).astype(np.float32)
+    window = Window((3, 2), (2, 1), (1, 0, 1, 1), (1, 2))
+    all_rows = F.unfold(torch.tensor(np.pad(x, ((0, 0), (0, 0), (1, 1), (0, 1)))), (3, 2), dilation=(1, 2),
+                        stride=(2, 1)).permute(0, 2, 1).reshape(-1, 24).numpy()
+    s = InputSamples(window, seed=3, max_bytes=50 * 24 * 4)
+    s.update(x)
+    assert s.rows.shape == (50, 24) and s.seen == len(all_rows)
+    # every kept row is one of the layer's real patches (torch's unfold), no row twice
+    match = (np.abs(s.rows[:, None] - all_rows[None]).max(axis=2) == 0)
+    assert np.all(match.sum(axis=1) >= 1) and len(np.unique(match.argmax(axis=1))) == 50
+    for _ in range(5):  # more batches: the bound holds
+        s.update(x)
+    assert s.rows.shape == (50, 24) and s.seen == 6 * len(all_rows)
+    again = InputSamples(window, seed=3, max_bytes=50 * 24 * 4)
+    for _ in range(6):
+        again.update(x)
+    np.testing.assert_array_equal(again.rows, s.rows)  # seeded: the same data gives the same sample
+
+
+def test_rounding_decisions_survive_the_record_file(tmp_path):
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=(6, 3, 3, 3)).astype(np.float32)
+    params = arq(w, 8, 0)
+    v = w / params.scale[:, None, None, None]
+    other = np.clip(np.where(np.round(v) > v, np.floor(v), np.ceil(v)), -128, 127)  # the neighbour not chosen
+    codes = np.where(rng.random(w.shape) < 0.2, other, params.quantize(w)).astype(np.int64)
+    gaps = rounding_flips(w, params, codes)
+    np.testing.assert_array_equal(apply_flips(w, params, gaps), codes)
+    rec = LayerRecord(0.1, 0, [float(v) for v in params.scale], [0] * 6, ada_flip=gaps)
+    text = record_text({"conv": rec})
+    parsed = text_format.Parse(text, ScaleOffsetRecord())  # protobuf itself reads the list syntax
+    assert list(parsed.record[0].value.ada_flip) == gaps
+    path = tmp_path / "record.txt"
+    write_record(path, {"conv": rec})
+    path.write_text(path.read_text() + "\n")  # not the cached text: parsed from the file
+    np.testing.assert_array_equal(apply_flips(w, params, read_record(path)["conv"].ada_flip), codes)
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16)
+        self.conv3 = nn.Conv2d(16, 24, 1)
+        self.fc = nn.Linear(24, 10)
+
+    def forward(self, x):
+        x = F.relu6(self.conv1(x))
+        x = F.relu6(self.conv2(x))
+        x = F.relu(self.conv3(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def _net_and_data():
+    torch.manual_seed(0)
+    net = _Net().eval()
+    x = np.random.default_rng(3).normal(size=(64, 3, 10, 10)).astype(np.float32) * 0.5 + 0.2
+    return net, x
+
+
+_CFG = """batch_num: 2
+common_config { ada_quantize { num_iteration: 200 } }
+override_layer_configs { layer_name: "%s" calibration_config { arq_quantize { channel_wise: true } } }
+"""
+
+
+def _check_exported(fake, deploy, record, float_weights, ada_layers, plain_layer):
+    """Deploy INT8 weights are the record's codes; fake-quant weights are those codes dequantized."""
+    rec = read_record(record)
+    assert all(rec[name].ada_flip for name in ada_layers) and not rec[plain_layer].ada_flip
+    fq = {t.name: numpy_helper.to_array(t) for t in onnx.load(fake).graph.initializer}
+    dp = {t.name: numpy_helper.to_array(t) for t in onnx.load(deploy).graph.initializer}
+    for name, (w, axis) in float_weights.items():
+        wp = weight_params(rec[name], 8, axis)
+        codes = layer_weight_codes(w, rec[name], wp)
+        assert (codes != wp.quantize(w)).any() == (name in ada_layers)
+        np.testing.assert_array_equal(dp[f"{name}.weight_quantized"], codes.astype(np.int8))
+        np.testing.assert_array_equal(fq[f"{name}.weight_fake_quant"], wp.dequantize(codes))
+
+
+def test_onnx_flow_cfg_overrides_and_fake_quant_matches_deploy(tmp_path):
+    net, x = _net_and_data()
+    path = tmp_path / "net.onnx"
+    torch.onnx.export(net, (torch.tensor(x[:1]),), str(path), input_names=["input"], output_names=["out"],
+                      dynamic_axes={"input": {0: "n"}}, opset_version=17, dynamo=False)
+    g = onnx.load(path).graph
+    convs = [n.name for n in g.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    transposed = {n.name: any(a.name == "transB" and a.i for a in n.attribute) for n in g.node}
+    weights = {n.name: (numpy_helper.to_array(next(t for t in g.initializer if t.name == n.input[1])),
+                        0 if n.op_type == "Conv" or transposed[n.name] else 1) for n in g.node if n.name in convs}
+    cfg = tmp_path / "ada.cfg"
+    cfg.write_text(_CFG % convs[2])
+    files = [str(tmp_path / f) for f in ("c.json", "mod.onnx", "rec.txt")]
+    amct.create_quant_config(files[0], str(path), config_defination=str(cfg))
+    amct.quantize_model(files[0], str(path), files[1], files[2])
+    sess = amct.CalibrationSession(files[1])
+    for b in np.split(x, 2):
+        sess.run(None, {"input": b})
+    amct.save_model(files[1], files[2], str(tmp_path / "q"))
+    fake, deploy = tmp_path / "q_fake_quant_model.onnx", tmp_path / "q_deploy_model.onnx"
+    _check_exported(fake, deploy, files[2], weights, [convs[0], convs[1], convs[3]], convs[2])
+    a, b = ort_run(fake, {"input": x})[0], ort_run(deploy, {"input": x})[0]
+    assert np.abs(a - b).max() < 0.02 * np.abs(a).max()
+
+
+def test_pytorch_flow_learns_and_exports_rounding(tmp_path):
+    import omct.pytorch as pt
+
+    net, x = _net_and_data()
+    cfg = tmp_path / "ada.cfg"
+    # fc: AdaRound and dmq_balancer together (the rounding is learned on the balanced weight and input)
+    cfg.write_text(_CFG % "conv3" + 'override_layer_configs { layer_name: "fc" calibration_config '
+                   '{ ada_quantize { num_iteration: 200 } dmq_balancer { migration_strength: 0.3 } } }\n')
+    files = [str(tmp_path / f) for f in ("c.json", "mod.onnx", "rec.txt")]
+    example = torch.tensor(x[:1])
+    pt.create_quant_config(files[0], net, example, config_defination=str(cfg))
+    cal = pt.quantize_model(files[0], files[1], files[2], net, example, input_names=["input"], output_names=["out"],
+                            dynamic_axes={"input": {0: "n"}})
+    with torch.no_grad():
+        for b in np.split(x, 2):
+            cal(torch.tensor(b))
+    pt.save_model(files[1], files[2], str(tmp_path / "q"))
+    rec = read_record(files[2])
+    assert rec["fc"].ada_flip and len(rec["fc"].dmq_factor) == 24  # the Linear learns its rounding, balanced
+    fake, deploy = (ort_run(tmp_path / f"q_{k}_model.onnx", {"input": x})[0] for k in ("fake_quant", "deploy"))
+    with torch.no_grad():
+        want = net(torch.tensor(x)).numpy()
+    assert np.abs(fake - deploy).max() < 0.02 * np.abs(want).max()
+    assert np.abs(fake - want).max() < 0.1 * np.abs(want).max()
+    weights = {name: (getattr(net, name).weight.detach().numpy(), 0) for name in ("conv1", "conv2", "conv3")}
+    _check_exported(tmp_path / "q_fake_quant_model.onnx", tmp_path / "q_deploy_model.onnx", files[2], weights,
+                    ["conv1", "conv2"], "conv3")
+
+
+def test_dmq_balancer_moves_outlier_channels_into_the_weights(tmp_path):
+    """SmoothQuant-style balancing (AMCT's dmq_balancer, .cfg common_config): the record holds the factors, the
+    exported fake-quant model computes what an independent numpy simulation of ``(X / s) (s W)`` gives, the
+    deploy model agrees, and the error against float drops where a few input channels carry outliers."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 10)).eval()
+    path = tmp_path / "mlp.onnx"
+    torch.onnx.export(net, (torch.zeros(1, 32),), str(path), input_names=["input"], output_names=["out"],
+                      dynamic_axes={"input": {0: "n"}}, opset_version=17, dynamo=False)
+    rng = np.random.default_rng(4)
+    x = (rng.normal(size=(256, 32)) * np.where(np.arange(32) < 2, 60.0, 1.0)).astype(np.float32)  # 2 outlier channels
+    with torch.no_grad():
+        want = net(torch.tensor(x)).numpy()
+    errors = {}
+    dmq = 'override_layer_configs { layer_name: "/0/Gemm" calibration_config { dmq_balancer { } } }\n'  # alpha 0.5
+    for name, body in (("plain", ""), ("dmq", dmq)):
+        cfg = tmp_path / f"{name}.cfg"
+        cfg.write_text("batch_num: 1\nbias_correction: false\n" + body)
+        files = [str(tmp_path / f"{name}{f}") for f in (".json", "_mod.onnx", "_rec.txt")]
+        amct.create_quant_config(files[0], str(path), config_defination=str(cfg))
+        amct.quantize_model(files[0], str(path), files[1], files[2])
+        amct.CalibrationSession(files[1]).run(None, {"input": x})
+        amct.save_model(files[1], files[2], str(tmp_path / name))
+        fake = ort_run(tmp_path / f"{name}_fake_quant_model.onnx", {"input": x})[0]
+        deploy = ort_run(tmp_path / f"{name}_deploy_model.onnx", {"input": x})[0]
+        assert np.abs(fake - deploy).max() < 0.02 * np.abs(fake).max()
+        errors[name] = float(((fake - want) ** 2).mean())
+        rec = read_record(files[2])
+        first = next(iter(rec))
+        assert bool(rec[first].dmq_factor) == (name == "dmq") and not rec[list(rec)[1]].dmq_factor
+        assert load_config(files[0]).layers[first].dmq_balancer_param == (0.5 if name == "dmq" else None)
+    s = np.asarray(rec[first].dmq_factor)
+    assert s[:2].min() > 5 * np.median(s)  # the outlier channels are divided down most
+    # independent simulation of the first layer: (X / s) quantized as the record says, (W * s) per output row
+    r = rec[first]
+    w = net[0].weight.detach().numpy() * s[None, :]
+    sw = np.abs(w).max(axis=1, keepdims=True) / 127
+    xq = (np.clip(np.round(x / s / r.scale_d) + r.offset_d, -128, 127) - r.offset_d) * r.scale_d
+    b = np.round(net[0].bias.detach().numpy() / (sw[:, 0] * r.scale_d)) * sw[:, 0] * r.scale_d
+    h = xq @ (np.round(w / sw) * sw).T + b
+    np.testing.assert_allclose(np.asarray(r.scale_w), sw[:, 0], rtol=1e-6)
+    sess_out = ort_run(tmp_path / "dmq_fake_quant_model.onnx", {"input": x})[0]
+    # second layer: quantize ReLU(h) as the record says and run it in float: the fake-quant output follows
+    r2 = rec[list(rec)[1]]
+    hq = np.maximum(h, 0)
+    hq = (np.clip(np.round(hq / r2.scale_d) + r2.offset_d, -128, 127) - r2.offset_d) * r2.scale_d
+    w2 = net[2].weight.detach().numpy()
+    sw2 = np.asarray(r2.scale_w)[:, None]
+    out = hq @ (np.round(w2 / sw2) * sw2).T + np.round(net[2].bias.detach().numpy() / (sw2[:, 0] * r2.scale_d)) * \
+        sw2[:, 0] * r2.scale_d
+    np.testing.assert_allclose(sess_out, out, rtol=1e-3, atol=1e-3 * np.abs(out).max())
+    assert errors["dmq"] < 0.5 * errors["plain"], errors
