@@ -57,8 +57,7 @@ def record_text(records: dict[str, LayerRecord]) -> str:
         if rec.ada_flip:  # one line, protobuf's list syntax: a layer may have thousands
             lines.append(f"    ada_flip: [{', '.join(map(str, rec.ada_flip))}]")
         lines += [f"    dmq_factor: {v}" for v in _f32(rec.dmq_factor)]
-        if rec.nuq_levels:  # one line, like ada_flip: one table per output channel
-            lines.append(f"    nuq_levels: [{', '.join(str(int(v)) for v in rec.nuq_levels)}]")
+        lines += [f"    nuq_levels: {int(v)}" for v in rec.nuq_levels]
         lines += ["  }", "}"]
     return "\n".join(lines) + "\n"
 
