@@ -20,6 +20,15 @@ from omct.auto.evaluator import AutoCalibrationEvaluatorBase
 from omct.pytorch.api import ModuleReport, create_quant_config, inspect_model, quantize_model, save_model
 from omct.pytorch.auto import OnnxModule, accuracy_based_auto_calibration
 from omct.pytorch.calibration import CalibrationModel
+from omct.pytorch.retrain import (
+    QuantRetrainModel,
+    create_quant_retrain_config,
+    create_quant_retrain_model,
+    restore_quant_retrain_model,
+    save_quant_retrain_model,
+)
 
-__all__ = ["AutoCalibrationEvaluatorBase", "CalibrationModel", "ModuleReport", "OnnxModule",
-           "accuracy_based_auto_calibration", "create_quant_config", "inspect_model", "quantize_model", "save_model"]
+__all__ = ["AutoCalibrationEvaluatorBase", "CalibrationModel", "ModuleReport", "OnnxModule", "QuantRetrainModel",
+           "accuracy_based_auto_calibration", "create_quant_config", "create_quant_retrain_config",
+           "create_quant_retrain_model", "inspect_model", "quantize_model", "restore_quant_retrain_model",
+           "save_model", "save_quant_retrain_model"]
