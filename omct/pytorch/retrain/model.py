@@ -222,7 +222,17 @@ class QuantRetrainModel(nn.Module):
             module = work.get_submodule(name)
             (module._forward_pre_hooks if kind == "pre" else module._forward_hooks).pop(hook_id, None)
         for name in self.weight_quantizers():
-            module = work.get_submodule(name)
-            for tensor in list(module.parametrizations.keys()):
-                parametrize.remove_parametrizations(module, tensor, leave_parametrized=False)
+            _unparametrize(work.get_submodule(name))
         return work.eval()
+
+
+def _unparametrize(module: nn.Module) -> None:
+    """Turn a (copied) parametrized module back into its plain class with its float tensors.
+
+    Not ``parametrize.remove_parametrizations``: it deletes the property from the generated class, which a
+    deep copy shares with the original, and the retrain model itself would lose its ``weight``."""
+    originals = {t: p.original for t, p in module.parametrizations.items()}
+    del module._modules["parametrizations"]
+    module.__class__ = type(module).__bases__[0]
+    for tensor, value in originals.items():
+        module.register_parameter(tensor, nn.Parameter(value.detach().clone()))

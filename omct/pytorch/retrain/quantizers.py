@@ -88,8 +88,8 @@ class ActivationULQ(nn.Module):
         s = float(scale.detach())
         if not math.isfinite(s) or s < MIN_SCALE:
             raise QuantizationError(
-                f"layer '{self.name}': the learned activation clip range collapsed (clip_min {float(self.clip_min):.4g}, "
-                f"clip_max {float(self.clip_max):.4g}); lower the learning rate or the weight decay of the clip "
+                f"layer '{self.name}': the learned activation clip range collapsed (clip_min {float(self.clip_min.detach()):.4g}, "
+                f"clip_max {float(self.clip_max.detach()):.4g}); lower the learning rate or the weight decay of the clip "
                 "parameters, or add the layer to skip_layers")
         offset = torch.clamp(round_ste(self.qmin - lo / scale), self.qmin, self.qmax)
         return scale, offset
