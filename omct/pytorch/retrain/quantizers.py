@@ -83,14 +83,16 @@ class ActivationULQ(nn.Module):
         hi = torch.clamp(self.clip_max, min=0.0)
         if self.upper is not None:
             hi = torch.clamp(hi, max=self.upper)
-        lo = torch.zeros_like(hi) if bool(self.min_fixed) else torch.clamp(self.clip_min, max=0.0)
+        # a pinned minimum still takes part (times 0): DistributedDataParallel expects every parameter used
+        lo = self.clip_min * 0.0 if bool(self.min_fixed) else torch.clamp(self.clip_min, max=0.0)
         scale = (hi - lo) / (2**self.num_bits - 1)
         s = float(scale.detach())
         if not math.isfinite(s) or s < MIN_SCALE:
+            lo_, hi_ = float(self.clip_min.detach()), float(self.clip_max.detach())
             raise QuantizationError(
-                f"layer '{self.name}': the learned activation clip range collapsed (clip_min {float(self.clip_min.detach()):.4g}, "
-                f"clip_max {float(self.clip_max.detach()):.4g}); lower the learning rate or the weight decay of the clip "
-                "parameters, or add the layer to skip_layers")
+                f"layer '{self.name}': the learned activation clip range collapsed (clip_min {lo_:.4g}, clip_max "
+                f"{hi_:.4g}); lower the learning rate or the weight decay of the clip parameters, or add the layer "
+                "to skip_layers")
         offset = torch.clamp(round_ste(self.qmin - lo / scale), self.qmin, self.qmax)
         return scale, offset
 
