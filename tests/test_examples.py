@@ -25,3 +25,22 @@ def test_pytorch_example_runs_as_written(tmp_path):
                                               r"([\d.]+)", res.stdout).groups())
     assert fp32 > 0.85 and deploy >= fp32 - 0.01 and fake >= fp32 - 0.01, res.stdout
     assert (tmp_path / "results" / "user_model_deploy_model.onnx").is_file()
+
+
+QAT_EXAMPLE = ROOT / "examples" / "pytorch_qat.py"
+
+
+def test_readme_shows_the_qat_example_verbatim():
+    code = QAT_EXAMPLE.read_text()
+    block = code[code.index("# 1. generate the retrain"):code.index("# 6. test both")].rstrip()
+    assert block in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.slow  # the example trains its CNN, then retrains it
+def test_pytorch_qat_example_runs_as_written(tmp_path):
+    res = subprocess.run([sys.executable, str(QAT_EXAMPLE)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    fp32, fake, deploy = map(float, re.search(r"FP32 \(PyTorch\) ([\d.]+).*QAT fake-quant \(ORT\) ([\d.]+).*QAT deploy "
+                                              r"INT4/INT8 \(ORT\) ([\d.]+)", res.stdout).groups())
+    assert fp32 > 0.85 and deploy >= fp32 - 0.03 and fake >= fp32 - 0.03, res.stdout
+    assert (tmp_path / "results" / "user_model_deploy_model.onnx").is_file() and (tmp_path / "tmp" / "record.txt").is_file()
