@@ -80,9 +80,9 @@ def run(method: str, name: str, bits: int, steps: int, out: Path) -> dict:
 
         algo = "arq_quantize" if method.endswith("arq") else "mse_clip_quantize"
         cfg = out.with_suffix(".cfg")
+        weights = f"calibration_config {{ {algo} {{ quant_bits: {bits} }} }}"
         cfg.write_text(f"batch_num: 8\ncommon_config {{ ifmr_quantize {{ }} }}\n"
-                       f'override_layer_types {{ layer_type: "Conv2d" calibration_config {{ {algo} {{ quant_bits: {bits} }} }} }}\n'
-                       f'override_layer_types {{ layer_type: "Linear" calibration_config {{ {algo} {{ quant_bits: {bits} }} }} }}\n')
+                       + "".join(f'override_layer_types {{ layer_type: "{t}" {weights} }}\n' for t in ("Conv2d", "Linear")))
         amct.create_quant_config(str(out) + ".json", model, example, config_defination=str(cfg))
         cal = amct.quantize_model(str(out) + ".json", str(out) + "_mod.onnx", str(out) + "_record.txt", model, example,
                                   **EXPORT)
@@ -150,6 +150,7 @@ def main() -> None:
     if args.child:
         child(args.child[0], args.child[1], int(args.child[2]), int(args.child[3]))
         return
+    os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "0")  # its CPU kernels compile for minutes on a busy host
     if args.nncf_path:
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), args.nncf_path]))
     rows = []
