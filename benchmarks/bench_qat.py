@@ -81,7 +81,7 @@ def run(method: str, name: str, bits: int, steps: int, out: Path) -> dict:
         algo = "arq_quantize" if method.endswith("arq") else "mse_clip_quantize"
         cfg = out.with_suffix(".cfg")
         weights = f"calibration_config {{ {algo} {{ quant_bits: {bits} }} }}"
-        cfg.write_text(f"batch_num: 8\ncommon_config {{ ifmr_quantize {{ }} }}\n"
+        cfg.write_text("batch_num: 8\ncommon_config { ifmr_quantize { } }\n"
                        + "".join(f'override_layer_types {{ layer_type: "{t}" {weights} }}\n' for t in ("Conv2d", "Linear")))
         amct.create_quant_config(str(out) + ".json", model, example, config_defination=str(cfg))
         cal = amct.quantize_model(str(out) + ".json", str(out) + "_mod.onnx", str(out) + "_record.txt", model, example,
