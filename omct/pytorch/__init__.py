@@ -8,6 +8,13 @@
             calibration_model(x)
     amct.save_model(modified_onnx_model, record_file, save_path)
 
+Quantization-aware training (AMCT's retrain, docs/QAT.md):
+
+    amct.create_quant_retrain_config(config_file, model, input_data, config_defination=None)
+    qat_model = amct.create_quant_retrain_model(config_file, model, record_file, input_data)
+    ...  # train qat_model with your own loop (DistributedDataParallel works)
+    amct.save_quant_retrain_model(config_file, qat_model, record_file, save_path, input_data)
+
 Needs the ``torch`` extra: ``pip install omct[torch]``.
 """
 
