@@ -63,7 +63,7 @@ def train(model, data, skip: int = 2) -> float:
     return float(np.median(times[skip:]) * 1000)
 
 
-def run(method: str, name: str, bits: int, steps: int, out: Path) -> dict:
+def run(method: str, name: str, bits: int, steps: int, out: Path, channel_wise: bool = True) -> dict:
     import torch
 
     torch.manual_seed(0)
@@ -80,7 +80,7 @@ def run(method: str, name: str, bits: int, steps: int, out: Path) -> dict:
 
         algo = "arq_quantize" if method.endswith("arq") else "mse_clip_quantize"
         cfg = out.with_suffix(".cfg")
-        weights = f"calibration_config {{ {algo} {{ quant_bits: {bits} }} }}"
+        weights = f"calibration_config {{ {algo} {{ quant_bits: {bits} channel_wise: {str(channel_wise).lower()} }} }}"
         cfg.write_text("batch_num: 8\ncommon_config { ifmr_quantize { } }\n"
                        + "".join(f'override_layer_types {{ layer_type: "{t}" {weights} }}\n' for t in ("Conv2d", "Linear")))
         amct.create_quant_config(str(out) + ".json", model, example, config_defination=str(cfg))
@@ -96,7 +96,8 @@ def run(method: str, name: str, bits: int, steps: int, out: Path) -> dict:
         wts = "ulq_retrain" if bits == 4 else "arq_retrain"
         dst = "INT4" if bits == 4 else "INT8"
         cfg = out.with_suffix(".cfg")
-        cfg.write_text(f"batch_num: 2\nretrain_weight_quant_config {{ {wts} {{ channel_wise: true dst_type: {dst} }} }}\n")
+        cfg.write_text(f"batch_num: 2\nretrain_weight_quant_config {{ {wts} {{ channel_wise: {str(channel_wise).lower()} "
+                       f"dst_type: {dst} }} }}\n")
         amct.create_quant_retrain_config(str(out) + ".json", model, example, config_defination=str(cfg))
         qat = amct.create_quant_retrain_model(str(out) + ".json", model, str(out) + "_record.txt", example)
         result["step_ms"] = train(qat, data)
@@ -127,13 +128,13 @@ def run(method: str, name: str, bits: int, steps: int, out: Path) -> dict:
     return result
 
 
-def child(method: str, name: str, bits: int, steps: int) -> None:
+def child(method: str, name: str, bits: str, steps: int) -> None:
     import torch
 
     torch.set_num_threads(1)
     out = ptq.WORK / f"qat_{name}_{method}_w{bits}"
     t = time.perf_counter()
-    r = run(method, name, bits, steps, out)
+    r = run(method, name, int(bits.rstrip("t")), steps, out, channel_wise=not bits.endswith("t"))
     print(json.dumps({"method": method, "model": name, "bits": bits, "wall_s": time.perf_counter() - t,
                       "peak_rss_mb": ptq.peak_rss_mb(), **r}))
 
@@ -144,11 +145,13 @@ def main() -> None:
     ap.add_argument("--methods", nargs="*", default=METHODS)
     ap.add_argument("--bits", nargs="*", type=int, default=[8, 4])
     ap.add_argument("--steps", type=int, default=60, help="fine-tune steps of batch 64 (every trained method alike)")
+    ap.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor (channel_wise false)")
+    ap.add_argument("--append", metavar="TITLE", help="append the table under TITLE to results/qat.md")
     ap.add_argument("--nncf-path", default=os.environ.get("NNCF_PATH"), help="a site-packages folder holding nncf")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child[0], args.child[1], int(args.child[2]), int(args.child[3]))
+        child(args.child[0], args.child[1], args.child[2], int(args.child[3]))
         return
     os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "0")  # its CPU kernels compile for minutes on a busy host
     if args.nncf_path:
@@ -162,8 +165,9 @@ def main() -> None:
                      "peak_rss_mb": fp32.get("peak_rss_mb")})
         for bits in args.bits:
             for method in [m for m in args.methods if m != "fp32-train"]:
-                r = ptq.child_process(__file__, method, name, bits, args.steps)
-                row = {**r, "model": name, "method": method, "bits": f"W{bits}A8"}
+                r = ptq.child_process(__file__, method, name, f"{bits}{'t' if args.per_tensor else ''}", args.steps)
+                row = {**r, "model": name, "method": method,
+                       "bits": f"W{bits}A8" + (" per tensor" if args.per_tensor else "")}
                 if "error" not in r:
                     row["acc"] = ptq.accuracy(Path(r["deploy"])) if "deploy" in r else r["torch_acc"]
                     if fp32.get("step_ms") and r.get("step_ms"):
@@ -181,6 +185,9 @@ def main() -> None:
     table_rows = [{**r, "method": r["method"]} for r in rows]
     lines += ptq.markdown_table(["model", "method", "weights", "accuracy", "step ms", "step vs FP32", "peak RSS MB", "note"],
                                 table_rows, cells)
+    if args.append:
+        previous = (ptq.RESULTS / "qat.md").read_text().rstrip("\n")
+        lines = [previous, "", f"## {args.append}", "", *lines]
     ptq.write_results("qat", lines)
 
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
 from omct.core.params import MIN_SCALE
+from omct.core.weights import WEIGHT_QUANTIZERS
 from omct.errors import QuantizationError
 
 
@@ -148,7 +150,7 @@ class WeightQuantizer(nn.Module):
     channel (``axis``) or per tensor.
 
     ``arq_retrain``: the scale is max|w| / qmax of the current weights, every step (no gradient through it).
-    ``ulq_retrain``: the scale is a parameter initialised from ARQ and learned, its gradient scaled by
+    ``ulq_retrain``: the scale is a parameter initialised by MSE clipping and learned, its gradient scaled by
     1 / sqrt(numel * qmax) as in LSQ (Esser et al.), so that it trains at the weights' pace.
     """
 
@@ -159,7 +161,7 @@ class WeightQuantizer(nn.Module):
         self.axis = axis
         self.learned = learned
         if learned:
-            self.scale = nn.Parameter(self._arq_scale(weight.detach()))
+            self.scale = nn.Parameter(self._initial_scale(weight.detach()))
             per = weight.numel() // (weight.shape[axis] if axis is not None else 1)
             self.grad_factor = 1.0 / math.sqrt(per * self.qmax)
 
@@ -184,6 +186,13 @@ class WeightQuantizer(nn.Module):
             max_abs = w.abs().transpose(0, self.axis).reshape(w.shape[self.axis], -1).max(dim=1).values
         scale = max_abs / self.qmax
         return torch.where(torch.isfinite(scale) & (scale >= MIN_SCALE), scale, torch.ones_like(scale))
+
+    def _initial_scale(self, w: torch.Tensor) -> torch.Tensor:
+        """The MSE-optimal clip of the trained weights (PTQ's ``mse_clip``): at 4 bits the max-abs scale wastes
+        levels on outliers, and a learned scale only has a short fine-tune to walk away from its start."""
+        params = WEIGHT_QUANTIZERS["mse_clip"](w.to(torch.float32).cpu().numpy(), self.num_bits, self.axis)
+        scale = torch.as_tensor(np.asarray(params.scale, np.float32).reshape(-1), device=w.device)
+        return scale.reshape(()) if self.axis is None else scale
 
     def current_scale(self, w: torch.Tensor) -> torch.Tensor:
         if not self.learned:
