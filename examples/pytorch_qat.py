@@ -71,7 +71,7 @@ quant_retrain_model = amct.create_quant_retrain_model(config_file=config_file, m
                                                       record_file=record_file, input_data=ori_model_input_data)
 
 # 3. train it with your own loop (the first batch_num batches initialise the activation ranges); checkpoint it
-quant_retrain_model = train(quant_retrain_model, epochs=2, lr=1e-3)
+quant_retrain_model = train(quant_retrain_model, epochs=2, lr=5e-4)
 torch.save({'state_dict': quant_retrain_model.state_dict()}, './tmp/checkpoint.pth')
 
 # 4. (in a later run) rebuild the retrain model from the checkpoint (torch.load with weights_only=True)
