@@ -251,9 +251,24 @@ def test_refused_modules_stay_out_of_the_retrain_config(tmp_path):
         def forward(self, x):
             return self.pool(self.b(self.b(self.a(x))))
 
-    amct.create_quant_retrain_config(str(tmp_path / "c.json"), Twice().eval(), torch.randn(1, 1, 8, 8))
+    import logging
+
+    from omct.ui import logger
+
+    seen = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        amct.create_quant_retrain_config(str(tmp_path / "c.json"), Twice().eval(), torch.randn(1, 1, 8, 8))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
     config = __import__("json").loads((tmp_path / "c.json").read_text())
     assert set(config) == {"version", "batch_num", "a"}  # b runs twice; AvgPool2d is no retrain type
+    assert any(m.startswith("left in float: b: runs 2 times") for m in seen), seen
 
 
 # ---------------------------------------------------------------------------------------------- .cfg

@@ -31,6 +31,7 @@ from omct.pytorch.retrain.model import RETRAIN_TYPES, QuantRetrainModel
 from omct.pytorch.trace import TracedModel, as_args, trace_model
 from omct.quantize import QuantizedModel
 from omct.ui import logger
+from omct.workflow import report_refusals
 
 __all__ = ["create_quant_retrain_config", "create_quant_retrain_model", "restore_quant_retrain_model",
            "save_quant_retrain_model"]
@@ -56,6 +57,7 @@ def create_quant_retrain_config(config_file: str | os.PathLike, model: nn.Module
         raise ModelError(f"{prepared.description} has no layer to retrain ({reasons})")
     config = build_retrain_config(infos, config_defination=config_defination, all_names=prepared.all_names,
                                   type_names=set(RETRAIN_TYPES))
+    report_refusals(traced.refused)
     save_retrain_config(config, config_file)
     logger.info("wrote %s: %d of %d layers enabled for quantization-aware training", config_file,
                 len(config.enabled_layers()), len(config.layers))
