@@ -48,11 +48,10 @@ def _worker(rank, port, tmp):
                 raise AssertionError(f"rank {rank} wrote a file")
             QuantizedModel.save = refuse
             retrain_api.write_record = refuse
+            retrain_api.save_retrain_config = refuse
         model, (x, y) = _model(), _data(rank)
         example = x[0, :2]
-        if rank == 0:
-            amct.create_quant_retrain_config(str(tmp / "retrain.json"), model, example)
-        dist.barrier()
+        amct.create_quant_retrain_config(str(tmp / "retrain.json"), model, example)  # rank 0 writes, others wait
         qat = amct.create_quant_retrain_model(str(tmp / "retrain.json"), model, str(tmp / "record.txt"), example)
         ddp = nn.parallel.DistributedDataParallel(qat)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)

@@ -58,7 +58,7 @@ def create_quant_retrain_config(config_file: str | os.PathLike, model: nn.Module
     config = build_retrain_config(infos, config_defination=config_defination, all_names=prepared.all_names,
                                   type_names=set(RETRAIN_TYPES))
     report_refusals(traced.refused)
-    save_retrain_config(config, config_file)
+    distributed.on_rank0(lambda: save_retrain_config(config, config_file))  # every rank may call it; rank 0 writes
     logger.info("wrote %s: %d of %d layers enabled for quantization-aware training", config_file,
                 len(config.enabled_layers()), len(config.layers))
 
