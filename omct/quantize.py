@@ -74,6 +74,8 @@ class Calibration:
         self.records: dict[str, LayerRecord] | None = None
         self.inputs: InputKeeper | None = None
         self._progress: Progress | None = None
+        # called with the statistics before the algorithms run (a distributed frontend merges all processes' here)
+        self.before_finish: Callable[[Statistics], None] | None = None
 
     @property
     def batch_num(self) -> int:
@@ -139,6 +141,8 @@ class Calibration:
 
     def finish(self) -> dict[str, LayerRecord]:
         """Run the algorithms on the statistics; writes the record file when there is one."""
+        if self.before_finish is not None:
+            self.before_finish(self.stats)
         ctx = RecordContext(self.plan, self.config, self.stats, self.weight_of)
         for algorithm in PIPELINE:
             algorithm.apply(ctx)

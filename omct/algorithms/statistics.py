@@ -9,6 +9,7 @@ algorithms' business.
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from omct.core.parallel import run_all
 
 class Statistic(Protocol):
     def update(self, values: np.ndarray) -> None: ...
+
+    def merge(self, other) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -66,3 +69,17 @@ class Statistics:
                 raise on_error(name, e) from None
 
         run_all([functools.partial(task, n) for n in names], costs=[np.size(tensors[n]) for n in names])
+
+    def accumulators(self) -> dict[tuple[str, tuple], Statistic]:
+        """Every accumulator, keyed like the points: what a distributed run gathers from each process."""
+        return dict(self._stats)
+
+    def merge_accumulators(self, parts: list[dict[tuple[str, tuple], Statistic]]) -> None:
+        """Make every accumulator the merge of ``parts`` (each an ``accumulators()`` of one process), folded in
+        the order given, so every process that merges the same parts gets the same statistics. Sketches merge
+        exactly; sums (channel means) add."""
+        for key, stat in self._stats.items():
+            merged = copy.deepcopy(parts[0][key])
+            for part in parts[1:]:
+                merged.merge(part[key])
+            stat.__dict__.update(merged.__dict__)

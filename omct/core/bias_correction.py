@@ -28,6 +28,16 @@ class ChannelMeans:
         self.sums += sums
         self.count += x.size // channels
 
+    def merge(self, other: ChannelMeans) -> None:
+        """Fold in another stream's sums (a distributed run's other process)."""
+        if other.sums is None:
+            return
+        if self.sums is None:
+            self.sums, self.count = other.sums.copy(), other.count
+            return
+        self.sums = self.sums + other.sums
+        self.count += other.count
+
     @property
     def mean(self) -> np.ndarray | None:
         return None if self.sums is None or self.count == 0 else self.sums / self.count

@@ -37,6 +37,10 @@ class Calibrator(ABC):
     def update(self, values: np.ndarray) -> None:
         self.sketch.update(values)
 
+    def merge(self, other: Calibrator) -> None:
+        """Fold in another stream's statistics (exact: the sketches merge exactly)."""
+        self.sketch.merge(other.sketch)
+
     def compute(self, upper: float | None = None) -> QuantParams:
         """Parameters for the observed data; ``upper`` caps the range where the values are known to be
         bounded (a search may try a wider range than the data, which then only wastes levels)."""

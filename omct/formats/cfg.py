@@ -107,7 +107,7 @@ def _open_blocks(text: str, line: int, col: int) -> list[tuple[int, str]]:
     return stack
 
 
-def _explain(error: text_format.ParseError, text: str) -> str:
+def _explain(error: text_format.ParseError, text: str, top_class: type | None = None) -> str:
     """protobuf's message, made useful: a misspelt field gets "did you mean", and a field that belongs further
     out (the sign of a missing '}') or an unexpected end names the block left open and its line."""
     import difflib
@@ -118,7 +118,7 @@ def _explain(error: text_format.ParseError, text: str) -> str:
     if line is None:
         found = re.match(r"(\d+):(\d+)", message)
         line, col = (int(found[1]), int(found[2])) if found else (0, 0)
-    top = amct_config_class().DESCRIPTOR
+    top = (top_class or amct_config_class()).DESCRIPTOR
     unknown = re.search(r'Message type "([\w.]+)" has no field named "(\w+)"', message)
     open_blocks = _open_blocks(text, line, col) if line else []
     if unknown:

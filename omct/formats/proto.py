@@ -108,8 +108,13 @@ def algorithm_messages() -> dict[str, list[tuple]]:
     return messages
 
 
-def _build(messages: dict[str, list[tuple]], file_name: str) -> dict[str, type]:
+def _build(messages: dict[str, list[tuple]], file_name: str,
+           enums: dict[str, list[tuple[str, int]]] | None = None) -> dict[str, type]:
     fdp = descriptor_pb2.FileDescriptorProto(name=file_name, package=_PACKAGE, syntax="proto2")
+    for name, values in (enums or {}).items():
+        enum = fdp.enum_type.add(name=name)
+        for value_name, number in values:
+            enum.value.add(name=value_name, number=number)
     for name, fields in messages.items():
         msg = fdp.message_type.add(name=name)
         oneofs: list[str] = []
@@ -119,6 +124,8 @@ def _build(messages: dict[str, list[tuple]], file_name: str) -> dict[str, type]:
                                      "required": _F.LABEL_REQUIRED}[label])
             if ftype in _TYPES:
                 f.type = _TYPES[ftype]
+            elif ftype in (enums or {}):
+                f.type, f.type_name = _F.TYPE_ENUM, f".{_PACKAGE}.{ftype}"
             else:
                 f.type, f.type_name = _F.TYPE_MESSAGE, f".{_PACKAGE}.{ftype}"
             if default is not None:
@@ -145,3 +152,57 @@ def amct_config_class() -> type:
 
 
 ScaleOffsetRecord = _build(_RECORD_MESSAGES, "omct_amct_record.proto")["ScaleOffsetRecord"]
+
+
+# AMCT's retrain .cfg (``AMCTRetrainConfig``, AMCT's public retrain_config_pytorch.proto): field names and numbers
+# as AMCT's, so AMCT's retrain files parse unchanged. Pruning is parsed so that a file using it gets a clear error.
+_RETRAIN_ENUMS = {"DataType": [("INT4", 0), ("INT8", 1), ("INT16", 2)], "NOutOfMType": [("M4N2", 0)],
+                  "FakequantPrecisionMode": [("FORCE_FP16_QUANT", 1)]}
+_RETRAIN_MESSAGES: dict[str, list[tuple]] = {
+    "ClipMaxMin": [("clip_max", 3, "float", "required", None, None),
+                   ("clip_min", 5, "float", "required", None, None)],
+    "ActULQquantize": [("clip_max_min", 1, "ClipMaxMin", "optional", None, None),
+                       ("fixed_min", 2, "bool", "optional", None, None),
+                       ("dst_type", 3, "DataType", "optional", "INT8", None)],
+    "RetrainDataQuantConfig": [("ulq_quantize", 13, "ActULQquantize", "optional", None, "data_retrain_algo")],
+    "ARQRetrain": [("dst_type", 1, "DataType", "optional", "INT8", None),
+                   ("channel_wise", 2, "bool", "optional", None, None)],
+    "WtsULQRetrain": [("dst_type", 1, "DataType", "optional", "INT8", None),
+                      ("channel_wise", 2, "bool", "optional", None, None)],
+    "RetrainWeightQuantConfig": [("arq_retrain", 1, "ARQRetrain", "optional", None, "weights_retrain_algo"),
+                                 ("ulq_retrain", 2, "WtsULQRetrain", "optional", None, "weights_retrain_algo")],
+    "BalancedL2NormFilterPruner": [("prune_ratio", 1, "float", "required", None, None),
+                                   ("ascend_optimized", 2, "bool", "optional", "true", None)],
+    "FilterPruner": [("balanced_l2_norm_filter_prune", 1, "BalancedL2NormFilterPruner", "optional", None,
+                      "filter_pruner_algo")],
+    "L1SelectivePruner": [("n_out_of_m_type", 1, "NOutOfMType", "optional", "M4N2", None),
+                          ("update_freq", 2, "uint32", "optional", "0", None)],
+    "NOutOfMPruner": [("l1_selective_prune", 1, "L1SelectivePruner", "optional", None, "n_out_of_m_pruner_algo")],
+    "PruneConfig": [("filter_pruner", 1, "FilterPruner", "optional", None, "regular_prune_strategy"),
+                    ("n_out_of_m_pruner", 2, "NOutOfMPruner", "optional", None, "regular_prune_strategy")],
+    "RetrainOverrideLayer": [("layer_name", 1, "string", "required", None, None),
+                             ("retrain_data_quant_config", 2, "RetrainDataQuantConfig", "optional", None, None),
+                             ("retrain_weight_quant_config", 3, "RetrainWeightQuantConfig", "optional", None, None),
+                             ("prune_config", 4, "PruneConfig", "optional", None, None)],
+    "RetrainOverrideLayerType": [("layer_type", 1, "string", "required", None, None),
+                                 ("retrain_data_quant_config", 2, "RetrainDataQuantConfig", "optional", None, None),
+                                 ("retrain_weight_quant_config", 3, "RetrainWeightQuantConfig", "optional", None, None),
+                                 ("prune_config", 4, "PruneConfig", "optional", None, None)],
+    "AMCTRetrainConfig": [
+        ("batch_num", 1, "uint32", "optional", "1", None),
+        ("retrain_data_quant_config", 2, "RetrainDataQuantConfig", "optional", None, None),
+        ("retrain_weight_quant_config", 3, "RetrainWeightQuantConfig", "optional", None, None),
+        ("skip_layers", 4, "string", "repeated", None, None),
+        ("override_layer_configs", 5, "RetrainOverrideLayer", "repeated", None, None),
+        ("skip_layer_types", 6, "string", "repeated", None, None),
+        ("override_layer_types", 7, "RetrainOverrideLayerType", "repeated", None, None),
+        ("prune_config", 8, "PruneConfig", "optional", None, None),
+        ("regular_prune_skip_layers", 9, "string", "repeated", None, None),
+        ("regular_prune_skip_types", 10, "string", "repeated", None, None),
+        ("quant_skip_layers", 11, "string", "repeated", None, None),
+        ("quant_skip_types", 12, "string", "repeated", None, None),
+        ("fakequant_precision_mode", 21, "FakequantPrecisionMode", "optional", None, None),
+    ],
+}
+
+AMCTRetrainConfig = _build(_RETRAIN_MESSAGES, "omct_amct_retrain_config.proto", _RETRAIN_ENUMS)["AMCTRetrainConfig"]

@@ -8,6 +8,13 @@
             calibration_model(x)
     amct.save_model(modified_onnx_model, record_file, save_path)
 
+Quantization-aware training (AMCT's retrain, docs/QAT.md):
+
+    amct.create_quant_retrain_config(config_file, model, input_data, config_defination=None)
+    qat_model = amct.create_quant_retrain_model(config_file, model, record_file, input_data)
+    ...  # train qat_model with your own loop (DistributedDataParallel works)
+    amct.save_quant_retrain_model(config_file, qat_model, record_file, save_path, input_data)
+
 Needs the ``torch`` extra: ``pip install omct[torch]``.
 """
 
@@ -22,7 +29,15 @@ from omct.pytorch.api import ModuleReport, create_quant_config, inspect_model, q
 from omct.pytorch.auto import OnnxModule, accuracy_based_auto_calibration, auto_nuq
 from omct.pytorch.calibration import CalibrationModel
 from omct.pytorch.decompose import auto_decomposition, decompose_network
+from omct.pytorch.retrain import (
+    QuantRetrainModel,
+    create_quant_retrain_config,
+    create_quant_retrain_model,
+    restore_quant_retrain_model,
+    save_quant_retrain_model,
+)
 
 __all__ = ["AutoCalibrationEvaluatorBase", "AutoNuqEvaluatorBase", "CalibrationModel", "ModuleReport", "OnnxModule",
-           "accuracy_based_auto_calibration", "auto_decomposition", "auto_nuq", "create_quant_config",
-           "decompose_network", "inspect_model", "quantize_model", "save_model"]
+           "QuantRetrainModel", "accuracy_based_auto_calibration", "auto_decomposition", "auto_nuq", "create_quant_config",
+           "create_quant_retrain_config", "create_quant_retrain_model", "decompose_network", "inspect_model",
+           "quantize_model", "restore_quant_retrain_model", "save_model", "save_quant_retrain_model"]

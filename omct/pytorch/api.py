@@ -15,8 +15,9 @@ from omct.formats.config import QuantConfig, load_config
 from omct.frontend import PreparedModel
 from omct.graph.equalize import equalize
 from omct.graph.model_io import output_files
-from omct.graph.modified import ModifiedModel
+from omct.graph.modified import ModifiedModel, read_modified
 from omct.graph.ops import LayerSpec, Refusal
+from omct.pytorch import distributed
 from omct.pytorch.calibration import CalibrationModel
 from omct.pytorch.fold import equalize_modules, fold_conv_bn
 from omct.pytorch.trace import SUPPORTED, TracedModel, as_args, trace_model
@@ -135,7 +136,10 @@ def prepare_quantization(config: QuantConfig, config_file, modified_onnx_model, 
     prepared = prepare(traced, model)
     if config_for is not None:
         config = config_for(prepared)
-    mod = write_modified_model(config, config_file, prepared, modified_onnx_model, record_file)
+    # Under torch.distributed rank 0 writes the modified model and the pending record; the others read it back.
+    mod = distributed.on_rank0(lambda: write_modified_model(config, config_file, prepared, modified_onnx_model, record_file))
+    if mod is None:
+        mod = read_modified(modified_onnx_model)
     logger.info("wrote %s: %d layers to calibrate, %d activation tensors observed", modified_onnx_model,
                 len(mod.plan.layers), len(mod.plan.sites))
     hints.info("now run %d batch(es) through the returned calibration model", config.batch_num)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from omct.graph.modified import ModifiedModel
+from omct.pytorch import distributed
 from omct.quantize import Calibration, CalibrationStatus, initializer_reader
 
 
@@ -32,7 +33,12 @@ class CalibrationModel(CalibrationStatus, nn.Module):
         super().__init__()
         self.model = model
         self.record_file = record_file
-        self.calibration = Calibration(mod.plan, mod.config, initializer_reader(mod.model), record_file)
+        # Under torch.distributed every rank calibrates on its share of the data: the statistics are merged
+        # across ranks before the factors are computed, and only rank 0 writes the record file.
+        self.calibration = Calibration(mod.plan, mod.config, initializer_reader(mod.model),
+                                       record_file if distributed.rank() == 0 else None)
+        if distributed.active():
+            self.calibration.before_finish = distributed.reduce_statistics
         self._seen: set[str] = set()
         self._active = False
         producers = {o: n for n in mod.model.graph.node for o in n.output}
@@ -79,4 +85,7 @@ class CalibrationModel(CalibrationStatus, nn.Module):
             finally:
                 self._active = False
 
-        return self.calibration.run_batch(observe)
+        out = self.calibration.run_batch(observe)
+        if self.calibration.done and distributed.active():
+            distributed.barrier()  # the record file is written (rank 0) before any rank goes on to save_model
+        return out

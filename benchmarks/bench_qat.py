@@ -1,0 +1,195 @@
+"""Quantization-aware training, side by side, at INT8 weights and at INT4 weights (INT8 activations):
+FP32, omct PTQ (IFMR activations; ARQ and MSE-clip weights), omct QAT (AMCT's retrain sequence, ULQ activations,
+``arq_retrain`` at INT8 and ``ulq_retrain`` at INT4) and NNCF's QAT (``nncf.quantize``, then the same training,
+``nncf.strip``, exported to ONNX) after the same short fine-tune (same batches, optimizer and learning rate).
+Deploy models run in ONNX Runtime; accuracy on the 500 held-out digits. The step time is the median training
+step (batch 64, one thread) after the initialisation batches, against FP32 training of the same model.
+
+Each run is its own child process (peak RSS is its own). Run by hand, not in CI:
+
+    python benchmarks/bench_qat.py                          # writes benchmarks/results/qat.md
+    python benchmarks/bench_qat.py --models resnet --bits 4 --steps 40
+
+NNCF is optional (``pip install nncf``; import path extended with ``--nncf-path``); without it its rows say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import bench_ptq as ptq  # noqa: E402 - shares models, data and measurements with the PTQ benchmarks
+
+METHODS = ["fp32-train", "omct-ptq-arq", "omct-ptq-mse", "omct-qat", "nncf-qat"]
+BATCH = 64
+LR = 2e-4
+EXPORT = {"input_names": ["input"], "output_names": ["logits"],
+          "dynamic_axes": {"input": {0: "batch"}, "logits": {0: "batch"}}}
+
+
+def batches(steps: int, seed: int = 0):
+    """The fine-tune batches every method sees, in the same order."""
+    import torch
+
+    d = ptq.data()
+    rng = np.random.default_rng(seed)
+    x, y = torch.tensor(d.x_train), torch.tensor(d.y_train)
+    return [(x[idx], y[idx]) for idx in (rng.choice(len(x), BATCH, replace=False) for _ in range(steps))]
+
+
+def train(model, data, skip: int = 2) -> float:
+    """Adam over every parameter, the same for every method; returns the median step time in ms (after ``skip``)."""
+    import torch
+    from torch import nn
+
+    opt = torch.optim.Adam(model.parameters(), lr=LR)
+    model.train()
+    times = []
+    for x, y in data:
+        t = time.perf_counter()
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    model.eval()
+    return float(np.median(times[skip:]) * 1000)
+
+
+def run(method: str, name: str, bits: int, steps: int, out: Path, channel_wise: bool = True) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    model = ptq.torch_model(name)
+    data = batches(steps)
+    example = data[0][0][:2]
+    deploy = Path(str(out) + "_deploy_model.onnx")
+    result: dict = {}
+    if method == "fp32-train":
+        result["step_ms"] = train(model, data)
+        return result
+    if method.startswith("omct-ptq"):
+        import omct.pytorch as amct
+
+        algo = "arq_quantize" if method.endswith("arq") else "mse_clip_quantize"
+        cfg = out.with_suffix(".cfg")
+        weights = f"calibration_config {{ {algo} {{ quant_bits: {bits} channel_wise: {str(channel_wise).lower()} }} }}"
+        cfg.write_text("batch_num: 8\ncommon_config { ifmr_quantize { } }\n"
+                       + "".join(f'override_layer_types {{ layer_type: "{t}" {weights} }}\n' for t in ("Conv2d", "Linear")))
+        amct.create_quant_config(str(out) + ".json", model, example, config_defination=str(cfg))
+        cal = amct.quantize_model(str(out) + ".json", str(out) + "_mod.onnx", str(out) + "_record.txt", model, example,
+                                  **EXPORT)
+        with torch.no_grad():
+            for b in ptq.calib_batches(8):
+                cal(torch.tensor(b))
+        amct.save_model(str(out) + "_mod.onnx", str(out) + "_record.txt", str(out))
+    elif method == "omct-qat":
+        import omct.pytorch as amct
+
+        wts = "ulq_retrain" if bits == 4 else "arq_retrain"
+        dst = "INT4" if bits == 4 else "INT8"
+        cfg = out.with_suffix(".cfg")
+        cfg.write_text(f"batch_num: 2\nretrain_weight_quant_config {{ {wts} {{ channel_wise: {str(channel_wise).lower()} "
+                       f"dst_type: {dst} }} }}\n")
+        amct.create_quant_retrain_config(str(out) + ".json", model, example, config_defination=str(cfg))
+        qat = amct.create_quant_retrain_model(str(out) + ".json", model, str(out) + "_record.txt", example)
+        result["step_ms"] = train(qat, data)
+        amct.save_quant_retrain_model(str(out) + ".json", qat, str(out) + "_record.txt", str(out), example, **EXPORT)
+    elif method == "nncf-qat":
+        import nncf
+        from bench_pytorch import nncf_root
+        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
+
+        calib = [torch.tensor(b) for b in ptq.calib_batches(8)]
+        advanced = AdvancedQuantizationParameters(weights_quantization_params=QuantizationParameters(num_bits=bits)) \
+            if bits != 8 else None
+        q = nncf.quantize(nncf_root(model), nncf.Dataset(calib), subset_size=8 * ptq.CALIB_BATCH,
+                          advanced_parameters=advanced)
+        result["step_ms"] = train(q, data)
+        q = nncf.strip(q.eval(), example_input=example)
+        try:
+            torch.onnx.export(q, (example,), str(deploy), dynamo=False, opset_version=17, **EXPORT)
+        except Exception as e:  # noqa: BLE001 - 4-bit fake quantization has no ONNX export: accuracy in PyTorch
+            d = ptq.data()
+            with torch.no_grad():
+                result["torch_acc"] = float((q(torch.tensor(d.x_test)).argmax(1).numpy() == d.y_test).mean())
+            result["note"] = f"no ONNX export ({str(e).splitlines()[0][:80]}); accuracy of the PyTorch model"
+            return result
+    else:
+        raise ValueError(method)
+    result["deploy"] = str(deploy)
+    return result
+
+
+def child(method: str, name: str, bits: str, steps: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    out = ptq.WORK / f"qat_{name}_{method}_w{bits}"
+    t = time.perf_counter()
+    r = run(method, name, int(bits.rstrip("t")), steps, out, channel_wise=not bits.endswith("t"))
+    print(json.dumps({"method": method, "model": name, "bits": bits, "wall_s": time.perf_counter() - t,
+                      "peak_rss_mb": ptq.peak_rss_mb(), **r}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="*", default=["resnet", "mobilenet"])
+    ap.add_argument("--methods", nargs="*", default=METHODS)
+    ap.add_argument("--bits", nargs="*", type=int, default=[8, 4])
+    ap.add_argument("--steps", type=int, default=60, help="fine-tune steps of batch 64 (every trained method alike)")
+    ap.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor (channel_wise false)")
+    ap.add_argument("--append", metavar="TITLE", help="append the table under TITLE to results/qat.md")
+    ap.add_argument("--nncf-path", default=os.environ.get("NNCF_PATH"), help="a site-packages folder holding nncf")
+    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child[0], args.child[1], args.child[2], int(args.child[3]))
+        return
+    os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "0")  # its CPU kernels compile for minutes on a busy host
+    if args.nncf_path:
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), args.nncf_path]))
+    rows = []
+    for name in args.models:
+        ptq.ensure_model(name)
+        fp32_acc = ptq.accuracy(ptq.model_path(name))
+        fp32 = ptq.child_process(__file__, "fp32-train", name, 8, args.steps) if "fp32-train" in args.methods else {}
+        rows.append({"model": name, "method": "fp32", "bits": "-", "acc": fp32_acc, "step_ms": fp32.get("step_ms"),
+                     "peak_rss_mb": fp32.get("peak_rss_mb")})
+        for bits in args.bits:
+            for method in [m for m in args.methods if m != "fp32-train"]:
+                r = ptq.child_process(__file__, method, name, f"{bits}{'t' if args.per_tensor else ''}", args.steps)
+                row = {**r, "model": name, "method": method,
+                       "bits": f"W{bits}A8" + (" per tensor" if args.per_tensor else "")}
+                if "error" not in r:
+                    row["acc"] = ptq.accuracy(Path(r["deploy"])) if "deploy" in r else r["torch_acc"]
+                    if fp32.get("step_ms") and r.get("step_ms"):
+                        row["step_ratio"] = r["step_ms"] / fp32["step_ms"]
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr)
+    lines = [f"QAT benchmark: models of bench_ptq.py (digits at {ptq.SIZE}x{ptq.SIZE}), {args.steps} fine-tune steps of "
+             f"batch {BATCH} (Adam, lr {LR}) for every trained method, same batches; PTQ on 8 batches of "
+             f"{ptq.CALIB_BATCH}. Accuracy of the deploy model in ONNX Runtime on 500 held-out images (FP32: the FP32 "
+             "ONNX model). Step time: median training step, one thread, vs FP32 training of the same model. Shared host "
+             "(2 cores, other jobs running): step times are noisy, compare ratios.\n"]
+    cells = lambda r: [r["bits"], f"{r['acc']:.4f}", f"{r['step_ms']:.1f}" if r.get("step_ms") else "-",  # noqa: E731
+                       f"{r['step_ratio']:.2f}x" if r.get("step_ratio") else "-",
+                       f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") else "-", r.get("note", "")]
+    table_rows = [{**r, "method": r["method"]} for r in rows]
+    lines += ptq.markdown_table(["model", "method", "weights", "accuracy", "step ms", "step vs FP32", "peak RSS MB", "note"],
+                                table_rows, cells)
+    if args.append:
+        previous = (ptq.RESULTS / "qat.md").read_text().rstrip("\n")
+        lines = [previous, "", f"## {args.append}", "", *lines]
+    ptq.write_results("qat", lines)
+
+
+if __name__ == "__main__":
+    main()
