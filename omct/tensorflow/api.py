@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from omct.errors import DataError, ModelError, RecordError
+from omct.errors import ConfigError, DataError, ModelError, RecordError
 from omct.feeds import batch_rows, shape_text, warn_few_samples
 from omct.fileio import check_outputs
 from omct.formats.config import QuantConfig, load_config
@@ -128,8 +128,11 @@ def create_quant_config(config_file: str | os.PathLike, model: Any, skip_layers:
     p = prepare(model, input_names=input_names, output_names=output_names)
     with tempfile.TemporaryDirectory() as folder:
         cfg = _cfg_with_layer_names(config_defination, p.converted.aliases, folder)
-        write_quant_config(config_file, p.prepared, skip_layers=_translate(skip_layers, p.converted.aliases),
-                           batch_num=batch_num, activation_offset=activation_offset, config_defination=cfg)
+        try:
+            write_quant_config(config_file, p.prepared, skip_layers=_translate(skip_layers, p.converted.aliases),
+                               batch_num=batch_num, activation_offset=activation_offset, config_defination=cfg)
+        except ConfigError as e:  # name the user's .cfg, not the rewritten copy
+            raise ConfigError(str(e).replace(str(cfg), str(config_defination))) from None
 
 
 def default_modified_file(record_file: str | os.PathLike) -> Path:
@@ -283,8 +286,8 @@ def _check_same_model(model: Any, mod: ModifiedModel) -> None:
     from omct.tensorflow.convert import _layer_paths
 
     paths = {p for p, _ in _layer_paths(model).values()}
-    for name in mod.plan.layers:
-        if name not in paths and name.rsplit("/", 1)[0] not in paths and "/" not in name:
+    for name, spec in mod.plan.layers.items():
+        if spec.weight is not None and name not in paths:
             raise RecordError(f"save_model: layer '{name}' of the calibration graph is not a layer of the Keras model "
                               f"'{model.name}': the record belongs to another model")
 

@@ -286,10 +286,11 @@ def _tf_weights(graph_def, tf) -> dict[tuple[int, str], list[str]]:
 
 def _convert(src: TFGraph) -> onnx.ModelProto:
     tf = tensorflow()
-    from tf2onnx import optimizer
+    from tf2onnx import optimizer, utils
     from tf2onnx.tfonnx import process_tf_graph
 
     logging.getLogger("tf2onnx").setLevel(logging.CRITICAL)  # its errors are raised as one line below
+    utils.INTERNAL_NAME = 1  # the counter in the names of the nodes it adds: the same names for the same graph
     with tf.Graph().as_default() as graph:
         tf.import_graph_def(src.graph_def, name="")
         try:
