@@ -7,6 +7,7 @@ One trained model per architecture per module (TensorFlow is slow to import and 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -302,3 +303,21 @@ def test_accuracy_based_auto_calibration_and_analyze(models, data, tmp_path):
     layers = {e.layer for e in report.layers}
     assert layers and layers <= set(json.loads(cfg.read_text())), layers
     assert all(0.9 < e.cosine <= 1.0 + 1e-6 for e in report.layers), [(e.layer, e.cosine) for e in report.layers]
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tensorflow_ptq.py"
+
+
+def test_readme_shows_the_tensorflow_example_verbatim():
+    code = EXAMPLE.read_text()
+    block = code[code.index("# 1. generate"):code.index("# 5. test both")].rstrip()
+    assert block in (EXAMPLE.parents[1] / "README.md").read_text()
+
+
+def test_tensorflow_example_runs_as_written(tmp_path):
+    res = subprocess.run([sys.executable, str(EXAMPLE)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    fp32, fake, deploy = map(float, re.search(r"FP32 \(TensorFlow\) ([\d.]+).*fake-quant \(ORT\) ([\d.]+).*deploy INT8 "
+                                              r"\(ORT\) ([\d.]+)", res.stdout).groups())
+    assert fp32 > 0.85 and deploy >= fp32 - 0.01 and fake >= fp32 - 0.01, res.stdout
+    assert (tmp_path / "results" / "user_model_deploy_model.onnx").is_file()

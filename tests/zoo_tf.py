@@ -58,7 +58,53 @@ def deconv(size: int = 16):
     return keras.Model(inp, layers.Dense(10)(x), name="digits_deconv")
 
 
-BUILDERS = {"cnn": cnn, "mlp": mlp, "deconv": deconv}
+def resnet(size: int = 32, width: int = 16):
+    """ResNet-style: Conv + BatchNorm + ReLU blocks with residual Adds (1x1 projection shortcuts)."""
+    import keras
+    from keras import layers
+
+    def block(x, cout, stride):
+        y = layers.Conv2D(cout, 3, strides=stride, padding="same", use_bias=False)(x)
+        y = layers.ReLU()(layers.BatchNormalization(momentum=0.9)(y))
+        y = layers.Conv2D(cout, 3, padding="same", use_bias=False)(y)
+        y = layers.BatchNormalization(momentum=0.9)(y)
+        if stride != 1 or x.shape[-1] != cout:
+            x = layers.BatchNormalization(momentum=0.9)(layers.Conv2D(cout, 1, strides=stride, use_bias=False)(x))
+        return layers.ReLU()(layers.Add()([x, y]))
+
+    inp = keras.Input((size, size, 1), name="image")
+    x = layers.Conv2D(width, 3, padding="same", use_bias=False)(inp)
+    x = layers.ReLU()(layers.BatchNormalization(momentum=0.9)(x))
+    for cout, stride in ((width, 1), (2 * width, 2), (4 * width, 2)):
+        x = block(x, cout, stride)
+    x = layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inp, layers.Dense(10)(x), name="digits_resnet")
+
+
+def mobilenet(size: int = 32, width: int = 16):
+    """MobileNetV2-style: inverted residual blocks (1x1 expand, 3x3 depthwise, 1x1 project, BatchNorm, ReLU6)."""
+    import keras
+    from keras import layers
+
+    def inverted(x, cout, stride, expand=4):
+        cin = x.shape[-1]
+        y = layers.ReLU(6.0)(layers.BatchNormalization(momentum=0.9)(layers.Conv2D(cin * expand, 1, use_bias=False)(x)))
+        y = layers.DepthwiseConv2D(3, strides=stride, padding="same", use_bias=False)(y)
+        y = layers.ReLU(6.0)(layers.BatchNormalization(momentum=0.9)(y))
+        y = layers.BatchNormalization(momentum=0.9)(layers.Conv2D(cout, 1, use_bias=False)(y))
+        return layers.Add()([x, y]) if stride == 1 and cin == cout else y
+
+    inp = keras.Input((size, size, 1), name="image")
+    x = layers.Conv2D(width, 3, padding="same", use_bias=False)(inp)
+    x = layers.ReLU(6.0)(layers.BatchNormalization(momentum=0.9)(x))
+    for cout, stride in ((width, 1), (24, 2), (24, 1), (32, 2), (32, 1)):
+        x = inverted(x, cout, stride)
+    x = layers.ReLU(6.0)(layers.BatchNormalization(momentum=0.9)(layers.Conv2D(64, 1, use_bias=False)(x)))
+    x = layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inp, layers.Dense(10)(x), name="digits_mobilenet")
+
+
+BUILDERS = {"cnn": cnn, "mlp": mlp, "deconv": deconv, "resnet": resnet, "mobilenet": mobilenet}
 
 
 def train(name: str, data, epochs: int = 6, seed: int = 0):
