@@ -216,6 +216,40 @@ def test_calibration_data_checked(models, data, tmp_path):
     assert calibration_model.complete
 
 
+def test_names_are_exact_in_nested_models_and_shared_layers_stay_float():
+    """Two sub-models with a layer called "conv" each, one of them nested twice deep, auto-numbered Dense layers and
+    a layer called twice: every converted weight is the kernel of the Keras layer it is named after."""
+    import keras
+    from onnx import numpy_helper
+
+    keras.utils.set_random_seed(1)
+
+    def sub(name, cin):
+        inner = keras.Sequential([keras.Input((8, 8, cin)), keras.layers.Conv2D(cin, 3, padding="same", name="conv")],
+                                 name=f"{name}_inner")
+        return keras.Sequential([keras.Input((8, 8, cin)), inner, keras.layers.Conv2D(cin, 1, name="conv")], name=name)
+
+    inp = keras.Input((8, 8, 4), name="x")
+    shared = keras.layers.Conv2D(4, 1, name="twice")
+    y = shared(shared(sub("b", 4)(sub("a", 4)(inp))))
+    y = keras.layers.Dense(6)(keras.layers.Flatten()(y))
+    model = keras.Model(inp, keras.layers.Dense(3)(y))
+    p = amct.prepare(model)
+    kernels = {"a/conv": model.get_layer("a").get_layer("conv"), "b/conv": model.get_layer("b").get_layer("conv"),
+               "a/a_inner/conv": model.get_layer("a").get_layer("a_inner").get_layer("conv"),
+               "b/b_inner/conv": model.get_layer("b").get_layer("b_inner").get_layer("conv")}
+    dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
+    inits = {t.name: numpy_helper.to_array(t) for t in p.prepared.model.graph.initializer}
+    nodes = {n.name: n for n in p.prepared.model.graph.node}
+    for name, layer in kernels.items():
+        kernel = np.asarray(layer.kernel)
+        np.testing.assert_array_equal(inits[nodes[name].input[1]], kernel.transpose(3, 2, 0, 1), err_msg=name)
+    for layer in dense:
+        np.testing.assert_array_equal(inits[nodes[layer.name].input[1]], np.asarray(layer.kernel), err_msg=layer.name)
+    assert {s.name for s in p.prepared.layers} >= set(kernels) | {d.name for d in dense}
+    assert "twice" in {r.name for r in p.prepared.refused} and "twice" not in {s.name for s in p.prepared.layers}
+
+
 def test_bad_models(tmp_path):
     import keras
     import tensorflow as tf

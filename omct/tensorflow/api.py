@@ -62,6 +62,11 @@ def prepare(model: Any, config: QuantConfig | None = None, input_names: list[str
         if rep.folded or folded:
             logger.info("folded %d BatchNorm(s) into the layers before them", len(rep.folded) + len(folded))
     layers, refused = find_layers(norm)
+    shared = conv.tf_graph.shared  # as in the PyTorch frontend: a layer run twice per pass stays in float
+    if shared:
+        refused += [Refusal(s.name, s.op_type, "the Keras layer is called more than once per forward pass")
+                    for s in layers if s.name in shared or s.name.rsplit("/", 1)[0] in shared]
+        layers = [s for s in layers if not (s.name in shared or s.name.rsplit("/", 1)[0] in shared)]
     types = {s.name: conv.types.get(s.name, s.op_type) for s in layers}
     names = {n.name for n in norm.graph.node} | set(conv.types) | set(conv.aliases)
     prepared = PreparedModel(norm, layers, refused, types, conv.tf_graph.description, names,

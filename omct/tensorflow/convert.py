@@ -398,9 +398,6 @@ def convert(src: TFGraph) -> Converted:
             types[node.name] = types.pop(name)
             continue
         node.name = name
-    for path in src.shared:
-        if path in types:
-            logger.info("layer '%s' is called more than once in the model", path)
     return Converted(model, types, aliases, src)
 
 
