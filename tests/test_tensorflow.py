@@ -149,8 +149,8 @@ def test_saved_model_directory(models, data, tmp_path):
     model.export(str(saved), verbose=False)
     cfg, rec = tmp_path / "c.json", tmp_path / "r.txt"
     amct.create_quant_config(str(cfg), str(saved), batch_num=2)
-    names = list(json.loads(cfg.read_text()))
-    assert any(n.endswith("/MatMul") for n in names), names  # TF op names for a graph
+    layer_names = list(json.loads(cfg.read_text()))
+    assert any(n.endswith("/MatMul") for n in layer_names), layer_names  # TF op names for a graph
     calibration_model = amct.quantize_model(str(saved), str(cfg), str(rec))
     for i in range(2):
         calibration_model(data[0][i * 64:(i + 1) * 64])
@@ -161,6 +161,10 @@ def test_saved_model_directory(models, data, tmp_path):
     name = ort.InferenceSession(str(deploy), providers=["CPUExecutionProvider"]).get_inputs()[0].name
     acc = float((ort_run(deploy, {name: data[2]})[0].argmax(1) == data[3]).mean())
     assert acc >= fp32 - 0.01, (fp32, acc)
+    # a .keras file is a Keras model: Keras layer names
+    model.save(tmp_path / "m.keras")
+    amct.create_quant_config(str(tmp_path / "k.json"), str(tmp_path / "m.keras"))
+    assert set(names(model, "Dense")) <= set(json.loads((tmp_path / "k.json").read_text()))
 
 
 def frozen_pb(model, folder: Path) -> tuple[Path, str, str]:
