@@ -233,13 +233,14 @@ def test_names_are_exact_in_nested_models_and_shared_layers_stay_float():
                                  name=f"{name}_inner")
         return keras.Sequential([keras.Input((8, 8, cin)), inner, keras.layers.Conv2D(cin, 1, name="conv")], name=name)
 
-    inp = keras.Input((8, 8, 4), name="x")
+    inp = keras.Input((8, 8, 1), name="x")  # one channel: tf2onnx's NHWC -> NCHW is a Reshape named after the stem
+    stem = keras.layers.Conv2D(4, 3, padding="same", use_bias=False, name="stem")
     shared = keras.layers.Conv2D(4, 1, name="twice")
-    y = shared(shared(sub("b", 4)(sub("a", 4)(inp))))
+    y = shared(shared(sub("b", 4)(sub("a", 4)(stem(inp)))))
     y = keras.layers.Dense(6)(keras.layers.Flatten()(y))
     model = keras.Model(inp, keras.layers.Dense(3)(y))
     p = amct.prepare(model)
-    kernels = {"a/conv": model.get_layer("a").get_layer("conv"), "b/conv": model.get_layer("b").get_layer("conv"),
+    kernels = {"stem": stem, "a/conv": model.get_layer("a").get_layer("conv"), "b/conv": model.get_layer("b").get_layer("conv"),
                "a/a_inner/conv": model.get_layer("a").get_layer("a_inner").get_layer("conv"),
                "b/b_inner/conv": model.get_layer("b").get_layer("b_inner").get_layer("conv")}
     dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]

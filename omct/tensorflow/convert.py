@@ -366,7 +366,9 @@ def convert(src: TFGraph) -> Converted:
         if op is None:
             continue
         name = user_name(op)[0]
-        main = tf_nodes[op].op in TF_WEIGHTED or tf_nodes[op].op == "AvgPool" or per_layer[name] == 1
+        kind = tf_nodes[op].op
+        main = ((kind in TF_WEIGHTED and node.op_type in ONNX_WEIGHTED) or (kind == "AvgPool" and node.op_type == "AveragePool")
+                or per_layer[name] == 1)
         if main and name not in primary:
             primary[name] = node
     types: dict[str, str] = {}
