@@ -113,6 +113,14 @@ def test_conv_transpose(models, data, tmp_path):
     assert acc >= fp32 - 0.01, (fp32, acc)
     # ONNX Runtime's CPU provider has no integer ConvTranspose kernel: it may take its weight dequantized
     assert_integer_kernels(deploy, tmp_path, allowed=("ConvTranspose",))
+    # `omct analyze` on the command line: the calibration graph beside the record is the float model
+    from omct.cli import main
+
+    np.savez(tmp_path / "data.npz", **{"image:0": data[2][:64]})
+    assert main(["analyze", str(tmp_path / "record_modified.onnx"), str(tmp_path / "q_fake_quant_model.onnx"), "--data",
+                 str(tmp_path / "data.npz"), "--json", str(tmp_path / "a.json")]) == 0
+    analysed = json.loads((tmp_path / "a.json").read_text())
+    assert deconv in json.dumps(analysed), analysed
 
 
 def test_skip_layers_and_cfg_take_keras_and_tf_op_names(models, data, tmp_path):
