@@ -261,6 +261,12 @@ def test_names_are_exact_in_nested_models_and_shared_layers_stay_float():
         np.testing.assert_array_equal(inits[nodes[layer.name].input[1]], np.asarray(layer.kernel), err_msg=layer.name)
     assert {s.name for s in p.prepared.layers} >= set(kernels) | {d.name for d in dense}
     assert "twice" in {r.name for r in p.prepared.refused} and "twice" not in {s.name for s in p.prepared.layers}
+    # the conversion is reused for the same model (create_quant_config, then quantize_model) unless a weight changed
+    stem.kernel.assign(np.asarray(stem.kernel) * 2)
+    again = amct.prepare(model).prepared.model
+    weight = {t.name: numpy_helper.to_array(t) for t in again.graph.initializer}[
+        {n.name: n for n in again.graph.node}["stem"].input[1]]
+    np.testing.assert_array_equal(weight, np.asarray(stem.kernel).transpose(3, 2, 0, 1))
 
 
 def test_bad_models(tmp_path):

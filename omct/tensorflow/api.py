@@ -21,7 +21,7 @@ from omct.graph.modified import ModifiedModel, read_modified
 from omct.graph.normalize import fold_batchnorm, fold_pads, normalize
 from omct.graph.ops import HANDLERS, LayerSpec, Refusal, find_layers
 from omct.quantize import Calibration, CalibrationStatus, initializer_reader, ort_session
-from omct.tensorflow.convert import Converted, TFGraph, check_float, convert, load_source, tensorflow
+from omct.tensorflow.convert import Converted, TFGraph, check_float, convert_model, tensorflow
 from omct.tensorflow.fold import fold_scale_shift
 from omct.ui import format_table, hints, logger
 from omct.workflow import save_model as _save_model
@@ -50,7 +50,7 @@ def prepare(model: Any, config: QuantConfig | None = None, input_names: list[str
     """The TensorFlow frontend's side of the contract: convert, name, normalise, fold BatchNorm (when ``config``,
     or a saved model's ``fusion`` metadata, says so) and find the layers; types are Keras class names (or TF op
     types for graphs)."""
-    conv = convert(load_source(model, input_names, output_names))
+    conv = convert_model(model, input_names, output_names)
     norm, rep = normalize(conv.model)
     fold_pads(norm, rep)
     if config is not None:

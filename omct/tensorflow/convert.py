@@ -422,3 +422,38 @@ def check_float(model_run, src: TFGraph, arrays: list, where: str) -> None:
                          f"output's largest value; tolerance {tol:g}); the conversion is wrong for this model")
     logger.info("converted model matches TensorFlow on the first batch: max |difference| %.1e of the output range "
                 "(tolerance %g)", worst, tol)
+
+
+_LAST: list = []  # (key, Converted): the last conversion, reused by the next call on the same, unchanged model
+
+
+def _cache_key(model, input_names, output_names) -> tuple | None:
+    """Identifies a model and its weights: a Keras model by identity and a hash of every variable (a model trained
+    further between create_quant_config and quantize_model is converted again), a file or folder by its files'
+    paths, sizes and modification times."""
+    names = (tuple(input_names or ()), tuple(output_names or ()))
+    if hasattr(model, "_flatten_layers") and hasattr(model, "weights"):
+        digest = hashlib.sha1()
+        for v in model.weights:
+            digest.update(np.ascontiguousarray(np.asarray(v)).tobytes())
+        return ("keras", id(model), model.name, digest.hexdigest(), names)
+    if isinstance(model, (str, os.PathLike)) and Path(model).exists():
+        path = Path(model).resolve()
+        files = sorted(path.rglob("*")) if path.is_dir() else [path]
+        return ("path", str(path), tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()),
+                names)
+    return None
+
+
+def convert_model(model, input_names: list[str] | None = None, output_names: list[str] | None = None) -> Converted:
+    """``convert(load_source(...))``, reusing the previous conversion when the same unchanged model comes again (AMCT's
+    sequence converts the model in create_quant_config and again in quantize_model; tf2onnx takes seconds)."""
+    key = _cache_key(model, input_names, output_names)
+    if key is not None and _LAST and _LAST[0][0] == key:
+        done = _LAST[0][1]
+    else:
+        done = convert(load_source(model, input_names, output_names))
+        _LAST[:] = [(key, done)] if key is not None else []
+    copy = onnx.ModelProto()
+    copy.CopyFrom(done.model)
+    return Converted(copy, dict(done.types), dict(done.aliases), done.tf_graph)
