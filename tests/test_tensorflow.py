@@ -269,6 +269,31 @@ def test_names_are_exact_in_nested_models_and_shared_layers_stay_float():
     np.testing.assert_array_equal(weight, np.asarray(stem.kernel).transpose(3, 2, 0, 1))
 
 
+def test_residual_add_and_global_pooling_stay_integer(tmp_path, rng):
+    """tf2onnx writes GlobalAveragePooling2D as GlobalAveragePool + Squeeze; omct makes the Squeeze a Flatten, so the
+    residual Add, the pooling and the Dense after them run on integers (no float island before the classifier)."""
+    import keras
+
+    keras.utils.set_random_seed(2)
+    inp = keras.Input((8, 8, 8), name="image")
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(inp)
+    y = keras.layers.Conv2D(8, 3, padding="same")(x)
+    x = keras.layers.ReLU()(keras.layers.Add()([x, y]))
+    model = keras.Model(inp, keras.layers.Dense(4)(keras.layers.GlobalAveragePooling2D()(x)))
+    batches = [rng.random((16, 8, 8, 8), dtype=np.float32) for _ in range(2)]
+    amct.create_quant_config(str(tmp_path / "c.json"), model, batch_num=2)
+    calibration_model = amct.quantize_model(model, str(tmp_path / "c.json"), str(tmp_path / "r.txt"))
+    for b in batches:
+        calibration_model(b)
+    amct.save_model(model, str(tmp_path / "r.txt"), str(tmp_path / "q"))
+    ops = optimized_ops(tmp_path / "q_deploy_model.onnx", tmp_path)
+    assert "QLinearAdd" in ops and "QLinearGlobalAveragePool" in ops and "QGemm" in ops, ops
+    assert not {"Add", "GlobalAveragePool", "Squeeze", "Conv", "MatMul", "Gemm"} & set(ops), ops
+    got = ort_run(tmp_path / "q_fake_quant_model.onnx", {"image:0": batches[0]})[0]
+    ref = np.asarray(model(batches[0]))
+    assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
+
+
 def test_bad_models(tmp_path):
     import keras
     import tensorflow as tf

@@ -111,3 +111,23 @@ def fold_scale_shift(model: onnx.ModelProto, skip: set[str]) -> list[tuple[str, 
         del graph.initializer[:]
         graph.initializer.extend(alive)
     return folded
+
+
+def squeeze_to_flatten(model: onnx.ModelProto) -> list[str]:
+    """``GlobalAveragePool -> Squeeze(axes 2, 3)`` (how tf2onnx writes Keras' GlobalAveragePooling2D) becomes
+    ``GlobalAveragePool -> Flatten``: the same values, and Flatten is an integer-chain op, so a residual Add, the
+    pooling and the Dense after it stay on integers (a Squeeze broke that chain into float ops)."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    changed = []
+    for i, node in enumerate(graph.node):
+        if node.op_type != "Squeeze" or len(node.input) != 2 or node.input[1] not in inits:
+            continue
+        src = producer.get(node.input[0])
+        axes = sorted(int(a) % 4 for a in numpy_helper.to_array(inits[node.input[1]]).ravel())
+        if src is None or src.op_type != "GlobalAveragePool" or axes != [2, 3]:
+            continue
+        graph.node[i].CopyFrom(helper.make_node("Flatten", [node.input[0]], list(node.output), name=node.name, axis=1))
+        changed.append(node.name)
+    return changed
