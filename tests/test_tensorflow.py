@@ -303,6 +303,21 @@ def test_bad_models(tmp_path):
     with pytest.raises(ModelError, match=r"TensorFlow op '.*lg.*' \(Lgamma\) has no ONNX conversion"):
         amct.create_quant_config(str(tmp_path / "c.json"), odd)
 
+    class Sub(keras.Model):
+        def __init__(self):
+            super().__init__(name="sub")
+            self.fc = keras.layers.Dense(3, name="fc")
+
+        def call(self, x):
+            return self.fc(x)
+
+    sub = Sub()
+    sub(np.zeros((2, 4), np.float32))
+    with pytest.raises(ModelError, match="no known inputs .* wrap it"):
+        amct.inspect_model(sub)
+    x = keras.Input((4,))
+    assert [row[0] for row in amct.inspect_model(keras.Model(x, sub(x))).rows()] == ["sub/fc"]
+
     class Plain(tf.Module):
         @tf.function(input_signature=[tf.TensorSpec((None, 4), tf.float32)])
         def f(self, x):

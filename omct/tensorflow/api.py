@@ -21,7 +21,7 @@ from omct.graph.modified import ModifiedModel, read_modified
 from omct.graph.normalize import fold_batchnorm, fold_pads, normalize
 from omct.graph.ops import HANDLERS, LayerSpec, Refusal, find_layers
 from omct.quantize import Calibration, CalibrationStatus, initializer_reader, ort_session
-from omct.tensorflow.convert import Converted, TFGraph, check_float, convert_model, tensorflow
+from omct.tensorflow.convert import Converted, TFGraph, check_float, convert_model
 from omct.tensorflow.fold import fold_scale_shift, squeeze_to_flatten
 from omct.ui import format_table, hints, logger
 from omct.workflow import save_model as _save_model
@@ -296,11 +296,3 @@ def _check_same_model(model: Any, mod: ModifiedModel) -> None:
         if spec.weight is not None and name not in paths:
             raise RecordError(f"save_model: layer '{name}' of the calibration graph is not a layer of the Keras model "
                               f"'{model.name}': the record belongs to another model")
-
-
-def keras_available() -> bool:
-    try:
-        tensorflow()
-    except ImportError:
-        return False
-    return True

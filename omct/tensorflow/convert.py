@@ -99,8 +99,8 @@ def _layer_paths(model) -> dict[int, tuple[str, Any]]:
 def _keras_specs(model, tf) -> list:
     inputs = getattr(model, "inputs", None)
     if not inputs:
-        raise ModelError(f"the Keras model '{model.name}' has no known inputs (a subclassed model that was never built "
-                         "on keras.Input); build it as a Functional or Sequential model, or call it once on data")
+        raise ModelError(f"the Keras model '{model.name}' has no known inputs (a subclassed model); wrap it: "
+                         "x = keras.Input(shape); model = keras.Model(x, your_model(x))")
     specs = []
     for i, t in enumerate(inputs):
         name = re.sub(r"[^A-Za-z0-9_.\-/]", "_", getattr(t, "name", None) or f"input_{i}").split(":")[0]
