@@ -319,7 +319,7 @@ def test_bad_models(tmp_path):
     assert [row[0] for row in amct.inspect_model(keras.Model(x, sub(x))).rows()] == ["sub/fc"]
 
     class Plain(tf.Module):
-        @tf.function(input_signature=[tf.TensorSpec((None, 4), tf.float32)])
+        @tf.function(input_signature=[tf.TensorSpec((None, 4), tf.float32)], autograph=False)
         def f(self, x):
             return x * 2.0
 

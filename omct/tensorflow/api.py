@@ -22,7 +22,7 @@ from omct.graph.normalize import fold_batchnorm, fold_pads, normalize
 from omct.graph.ops import HANDLERS, LayerSpec, Refusal, find_layers
 from omct.quantize import Calibration, CalibrationStatus, initializer_reader, ort_session
 from omct.tensorflow.convert import Converted, TFGraph, check_float, convert_model
-from omct.tensorflow.fold import fold_scale_shift, squeeze_to_flatten
+from omct.tensorflow.fold import fold_scale_shift
 from omct.ui import format_table, hints, logger
 from omct.workflow import save_model as _save_model
 from omct.workflow import write_modified_model, write_quant_config
@@ -53,7 +53,6 @@ def prepare(model: Any, config: QuantConfig | None = None, input_names: list[str
     conv = convert_model(model, input_names, output_names)
     norm, rep = normalize(conv.model)
     fold_pads(norm, rep)
-    squeeze_to_flatten(norm)
     if config is not None:
         fusion = {"do_fusion": config.globals.do_fusion, "skip_fusion_layers": config.globals.skip_fusion_layers}
     if fusion is not None and fusion.get("do_fusion", True):

@@ -34,6 +34,7 @@ from onnx import numpy_helper
 
 from omct.errors import ModelError
 from omct.graph.ops import HANDLERS
+from omct.tensorflow.fold import squeeze_to_flatten
 from omct.ui import logger
 
 OPSET = 17
@@ -41,6 +42,13 @@ OPSET = 17
 TF_WEIGHTED = {"Conv2D": 1, "DepthwiseConv2dNative": 1, "Conv2DBackpropInput": 1, "MatMul": 1}
 ONNX_WEIGHTED = {"Conv": 1, "ConvTranspose": 1, "MatMul": 1, "Gemm": 1}
 _SUFFIX = re.compile(r"(__\d+)+$")
+#: ONNX op type -> the TF op types it converts (a node named after a TF op of another type was added by tf2onnx)
+SAME_OP = {"Conv": {"Conv2D", "DepthwiseConv2dNative"}, "ConvTranspose": {"Conv2DBackpropInput"},
+           "MatMul": {"MatMul", "BatchMatMulV2"}, "Gemm": {"MatMul"}, "AveragePool": {"AvgPool"},
+           "Add": {"Add", "AddV2", "BiasAdd"}, "Concat": {"ConcatV2"}, "GlobalAveragePool": {"Mean"},
+           "MaxPool": {"MaxPool", "MaxPoolV2"}, "Pad": {"Pad", "PadV2", "MirrorPad"},
+           "Resize": {"ResizeBilinear", "ResizeNearestNeighbor"}, "Reshape": {"Reshape"}, "Transpose": {"Transpose"},
+           "Flatten": {"Reshape"}}
 
 
 def tensorflow():
@@ -333,6 +341,7 @@ def convert(src: TFGraph) -> Converted:
     tf = tensorflow()
     model = _convert(src)
     _unsupported(model, src)
+    squeeze_to_flatten(model)
     tf_nodes = {n.name: n for n in src.graph_def.node}
     by_weight = _tf_weights(src.graph_def, tf)
     inits = {t.name: t for t in model.graph.initializer}
@@ -359,16 +368,13 @@ def convert(src: TFGraph) -> Converted:
 
     candidates = [n for n in model.graph.node if n.op_type in HANDLERS and n.domain in ("", "ai.onnx")]
     tf_ops = {id(n): tf_op_of(n) for n in candidates}
-    per_layer = Counter(user_name(op)[0] for op in tf_ops.values() if op is not None)
     primary: dict[str, onnx.NodeProto] = {}
     for node in candidates:
         op = tf_ops[id(node)]
         if op is None:
             continue
         name = user_name(op)[0]
-        kind = tf_nodes[op].op
-        main = ((kind in TF_WEIGHTED and node.op_type in ONNX_WEIGHTED) or (kind == "AvgPool" and node.op_type == "AveragePool")
-                or per_layer[name] == 1)
+        main = tf_nodes[op].op in SAME_OP.get(node.op_type, ())  # the op's own conversion, not a node tf2onnx added
         if main and name not in primary:
             primary[name] = node
     types: dict[str, str] = {}

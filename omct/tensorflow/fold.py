@@ -128,6 +128,9 @@ def squeeze_to_flatten(model: onnx.ModelProto) -> list[str]:
         axes = sorted(int(a) % 4 for a in numpy_helper.to_array(inits[node.input[1]]).ravel())
         if src is None or src.op_type != "GlobalAveragePool" or axes != [2, 3]:
             continue
-        graph.node[i].CopyFrom(helper.make_node("Flatten", [node.input[0]], list(node.output), name=node.name, axis=1))
-        changed.append(node.name)
+        # named like a node tf2onnx adds for the pooling's TF op ("__0": its own counter starts at 2), so the frontend
+        # names it after the pooling layer ("global_average_pooling2d/Flatten")
+        name = f"{src.name}__0"
+        graph.node[i].CopyFrom(helper.make_node("Flatten", [node.input[0]], list(node.output), name=name, axis=1))
+        changed.append(name)
     return changed
