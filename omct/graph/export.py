@@ -24,12 +24,17 @@ from omct.core.weights import quantize_bias
 from omct.errors import QuantizationError
 from omct.formats.config import QuantConfig
 from omct.formats.record import LayerRecord
+from omct.graph.model_io import ExternalWriter, tensor_array
 from omct.graph.ops import HANDLERS
 from omct.graph.plan import Plan
 
 
 class _Builder:
     """Adds quantization nodes and initializers to a copy of the base model; subclasses say how."""
+
+    #: When set, initializers from 1 MiB on are written to this external-data file as they are made, not kept
+    #: in the model (a big model is exported holding one weight at a time).
+    sink: ExternalWriter | None = None
 
     def __init__(self, model: onnx.ModelProto):
         self.model = model
@@ -48,6 +53,9 @@ class _Builder:
 
     def add_init(self, array: np.ndarray, base: str) -> str:
         name = self.unique(base)
+        if self.sink is not None and np.asarray(array).nbytes >= 2**20:
+            self.graph.initializer.append(self.sink.add(np.asarray(array), name))
+            return name
         self.graph.initializer.append(numpy_helper.from_array(array, name))
         return name
 
@@ -203,13 +211,13 @@ def build(builder: _Builder, plan: Plan, config: QuantConfig, records: dict[str,
         rec, node, handler = records[name], nodes[name], HANDLERS[spec.op_type]
         wcfg = config.layers[name].weight_quant_params
         wp = weight_params(rec, wcfg.num_bits if wcfg else 8, spec.weight_axis)
-        w = numpy_helper.to_array(b.inits[spec.weight]).astype(np.float32)
+        w = tensor_array(b.inits[spec.weight]).astype(np.float32)
         if spec.weight_only:
             b.lookup(node, wp.quantize(w), wp, name)
             continue
         node.input[handler.weight_port] = b.weight(wp.quantize(w), wp, name)
         if spec.bias is not None:
-            bias = numpy_helper.to_array(b.inits[spec.bias]).astype(np.float32)
+            bias = tensor_array(b.inits[spec.bias]).astype(np.float32)
             if len(rec.bias_correction) == bias.size:
                 bias = (bias.astype(np.float64) + np.asarray(rec.bias_correction)).astype(np.float32)
             # per-channel weight scales, repeated for each group when the weight holds one group's outputs
@@ -258,10 +266,16 @@ def _copy(base: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def fake_quant_model(base: onnx.ModelProto, plan: Plan, config: QuantConfig, records: dict[str, LayerRecord]) -> onnx.ModelProto:
-    return build(FakeQuantBuilder(_copy(base)), plan, config, records)
+def _with_sink(builder: _Builder, sink: ExternalWriter | None) -> _Builder:
+    builder.sink = sink
+    return builder
+
+
+def fake_quant_model(base: onnx.ModelProto, plan: Plan, config: QuantConfig, records: dict[str, LayerRecord],
+                     sink: ExternalWriter | None = None) -> onnx.ModelProto:
+    return build(_with_sink(FakeQuantBuilder(_copy(base)), sink), plan, config, records)
 
 
 def deploy_model(base: onnx.ModelProto, plan: Plan, config: QuantConfig, records: dict[str, LayerRecord],
-                 unsigned_activations: bool = True) -> onnx.ModelProto:
-    return build(DeployBuilder(_copy(base), unsigned_activations), plan, config, records)
+                 unsigned_activations: bool = True, sink: ExternalWriter | None = None) -> onnx.ModelProto:
+    return build(_with_sink(DeployBuilder(_copy(base), unsigned_activations), sink), plan, config, records)

@@ -6,12 +6,13 @@ import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import TensorProto
+from onnx import TensorProto, helper, numpy_helper
 
 from omct.errors import ModelError
 from omct.fileio import check_outputs, prepare_parent
@@ -24,13 +25,24 @@ MAX_IR_VERSION = 10
 #: ``input_files`` reads a model's external-data references only from files up to this size: a model whose
 #: weights live outside is small, and parsing a big self-contained model twice would cost seconds and GBs.
 PEEK_LIMIT = 64 * 2**20
+#: The external-data entry that marks a tensor of a lazily loaded model: the absolute folder its ``location``
+#: is relative to. Never written to a file nor shown to ONNX Runtime (``save_models`` and ``session_input``
+#: strip it).
+FOLDER_KEY = "omct_folder"
+#: Tensors from this size on go to the data file when a model is written with external data; offsets of
+#: tensors from ALIGN bytes on are multiples of ALIGN, so that ONNX Runtime can map them instead of copying.
+SIZE_THRESHOLD = 256
+ALIGN = 4096
+_CHUNK = 64 * 2**20
 
 
-def load_model(path: str | Path, what: str = "model") -> onnx.ModelProto:
+def load_model(path: str | Path, what: str = "model", lazy: bool = False) -> onnx.ModelProto:
     """Load ``path`` (external data included) or raise ModelError saying what is wrong.
 
     The graph and the external-data references are checked before any weight is read, so a broken model
-    fails with one line naming the node, tensor or file instead of a raw onnx error.
+    fails with one line naming the node, tensor or file instead of a raw onnx error. With ``lazy`` the
+    external tensors stay in their files (read with ``tensor_array``, memory-mapped; copied range by range
+    by ``save_models``): a big model costs no memory until a step needs one of its tensors.
     """
     path = Path(path)
     if not path.exists():
@@ -47,7 +59,13 @@ def load_model(path: str | Path, what: str = "model") -> onnx.ModelProto:
     if not model.graph.node or not model.opset_import:
         raise ModelError(f"{what} file '{path}' is not an ONNX model (no graph nodes or opset); is it another format?")
     check_graph(model.graph, set(), f"{what} file '{path}'")
-    if external_data_files(model, path, what):
+    files = external_data_files(model, path, what)
+    if files and lazy:
+        folder = os.path.realpath(path.parent)
+        for t in _tensors(model.graph):
+            if t.data_location == TensorProto.EXTERNAL:
+                t.external_data.add(key=FOLDER_KEY, value=folder)
+    elif files:
         try:
             onnx.load_external_data_for_model(model, str(path.parent))
         except (onnx.checker.ValidationError, ValueError, OSError) as e:  # races and checks newer onnx adds
@@ -153,11 +171,203 @@ def check_save_outputs(modified: onnx.ModelProto, modified_file: str | os.PathLi
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
-    """Bytes held by the model's initializers (protobuf's ByteSize fails beyond 2 GiB)."""
-    total = 0
+    """Bytes held by the model's initializers, in memory or (lazily loaded) in their files (protobuf's
+    ByteSize fails beyond 2 GiB)."""
+    return sum(_source(t)[2] if is_lazy(t) else _nbytes(t) for t in model.graph.initializer)
+
+
+def _nbytes(t: TensorProto) -> int:
+    return len(t.raw_data) or (len(t.float_data) * 4 + len(t.int32_data) * 4 + len(t.int64_data) * 8
+                               + len(t.double_data) * 8 + len(t.uint64_data) * 8)
+
+
+def is_lazy(t: TensorProto) -> bool:
+    """Whether ``t`` is an external tensor of a model loaded with ``lazy=True`` (its data still in its file)."""
+    return t.data_location == TensorProto.EXTERNAL and any(e.key == FOLDER_KEY for e in t.external_data)
+
+
+def has_lazy(model: onnx.ModelProto) -> bool:
+    return any(is_lazy(t) for t in _tensors(model.graph))
+
+
+def _source(t: TensorProto) -> tuple[str, int, int]:
+    """(file, offset, length) of a lazy tensor's bytes."""
+    info = {e.key: e.value for e in t.external_data}
+    file = os.path.join(info[FOLDER_KEY], info["location"])
+    offset = int(info.get("offset") or 0)
+    length = int(info["length"]) if info.get("length") else os.path.getsize(file) - offset
+    return file, offset, length
+
+
+#: Types whose external bytes are the numpy array's bytes (little-endian), so that they can be mapped as they are.
+_MAPPABLE = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.INT8, TensorProto.UINT8,
+             TensorProto.INT16, TensorProto.UINT16, TensorProto.INT32, TensorProto.UINT32, TensorProto.INT64,
+             TensorProto.UINT64, TensorProto.BOOL}
+
+
+def _read_bytes(t: TensorProto) -> bytes:
+    file, offset, length = _source(t)
+    with open(file, "rb") as f:
+        f.seek(offset)
+        data = f.read(length)
+    if len(data) != length:
+        raise ModelError(f"tensor '{t.name}': its data file '{file}' ended after {len(data)} of {length} bytes; was it "
+                         "changed while omct ran?")
+    return data
+
+
+def tensor_array(t: TensorProto) -> np.ndarray:
+    """The values of ``t``. A lazily loaded tensor is memory-mapped read-only: nothing is read until the values
+    are used, the pages belong to the file (the system can drop them), and dropping the array releases them."""
+    if not is_lazy(t):
+        return numpy_helper.to_array(t)
+    file, offset, length = _source(t)
+    shape = tuple(int(d) for d in t.dims)
+    if t.data_type not in _MAPPABLE or length == 0:
+        copy = TensorProto()
+        copy.CopyFrom(t)
+        del copy.external_data[:]
+        copy.data_location = TensorProto.DEFAULT
+        copy.raw_data = _read_bytes(t)
+        return numpy_helper.to_array(copy)
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).newbyteorder("<")
+    if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize != length:
+        raise ModelError(f"tensor '{t.name}' has shape {list(shape)} but {length} bytes in '{file}'; is the data file "
+                         "from another model?")
+    return np.memmap(file, dtype, "r", offset, shape).view(np.ndarray)
+
+
+class ExternalWriter:
+    """Appends tensors to one external-data file as they come, and hands back tensors that refer to it (lazily,
+    like ``load_model(lazy=True)``): a model of any size is written holding one tensor at a time."""
+
+    def __init__(self, folder: str | Path, name: str):
+        self.folder, self.name = os.path.realpath(folder), name
+        self.path = Path(self.folder, name)
+        self.size = 0
+        self._file = None
+
+    def _start(self, nbytes: int) -> int:
+        if self._file is None:
+            self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+        if nbytes >= ALIGN and self.size % ALIGN:
+            pad = ALIGN - self.size % ALIGN
+            self._file.write(bytes(pad))
+            self.size += pad
+        return self.size
+
+    def _refer(self, t: TensorProto, offset: int, length: int) -> None:
+        for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "external_data"):
+            t.ClearField(field)
+        t.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.name), ("offset", str(offset)), ("length", str(length)),
+                           (FOLDER_KEY, self.folder)):
+            t.external_data.add(key=key, value=value)
+
+    def _write(self, data) -> tuple[int, int]:
+        offset = self._start(len(data))
+        self._file.write(data)
+        self.size += len(data)
+        return offset, len(data)
+
+    def add(self, array: np.ndarray, name: str) -> TensorProto:
+        """A tensor named ``name`` holding ``array``, its bytes written to the file now."""
+        array = np.ascontiguousarray(array, array.dtype.newbyteorder("<"))
+        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
+        self._refer(t, *self._write(array.reshape(-1).view(np.uint8)))
+        return t
+
+    def place(self, src: TensorProto, dst: TensorProto) -> None:
+        """Make ``dst`` (empty, or ``src`` itself) ``src`` with its data in this file: a lazy tensor is copied
+        range by range, a tensor in memory from SIZE_THRESHOLD bytes on is written, a smaller one stays inline."""
+        if is_lazy(src) and _source(src)[0] == str(self.path):  # written by add(): already in place
+            if src is not dst:
+                dst.CopyFrom(src)
+            return
+        if src is not dst:
+            _copy_fields(dst, src, _DATA_FIELDS)
+        if is_lazy(src):
+            file, offset, length = _source(src)
+            start = self._start(length)
+            with open(file, "rb") as f:
+                f.seek(offset)
+                left = length
+                while left:
+                    chunk = f.read(min(_CHUNK, left))
+                    if not chunk:
+                        raise ModelError(f"tensor '{src.name}': its data file '{file}' is shorter than its model says; "
+                                         "was it changed while omct ran?")
+                    self._file.write(chunk)
+                    left -= len(chunk)
+            self.size += length
+            self._refer(dst, start, length)
+        elif src.data_type != TensorProto.STRING and _nbytes(src) >= SIZE_THRESHOLD:
+            data = src.raw_data if src.HasField("raw_data") else numpy_helper.to_array(src).astype(
+                helper.tensor_dtype_to_np_dtype(src.data_type)).newbyteorder("<").tobytes()
+            self._refer(dst, *self._write(data))
+        elif src is not dst:
+            dst.CopyFrom(src)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+_DATA_FIELDS = {"raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data",
+                "external_data", "data_location"}
+
+
+def _copy_fields(dst, src, skip: set[str]) -> None:
+    """Copy every field of message ``src`` into ``dst`` except ``skip`` (which can hold the big ones)."""
+    for fd, value in src.ListFields():
+        if fd.name in skip:
+            continue
+        if fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED:  # protobuf 6 / older
+            getattr(dst, fd.name).extend(value)
+        elif fd.type == fd.TYPE_MESSAGE:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def _keep_refs(src: TensorProto, dst: TensorProto) -> None:
+    """``dst`` = ``src``, a lazy tensor still referring to its file but without omct's folder entry."""
+    if src is not dst:
+        dst.CopyFrom(src)
+    if is_lazy(src):
+        entries = [(e.key, e.value) for e in dst.external_data if e.key != FOLDER_KEY]
+        del dst.external_data[:]
+        for key, value in entries:
+            dst.external_data.add(key=key, value=value)
+
+
+def _rebuilt(model: onnx.ModelProto, place) -> onnx.ModelProto:
+    """A copy of ``model`` built initializer by initializer through ``place(src, dst)`` (no bulk copy of the
+    weights); the lazy tensors elsewhere (node attributes, subgraphs) are placed in the copy."""
+    out = onnx.ModelProto()
+    _copy_fields(out, model, {"graph"})
+    _copy_fields(out.graph, model.graph, {"initializer"})
     for t in model.graph.initializer:
-        total += len(t.raw_data) or (len(t.float_data) * 4 + len(t.int32_data) * 4 + len(t.int64_data) * 8)
-    return total
+        place(t, out.graph.initializer.add())
+    for t in list(_tensors(out.graph))[len(out.graph.initializer):]:
+        if is_lazy(t):
+            place(t, t)
+    return out
+
+
+def session_input(model: onnx.ModelProto, folder: str | Path) -> tuple[bytes | Path, str | None]:
+    """What ONNX Runtime should load ``model`` from: its bytes and the folder its external tensors are read from
+    (a lazily loaded model: the weights are not copied), or a file written into ``folder`` when neither
+    protobuf nor one data folder can carry it."""
+    folders = {e.value for t in _tensors(model.graph) if is_lazy(t) for e in t.external_data if e.key == FOLDER_KEY}
+    in_memory = sum(_nbytes(t) for t in model.graph.initializer if not is_lazy(t))
+    if len(folders) <= 1 and in_memory <= EXTERNAL_DATA_THRESHOLD:
+        header = _rebuilt(model, _keep_refs) if folders else model
+        return header.SerializeToString(), next(iter(folders), None)
+    path = Path(folder) / "model.onnx"
+    save_model(model, path)
+    return path, None
 
 
 def save_model(model: onnx.ModelProto, path: str | Path, external_threshold: int | None = None) -> list[Path]:
@@ -168,22 +378,34 @@ def save_model(model: onnx.ModelProto, path: str | Path, external_threshold: int
     return save_models([(model, path)], external_threshold)
 
 
-def _stage(model: onnx.ModelProto, path: Path, tmpdir: str, external_threshold: int) -> list[tuple[Path, Path]]:
-    """Write ``model`` into ``tmpdir``; returns (temporary file, target) pairs, data file first."""
-    if model.ir_version > MAX_IR_VERSION:
-        model.ir_version = MAX_IR_VERSION
+#: A model to write, or a function that builds it given the writer of its external-data file (so that big
+#: tensors go to the file as they are made).
+ModelSource = onnx.ModelProto | Callable[[ExternalWriter], onnx.ModelProto]
+
+
+def _stage(source: ModelSource, path: Path, tmpdir: str, external_threshold: int) -> list[tuple[Path, Path]]:
+    """Write a model into ``tmpdir``; returns (temporary file, target) pairs, data file first. A model with
+    tensors in files (lazily loaded or built through the writer) keeps them external; another one gets
+    external data when it is larger than ``external_threshold``."""
     tmp_model = Path(tmpdir) / path.name
-    if tensor_bytes(model) <= external_threshold:
-        onnx.save_model(model, str(tmp_model))
-        return [(tmp_model, path)]
-    data_name = path.name + ".data"
-    to_save = onnx.ModelProto()
-    to_save.CopyFrom(model)
-    onnx.save_model(to_save, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data_name, size_threshold=256)
+    writer = ExternalWriter(tmpdir, path.name + ".data")
+    try:
+        model = source(writer) if callable(source) else source
+        if model.ir_version > MAX_IR_VERSION:
+            model.ir_version = MAX_IR_VERSION
+        if writer.size or has_lazy(model) or tensor_bytes(model) > external_threshold:
+            header = _rebuilt(model, writer.place)
+            del model
+            for t in _tensors(header.graph):
+                _keep_refs(t, t)
+            onnx.save_model(header, str(tmp_model))
+        else:
+            onnx.save_model(model, str(tmp_model))
+    finally:
+        writer.close()
     pairs = [(tmp_model, path)]
-    if (Path(tmpdir) / data_name).exists():  # absent when no tensor reached size_threshold
-        pairs.insert(0, (Path(tmpdir) / data_name, path.parent / data_name))
+    if writer.path.exists():  # absent when no tensor reached SIZE_THRESHOLD
+        pairs.insert(0, (writer.path, path.parent / writer.name))
     return pairs
 
 
@@ -216,7 +438,7 @@ def _commit(pairs: list[tuple[Path, Path]], stranded: list[tuple[Path, Path]]) -
         raise
 
 
-def save_models(items: list[tuple[onnx.ModelProto, str | Path]], external_threshold: int | None = None) -> list[Path]:
+def save_models(items: list[tuple[ModelSource, str | Path]], external_threshold: int | None = None) -> list[Path]:
     """Write several models all-or-nothing: each is built in a temporary folder beside its target, then all
     are renamed into place. If any write fails, no target is changed (a previous result stays intact).
 

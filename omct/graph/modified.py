@@ -55,7 +55,7 @@ def make_modified(base: onnx.ModelProto, plan: Plan, config: QuantConfig, observ
 
 
 def read_modified(path: str | Path) -> ModifiedModel:
-    model = load_model(path, "modified model")
+    model = load_model(path, "modified model", lazy=True)
     meta = metadata.read(model)
     if metadata.PLAN not in meta:
         raise ModelError(f"'{path}' is not a modified model written by omct's quantize_model; pass the "

@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 import onnx
-from onnx import numpy_helper
+
+from omct.graph.model_io import tensor_array
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ class GraphIndex:
         return t.data_type if t is not None else None
 
     def array(self, name: str):
-        return numpy_helper.to_array(self.initializers[name])
+        return tensor_array(self.initializers[name])
 
     def output_site(self, node: onnx.NodeProto) -> tuple[str, float | None]:
         """The tensor quantized after ``node`` and an upper bound of its values, if known.

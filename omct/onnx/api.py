@@ -61,7 +61,7 @@ class ModelReport:
 
 
 def _model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
-    return model if isinstance(model, onnx.ModelProto) else load_model(model)
+    return model if isinstance(model, onnx.ModelProto) else load_model(model, lazy=True)  # weights read when used
 
 
 def prepare(model: str | os.PathLike | onnx.ModelProto, config: QuantConfig | None = None,
@@ -86,7 +86,7 @@ def inspect_model(model_file: str | os.PathLike) -> ModelReport:
     report = NormalizeReport()
     prepared = prepare(model_file, report=report)
     params = sum(int(np.prod(t.dims)) for t in prepared.model.graph.initializer)
-    return ModelReport(prepared.layers, prepared.refused, default_opset(load_model(model_file)), params, report)
+    return ModelReport(prepared.layers, prepared.refused, default_opset(load_model(model_file, lazy=True)), params, report)
 
 
 def create_quant_config(config_file: str | os.PathLike, model_file: str | os.PathLike, skip_layers: list[str] | None = None,
