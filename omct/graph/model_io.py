@@ -165,7 +165,7 @@ def check_save_outputs(modified: onnx.ModelProto, modified_file: str | os.PathLi
     meta, prefix = metadata.read(modified), os.fspath(save_path)
     check_outputs({**input_files("modified_onnx_file", modified_file), "record_file": record_file,
                    "record file named in modified_onnx_file": meta.get(metadata.RECORD_FILE),
-                   "original model_file": meta.get(metadata.MODEL_FILE)},
+                   **input_files("original model_file", meta.get(metadata.MODEL_FILE))},
                   {**output_files("save_path's fake-quant model", prefix + "_fake_quant_model.onnx"),
                    **output_files("save_path's deploy model", prefix + "_deploy_model.onnx")})
 
