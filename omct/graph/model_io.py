@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from omct.errors import ModelError
 from omct.fileio import check_outputs, prepare_parent
 from omct.graph import metadata
+from omct.ui import progress
 
 #: Protobuf cannot serialise more than 2 GiB; models whose tensors approach it are saved with external data.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -394,7 +395,12 @@ def _stage(source: ModelSource, path: Path, tmpdir: str, external_threshold: int
         if model.ir_version > MAX_IR_VERSION:
             model.ir_version = MAX_IR_VERSION
         if writer.size or has_lazy(model) or tensor_bytes(model) > external_threshold:
-            header = _rebuilt(model, writer.place)
+            with progress(f"writing {path.name}", len(model.graph.initializer)) as bar:
+                def place(src: TensorProto, dst: TensorProto) -> None:
+                    writer.place(src, dst)
+                    bar.advance()
+
+                header = _rebuilt(model, place)
             del model
             for t in _tensors(header.graph):
                 _keep_refs(t, t)
