@@ -250,10 +250,10 @@ class ExternalWriter:
 
     def _start(self, nbytes: int) -> int:
         if self._file is None:
-            self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+            self._file = open(self.path, "wb", buffering=0)  # noqa: SIM115 - closed in close(); unbuffered: _copy_range
         if nbytes >= ALIGN and self.size % ALIGN:
             pad = ALIGN - self.size % ALIGN
-            self._file.write(bytes(pad))
+            _write_all(self._file, bytes(pad))
             self.size += pad
         return self.size
 
@@ -266,10 +266,11 @@ class ExternalWriter:
             t.external_data.add(key=key, value=value)
 
     def _write(self, data) -> tuple[int, int]:
-        offset = self._start(len(data))
-        self._file.write(data)
-        self.size += len(data)
-        return offset, len(data)
+        size = memoryview(data).nbytes
+        offset = self._start(size)
+        _write_all(self._file, data)
+        self.size += size
+        return offset, size
 
     def add(self, array: np.ndarray, name: str) -> TensorProto:
         """A tensor named ``name`` holding ``array``, its bytes written to the file now."""
@@ -290,16 +291,7 @@ class ExternalWriter:
         if is_lazy(src):
             file, offset, length = _source(src)
             start = self._start(length)
-            with open(file, "rb") as f:
-                f.seek(offset)
-                left = length
-                while left:
-                    chunk = f.read(min(_CHUNK, left))
-                    if not chunk:
-                        raise ModelError(f"tensor '{src.name}': its data file '{file}' is shorter than its model says; "
-                                         "was it changed while omct ran?")
-                    self._file.write(chunk)
-                    left -= len(chunk)
+            _copy_range(file, offset, length, self._file, src.name)
             self.size += length
             self._refer(dst, start, length)
         elif src.data_type != TensorProto.STRING and _nbytes(src) >= SIZE_THRESHOLD:
@@ -313,6 +305,42 @@ class ExternalWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+#: copy_file_range's errors that mean "not here" (another filesystem, an old kernel): copy through memory instead
+_NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.ETXTBSY}
+
+
+def _copy_range(file: str, offset: int, length: int, out, tensor: str) -> None:
+    """Append bytes ``offset``..``offset + length`` of ``file`` to ``out`` (an unbuffered file): in the kernel
+    where it can (no copy through this process's memory), else in 64 MB chunks."""
+    left = length
+    with open(file, "rb", buffering=0) as f:
+        if hasattr(os, "copy_file_range"):
+            try:
+                while left:
+                    n = os.copy_file_range(f.fileno(), out.fileno(), min(left, 2**30), offset + length - left)
+                    if n == 0:
+                        break
+                    left -= n
+            except OSError as e:
+                if e.errno not in _NO_COPY_RANGE or left != length:
+                    raise
+        f.seek(offset + length - left)
+        while left:
+            chunk = f.read(min(_CHUNK, left))
+            if not chunk:
+                raise ModelError(f"tensor '{tensor}': its data file '{file}' is shorter than its model says; was it "
+                                 "changed while omct ran?")
+            _write_all(out, chunk)
+            left -= len(chunk)
+
+
+def _write_all(out, data) -> None:
+    """``out.write`` of an unbuffered file may write part of ``data`` (Linux writes at most ~2 GB at once)."""
+    view = memoryview(data).cast("B")
+    while len(view):
+        view = view[out.write(view):]
 
 
 _DATA_FIELDS = {"raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data",
