@@ -33,8 +33,9 @@ import numpy as np
 GIB = 2**30
 
 
-def build(folder: Path, dim: int, layers: int, seed: int = 0) -> Path:
-    """Write ``model.onnx`` and ``model.onnx.data`` into ``folder``, one weight at a time."""
+def build(folder: Path, dim: int, layers: int, seed: int = 0, inline: bool = False) -> Path:
+    """Write ``model.onnx`` and ``model.onnx.data`` into ``folder``, one weight at a time (``inline``: then
+    rewrite it as one file without external data)."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -63,6 +64,10 @@ def build(folder: Path, dim: int, layers: int, seed: int = 0) -> Path:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, str(folder / "model.onnx"))
+    if inline:  # the same model in one file (protobuf's 2 GiB limit): this needs the model's size in memory
+        model = onnx.load(str(folder / "model.onnx"))
+        data.unlink()
+        onnx.save(model, str(folder / "model.onnx"))
     return folder / "model.onnx"
 
 
@@ -127,6 +132,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/omct-bigmodel"))
     ap.add_argument("--ort", action="store_true", help="also run ONNX Runtime's quantize_static (MinMax)")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--inline", action="store_true", help="store the model in one file, without external data")
     ap.add_argument("--step", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.step:
@@ -138,10 +144,12 @@ def main() -> None:
     steps += ["ort_minmax"] if args.ort else []
     try:
         t = time.perf_counter()
-        path = build(args.work, args.dim, args.layers)
-        size = path.stat().st_size + (args.work / "model.onnx.data").stat().st_size
+        build(args.work, args.dim, args.layers, inline=args.inline)
+        stored = "one file" if args.inline else "external data"
+        size = sum(p.stat().st_size for p in args.work.glob("model.onnx*"))
         print(f"omct from {Path(omct.__file__).parent}; model {size / GIB:.3f} GiB ({args.layers} x {args.dim}^2 "
-              f"MatMul+Relu) built in {time.perf_counter() - t:.1f} s; {args.batches} batches of {args.rows}", flush=True)
+              f"MatMul+Relu, {stored}) built in {time.perf_counter() - t:.1f} s; {args.batches} batches of {args.rows}",
+              flush=True)
         rows = []
         for name in steps:
             out = subprocess.run([sys.executable, __file__, "--step", name, "--work", str(args.work), "--dim",

@@ -34,6 +34,8 @@ FOLDER_KEY = "omct_folder"
 #: tensors from ALIGN bytes on are multiples of ALIGN, so that ONNX Runtime can map them instead of copying.
 SIZE_THRESHOLD = 256
 ALIGN = 4096
+#: ``skeleton`` keeps the data of initializers below this size (shape inference reads small constants).
+SKELETON_BYTES = 4096
 _CHUNK = 64 * 2**20
 
 
@@ -383,6 +385,21 @@ def _rebuilt(model: onnx.ModelProto, place) -> onnx.ModelProto:
         if is_lazy(t):
             place(t, t)
     return out
+
+
+def _dims_only(src: TensorProto, dst: TensorProto) -> None:
+    """``dst`` = ``src`` without its data when it is SKELETON_BYTES or more (a lazy one: always)."""
+    if is_lazy(src) or _nbytes(src) >= SKELETON_BYTES:
+        _copy_fields(dst, src, _DATA_FIELDS)
+    else:
+        dst.CopyFrom(src)
+
+
+def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with names, types and shapes of its big initializers but not their data: what shape inference
+    needs (it reads the values of small constants only, such as a Reshape's shape), at no copy of the weights
+    (``onnx.shape_inference.infer_shapes`` serialises and parses its model twice)."""
+    return _rebuilt(model, _dims_only)
 
 
 def session_input(model: onnx.ModelProto, folder: str | Path) -> tuple[bytes | Path, str | None]:

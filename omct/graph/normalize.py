@@ -124,11 +124,14 @@ def name_nodes(model: onnx.ModelProto, report: NormalizeReport) -> None:
         used.add(name)
 
 
-def normalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, NormalizeReport]:
-    """Return a normalised copy of ``model`` (the input proto is not modified) and what was changed."""
+def normalize(model: onnx.ModelProto, in_place: bool = False) -> tuple[onnx.ModelProto, NormalizeReport]:
+    """Return a normalised copy of ``model`` (the input proto is not modified; ``in_place``: no copy, for a
+    model nobody else holds) and what was changed."""
     report = NormalizeReport()
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = model
+    if not in_place:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
     out = upgrade_opset(out, report)
     constants_to_initializers(out, report)
     constant_identities_to_initializers(out, report)

@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import onnx
 
-from omct.graph.model_io import tensor_array
+from omct.graph.model_io import skeleton, tensor_array
 
 
 @dataclass(frozen=True)
@@ -120,8 +120,8 @@ def _tensor_types(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, int
     for vi in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
         note(vi)
     if len(types) <= len(model.graph.input) + len(model.graph.output):
-        try:  # infer intermediate types when the model is small enough to hold in memory twice
-            for vi in onnx.shape_inference.infer_shapes(model).graph.value_info:
+        try:  # infer intermediate types on the graph without its weights' data
+            for vi in onnx.shape_inference.infer_shapes(skeleton(model)).graph.value_info:
                 note(vi)
         except Exception:  # shape inference is best-effort: unknown types are not refused
             pass

@@ -68,7 +68,7 @@ def prepare(model: str | os.PathLike | onnx.ModelProto, config: QuantConfig | No
             report: NormalizeReport | None = None) -> PreparedModel:
     """The ONNX frontend's side of the contract: the normalised graph (BatchNorm folded when ``config`` says
     so) and its layers, named after the nodes; types are ONNX op types."""
-    norm, rep = normalize(_model(model))
+    norm, rep = normalize(_model(model), in_place=not isinstance(model, onnx.ModelProto))  # a model we loaded: no copy
     if report is not None:
         report.__dict__.update(rep.__dict__)
     fold_pads(norm, rep)
