@@ -211,7 +211,7 @@ def build(builder: _Builder, plan: Plan, config: QuantConfig, records: dict[str,
         rec, node, handler = records[name], nodes[name], HANDLERS[spec.op_type]
         wcfg = config.layers[name].weight_quant_params
         wp = weight_params(rec, wcfg.num_bits if wcfg else 8, spec.weight_axis)
-        w = tensor_array(b.inits[spec.weight]).astype(np.float32, copy=False)
+        w = tensor_array(b.inits[spec.weight]).astype(np.float32)
         if spec.weight_only:
             b.lookup(node, wp.quantize(w), wp, name)
             continue
