@@ -84,9 +84,9 @@ class _Builder:
         self.graph.node.extend(self.new_nodes)
         toposort(self.graph)
         used = {n for node in self.graph.node for n in node.input} | {o.name for o in self.graph.output}
-        keep = [t for t in self.graph.initializer if t.name in used]
-        del self.graph.initializer[:]
-        self.graph.initializer.extend(keep)
+        for i in reversed(range(len(self.graph.initializer))):  # in place: extend() would copy every weight
+            if self.graph.initializer[i].name not in used:
+                del self.graph.initializer[i]
         return self.model
 
 
