@@ -199,3 +199,17 @@ def test_external_writer_round_trips_dtypes_and_aligns(tmp_path):
         np.testing.assert_array_equal(got[name], a)
     np.testing.assert_array_equal(got["inline"], np.arange(200, dtype=np.int32))
     assert not got["f32"].flags.writeable  # mapped read-only: the input file can never be changed through it
+
+
+def test_older_onnx_runtime_gets_a_file(tmp_path, external, monkeypatch):
+    """ONNX Runtime before 1.21 ignores the external-data folder of a model given as bytes: it gets a file."""
+    _, path, batches = external
+    cfg = tmp_path / "c.json"
+    amct.create_quant_config(str(cfg), str(path), batch_num=1)
+    mapped = amct.quantize(str(path), load_config(cfg), batches[:1])
+    written = []
+    save = mio.save_model
+    monkeypatch.setattr(mio, "ort_reads_external_folder", lambda: False)
+    monkeypatch.setattr(mio, "save_model", lambda m, p, *a: written.append(p) or save(m, p, *a))
+    copied = amct.quantize(str(path), load_config(cfg), batches[:1])
+    assert written and copied.records == mapped.records

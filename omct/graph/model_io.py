@@ -402,13 +402,24 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     return _rebuilt(model, _dims_only)
 
 
+def ort_reads_external_folder() -> bool:
+    """Whether the installed ONNX Runtime reads the external data of a model given as bytes from the folder in
+    ``session.model_external_initializers_file_folder_path`` (1.21 on; older releases ignore the entry)."""
+    try:
+        import onnxruntime
+
+        return tuple(int(p) for p in onnxruntime.__version__.split(".")[:2]) >= (1, 21)
+    except (ImportError, ValueError):
+        return False
+
+
 def session_input(model: onnx.ModelProto, folder: str | Path) -> tuple[bytes | Path, str | None]:
     """What ONNX Runtime should load ``model`` from: its bytes and the folder its external tensors are read from
     (a lazily loaded model: the weights are not copied), or a file written into ``folder`` when neither
     protobuf nor one data folder can carry it."""
     folders = {e.value for t in _tensors(model.graph) if is_lazy(t) for e in t.external_data if e.key == FOLDER_KEY}
     in_memory = sum(_nbytes(t) for t in model.graph.initializer if not is_lazy(t))
-    if len(folders) <= 1 and in_memory <= EXTERNAL_DATA_THRESHOLD:
+    if (not folders or ort_reads_external_folder()) and len(folders) <= 1 and in_memory <= EXTERNAL_DATA_THRESHOLD:
         header = _rebuilt(model, _keep_refs) if folders else model
         return header.SerializeToString(), next(iter(folders), None)
     path = Path(folder) / "model.onnx"
