@@ -31,7 +31,7 @@ from omct.graph.export import deploy_model, fake_quant_model
 from omct.graph.model_io import (
     EXTERNAL_DATA_THRESHOLD,
     ExternalWriter,
-    has_lazy,
+    has_external,
     save_models,
     session_input,
     tensor_array,
@@ -247,7 +247,7 @@ class QuantizedModel:
         deploy_path = Path(save_path + "_deploy_model.onnx")
         # One model at a time, each written before the next is built; a big model (or one whose weights stayed in
         # their files) sends its weights to the external-data file as they are made.
-        big = has_lazy(self.base) or tensor_bytes(self.base) > EXTERNAL_DATA_THRESHOLD
+        big = has_external(self.base) or tensor_bytes(self.base) > EXTERNAL_DATA_THRESHOLD
         with progress("exporting", 2) as bar:
             def made(build: Callable[[ExternalWriter | None], onnx.ModelProto]):
                 def make(sink: ExternalWriter) -> onnx.ModelProto:

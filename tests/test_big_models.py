@@ -213,3 +213,35 @@ def test_older_onnx_runtime_gets_a_file(tmp_path, external, monkeypatch):
     monkeypatch.setattr(mio, "save_model", lambda m, p, *a: written.append(p) or save(m, p, *a))
     copied = amct.quantize(str(path), load_config(cfg), batches[:1])
     assert written and copied.records == mapped.records
+
+
+def test_one_file_model_is_loaded_lazily_and_written_in_one_file(tmp_path, external, monkeypatch):
+    """A big model in one .onnx file: its weights are read from inside the file like external data (here the
+    size limit is lowered to this small model), and the outputs stay one file each, equal to the in-memory path."""
+    model, _, batches = external
+    path = tmp_path / "one.onnx"
+    onnx.save_model(model, str(path))
+    monkeypatch.setattr(mio, "EMBEDDED_LAZY_BYTES", 0)
+    lazy = mio.load_model(path, lazy=True)
+    fc = next(t for t in lazy.graph.initializer if t.name == "fc")
+    assert mio.is_lazy(fc)
+    np.testing.assert_array_equal(mio.tensor_array(fc), numpy_helper.to_array(next(t for t in model.graph.initializer
+                                                                                  if t.name == "fc")))
+    cfg, mod, rec = tmp_path / "c.json", tmp_path / "m.onnx", tmp_path / "r.txt"
+    amct.create_quant_config(str(cfg), str(path), batch_num=len(batches))
+    amct.quantize_model(str(cfg), str(path), str(mod), str(rec))
+    session = amct.CalibrationSession(str(mod))
+    for feeds in batches:
+        session.run(None, feeds)
+    fake, deploy = amct.save_model(str(mod), str(rec), str(tmp_path / "q"))
+    memory = amct.quantize(model, load_config(cfg), batches)
+    lazy_fake, lazy_deploy = amct.quantize(str(path), load_config(cfg), batches).save(str(tmp_path / "lazy"))
+    assert not list(tmp_path.glob("*.data"))  # every output is one file, like its input
+    for saved, lazy_saved, reference in ((fake, lazy_fake, memory.fake_quant_model()),
+                                         (deploy, lazy_deploy, memory.deploy_model())):
+        want = _tensors(reference)
+        for p in (saved, lazy_saved):
+            got = _tensors(onnx.load(str(p)))
+            assert got.keys() == want.keys()
+            for name in want:
+                np.testing.assert_array_equal(got[name], want[name], err_msg=name)

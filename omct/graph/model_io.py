@@ -37,6 +37,85 @@ ALIGN = 4096
 #: ``skeleton`` keeps the data of initializers below this size (shape inference reads small constants).
 SKELETON_BYTES = 4096
 _CHUNK = 64 * 2**20
+#: A model in one file from this size on is loaded lazily too (``load_model(lazy=True)``): its big tensors
+#: become references into the .onnx file itself (marked with EMBEDDED_KEY), read like external data.
+EMBEDDED_LAZY_BYTES = 64 * 2**20
+EMBEDDED_KEY = "omct_embedded"
+
+
+def _varint(buf, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(buf, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+    """(field number, start of the field's bytes, start and end of its value) of the protobuf message in
+    ``buf[start:end]``; ValueError for what ONNX messages never hold (groups) or a truncated message."""
+    pos = start
+    while pos < end:
+        first = pos
+        key, pos = _varint(buf, pos)
+        wire = key & 7
+        if wire == 0:
+            value_start = pos
+            _, pos = _varint(buf, pos)
+        elif wire == 1:
+            value_start, pos = pos, pos + 8
+        elif wire == 2:
+            length, value_start = _varint(buf, pos)
+            pos = value_start + length
+        elif wire == 5:
+            value_start, pos = pos, pos + 4
+        else:
+            raise ValueError(f"protobuf wire type {wire}")
+        if pos > end:
+            raise ValueError("truncated message")
+        yield key >> 3, first, value_start, pos
+
+
+#: field numbers in onnx.proto: ModelProto.graph, GraphProto.initializer, TensorProto.raw_data
+_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
+
+
+def _load_embedded(path: Path) -> onnx.ModelProto | None:
+    """``path`` (one file) parsed without the raw data of its big initializers, which become references to their
+    bytes in the file; None when the file is not laid out as expected (then it is loaded the usual way)."""
+    import mmap
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        try:
+            top = list(_fields(buf, 0, len(buf)))
+            graphs = [(vs, ve) for number, _, vs, ve in top if number == _MODEL_GRAPH]
+            if len(graphs) != 1:
+                return None
+            model = onnx.ModelProto.FromString(b"".join(buf[fs:ve] for n, fs, _, ve in top if n != _MODEL_GRAPH))
+            graph_fields = list(_fields(buf, *graphs[0]))
+            graph = onnx.GraphProto.FromString(b"".join(buf[fs:ve] for n, fs, _, ve in graph_fields
+                                                        if n != _GRAPH_INITIALIZER))
+            for number, _, vs, ve in graph_fields:
+                if number != _GRAPH_INITIALIZER:
+                    continue
+                parts = list(_fields(buf, vs, ve))
+                raw = [(rs, re) for n, _, rs, re in parts if n == _TENSOR_RAW_DATA]
+                if len(raw) != 1 or raw[0][1] - raw[0][0] < SKELETON_BYTES:
+                    graph.initializer.append(onnx.TensorProto.FromString(buf[vs:ve]))
+                    continue
+                t = onnx.TensorProto.FromString(b"".join(buf[fs:fe] for n, fs, _, fe in parts if n != _TENSOR_RAW_DATA))
+                t.data_location = TensorProto.EXTERNAL
+                for key, value in (("location", path.name), ("offset", str(raw[0][0])),
+                                   ("length", str(raw[0][1] - raw[0][0])), (EMBEDDED_KEY, "1")):
+                    t.external_data.add(key=key, value=value)
+                graph.initializer.append(t)
+        except (ValueError, IndexError, DecodeError):
+            return None
+    model.graph.CopyFrom(graph)
+    return model
 
 
 def load_model(path: str | Path, what: str = "model", lazy: bool = False) -> onnx.ModelProto:
@@ -55,7 +134,9 @@ def load_model(path: str | Path, what: str = "model", lazy: bool = False) -> onn
     if path.stat().st_size == 0:
         raise ModelError(f"{what} file '{path}' is empty")
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        model = _load_embedded(path) if lazy and path.stat().st_size >= EMBEDDED_LAZY_BYTES else None
+        if model is None:
+            model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as e:
         raise ModelError(f"{what} file '{path}' is not a readable ONNX model ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else 'parse failed'}); is it corrupt or another format?") from None
@@ -191,6 +272,12 @@ def is_lazy(t: TensorProto) -> bool:
 
 def has_lazy(model: onnx.ModelProto) -> bool:
     return any(is_lazy(t) for t in _tensors(model.graph))
+
+
+def has_external(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` has lazy tensors that came from external data (not from inside a one-file model): its
+    outputs keep external data."""
+    return any(is_lazy(t) and all(e.key != EMBEDDED_KEY for e in t.external_data) for t in _tensors(model.graph))
 
 
 def _source(t: TensorProto) -> tuple[str, int, int]:
@@ -362,12 +449,23 @@ def _copy_fields(dst, src, skip: set[str]) -> None:
             setattr(dst, fd.name, value)
 
 
+def _inline(src: TensorProto, dst: TensorProto) -> None:
+    """``dst`` = ``src`` with a lazy tensor's data read into it (a model written in one file)."""
+    if src is not dst:
+        dst.CopyFrom(src)
+    if is_lazy(src):
+        data = _read_bytes(src)
+        for field in ("external_data", "data_location"):
+            dst.ClearField(field)
+        dst.raw_data = data
+
+
 def _keep_refs(src: TensorProto, dst: TensorProto) -> None:
     """``dst`` = ``src``, a lazy tensor still referring to its file but without omct's folder entry."""
     if src is not dst:
         dst.CopyFrom(src)
     if is_lazy(src):
-        entries = [(e.key, e.value) for e in dst.external_data if e.key != FOLDER_KEY]
+        entries = [(e.key, e.value) for e in dst.external_data if e.key not in (FOLDER_KEY, EMBEDDED_KEY)]
         del dst.external_data[:]
         for key, value in entries:
             dst.external_data.add(key=key, value=value)
@@ -450,7 +548,7 @@ def _stage(source: ModelSource, path: Path, tmpdir: str, external_threshold: int
         model = source(writer) if callable(source) else source
         if model.ir_version > MAX_IR_VERSION:
             model.ir_version = MAX_IR_VERSION
-        if writer.size or has_lazy(model) or tensor_bytes(model) > external_threshold:
+        if writer.size or has_external(model) or tensor_bytes(model) > external_threshold:
             with progress(f"writing {path.name}", len(model.graph.initializer)) as bar:
                 def place(src: TensorProto, dst: TensorProto) -> None:
                     writer.place(src, dst)
@@ -461,8 +559,11 @@ def _stage(source: ModelSource, path: Path, tmpdir: str, external_threshold: int
             for t in _tensors(header.graph):
                 _keep_refs(t, t)
             onnx.save_model(header, str(tmp_model))
-        else:
-            onnx.save_model(model, str(tmp_model))
+        else:  # one file; tensors of a one-file model loaded lazily are read back in (in place in a model built here)
+            if has_lazy(model) and callable(source):
+                for t in _tensors(model.graph):
+                    _inline(t, t)
+            onnx.save_model(_rebuilt(model, _inline) if has_lazy(model) else model, str(tmp_model))
     finally:
         writer.close()
     pairs = [(tmp_model, path)]
