@@ -2,7 +2,8 @@
 
 The model (generated, never stored in the repository): ``layers`` MatMul + Relu of ``dim x dim`` float32 weights,
 written with numpy straight into the external-data file (building it needs one layer's memory). Each step runs
-in its own child process, which reports its peak RSS (``ru_maxrss``) and wall time:
+in its own child process started by a parent that stays small (Linux carries the parent's RSS high-water mark into a child),
+which reports its peak RSS (``ru_maxrss``) and wall time:
 
 * ``create_quant_config``, ``quantize_model``, ``calibration`` (a CalibrationSession over ``batches`` batches of
   ``rows``), ``save_model``: AMCT's file-based call sequence;
@@ -134,9 +135,13 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--inline", action="store_true", help="store the model in one file, without external data")
     ap.add_argument("--step", help=argparse.SUPPRESS)
+    ap.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.step:
         step(args.step, args.work, args.dim, args.batches, args.rows)
+        return
+    if args.build:
+        build(args.work, args.dim, args.layers, inline=args.inline)
         return
     import omct
 
@@ -144,7 +149,10 @@ def main() -> None:
     steps += ["ort_minmax"] if args.ort else []
     try:
         t = time.perf_counter()
-        build(args.work, args.dim, args.layers, inline=args.inline)
+        # built in a child: Linux carries a process's RSS high-water mark into the children it starts (fork, then
+        # exec), so this process stays small and each step's ru_maxrss is its own
+        subprocess.run([sys.executable, __file__, "--build", "--work", str(args.work), "--dim", str(args.dim),
+                        "--layers", str(args.layers)] + (["--inline"] if args.inline else []), check=True)
         stored = "one file" if args.inline else "external data"
         size = sum(p.stat().st_size for p in args.work.glob("model.onnx*"))
         print(f"omct from {Path(omct.__file__).parent}; model {size / GIB:.3f} GiB ({args.layers} x {args.dim}^2 "

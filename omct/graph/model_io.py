@@ -460,6 +460,55 @@ def _inline(src: TensorProto, dst: TensorProto) -> None:
         dst.raw_data = data
 
 
+def _key(number: int) -> bytes:
+    return _encode_varint(number << 3 | 2)  # a length-delimited field
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _write_one_file(model: onnx.ModelProto, path: Path) -> None:
+    """Write ``model`` as one protobuf file, the raw data of its big initializers streamed from where it is (its
+    files for lazy tensors, the tensor for the others) into the message's wire format: the model is never
+    serialised whole (protobuf would copy every weight once more, ``_inline`` once before that)."""
+    top = onnx.ModelProto()
+    _copy_fields(top, model, {"graph"})
+    graph = onnx.GraphProto()
+    _copy_fields(graph, model.graph, {"initializer"})
+    graph_bytes = graph.SerializeToString()
+    del graph
+    pieces: list[tuple[bytes, TensorProto | None, int]] = []  # (tensor bytes without raw data, source, data length)
+    for t in model.graph.initializer:
+        length = _source(t)[2] if is_lazy(t) else (len(t.raw_data) if t.HasField("raw_data") else 0)
+        if length >= SKELETON_BYTES:
+            stripped = onnx.TensorProto()
+            _copy_fields(stripped, t, _DATA_FIELDS)
+            head = stripped.SerializeToString() + _key(_TENSOR_RAW_DATA) + _encode_varint(length)
+            pieces.append((head, t, length))
+        else:
+            pieces.append((t.SerializeToString(), None, 0))
+    sizes = [len(head) + length for head, _, length in pieces]
+    graph_size = len(graph_bytes) + sum(len(_key(_GRAPH_INITIALIZER)) + len(_encode_varint(n)) + n for n in sizes)
+    with open(path, "wb", buffering=0) as out:
+        _write_all(out, top.SerializeToString() + _key(_MODEL_GRAPH) + _encode_varint(graph_size) + graph_bytes)
+        for (head, t, length), size in zip(pieces, sizes, strict=True):
+            _write_all(out, _key(_GRAPH_INITIALIZER) + _encode_varint(size) + head)
+            if t is not None and is_lazy(t):
+                file, offset, _ = _source(t)
+                _copy_range(file, offset, length, out, t.name)
+            elif t is not None:
+                _write_all(out, t.raw_data)
+
+
 def _keep_refs(src: TensorProto, dst: TensorProto) -> None:
     """``dst`` = ``src``, a lazy tensor still referring to its file but without omct's folder entry."""
     if src is not dst:
@@ -559,11 +608,12 @@ def _stage(source: ModelSource, path: Path, tmpdir: str, external_threshold: int
             for t in _tensors(header.graph):
                 _keep_refs(t, t)
             onnx.save_model(header, str(tmp_model))
-        else:  # one file; tensors of a one-file model loaded lazily are read back in (in place in a model built here)
-            if has_lazy(model) and callable(source):
-                for t in _tensors(model.graph):
-                    _inline(t, t)
-            onnx.save_model(_rebuilt(model, _inline) if has_lazy(model) else model, str(tmp_model))
+        elif has_lazy(model) or tensor_bytes(model) >= EMBEDDED_LAZY_BYTES:  # one file, written tensor by tensor
+            if any(is_lazy(t) for t in list(_tensors(model.graph))[len(model.graph.initializer):]):
+                model = _rebuilt(model, _inline)  # lazy tensors outside the initializers (rare): read in
+            _write_one_file(model, tmp_model)
+        else:
+            onnx.save_model(model, str(tmp_model))
     finally:
         writer.close()
     pairs = [(tmp_model, path)]
