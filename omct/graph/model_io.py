@@ -498,9 +498,10 @@ def _write_one_file(model: onnx.ModelProto, path: Path) -> None:
             pieces.append((t.SerializeToString(), None, 0))
     sizes = [len(head) + length for head, _, length in pieces]
     graph_size = len(graph_bytes) + sum(len(_key(_GRAPH_INITIALIZER)) + len(_encode_varint(n)) + n for n in sizes)
-    with open(path, "wb", buffering=0) as out:
+    with open(path, "wb", buffering=0) as out, progress(f"writing {path.name}", len(pieces)) as bar:
         _write_all(out, top.SerializeToString() + _key(_MODEL_GRAPH) + _encode_varint(graph_size) + graph_bytes)
         for (head, t, length), size in zip(pieces, sizes, strict=True):
+            bar.advance()
             _write_all(out, _key(_GRAPH_INITIALIZER) + _encode_varint(size) + head)
             if t is not None and is_lazy(t):
                 file, offset, _ = _source(t)
