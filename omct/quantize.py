@@ -28,18 +28,11 @@ from omct.feeds import FeedCheck
 from omct.formats.config import QuantConfig
 from omct.formats.record import LayerRecord, write_pending_record, write_record
 from omct.graph.export import deploy_model, fake_quant_model
-from omct.graph.model_io import (
-    EXTERNAL_DATA_THRESHOLD,
-    ExternalWriter,
-    has_external,
-    save_models,
-    session_input,
-    tensor_array,
-    tensor_bytes,
-)
+from omct.graph.model_io import EXTERNAL_DATA_THRESHOLD, save_models, session_input, tensor_bytes
 from omct.graph.modified import make_modified, stamp_layers
 from omct.graph.ops import LayerSpec
 from omct.graph.plan import Plan, build_plan, with_float_layers
+from omct.graph.tensor_data import ExternalWriter, has_external, tensor_array
 from omct.ui import Progress, logger, progress, shown_path
 
 T = TypeVar("T")

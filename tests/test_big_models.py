@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_builders import make_model, vi
 
 import omct.graph.model_io as mio
+import omct.graph.tensor_data as td
 import omct.onnx as amct
 from omct.errors import ModelError, OutputPathError
 from omct.formats.config import load_config
@@ -93,7 +94,7 @@ def test_external_data_flow_matches_the_in_memory_path(tmp_path, external):
         for p in (saved, lazy):
             assert p.with_name(p.name + ".data").is_file()  # external data stays external (the 1 MiB INT8 fc too)
             loaded = onnx.load(str(p))  # onnx's own reader: the files are plain ONNX external data
-            assert all(e.key != mio.FOLDER_KEY for t in loaded.graph.initializer for e in t.external_data)
+            assert all(e.key != td.FOLDER_KEY for t in loaded.graph.initializer for e in t.external_data)
             got, want = _tensors(loaded), _tensors(reference)
             assert got.keys() == want.keys()
             for name in want:
@@ -113,14 +114,14 @@ def test_outputs_with_external_data_are_all_or_nothing(tmp_path, external, monke
     digests = [_digest(p) for p in outputs]
     listing = sorted(p.name for p in tmp_path.iterdir())
 
-    place = mio.ExternalWriter.place
+    place = td.ExternalWriter.place
 
     def disk_full_in_deploy(self, src, dst):  # the fake-quant model is staged, the deploy model's data fails
         if self.name.endswith("_deploy_model.onnx.data"):
             raise OSError(28, "No space left on device")
         place(self, src, dst)
 
-    monkeypatch.setattr(mio.ExternalWriter, "place", disk_full_in_deploy)
+    monkeypatch.setattr(td.ExternalWriter, "place", disk_full_in_deploy)
     with pytest.raises(ModelError, match="No space left on device"):
         amct.save_model(str(mod), str(rec), str(tmp_path / "q"))
     assert [_digest(p) for p in outputs] == digests  # the previous pair is intact
@@ -159,7 +160,7 @@ def test_lazy_load_maps_the_weights_instead_of_reading_them(tmp_path):
     tracemalloc.start()
     try:
         lazy = mio.load_model(path, lazy=True)
-        array = mio.tensor_array(lazy.graph.initializer[0])
+        array = td.tensor_array(lazy.graph.initializer[0])
         assert float(array.sum(dtype=np.float64)) == pytest.approx(expected, rel=1e-9)
         amct.create_quant_config(str(tmp_path / "c.json"), str(path))  # the whole step on the lazy model
         lazy_peak = tracemalloc.get_traced_memory()[1]
@@ -189,11 +190,11 @@ def test_external_writer_round_trips_dtypes_and_aligns(tmp_path):
     header = onnx.load(str(path), load_external_data=False)
     for t in header.graph.initializer:
         info = {e.key: e.value for e in t.external_data}
-        assert t.data_location == TensorProto.EXTERNAL and mio.FOLDER_KEY not in info
-        if int(info["length"]) >= mio.ALIGN:
-            assert int(info["offset"]) % mio.ALIGN == 0
+        assert t.data_location == TensorProto.EXTERNAL and td.FOLDER_KEY not in info
+        if int(info["length"]) >= td.ALIGN:
+            assert int(info["offset"]) % td.ALIGN == 0
     lazy = mio.load_model(path, lazy=True)
-    got = {t.name: mio.tensor_array(t) for t in lazy.graph.initializer}
+    got = {t.name: td.tensor_array(t) for t in lazy.graph.initializer}
     for name, a in arrays.items():
         assert got[name].dtype == a.dtype
         np.testing.assert_array_equal(got[name], a)
@@ -224,8 +225,8 @@ def test_one_file_model_is_loaded_lazily_and_written_in_one_file(tmp_path, exter
     monkeypatch.setattr(mio, "EMBEDDED_LAZY_BYTES", 0)
     lazy = mio.load_model(path, lazy=True)
     fc = next(t for t in lazy.graph.initializer if t.name == "fc")
-    assert mio.is_lazy(fc)
-    np.testing.assert_array_equal(mio.tensor_array(fc), numpy_helper.to_array(next(t for t in model.graph.initializer
+    assert td.is_lazy(fc)
+    np.testing.assert_array_equal(td.tensor_array(fc), numpy_helper.to_array(next(t for t in model.graph.initializer
                                                                                   if t.name == "fc")))
     cfg, mod, rec = tmp_path / "c.json", tmp_path / "m.onnx", tmp_path / "r.txt"
     amct.create_quant_config(str(cfg), str(path), batch_num=len(batches))

@@ -24,9 +24,9 @@ from omct.core.weights import quantize_bias
 from omct.errors import QuantizationError
 from omct.formats.config import QuantConfig
 from omct.formats.record import LayerRecord
-from omct.graph.model_io import ExternalWriter, tensor_array
 from omct.graph.ops import HANDLERS
 from omct.graph.plan import Plan
+from omct.graph.tensor_data import ExternalWriter, tensor_array
 
 
 class _Builder:

@@ -23,7 +23,7 @@ import onnx
 from onnx import numpy_helper, version_converter
 
 from omct.errors import ModelError
-from omct.graph.model_io import tensor_array
+from omct.graph.tensor_data import tensor_array
 
 MIN_OPSET = 13
 

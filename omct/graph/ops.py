@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import onnx
 
-from omct.graph.model_io import skeleton, tensor_array
+from omct.graph.tensor_data import skeleton, tensor_array
 
 
 @dataclass(frozen=True)
