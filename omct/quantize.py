@@ -19,7 +19,6 @@ from typing import TypeVar
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from omct.algorithms.base import RecordContext
 from omct.algorithms.pipeline import PIPELINE
@@ -29,10 +28,11 @@ from omct.feeds import FeedCheck
 from omct.formats.config import QuantConfig
 from omct.formats.record import LayerRecord, write_pending_record, write_record
 from omct.graph.export import deploy_model, fake_quant_model
-from omct.graph.model_io import EXTERNAL_DATA_THRESHOLD, save_model, save_models, tensor_bytes
+from omct.graph.model_io import EXTERNAL_DATA_THRESHOLD, save_models, session_input, tensor_bytes
 from omct.graph.modified import make_modified, stamp_layers
 from omct.graph.ops import LayerSpec
 from omct.graph.plan import Plan, build_plan, with_float_layers
+from omct.graph.tensor_data import ExternalWriter, has_external, tensor_array
 from omct.ui import Progress, logger, progress, shown_path
 
 T = TypeVar("T")
@@ -186,19 +186,24 @@ def observed_tensors(plan: Plan, config: QuantConfig) -> list[str]:
 
 
 def initializer_reader(model: onnx.ModelProto) -> Callable[[str], np.ndarray]:
-    """Name -> float array of the model's initializers (converted on demand, not all at once)."""
+    """Name -> float array of the model's initializers (converted on demand, not all at once; external tensors
+    of a lazily loaded model are memory-mapped)."""
     inits = {t.name: t for t in model.graph.initializer}
-    return lambda name: numpy_helper.to_array(inits[name])
+    return lambda name: tensor_array(inits[name])
 
 
-def ort_session(model: str | os.PathLike | bytes, sess_options=None, providers: list | None = None, **kwargs):
+def ort_session(model: str | os.PathLike | bytes, sess_options=None, providers: list | None = None,
+                external_folder: str | None = None, **kwargs):
     """An ONNX Runtime session for calibration: its workers do not spin-wait, because between runs the
-    statistics need the cores."""
+    statistics need the cores. ``external_folder``: where the external data of a model given as bytes lies
+    (ONNX Runtime maps it from there: no copy of the weights)."""
     import onnxruntime as ort
 
     if sess_options is None:
         sess_options = ort.SessionOptions()
         sess_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if external_folder is not None:
+        sess_options.add_session_config_entry("session.model_external_initializers_file_folder_path", external_folder)
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, sess_options, providers=providers or ["CPUExecutionProvider"], **kwargs)
 
@@ -218,15 +223,16 @@ class QuantizedModel:
         if self.plan is None:
             self.plan = build_plan(self.layers, self.config)
 
-    def fake_quant_model(self) -> onnx.ModelProto:
-        """Float weights on their quantized values and simulated activation quantization: runs anywhere."""
-        model = fake_quant_model(self.base, self.plan, self.config, self.records)
+    def fake_quant_model(self, sink: ExternalWriter | None = None) -> onnx.ModelProto:
+        """Float weights on their quantized values and simulated activation quantization: runs anywhere.
+        ``sink``: write the big weights to this external-data file as they are made."""
+        model = fake_quant_model(self.base, self.plan, self.config, self.records, sink=sink)
         stamp_layers(model, self.plan, self.config, self.records)
         return model
 
-    def deploy_model(self) -> onnx.ModelProto:
+    def deploy_model(self, sink: ExternalWriter | None = None) -> onnx.ModelProto:
         """INT8/INT32 tensors and QuantizeLinear/DequantizeLinear that ONNX Runtime fuses into integer kernels."""
-        model = deploy_model(self.base, self.plan, self.config, self.records)
+        model = deploy_model(self.base, self.plan, self.config, self.records, sink=sink)
         stamp_layers(model, self.plan, self.config, self.records)
         return model
 
@@ -246,10 +252,19 @@ class QuantizedModel:
             raise OmctError(f"save_path '{save_path}' must end with a file name prefix, e.g. './results/model'")
         fake_path = Path(save_path + "_fake_quant_model.onnx")
         deploy_path = Path(save_path + "_deploy_model.onnx")
+        # One model at a time, each written before the next is built; a big model (or one whose weights stayed in
+        # their files) sends its weights to the external-data file as they are made.
+        big = has_external(self.base) or tensor_bytes(self.base) > EXTERNAL_DATA_THRESHOLD
         with progress("exporting", 2) as bar:
-            models = (self.base, self.base) if self.all_float else (self.fake_quant_model(), self.deploy_model())
-            save_models([(models[0], fake_path), (models[1], deploy_path)])  # all or nothing: a previous pair stays
-            bar.advance(2)
+            def made(build: Callable[[ExternalWriter | None], onnx.ModelProto]):
+                def make(sink: ExternalWriter) -> onnx.ModelProto:
+                    model = self.base if self.all_float else build(sink if big else None)
+                    bar.advance()
+                    return model
+                return make
+
+            # all or nothing: a previous pair stays
+            save_models([(made(self.fake_quant_model), fake_path), (made(self.deploy_model), deploy_path)])
         logger.info("wrote %s and %s (%d layers quantized)", fake_path, deploy_path, len(self.plan.layers))
         return fake_path, deploy_path
 
@@ -265,11 +280,9 @@ def quantize(graph: onnx.ModelProto, layers: list[LayerSpec], config: QuantConfi
     calibration = Calibration(plan, config, initializer_reader(graph))
     fetch = calibration.tensors()
     with tempfile.TemporaryDirectory(prefix="omct-") as tmp:
-        if tensor_bytes(mod.model) > EXTERNAL_DATA_THRESHOLD:  # protobuf cannot serialise it: ORT reads it from disk
-            save_model(mod.model, Path(tmp) / "modified.onnx")
-            session = ort_session(Path(tmp) / "modified.onnx")
-        else:
-            session = ort_session(mod.model.SerializeToString())
+        source, folder = session_input(mod.model, tmp)  # the weights stay where they are when they can
+        session = ort_session(source, external_folder=folder)
+        del source
         check = FeedCheck(session.get_inputs(), "quantize")
         for feeds in batches:
             if calibration.done:

@@ -107,9 +107,10 @@ def check_record(plan: Plan, records: dict[str, LayerRecord], record_file: str, 
 
 
 def quantized_from(mod: ModifiedModel, record_file: str | os.PathLike) -> QuantizedModel:
-    """The calibrated model that AMCT's two files describe: the modified model and its record."""
+    """The calibrated model that AMCT's two files describe: the modified model and its record. ``mod.model``
+    becomes the result's base model (not copied)."""
     records = read_record(record_file)
-    base = mod.base_model()
+    base = mod.base_model(in_place=True)  # mod.model is not used again: no copy
     inits = {t.name: t for t in base.graph.initializer}
     check_record(mod.plan, records, str(record_file), lambda w: tuple(inits[w].dims))
     extra = sorted(set(records) - set(mod.plan.layers))

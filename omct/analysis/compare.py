@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -30,7 +31,7 @@ from omct.graph.equalize import equalize
 from omct.graph.export import toposort
 from omct.graph.metadata import FUSION as FUSION_KEY
 from omct.graph.metadata import LAYERS as LAYERS_KEY
-from omct.graph.model_io import load_model
+from omct.graph.model_io import load_model, session_input
 from omct.graph.normalize import fold_batchnorm, normalize
 from omct.ui import Progress, logger
 
@@ -180,7 +181,12 @@ def _session(model: onnx.ModelProto):
     so = ort.SessionOptions()
     so.log_severity_level = 3
     try:
-        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        with tempfile.TemporaryDirectory(prefix="omct-", ignore_cleanup_errors=True) as tmp:
+            source, folder = session_input(model, tmp)  # weights of a lazily loaded model stay in their files
+            if folder is not None:
+                so.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+            return ort.InferenceSession(source if isinstance(source, bytes) else str(source), so,
+                                        providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - ORT raises several types for models it cannot load
         raise ModelError(f"ONNX Runtime cannot run the analysis model: {str(e).splitlines()[0]}") from None
 

@@ -19,6 +19,7 @@ import onnx
 from onnx import numpy_helper
 
 from omct.graph.normalize import _links
+from omct.graph.tensor_data import tensor_array
 
 
 def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
@@ -66,7 +67,7 @@ def equalize(model: onnx.ModelProto, iterations: int = 20, tol: float = 1e-3) ->
     for a, b in pairs:
         for node, port in ((a, 1), (a, 2), (b, 1)):
             if len(node.input) > port and node.input[port]:
-                arrays[(node.name, port)] = numpy_helper.to_array(inits[node.input[port]]).astype(np.float64)
+                arrays[(node.name, port)] = tensor_array(inits[node.input[port]]).astype(np.float64)
     total = {(a.name, b.name): np.ones(arrays[(a.name, 1)].shape[0]) for a, b in pairs}
     for _ in range(iterations):
         change = 0.0

@@ -28,10 +28,15 @@ from omct.formats.config import QuantConfig
 from omct.formats.record import LayerRecord
 from omct.graph.ops import HANDLERS, LayerSpec
 from omct.graph.plan import Plan
+from omct.graph.tensor_data import ExternalWriter, tensor_array
 
 
 class _Builder:
     """Adds quantization nodes and initializers to a copy of the base model; subclasses say how."""
+
+    #: When set, initializers from 1 MiB on are written to this external-data file as they are made, not kept
+    #: in the model (a big model is exported holding one weight at a time).
+    sink: ExternalWriter | None = None
 
     def __init__(self, model: onnx.ModelProto):
         self.model = model
@@ -50,6 +55,9 @@ class _Builder:
 
     def add_init(self, array: np.ndarray, base: str) -> str:
         name = self.unique(base)
+        if self.sink is not None and np.asarray(array).nbytes >= 2**20:
+            self.graph.initializer.append(self.sink.add(np.asarray(array), name))
+            return name
         self.graph.initializer.append(numpy_helper.from_array(array, name))
         return name
 
@@ -78,9 +86,9 @@ class _Builder:
         self.graph.node.extend(self.new_nodes)
         toposort(self.graph)
         used = {n for node in self.graph.node for n in node.input} | {o.name for o in self.graph.output}
-        keep = [t for t in self.graph.initializer if t.name in used]
-        del self.graph.initializer[:]
-        self.graph.initializer.extend(keep)
+        for i in reversed(range(len(self.graph.initializer))):  # in place: extend() would copy every weight
+            if self.graph.initializer[i].name not in used:
+                del self.graph.initializer[i]
         return self.model
 
 
@@ -278,7 +286,7 @@ def build(builder: _Builder, plan: Plan, config: QuantConfig, records: dict[str,
         wcfg = config.layers[name].weight_quant_params
         wp = weight_params(rec, wcfg.num_bits if wcfg else 8, spec.weight_axis)
         try:
-            w = layer_float_weight(numpy_helper.to_array(b.inits[spec.weight]).astype(np.float32), rec, spec)
+            w = layer_float_weight(tensor_array(b.inits[spec.weight]).astype(np.float32), rec, spec)
             codes = layer_weight_codes(w, rec, wp)
         except ValueError as e:
             raise QuantizationError(f"layer '{name}': record: {e}") from None
@@ -287,7 +295,7 @@ def build(builder: _Builder, plan: Plan, config: QuantConfig, records: dict[str,
             continue
         node.input[handler.weight_port] = b.weight(codes, wp, name, rec.nuq_levels or None)
         if spec.bias is not None:
-            bias = numpy_helper.to_array(b.inits[spec.bias]).astype(np.float32)
+            bias = tensor_array(b.inits[spec.bias]).astype(np.float32)
             if len(rec.bias_correction) == bias.size:
                 bias = (bias.astype(np.float64) + np.asarray(rec.bias_correction)).astype(np.float32)
             # per-channel weight scales, repeated for each group when the weight holds one group's outputs
@@ -353,10 +361,16 @@ def _copy(base: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def fake_quant_model(base: onnx.ModelProto, plan: Plan, config: QuantConfig, records: dict[str, LayerRecord]) -> onnx.ModelProto:
-    return build(FakeQuantBuilder(_copy(base)), plan, config, records)
+def _with_sink(builder: _Builder, sink: ExternalWriter | None) -> _Builder:
+    builder.sink = sink
+    return builder
+
+
+def fake_quant_model(base: onnx.ModelProto, plan: Plan, config: QuantConfig, records: dict[str, LayerRecord],
+                     sink: ExternalWriter | None = None) -> onnx.ModelProto:
+    return build(_with_sink(FakeQuantBuilder(_copy(base)), sink), plan, config, records)
 
 
 def deploy_model(base: onnx.ModelProto, plan: Plan, config: QuantConfig, records: dict[str, LayerRecord],
-                 unsigned_activations: bool = True) -> onnx.ModelProto:
-    return build(DeployBuilder(_copy(base), unsigned_activations), plan, config, records)
+                 unsigned_activations: bool = True, sink: ExternalWriter | None = None) -> onnx.ModelProto:
+    return build(_with_sink(DeployBuilder(_copy(base), unsigned_activations), sink), plan, config, records)

@@ -6,7 +6,7 @@ import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx
@@ -16,6 +16,22 @@ from onnx import TensorProto
 from omct.errors import ModelError
 from omct.fileio import check_outputs, prepare_parent
 from omct.graph import metadata
+from omct.graph.tensor_data import (
+    FOLDER_KEY,
+    ExternalWriter,
+    all_tensors,
+    data_source,
+    has_external,
+    has_lazy,
+    in_memory_bytes,
+    is_lazy,
+    keep_refs,
+    load_embedded,
+    read_in,
+    rebuilt,
+    write_one_file,
+)
+from omct.ui import progress
 
 #: Protobuf cannot serialise more than 2 GiB; models whose tensors approach it are saved with external data.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -24,13 +40,18 @@ MAX_IR_VERSION = 10
 #: ``input_files`` reads a model's external-data references only from files up to this size: a model whose
 #: weights live outside is small, and parsing a big self-contained model twice would cost seconds and GBs.
 PEEK_LIMIT = 64 * 2**20
+#: A model in one file from this size on is loaded lazily too (``load_model(lazy=True)``): its big tensors
+#: become references into the .onnx file itself (marked with EMBEDDED_KEY), read like external data.
+EMBEDDED_LAZY_BYTES = 64 * 2**20
 
 
-def load_model(path: str | Path, what: str = "model") -> onnx.ModelProto:
+def load_model(path: str | Path, what: str = "model", lazy: bool = False) -> onnx.ModelProto:
     """Load ``path`` (external data included) or raise ModelError saying what is wrong.
 
     The graph and the external-data references are checked before any weight is read, so a broken model
-    fails with one line naming the node, tensor or file instead of a raw onnx error.
+    fails with one line naming the node, tensor or file instead of a raw onnx error. With ``lazy`` the
+    external tensors stay in their files (read with ``tensor_array``, memory-mapped; copied range by range
+    by ``save_models``): a big model costs no memory until a step needs one of its tensors.
     """
     path = Path(path)
     if not path.exists():
@@ -40,14 +61,22 @@ def load_model(path: str | Path, what: str = "model") -> onnx.ModelProto:
     if path.stat().st_size == 0:
         raise ModelError(f"{what} file '{path}' is empty")
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        model = load_embedded(path) if lazy and path.stat().st_size >= EMBEDDED_LAZY_BYTES else None
+        if model is None:
+            model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as e:
         raise ModelError(f"{what} file '{path}' is not a readable ONNX model ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else 'parse failed'}); is it corrupt or another format?") from None
     if not model.graph.node or not model.opset_import:
         raise ModelError(f"{what} file '{path}' is not an ONNX model (no graph nodes or opset); is it another format?")
     check_graph(model.graph, set(), f"{what} file '{path}'")
-    if external_data_files(model, path, what):
+    files = external_data_files(model, path, what)
+    if files and lazy:
+        folder = os.path.realpath(path.parent)
+        for t in all_tensors(model.graph):
+            if t.data_location == TensorProto.EXTERNAL:
+                t.external_data.add(key=FOLDER_KEY, value=folder)
+    elif files:
         try:
             onnx.load_external_data_for_model(model, str(path.parent))
         except (onnx.checker.ValidationError, ValueError, OSError) as e:  # races and checks newer onnx adds
@@ -76,27 +105,13 @@ def check_graph(graph: onnx.GraphProto, outer: set[str], where: str) -> None:
                              "the model is broken (truncated or edited?): export it again")
 
 
-def _tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield sparse.values
-        yield sparse.indices
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                yield from _tensors(sub)
-
-
 def external_data_files(model: onnx.ModelProto, path: str | Path, what: str = "model") -> list[Path]:
     """The data files ``model`` (read from ``path``) keeps tensors in; ModelError when one is missing, too
     short, or outside the model's folder (a model may only read files beside it, as onnx >= 1.16 enforces)."""
     path = Path(path)
     folder = os.path.realpath(path.parent)
     files: dict[str, Path] = {}
-    for t in _tensors(model.graph):
+    for t in all_tensors(model.graph):
         if t.data_location != TensorProto.EXTERNAL:
             continue
         info = {e.key: e.value for e in t.external_data}
@@ -147,17 +162,40 @@ def check_save_outputs(modified: onnx.ModelProto, modified_file: str | os.PathLi
     meta, prefix = metadata.read(modified), os.fspath(save_path)
     check_outputs({**input_files("modified_onnx_file", modified_file), "record_file": record_file,
                    "record file named in modified_onnx_file": meta.get(metadata.RECORD_FILE),
-                   "original model_file": meta.get(metadata.MODEL_FILE)},
+                   **input_files("original model_file", meta.get(metadata.MODEL_FILE))},
                   {**output_files("save_path's fake-quant model", prefix + "_fake_quant_model.onnx"),
                    **output_files("save_path's deploy model", prefix + "_deploy_model.onnx")})
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
-    """Bytes held by the model's initializers (protobuf's ByteSize fails beyond 2 GiB)."""
-    total = 0
-    for t in model.graph.initializer:
-        total += len(t.raw_data) or (len(t.float_data) * 4 + len(t.int32_data) * 4 + len(t.int64_data) * 8)
-    return total
+    """Bytes held by the model's initializers, in memory or (lazily loaded) in their files (protobuf's
+    ByteSize fails beyond 2 GiB)."""
+    return sum(data_source(t)[2] if is_lazy(t) else in_memory_bytes(t) for t in model.graph.initializer)
+
+
+def ort_reads_external_folder() -> bool:
+    """Whether the installed ONNX Runtime reads the external data of a model given as bytes from the folder in
+    ``session.model_external_initializers_file_folder_path`` (1.21 on; older releases ignore the entry)."""
+    try:
+        import onnxruntime
+
+        return tuple(int(p) for p in onnxruntime.__version__.split(".")[:2]) >= (1, 21)
+    except (ImportError, ValueError):
+        return False
+
+
+def session_input(model: onnx.ModelProto, folder: str | Path) -> tuple[bytes | Path, str | None]:
+    """What ONNX Runtime should load ``model`` from: its bytes and the folder its external tensors are read from
+    (a lazily loaded model: the weights are not copied), or a file written into ``folder`` when neither
+    protobuf nor one data folder can carry it."""
+    folders = {e.value for t in all_tensors(model.graph) if is_lazy(t) for e in t.external_data if e.key == FOLDER_KEY}
+    in_memory = sum(in_memory_bytes(t) for t in model.graph.initializer if not is_lazy(t))
+    if (not folders or ort_reads_external_folder()) and len(folders) <= 1 and in_memory <= EXTERNAL_DATA_THRESHOLD:
+        header = rebuilt(model, keep_refs) if folders else model
+        return header.SerializeToString(), next(iter(folders), None)
+    path = Path(folder) / "model.onnx"
+    save_model(model, path)
+    return path, None
 
 
 def save_model(model: onnx.ModelProto, path: str | Path, external_threshold: int | None = None) -> list[Path]:
@@ -168,22 +206,43 @@ def save_model(model: onnx.ModelProto, path: str | Path, external_threshold: int
     return save_models([(model, path)], external_threshold)
 
 
-def _stage(model: onnx.ModelProto, path: Path, tmpdir: str, external_threshold: int) -> list[tuple[Path, Path]]:
-    """Write ``model`` into ``tmpdir``; returns (temporary file, target) pairs, data file first."""
-    if model.ir_version > MAX_IR_VERSION:
-        model.ir_version = MAX_IR_VERSION
+#: A model to write, or a function that builds it given the writer of its external-data file (so that big
+#: tensors go to the file as they are made).
+ModelSource = onnx.ModelProto | Callable[[ExternalWriter], onnx.ModelProto]
+
+
+def _stage(source: ModelSource, path: Path, tmpdir: str, external_threshold: int) -> list[tuple[Path, Path]]:
+    """Write a model into ``tmpdir``; returns (temporary file, target) pairs, data file first. A model with
+    tensors in files (lazily loaded or built through the writer) keeps them external; another one gets
+    external data when it is larger than ``external_threshold``."""
     tmp_model = Path(tmpdir) / path.name
-    if tensor_bytes(model) <= external_threshold:
-        onnx.save_model(model, str(tmp_model))
-        return [(tmp_model, path)]
-    data_name = path.name + ".data"
-    to_save = onnx.ModelProto()
-    to_save.CopyFrom(model)
-    onnx.save_model(to_save, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data_name, size_threshold=256)
+    writer = ExternalWriter(tmpdir, path.name + ".data")
+    try:
+        model = source(writer) if callable(source) else source
+        if model.ir_version > MAX_IR_VERSION:
+            model.ir_version = MAX_IR_VERSION
+        if writer.size or has_external(model) or tensor_bytes(model) > external_threshold:
+            with progress(f"writing {path.name}", len(model.graph.initializer)) as bar:
+                def place(src: TensorProto, dst: TensorProto) -> None:
+                    writer.place(src, dst)
+                    bar.advance()
+
+                header = rebuilt(model, place)
+            del model
+            for t in all_tensors(header.graph):
+                keep_refs(t, t)
+            onnx.save_model(header, str(tmp_model))
+        elif has_lazy(model) or tensor_bytes(model) >= EMBEDDED_LAZY_BYTES:  # one file, written tensor by tensor
+            if any(is_lazy(t) for t in list(all_tensors(model.graph))[len(model.graph.initializer):]):
+                model = rebuilt(model, read_in)  # lazy tensors outside the initializers (rare): read in
+            write_one_file(model, tmp_model)
+        else:
+            onnx.save_model(model, str(tmp_model))
+    finally:
+        writer.close()
     pairs = [(tmp_model, path)]
-    if (Path(tmpdir) / data_name).exists():  # absent when no tensor reached size_threshold
-        pairs.insert(0, (Path(tmpdir) / data_name, path.parent / data_name))
+    if writer.path.exists():  # absent when no tensor reached SIZE_THRESHOLD
+        pairs.insert(0, (writer.path, path.parent / writer.name))
     return pairs
 
 
@@ -216,7 +275,7 @@ def _commit(pairs: list[tuple[Path, Path]], stranded: list[tuple[Path, Path]]) -
         raise
 
 
-def save_models(items: list[tuple[onnx.ModelProto, str | Path]], external_threshold: int | None = None) -> list[Path]:
+def save_models(items: list[tuple[ModelSource, str | Path]], external_threshold: int | None = None) -> list[Path]:
     """Write several models all-or-nothing: each is built in a temporary folder beside its target, then all
     are renamed into place. If any write fails, no target is changed (a previous result stays intact).
 

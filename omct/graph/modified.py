@@ -25,10 +25,13 @@ class ModifiedModel:
     config: QuantConfig
     added_outputs: list[str]
 
-    def base_model(self) -> onnx.ModelProto:
-        """The normalised model without calibration outputs or omct metadata."""
-        base = onnx.ModelProto()
-        base.CopyFrom(self.model)
+    def base_model(self, in_place: bool = False) -> onnx.ModelProto:
+        """The normalised model without calibration outputs or omct metadata (``in_place``: ``self.model`` itself
+        becomes it, no copy of the weights)."""
+        base = self.model
+        if not in_place:
+            base = onnx.ModelProto()
+            base.CopyFrom(self.model)
         keep = [o for o in base.graph.output if o.name not in self.added_outputs]
         del base.graph.output[:]
         base.graph.output.extend(keep)
@@ -55,7 +58,7 @@ def make_modified(base: onnx.ModelProto, plan: Plan, config: QuantConfig, observ
 
 
 def read_modified(path: str | Path) -> ModifiedModel:
-    model = load_model(path, "modified model")
+    model = load_model(path, "modified model", lazy=True)
     meta = metadata.read(model)
     if metadata.PLAN not in meta:
         raise ModelError(f"'{path}' is not a modified model written by omct's quantize_model; pass the "

@@ -23,6 +23,7 @@ import onnx
 from onnx import numpy_helper, version_converter
 
 from omct.errors import ModelError
+from omct.graph.tensor_data import tensor_array
 
 MIN_OPSET = 13
 
@@ -66,7 +67,7 @@ def constants_to_initializers(model: onnx.ModelProto, report: NormalizeReport) -
             attr = node.attribute[0]
             value = None
             if attr.name == "value":
-                value = numpy_helper.to_array(attr.t)
+                value = tensor_array(attr.t)
             elif attr.name in ("value_float", "value_floats"):
                 value = np.array(attr.f if attr.name == "value_float" else list(attr.floats), np.float32)
             elif attr.name in ("value_int", "value_ints"):
@@ -123,11 +124,14 @@ def name_nodes(model: onnx.ModelProto, report: NormalizeReport) -> None:
         used.add(name)
 
 
-def normalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, NormalizeReport]:
-    """Return a normalised copy of ``model`` (the input proto is not modified) and what was changed."""
+def normalize(model: onnx.ModelProto, in_place: bool = False) -> tuple[onnx.ModelProto, NormalizeReport]:
+    """Return a normalised copy of ``model`` (the input proto is not modified; ``in_place``: no copy, for a
+    model nobody else holds) and what was changed."""
     report = NormalizeReport()
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = model
+    if not in_place:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
     out = upgrade_opset(out, report)
     constants_to_initializers(out, report)
     constant_identities_to_initializers(out, report)
@@ -145,7 +149,7 @@ def plain_gemms(model: onnx.ModelProto, report: NormalizeReport) -> None:
     added: list[tuple[int, onnx.NodeProto]] = []
 
     def scaled(name: str, factor: float, new_name: str) -> str:
-        value = (numpy_helper.to_array(inits[name]).astype(np.float64) * factor).astype(np.float32)
+        value = (tensor_array(inits[name]).astype(np.float64) * factor).astype(np.float32)
         graph.initializer.append(numpy_helper.from_array(value, new_name))
         inits[new_name] = graph.initializer[-1]
         return new_name
@@ -165,7 +169,7 @@ def plain_gemms(model: onnx.ModelProto, report: NormalizeReport) -> None:
                 node.input[2] = scaled(node.input[2], beta, f"{node.name}.C_beta")
             beta, changed = 1.0, True
         if has_c and node.input[2] in inits and node.input[1] in inits:
-            c = numpy_helper.to_array(inits[node.input[2]])
+            c = tensor_array(inits[node.input[2]])
             b_dims = inits[node.input[1]].dims
             n_out = b_dims[0] if attrs.get("transB", 0) else b_dims[-1]
             if c.shape != (n_out,) and (c.size == 1 or c.shape == (1, n_out)):  # the same value for every row
@@ -226,9 +230,9 @@ def fold_batchnorm(model: onnx.ModelProto, skip: set[str], report: NormalizeRepo
         if any(a.name == "training_mode" and a.i for a in bn.attribute):
             continue
         eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
-        w = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
-        gamma, beta, mean, var = (numpy_helper.to_array(inits[n]).astype(np.float64) for n in bn.input[1:5])
-        b = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if len(names) == 6 else np.zeros(w.shape[0])
+        w = tensor_array(inits[conv.input[1]]).astype(np.float64)
+        gamma, beta, mean, var = (tensor_array(inits[n]).astype(np.float64) for n in bn.input[1:5])
+        b = tensor_array(inits[conv.input[2]]).astype(np.float64) if len(names) == 6 else np.zeros(w.shape[0])
         factor = gamma / np.sqrt(var + eps)
         new_w = (w * factor.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32)
         new_b = ((b - mean) * factor + beta).astype(np.float32)
@@ -251,7 +255,7 @@ def _constant(name: str, inits: dict, producers: dict, limit: int = 32) -> tuple
     """The value of ``name`` when it is an initializer or computed from initializers alone by a few nodes (the
     pads torch.onnx.export computes for ``F.pad`` with Concat/Slice/Transpose/Reshape/Cast), and those nodes."""
     if name in inits:
-        return numpy_helper.to_array(inits[name]), []
+        return tensor_array(inits[name]), []
     order: list[onnx.NodeProto] = []
     leaves: set[str] = set()
 

@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 import onnx
-from onnx import numpy_helper
+
+from omct.graph.tensor_data import skeleton, tensor_array
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class GraphIndex:
         return t.data_type if t is not None else None
 
     def array(self, name: str):
-        return numpy_helper.to_array(self.initializers[name])
+        return tensor_array(self.initializers[name])
 
     def output_site(self, node: onnx.NodeProto) -> tuple[str, float | None]:
         """The tensor quantized after ``node`` and an upper bound of its values, if known.
@@ -122,8 +123,8 @@ def _tensor_types(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, int
     for vi in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
         note(vi)
     if len(types) <= len(model.graph.input) + len(model.graph.output):
-        try:  # infer intermediate types when the model is small enough to hold in memory twice
-            for vi in onnx.shape_inference.infer_shapes(model).graph.value_info:
+        try:  # infer intermediate types on the graph without its weights' data
+            for vi in onnx.shape_inference.infer_shapes(skeleton(model)).graph.value_info:
                 note(vi)
         except Exception:  # shape inference is best-effort: unknown types are not refused
             pass

@@ -72,14 +72,14 @@ def _nuq_cell(spec: LayerSpec) -> str:
 
 
 def _model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
-    return model if isinstance(model, onnx.ModelProto) else load_model(model)
+    return model if isinstance(model, onnx.ModelProto) else load_model(model, lazy=True)  # weights read when used
 
 
 def prepare(model: str | os.PathLike | onnx.ModelProto, config: QuantConfig | None = None,
             report: NormalizeReport | None = None) -> PreparedModel:
     """The ONNX frontend's side of the contract: the normalised graph (BatchNorm folded when ``config`` says
     so) and its layers, named after the nodes; types are ONNX op types."""
-    norm, rep = normalize(_model(model))
+    norm, rep = normalize(_model(model), in_place=not isinstance(model, onnx.ModelProto))  # a model we loaded: no copy
     if report is not None:
         report.__dict__.update(rep.__dict__)
     fold_pads(norm, rep)
@@ -100,7 +100,7 @@ def inspect_model(model_file: str | os.PathLike) -> ModelReport:
     report = NormalizeReport()
     prepared = prepare(model_file, report=report)
     params = sum(int(np.prod(t.dims)) for t in prepared.model.graph.initializer)
-    return ModelReport(prepared.layers, prepared.refused, default_opset(load_model(model_file)), params, report)
+    return ModelReport(prepared.layers, prepared.refused, default_opset(load_model(model_file, lazy=True)), params, report)
 
 
 def create_quant_config(config_file: str | os.PathLike, model_file: str | os.PathLike, skip_layers: list[str] | None = None,

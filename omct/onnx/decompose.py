@@ -19,8 +19,9 @@ from omct.decompose.info import layer_entry, write_info
 from omct.decompose.plan import DecomposeOptions, child_specs, decide, geometry, refusal
 from omct.errors import ConfigError, ModelError
 from omct.fileio import check_outputs
-from omct.graph.model_io import input_files, load_model, output_files, save_model
+from omct.graph.model_io import input_files, load_model, output_files, save_model, session_input
 from omct.graph.normalize import NormalizeReport, name_nodes
+from omct.graph.tensor_data import tensor_array
 from omct.ui import logger
 
 #: images per layer kept for the data-aware fit
@@ -88,11 +89,19 @@ def _as_batches(calibration_data) -> list[dict[str, np.ndarray]]:
 
 
 def _session(model: onnx.ModelProto):
+    """A session on ``model`` without copying a lazily loaded model's weights (``model_io.session_input``)."""
+    import tempfile
+
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory() as tmp:
+        source, folder = session_input(model, tmp)
+        if folder is not None:
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+        return ort.InferenceSession(source if isinstance(source, bytes) else str(source), so,
+                                    providers=["CPUExecutionProvider"])
 
 
 def _tensors(model: onnx.ModelProto, names: list[str], batches) -> dict[str, np.ndarray]:
@@ -164,8 +173,8 @@ def auto_decomposition(model_file: str | os.PathLike, save_path: str | os.PathLi
     changes, entries = {}, {}
     for node in convs:
         a = _attrs(node)
-        weight = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
-        bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64) if len(node.input) > 2 and node.input[2] else None
+        weight = tensor_array(inits[node.input[1]]).astype(np.float64)
+        bias = tensor_array(inits[node.input[2]]).astype(np.float64) if len(node.input) > 2 and node.input[2] else None
         x = seen.get(node.input[0])
         in_hw = x.shape[2:] if x is not None else shapes.get(node.input[0])
         if x is not None and changes:  # the inputs the layer gets once those before it are decomposed
