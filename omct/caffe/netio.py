@@ -1,0 +1,174 @@
+"""Caffe files without Caffe: the text ``.prototxt`` and the binary ``.caffemodel`` (current ``layer`` format and
+old V1 ``layers`` files), read into one ``NetParameter`` whose layers carry their weights, and written back.
+
+Errors name the file and what is wrong in one line: a prototxt syntax error with its line, a truncated or
+foreign caffemodel, a layer of the prototxt without weights in the caffemodel.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+from google.protobuf import text_format
+from google.protobuf.message import DecodeError
+
+from omct.caffe.schema import message_class, v1_type_names
+from omct.errors import ModelError
+from omct.fileio import atomic_write_bytes, atomic_write_text
+from omct.ui import logger
+
+#: layer types that carry no computation at test time and are dropped on reading
+DROPPED_TYPES = {"Silence"}
+
+
+def _read(path: str | os.PathLike, what: str) -> bytes:
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"{what} '{path}' does not exist" if not p.exists() else f"{what} '{path}' is not a file")
+    return p.read_bytes()
+
+
+def parse_prototxt(text: str, source: str = "the prototxt"):
+    """A ``NetParameter`` from prototxt text. Fields omct's schema does not define (data-layer and solver options)
+    are skipped with a warning; a syntax error names its line."""
+    net_class = message_class("NetParameter")
+    net = net_class()
+    try:
+        text_format.Parse(text, net)
+    except text_format.ParseError as e:
+        if "has no field named" not in str(e):
+            raise ModelError(f"{source}: {_located(e)}") from None
+        net = net_class()
+        try:
+            text_format.Parse(text, net, allow_unknown_field=True)
+        except text_format.ParseError as e2:
+            raise ModelError(f"{source}: {_located(e2)}") from None
+        unknown = sorted(set(re.findall(r'has no field named "(\w+)"', str(e))))
+        logger.warning("%s: skipped field(s) omct does not use, from line %s on: %s", source, _line(e) or "?",
+                       ", ".join(unknown))
+    return upgrade_v1(net, source)
+
+
+def _line(e: text_format.ParseError) -> int | None:
+    line = getattr(e, "line", None)
+    if line is None:
+        m = re.match(r"(\d+):(\d+)", str(e))
+        line = int(m.group(1)) if m else None
+    return line
+
+
+def _located(e: text_format.ParseError) -> str:
+    line = _line(e)
+    message = re.sub(r"^\d+:\d+ : ", "", str(e))
+    return f"line {line}: {message}" if line is not None else message
+
+
+def read_prototxt(path: str | os.PathLike):
+    """The network of a ``.prototxt`` (V1 ``layers`` upgraded to ``layer``)."""
+    data = _read(path, "model_file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ModelError(f"model_file '{path}' is not a text prototxt (is it the .caffemodel?)") from None
+    return parse_prototxt(text, f"model_file '{path}'")
+
+
+def read_caffemodel(path: str | os.PathLike):
+    """The network of a binary ``.caffemodel`` with its blobs (V1 ``layers`` upgraded)."""
+    data = _read(path, "weights_file")
+    net = message_class("NetParameter")()
+    try:
+        net.ParseFromString(data)
+    except DecodeError as e:
+        raise ModelError(f"weights_file '{path}' is not a Caffe weights file or it is truncated "
+                         f"({len(data)} bytes; protobuf: {e})") from None
+    if not len(net.layer) and not len(net.layers):
+        raise ModelError(f"weights_file '{path}' holds no layers: it is not a .caffemodel (or is empty)")
+    return upgrade_v1(net, f"weights_file '{path}'")
+
+
+def upgrade_v1(net, source: str):
+    """Move old V1 ``layers`` into ``layer`` (type enum -> type string; same parameter messages), as Caffe's
+    own upgrade does for the fields omct uses."""
+    if not len(net.layers):
+        return net
+    if len(net.layer):
+        raise ModelError(f"{source} mixes 'layer' and old V1 'layers' entries; use one format")
+    types = v1_type_names()
+    for old in net.layers:
+        new = net.layer.add(name=old.name, type=types.get(old.type, str(old.type)))
+        new.bottom.extend(old.bottom)
+        new.top.extend(old.top)
+        new.blobs.extend(old.blobs)
+        new.include.extend(old.include)
+        new.exclude.extend(old.exclude)
+        new.loss_weight.extend(old.loss_weight)
+        for field, value in old.ListFields():
+            if field.name.endswith("_param") and field.name in new.DESCRIPTOR.fields_by_name:
+                getattr(new, field.name).CopyFrom(value)
+    del net.layers[:]
+    logger.info("%s: upgraded %d V1 'layers' entries", source, len(net.layer))
+    return net
+
+
+def _in_test_phase(layer) -> bool:
+    test = 1
+    if any(rule.HasField("phase") and rule.phase != test for rule in layer.include):
+        return False
+    return not any(rule.HasField("phase") and rule.phase == test for rule in layer.exclude)
+
+
+def load_net(model_file: str | os.PathLike, weights_file: str | os.PathLike):
+    """The test-phase network of ``model_file`` with the blobs of ``weights_file`` (matched by layer name)."""
+    net = read_prototxt(model_file)
+    weights = read_caffemodel(weights_file)
+    blobs = {layer.name: layer.blobs for layer in weights.layer if len(layer.blobs)}
+    keep = []
+    for layer in net.layer:
+        if not _in_test_phase(layer) or layer.type in DROPPED_TYPES:
+            continue
+        if len(layer.blobs) == 0 and layer.name in blobs:
+            layer.blobs.extend(blobs[layer.name])
+        keep.append(layer)
+    del net.layer[:]
+    net.layer.extend(keep)
+    return net
+
+
+def blob_array(blob) -> np.ndarray:
+    """A blob's values with its shape (``shape.dim``, or the legacy num/channels/height/width)."""
+    values = np.asarray(blob.double_data if len(blob.double_data) and not len(blob.data) else blob.data, np.float32)
+    if blob.HasField("shape"):
+        shape = tuple(int(d) for d in blob.shape.dim)
+    else:
+        shape = tuple(int(v) for v in (blob.num, blob.channels, blob.height, blob.width))
+    if int(np.prod(shape)) != values.size:
+        raise ValueError(f"{values.size} values for shape {shape}")
+    return values.reshape(shape)
+
+
+def set_blob(blob, array: np.ndarray) -> None:
+    """Store ``array`` in ``blob`` (float data, ``shape.dim``)."""
+    blob.Clear()
+    blob.shape.dim.extend(int(d) for d in array.shape)
+    blob.data.extend(np.asarray(array, np.float32).ravel().tolist())
+
+
+def prototxt_text(net) -> str:
+    """The network as prototxt text, without blobs."""
+    copy = type(net)()
+    copy.CopyFrom(net)
+    for layer in list(copy.layer) + list(copy.layers):
+        del layer.blobs[:]
+    return text_format.MessageToString(copy)
+
+
+def write_prototxt(net, path: str | os.PathLike) -> None:
+    atomic_write_text(path, prototxt_text(net))
+
+
+def write_caffemodel(net, path: str | os.PathLike) -> None:
+    atomic_write_bytes(path, net.SerializeToString())
