@@ -1,0 +1,20 @@
+"""AMCT's Caffe edition on omct, with no Caffe installed.
+
+    import omct.caffe as amct
+    amct.create_quant_config(config_file, model_file, weights_file, skip_layers=None, batch_num=1)
+    graph = amct.init(config_file, model_file, weights_file, scale_offset_record_file)
+    session = amct.quantize_model(graph, modified_model_file, modified_weights_file)
+    for x in calibration_batches:
+        session.run(None, {"data": x})
+    amct.save_model(graph, "Both", save_path)
+
+Prototxt and caffemodel files (V1 ``layers`` files too) are read and written with protobuf against omct's own
+Caffe schema, converted to ONNX and calibrated in ONNX Runtime. See docs/CAFFE.md.
+"""
+
+from omct.caffe.api import CaffeGraph, CalibrationSession, create_quant_config, init, quantize_model, save_model
+from omct.caffe.convert import convert
+from omct.caffe.netio import load_net, read_caffemodel, read_prototxt, write_caffemodel, write_prototxt
+
+__all__ = ["CaffeGraph", "CalibrationSession", "convert", "create_quant_config", "init", "load_net",
+           "quantize_model", "read_caffemodel", "read_prototxt", "save_model", "write_caffemodel", "write_prototxt"]
