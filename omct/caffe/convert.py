@@ -549,8 +549,8 @@ class _Converter:
         x = self.bottom(layer)
         shape = self.shape(x)
         axes = list(range(1, len(shape))) if p.across_spatial else [1]
-        ss = self.node("ReduceSumSquare", [x, self.const(np.array(axes, np.int64), f"{layer.name}/axes")],
-                       self.unique(f"{layer.name}/sumsq"), self.unique(f"{layer.name}/sumsq"), keepdims=1)
+        ss = self.node("ReduceSumSquare", [x],
+                       self.unique(f"{layer.name}/sumsq"), self.unique(f"{layer.name}/sumsq"), axes=axes, keepdims=1)
         eps = self.node("Add", [ss, self.const(np.array(p.eps, np.float32), f"{layer.name}/eps")],
                         self.unique(f"{layer.name}/sumsq_eps"), self.unique(f"{layer.name}/eps"))
         norm = self.node("Sqrt", [eps], self.unique(f"{layer.name}/norm"), self.unique(f"{layer.name}/sqrt"))
