@@ -21,7 +21,7 @@ LAYERS = [
     ("omct.workflow",),
     ("omct.analysis",),
     ("omct.auto",),
-    ("omct.onnx", "omct.pytorch"),
+    ("omct.onnx", "omct.pytorch", "omct.caffe"),
     ("omct.cli",),
     ("omct.__main__",),
 ]
