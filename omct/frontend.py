@@ -30,6 +30,7 @@ class PreparedModel:
 
     def layer_infos(self) -> list[LayerInfo]:
         """The candidates as config.json's builder sees them: quantizable ones, then refused ones."""
-        infos = [LayerInfo(s.name, self.layer_types.get(s.name, s.op_type), s.weight is not None) for s in self.layers]
+        infos = [LayerInfo(s.name, self.layer_types.get(s.name, s.op_type), s.weight is not None,
+                           nuq_refusal=s.nuq_refusal) for s in self.layers]
         infos += [LayerInfo(r.name, r.op_type, False, quantizable=False) for r in self.refused]
         return infos

@@ -65,6 +65,10 @@ def check_config_against_model(config: QuantConfig, layers: list[LayerSpec], con
         cfg = config.layers.get(spec.name)
         if cfg is not None and spec.weight is not None and cfg.weight_quant_params is None:
             raise ConfigError(f"{config_file}: layer '{spec.name}' ({spec.op_type}) has weights but no weight_quant_params")
+        wcfg = cfg.weight_quant_params if cfg is not None else None
+        if wcfg is not None and wcfg.wts_algo == "nuq_quantize" and spec.nuq_refusal:
+            raise ConfigError(f"{config_file}: layer '{spec.name}' ({spec.op_type}) asks wts_algo nuq_quantize, which it "
+                              f"cannot take: {spec.nuq_refusal}")
 
 
 def write_modified_model(config: QuantConfig, config_file: str | os.PathLike, prepared: PreparedModel,

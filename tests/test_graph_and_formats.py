@@ -163,7 +163,7 @@ override_layer_configs { layer_name: "fc" calibration_config { ifmr_quantize { m
     assert wts == {"num_bits": 6, "wts_algo": "arq_quantize", "channel_wise": False}
     onnx.save(conv, path)
     cfg.write_text('skip_layer_types: "Conv"\nnuq_config { num_steps: 16 }\n')
-    with pytest.raises(ConfigError, match="nuq_config"):
+    with pytest.raises(ConfigError, match="NuqConfig has no field 'num_steps'.*AMCT nests them: nuq_config \\{ nuq_quantize"):
         amct.create_quant_config(str(tmp_path / "c.json"), str(path), config_defination=str(cfg))
     cfg.write_text('skip_layer_types: "Conv"\n')
     amct.create_quant_config(str(tmp_path / "c.json"), str(path), config_defination=str(cfg))

@@ -8,6 +8,7 @@ import numpy as np
 from omct.algorithms.base import Algorithm, RecordContext
 from omct.algorithms.statistics import StatPoint
 from omct.core.bias_correction import ChannelMeans, correction
+from omct.graph.export import integer_weight
 
 
 def _point(spec) -> StatPoint:
@@ -34,7 +35,8 @@ class BiasCorrection(Algorithm):
             if mean is None or wp is None:
                 continue
             weight = ctx.weight_of(spec.weight)
-            shift = correction(weight, wp.fake_quant(weight), mean, spec.weight_axis, spec.weight_in_axis, spec.groups)
+            quantized = wp.dequantize(integer_weight(weight, ctx.records[spec.name], wp))
+            shift = correction(weight, quantized, mean, spec.weight_axis, spec.weight_in_axis, spec.groups)
             if shift is not None and np.all(np.isfinite(shift)):
                 # float32 as the record file stores it, so in-memory and file-based exports agree bit for bit
                 ctx.records[spec.name].bias_correction = [float(v) for v in shift.astype(np.float32)]

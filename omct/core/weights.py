@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from omct.core.options import AlgorithmOptions, CfgPlacement
+from omct.core.nuq import ALLOWED_STEPS
+from omct.core.options import AlgorithmOptions, CfgPlacement, option
 from omct.core.params import QuantParams, symmetric_params
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -66,10 +67,27 @@ class MSEClipOptions(AlgorithmOptions):
     cfg = CfgPlacement("mse_clip_quantize", 1000, "MSEClipQuantize", shared=(("channel_wise", 1), ("quant_bits", 10)))
 
 
+@dataclass(frozen=True)
+class NUQOptions(AlgorithmOptions):
+    """Non-uniform quantization (``omct.core.nuq``): ARQ's INT8 scales, then ``num_steps`` of the 256 levels.
+    In a .cfg it sits in AMCT's ``nuq_config { nuq_quantize { ... } }`` or in a layer's calibration_config."""
+
+    num_steps: int = option(32, cfg=1, choices=ALLOWED_STEPS, help="INT8 levels each layer keeps")
+    num_of_iteration: int = option(1, cfg=2, ge=0, le=10, help="refinement steps (scale refit, levels reselected)")
+    cfg = CfgPlacement("nuq_quantize", 1013, "NUQuantize", shared=(("channel_wise", 3), ("quant_bits", 10)))
+
+
+def nuq_uniform_start(weight: np.ndarray, num_bits: int = 8, axis: int | None = 0, num_steps: int = 32,
+                      num_of_iteration: int = 1) -> QuantParams:
+    """NUQ's uniform stage (ARQ); the levels are chosen by the weight algorithm with the input statistics."""
+    return arq(weight, num_bits, axis)
+
+
 #: The weight algorithms by config.json name (``wts_algo``). Register a new one with one entry here.
 WEIGHT_QUANTIZERS: dict[str, WeightQuantizer] = {q.name: q for q in (
     WeightQuantizer("arq_quantize", arq, ARQOptions),
     WeightQuantizer("mse_clip", mse_clip, MSEClipOptions),
+    WeightQuantizer("nuq_quantize", nuq_uniform_start, NUQOptions),
 )}
 
 

@@ -7,6 +7,7 @@ the .cfg name of an algorithm and of each of its options is the one its ``Option
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from google.protobuf import text_format
 from omct.errors import ConfigError
 from omct.formats.algorithms import ACT, SHARED_FIELDS, WTS, Kind
 from omct.formats.proto import amct_config_class
+from omct.ui import logger
 
 GLOBAL_FIELDS = ("batch_num", "activation_offset", "do_fusion", "skip_fusion_layers", "bias_correction")
 
@@ -38,6 +40,10 @@ class SimplifiedConfig:
     common: Override | None = None
     by_type: list[tuple[str, Override]] = field(default_factory=list)
     by_name: list[tuple[str, Override]] = field(default_factory=list)
+    # AMCT's nuq_config: NUQ for every layer that can take it (below layer-type and layer-name overrides),
+    # restricted to the layers the mapping file marks when it names any
+    nuq: Override | None = None
+    nuq_layers: set[str] | None = None
 
     def overrides_for(self, name: str, layer_type: str) -> list[Override]:
         """The overrides that apply to a layer, lowest priority first: common, layer type, layer name."""
@@ -125,6 +131,8 @@ def _explain(error: text_format.ParseError, text: str) -> str:
                     f"a '}}' is missing before line {line}")
         close = difflib.get_close_matches(name, fields, n=2, cutoff=0.6)
         hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else f"its fields are {', '.join(fields)}"
+        if short == "NuqConfig" and name in ("num_steps", "num_of_iteration"):
+            hint += " (AMCT nests them: nuq_config { nuq_quantize { num_steps: 32 num_of_iteration: 1 } })"
         return f"line {line}: {short} has no field '{name}'; {hint}"
     at_end = _open_blocks(text, len(text.splitlines()) + 1, 0)  # what the whole file leaves open
     if 'Expected "}"' in message and at_end:
@@ -143,9 +151,7 @@ def read_cfg(path: str | Path) -> SimplifiedConfig:
         msg = text_format.Parse(text, amct_config_class()())
     except text_format.ParseError as e:
         raise ConfigError(f"{path}: {_explain(e, text)}") from None
-    if msg.HasField("nuq_config"):
-        raise ConfigError(f"{path}: nuq_config (non-uniform quantization) is not supported yet by this "
-                          "release; remove it to run uniform quantization")
+    nuq, nuq_layers = _nuq_config(msg, path)
     if msg.batch_num < 1:
         raise ConfigError(f"{path}: batch_num must be >= 1, got {msg.batch_num}")
     glob = {name: getattr(msg, name) for name in GLOBAL_FIELDS}
@@ -154,4 +160,72 @@ def read_cfg(path: str | Path) -> SimplifiedConfig:
         source=str(path), globals=glob, skip_layers=list(msg.skip_layers), skip_layer_types=list(msg.skip_layer_types),
         common=_override(msg.common_config) if msg.HasField("common_config") else None,
         by_type=[(o.layer_type, _override(o.calibration_config)) for o in msg.override_layer_types],
-        by_name=[(o.layer_name, _override(o.calibration_config)) for o in msg.override_layer_configs])
+        by_name=[(o.layer_name, _override(o.calibration_config)) for o in msg.override_layer_configs],
+        nuq=nuq, nuq_layers=nuq_layers)
+
+
+def _nuq_config(msg, path: Path) -> tuple[Override | None, set[str] | None]:
+    """AMCT's ``nuq_config``: the NUQ settings as a weight override, and the layers its mapping file marks."""
+    if not msg.HasField("nuq_config"):
+        return None, None
+    nuq = msg.nuq_config
+    wts = _settings(nuq.nuq_quantize, WTS, "nuq_quantize") if nuq.HasField("nuq_quantize") else {"wts_algo": "nuq_quantize"}
+    layers = None
+    if nuq.mapping_file:
+        layers = read_mapping_file(nuq.mapping_file, path.parent)
+    return Override(wts=wts), layers
+
+
+def read_mapping_file(name: str, cfg_dir: Path) -> set[str] | None:
+    """The layers an Ascend fusion JSON marks with ``fe_weight_compress``, or None (with a log line saying it is
+    ignored) when the file is missing, unreadable or marks none. A relative path is tried from the working
+    directory, then from the .cfg's folder.
+
+    omct needs no compiler: the file only restricts NUQ to the layers the Ascend compiler would compress. Any
+    JSON object with a ``name`` (or ``original_op_names``) that carries a truthy ``fe_weight_compress``, directly
+    or as an ``attr`` entry ``{"key": "fe_weight_compress", "value": ...}``, marks that layer."""
+    path = Path(name)
+    if not path.is_absolute() and not path.is_file():
+        path = cfg_dir / name
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        logger.info("nuq_config: mapping_file '%s' ignored (%s); NUQ applies to every layer that can take it", name,
+                    type(e).__name__ if not isinstance(e, OSError) else (e.strerror or "unreadable"))
+        return None
+    marked: set[str] = set()
+
+    def truthy(value) -> bool:
+        if isinstance(value, dict):
+            return any(truthy(v) for v in value.values())
+        if isinstance(value, list):
+            return any(truthy(v) for v in value)
+        return bool(value) and str(value).lower() not in ("false", "0")
+
+    def walk(node) -> None:
+        if isinstance(node, list):
+            for item in node:
+                walk(item)
+            return
+        if not isinstance(node, dict):
+            return
+        flag = node.get("fe_weight_compress")
+        for a in node.get("attr", []) if isinstance(node.get("attr"), list) else []:
+            if isinstance(a, dict) and a.get("key") == "fe_weight_compress":
+                flag = a.get("value")
+        if flag is not None and truthy(flag):
+            if isinstance(node.get("name"), str):
+                marked.add(node["name"])
+            names = node.get("original_op_names")
+            if isinstance(names, list):
+                marked.update(n for n in names if isinstance(n, str))
+        for value in node.values():
+            walk(value)
+
+    walk(data)
+    if not marked:
+        logger.info("nuq_config: mapping_file '%s' marks no layer with fe_weight_compress; ignored, NUQ applies to "
+                    "every layer that can take it", name)
+        return None
+    logger.info("nuq_config: mapping_file '%s' marks %d layer(s) for weight compression", name, len(marked))
+    return marked

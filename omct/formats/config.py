@@ -142,6 +142,9 @@ class WeightQuantParams(BaseModel):
         options = _validated_options(WTS, self.wts_algo, dict(extra))
         extra.clear()
         extra.update(options)
+        if self.wts_algo == "nuq_quantize" and self.num_bits != 8:
+            raise PydanticCustomError("nuq_bits", "nuq_quantize keeps levels of the INT8 grid: num_bits must be 8, "
+                                      "got {bits}", {"bits": self.num_bits, "option": "num_bits", "value": self.num_bits})
         return self
 
 
@@ -254,6 +257,7 @@ class LayerInfo:
     layer_type: str  # the frontend's type name, as used in skip_layer_types / override_layer_types
     has_weight: bool
     quantizable: bool = True  # False: a candidate refused by the frontend (reported, kept out of config)
+    nuq_refusal: str | None = None  # why NUQ cannot take this layer (None: it can)
 
 
 def build_config(layers: list[LayerInfo], *, batch_num: int = 1, activation_offset: bool = True,
@@ -288,11 +292,24 @@ def build_config(layers: list[LayerInfo], *, batch_num: int = 1, activation_offs
         _warn_unused_types([t for t, _ in simplified.by_type], quantizable, f"{source}: override_layer_types")
     if simplified is not None:
         check_layer_names([name for name, _ in simplified.by_name], {li.name for li in quantizable}, "override_layer_configs")
+    if simplified is not None and simplified.nuq_layers is not None:
+        _warn_unmatched_mapping(simplified.nuq_layers, quantizable)
     out: dict[str, LayerConfig] = {}
     for li in quantizable:
         act, wts = {}, ({} if li.has_weight else None)
-        for override in simplified.overrides_for(li.name, li.layer_type) if simplified is not None else []:
-            _apply(override, act, wts)
+        overrides = simplified.overrides_for(li.name, li.layer_type) if simplified is not None else []
+        for i, override in enumerate(overrides + [None]):
+            if i == (simplified is not None and simplified.common is not None):  # nuq_config: just above common_config
+                _apply_nuq_config(simplified, li, wts)
+            if override is not None:
+                _apply(override, act, wts)
+        if wts is not None and wts.get("wts_algo") == "nuq_quantize" and li.nuq_refusal:
+            named = any(o.wts and o.wts.get("wts_algo") == "nuq_quantize" for n, o in simplified.by_name if n == li.name)
+            if named:
+                raise ConfigError(f"{source}: override_layer_configs asks nuq_quantize for layer '{li.name}', which NUQ "
+                                  f"cannot take: {li.nuq_refusal}")
+            logger.info("layer '%s' keeps uniform weights: NUQ cannot take it (%s)", li.name, li.nuq_refusal)
+            wts = {k: v for k, v in wts.items() if k not in ("wts_algo", *_nuq_option_names())}
         try:
             out[li.name] = LayerConfig(quant_enable=li.name not in skip_layers and li.layer_type not in skip_types,
                                        activation_quant_params=act, weight_quant_params=wts)
@@ -314,7 +331,35 @@ def _apply(override: Override, act: dict, wts: dict | None) -> None:
                 value = tuple(c if v is None else v for v, c in zip(value, act.get(key, defaults[key]), strict=True))
             act[key] = value
     if override.wts is not None and wts is not None:
+        if wts.get("wts_algo", "arq_quantize") != override.wts.get("wts_algo", wts.get("wts_algo", "arq_quantize")):
+            for key in [k for k in wts if WTS.owners(k)]:  # another algorithm starts from its own defaults
+                del wts[key]
         wts.update(override.wts)
+
+
+def _nuq_option_names() -> tuple[str, ...]:
+    return tuple(spec.name for spec in WTS.algorithms()["nuq_quantize"].specs())
+
+
+def _apply_nuq_config(simplified: SimplifiedConfig | None, li: LayerInfo, wts: dict | None) -> None:
+    """AMCT's nuq_config, just above common_config: NUQ for each layer that can take it (and that the mapping
+    file marks, when it marks any). Layers it cannot take keep uniform weights, with the reason in the log."""
+    if simplified is None or simplified.nuq is None or wts is None:
+        return
+    if simplified.nuq_layers is not None and li.name not in simplified.nuq_layers:
+        logger.info("layer '%s' keeps uniform weights: nuq_config's mapping_file does not mark it", li.name)
+        return
+    if li.nuq_refusal:
+        logger.info("layer '%s' keeps uniform weights: NUQ cannot take it (%s)", li.name, li.nuq_refusal)
+        return
+    _apply(simplified.nuq, {}, wts)
+
+
+def _warn_unmatched_mapping(marked: set[str], quantizable: list[LayerInfo]) -> None:
+    names = {li.name for li in quantizable}
+    if not marked & names:
+        logger.warning("nuq_config: the mapping_file marks %d layer(s), none of them a layer of this model (e.g. '%s'): "
+                       "no layer gets NUQ", len(marked), sorted(marked)[0])
 
 
 def with_act_algo(config: QuantConfig, act_algo: str) -> QuantConfig:

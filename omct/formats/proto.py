@@ -26,8 +26,9 @@ _CONFIG_MESSAGES: dict[str, list[tuple]] = {
                           ("calibration_config", 2, "CalibrationConfig", "required", None, None)],
     "OverrideLayer": [("layer_name", 1, "string", "required", None, None),
                       ("calibration_config", 2, "CalibrationConfig", "required", None, None)],
-    "NuqConfig": [("num_steps", 1, "uint32", "optional", None, None),
-                  ("num_of_iteration", 2, "uint32", "optional", None, None)],
+    # AMCT's nesting: nuq_config { mapping_file: "fusion.json" nuq_quantize { num_steps: 32 num_of_iteration: 1 } }
+    "NuqConfig": [("mapping_file", 1, "string", "optional", None, None),
+                  ("nuq_quantize", 2, "NUQuantize", "optional", None, None)],
     "AMCTConfig": [
         ("batch_num", 1, "uint32", "optional", "1", None),
         ("activation_offset", 2, "bool", "optional", "true", None),
@@ -57,6 +58,7 @@ _RECORD_MESSAGES: dict[str, list[tuple]] = {
         ("scale_o", 1000, "float", "optional", None, None),
         ("offset_o", 1001, "int32", "optional", None, None),
         ("bias_correction", 1002, "float", "repeated", None, None),
+        ("nuq_levels", 1013, "int32", "repeated", None, None),  # NUQ: the INT8 levels the layer's weights keep
     ],
     "MapFiledEntry": [("key", 1, "string", "optional", None, None),
                       ("value", 2, "SingleLayerRecord", "optional", None, None)],

@@ -28,6 +28,7 @@ class LayerRecord:
     scale_o: float | None = None
     offset_o: int | None = None
     bias_correction: list[float] = field(default_factory=list)  # added to the float bias before it is quantized
+    nuq_levels: list[int] = field(default_factory=list)  # NUQ: the sorted INT8 levels the weights keep (empty: uniform)
 
 
 def _f32(values) -> list[str]:
@@ -49,6 +50,7 @@ def record_text(records: dict[str, LayerRecord]) -> str:
         if rec.scale_o is not None:
             lines += [f"    scale_o: {_f32(rec.scale_o)[0]}", f"    offset_o: {int(rec.offset_o)}"]
         lines += [f"    bias_correction: {v}" for v in _f32(rec.bias_correction)]
+        lines += [f"    nuq_levels: {int(v)}" for v in rec.nuq_levels]
         lines += ["  }", "}"]
     return "\n".join(lines) + "\n"
 
@@ -65,7 +67,7 @@ def _copy(rec: LayerRecord) -> LayerRecord:
     f32 = lambda v: float(np.float32(v))  # noqa: E731
     return LayerRecord(f32(rec.scale_d), int(rec.offset_d), [f32(v) for v in rec.scale_w], [int(v) for v in rec.offset_w],
                        None if rec.scale_o is None else f32(rec.scale_o), None if rec.offset_o is None else int(rec.offset_o),
-                       [f32(v) for v in rec.bias_correction])
+                       [f32(v) for v in rec.bias_correction], [int(v) for v in rec.nuq_levels])
 
 
 # The last record this process wrote, with its layers: save_model reads back the file calibration has just
@@ -121,7 +123,12 @@ def read_record(path: str | Path) -> dict[str, LayerRecord]:
             raise RecordError(f"{path}: layer '{entry.key}' has {len(v.scale_w)} scale_w but {len(v.offset_w)} offset_w")
         if not np.isfinite(v.scale_d) or v.scale_d <= 0 or any(not np.isfinite(s) or s <= 0 for s in v.scale_w):
             raise RecordError(f"{path}: layer '{entry.key}' has a scale that is not a positive finite number")
+        levels = list(v.nuq_levels)
+        if levels and (len(levels) > 128 or levels != sorted(set(levels)) or levels[0] < -128 or levels[-1] > 127):
+            raise RecordError(f"{path}: layer '{entry.key}' has nuq_levels that are not at most 128 sorted distinct "
+                              "INT8 values")
         out[entry.key] = LayerRecord(v.scale_d, v.offset_d, list(v.scale_w), list(v.offset_w),
                                      v.scale_o if v.HasField("scale_o") else None,
-                                     v.offset_o if v.HasField("offset_o") else None, list(v.bias_correction))
+                                     v.offset_o if v.HasField("offset_o") else None, list(v.bias_correction),
+                                     list(v.nuq_levels))
     return out

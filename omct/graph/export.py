@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from omct.core import nuq
 from omct.core.params import QuantParams
 from omct.core.weights import quantize_bias
 from omct.errors import QuantizationError
@@ -56,8 +57,8 @@ class _Builder:
         self.new_nodes.append(helper.make_node(op, inputs, [out], name=self.unique(f"{output_base}_{op}"), **attrs))
         return out
 
-    def weight(self, codes: np.ndarray, params: QuantParams, base: str) -> str:
-        """The tensor that replaces a layer's float weight, given its integer codes."""
+    def weight(self, codes: np.ndarray, params: QuantParams, base: str, levels: list[int] | None = None) -> str:
+        """The tensor that replaces a layer's float weight, given its integer codes (on ``levels`` with NUQ)."""
         raise NotImplementedError
 
     def bias(self, codes: np.ndarray, scale: np.ndarray, base: str) -> str:
@@ -88,7 +89,7 @@ class FakeQuantBuilder(_Builder):
     QuantizeLinear/DequantizeLinear pair on its own (its WeightBiasQuantization pass), which would change the
     simulation."""
 
-    def weight(self, codes, params, base):
+    def weight(self, codes, params, base, levels=None):
         return self.add_init(params.dequantize(codes), f"{base}.weight_fake_quant")
 
     def bias(self, codes, scale, base):
@@ -119,12 +120,46 @@ class DeployBuilder(_Builder):
         super().__init__(model)
         self.unsigned = unsigned_activations
 
-    def weight(self, codes, params, base):
-        qi = self.add_init(codes.astype(np.int8), f"{base}.weight_quantized")
+    def weight(self, codes, params, base, levels=None):
+        qi = (self.add_init(codes.astype(np.int8), f"{base}.weight_quantized") if not levels
+              else self.unpacked_levels(codes, levels, base))
         s = self.add_init(params.scale, f"{base}.weight_scale")
         z = self.add_init(np.zeros(params.scale.shape, np.int8), f"{base}.weight_zero_point")
         attrs = {"axis": params.axis} if params.axis is not None else {}
         return self.node("DequantizeLinear", [qi, s, z], f"{base}.weight_dequantized", **attrs)
+
+    def shared(self, array: np.ndarray, key: str) -> str:
+        """One initializer for a constant that every NUQ layer's unpacking reads."""
+        cache = self.__dict__.setdefault("_shared", {})
+        if key not in cache:
+            cache[key] = self.add_init(array, key)
+        return cache[key]
+
+    def unpacked_levels(self, codes: np.ndarray, levels: list[int], base: str) -> str:
+        """NUQ: the INT8 weight stored as bit-packed indices into the layer's level table, expanded by standard
+        ops on constants only (BitShift, Mod, Mul, ReduceSum, Gather, Reshape), which ONNX Runtime folds into an
+        INT8 initializer when the session is created: the DequantizeLinear that follows then fuses into the
+        integer kernel as with a uniform weight. Bit planes (one bit of every index per plane, 8 per byte) serve
+        any table size with plain byte ops."""
+        table = np.asarray(levels, np.int8)
+        bits = nuq.index_bits(len(levels))
+        count = codes.size
+        planes = nuq.pack_indices(np.searchsorted(table.astype(np.int64), codes.reshape(-1)), bits)
+        packed = self.add_init(planes[:, :, None], f"{base}.weight_packed")  # [bits, bytes, 1] uint8
+        bit = self.node("BitShift", [packed, self.shared(np.arange(7, -1, -1, dtype=np.uint8), "nuq.bit_shifts")],
+                        f"{base}.weight_bits", direction="RIGHT")  # [bits, bytes, 8]
+        bit = self.node("Cast", [bit], f"{base}.weight_bits_i32", to=onnx.TensorProto.INT32)
+        bit = self.node("Mod", [bit, self.shared(np.array(2, np.int32), "nuq.two")], f"{base}.weight_bit")
+        values = (1 << np.arange(bits, dtype=np.int32)).reshape(bits, 1, 1)
+        idx = self.node("Mul", [bit, self.shared(values, f"nuq.bit_values{bits}")], f"{base}.weight_bit_value")
+        idx = self.node("ReduceSum", [idx, self.shared(np.array([0], np.int64), "nuq.zero")], f"{base}.weight_index_blocks",
+                        keepdims=0)  # [bytes, 8]
+        idx = self.node("Reshape", [idx, self.shared(np.array([-1], np.int64), "nuq.flat")], f"{base}.weight_index")
+        idx = self.node("Slice", [idx, self.shared(np.array([0], np.int64), "nuq.zero"),
+                                  self.add_init(np.array([count], np.int64), f"{base}.count")], f"{base}.weight_indices")
+        w = self.node("Gather", [self.add_init(table, f"{base}.weight_levels"), idx], f"{base}.weight_int8_flat", axis=0)
+        shape = self.add_init(np.array(codes.shape, np.int64), f"{base}.weight_shape")
+        return self.node("Reshape", [w, shape], f"{base}.weight_quantized")
 
     def bias(self, codes, scale, base):
         bi = self.add_init(codes, f"{base}.bias_quantized")
@@ -190,6 +225,15 @@ def weight_params(record: LayerRecord, num_bits: int, weight_axis: int | None) -
                        np.zeros(len(record.scale_w) if axis is not None else (), np.int32), num_bits, axis)
 
 
+def integer_weight(weight: np.ndarray, record: LayerRecord, params: QuantParams) -> np.ndarray:
+    """The integer weight of a layer from its float weight and its record: the one place where a weight
+    algorithm that changes the rounding (NUQ's levels; AdaRound) is applied, for both exported models and for
+    bias correction."""
+    if record.nuq_levels:
+        return nuq.to_levels(weight, params.scale, params.axis, record.nuq_levels)
+    return params.quantize(weight)
+
+
 def build(builder: _Builder, plan: Plan, config: QuantConfig, records: dict[str, LayerRecord]) -> onnx.ModelProto:
     """Quantize ``builder.model`` (a copy of the base model) as ``plan`` and ``records`` say."""
     b = builder
@@ -205,9 +249,9 @@ def build(builder: _Builder, plan: Plan, config: QuantConfig, records: dict[str,
         wp = weight_params(rec, wcfg.num_bits if wcfg else 8, spec.weight_axis)
         w = numpy_helper.to_array(b.inits[spec.weight]).astype(np.float32)
         if spec.weight_only:
-            b.lookup(node, wp.quantize(w), wp, name)
+            b.lookup(node, integer_weight(w, rec, wp), wp, name)
             continue
-        node.input[handler.weight_port] = b.weight(wp.quantize(w), wp, name)
+        node.input[handler.weight_port] = b.weight(integer_weight(w, rec, wp), wp, name, rec.nuq_levels or None)
         if spec.bias is not None:
             bias = numpy_helper.to_array(b.inits[spec.bias]).astype(np.float32)
             if len(rec.bias_correction) == bias.size:

@@ -37,6 +37,7 @@ class LayerSpec:
     # Pad) or "calibrated" (output range observed: Add, Concat, GlobalAveragePool requantize).
     inputs: tuple[str, ...] = ()
     chain: str | None = None
+    nuq_refusal: str | None = "NUQ takes only Conv (4-D weight, group 1, dilation 1), Gemm and MatMul with a 2-D weight"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -211,7 +212,20 @@ class ConvHandler(OpHandler):
             return problem
         out_ch = index.const_shape(node.input[1])[0]
         return LayerSpec(node.name, node.op_type, node.input[0], node.input[1], 0, _bias(node, index, 2, out_ch),
-                         *index.output_site(node), input_channel_axis=1, weight_in_axis=1, groups=_attr(node, "group", 1))
+                         *index.output_site(node), input_channel_axis=1, weight_in_axis=1, groups=_attr(node, "group", 1),
+                         nuq_refusal=self._nuq_refusal(node, index))
+
+    @staticmethod
+    def _nuq_refusal(node, index) -> str | None:
+        """AMCT's NUQ restrictions on Conv: a 4-D weight, group 1, dilation 1."""
+        rank = len(index.const_shape(node.input[1]))
+        if rank != 4:
+            return f"its weight has rank {rank}; NUQ takes 4-D (2-D convolution) weights only"
+        if _attr(node, "group", 1) != 1:
+            return f"group {_attr(node, 'group')}; NUQ takes group 1 only"
+        if any(d != 1 for d in _attr(node, "dilations", [])):
+            return f"dilations {list(_attr(node, 'dilations'))}; NUQ takes dilation 1 only"
+        return None
 
 
 class ConvTransposeHandler(OpHandler):
@@ -249,7 +263,7 @@ class GemmHandler(OpHandler):
         axis = 0 if _attr(node, "transB", 0) else 1
         out_ch = index.const_shape(node.input[1])[axis]
         return LayerSpec(node.name, node.op_type, node.input[0], node.input[1], axis, _bias(node, index, 2, out_ch), None,
-                         input_channel_axis=-1, weight_in_axis=1 - axis)
+                         input_channel_axis=-1, weight_in_axis=1 - axis, nuq_refusal=None)
 
 
 class MatMulHandler(OpHandler):
@@ -267,7 +281,8 @@ class MatMulHandler(OpHandler):
             x_rank = index.ranks.get(node.input[0])
             if x_rank is not None and x_rank < 3:
                 return f"its input has rank {x_rank} against a rank-3 weight; only batched inputs of rank 3 are supported"
-            return LayerSpec(node.name, node.op_type, node.input[0], node.input[1], None, None, input_channel_axis=-1)
+            return LayerSpec(node.name, node.op_type, node.input[0], node.input[1], None, None, input_channel_axis=-1,
+                             nuq_refusal="its weight is a batch of matrices (rank 3); NUQ takes 2-D weights only")
         # The bias Add that follows (a Linear exported as MatMul + Add) belongs to the layer: its constant is
         # quantized to INT32 like a Gemm's. Left in float, ONNX Runtime rewrites MatMul + Add into a float Gemm
         # behind Reshapes when shapes are static, before its QDQ fusion, and every weight is dequantized on
@@ -281,7 +296,7 @@ class MatMulHandler(OpHandler):
         site = index.output_site(last) if index.ranks.get(node.input[0]) == 2 else (None, None)
         bias = next((i for i in add.input if i in index.initializers), None) if add else None
         return LayerSpec(node.name, node.op_type, node.input[0], node.input[1], 1, bias, *site,
-                         input_channel_axis=-1, weight_in_axis=0, bias_node=add.name if add else None)
+                         input_channel_axis=-1, weight_in_axis=0, bias_node=add.name if add else None, nuq_refusal=None)
 
 
 class AveragePoolHandler(OpHandler):

@@ -1,0 +1,294 @@
+"""Non-uniform quantization of weights: level selection against independent references, AMCT's .cfg, the
+record, and both exported models (packed deploy file, integer kernels, fake-quant agreement)."""
+
+import itertools
+import json
+import logging
+
+import numpy as np
+import onnx
+import pytest
+from conftest import assert_integer_kernels, optimized_ops, ort_run
+from onnx import numpy_helper
+
+from omct.core import nuq
+from omct.core.weights import arq
+from omct.errors import ConfigError, RecordError
+
+AMCT_CFG = """activation_offset : true
+batch_num : 1
+nuq_config {
+    mapping_file : "./src/nuq_conf/resnet-101_quantized.json"
+    nuq_quantize : { num_steps : %d num_of_iteration : 1 }
+}
+"""
+
+
+def _cost(values, weights, levels):
+    levels = np.sort(np.asarray(levels, np.float64))
+    return float((weights * np.min((values[:, None] - levels[None, :]) ** 2, axis=1)).sum())
+
+
+def test_levels_are_the_brute_force_optimum_on_small_supports(rng):
+    for _ in range(60):
+        n = int(rng.integers(4, 11))
+        values = np.sort(rng.choice(np.arange(-8, 9), n, replace=False))
+        weights = rng.random(n) * (rng.random(n) > 0.2)
+        k = int(rng.integers(1, 5))
+        levels = nuq.select_levels(values, weights, k)
+        assert len(levels) <= k and np.all(np.diff(levels) > 0)
+        best = min(_cost(values, weights, c) for c in itertools.combinations(range(-8, 9), k))
+        assert _cost(values, weights, levels) == pytest.approx(best, abs=1e-9)
+
+
+def _lloyd_max(values, weights, k, seed):
+    """Independent reference: weighted Lloyd-Max (k-means) with integer centres from a random start."""
+    r = np.random.default_rng(seed)
+    centres = np.sort(r.choice(values, k, replace=False)).astype(np.float64)
+    for _ in range(100):
+        assign = np.argmin((values[:, None] - centres[None, :]) ** 2, axis=1)
+        new = np.array([np.round((weights[assign == j] * values[assign == j]).sum() / weights[assign == j].sum())
+                        if weights[assign == j].sum() > 0 else centres[j] for j in range(k)])
+        if np.array_equal(new, centres):
+            break
+        centres = new
+    return centres
+
+
+@pytest.mark.parametrize("k", [16, 32])
+def test_levels_beat_lloyd_max_on_int8_weight_histograms(rng, k):
+    w = rng.standard_t(4, size=20000)
+    codes = np.clip(np.round(w / np.abs(w).max() * 127), -128, 127)
+    values, counts = np.unique(codes, return_counts=True)
+    weights = counts * rng.uniform(0.5, 1.5, counts.size)
+    ours = _cost(values, weights, nuq.select_levels(values, weights, k))
+    lloyd = min(_cost(values, weights, _lloyd_max(values, weights, k, s)) for s in range(5))
+    assert ours <= lloyd + 1e-9
+    assert ours < 0.2 * _cost(values, weights, np.linspace(-127, 127, k).round())  # far better than uniform levels
+
+
+def test_fit_is_deterministic_weighted_and_refined(rng):
+    w = rng.normal(size=(16, 12, 3, 3)).astype(np.float32) * rng.uniform(0.2, 1, (16, 1, 1, 1)).astype(np.float32)
+    importance = np.r_[np.full(6, 10.0), np.full(6, 0.01)]
+    scale = arq(w, 8, 0).scale
+    s1, l1 = nuq.fit(w, scale, 0, 1, 16, 2, importance)
+    s2, l2 = nuq.fit(w, scale, 0, 1, 16, 2, importance)
+    assert np.array_equal(s1, s2) and np.array_equal(l1, l2)
+    assert len(l1) <= 16 and l1.min() >= -128 and l1.max() <= 127
+    # levels chosen for the channels that matter beat levels chosen as if all channels mattered equally
+    _, plain = nuq.fit(w, scale, 0, 1, 16, 0, None)
+    _, weighted = nuq.fit(w, scale, 0, 1, 16, 0, importance)
+    assert nuq.weighted_error(w, scale, 0, 1, weighted, importance) < nuq.weighted_error(w, scale, 0, 1, plain, importance)
+    # refinement never makes it worse, and every weight lands on a level
+    s0, l0 = nuq.fit(w, scale, 0, 1, 16, 0, importance)
+    assert nuq.weighted_error(w, s1, 0, 1, l1, importance) <= nuq.weighted_error(w, s0, 0, 1, l0, importance)
+    assert set(np.unique(nuq.to_levels(w, s1, 0, l1))) <= set(l1.tolist())
+    with pytest.raises(ValueError, match="num_steps must be one of 16, 32, 64, 128"):
+        nuq.fit(w, scale, 0, 1, 20)
+
+
+@pytest.mark.parametrize("steps", nuq.ALLOWED_STEPS)
+def test_packed_indices_round_trip(rng, steps):
+    idx = rng.integers(0, steps, size=1001)
+    bits = nuq.index_bits(steps)
+    planes = nuq.pack_indices(idx, bits)
+    assert planes.shape == (bits, 126) and np.array_equal(nuq.unpack_indices(planes, idx.size), idx)
+
+
+# ---- config, record -------------------------------------------------------------------------------------
+
+
+def _conv_stack(tmp_path, depthwise=False, width=64, blocks=3):
+    import torch
+    from torch import nn
+    from zoo import export_onnx
+
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, width, 3, padding=1), nn.ReLU()]
+    for _ in range(blocks):
+        layers += [nn.Conv2d(width, width, 3, padding=1), nn.ReLU()]
+    if depthwise:
+        layers += [nn.Conv2d(width, width, 3, padding=1, groups=width), nn.ReLU()]
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10)]
+    model = nn.Sequential(*layers).eval()
+    path = tmp_path / "convs.onnx"
+    export_onnx(model, np.zeros((1, 3, 12, 12), np.float32), path)
+    return path
+
+
+@pytest.fixture
+def omct_log():
+    from omct.ui import logger
+
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler, level = Keep(logging.INFO), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield records
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def test_amct_nuq_cfg_works_unchanged(tmp_path, omct_log):
+    import omct.onnx as amct
+
+    model = _conv_stack(tmp_path, depthwise=True)
+    cfg = tmp_path / "nuq.cfg"
+    cfg.write_text(AMCT_CFG % 32)
+    amct.create_quant_config(str(tmp_path / "c.json"), str(model), config_defination=str(cfg))
+    config = json.loads((tmp_path / "c.json").read_text())
+    algos = {k: v["weight_quant_params"]["wts_algo"] for k, v in config.items()
+             if isinstance(v, dict) and "weight_quant_params" in v}
+    depthwise = [k for k, v in algos.items() if v != "nuq_quantize"]
+    assert len(depthwise) == 1 and sum(v == "nuq_quantize" for v in algos.values()) == 5, algos
+    nuq_layer = next(v for k, v in config.items() if isinstance(v, dict) and k not in depthwise and "weight_quant_params" in v)
+    assert nuq_layer["weight_quant_params"]["num_steps"] == 32 and nuq_layer["weight_quant_params"]["num_of_iteration"] == 1
+    log = "\n".join(omct_log)
+    assert "mapping_file './src/nuq_conf/resnet-101_quantized.json' ignored" in log
+    assert f"layer '{depthwise[0]}' keeps uniform weights: NUQ cannot take it (group 64" in log
+
+
+def test_mapping_file_restricts_nuq(tmp_path):
+    import omct.onnx as amct
+
+    model = _conv_stack(tmp_path)
+    names = [n.name for n in onnx.load(model).graph.node if n.op_type == "Conv"]
+    def op(name, flag):
+        return {"name": name, "type": "Conv2D", "attr": [{"key": "fe_weight_compress", "value": {"b": flag}}]}
+
+    fusion = {"graph": [{"op": [op(names[1], True), op(names[2], False)]}]}
+    (tmp_path / "fusion.json").write_text(json.dumps(fusion))
+    cfg = tmp_path / "nuq.cfg"
+    cfg.write_text(AMCT_CFG.replace("./src/nuq_conf/resnet-101_quantized.json", "fusion.json") % 16)
+    amct.create_quant_config(str(tmp_path / "c.json"), str(model), config_defination=str(cfg))
+    config = json.loads((tmp_path / "c.json").read_text())
+    got = [k for k, v in config.items()
+           if isinstance(v, dict) and v.get("weight_quant_params", {}).get("wts_algo") == "nuq_quantize"]
+    assert got == [names[1]]
+
+
+@pytest.mark.parametrize("text, message", [
+    (AMCT_CFG % 20, "num_steps: Input should be 16, 32, 64 or 128 (got 20)"),
+    (AMCT_CFG % 8, "num_steps: Input should be 16, 32, 64 or 128 (got 8)"),
+    ("nuq_config { nuq_quantize { num_steps: 16 num_of_iteration: 11 } }",
+     "num_of_iteration: Input should be less than or equal to 10"),
+    ('override_layer_configs { layer_name: "DW" calibration_config { nuq_quantize { num_steps: 16 } } }',
+     "asks nuq_quantize for layer 'DW', which NUQ cannot take: group 64; NUQ takes group 1 only"),
+    ("common_config { nuq_quantize { num_steps: 16 quant_bits: 4 } }", "nuq_quantize keeps levels of the INT8 grid"),
+])
+def test_bad_nuq_settings_fail_in_one_line(tmp_path, text, message):
+    import omct.onnx as amct
+
+    model = _conv_stack(tmp_path, depthwise=True)
+    dw = _depthwise(model)
+    cfg = tmp_path / "bad.cfg"
+    cfg.write_text(text.replace('"DW"', f'"{dw}"'))
+    with pytest.raises(ConfigError) as e:
+        amct.create_quant_config(str(tmp_path / "c.json"), str(model), config_defination=str(cfg))
+    assert message.replace("'DW'", f"'{dw}'") in str(e.value) and "\n" not in str(e.value)
+
+
+def test_config_json_asking_nuq_for_a_layer_it_cannot_take(tmp_path):
+    import omct.onnx as amct
+
+    model = _conv_stack(tmp_path, depthwise=True)
+    amct.create_quant_config(str(tmp_path / "c.json"), str(model))
+    config = json.loads((tmp_path / "c.json").read_text())
+    dw = _depthwise(model)
+    config[dw]["weight_quant_params"].update(wts_algo="nuq_quantize", num_steps=16)
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=f"layer '{dw}' \\(Conv\\) asks wts_algo nuq_quantize, which it cannot take: "
+                                          "group 64"):
+        amct.quantize_model(str(tmp_path / "c.json"), str(model), str(tmp_path / "m.onnx"), str(tmp_path / "r.txt"))
+    config[dw]["weight_quant_params"].update(num_steps=48)
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="num_steps: Input should be 16, 32, 64 or 128"):
+        amct.quantize_model(str(tmp_path / "c.json"), str(model), str(tmp_path / "m.onnx"), str(tmp_path / "r.txt"))
+
+
+def test_record_keeps_the_levels(tmp_path):
+    from google.protobuf import text_format
+
+    from omct.formats import record
+    from omct.formats.proto import ScaleOffsetRecord
+
+    recs = {"conv": record.LayerRecord(0.1, -3, [0.5, 0.25], [0, 0], 0.2, -128, [0.01, 0.02], [-100, -7, 0, 9, 120])}
+    path = tmp_path / "r.txt"
+    record.write_record(path, recs)
+    msg = text_format.Parse(path.read_text(), ScaleOffsetRecord())
+    assert list(msg.record[0].value.nuq_levels) == [-100, -7, 0, 9, 120]
+    record._last_written = None  # parse the file, not the cache
+    assert record.read_record(path)["conv"].nuq_levels == [-100, -7, 0, 9, 120]
+    path.write_text(path.read_text().replace("nuq_levels: 0", "nuq_levels: 300"))
+    with pytest.raises(RecordError, match="layer 'conv' has nuq_levels that are not"):
+        record.read_record(path)
+
+
+# ---- export ----------------------------------------------------------------------------------------------
+
+
+def _depthwise(model):
+    return next(n.name for n in onnx.load(model).graph.node
+                if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute))
+
+
+def _quantize(tmp_path, model, steps, x, prefix="q"):
+    import omct.onnx as amct
+
+    cfg = tmp_path / f"{prefix}.cfg"
+    cfg.write_text(AMCT_CFG % steps)
+    amct.create_quant_config(str(tmp_path / f"{prefix}.json"), str(model), config_defination=str(cfg))
+    amct.quantize_model(str(tmp_path / f"{prefix}.json"), str(model), str(tmp_path / f"{prefix}_mod.onnx"),
+                        str(tmp_path / f"{prefix}_rec.txt"))
+    amct.CalibrationSession(str(tmp_path / f"{prefix}_mod.onnx")).run(None, {"input": x})
+    return amct.save_model(str(tmp_path / f"{prefix}_mod.onnx"), str(tmp_path / f"{prefix}_rec.txt"), str(tmp_path / prefix))
+
+
+def test_deploy_stores_packed_indices_and_runs_integer_kernels(tmp_path, rng):
+    from omct.formats.record import read_record
+
+    model = _conv_stack(tmp_path, width=96, blocks=3)
+    x = rng.normal(size=(8, 3, 12, 12)).astype(np.float32)
+    fake, deploy = _quantize(tmp_path, model, 16, x)
+    out_fake, out_deploy = ort_run(fake, {"input": x})[0], ort_run(deploy, {"input": x})[0]
+    # integer kernels round once per layer where the simulation rounds in float: a flip here and there
+    np.testing.assert_allclose(out_deploy, out_fake, atol=0.01 * np.abs(out_fake).max())
+    size = deploy.stat().st_size / model.stat().st_size
+    assert size <= 0.15, size
+    # stored: no INT8 or float weight tensor, only bit planes; folded at load: integer kernels remain
+    inits = onnx.load(deploy).graph.initializer
+    assert not [t.name for t in inits if len(t.dims) >= 2 and t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.FLOAT)]
+    ops = optimized_ops(deploy, tmp_path)
+    assert ops.count("QLinearConv") == 4 and "QGemm" in ops and "BitShift" not in ops and "Gather" not in ops
+    assert_integer_kernels(deploy, tmp_path)
+    # what ONNX Runtime folded from the packed indices is exactly the fake-quant model's integer weight
+    opt = onnx.load(tmp_path / "optimized.onnx")
+    folded = {t.name: numpy_helper.to_array(t) for t in opt.graph.initializer}
+    int8_weights = [folded[n.input[3]] for n in opt.graph.node if n.op_type == "QLinearConv"]
+    # the fake-quant weights lie on each layer's levels, scaled per channel
+    records = read_record(tmp_path / "q_rec.txt")
+    fq = onnx.load(fake)
+    weights = {t.name: numpy_helper.to_array(t) for t in fq.graph.initializer}
+    for node in fq.graph.node:
+        if node.op_type == "Conv":
+            rec = records[node.name]
+            codes = weights[node.input[1]] / np.asarray(rec.scale_w, np.float32)[:, None, None, None]
+            assert len(rec.nuq_levels) <= 16
+            assert np.abs(codes[..., None] - np.array(rec.nuq_levels)).min(-1).max() < 1e-3
+            assert any(w.shape == codes.shape and np.array_equal(w, np.round(codes)) for w in int8_weights), node.name
+
+
+def test_nuq_32_is_closer_to_float_than_nuq_16(tmp_path, rng):
+    model = _conv_stack(tmp_path, width=32, blocks=2)
+    x = rng.normal(size=(8, 3, 12, 12)).astype(np.float32)
+    ref = ort_run(model, {"input": x})[0]
+    errors = {}
+    for steps in (16, 32, 128):
+        fake, _ = _quantize(tmp_path, model, steps, x, prefix=f"q{steps}")
+        errors[steps] = float(np.mean((ort_run(fake, {"input": x})[0] - ref) ** 2))
+    assert errors[128] < errors[32] < errors[16], errors
