@@ -22,6 +22,7 @@ import numpy as np
 
 from omct._version import __version__
 from omct.core.calibrators import CALIBRATORS
+from omct.core.nuq import ALLOWED_STEPS
 from omct.errors import OmctError
 from omct.fileio import atomic_write_text, check_outputs
 from omct.ui import logger
@@ -182,7 +183,7 @@ def cmd_quantize(args) -> int:
     work = Path(str(out) + "_work")
     own_config = bool(args.config and args.config.endswith(".json"))
     config = Path(args.config) if own_config else work / "config.json"
-    written = ["record.txt"] + ["config.json"] * (not own_config or bool(args.algo))
+    written = ["record.txt"] + ["config.json"] * (not own_config or bool(args.algo) or bool(args.nuq_steps))
     check_outputs({**input_files("model", args.model), "--calib": args.calib, "--config": args.config},
                   {**{f"--out's {n}": work / n for n in written}, **output_files("--out's modified.onnx", work / "modified.onnx"),
                    **output_files("--out's fake-quant model", f"{out}_fake_quant_model.onnx"),
@@ -227,6 +228,8 @@ def _quantize_into(args, work: Path, config: Path, own_config: bool, batches: li
         overridden = with_act_algo(load_config(config), args.algo)
         config = work / "config.json"
         save_config(overridden, config)
+    if args.nuq_steps:  # every layer NUQ can take at --nuq-steps, written to this run's own config.json
+        config = _with_nuq_steps(args.model, config, work / "config.json", args.nuq_steps)
     modified, record = work / "modified.onnx", work / "record.txt"
     amct.quantize_model(str(config), args.model, str(modified), str(record))
     calib = amct.CalibrationSession(str(modified))
@@ -237,6 +240,30 @@ def _quantize_into(args, work: Path, config: Path, own_config: bool, batches: li
     for feeds in batches[:calib.batch_num]:
         calib.run(None, feeds)
     amct.save_model(str(modified), str(record), str(out))
+    if args.nuq_steps:
+        ratio = Path(f"{out}_deploy_model.onnx").stat().st_size / max(Path(args.model).stat().st_size, 1)
+        logger.info("deploy model with NUQ-%d weights: %.3fx of the FP32 file", args.nuq_steps, ratio)
+
+
+def _with_nuq_steps(model: str, config: Path, out: Path, steps: int) -> Path:
+    """``config`` with every enabled layer that NUQ can take at ``steps`` levels; the others' reasons logged."""
+    import omct.onnx as amct
+    from omct.auto.nuq import candidates, with_steps
+    from omct.formats.config import load_config, save_config
+
+    loaded = load_config(config)
+    prepared = amct.prepare(model, loaded)
+    names = candidates(prepared, loaded)
+    for spec in prepared.layers:
+        if spec.weight is not None and spec.nuq_refusal and spec.name in loaded.layers:
+            logger.info("layer '%s' keeps uniform weights: NUQ cannot take it (%s)", spec.name, spec.nuq_refusal)
+    if not names:
+        raise OmctError(f"--nuq-steps {steps}: no enabled layer of '{model}' can take NUQ (Conv with a 4-D weight, "
+                        "group 1, dilation 1; Gemm; MatMul with a 2-D weight); see `omct inspect`")
+    save_config(with_steps(loaded, dict.fromkeys(names, steps)), out)
+    logger.info("--nuq-steps %d: %d of %d weighted layers take NUQ", steps, len(names),
+                sum(1 for s in prepared.layers if s.weight is not None and s.name in loaded.layers))
+    return out
 
 
 def _table(headers: list[str], rows: list[list[str]], title: str | None = None, styles: list | None = None) -> None:
@@ -436,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--skip", nargs="*", help="layer names to keep in float")
     q.add_argument("--algo", choices=list(CALIBRATORS), help="activation calibration algorithm for every layer, "
                    "at its default options (default: the config's, else ifmr)")
+    q.add_argument("--nuq-steps", type=int, choices=ALLOWED_STEPS, help="non-uniform quantization of the weights: "
+                   "every layer that can take it keeps this many INT8 levels (indices of log2(N) bits in the deploy "
+                   "file); `omct inspect` shows which layers can")
     q.set_defaults(func=cmd_quantize)
 
     a = sub.add_parser("analyze", parents=[common, data_opts],

@@ -148,6 +148,16 @@ class Calibration:
         return self.records
 
 
+    def records_for(self, config: QuantConfig) -> dict[str, LayerRecord]:
+        """The records ``config`` gives from this run's statistics, without recalibrating (a search trial that
+        changes layers' weight algorithms: NUQ steps, uniform). ``config`` must enable the same layers and need
+        no statistic this run did not collect."""
+        ctx = RecordContext(self.plan, config, self.stats, self.weight_of)
+        for algorithm in PIPELINE:
+            algorithm.apply(ctx)
+        return {name: ctx.records[name] for name in self.plan.layers}
+
+
 class CalibrationStatus:
     """How far calibration got; mixed into each frontend's calibration object (which has ``.calibration``)."""
 

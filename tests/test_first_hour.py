@@ -131,12 +131,12 @@ def test_layer_names_are_never_cut_when_piped(long_named, tmp_path):
     res = omct("inspect", long_named, columns=40)
     assert res.returncode == 0, res.stderr
     rows = [line.split("\t") for line in res.stdout.splitlines() if "\t" in line]
-    assert rows[0] == ["layer", "type", "weight", "status", "integer kernel in ONNX Runtime"]
-    assert [LONG, "Conv", "w", "quantizable", "QLinearConv (2D)"] in rows
+    assert rows[0] == ["layer", "type", "weight", "status", "integer kernel in ONNX Runtime", "NUQ"]
+    assert [LONG, "Conv", "w", "quantizable", "QLinearConv (2D)", "yes"] in rows
     res = omct("inspect", long_named, "--json")
     assert res.returncode == 0, res.stderr
     data = json.loads(res.stdout)
-    assert data["layers"] == [{"name": LONG, "type": "Conv", "weight": "w"}] and data["opset"] == 17
+    assert data["layers"] == [{"name": LONG, "type": "Conv", "weight": "w", "nuq": True}] and data["opset"] == 17
     res = omct("analyze", long_named, tmp_path / "q_fake_quant_model.onnx", "--data", tmp_path / "c.npz",
                "--batch-size", 4, "--threshold", "0.99999999", columns=40)
     assert res.returncode == 0, res.stderr

@@ -292,3 +292,150 @@ def test_nuq_32_is_closer_to_float_than_nuq_16(tmp_path, rng):
         fake, _ = _quantize(tmp_path, model, steps, x, prefix=f"q{steps}")
         errors[steps] = float(np.mean((ort_run(fake, {"input": x})[0] - ref) ** 2))
     assert errors[128] < errors[32] < errors[16], errors
+
+
+# ---- automatic NUQ ---------------------------------------------------------------------------------------
+
+
+class SqnrEvaluator:
+    """Logit SQNR (dB) against the float model, an evaluator whose verdicts this test can predict."""
+
+    def __init__(self, x, ref, threshold, bad=None):
+        self.x, self.ref, self.threshold, self.bad, self.calls = x, ref, threshold, bad, []
+
+    def eval_model(self, model_file, weights_file, batch_num):
+        import onnxruntime as ort
+
+        self.calls.append(model_file)
+        out = ort.InferenceSession(model_file).run(None, {"input": self.x})[0]
+        if self.bad is not None and len(self.calls) > 2:
+            return self.bad
+        err = float(np.mean((out - self.ref) ** 2) / np.mean(self.ref ** 2))
+        return -10 * np.log10(max(err, 1e-20))
+
+    def is_satisfied(self, original_metric, new_metric):
+        return new_metric >= self.threshold
+
+
+def _auto_setup(tmp_path, rng):
+    from omct.auto import AutoNuqEvaluatorBase
+
+    model = _conv_stack(tmp_path, width=32, blocks=3)
+    x = rng.normal(size=(16, 3, 12, 12)).astype(np.float32)
+    ref = ort_run(model, {"input": x})[0]
+    (tmp_path / "n.cfg").write_text("nuq_config { nuq_quantize { num_steps: 16 } }\n")
+    import omct.onnx as amct
+
+    amct.create_quant_config(str(tmp_path / "c.json"), str(model), config_defination=str(tmp_path / "n.cfg"))
+    AutoNuqEvaluatorBase.register(SqnrEvaluator)
+    return model, x, ref
+
+
+def test_auto_nuq_finds_the_smallest_satisfying_file_within_the_bound(tmp_path, rng):
+    import omct.onnx as amct
+
+    model, x, ref = _auto_setup(tmp_path, rng)
+    # between all-NUQ-16 (about 58 dB here) and all-uniform INT8 (about 69 dB): the search has to mix
+    evaluator = SqnrEvaluator(x, ref, 62.0)
+    result = amct.auto_nuq(str(model), evaluator, str(tmp_path / "c.json"), str(tmp_path / "rec.txt"), str(tmp_path / "out"))
+    assert len(evaluator.calls) == result.evaluations <= result.bound == 2 * 3 + 4
+    record = json.loads((tmp_path / "out" / "nuq_search_record.json").read_text())
+    satisfied = [t for t in record["trials"] if t["satisfied"]]
+    assert not record["trials"][0]["satisfied"] and record["trials"][1]["trial"] == "all uniform INT8"
+    assert result.weight_bytes == min(t["weight_bytes"] for t in satisfied) < record["trials"][1]["weight_bytes"]
+    assert result.metric >= 62.0 and {16, None} <= set(result.steps.values())
+    # the written models are the chosen configuration: its fake-quant model scores what the search measured
+    fake = tmp_path / "out" / "convs_fake_quant_model.onnx"
+    assert SqnrEvaluator(x, ref, 0).eval_model(str(fake), None, 1) == pytest.approx(result.metric, abs=1e-3)
+    final = json.loads((tmp_path / "out" / "final_config.json").read_text())
+    assert sum(v["weight_quant_params"]["wts_algo"] == "nuq_quantize" for v in final.values()
+               if isinstance(v, dict) and "weight_quant_params" in v) == sum(k is not None for k in result.steps.values())
+    assert (tmp_path / "rec.txt").exists() and not (tmp_path / "out" / "nuq_work").exists()
+
+
+@pytest.mark.parametrize("bad, message", [("0.9", "must return one number"), (float("nan"), "returned nan"),
+                                          (None, "even uniform INT8 weights on every layer do not satisfy")])
+def test_auto_nuq_bad_evaluators_fail_and_write_nothing(tmp_path, rng, bad, message):
+    import omct.onnx as amct
+    from omct.errors import OmctError
+
+    model, x, ref = _auto_setup(tmp_path, rng)
+    evaluator = SqnrEvaluator(x, ref, 150.0 if bad is None else 0.0, bad)
+    with pytest.raises(OmctError, match=message):
+        amct.auto_nuq(str(model), evaluator, str(tmp_path / "c.json"), str(tmp_path / "rec.txt"), str(tmp_path / "out"))
+    assert not (tmp_path / "rec.txt").exists() and sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+
+
+def test_auto_nuq_refuses_an_evaluator_that_rejects_the_original(tmp_path, rng):
+    import omct.onnx as amct
+    from omct.errors import OmctError
+
+    model, x, ref = _auto_setup(tmp_path, rng)
+    evaluator = SqnrEvaluator(x, ref, 1e9)
+    with pytest.raises(OmctError, match=r"is_satisfied\(200.0, 200.0\) returned False"):
+        amct.auto_nuq(str(model), evaluator, str(tmp_path / "c.json"), str(tmp_path / "rec.txt"), str(tmp_path / "out"))
+    assert len(evaluator.calls) == 1
+
+
+def test_pytorch_auto_nuq(tmp_path):
+    import torch
+    from torch import nn
+
+    import omct.pytorch as amct
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU(),
+                          nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 64, 10)).eval()
+    x = torch.randn(16, 3, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+
+    class Evaluator(amct.AutoNuqEvaluatorBase):
+        calls = 0
+
+        def eval_model(self, model_file, weights_file, batch_num):
+            Evaluator.calls += 1
+            with torch.no_grad():
+                out = model_file(x)
+            return float(torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0))
+
+        def is_satisfied(self, original_metric, new_metric):
+            return original_metric - new_metric < 1e-3
+
+    (tmp_path / "n.cfg").write_text("nuq_config { nuq_quantize { num_steps: 32 } }\n")
+    amct.create_quant_config(str(tmp_path / "c.json"), model, x[:1], config_defination=str(tmp_path / "n.cfg"))
+    result = amct.auto_nuq(model, Evaluator(), str(tmp_path / "c.json"), str(tmp_path / "rec.txt"), str(tmp_path / "out"), x[:1])
+    assert set(result.steps) == {"0", "4", "7"}  # the depthwise conv cannot take NUQ
+    assert Evaluator.calls == result.evaluations <= 2 * 2 + 4 and result.metric > 0.999 - 1e-9
+    assert (tmp_path / "out" / "model_deploy_model.onnx").exists()
+
+
+# ---- command line ----------------------------------------------------------------------------------------
+
+
+def test_cli_quantize_nuq_steps_and_inspect(tmp_path, rng):
+    import os
+    import subprocess
+    import sys
+
+    model = _conv_stack(tmp_path, depthwise=True, width=32, blocks=1)
+    np.savez(tmp_path / "c.npz", input=rng.normal(size=(16, 3, 12, 12)).astype(np.float32))
+    env = dict(os.environ, OMCT_QUIET="0")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "omct", *map(str, a)], capture_output=True, text=True,  # noqa: E731
+                                    timeout=300, env=env)
+    res = run("quantize", model, "--calib", tmp_path / "c.npz", "--batch-size", 8, "--out", tmp_path / "q", "--nuq-steps", 16)
+    assert res.returncode == 0, res.stderr
+    dw = _depthwise(model)
+    assert f"layer '{dw}' keeps uniform weights: NUQ cannot take it (group 32; NUQ takes group 1 only)" in res.stderr
+    assert "--nuq-steps 16: 3 of 4 weighted layers take NUQ" in res.stderr and "NUQ-16 weights:" in res.stderr
+    config = json.loads((tmp_path / "q_work" / "config.json").read_text())
+    assert config[dw]["weight_quant_params"]["wts_algo"] == "arq_quantize"
+    assert sum(v.get("weight_quant_params", {}).get("num_steps") == 16 for v in config.values() if isinstance(v, dict)) == 3
+    assert_integer_kernels(tmp_path / "q_deploy_model.onnx", tmp_path)
+    res = run("quantize", model, "--calib", tmp_path / "c.npz", "--out", tmp_path / "r", "--nuq-steps", 20)
+    assert res.returncode == 2 and "invalid choice: 20" in res.stderr
+    res = run("inspect", model)
+    assert res.returncode == 0 and "(3 can take NUQ)" in res.stdout
+    rows = [line.split("\t") for line in res.stdout.splitlines() if "\t" in line]
+    assert [dw, "Conv"] == rows[[r[0] for r in rows].index(dw)][:2]
+    assert rows[[r[0] for r in rows].index(dw)][-1] == "no: group 32; NUQ takes group 1 only"

@@ -14,6 +14,7 @@ In memory, no files: ``amct.quantize(model, config, batches)`` returns a ``Quant
 from __future__ import annotations
 
 from omct.auto.evaluator import AutoCalibrationEvaluatorBase
+from omct.auto.nuq import AutoNuqEvaluatorBase
 from omct.onnx.api import (
     CalibrationSession,
     create_quant_config,
@@ -23,7 +24,8 @@ from omct.onnx.api import (
     quantize_model,
     save_model,
 )
-from omct.onnx.auto import accuracy_based_auto_calibration
+from omct.onnx.auto import accuracy_based_auto_calibration, auto_nuq
 
-__all__ = ["AutoCalibrationEvaluatorBase", "CalibrationSession", "accuracy_based_auto_calibration", "create_quant_config",
+__all__ = ["AutoCalibrationEvaluatorBase", "AutoNuqEvaluatorBase", "CalibrationSession", "accuracy_based_auto_calibration",
+           "auto_nuq", "create_quant_config",
            "inspect_model", "prepare", "quantize", "quantize_model", "save_model"]

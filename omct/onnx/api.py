@@ -38,26 +38,36 @@ class ModelReport:
     parameters: int
     normalize: NormalizeReport
 
-    HEADERS = ("layer", "type", "weight", "status", "integer kernel in ONNX Runtime")
+    HEADERS = ("layer", "type", "weight", "status", "integer kernel in ONNX Runtime", "NUQ")
 
     def rows(self) -> list[list[str]]:
-        """One row per candidate: the quantizable layers (with what the runtime fuses them into), then the ones
-        left in float with their reason."""
+        """One row per candidate: the quantizable layers (with what the runtime fuses them into and whether NUQ
+        can take their weights, or why not), then the ones left in float with their reason."""
         return ([[s.name, s.op_type, s.weight or "-", "quantizable (weight-only)" if s.weight_only else "quantizable",
-                  HANDLERS[s.op_type].integer_kernel] for s in self.layers]
-                + [[r.name, r.op_type, "-", f"float: {r.reason}", "-"] for r in self.refused])
+                  HANDLERS[s.op_type].integer_kernel, _nuq_cell(s)] for s in self.layers]
+                + [[r.name, r.op_type, "-", f"float: {r.reason}", "-", "-"] for r in self.refused])
 
     def summary(self) -> str:
-        return (f"opset {self.opset}, {self.parameters:,} parameters, {len(self.layers)} quantizable layers, "
-                f"{len(self.refused)} left in float")
+        nuq = sum(1 for s in self.layers if s.weight is not None and not s.nuq_refusal)
+        return (f"opset {self.opset}, {self.parameters:,} parameters, {len(self.layers)} quantizable layers "
+                f"({nuq} can take NUQ), {len(self.refused)} left in float")
 
     def to_dict(self) -> dict:
         return {"opset": self.opset, "parameters": self.parameters,
-                "layers": [{"name": s.name, "type": s.op_type, "weight": s.weight} for s in self.layers],
+                "layers": [{"name": s.name, "type": s.op_type, "weight": s.weight,
+                            "nuq": s.weight is not None and not s.nuq_refusal,
+                            **({"nuq_reason": _nuq_cell(s)[len("no: "):]} if s.weight is None or s.nuq_refusal else {})}
+                           for s in self.layers],
                 "float": [{"name": r.name, "type": r.op_type, "reason": r.reason} for r in self.refused]}
 
     def __str__(self) -> str:  # print(amct.inspect_model(...)) reads as a table, not dataclass reprs
         return self.summary() + "\n" + format_table(list(self.HEADERS), self.rows())
+
+
+def _nuq_cell(spec: LayerSpec) -> str:
+    if spec.weight is None:
+        return "no: it has no weight"
+    return f"no: {spec.nuq_refusal}" if spec.nuq_refusal else "yes"
 
 
 def _model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:

@@ -17,9 +17,10 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("omct.pytorch needs PyTorch: pip install 'omct[torch]'") from e
 
 from omct.auto.evaluator import AutoCalibrationEvaluatorBase
+from omct.auto.nuq import AutoNuqEvaluatorBase
 from omct.pytorch.api import ModuleReport, create_quant_config, inspect_model, quantize_model, save_model
-from omct.pytorch.auto import OnnxModule, accuracy_based_auto_calibration
+from omct.pytorch.auto import OnnxModule, accuracy_based_auto_calibration, auto_nuq
 from omct.pytorch.calibration import CalibrationModel
 
-__all__ = ["AutoCalibrationEvaluatorBase", "CalibrationModel", "ModuleReport", "OnnxModule",
-           "accuracy_based_auto_calibration", "create_quant_config", "inspect_model", "quantize_model", "save_model"]
+__all__ = ["AutoCalibrationEvaluatorBase", "AutoNuqEvaluatorBase", "CalibrationModel", "ModuleReport", "OnnxModule",
+           "accuracy_based_auto_calibration", "auto_nuq", "create_quant_config", "inspect_model", "quantize_model", "save_model"]

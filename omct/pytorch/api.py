@@ -110,8 +110,10 @@ def quantize_model(config_file: str | os.PathLike, modified_onnx_model: str | os
 
 
 def prepare_quantization(config: QuantConfig, config_file, modified_onnx_model, record_file, model: nn.Module, input_data,
-                         **export) -> tuple[nn.Module, TracedModel, ModifiedModel]:
-    """The eval-mode, BN-folded copy of ``model``, its traced ONNX graph, and the modified model written to disk."""
+                         config_for=None, **export) -> tuple[nn.Module, TracedModel, ModifiedModel]:
+    """The eval-mode, BN-folded copy of ``model``, its traced ONNX graph, and the modified model written to disk.
+    ``config_for(prepared)``, when given, turns the prepared model into the config the modified model is planned
+    with (automatic NUQ: every layer that can take it calibrates NUQ's statistics)."""
     work = _eval_copy(model)
     traced = trace_model(work, input_data, **export)
     if config.globals.do_fusion:
@@ -121,7 +123,10 @@ def prepare_quantization(config: QuantConfig, config_file, modified_onnx_model, 
         if folded:
             logger.info("folded %d BatchNorm module(s) into convolutions", len(folded))
             traced = trace_model(work, input_data, **export)
-    mod = write_modified_model(config, config_file, prepare(traced, model), modified_onnx_model, record_file)
+    prepared = prepare(traced, model)
+    if config_for is not None:
+        config = config_for(prepared)
+    mod = write_modified_model(config, config_file, prepared, modified_onnx_model, record_file)
     logger.info("wrote %s: %d layers to calibrate, %d activation tensors observed", modified_onnx_model,
                 len(mod.plan.layers), len(mod.plan.sites))
     hints.info("now run %d batch(es) through the returned calibration model", config.batch_num)

@@ -18,6 +18,7 @@ from torch import nn
 from omct.analysis.metrics import Sensitivity
 from omct.auto.evaluator import AutoCalibrationEvaluatorBase
 from omct.auto.flow import AutoTarget, run_auto_calibration
+from omct.auto.nuq import AutoNuqEvaluatorBase, NuqSearchResult, NuqTarget, run_auto_nuq
 from omct.auto.search import SearchResult
 from omct.auto.strategy import SearchStrategy
 from omct.feeds import FeedCheck
@@ -78,3 +79,33 @@ def accuracy_based_auto_calibration(model: nn.Module, model_evaluator: AutoCalib
     target = AutoTarget(original=model, start=start, as_evaluated=OnnxModule, feeds=feeds, prefix="model")
     return run_auto_calibration(target, model_evaluator, config_file, record_file, save_dir, strategy, sensitivity,
                                 ranking_memory_mb)
+
+
+def auto_nuq(model: nn.Module, nuq_evaluator: AutoNuqEvaluatorBase, config_file: str | os.PathLike,
+             record_file: str | os.PathLike, save_dir: str | os.PathLike, input_data, input_names: list[str] | None = None,
+             output_names: list[str] | None = None, dynamic_axes: dict | None = None,
+             ranking_memory_mb: float = 256) -> NuqSearchResult:
+    """AMCT's automatic NUQ for an nn.Module: the smallest per-layer NUQ steps whose fake-quant model
+    ``is_satisfied``. ``eval_model(model, None, batch_num)`` gets ``model`` first, then once the calibration
+    module (run ``batch_num`` forward passes), then ``OnnxModule`` wrappers of fake-quant trials; at most
+    ``2 * ceil(log2 N) + 4`` calls. Writes ``record_file`` and into ``save_dir``: ``final_config.json``,
+    ``nuq_search_record.json``, ``model_fake_quant_model.onnx`` and ``model_deploy_model.onnx``."""
+
+    def start(config_for, modified: Path, calibration_record: Path):
+        module, traced, mod = prepare_quantization(load_config(config_file), config_file, modified, calibration_record,
+                                                   model, input_data, config_for=config_for, input_names=input_names,
+                                                   output_names=output_names, dynamic_axes=dynamic_axes)
+        return prepare(traced, model), CalibrationModel(module, mod, str(calibration_record))
+
+    def feeds(prepared: PreparedModel, kept: list) -> list[dict]:
+        inits = {t.name for t in prepared.model.graph.initializer}
+        names = [i.name for i in prepared.model.graph.input if i.name not in inits]
+        return [dict(zip(names, arrays, strict=False)) for arrays in kept]
+
+    def calibrate(module: CalibrationModel, run) -> None:
+        with torch.no_grad():
+            run(module)
+
+    target = NuqTarget(original=model, start=start, calibrate=calibrate, as_evaluated=OnnxModule, feeds=feeds,
+                       prefix="model")
+    return run_auto_nuq(target, nuq_evaluator, config_file, record_file, save_dir, ranking_memory_mb)
