@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from omct.caffe.netio import set_blob, write_caffemodel, write_prototxt
 from omct.caffe.schema import message_class
@@ -167,3 +168,20 @@ def write_v1(b: NetBuilder, folder: Path, stem: str) -> tuple[Path, Path]:
     write_prototxt(net, proto)
     write_caffemodel(net, weights)
     return proto, weights
+
+
+@pytest.fixture(scope="session")
+def caffe_resnet(tmp_path_factory, digits):
+    """The trained residual classifier as a Caffe pair: (prototxt, caffemodel, FP32 accuracy in OpenCV)."""
+    folder = tmp_path_factory.mktemp("caffe_resnet")
+    proto, weights = resnet_caffe(train_resnet(digits, epochs=6)).save(folder, "resnet")
+    return proto, weights, opencv_accuracy(proto, weights, digits.x_test, digits.y_test)
+
+
+def opencv_accuracy(proto, weights, x, y) -> float:
+    """Top-1 accuracy of a Caffe pair in OpenCV's dnn (an independent Caffe implementation)."""
+    import cv2
+
+    net = cv2.dnn.readNetFromCaffe(str(proto), str(weights))
+    net.setInput(x)
+    return float((net.forward().argmax(1) == y).mean())

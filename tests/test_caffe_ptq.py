@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 
+import caffe_models
 import numpy as np
 import pytest
-from caffe_models import resnet_caffe, train_resnet
+from caffe_models import opencv_accuracy
 from conftest import assert_integer_kernels, ort_run
 
 import omct.caffe as amct
@@ -18,20 +19,11 @@ from omct.formats.record import read_record
 
 cv2 = pytest.importorskip("cv2")
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def caffe_resnet(tmp_path_factory, digits):
-    """The trained residual classifier as a Caffe pair: (prototxt, caffemodel, FP32 accuracy in OpenCV)."""
-    folder = tmp_path_factory.mktemp("caffe_resnet")
-    proto, weights = resnet_caffe(train_resnet(digits, epochs=6)).save(folder, "resnet")
-    return proto, weights, _opencv_accuracy(proto, weights, digits)
+caffe_resnet = caffe_models.caffe_resnet  # the session fixture: the trained Caffe classifier
 
 
 def _opencv_accuracy(proto, weights, digits) -> float:
-    net = cv2.dnn.readNetFromCaffe(str(proto), str(weights))
-    net.setInput(digits.x_test)
-    return float((net.forward().argmax(1) == digits.y_test).mean())
+    return opencv_accuracy(proto, weights, digits.x_test, digits.y_test)
 
 
 def _calibrate(tmp_path, proto, weights, digits, batches=4, cfg=None, **kwargs):
