@@ -3,6 +3,7 @@
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ def test_readme_shows_the_caffe_example_verbatim():
     block = code[code.index("class AutoNuqEvaluator("):code.index("    prefix = os.path")].rstrip()
     readme = (ROOT / "README.md").read_text()
     for part in (block[:block.index("\n\n\ndef main")], block[block.index("    # seed 002"):]):
-        assert part in readme, part[:80]
+        assert textwrap.dedent(part) in readme, part[:80]
 
 
 @pytest.mark.slow  # the example trains its Caffe model
