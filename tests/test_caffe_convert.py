@@ -255,6 +255,9 @@ def test_prototxt_syntax_error_names_its_line(tmp_path, rng):
     proto.write_text('name: "x"\nlayer {\n  name: "a"\n  type: "ReLU"\n  bottom: "data" top: \n}\n')
     with pytest.raises(ModelError, match=r"line 6"):
         load_net(proto, weights)
+    proto.write_text('layer {\n  name: "c"\n  type: "Convolution"\n  convolution_param { num_ouput: 3 }\n}\n')
+    with pytest.raises(ModelError, match=r"line 4: .*\"num_ouput\"; did you mean 'num_output'\?"):
+        load_net(proto, weights)
 
 
 def test_blob_shape_mismatch_names_blob_and_shapes(tmp_path, rng):

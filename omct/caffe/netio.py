@@ -7,6 +7,7 @@ foreign caffemodel, a layer of the prototxt without weights in the caffemodel.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from pathlib import Path
@@ -19,6 +20,10 @@ from omct.caffe.schema import message_class, v1_type_names
 from omct.errors import ModelError
 from omct.fileio import atomic_write_bytes, atomic_write_text
 from omct.ui import logger
+
+#: messages whose schema here lacks fields of real Caffe forks (parameter messages of layer types omct does not
+#: convert): an unknown field in them is skipped with a warning; in every other message it is a typo
+PARTIAL_MESSAGES = {"LayerParameter", "V1LayerParameter"}
 
 #: layer types that carry no computation at test time and are dropped on reading
 DROPPED_TYPES = {"Silence"}
@@ -39,8 +44,10 @@ def parse_prototxt(text: str, source: str = "the prototxt"):
     try:
         text_format.Parse(text, net)
     except text_format.ParseError as e:
-        if "has no field named" not in str(e):
-            raise ModelError(f"{source}: {_located(e)}") from None
+        unknown_in = re.search(r'Message type "caffe\.(\w+)" has no field named "(\w+)"', str(e))
+        if not unknown_in or unknown_in.group(1) not in PARTIAL_MESSAGES:
+            hint = _suggestion(unknown_in)
+            raise ModelError(f"{source}: {_located(e).rstrip('.') if hint else _located(e)}{hint}") from None
         net = net_class()
         try:
             text_format.Parse(text, net, allow_unknown_field=True)
@@ -50,6 +57,15 @@ def parse_prototxt(text: str, source: str = "the prototxt"):
         logger.warning("%s: skipped field(s) omct does not use, from line %s on: %s", source, _line(e) or "?",
                        ", ".join(unknown))
     return upgrade_v1(net, source)
+
+
+def _suggestion(unknown) -> str:
+    """'; did you mean ...' for a misspelt field of a message omct defines completely."""
+    if not unknown:
+        return ""
+    fields = message_class(unknown.group(1)).DESCRIPTOR.fields_by_name
+    close = difflib.get_close_matches(unknown.group(2), list(fields), n=2, cutoff=0.6)
+    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
 def _line(e: text_format.ParseError) -> int | None:
