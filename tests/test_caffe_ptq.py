@@ -109,3 +109,39 @@ def test_save_model_types_and_mistakes(tmp_path, caffe_resnet, digits):
     assert "conv1" not in read_record(record)
     with pytest.raises(OutputPathError):
         amct.quantize_model(graph, str(proto), str(tmp_path / "x.caffemodel"))
+
+
+def test_deconvolution_pooling_and_refused_innerproduct(tmp_path, rng):
+    """Deconvolution and AVE Pooling (with Caffe's padded ceil rounding) are quantized and written back; an
+    InnerProduct with transpose stays float with AMCT's reason; the Caffe pair still loads in OpenCV."""
+    from caffe_models import NetBuilder
+
+    b = NetBuilder("mixed", (1, 3, 12, 12))
+    b.add("conv", "Convolution", "data", blobs=[rng.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3,
+                                                np.zeros(8, np.float32)],
+          convolution_param={"num_output": 8, "kernel_size": [3], "pad": [1]})
+    b.add("relu", "ReLU", "conv", "conv")
+    b.add("up", "Deconvolution", "conv", blobs=[rng.standard_normal((8, 4, 2, 2)).astype(np.float32) * 0.3],
+          convolution_param={"num_output": 4, "kernel_size": [2], "stride": [2], "bias_term": False})
+    b.add("pool", "Pooling", "up", pooling_param={"pool": 1, "kernel_size": 3, "stride": 2, "pad": 1})
+    b.add("ip_t", "InnerProduct", "pool", blobs=[rng.standard_normal((4 * 13 * 13, 5)).astype(np.float32) * 0.05],
+          inner_product_param={"num_output": 5, "transpose": True, "bias_term": False})
+    proto, weights = b.save(tmp_path, "mixed")
+    config, record = tmp_path / "c.json", tmp_path / "r.txt"
+    amct.create_quant_config(str(config), str(proto), str(weights), batch_num=1)
+    layers = json.loads(config.read_text())
+    assert {"conv", "up", "pool"} <= set(layers) and "ip_t" not in layers
+    graph = amct.init(str(config), str(proto), str(weights), str(record))
+    assert any(r.name == "ip_t" and "no transpose" in r.reason for r in graph.prep.prepared.refused)
+    session = amct.quantize_model(graph, str(tmp_path / "m.prototxt"), str(tmp_path / "m.caffemodel"))
+    session.run(None, {"data": rng.standard_normal((32, 3, 12, 12)).astype(np.float32)})
+    amct.save_model(graph, "Fakequant", str(tmp_path / "q"))
+    written = {layer.name: layer for layer in read_caffemodel(tmp_path / "q_fake_quant_weights.caffemodel").layer}
+    scale = np.asarray(read_record(record)["up"].scale_w, np.float64)
+    codes = blob_array(written["up"].blobs[0]) / scale.reshape(1, -1, 1, 1)  # Deconvolution: output channels on axis 1
+    assert np.abs(codes - np.round(codes)).max() < 1e-3
+    np.testing.assert_array_equal(blob_array(written["ip_t"].blobs[0]), blob_array(b.net.layer[-1].blobs[0]))
+    net = cv2.dnn.readNetFromCaffe(str(tmp_path / "q_fake_quant_model.prototxt"),
+                                   str(tmp_path / "q_fake_quant_weights.caffemodel"))
+    net.setInput(np.ones((1, 3, 12, 12), np.float32))
+    assert net.forward().shape == (1, 5)
