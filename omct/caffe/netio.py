@@ -166,11 +166,25 @@ def blob_array(blob) -> np.ndarray:
     return values.reshape(shape)
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        bits, n = n & 0x7F, n >> 7
+        out.append(bits | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+_DATA_TAG = bytes([5 << 3 | 2])  # BlobProto.data (field 5), packed: one length-delimited run of float32
+
+
 def set_blob(blob, array: np.ndarray) -> None:
-    """Store ``array`` in ``blob`` (float data, ``shape.dim``)."""
+    """Store ``array`` in ``blob`` (float data, ``shape.dim``). The floats go in as one packed run of bytes:
+    appending them value by value costs seconds per ten million."""
     blob.Clear()
-    blob.shape.dim.extend(int(d) for d in array.shape)
-    blob.data.extend(np.asarray(array, np.float32).ravel().tolist())
+    blob.shape.dim.extend(int(d) for d in np.shape(array))
+    raw = np.ascontiguousarray(array, dtype="<f4").tobytes()
+    blob.MergeFromString(_DATA_TAG + _varint(len(raw)) + raw)
 
 
 def prototxt_text(net) -> str:

@@ -48,10 +48,10 @@ class _OpenCVNet:
         self._net, self._inputs = net, {}
 
     def setInput(self, blob, name: str = "", scalefactor: float = 1.0, mean=None) -> None:  # noqa: N802 - OpenCV's name
-        x = np.asarray(blob, np.float32) * scalefactor
-        if mean is not None:
+        x = np.asarray(blob, np.float32)
+        if mean is not None:  # OpenCV: (blob - mean) * scalefactor
             x = x - np.asarray(mean, np.float32)[: x.shape[1]].reshape(1, -1, 1, 1)
-        self._inputs[name or self._net.inputs[0]] = x
+        self._inputs[name or self._net.inputs[0]] = x * np.float32(scalefactor)
 
     def forward(self, outputName=None):  # noqa: N803 - OpenCV's name
         out = self._net.forward(**self._inputs)
@@ -62,23 +62,31 @@ class _OpenCVNet:
 
 @contextmanager
 def calibrating(model_file: str | os.PathLike, session: Any):
-    """While the evaluator calibrates: ``Net(model_file, ...)`` and ``cv2.dnn.readNetFromCaffe(model_file, ...)``
-    run ``session`` (the calibration session); every other file opens as usual."""
+    """While the evaluator calibrates: ``Net(model_file, ...)``, ``cv2.dnn.readNetFromCaffe(model_file, ...)`` and
+    ``cv2.dnn.readNet`` of it run ``session`` (the calibration session); every other file opens as usual."""
     key = os.path.realpath(model_file)
     _calibrating[key] = session
     patched = None
     try:
         import cv2
 
-        real = cv2.dnn.readNetFromCaffe
+        real_caffe, real_any = cv2.dnn.readNetFromCaffe, cv2.dnn.readNet
 
-        def read(prototxt, caffe_model=None, *args, **kwargs):
-            if os.path.realpath(prototxt) == key:
+        def ours(*paths) -> bool:
+            return any(isinstance(p, str | os.PathLike) and os.path.realpath(p) == key for p in paths)
+
+        def read_caffe(prototxt, caffe_model=None, *args, **kwargs):
+            if ours(prototxt):
                 return _OpenCVNet(Net(prototxt, caffe_model))
-            return real(prototxt, caffe_model, *args, **kwargs) if caffe_model is not None else real(prototxt)
+            return real_caffe(prototxt, *([caffe_model] if caffe_model is not None else []), *args, **kwargs)
 
-        cv2.dnn.readNetFromCaffe = read
-        patched = (cv2, real)
+        def read_any(model, config="", *args, **kwargs):  # readNet(weights, prototxt) or (prototxt, weights)
+            if ours(model, config):
+                return _OpenCVNet(Net(key, config if ours(model) else model))
+            return real_any(model, config, *args, **kwargs)
+
+        cv2.dnn.readNetFromCaffe, cv2.dnn.readNet = read_caffe, read_any
+        patched = (cv2, real_caffe, real_any)
     except ImportError:  # OpenCV is optional: Net still calibrates
         pass
     try:
@@ -86,4 +94,4 @@ def calibrating(model_file: str | os.PathLike, session: Any):
     finally:
         _calibrating.pop(key, None)
         if patched is not None:
-            patched[0].dnn.readNetFromCaffe = patched[1]
+            patched[0].dnn.readNetFromCaffe, patched[0].dnn.readNet = patched[1], patched[2]
