@@ -43,6 +43,9 @@ def test_uniform_ptq_deploy_within_one_point_and_caffe_pair(tmp_path, caffe_resn
     net = cv2.dnn.readNetFromCaffe(str(proto), str(weights))
     net.setInput(digits.x_train[:64])
     np.testing.assert_allclose(outs[0], net.forward(), atol=1e-5)
+    modified = cv2.dnn.readNetFromCaffe(str(tmp_path / "modified.prototxt"), str(tmp_path / "modified.caffemodel"))
+    modified.setInput(digits.x_train[:64])
+    np.testing.assert_allclose(modified.forward(), outs[0], atol=1e-5)  # the float network omct calibrated
     layers = json.loads(config.read_text())
     assert {"conv1", "res2a_branch2a", "res3a_branch1", "fc10", "pool5"} <= set(layers)  # Caffe layer names
     amct.save_model(graph, "Both", str(tmp_path / "resnet"))
