@@ -13,7 +13,16 @@ Prototxt and caffemodel files (V1 ``layers`` files too) are read and written wit
 Caffe schema, converted to ONNX and calibrated in ONNX Runtime. See docs/CAFFE.md.
 """
 
-from omct.caffe.api import CaffeGraph, CalibrationSession, create_quant_config, init, quantize_model, save_model
+from omct.caffe.api import (
+                            CaffeGraph,
+                            CalibrationSession,
+                            create_quant_config,
+                            init,
+                            quantize_model,
+                            save_model,
+                            set_cpu_mode,
+                            set_gpu_mode,
+)
 from omct.caffe.auto_nuq import AutoNuqEvaluatorBase, auto_nuq
 from omct.caffe.convert import convert
 from omct.caffe.netio import load_net, read_caffemodel, read_prototxt, write_caffemodel, write_prototxt
@@ -21,4 +30,4 @@ from omct.caffe.runner import Net
 
 __all__ = ["AutoNuqEvaluatorBase", "CaffeGraph", "CalibrationSession", "Net", "auto_nuq", "convert",
            "create_quant_config", "init", "load_net", "quantize_model", "read_caffemodel", "read_prototxt", "save_model",
-           "write_caffemodel", "write_prototxt"]
+           "set_cpu_mode", "set_gpu_mode", "write_caffemodel", "write_prototxt"]

@@ -35,7 +35,7 @@ from omct.ui import hints, logger
 from omct.workflow import check_config_against_model, quantized_from, write_quant_config
 
 __all__ = ["CaffeGraph", "CalibrationSession", "create_quant_config", "init", "prepare", "quantize_model",
-           "save_model"]
+           "save_model", "set_cpu_mode", "set_gpu_mode"]
 
 #: the Caffe types (and helper ops) config.json, skip_layer_types and override_layer_types may name
 TYPE_NAMES = {"Convolution", "Deconvolution", "InnerProduct", "Pooling", "Eltwise", "Concat", "Flatten", "Reshape",
@@ -244,3 +244,13 @@ def save_model(graph: CaffeGraph, save_type: str, save_path: str | os.PathLike) 
     check_outputs({"model_file": graph.model_file, "weights_file": graph.weights_file, "config_file": graph.config_file,
                    "scale_offset_record_file": graph.record_file}, save_outputs(str(save_path), save_type))
     return save_quantized(graph, quantized_from(graph.modified, graph.record_file), save_type, save_path)
+
+
+def set_cpu_mode() -> None:
+    """AMCT's switch for weight calibration on the CPU: omct always calibrates with ONNX Runtime on the CPU; kept
+    so that AMCT scripts run unchanged."""
+
+
+def set_gpu_mode() -> None:
+    """AMCT's switch for weight calibration on a GPU: accepted and ignored (omct calibrates on the CPU)."""
+    logger.info("set_gpu_mode: omct calibrates with ONNX Runtime on the CPU; ignored")
