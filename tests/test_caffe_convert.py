@@ -227,6 +227,21 @@ def test_v1_layers_file_reads_like_the_current_format(tmp_path, rng):
     np.testing.assert_allclose(_opencv(proto, weights, x, ["prob"])[0], v1["prob"], atol=TOL)
 
 
+def test_net_level_input_shape_and_batch_free(tmp_path, rng):
+    """``input`` + ``input_shape`` declares the input as well as an Input layer; any batch size runs."""
+    b = _plain_cnn(rng)
+    x = rng.standard_normal((5, 1, 16, 16)).astype(np.float32)
+    ours, _ = _omct(*b.save(tmp_path, "layer"), x)
+    del b.net.layer[0]
+    b.net.input.append("data")
+    b.net.input_shape.add().dim.extend([1, 1, 16, 16])
+    proto, weights = b.save(tmp_path, "net_input")
+    assert "input_shape" in proto.read_text()
+    theirs, _ = _omct(proto, weights, x)
+    np.testing.assert_allclose(theirs["prob"], ours["prob"], atol=1e-6)
+    np.testing.assert_allclose(_opencv(proto, weights, x, ["prob"])[0], ours["prob"], atol=TOL)
+
+
 # -- errors: one line naming the file, layer, blob ---------------------------------------------------------------
 
 def _small(tmp_path, rng):
