@@ -68,13 +68,13 @@ def test_levels_beat_lloyd_max_on_int8_weight_histograms(rng, k):
 
 
 def test_fit_is_deterministic_weighted_and_refined(rng):
-    w = rng.normal(size=(16, 12, 3, 3)).astype(np.float32) * rng.uniform(0.2, 1, (16, 1, 1, 1)).astype(np.float32)
-    importance = np.r_[np.full(6, 10.0), np.full(6, 0.01)]
+    w = rng.normal(size=(16, 32, 3, 3)).astype(np.float32) * rng.uniform(0.2, 1, (16, 1, 1, 1)).astype(np.float32)
+    importance = np.r_[np.full(16, 10.0), np.full(16, 0.01)]
     scale = arq(w, 8, 0).scale
     s1, l1 = nuq.fit(w, scale, 0, 1, 16, 2, importance)
     s2, l2 = nuq.fit(w, scale, 0, 1, 16, 2, importance)
     assert np.array_equal(s1, s2) and np.array_equal(l1, l2)
-    assert len(l1) <= 16 and l1.min() >= -128 and l1.max() <= 127
+    assert l1.shape == (16, 16) and l1.min() >= -128 and l1.max() <= 127 and np.all(np.diff(l1, axis=1) >= 0)
     # levels chosen for the channels that matter beat levels chosen as if all channels mattered equally
     _, plain = nuq.fit(w, scale, 0, 1, 16, 0, None)
     _, weighted = nuq.fit(w, scale, 0, 1, 16, 0, importance)
@@ -82,7 +82,18 @@ def test_fit_is_deterministic_weighted_and_refined(rng):
     # refinement never makes it worse, and every weight lands on a level
     s0, l0 = nuq.fit(w, scale, 0, 1, 16, 0, importance)
     assert nuq.weighted_error(w, s1, 0, 1, l1, importance) <= nuq.weighted_error(w, s0, 0, 1, l0, importance)
-    assert set(np.unique(nuq.to_levels(w, s1, 0, l1))) <= set(l1.tolist())
+    codes = nuq.to_levels(w, s1, 0, l1)
+    assert all(set(np.unique(codes[c])) <= set(l1[c].tolist()) for c in range(16))
+    # one table per channel (what fit does) beats the best single table shared by the layer's channels
+    _, own = nuq.fit(w, scale, 0, 1, 16, 0)
+    codes = np.clip(np.round(w.reshape(16, -1) / scale[:, None]), -128, 127)
+    values, inverse = np.unique(codes, return_inverse=True)
+    elem = np.broadcast_to(scale[:, None].astype(np.float64) ** 2, codes.shape).reshape(-1)
+    shared = nuq.select_levels(values, np.bincount(inverse.reshape(-1), weights=elem), 16)
+    assert nuq.weighted_error(w, scale, 0, 1, own) < 0.8 * nuq.weighted_error(w, scale, 0, 1, np.tile(shared, (16, 1)))
+    # per tensor: one scale, one table
+    s_t, l_t = nuq.fit(w, arq(w, 8, None).scale, None, 1, 32)
+    assert s_t.shape == () and l_t.shape == (1, 32)
     with pytest.raises(ValueError, match="num_steps must be one of 16, 32, 64, 128"):
         nuq.fit(w, scale, 0, 1, 20)
 
@@ -217,16 +228,18 @@ def test_record_keeps_the_levels(tmp_path):
     from omct.formats import record
     from omct.formats.proto import ScaleOffsetRecord
 
-    recs = {"conv": record.LayerRecord(0.1, -3, [0.5, 0.25], [0, 0], 0.2, -128, [0.01, 0.02], [-100, -7, 0, 9, 120])}
+    recs = {"conv": record.LayerRecord(0.1, -3, [0.5, 0.25], [0, 0], 0.2, -128, [0.01, 0.02], [-100, -7, 0, 9, 9, 120])}
     path = tmp_path / "r.txt"
     record.write_record(path, recs)
     msg = text_format.Parse(path.read_text(), ScaleOffsetRecord())
-    assert list(msg.record[0].value.nuq_levels) == [-100, -7, 0, 9, 120]
+    assert list(msg.record[0].value.nuq_levels) == [-100, -7, 0, 9, 9, 120]
     record._last_written = None  # parse the file, not the cache
-    assert record.read_record(path)["conv"].nuq_levels == [-100, -7, 0, 9, 120]
-    path.write_text(path.read_text().replace("nuq_levels: 0", "nuq_levels: 300"))
-    with pytest.raises(RecordError, match="layer 'conv' has nuq_levels that are not"):
-        record.read_record(path)
+    assert record.read_record(path)["conv"].nuq_levels == [-100, -7, 0, 9, 9, 120]
+    for old, new in (("nuq_levels: 0", "nuq_levels: 300"), ("nuq_levels: 0", "nuq_levels: -8"),
+                     ("nuq_levels: 120", "nuq_levels: 120\n    nuq_levels: 121")):
+        path.write_text(record.record_text(recs).replace(old, new))
+        with pytest.raises(RecordError, match="layer 'conv' has nuq_levels that are not one sorted table"):
+            record.read_record(path)
 
 
 # ---- export ----------------------------------------------------------------------------------------------
@@ -252,7 +265,7 @@ def _quantize(tmp_path, model, steps, x, prefix="q"):
 def test_deploy_stores_packed_indices_and_runs_integer_kernels(tmp_path, rng):
     from omct.formats.record import read_record
 
-    model = _conv_stack(tmp_path, width=96, blocks=3)
+    model = _conv_stack(tmp_path, width=128, blocks=3)
     x = rng.normal(size=(8, 3, 12, 12)).astype(np.float32)
     fake, deploy = _quantize(tmp_path, model, 16, x)
     out_fake, out_deploy = ort_run(fake, {"input": x})[0], ort_run(deploy, {"input": x})[0]
@@ -278,8 +291,8 @@ def test_deploy_stores_packed_indices_and_runs_integer_kernels(tmp_path, rng):
         if node.op_type == "Conv":
             rec = records[node.name]
             codes = weights[node.input[1]] / np.asarray(rec.scale_w, np.float32)[:, None, None, None]
-            assert len(rec.nuq_levels) <= 16
-            assert np.abs(codes[..., None] - np.array(rec.nuq_levels)).min(-1).max() < 1e-3
+            table = np.array(rec.nuq_levels).reshape(codes.shape[0], 1, 1, 1, 16)  # one row of 16 per channel
+            assert np.abs(codes[..., None] - table).min(-1).max() < 1e-3
             assert any(w.shape == codes.shape and np.array_equal(w, np.round(codes)) for w in int8_weights), node.name
 
 

@@ -50,7 +50,7 @@ class WeightQuantization(Algorithm):
                 scale, levels = nuq.fit(weight, wp.scale, axis, spec.weight_in_axis, options["num_steps"],
                                         options["num_of_iteration"], importance)
                 wp = QuantParams(np.asarray(scale, np.float32), wp.offset, wp.num_bits, wp.axis)
-                rec.nuq_levels = [int(v) for v in levels]
+                rec.nuq_levels = [int(v) for v in np.ravel(levels)]  # one row per weight scale
             ctx.weight_params[name] = wp
             rec.scale_w = [float(s) for s in np.ravel(wp.scale)]
             rec.offset_w = [0] * len(rec.scale_w)

@@ -59,7 +59,9 @@ class AutoNuqEvaluatorBase(ABC):
     * ONNX frontend: ``model_file`` is an ONNX file path (the float model, then fake-quant trials) and
       ``weights_file`` None. Once, for calibration, it gets the calibration model: run ``batch_num`` batches
       through ``onnxruntime.InferenceSession(model_file)`` (omct hands back a ``CalibrationSession`` for that
-      file; the metric returned then is not used).
+      file: an evaluation loop over your validation data calibrates on its first ``batch_num`` batches, or test
+      ``isinstance(session, omct.onnx.CalibrationSession)`` to feed calibration data instead; the metric
+      returned then is not used).
     * PyTorch frontend: ``model_file`` is an nn.Module (your model, the calibration module, then fake-quant
       trials behind ``OnnxModule``) and ``weights_file`` None.
 
@@ -150,9 +152,10 @@ def with_steps(config: QuantConfig, steps: dict[str, Steps], num_of_iteration: i
     return QuantConfig(config.globals, layers)
 
 
-def weight_bytes(sizes: dict[str, int], steps: dict[str, Steps]) -> int:
-    """Bytes the candidates' weights take in the deploy file: packed indices + table, or one byte each."""
-    return sum(nuq.packed_bytes(sizes[n], k) if k else sizes[n] for n, k in steps.items())
+def weight_bytes(shapes: dict[str, tuple[tuple[int, ...], int | None]], steps: dict[str, Steps]) -> int:
+    """Bytes the candidates' weights take in the deploy file: packed indices + level tables, or one byte each.
+    ``shapes``: layer -> (weight shape, output-channel axis)."""
+    return sum(nuq.stored_bytes(*shapes[n], k) if k else int(np.prod(shapes[n][0])) for n, k in steps.items())
 
 
 def auto_nuq_outputs(save_dir: Path, prefix: str, record_file: str | os.PathLike) -> dict[str, Path | str | os.PathLike]:
@@ -224,8 +227,8 @@ def _search(target: NuqTarget, evaluator: AutoNuqEvaluatorBase, config: QuantCon
     calibration = calibrating.calibration
     inits = {t.name: t for t in prepared.model.graph.initializer}
     spec_of = {s.name: s for s in prepared.layers}
-    sizes = {n: int(np.prod(inits[spec_of[n].weight].dims)) for n in names}
-    float_bytes = 4 * sum(sizes.values())
+    sizes = {n: (tuple(inits[spec_of[n].weight].dims), spec_of[n].weight_axis) for n in names}
+    float_bytes = 4 * sum(int(np.prod(shape)) for shape, _ in sizes.values())
     n = len(names)
     bound = evaluation_bound(n)
     logger.info("auto_nuq: %d candidate layer(s); at most %d eval_model calls", n, bound)

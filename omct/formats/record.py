@@ -28,7 +28,7 @@ class LayerRecord:
     scale_o: float | None = None
     offset_o: int | None = None
     bias_correction: list[float] = field(default_factory=list)  # added to the float bias before it is quantized
-    nuq_levels: list[int] = field(default_factory=list)  # NUQ: the sorted INT8 levels the weights keep (empty: uniform)
+    nuq_levels: list[int] = field(default_factory=list)  # NUQ: per weight scale, the sorted INT8 levels it keeps
 
 
 def _f32(values) -> list[str]:
@@ -123,10 +123,12 @@ def read_record(path: str | Path) -> dict[str, LayerRecord]:
             raise RecordError(f"{path}: layer '{entry.key}' has {len(v.scale_w)} scale_w but {len(v.offset_w)} offset_w")
         if not np.isfinite(v.scale_d) or v.scale_d <= 0 or any(not np.isfinite(s) or s <= 0 for s in v.scale_w):
             raise RecordError(f"{path}: layer '{entry.key}' has a scale that is not a positive finite number")
-        levels = list(v.nuq_levels)
-        if levels and (len(levels) > 128 or levels != sorted(set(levels)) or levels[0] < -128 or levels[-1] > 127):
-            raise RecordError(f"{path}: layer '{entry.key}' has nuq_levels that are not at most 128 sorted distinct "
-                              "INT8 values")
+        levels = np.asarray(v.nuq_levels, np.int64)
+        rows = max(len(v.scale_w), 1)  # one table per weight scale
+        if levels.size and (levels.size % rows or levels.size // rows > 128 or levels.min() < -128 or levels.max() > 127
+                            or np.any(np.diff(levels.reshape(rows, -1), axis=1) < 0)):
+            raise RecordError(f"{path}: layer '{entry.key}' has nuq_levels that are not one sorted table of at most "
+                              "128 INT8 values per weight scale")
         out[entry.key] = LayerRecord(v.scale_d, v.offset_d, list(v.scale_w), list(v.offset_w),
                                      v.scale_o if v.HasField("scale_o") else None,
                                      v.offset_o if v.HasField("offset_o") else None, list(v.bias_correction),

@@ -122,7 +122,7 @@ class DeployBuilder(_Builder):
 
     def weight(self, codes, params, base, levels=None):
         qi = (self.add_init(codes.astype(np.int8), f"{base}.weight_quantized") if not levels
-              else self.unpacked_levels(codes, levels, base))
+              else self.unpacked_levels(codes, levels, params.axis, base))
         s = self.add_init(params.scale, f"{base}.weight_scale")
         z = self.add_init(np.zeros(params.scale.shape, np.int8), f"{base}.weight_zero_point")
         attrs = {"axis": params.axis} if params.axis is not None else {}
@@ -135,31 +135,47 @@ class DeployBuilder(_Builder):
             cache[key] = self.add_init(array, key)
         return cache[key]
 
-    def unpacked_levels(self, codes: np.ndarray, levels: list[int], base: str) -> str:
-        """NUQ: the INT8 weight stored as bit-packed indices into the layer's level table, expanded by standard
-        ops on constants only (BitShift, Mod, Mul, ReduceSum, Gather, Reshape), which ONNX Runtime folds into an
-        INT8 initializer when the session is created: the DequantizeLinear that follows then fuses into the
-        integer kernel as with a uniform weight. Bit planes (one bit of every index per plane, 8 per byte) serve
-        any table size with plain byte ops."""
-        table = np.asarray(levels, np.int8)
-        bits = nuq.index_bits(len(levels))
-        count = codes.size
-        planes = nuq.pack_indices(np.searchsorted(table.astype(np.int64), codes.reshape(-1)), bits)
+    def unpacked_levels(self, codes: np.ndarray, levels: list[int], axis: int | None, base: str) -> str:
+        """NUQ: the INT8 weight stored as bit-packed indices into the layer's level tables (one row per output
+        channel on ``axis``), expanded by standard ops on constants only (BitShift, Cast, Mod, Mul, ReduceSum,
+        Reshape, Slice, Add, Gather), which ONNX Runtime folds into an INT8 initializer when the session is
+        created: the DequantizeLinear that follows then fuses into the integer kernel as with a uniform weight.
+        Bit planes (one bit of every index per plane, 8 per byte) serve any table size with plain byte ops."""
+        channels = codes.shape[axis] if axis is not None else 1
+        table = nuq.level_table(levels, channels)
+        steps_per_row = table.shape[1]
+        bits = nuq.index_bits(steps_per_row)
+        moved = np.moveaxis(codes, axis, 0).reshape(channels, -1) if axis is not None else codes.reshape(1, -1)
+        index = np.stack([np.searchsorted(table[c if table.shape[0] > 1 else 0], moved[c]) for c in range(channels)])
+        index = np.moveaxis(index.reshape((channels,) + tuple(np.delete(codes.shape, axis))), 0, axis) \
+            if axis is not None else index.reshape(codes.shape)
+        planes = nuq.pack_indices(index, bits)
         packed = self.add_init(planes[:, :, None], f"{base}.weight_packed")  # [bits, bytes, 1] uint8
-        bit = self.node("BitShift", [packed, self.shared(np.arange(7, -1, -1, dtype=np.uint8), "nuq.bit_shifts")],
-                        f"{base}.weight_bits", direction="RIGHT")  # [bits, bytes, 8]
-        bit = self.node("Cast", [bit], f"{base}.weight_bits_i32", to=onnx.TensorProto.INT32)
-        bit = self.node("Mod", [bit, self.shared(np.array(2, np.int32), "nuq.two")], f"{base}.weight_bit")
+        steps = iter(range(100))
+
+        def op(op_type: str, inputs: list[str], **attrs) -> str:
+            """An unpacking node: short output name, no node name (a few hundred bytes less per layer)."""
+            out = self.unique(f"{base}.u{next(steps)}")
+            self.new_nodes.append(helper.make_node(op_type, inputs, [out], **attrs))
+            return out
+
+        bit = op("BitShift", [packed, self.shared(np.arange(7, -1, -1, dtype=np.uint8), "nuq.bit_shifts")],
+                 direction="RIGHT")  # [bits, bytes, 8]
+        bit = op("Mod", [op("Cast", [bit], to=onnx.TensorProto.INT32), self.shared(np.array(2, np.int32), "nuq.two")])
         values = (1 << np.arange(bits, dtype=np.int32)).reshape(bits, 1, 1)
-        idx = self.node("Mul", [bit, self.shared(values, f"nuq.bit_values{bits}")], f"{base}.weight_bit_value")
-        idx = self.node("ReduceSum", [idx, self.shared(np.array([0], np.int64), "nuq.zero")], f"{base}.weight_index_blocks",
-                        keepdims=0)  # [bytes, 8]
-        idx = self.node("Reshape", [idx, self.shared(np.array([-1], np.int64), "nuq.flat")], f"{base}.weight_index")
-        idx = self.node("Slice", [idx, self.shared(np.array([0], np.int64), "nuq.zero"),
-                                  self.add_init(np.array([count], np.int64), f"{base}.count")], f"{base}.weight_indices")
-        w = self.node("Gather", [self.add_init(table, f"{base}.weight_levels"), idx], f"{base}.weight_int8_flat", axis=0)
-        shape = self.add_init(np.array(codes.shape, np.int64), f"{base}.weight_shape")
-        return self.node("Reshape", [w, shape], f"{base}.weight_quantized")
+        idx = op("ReduceSum", [op("Mul", [bit, self.shared(values, f"nuq.bit_values{bits}")]),
+                               self.shared(np.array([0], np.int64), "nuq.zero")], keepdims=0)  # [bytes, 8]
+        idx = op("Slice", [op("Reshape", [idx, self.shared(np.array([-1], np.int64), "nuq.flat")]),
+                           self.shared(np.array([0], np.int64), "nuq.zero"),
+                           self.add_init(np.array([codes.size], np.int64), f"{base}.count")])
+        idx = op("Reshape", [idx, self.add_init(np.array(codes.shape, np.int64), f"{base}.weight_shape")])
+        if table.shape[0] > 1:  # row c of the flattened tables starts at c * steps_per_row
+            shape = [1] * codes.ndim
+            shape[axis] = channels
+            offsets = (np.arange(channels, dtype=np.int32) * steps_per_row).reshape(shape)
+            idx = op("Add", [idx, self.add_init(offsets, f"{base}.level_rows")])
+        w = self.add_init(table.reshape(-1).astype(np.int8), f"{base}.weight_levels")
+        return self.node("Gather", [w, idx], f"{base}.weight_quantized", axis=0)
 
     def bias(self, codes, scale, base):
         bi = self.add_init(codes, f"{base}.bias_quantized")
