@@ -16,6 +16,7 @@ from conftest import assert_integer_kernels, ort_run
 import omct.caffe as amct
 from omct.caffe.auto_nuq import AutoNuqEvaluatorBase
 from omct.caffe.netio import blob_array, read_caffemodel
+from omct.core import nuq
 from omct.formats.record import read_record
 
 cv2 = pytest.importorskip("cv2")
@@ -38,8 +39,8 @@ override_layer_types : {
 
 
 def _codes_on_levels(weights_file, records) -> dict[str, int]:
-    """Per weighted layer of a written caffemodel: how many distinct INT8 codes its weights use; asserts they are
-    the record's NUQ levels when it has them."""
+    """Per weighted layer of a written caffemodel: the most distinct INT8 codes one output channel uses; asserts
+    they are that channel's NUQ levels in the record when it has them (one table per weight scale)."""
     used = {}
     for layer in read_caffemodel(weights_file).layer:
         if layer.type not in ("Convolution", "InnerProduct"):
@@ -48,10 +49,12 @@ def _codes_on_levels(weights_file, records) -> dict[str, int]:
         rec = records[layer.name]
         codes = w / np.asarray(rec.scale_w, np.float64).reshape(-1, *([1] * (w.ndim - 1)))
         assert np.abs(codes - np.round(codes)).max() < 1e-3, layer.name
-        codes = np.round(codes).astype(int)
+        codes = np.round(codes).astype(int).reshape(len(w), -1)
         if rec.nuq_levels:
-            assert set(np.unique(codes)) <= set(rec.nuq_levels), layer.name
-        used[layer.name] = len(np.unique(codes))
+            table = nuq.level_table(rec.nuq_levels, len(rec.scale_w))
+            for c in range(len(w)):
+                assert set(codes[c]) <= set(table[c if len(table) > 1 else 0]), (layer.name, c)
+        used[layer.name] = max(len(np.unique(row)) for row in codes)
     return used
 
 
