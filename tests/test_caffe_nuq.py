@@ -147,3 +147,56 @@ def test_seed_002_auto_nuq_as_written(tmp_path, caffe_resnet, digits, monkeypatc
     nuq_layers = [n for n, k in result.steps.items() if k]
     assert nuq_layers and all(used[n] <= result.steps[n] for n in nuq_layers), (used, result.steps)
     assert (out / "resnet_deploy_model.onnx").is_file() and not (out / "nuq_work").exists()
+
+
+def test_auto_nuq_trials_reach_the_evaluator_as_caffe_pairs(tmp_path, caffe_resnet, digits):
+    """A search that needs mixed trials: each eval_model call reads a caffemodel holding exactly that trial's
+    weights (NUQ layers on at most num_steps values per output channel, uniform layers on more)."""
+    proto, weights, _ = caffe_resnet
+    x = digits.x_test[:200]
+    reference = cv2.dnn.readNetFromCaffe(str(proto), str(weights))
+    reference.setInput(x)
+    float_out = reference.forward()
+    seen: list[dict[str, int]] = []
+
+    class Closeness(AutoNuqEvaluatorBase):
+        """Closeness of the probabilities to the float model's; satisfied when closer than halfway between all
+        NUQ-16 and all uniform INT8 (so the search has to mix them)."""
+
+        metrics: list[float] = []
+
+        def eval_model(self, model_file, weights_file, batch_num):
+            net = cv2.dnn.readNetFromCaffe(model_file, weights_file)
+            outs = []
+            for part in np.array_split(x, batch_num):
+                net.setInput(part)
+                outs.append(net.forward())
+            distinct = {}
+            for layer in read_caffemodel(weights_file).layer:
+                if layer.type == "Convolution" and len(layer.blobs[0].data) // layer.convolution_param.num_output > 64:
+                    w = blob_array(layer.blobs[0]).reshape(layer.convolution_param.num_output, -1)
+                    distinct[layer.name] = max(len(np.unique(row)) for row in w)
+            seen.append(distinct)
+            return -float(np.abs(np.concatenate(outs) - float_out).mean())
+
+        def is_satisfied(self, original_metric, new_metric):
+            if new_metric == original_metric:
+                return True
+            self.metrics.append(new_metric)
+            if len(self.metrics) <= 2:
+                return len(self.metrics) == 2  # all NUQ-16 fails, all INT8 passes
+            return new_metric >= (self.metrics[0] + self.metrics[1]) / 2
+
+    config = tmp_path / "config.json"
+    (tmp_path / "n.cfg").write_text(AMCT_CFG % 16)
+    amct.create_quant_config(str(config), str(proto), str(weights), config_defination=str(tmp_path / "n.cfg"))
+    result = amct.auto_nuq(str(proto), str(weights), Closeness(), str(config), str(tmp_path / "record.txt"),
+                           str(tmp_path / "out"))
+    trials = json.loads((tmp_path / "out" / "nuq_search_record.json").read_text())["trials"]
+    assert len(trials) >= 3 and result.evaluations == len(seen) <= result.bound
+    assert len(set(result.steps.values())) > 1  # a mix of NUQ-16 with NUQ-32 or uniform layers
+    assert {"uniform"} <= {v for t in trials for v in t["steps"].values()}
+    for trial, distinct in zip(trials, seen[2:], strict=True):  # calls 0 and 1: float model, calibration
+        for name, count in distinct.items():
+            steps = trial["steps"][name]
+            assert count <= steps if steps != "uniform" else count > 32, (trial["trial"], name, count)
