@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from omct.caffe.netio import blob_array
 from omct.errors import ModelError
@@ -71,7 +71,7 @@ class _Converter:
     def __init__(self, net, weights_file: str):
         self.net, self.weights_file = net, weights_file
         self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[TensorProto] = []
+        self.model = onnx.ModelProto()  # initializers are written into it directly: copying them costs
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.current: dict[str, str] = {}  # blob -> ONNX tensor holding its latest value
         self.types: dict[str, str] = {}
@@ -104,8 +104,13 @@ class _Converter:
 
     def const(self, array: np.ndarray, base: str) -> str:
         name = self.unique(base)
-        self.inits.append(numpy_helper.from_array(np.asarray(array), name))
+        self._initializer(np.asarray(array), name)
         return name
+
+    def _initializer(self, array: np.ndarray, name: str) -> None:
+        t = self.model.graph.initializer.add(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
+        t.dims.extend(array.shape)
+        t.raw_data = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
 
     def node(self, op: str, inputs: list[str], output: str, name: str, layer_type: str | None = None, **attrs) -> str:
         self.nodes.append(helper.make_node(op, inputs, [output], name=name, **attrs))
@@ -176,12 +181,14 @@ class _Converter:
                 self.node("Identity", [self.current[t]], self.unique(t), self.unique(f"{t}/output"))
                 self.shapes[t] = self.shapes[self.current[t]]
                 self.current[t] = t
-        graph = helper.make_graph(
-            self.nodes, net.name or "caffe",
-            [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", *s[1:]]) for n, s in self.inputs.items()],
-            [helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in outputs], self.inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="omct.caffe")
-        model.ir_version = 8
+        model = self.model
+        graph = model.graph
+        graph.name = net.name or "caffe"
+        graph.node.extend(self.nodes)
+        graph.input.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", *s[1:]]) for n, s in self.inputs.items())
+        graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in outputs)
+        model.opset_import.append(helper.make_opsetid("", OPSET))
+        model.producer_name, model.ir_version = "omct.caffe", 8
         return Conversion(model, self.types, dict(self.inputs), outputs, self.merged, self.constraints,
                           {layer.name: layer for layer in layers})
 
@@ -564,7 +571,7 @@ class _Converter:
     def _priorbox(self, i, layer):
         boxes = prior_boxes(layer.prior_box_param, self.shape(self.bottom(layer, 0)), self.shape(self.bottom(layer, 1)))
         name = self._out(i, layer)
-        self.inits.append(numpy_helper.from_array(boxes, name))
+        self._initializer(boxes, name)
         self._set(i, layer, name, boxes.shape)
 
 

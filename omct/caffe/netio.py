@@ -118,7 +118,7 @@ def upgrade_v1(net, source: str):
         new = net.layer.add(name=old.name, type=types.get(old.type, str(old.type)))
         new.bottom.extend(old.bottom)
         new.top.extend(old.top)
-        new.blobs.extend(old.blobs)
+        new.MergeFromString(blob_fields(b.SerializeToString() for b in old.blobs))
         new.include.extend(old.include)
         new.exclude.extend(old.exclude)
         new.loss_weight.extend(old.loss_weight)
@@ -142,15 +142,12 @@ def load_net(model_file: str | os.PathLike, weights_file: str | os.PathLike):
     net = read_prototxt(model_file)
     weights = read_caffemodel(weights_file)
     blobs = {layer.name: layer.blobs for layer in weights.layer if len(layer.blobs)}
-    keep = []
+    for i in reversed(range(len(net.layer))):  # deleted in place: re-adding layers would copy their blobs
+        if not _in_test_phase(net.layer[i]) or net.layer[i].type in DROPPED_TYPES:
+            del net.layer[i]
     for layer in net.layer:
-        if not _in_test_phase(layer) or layer.type in DROPPED_TYPES:
-            continue
-        if len(layer.blobs) == 0 and layer.name in blobs:
-            layer.blobs.extend(blobs[layer.name])
-        keep.append(layer)
-    del net.layer[:]
-    net.layer.extend(keep)
+        if len(layer.blobs) == 0 and layer.name in blobs:  # through bytes: upb copies big blobs value by value
+            layer.MergeFromString(blob_fields(b.SerializeToString() for b in blobs[layer.name]))
     return net
 
 
@@ -175,24 +172,58 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-_DATA_TAG = bytes([5 << 3 | 2])  # BlobProto.data (field 5), packed: one length-delimited run of float32
+def _field(number: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field (a message, a string or a packed run)."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def blob_bytes(array: np.ndarray) -> bytes:
+    """A serialized ``BlobProto`` of ``array``: ``shape.dim`` and the float data as one packed run (building it
+    value by value through protobuf costs seconds per ten million values)."""
+    shape = _field(1, b"".join(_varint(int(d)) for d in np.shape(array)))  # BlobShape.dim, packed
+    return _field(7, shape) + _field(5, np.ascontiguousarray(array, dtype="<f4").tobytes())
+
+
+def blob_fields(serialized_blobs) -> bytes:
+    """Serialized blobs as ``LayerParameter.blobs`` entries (field 7), to merge into a layer."""
+    return b"".join(_field(7, b) for b in serialized_blobs)
 
 
 def set_blob(blob, array: np.ndarray) -> None:
-    """Store ``array`` in ``blob`` (float data, ``shape.dim``). The floats go in as one packed run of bytes:
-    appending them value by value costs seconds per ten million."""
+    """Store ``array`` in ``blob`` (float data, ``shape.dim``)."""
     blob.Clear()
-    blob.shape.dim.extend(int(d) for d in np.shape(array))
-    raw = np.ascontiguousarray(array, dtype="<f4").tobytes()
-    blob.MergeFromString(_DATA_TAG + _varint(len(raw)) + raw)
+    blob.MergeFromString(blob_bytes(array))
+
+
+def without(message, fields: set[str]):
+    """A copy of ``message`` without ``fields`` (the blobs, the layers): copying them is what costs."""
+    out = type(message)()
+    for field, value in message.ListFields():
+        if field.name in fields:
+            continue
+        if (field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED):
+            getattr(out, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(out, field.name).CopyFrom(value)
+        else:
+            setattr(out, field.name, value)
+    return out
+
+
+def caffemodel_bytes(head, layers) -> bytes:
+    """A serialized ``NetParameter``: ``head`` (the net without layers) and ``layers`` as (layer without blobs,
+    its serialized blobs), concatenated rather than copied into one message."""
+    parts = [head.SerializeToString()]
+    for layer, blobs in layers:
+        parts.append(_field(100, layer.SerializeToString() + blob_fields(blobs)))
+    return b"".join(parts)
 
 
 def prototxt_text(net) -> str:
     """The network as prototxt text, without blobs."""
-    copy = type(net)()
-    copy.CopyFrom(net)
-    for layer in list(copy.layer) + list(copy.layers):
-        del layer.blobs[:]
+    copy = without(net, {"layer", "layers"})
+    copy.layer.extend(without(layer, {"blobs"}) for layer in net.layer)
+    copy.layers.extend(without(layer, {"blobs"}) for layer in net.layers)
     return text_format.MessageToString(copy)
 
 

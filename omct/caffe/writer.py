@@ -12,10 +12,12 @@ import os
 from pathlib import Path
 
 import onnx
+from google.protobuf import text_format
 from onnx import numpy_helper
 
 from omct.caffe.convert import Conversion
-from omct.caffe.netio import set_blob, write_caffemodel, write_prototxt
+from omct.caffe.netio import blob_bytes, caffemodel_bytes, without
+from omct.fileio import atomic_write_bytes, atomic_write_text
 
 ACTIVATION_NOTE = ("the Caffe pair carries quantized weights only: activation quantization cannot be expressed in "
                    "stock Caffe layers (the ONNX fake-quant model simulates both)")
@@ -24,10 +26,9 @@ ACTIVATION_NOTE = ("the Caffe pair carries quantized weights only: activation qu
 WEIGHTED = {"Convolution": "Conv", "Deconvolution": "ConvTranspose", "InnerProduct": "Gemm"}
 
 
-def quantized_net(net, conversion: Conversion, folded: list[tuple[str, str]], fake_model: onnx.ModelProto):
-    """A copy of ``net`` with the weights of ``fake_model`` (layers matched by name) and folded BatchNorms removed."""
-    out = type(net)()
-    out.CopyFrom(net)
+def quantized_layers(net, conversion: Conversion, folded: list[tuple[str, str]], fake_model: onnx.ModelProto):
+    """The layers of ``net`` as (layer without blobs, serialized blobs), with the weights of ``fake_model``
+    (layers matched by name) and the folded BatchNorms removed."""
     inits = {t.name: t for t in fake_model.graph.initializer}
     nodes = {n.name: n for n in fake_model.graph.node}
     drop: set[str] = set()
@@ -35,35 +36,33 @@ def quantized_net(net, conversion: Conversion, folded: list[tuple[str, str]], fa
     for conv, bn in folded:
         layers = conversion.merged.get(bn, [bn])
         drop.update(layers)
-        last = conversion.params[layers[-1]]
-        renamed_top[conv] = last.top[0]
-    kept = []
-    for layer in out.layer:
+        renamed_top[conv] = conversion.params[layers[-1]].top[0]
+    out = []
+    for layer in net.layer:
         if layer.name in drop:
             continue
+        new = without(layer, {"blobs"})
+        blobs = [b.SerializeToString() for b in layer.blobs]
         node = nodes.get(layer.name)
         if layer.type in WEIGHTED and node is not None and node.op_type == WEIGHTED[layer.type]:
             w = inits.get(node.input[1])
             b = inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
             if w is not None:
-                del layer.blobs[:]
-                set_blob(layer.blobs.add(), numpy_helper.to_array(w))
-                param = layer.inner_product_param if layer.type == "InnerProduct" else layer.convolution_param
+                blobs = [blob_bytes(numpy_helper.to_array(w))] + ([blob_bytes(numpy_helper.to_array(b))] if b else [])
+                param = new.inner_product_param if layer.type == "InnerProduct" else new.convolution_param
                 param.bias_term = b is not None
-                if b is not None:
-                    set_blob(layer.blobs.add(), numpy_helper.to_array(b))
         if layer.name in renamed_top:
-            layer.top[0] = renamed_top[layer.name]
-        kept.append(layer)
-    del out.layer[:]
-    out.layer.extend(kept)
+            new.top[0] = renamed_top[layer.name]
+        out.append((new, blobs))
     return out
 
 
 def write_quantized_caffe(net, conversion: Conversion, folded: list[tuple[str, str]], fake_model: onnx.ModelProto,
                           model_path: str | os.PathLike, weights_path: str | os.PathLike) -> list[Path]:
     """Write the Caffe pair (prototxt + caffemodel) of the quantized model; returns the two paths."""
-    quantized = quantized_net(net, conversion, folded, fake_model)
-    write_caffemodel(quantized, weights_path)
-    write_prototxt(quantized, model_path)
+    head = without(net, {"layer", "layers"})
+    layers = quantized_layers(net, conversion, folded, fake_model)
+    atomic_write_bytes(weights_path, caffemodel_bytes(head, layers))
+    head.layer.extend(layer for layer, _ in layers)
+    atomic_write_text(model_path, text_format.MessageToString(head))
     return [Path(model_path), Path(weights_path)]
