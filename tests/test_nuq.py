@@ -275,7 +275,9 @@ def test_deploy_stores_packed_indices_and_runs_integer_kernels(tmp_path, rng):
     assert size <= 0.15, size
     # stored: no INT8 or float weight tensor, only bit planes; folded at load: integer kernels remain
     inits = onnx.load(deploy).graph.initializer
-    assert not [t.name for t in inits if len(t.dims) >= 2 and t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.FLOAT)]
+    stored = [t.name for t in inits if len(t.dims) >= 2 and t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.FLOAT)
+              and not t.name.endswith(".weight_levels")]
+    assert stored == ["/0/Conv.weight_quantized"]  # the stem: 27 weights per channel, too few for NUQ-16 to pay
     ops = optimized_ops(deploy, tmp_path)
     assert ops.count("QLinearConv") == 4 and "QGemm" in ops and "BitShift" not in ops and "Gather" not in ops
     assert_integer_kernels(deploy, tmp_path)
@@ -288,7 +290,7 @@ def test_deploy_stores_packed_indices_and_runs_integer_kernels(tmp_path, rng):
     fq = onnx.load(fake)
     weights = {t.name: numpy_helper.to_array(t) for t in fq.graph.initializer}
     for node in fq.graph.node:
-        if node.op_type == "Conv":
+        if node.op_type == "Conv" and records[node.name].nuq_levels:
             rec = records[node.name]
             codes = weights[node.input[1]] / np.asarray(rec.scale_w, np.float32)[:, None, None, None]
             table = np.array(rec.nuq_levels).reshape(codes.shape[0], 1, 1, 1, 16)  # one row of 16 per channel
@@ -356,7 +358,7 @@ def test_auto_nuq_finds_the_smallest_satisfying_file_within_the_bound(tmp_path, 
     satisfied = [t for t in record["trials"] if t["satisfied"]]
     assert not record["trials"][0]["satisfied"] and record["trials"][1]["trial"] == "all uniform INT8"
     assert result.weight_bytes == min(t["weight_bytes"] for t in satisfied) < record["trials"][1]["weight_bytes"]
-    assert result.metric >= 62.0 and {16, None} <= set(result.steps.values())
+    assert result.metric >= 62.0 and len(set(result.steps.values())) > 1  # a mix: NUQ-16 everywhere fails
     # the written models are the chosen configuration: its fake-quant model scores what the search measured
     fake = tmp_path / "out" / "convs_fake_quant_model.onnx"
     assert SqnrEvaluator(x, ref, 0).eval_model(str(fake), None, 1) == pytest.approx(result.metric, abs=1e-3)
@@ -452,3 +454,39 @@ def test_cli_quantize_nuq_steps_and_inspect(tmp_path, rng):
     rows = [line.split("\t") for line in res.stdout.splitlines() if "\t" in line]
     assert [dw, "Conv"] == rows[[r[0] for r in rows].index(dw)][:2]
     assert rows[[r[0] for r in rows].index(dw)][-1] == "no: group 32; NUQ takes group 1 only"
+
+
+def test_matmul_weight_with_channels_last_and_small_layers_kept_uniform(tmp_path, rng, omct_log):
+    """A 2-D MatMul weight (in, out) has its channels last; a layer with too few weights per channel for its
+    tables to pay keeps uniform INT8 weights."""
+    from onnx import TensorProto, helper
+
+    from omct.formats.record import read_record
+
+    w1 = rng.normal(size=(64, 48)).astype(np.float32)
+    w2 = rng.normal(size=(48, 10)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["input", "w1"], ["h"], name="mm1"), helper.make_node("Relu", ["h"], ["r"], name="relu"),
+         helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")], "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    model = tmp_path / "mm.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
+    x = rng.normal(size=(64, 64)).astype(np.float32)
+    for steps in (16, 32):
+        fake, deploy = _quantize(tmp_path, model, steps, x, prefix=f"mm{steps}")
+        np.testing.assert_allclose(ort_run(deploy, {"input": x})[0], ort_run(fake, {"input": x})[0],
+                                   atol=0.01 * np.abs(ort_run(fake, {"input": x})[0]).max())
+        assert_integer_kernels(deploy, tmp_path)
+        records = read_record(tmp_path / f"mm{steps}_rec.txt")
+        weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(fake).graph.initializer}
+        # 64 and 48 weights per channel: NUQ-16 pays for both (> 32), NUQ-32 for neither (> 85)
+        assert (records["mm1"].nuq_levels == []) == (records["mm2"].nuq_levels == []) == (steps == 32)
+        if steps == 16:
+            rec = records["mm1"]
+            codes = weights[next(n.input[1] for n in onnx.load(fake).graph.node if n.name == "mm1")] / np.asarray(rec.scale_w)
+            table = np.array(rec.nuq_levels).reshape(48, steps).T  # rows per output channel, here the last axis
+            assert np.abs(codes[:, None, :] - table[None]).min(1).max() < 1e-3
+    assert "layer 'mm2' keeps uniform INT8 weights: with 48 weights per output channel, NUQ-32 level tables" in \
+        "\n".join(omct_log)

@@ -1,6 +1,7 @@
 """Weight quantization: the layer's weight algorithm (ARQ, MSE clip) per output channel or per tensor; with
 ``nuq_quantize``, ARQ's INT8 scales and then the levels NUQ keeps, weighted by each input channel's mean
-square (collected in the calibration pass)."""
+square (collected in the calibration pass). A layer where NUQ would not make the weights smaller than INT8
+(few weights per output channel) keeps uniform INT8 weights, with a log line."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from omct.algorithms.statistics import StatPoint
 from omct.core import nuq
 from omct.core.params import QuantParams
 from omct.core.weights import WEIGHT_QUANTIZERS
+from omct.ui import logger
 
 
 def _importance_point(spec) -> StatPoint:
@@ -44,7 +46,11 @@ class WeightQuantization(Algorithm):
             weight = ctx.weight_of(spec.weight)
             wp = algo(weight, wcfg.num_bits if wcfg else 8, axis)
             rec = ctx.records[name]
-            if name in nuq_names:
+            if name in nuq_names and not nuq.worthwhile(weight.shape, axis, wcfg.__pydantic_extra__["num_steps"]):
+                per = weight.size // (weight.shape[axis] if axis is not None else 1)
+                logger.info("layer '%s' keeps uniform INT8 weights: with %d weights per output channel, NUQ-%d level "
+                            "tables would not make it smaller", name, per, wcfg.__pydantic_extra__["num_steps"])
+            elif name in nuq_names:
                 options = wcfg.__pydantic_extra__
                 importance = None if spec.weight_only else ctx.stats[_importance_point(spec)].mean
                 scale, levels = nuq.fit(weight, wp.scale, axis, spec.weight_in_axis, options["num_steps"],

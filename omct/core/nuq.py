@@ -208,6 +208,13 @@ def stored_bytes(shape: tuple[int, ...], out_axis: int | None, num_steps: int) -
     return packed_bytes(int(np.prod(shape)), num_steps, shape[out_axis] if out_axis is not None else 1)
 
 
+def worthwhile(shape: tuple[int, ...], out_axis: int | None, num_steps: int) -> bool:
+    """Whether NUQ stores the weight in fewer bytes than INT8 (one byte per weight): with few weights per
+    output channel the tables outweigh the saving (NUQ-16 needs more than 32 per channel, NUQ-32 more than 85,
+    NUQ-64 more than 256, NUQ-128 more than 1024), and such a layer keeps uniform INT8 weights."""
+    return stored_bytes(shape, out_axis, num_steps) < int(np.prod(shape))
+
+
 def index_bits(num_steps: int) -> int:
     """Bits per packed index: log2 of the table size."""
     return max(int(np.ceil(np.log2(max(num_steps, 2)))), 1)

@@ -138,19 +138,18 @@ class DeployBuilder(_Builder):
     def unpacked_levels(self, codes: np.ndarray, levels: list[int], axis: int | None, base: str) -> str:
         """NUQ: the INT8 weight stored as bit-packed indices into the layer's level tables (one row per output
         channel on ``axis``), expanded by standard ops on constants only (BitShift, Cast, Mod, Mul, ReduceSum,
-        Reshape, Slice, Add, Gather), which ONNX Runtime folds into an INT8 initializer when the session is
+        Reshape, Slice, GatherElements), which ONNX Runtime folds into an INT8 initializer when the session is
         created: the DequantizeLinear that follows then fuses into the integer kernel as with a uniform weight.
         Bit planes (one bit of every index per plane, 8 per byte) serve any table size with plain byte ops."""
         channels = codes.shape[axis] if axis is not None else 1
-        table = nuq.level_table(levels, channels)
-        steps_per_row = table.shape[1]
-        bits = nuq.index_bits(steps_per_row)
-        moved = np.moveaxis(codes, axis, 0).reshape(channels, -1) if axis is not None else codes.reshape(1, -1)
-        index = np.stack([np.searchsorted(table[c if table.shape[0] > 1 else 0], moved[c]) for c in range(channels)])
-        index = np.moveaxis(index.reshape((channels,) + tuple(np.delete(codes.shape, axis))), 0, axis) \
-            if axis is not None else index.reshape(codes.shape)
-        planes = nuq.pack_indices(index, bits)
-        packed = self.add_init(planes[:, :, None], f"{base}.weight_packed")  # [bits, bytes, 1] uint8
+        table = nuq.level_table(levels, channels)  # [channels, num_steps]
+        bits = nuq.index_bits(table.shape[1])
+        rows = np.moveaxis(codes, axis, 0).reshape(channels, -1) if axis is not None else codes.reshape(1, -1)
+        index = np.stack([np.searchsorted(table[c], rows[c]) for c in range(channels)])  # position in its row
+        # the index in the weight's own layout: it is packed in that order and expanded back to that shape
+        index = (np.moveaxis(index.reshape((channels,) + tuple(np.delete(codes.shape, axis))), 0, axis)
+                 if axis is not None else index.reshape(codes.shape))
+        packed = self.add_init(nuq.pack_indices(index, bits)[:, :, None], f"{base}.weight_packed")  # [bits, bytes, 1]
         steps = iter(range(100))
 
         def op(op_type: str, inputs: list[str], **attrs) -> str:
@@ -168,14 +167,15 @@ class DeployBuilder(_Builder):
         idx = op("Slice", [op("Reshape", [idx, self.shared(np.array([-1], np.int64), "nuq.flat")]),
                            self.shared(np.array([0], np.int64), "nuq.zero"),
                            self.add_init(np.array([codes.size], np.int64), f"{base}.count")])
-        idx = op("Reshape", [idx, self.add_init(np.array(codes.shape, np.int64), f"{base}.weight_shape")])
-        if table.shape[0] > 1:  # row c of the flattened tables starts at c * steps_per_row
-            shape = [1] * codes.ndim
-            shape[axis] = channels
-            offsets = (np.arange(channels, dtype=np.int32) * steps_per_row).reshape(shape)
-            idx = op("Add", [idx, self.add_init(offsets, f"{base}.level_rows")])
-        w = self.add_init(table.reshape(-1).astype(np.int8), f"{base}.weight_levels")
-        return self.node("Gather", [w, idx], f"{base}.weight_quantized", axis=0)
+        # each weight looks up its channel's row: GatherElements on [channels, -1] (channels first) or, for a 2-D
+        # weight with its channels last (MatMul), on [-1, channels] with the tables transposed
+        last = axis is not None and axis == codes.ndim - 1 and axis != 0
+        lookup = (-1, channels) if last else (channels, -1)
+        idx = op("Reshape", [idx, self.add_init(np.array(lookup, np.int64), f"{base}.lookup_shape")])
+        levels_init = self.add_init((table.T if last else table).astype(np.int8), f"{base}.weight_levels")
+        w = op("GatherElements", [levels_init, idx], axis=0 if last else 1)
+        shape = self.add_init(np.array(codes.shape, np.int64), f"{base}.weight_shape")
+        return self.node("Reshape", [w, shape], f"{base}.weight_quantized")
 
     def bias(self, codes, scale, base):
         bi = self.add_init(codes, f"{base}.bias_quantized")
