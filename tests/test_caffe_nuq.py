@@ -17,6 +17,7 @@ import omct.caffe as amct
 from omct.caffe.auto_nuq import AutoNuqEvaluatorBase
 from omct.caffe.netio import blob_array, read_caffemodel
 from omct.core import nuq
+from omct.errors import CalibrationError
 from omct.formats.record import read_record
 
 cv2 = pytest.importorskip("cv2")
@@ -200,3 +201,23 @@ def test_auto_nuq_trials_reach_the_evaluator_as_caffe_pairs(tmp_path, caffe_resn
         for name, count in distinct.items():
             steps = trial["steps"][name]
             assert count <= steps if steps != "uniform" else count > 32, (trial["trial"], name, count)
+
+
+def test_auto_nuq_says_how_to_calibrate_when_the_evaluator_does_not(tmp_path, caffe_resnet):
+    """An evaluator that never runs the calibration pair through OpenCV or omct.caffe.Net (a real Caffe would
+    not feed omct) gets one line saying how, and nothing is written."""
+    proto, weights, _ = caffe_resnet
+
+    class NoCalibration(AutoNuqEvaluatorBase):
+        def eval_model(self, model_file, weights_file, batch_num):
+            return 1.0
+
+        def is_satisfied(self, original_metric, new_metric):
+            return original_metric - new_metric < 0.01
+
+    config = tmp_path / "config.json"
+    amct.create_quant_config(str(config), str(proto), str(weights), batch_num=2)
+    with pytest.raises(CalibrationError, match=r"ran 0 of batch_num=2 batches.*cv2.dnn.readNetFromCaffe or omct.caffe.Net"):
+        amct.auto_nuq(str(proto), str(weights), NoCalibration(), str(config), str(tmp_path / "r.txt"),
+                      str(tmp_path / "out"))
+    assert not (tmp_path / "r.txt").exists() and not (tmp_path / "out" / "nuq_work").exists()

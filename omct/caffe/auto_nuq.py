@@ -28,6 +28,7 @@ from omct.caffe.api import prepare as _prepare
 from omct.caffe.netio import load_net, write_prototxt
 from omct.caffe.runner import calibrating
 from omct.caffe.writer import write_quantized_caffe
+from omct.errors import CalibrationError
 from omct.fileio import check_outputs
 from omct.formats.config import load_config
 from omct.formats.record import write_pending_record
@@ -87,6 +88,11 @@ def auto_nuq(model_file: str | os.PathLike, weights_file: str | os.PathLike, eva
     def calibrate(session: CalibrationSession, run) -> None:
         with calibrating(calibration_model, session):
             run(str(calibration_model))
+        if not session.complete:
+            raise CalibrationError(
+                f"eval_model() on the calibration pair ran {session.batches_seen} of batch_num={session.batch_num} "
+                "batches through omct: open the model_file it is given with cv2.dnn.readNetFromCaffe or "
+                "omct.caffe.Net (a Caffe process cannot feed omct's calibration) and run batch_num batches")
 
     def as_evaluated(fake_quant_onnx: Path) -> str:
         prep = state["graph"].prep

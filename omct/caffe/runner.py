@@ -34,7 +34,7 @@ class Net:
         self._session = session
         self.inputs = [i.name for i in session.get_inputs()]
         self.outputs = [o.name for o in session.get_outputs()]
-        self._feeds = FeedCheck(session.get_inputs(), "Net.forward") if session is not None else None
+        self._feeds = FeedCheck(session.get_inputs(), "Net.forward")
 
     def forward(self, **feeds: np.ndarray) -> dict[str, np.ndarray]:
         values = self._session.run(None, self._feeds.check(feeds))
