@@ -119,6 +119,7 @@ class DeployBuilder(_Builder):
     def __init__(self, model: onnx.ModelProto, unsigned_activations: bool = True):
         super().__init__(model)
         self.unsigned = unsigned_activations
+        self._shared: dict[str, str] = {}  # NUQ unpacking constants every layer reads
 
     def weight(self, codes, params, base, levels=None):
         qi = (self.add_init(codes.astype(np.int8), f"{base}.weight_quantized") if not levels
@@ -130,10 +131,9 @@ class DeployBuilder(_Builder):
 
     def shared(self, array: np.ndarray, key: str) -> str:
         """One initializer for a constant that every NUQ layer's unpacking reads."""
-        cache = self.__dict__.setdefault("_shared", {})
-        if key not in cache:
-            cache[key] = self.add_init(array, key)
-        return cache[key]
+        if key not in self._shared:
+            self._shared[key] = self.add_init(array, key)
+        return self._shared[key]
 
     def unpacked_levels(self, codes: np.ndarray, levels: list[int], axis: int | None, base: str) -> str:
         """NUQ: the INT8 weight stored as bit-packed indices into the layer's level tables (one row per output
