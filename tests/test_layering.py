@@ -22,7 +22,7 @@ LAYERS = [
     ("omct.analysis",),
     ("omct.auto",),
     ("omct.decompose",),
-    ("omct.onnx", "omct.pytorch", "omct.tensorflow"),
+    ("omct.onnx", "omct.pytorch", "omct.tensorflow", "omct.caffe"),
     ("omct.cli",),
     ("omct.__main__",),
 ]
