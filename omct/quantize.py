@@ -24,12 +24,12 @@ from omct.algorithms.base import RecordContext
 from omct.algorithms.pipeline import PIPELINE
 from omct.algorithms.statistics import Statistics
 from omct.errors import CalibrationError, ConfigError, OmctError
-from omct.feeds import FeedCheck
+from omct.feeds import FeedCheck, batch_rows, warn_few_samples
 from omct.formats.config import QuantConfig
 from omct.formats.record import LayerRecord, write_pending_record, write_record
 from omct.graph.export import deploy_model, fake_quant_model
 from omct.graph.model_io import EXTERNAL_DATA_THRESHOLD, save_models, session_input, tensor_bytes
-from omct.graph.modified import make_modified, stamp_layers
+from omct.graph.modified import ModifiedModel, make_modified, stamp_layers
 from omct.graph.ops import LayerSpec
 from omct.graph.plan import Plan, build_plan, with_float_layers
 from omct.graph.tensor_data import ExternalWriter, has_external, tensor_array
@@ -178,6 +178,55 @@ class CalibrationStatus:
     @property
     def complete(self) -> bool:
         return self.calibration.done
+
+
+class CalibratingSession(CalibrationStatus):
+    """An ONNX Runtime session over a modified model that also calibrates: ``run`` returns exactly what the
+    original model would (its outputs only), and on the side feeds the observed tensors to the calibration.
+    After ``batch_num`` runs the record file is complete. Every other attribute is the underlying session's.
+    Shared by the frontends whose users run a session (ONNX's CalibrationSession, Caffe's session)."""
+
+    def __init__(self, modified: ModifiedModel, record_file: str | os.PathLike, session, caller: str):
+        self.record_file = str(record_file)
+        self._session = session
+        self._caller = caller
+        self.calibration = Calibration(modified.plan, modified.config, initializer_reader(modified.model), record_file)
+        self._added = set(modified.added_outputs)
+        self._site_tensors = self.calibration.tensors()
+        self._user_outputs = [o.name for o in session.get_outputs() if o.name not in self._added]
+        self._feeds = FeedCheck(session.get_inputs(), caller)
+        self._extra_runs = 0
+        self._samples = 0
+
+    def get_outputs(self):
+        return [o for o in self._session.get_outputs() if o.name not in self._added]
+
+    def run(self, output_names, input_feed, run_options=None) -> list[np.ndarray]:
+        wanted = list(output_names) if output_names else self._user_outputs
+        input_feed = self._feeds.check(input_feed)  # one line naming the input, before ONNX Runtime's traceback
+        if self.calibration.done:
+            self._extra_runs += 1
+            if self._extra_runs == 1 and self.calibration.batches:
+                logger.warning("%s: calibration finished after batch_num=%d batches; this and further runs are not "
+                               "used for calibration (raise batch_num to use them)", self._caller, self.batch_num)
+            return self._session.run(wanted, input_feed, run_options)
+        self.calibration.keep_inputs(sum(np.asarray(v).nbytes for v in input_feed.values()),
+                                     lambda: {k: np.array(v, copy=True) for k, v in input_feed.items()})
+        fetch = wanted + [t for t in self._site_tensors if t not in wanted]
+
+        def observe():
+            values = self._session.run(fetch, input_feed, run_options)
+            self.calibration.observe(dict(zip(fetch, values, strict=True)))
+            return values
+
+        out = self.calibration.run_batch(observe)[: len(wanted)]
+        self._samples += batch_rows(input_feed)
+        if self.calibration.done:
+            warn_few_samples(self._samples, self.calibration.batches, "")
+        return out
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["_session"], name) if "_session" in self.__dict__ else object.__getattribute__(self, name)
 
 
 def observed_tensors(plan: Plan, config: QuantConfig) -> list[str]:

@@ -13,13 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from omct.caffe.convert import HELPER_TYPES, Conversion, convert
 from omct.caffe.netio import load_net, write_caffemodel, write_prototxt
 from omct.caffe.writer import ACTIVATION_NOTE, write_quantized_caffe
 from omct.errors import ConfigError, ModelError
-from omct.feeds import FeedCheck, batch_rows, warn_few_samples
 from omct.fileio import check_outputs
 from omct.formats.config import QuantConfig, load_config
 from omct.formats.record import write_pending_record
@@ -30,7 +27,7 @@ from omct.graph.modified import ModifiedModel, make_modified
 from omct.graph.normalize import fold_batchnorm, normalize
 from omct.graph.ops import Refusal, find_layers
 from omct.graph.plan import build_plan
-from omct.quantize import Calibration, CalibrationStatus, QuantizedModel, initializer_reader, observed_tensors, ort_session
+from omct.quantize import CalibratingSession, QuantizedModel, observed_tensors, ort_session
 from omct.ui import hints, logger
 from omct.workflow import check_config_against_model, quantized_from, write_quant_config
 
@@ -129,46 +126,13 @@ def init(config_file: str | os.PathLike, model_file: str | os.PathLike, weights_
                       config, prep)
 
 
-class CalibrationSession(CalibrationStatus):
+class CalibrationSession(CalibratingSession):
     """Runs the converted model in ONNX Runtime and calibrates on the side; ``run(None, {"data": x})`` returns
     the output blobs in the order of ``get_outputs()``, as Caffe's forward would compute them. After
     ``batch_num`` runs the record file is complete."""
 
     def __init__(self, modified: ModifiedModel, record_file: str | os.PathLike):
-        self.record_file = str(record_file)
-        self._session = ort_session(modified.model.SerializeToString())
-        self.calibration = Calibration(modified.plan, modified.config, initializer_reader(modified.model), record_file)
-        self._added = set(modified.added_outputs)
-        self._fetch = self.calibration.tensors()
-        self._outputs = [o.name for o in self._session.get_outputs() if o.name not in self._added]
-        self._feeds = FeedCheck(self._session.get_inputs(), "session.run")
-        self._samples = 0
-
-    def get_inputs(self):
-        return self._session.get_inputs()
-
-    def get_outputs(self):
-        return [o for o in self._session.get_outputs() if o.name not in self._added]
-
-    def run(self, output_names, input_feed, run_options=None) -> list[np.ndarray]:
-        wanted = list(output_names) if output_names else self._outputs
-        input_feed = self._feeds.check(input_feed)
-        if self.calibration.done:
-            return self._session.run(wanted, input_feed, run_options)
-        self.calibration.keep_inputs(sum(np.asarray(v).nbytes for v in input_feed.values()),
-                                     lambda: {k: np.array(v, copy=True) for k, v in input_feed.items()})
-        fetch = wanted + [t for t in self._fetch if t not in wanted]
-
-        def observe():
-            values = self._session.run(fetch, input_feed, run_options)
-            self.calibration.observe(dict(zip(fetch, values, strict=True)))
-            return values
-
-        out = self.calibration.run_batch(observe)[: len(wanted)]
-        self._samples += batch_rows(input_feed)
-        if self.calibration.done:
-            warn_few_samples(self._samples, self.calibration.batches, "")
-        return out
+        super().__init__(modified, record_file, ort_session(modified.model.SerializeToString()), "session.run")
 
 
 def modified_model(graph: CaffeGraph) -> ModifiedModel:

@@ -10,7 +10,6 @@ import numpy as np
 import onnx
 
 from omct.errors import ModelError
-from omct.feeds import FeedCheck, batch_rows, warn_few_samples
 from omct.fileio import check_outputs
 from omct.formats.config import QuantConfig, load_config
 from omct.frontend import PreparedModel
@@ -20,7 +19,7 @@ from omct.graph.model_io import save_model as _save_onnx
 from omct.graph.modified import read_modified
 from omct.graph.normalize import NormalizeReport, default_opset, fold_batchnorm, fold_pads, normalize
 from omct.graph.ops import HANDLERS, LayerSpec, Refusal, find_layers
-from omct.quantize import Calibration, CalibrationStatus, QuantizedModel, initializer_reader, ort_session
+from omct.quantize import CalibratingSession, QuantizedModel, ort_session
 from omct.quantize import quantize as _quantize
 from omct.ui import format_table, hints, logger
 from omct.workflow import save_model, write_modified_model, write_quant_config
@@ -148,7 +147,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, config: QuantConfig, ba
     return _quantize(prepared.model, prepared.layers, config, batches)
 
 
-class CalibrationSession(CalibrationStatus):
+class CalibrationSession(CalibratingSession):
     """An ``onnxruntime.InferenceSession`` over the modified model that also calibrates.
 
     ``run`` returns exactly what the original model would; on the side it feeds the observed activations
@@ -159,45 +158,7 @@ class CalibrationSession(CalibrationStatus):
     def __init__(self, modified_onnx_file: str | os.PathLike, sess_options: Any = None, providers: list | None = None,
                  **kwargs: Any):
         mod = read_modified(modified_onnx_file)
-        self.record_file = mod.record_file
-        if not self.record_file:
+        if not mod.record_file:
             raise ModelError(f"'{modified_onnx_file}' has no record file path; write it with quantize_model")
-        self._session = ort_session(modified_onnx_file, sess_options, providers, **kwargs)
-        self.calibration = Calibration(mod.plan, mod.config, initializer_reader(mod.model), self.record_file)
-        self._added = set(mod.added_outputs)
-        self._site_tensors = self.calibration.tensors()
-        self._user_outputs = [o.name for o in self._session.get_outputs() if o.name not in self._added]
-        self._feeds = FeedCheck(self._session.get_inputs(), "CalibrationSession.run")
-        self._extra_runs = 0
-        self._samples = 0
-
-    def get_outputs(self):
-        return [o for o in self._session.get_outputs() if o.name not in self._added]
-
-    def run(self, output_names, input_feed, run_options=None):
-        wanted = list(output_names) if output_names else self._user_outputs
-        input_feed = self._feeds.check(input_feed)  # one line naming the input, before ONNX Runtime's traceback
-        if self.calibration.done:
-            self._extra_runs += 1
-            if self._extra_runs == 1 and self.calibration.batches:
-                logger.warning("CalibrationSession.run: calibration finished after batch_num=%d batches; this and "
-                               "further runs are not used for calibration (raise batch_num to use them)",
-                               self.batch_num)
-            return self._session.run(wanted, input_feed, run_options)
-        self.calibration.keep_inputs(sum(np.asarray(v).nbytes for v in input_feed.values()),
-                                     lambda: {k: np.array(v, copy=True) for k, v in input_feed.items()})
-        fetch = wanted + [t for t in self._site_tensors if t not in wanted]
-
-        def observe():
-            values = self._session.run(fetch, input_feed, run_options)
-            self.calibration.observe(dict(zip(fetch, values, strict=False)))
-            return values
-
-        out = self.calibration.run_batch(observe)[: len(wanted)]
-        self._samples += batch_rows(input_feed)
-        if self.calibration.done:
-            warn_few_samples(self._samples, self.calibration.batches, "")
-        return out
-
-    def __getattr__(self, name: str):
-        return getattr(self._session, name)
+        super().__init__(mod, mod.record_file, ort_session(modified_onnx_file, sess_options, providers, **kwargs),
+                         "CalibrationSession.run")
