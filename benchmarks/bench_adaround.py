@@ -125,6 +125,30 @@ def quark_child(method: str, src: str, dst: str) -> None:
     ModelQuantizer(A8W8_QCONFIG).quantize_model(src, dst, bench_ptq.batch_reader(batches))
 
 
+#: What the peers' rows mean (written under the table when a peer ran).
+PEER_NOTES = """
+Peer methods. `nncf`: `nncf.quantize` at its defaults; `nncf-mixed`: the MIXED preset; `nncf-bc`:
+`fast_bias_correction=False` (NNCF's full BiasCorrection, documented as the more accurate one; on ResNet-18 NNCF
+3.4 raises while extracting a residual block's subgraph); `nncf-nobc`:
+`AdvancedQuantizationParameters(disable_bias_correction=True)`, NNCF's best setting here. NNCF's default loses
+4-16 dB to its own no-bias-correction run because FastBiasCorrection computes each bias shift on a constant map
+(the input's per-channel mean broadcast over the map) against the layer's real mean output: at 32 x 32 inputs
+(zero padding, strided 1 x 1 convolutions, 8 x 8 to 2 x 2 maps) those differ in FP32 already, by up to 0.4
+(MobileNetV2's depthwise convolutions) and 0.55 (ResNet-18's strided downsample) of the output's standard
+deviation, and the difference lands in the bias (`python benchmarks/check_nncf_fbc.py resnet18`). The harness
+feeds NNCF what it feeds every method (the same 8 x 32 NCHW float batches, input "input", its QDQ model
+evaluated on the same inputs); batches of 1 instead of 32 change NNCF's default by 0.1 dB on ResNet-18.
+`aimet`: AIMET-ONNX QuantizationSimModel at its defaults (int8 weights and activations, min-max, its default
+per-channel config), `compute_encodings` on the same batches, `to_onnx_qdq`; `aimet-ada-N`: `apply_adaround`
+with N iterations per layer before `compute_encodings`; `aimet-ada-matched`: 20 (MobileNetV2) / 300 (ResNet-18)
+iterations, set to bring AIMET's wall to omct-ada's (46 s in an earlier run); on MobileNetV2 even 20
+iterations take twice omct-ada's wall here, AIMET's fixed cost being about 0.9 s for each of its 53 layers.
+AIMET's default 10000 iterations were not run: its first MobileNetV2 layer alone took
+68 s (about an hour for the model on this host). `quark`: AMD Quark's `A8W8_QCONFIG` (per-tensor symmetric INT8
+weights and activations, percentile calibration) through `ModelQuantizer.quantize_model`.
+"""
+
+
 def peer_versions() -> list[str]:
     """The peer tools' versions, read from their own Pythons."""
     dists = {"nncf": "nncf", "aimet": "aimet-onnx", "quark": "amd-quark"}
@@ -149,7 +173,7 @@ def quantize(method: str, src: Path, out: Path) -> Path:
         log = Path(f"{out}.log")
         with log.open("w") as f:
             subprocess.run([PEER_PYTHON[peer], __file__, "--peer-child", method, str(src), str(dst)], check=True,
-                           stdout=f, stderr=subprocess.STDOUT)
+                           stdout=f, stderr=subprocess.STDOUT, cwd=WORK)  # Quark writes a CSV into its cwd
         return dst
     batches = [xtr[i * CALIB_BATCH:(i + 1) * CALIB_BATCH] for i in range(BATCH_NUM)]
     if method.startswith("omct"):
@@ -241,6 +265,7 @@ def main() -> None:
              "|---|---|---|---|---|---|"]
     lines += [f"| {m} | {k} | {s:.2f} | {a:.2f} | {acc:.3f} ({f:.3f}) | {w:.1f} |" for m, k, s, a, acc, f, w in rows]
     lines += [f"| {m} | {k} | failed (the tool raised; log in benchmarks/work/adaround/) | | | |" for m, k in failed]
+    lines += PEER_NOTES.rstrip().split("\n") if any(m.split("-")[0] in PEER_METHODS for m in args.methods) else []
     Path(args.out).parent.mkdir(exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
 
