@@ -13,6 +13,12 @@ per method: calibration + export, one process, on a shared host (compare ratios)
     python benchmarks/bench_adaround.py            # writes benchmarks/results/adaround.md
     python benchmarks/bench_adaround.py --models mobilenet_v2 --methods omct omct-ada
     NNCF_PYTHON=/path/to/venv/bin/python python benchmarks/bench_adaround.py --methods omct nncf nncf-mixed
+
+Peer tools run in their own Pythons, each method in a child process, and join the default method list when their
+Python is named: NNCF_PYTHON (nncf, nncf-mixed, nncf-bc, nncf-nobc), AIMET_PYTHON (aimet-onnx: aimet,
+aimet-ada-matched, aimet-ada-1000; aimet-ada for its default 10000 iterations) and QUARK_PYTHON (amd-quark: quark).
+A venv that sees omct's venv through a .pth file and gets ``pip install -c constraints.txt aimet-onnx amd-quark``
+keeps torch 2.13.0+cpu (no CUDA wheels).
 """
 
 from __future__ import annotations
