@@ -13,6 +13,12 @@ per method: calibration + export, one process, on a shared host (compare ratios)
     python benchmarks/bench_adaround.py            # writes benchmarks/results/adaround.md
     python benchmarks/bench_adaround.py --models mobilenet_v2 --methods omct omct-ada
     NNCF_PYTHON=/path/to/venv/bin/python python benchmarks/bench_adaround.py --methods omct nncf nncf-mixed
+
+Peer tools run in their own Pythons, each method in a child process, and join the default method list when their
+Python is named: NNCF_PYTHON (nncf, nncf-mixed, nncf-bc, nncf-nobc), AIMET_PYTHON (aimet-onnx: aimet,
+aimet-ada-matched, aimet-ada-1000; aimet-ada for its default 10000 iterations) and QUARK_PYTHON (amd-quark: quark).
+A venv that sees omct's venv through a .pth file and gets ``pip install -c constraints.txt aimet-onnx amd-quark``
+keeps torch 2.13.0+cpu (no CUDA wheels).
 """
 
 from __future__ import annotations
@@ -38,6 +44,9 @@ MODELS = {"mobilenet_v2": {"width_mult": 0.5, "last_channel": 256}, "resnet18": 
 EPOCHS = {"mobilenet_v2": 12, "resnet18": 8}
 METHODS = ["omct", "omct-cle", "omct-dmq", "omct-ada", "omct-ada-200", "omct-ada-fi-200", "omct-cle-ada",
            "omct-cle-ada-200", "ort-minmax", "ort-percentile", "ort-entropy"]
+#: Peer tools' methods, run by default when their Python is named (NNCF_PYTHON, AIMET_PYTHON, QUARK_PYTHON).
+PEER_METHODS = {"nncf": ["nncf", "nncf-mixed", "nncf-bc", "nncf-nobc"],
+                "aimet": ["aimet", "aimet-ada-matched", "aimet-ada-1000"], "quark": ["quark"]}
 BATCH_NUM, CALIB_BATCH, LOW_MARGIN = 8, 32, 200
 
 
@@ -65,29 +74,112 @@ def ensure_model(name: str) -> Path:
     return path
 
 
-#: A Python with nncf installed (its own venv: installing it into omct's would change pinned versions).
-NNCF_PYTHON = os.environ.get("NNCF_PYTHON", sys.executable)
+#: Pythons with the peer tools (their own venvs: installing them into omct's would change pinned versions).
+PEER_PYTHON = {"nncf": os.environ.get("NNCF_PYTHON", sys.executable),
+               "aimet": os.environ.get("AIMET_PYTHON", sys.executable),
+               "quark": os.environ.get("QUARK_PYTHON", sys.executable)}
+#: AdaRound iterations per layer for ``aimet-ada-matched``: AIMET's wall time (with starting Python and importing
+#: aimet_onnx and torch, about 7 s) then about matches omct-ada's 46 s (measured here, one thread).
+AIMET_MATCHED_ITERATIONS = {"mobilenet_v2": 20, "resnet18": 300}
 
 
 def nncf_child(method: str, src: str, dst: str) -> None:
-    """Run in NNCF's venv: nncf.quantize with its defaults (``nncf``) or the MIXED preset (``nncf-mixed``)."""
+    """nncf.quantize with its defaults (``nncf``), the MIXED preset (``nncf-mixed``), full BiasCorrection instead of
+    FastBiasCorrection (``nncf-bc``, NNCF's documented accuracy option) or no bias correction (``nncf-nobc``)."""
     import nncf
     import onnx
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
 
     xtr = data()[0]
     batches = [xtr[i * CALIB_BATCH:(i + 1) * CALIB_BATCH] for i in range(BATCH_NUM)]
-    kwargs = {"preset": nncf.QuantizationPreset.MIXED} if method == "nncf-mixed" else {}
+    kwargs = {"nncf-mixed": {"preset": nncf.QuantizationPreset.MIXED},
+              "nncf-bc": {"fast_bias_correction": False},
+              "nncf-nobc": {"advanced_parameters": AdvancedQuantizationParameters(disable_bias_correction=True)}}
     q = nncf.quantize(onnx.load(src), nncf.Dataset(batches, lambda b: {"input": b}),
-                      subset_size=BATCH_NUM * CALIB_BATCH, **kwargs)
+                      subset_size=BATCH_NUM * CALIB_BATCH, **kwargs.get(method, {}))
     onnx.save(q, dst)
+
+
+def aimet_child(method: str, src: str, dst: str) -> None:
+    """AIMET-ONNX: QuantizationSimModel at its defaults (int8, min-max, the per-channel default config), then
+    ``apply_adaround`` (``aimet-ada``: its default 10000 iterations per layer; ``aimet-ada-N``: N;
+    ``aimet-ada-matched``: AIMET_MATCHED_ITERATIONS), ``compute_encodings`` on the same batches, exported as QDQ
+    (``to_onnx_qdq``). ``aimet``: no AdaRound."""
+    import onnx
+    from aimet_onnx import QuantizationSimModel, apply_adaround
+
+    xtr = data()[0]
+    inputs = [{"input": xtr[i * CALIB_BATCH:(i + 1) * CALIB_BATCH]} for i in range(BATCH_NUM)]
+    sim = QuantizationSimModel(onnx.load(src), param_type="int8", activation_type="int8",
+                               session_options_kwargs={"intra_op_num_threads": 1, "inter_op_num_threads": 1})
+    if method == "aimet-ada":
+        apply_adaround(sim, inputs)
+    elif method.startswith("aimet-ada-"):
+        tail = method.rsplit("-", 1)[1]
+        iters = AIMET_MATCHED_ITERATIONS[Path(src).stem] if tail == "matched" else int(tail)
+        apply_adaround(sim, inputs, num_iterations=iters)
+    sim.compute_encodings(inputs)
+    onnx.save(sim.to_onnx_qdq(), dst)
+
+
+def quark_child(method: str, src: str, dst: str) -> None:
+    """AMD Quark (ONNX): ModelQuantizer with its A8W8 default config on the same calibration batches."""
+    from quark.onnx import A8W8_QCONFIG, ModelQuantizer
+
+    xtr = data()[0]
+    batches = [xtr[i * CALIB_BATCH:(i + 1) * CALIB_BATCH] for i in range(BATCH_NUM)]
+    ModelQuantizer(A8W8_QCONFIG).quantize_model(src, dst, bench_ptq.batch_reader(batches))
+
+
+#: What the peers' rows mean (written under the table when a peer ran).
+PEER_NOTES = """
+Peer methods. `nncf`: `nncf.quantize` at its defaults; `nncf-mixed`: the MIXED preset; `nncf-bc`:
+`fast_bias_correction=False` (NNCF's full BiasCorrection, documented as the more accurate one; on ResNet-18 NNCF
+3.4 raises while extracting a residual block's subgraph); `nncf-nobc`:
+`AdvancedQuantizationParameters(disable_bias_correction=True)`, NNCF's best setting here. NNCF's default loses
+4-16 dB to its own no-bias-correction run because FastBiasCorrection computes each bias shift on a constant map
+(the input's per-channel mean broadcast over the map) against the layer's real mean output: at 32 x 32 inputs
+(zero padding, strided 1 x 1 convolutions, 8 x 8 to 2 x 2 maps) those differ in FP32 already, by up to 0.4
+(MobileNetV2's depthwise convolutions) and 0.55 (ResNet-18's strided downsample) of the output's standard
+deviation, and the difference lands in the bias (`python benchmarks/check_nncf_fbc.py resnet18`). The harness
+feeds NNCF what it feeds every method (the same 8 x 32 NCHW float batches, input "input", its QDQ model
+evaluated on the same inputs); batches of 1 instead of 32 change NNCF's default by 0.1 dB on ResNet-18.
+`aimet`: AIMET-ONNX QuantizationSimModel at its defaults (int8 weights and activations, min-max, its default
+per-channel config), `compute_encodings` on the same batches, `to_onnx_qdq`; `aimet-ada-N`: `apply_adaround`
+with N iterations per layer before `compute_encodings`; `aimet-ada-matched`: 20 (MobileNetV2) / 300 (ResNet-18)
+iterations, set to bring AIMET's wall to omct-ada's (46 s in an earlier run); on MobileNetV2 even 20
+iterations take twice omct-ada's wall here, AIMET's fixed cost being about 0.9 s for each of its 53 layers.
+AIMET's default 10000 iterations were not run: its first MobileNetV2 layer alone took
+68 s (about an hour for the model on this host). `quark`: AMD Quark's `A8W8_QCONFIG` (per-tensor symmetric INT8
+weights and activations, percentile calibration) through `ModelQuantizer.quantize_model`.
+"""
+
+
+def peer_versions() -> list[str]:
+    """The peer tools' versions, read from their own Pythons."""
+    dists = {"nncf": "nncf", "aimet": "aimet-onnx", "quark": "amd-quark"}
+    out = []
+    for tool, py in PEER_PYTHON.items():
+        if f"{tool.upper()}_PYTHON" in os.environ:
+            code = f"import importlib.metadata as m; print(m.version('{dists[tool]}'))"
+            ver = subprocess.run([py, "-c", code], capture_output=True, text=True).stdout.strip() or "?"
+            out.append(f"{dists[tool]} {ver}")
+    return out
+
+
+PEER_CHILDREN = {"nncf": nncf_child, "aimet": aimet_child, "quark": quark_child}
 
 
 def quantize(method: str, src: Path, out: Path) -> Path:
     xtr = data()[0]
-    if method.startswith("nncf"):  # wall time includes starting that Python and importing nncf
+    peer = method.split("-")[0]
+    if peer in PEER_CHILDREN:  # wall time includes starting that Python and importing the tool
         dst = Path(f"{out}_deploy_model.onnx")
-        subprocess.run([NNCF_PYTHON, __file__, "--nncf-child", method, str(src), str(dst)], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        dst.unlink(missing_ok=True)
+        log = Path(f"{out}.log")
+        with log.open("w") as f:
+            subprocess.run([PEER_PYTHON[peer], __file__, "--peer-child", method, str(src), str(dst)], check=True,
+                           stdout=f, stderr=subprocess.STDOUT, cwd=WORK)  # Quark writes a CSV into its cwd
         return dst
     batches = [xtr[i * CALIB_BATCH:(i + 1) * CALIB_BATCH] for i in range(BATCH_NUM)]
     if method.startswith("omct"):
@@ -129,15 +221,16 @@ def logits(path: Path, x: np.ndarray) -> np.ndarray:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=list(MODELS))
-    ap.add_argument("--methods", nargs="+", default=METHODS)
+    peers = [m for tool, ms in PEER_METHODS.items() if f"{tool.upper()}_PYTHON" in os.environ for m in ms]
+    ap.add_argument("--methods", nargs="+", default=METHODS + peers)
     ap.add_argument("--out", default=str(RESULTS / "adaround.md"))
-    ap.add_argument("--nncf-child", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--peer-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.nncf_child:
-        nncf_child(*args.nncf_child)
+    if args.peer_child:
+        PEER_CHILDREN[args.peer_child[0].split("-")[0]](*args.peer_child)
         return
     _, _, xte, yte = data()
-    rows = []
+    rows, failed = [], []
     for name in args.models:
         src = ensure_model(name)
         rng = np.random.default_rng(0)
@@ -150,7 +243,12 @@ def main() -> None:
         fp32_acc = float((logits(src, xte).argmax(1) == yte).mean())
         for method in args.methods:
             t = time.perf_counter()
-            dst = quantize(method, src, WORK / f"{name}_{method}")
+            try:
+                dst = quantize(method, src, WORK / f"{name}_{method}")
+            except subprocess.CalledProcessError:  # a peer tool that fails on this model: say so in the table
+                failed.append((name, method))
+                print(f"{name:13s} {method:15s} failed: see {WORK / f'{name}_{method}.log'}", flush=True)
+                continue
             wall = time.perf_counter() - t
             got = logits(dst, x)
             sqnr = 10 * np.log10((ref ** 2).sum() / ((got - ref) ** 2).sum())
@@ -163,10 +261,17 @@ def main() -> None:
              "Digits at 32 x 32 x 3 (scikit-learn; no harder image data or pretrained weights were obtainable here),",
              f"calibration {BATCH_NUM} x {CALIB_BATCH} images; logit SQNR and top-1 agreement vs FP32 on the {LOW_MARGIN}",
              "lowest-margin of 2000 blends of two test digits; accuracy on the 500 plain test digits;",
-             "wall = calibration + export on a shared 2-core host (one thread; compare ratios).", "",
+             "wall = calibration + export on a shared 2-core host (one thread; compare ratios); a peer tool's wall",
+             "includes starting its Python and importing it (AIMET: torch too).", "",
+             "    " + " ".join([f"{k}={os.environ[k]}" for k in ("NNCF_PYTHON", "AIMET_PYTHON", "QUARK_PYTHON")
+                           if k in os.environ] + ["python"] + sys.argv), ""]
+    lines += [f"Peers: {', '.join(peer_versions())}.", ""] if any(m.split("-")[0] in PEER_METHODS for m in args.methods) else []
+    lines += [
              "| model | method | logit SQNR, low-margin (dB) | low-margin agreement | accuracy (FP32) | wall (s) |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {m} | {k} | {s:.2f} | {a:.2f} | {acc:.3f} ({f:.3f}) | {w:.1f} |" for m, k, s, a, acc, f, w in rows]
+    lines += [f"| {m} | {k} | failed (the tool raised; log in benchmarks/work/adaround/) | | | |" for m, k in failed]
+    lines += PEER_NOTES.rstrip().split("\n") if any(m.split("-")[0] in PEER_METHODS for m in args.methods) else []
     Path(args.out).parent.mkdir(exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
 
