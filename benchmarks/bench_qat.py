@@ -63,7 +63,15 @@ def train(model, data, skip: int = 2) -> float:
     return float(np.median(times[skip:]) * 1000)
 
 
-def run(method: str, name: str, bits: int, steps: int, out: Path, channel_wise: bool = True) -> dict:
+def first_layer(model) -> str:
+    """The first quantized layer (module order): the image-facing convolution."""
+    from torch import nn
+
+    return next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear))
+
+
+def run(method: str, name: str, bits: int, steps: int, out: Path, channel_wise: bool = True,
+        first_int8: bool = False) -> dict:
     import torch
 
     torch.manual_seed(0)
@@ -81,8 +89,10 @@ def run(method: str, name: str, bits: int, steps: int, out: Path, channel_wise: 
         algo = "arq_quantize" if method.endswith("arq") else "mse_clip_quantize"
         cfg = out.with_suffix(".cfg")
         weights = f"calibration_config {{ {algo} {{ quant_bits: {bits} channel_wise: {str(channel_wise).lower()} }} }}"
+        first = weights.replace(f"quant_bits: {bits}", "quant_bits: 8")
         cfg.write_text("batch_num: 8\ncommon_config { ifmr_quantize { } }\n"
-                       + "".join(f'override_layer_types {{ layer_type: "{t}" {weights} }}\n' for t in ("Conv2d", "Linear")))
+                       + "".join(f'override_layer_types {{ layer_type: "{t}" {weights} }}\n' for t in ("Conv2d", "Linear"))
+                       + (f'override_layer_configs {{ layer_name: "{first_layer(model)}" {first} }}\n' if first_int8 else ""))
         amct.create_quant_config(str(out) + ".json", model, example, config_defination=str(cfg))
         cal = amct.quantize_model(str(out) + ".json", str(out) + "_mod.onnx", str(out) + "_record.txt", model, example,
                                   **EXPORT)
@@ -96,8 +106,12 @@ def run(method: str, name: str, bits: int, steps: int, out: Path, channel_wise: 
         wts = "ulq_retrain" if bits == 4 else "arq_retrain"
         dst = "INT4" if bits == 4 else "INT8"
         cfg = out.with_suffix(".cfg")
-        cfg.write_text(f"batch_num: 2\nretrain_weight_quant_config {{ {wts} {{ channel_wise: {str(channel_wise).lower()} "
-                       f"dst_type: {dst} }} }}\n")
+        def weights(dst_type: str) -> str:
+            return f"retrain_weight_quant_config {{ {wts} {{ channel_wise: {str(channel_wise).lower()} dst_type: {dst_type} }} }}"
+
+        cfg.write_text(f"batch_num: 2\n{weights(dst)}\n"
+                       + (f'override_layer_configs {{ layer_name: "{first_layer(model)}" {weights("INT8")} }}\n'
+                          if first_int8 else ""))
         amct.create_quant_retrain_config(str(out) + ".json", model, example, config_defination=str(cfg))
         qat = amct.create_quant_retrain_model(str(out) + ".json", model, str(out) + "_record.txt", example)
         result["step_ms"] = train(qat, data)
@@ -134,7 +148,7 @@ def child(method: str, name: str, bits: str, steps: int) -> None:
     torch.set_num_threads(1)
     out = ptq.WORK / f"qat_{name}_{method}_w{bits}"
     t = time.perf_counter()
-    r = run(method, name, int(bits.rstrip("t")), steps, out, channel_wise=not bits.endswith("t"))
+    r = run(method, name, int(bits.rstrip("tf")), steps, out, channel_wise="t" not in bits, first_int8="f" in bits)
     print(json.dumps({"method": method, "model": name, "bits": bits, "wall_s": time.perf_counter() - t,
                       "peak_rss_mb": ptq.peak_rss_mb(), **r}))
 
@@ -146,6 +160,8 @@ def main() -> None:
     ap.add_argument("--bits", nargs="*", type=int, default=[8, 4])
     ap.add_argument("--steps", type=int, default=60, help="fine-tune steps of batch 64 (every trained method alike)")
     ap.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor (channel_wise false)")
+    ap.add_argument("--first-int8", action="store_true",
+                    help="the first layer's weights stay 8-bit (common practice at 4 bits; PTQ and QAT alike)")
     ap.add_argument("--append", metavar="TITLE", help="append the table under TITLE to results/qat.md")
     ap.add_argument("--nncf-path", default=os.environ.get("NNCF_PATH"), help="a site-packages folder holding nncf")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
@@ -165,9 +181,11 @@ def main() -> None:
                      "peak_rss_mb": fp32.get("peak_rss_mb")})
         for bits in args.bits:
             for method in [m for m in args.methods if m != "fp32-train"]:
-                r = ptq.child_process(__file__, method, name, f"{bits}{'t' if args.per_tensor else ''}", args.steps)
+                tag = f"{bits}{'t' if args.per_tensor else ''}{'f' if args.first_int8 else ''}"
+                r = ptq.child_process(__file__, method, name, tag, args.steps)
                 row = {**r, "model": name, "method": method,
-                       "bits": f"W{bits}A8" + (" per tensor" if args.per_tensor else "")}
+                       "bits": f"W{bits}A8" + (" per tensor" if args.per_tensor else "")
+                       + (", first layer W8" if args.first_int8 else "")}
                 if "error" not in r:
                     row["acc"] = ptq.accuracy(Path(r["deploy"])) if "deploy" in r else r["torch_acc"]
                     if fp32.get("step_ms") and r.get("step_ms"):

@@ -135,6 +135,46 @@ def test_weight_quantizers_arq_and_ulq_int4():
 
 
 # ---------------------------------------------------------------------------------------------- end to end
+def test_initialisation_corrects_each_bias_for_its_quantized_weights_mean_shift(cnn, tmp_path):
+    """PTQ's bias correction at the end of the initialisation batches: bias += -(Wq - W) . E[x], with E[x] the
+    per-channel mean of the layer's input over those batches (numpy reference from the captured inputs)."""
+    model, data = cnn
+    cfg = tmp_path / "w4t.cfg"
+    cfg.write_text("batch_num: 2\nretrain_weight_quant_config { ulq_retrain { channel_wise: false dst_type: INT4 } }\n")
+    example = torch.tensor(data.x_test[:2])
+    amct.create_quant_retrain_config(str(tmp_path / "r.json"), model, example, config_defination=str(cfg))
+    qat = amct.create_quant_retrain_model(str(tmp_path / "r.json"), model, str(tmp_path / "rec.txt"), example).train()
+    names = ["0", "3", "6", "10"]
+    modules = {n: qat.model.get_submodule(n) for n in names}
+    before = {n: m.parametrizations.bias.original.detach().clone() for n, m in modules.items()}
+    seen: dict[str, list] = {n: [] for n in names}
+    for n, m in modules.items():  # registered after the retrain hooks: sees what the layer computes with
+        m.register_forward_pre_hook(lambda _m, args, n=n: seen[n].append(args[0].detach().numpy().copy()))
+    x = torch.tensor(data.x_train[:128])
+    with torch.no_grad():
+        qat(x[:64])
+        assert all(torch.equal(modules[n].parametrizations.bias.original, before[n]) for n in names)
+        qat(x[64:])
+    assert qat.initialized
+    for n, m in modules.items():
+        inputs = np.concatenate(seen[n])
+        mean = inputs.mean(axis=(0, 2, 3)) if inputs.ndim == 4 else inputs.mean(axis=0)
+        w = m.parametrizations.weight.original.detach().numpy().astype(np.float64)
+        dw = m.weight.detach().numpy().astype(np.float64) - w  # the fake-quantized weight's error
+        per = dw.reshape(dw.shape[0], dw.shape[1], -1).sum(-1)
+        expect = -(per @ mean)
+        got = (m.parametrizations.bias.original.detach() - before[n]).numpy()
+        assert np.abs(expect).max() > 1e-3, n  # INT4 per tensor: a real shift to correct
+        np.testing.assert_allclose(got, expect, rtol=1e-3, atol=1e-5 * np.abs(expect).max(), err_msg=n)
+    # the last layer (no padding): its mean output over the initialisation data is that of the float weights
+    fc, inputs = modules["10"], torch.tensor(np.concatenate(seen["10"]))
+    with torch.no_grad():
+        quantized = (inputs @ fc.weight.T + fc.parametrizations.bias.original).mean(0)
+        float_ = (inputs @ fc.parametrizations.weight.original.T + before["10"]).mean(0)
+        uncorrected = (inputs @ fc.weight.T + before["10"]).mean(0)
+    assert (quantized - float_).abs().max() < 1e-4 * float_.abs().max() < (uncorrected - float_).abs().max()
+
+
 def test_retrain_exports_what_was_trained_on_integer_kernels(cnn, tmp_path):
     model, data = cnn
     before = copy.deepcopy(model.state_dict())

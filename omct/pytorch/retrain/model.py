@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from omct.algorithms.statistics import Statistics, StatPoint
+from omct.core.bias_correction import ChannelMeans, correction
 from omct.core.calibrators import make_calibrator
 from omct.errors import CalibrationError, QuantizationError
 from omct.formats.record import LayerRecord
@@ -164,8 +165,41 @@ class QuantRetrainModel(nn.Module):
         return out
 
     def _points(self) -> list[StatPoint]:
-        return [StatPoint(key, ("ifmr",), lambda: make_calibrator("ifmr", 8, True))
-                for i, key in self._site_key.items() if not bool(self.act_quantizers[key].initialized)]
+        ranges = [StatPoint(key, ("ifmr",), lambda: make_calibrator("ifmr", 8, True))
+                  for i, key in self._site_key.items() if not bool(self.act_quantizers[key].initialized)]
+        return ranges + [self._mean_point(name) for name in self._corrected_layers()]
+
+    def _corrected_layers(self) -> list[str]:
+        """The layers whose bias absorbs their quantized weights' mean shift at initialisation."""
+        return [name for name, spec in self._plan.layers.items()
+                if spec.weight is not None and spec.bias is not None and spec.weight_in_axis is not None
+                and name in self._plan.input_site and "bias" in getattr(self.model.get_submodule(name),
+                                                                         "parametrizations", {})]
+
+    def _mean_point(self, name: str) -> StatPoint:
+        axis = self._plan.layers[name].input_channel_axis
+        return StatPoint(self._site_key[self._plan.input_site[name]], ("channel_means", axis),
+                         lambda: ChannelMeans(axis))
+
+    @torch.no_grad()
+    def _correct_biases(self, stats: Statistics) -> None:
+        """PTQ's bias correction (on by default there, and in NNCF's QAT initialisation), applied to the trained
+        bias: each layer's bias absorbs the mean output shift ``dW . E[x]`` of its fake-quantized weights, with
+        E[x] from the initialisation batches. Without it QAT starts far below PTQ where the weight quantization
+        error is large (INT4 per tensor) and a short fine-tune at a small learning rate never closes the gap."""
+        weights = self.weight_quantizers()
+        for name in self._corrected_layers():
+            mean = stats[self._mean_point(name)].mean
+            module = self.model.get_submodule(name)
+            w = module.parametrizations.weight.original
+            quantized = weights[name](w)
+            out_axis = torch_weight_axis(module)
+            shift = correction(w.detach().cpu().numpy(), quantized.cpu().numpy(), mean, out_axis, 1 - out_axis,
+                               self._plan.layers[name].groups) if mean is not None else None
+            bias = module.parametrizations.bias.original
+            if shift is not None and shift.shape == tuple(bias.shape) and np.all(np.isfinite(shift)):
+                # .data: this runs inside the last initialisation forward, whose graph already holds the bias
+                bias.data.add_(torch.as_tensor(shift, dtype=bias.dtype, device=bias.device))
 
     def _initialize(self) -> None:
         """IFMR ranges from the statistics of every rank (merged in rank order: the same on every rank)."""
@@ -182,6 +216,7 @@ class QuantRetrainModel(nn.Module):
             p = calib.compute(upper=q.upper)
             lo, hi = float((p.qmin - p.offset) * p.scale), float((p.qmax - p.offset) * p.scale)
             q.set_range(lo, hi, fixed)
+        self._correct_biases(stats)
         self._stats = None
         self.initialized.fill_(True)
 
