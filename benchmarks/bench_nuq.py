@@ -111,8 +111,8 @@ def auto(b: Bench) -> tuple[Path, dict]:
         def eval_model(self, model_file, weights_file, batch_num):
             s = ort.InferenceSession(model_file)
             if isinstance(s, amct.CalibrationSession):  # the calibration call: batch_num calibration batches
-                for b in calib[:batch_num]:
-                    s.run(None, {"input": b})
+                for x in calib[:batch_num]:
+                    s.run(None, {"input": x})
                 return 0.0
             return float((s.run(None, {"input": b.x})[0].argmax(1) == b.y).mean())
 

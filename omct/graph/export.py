@@ -53,9 +53,9 @@ class _Builder:
         self.names.add(name)
         return name
 
-    def key(self, base: str) -> str:
-        """The prefix of the tensors that only wire the quantization of layer or site ``base``."""
-        return base
+    def float_output(self, tensor: str, base: str) -> str:
+        """The new name of quantized site ``base``'s float tensor (its dequantized copy takes ``tensor``)."""
+        return self.unique(f"{tensor}.float")
 
     def add_init(self, array: np.ndarray, base: str) -> str:
         name = self.unique(base)
@@ -129,10 +129,11 @@ class DeployBuilder(_Builder):
     mapping and the deploy model the same mapping shifted by 128, because ONNX Runtime's x86 kernels fuse far
     more convolutions with U8S8 than with S8S8.
 
-    Names are for people where people look (the layer's node, its ``.weight_quantized`` / ``.bias_quantized``
-    / ``.weight_levels`` / ``.weight_packed`` tensors); the plumbing around them (scales, zero points,
-    Q/DQ outputs, NUQ unpacking) takes a short per-layer key (``key``) and the added nodes no name: on a small
-    model the long layer names repeated in each of them were a tenth of the deploy file."""
+    Layer names stay where people and tools look: on the layer's node and on its weight
+    (``{layer}.weight_quantized``, or ``{layer}.weight_packed`` with NUQ). Every other added tensor (bias, level
+    tables, scales, zero points, Q/DQ outputs, NUQ unpacking) is named by a short per-layer key (``q7.bias_quantized``,
+    ``q7.ws``; see ``key``) and added nodes have no name: on a small model the long layer names repeated in each
+    of them were a tenth of the deploy file."""
 
     def __init__(self, model: onnx.ModelProto, unsigned_activations: bool = True):
         super().__init__(model)
@@ -140,12 +141,16 @@ class DeployBuilder(_Builder):
         self._shared: dict[str, str] = {}  # constants many layers read
         self._keys: dict[str, str] = {}
         self._weight_scale: dict[str, tuple[str, np.ndarray]] = {}  # layer -> its weight scale: name, value
+        self._scales: dict[bytes, str] = {}  # scalar float32 scale value -> its initializer
 
     def key(self, base: str) -> str:
         """The short prefix of the plumbing tensors of layer or site ``base`` (``q0``, ``q1``, ...)."""
         if base not in self._keys:
             self._keys[base] = self.unique(f"q{len(self._keys)}")
         return self._keys[base]
+
+    def float_output(self, tensor: str, base: str) -> str:
+        return self.unique(f"{self.key(base)}.f")
 
     def node(self, op: str, inputs: list[str], output_base: str, **attrs) -> str:
         """An added node without a node name (ONNX makes it optional; ONNX Runtime names nodes itself)."""
@@ -163,6 +168,15 @@ class DeployBuilder(_Builder):
         z = self.shared(np.zeros(params.scale.shape, np.int8), f"zero.i8x{params.scale.size}")
         attrs = {"axis": params.axis} if params.axis is not None else {}
         return self.node("DequantizeLinear", [qi, s, z], f"{k}.w", **attrs)
+
+    def scale(self, value: float | np.ndarray, base: str) -> str:
+        """One initializer per scalar scale value: a bias scale's input scale is its input's activation scale."""
+        value = np.asarray(value, np.float32)
+        if value.ndim:
+            return self.add_init(value, base)
+        if value.tobytes() not in self._scales:
+            self._scales[value.tobytes()] = self.add_init(value, base)
+        return self._scales[value.tobytes()]
 
     def shared(self, array: np.ndarray, key: str) -> str:
         """One initializer for a constant that many layers read (NUQ unpacking constants, zero points)."""
@@ -205,14 +219,14 @@ class DeployBuilder(_Builder):
         last = axis is not None and axis == codes.ndim - 1 and axis != 0
         lookup = (-1, channels) if last else (channels, -1)
         idx = op("Reshape", [idx, self.add_init(np.array(lookup, np.int64), f"{k}.ls")])
-        levels_init = self.add_init((table.T if last else table).astype(np.int8), f"{base}.weight_levels")
+        levels_init = self.add_init((table.T if last else table).astype(np.int8), f"{k}.weight_levels")
         w = op("GatherElements", [levels_init, idx], axis=0 if last else 1)
         shape = self.add_init(np.array(codes.shape, np.int64), f"{k}.s")
         return self.node("Reshape", [w, shape], f"{k}.wq")
 
     def bias(self, codes, scale, base):
         k = self.key(base)
-        bi = self.add_init(codes, f"{base}.bias_quantized")
+        bi = self.add_init(codes, f"{k}.bias_quantized")
         bs = self.bias_scale(np.asarray(scale, np.float32), base)
         # no zero point: absent means 0 of the input's type (INT32), and ONNX Runtime fuses it the same
         return self.node("DequantizeLinear", [bi, bs], f"{k}.b", axis=0)
@@ -226,7 +240,7 @@ class DeployBuilder(_Builder):
         if w.shape == scale.shape and w.size > 1 and w[0] != 0:
             a = np.float32(np.float64(scale[0]) / np.float64(w[0]))
             if np.array_equal(w * a, scale):
-                return self.node("Mul", [name, self.add_init(np.array(a, np.float32), f"{k}.is")], f"{k}.bs")
+                return self.node("Mul", [name, self.scale(a, f"{k}.is")], f"{k}.bs")
         return self.add_init(scale, f"{k}.bs")
 
     def lookup(self, node, codes, params, base):
@@ -251,7 +265,7 @@ class DeployBuilder(_Builder):
         offset = np.asarray(params.offset, np.int64)
         zp = (offset + half).astype(np.uint8) if self.unsigned else offset.astype(np.int8)
         k = self.key(base)
-        s = self.add_init(np.asarray(params.scale, np.float32), f"{k}.s")
+        s = self.scale(params.scale, f"{k}.s")
         z = self.add_init(zp, f"{k}.z")
         q = self.node("QuantizeLinear", [tensor, s, z], f"{k}.q")
         return self.node("DequantizeLinear", [q, s, z], f"{k}.dq")
@@ -367,7 +381,7 @@ def build(builder: _Builder, plan: Plan, config: QuantConfig, records: dict[str,
         params = QuantParams(np.asarray(scale, np.float32), np.asarray(offset, np.int32), site.act.get("num_bits", 8))
         base_name = f"{site.tensor}.site{index}"
         if site.output_of and site.tensor in producer:
-            raw = b.unique(f"{b.key(base_name)}.float")
+            raw = b.float_output(site.tensor, base_name)
             prod = producer[site.tensor]
             prod.output[list(prod.output).index(site.tensor)] = raw
             b.activation_qdq(raw, params, base_name)
