@@ -190,6 +190,7 @@ def main() -> None:
             rows.append({"model": name, "method": method, "acc": float((got.argmax(1) == b.y).mean()),
                          "agree": float((got.argmax(1) == top1).mean()),
                          "sqnr": float(10 * np.log10((b.ref ** 2).sum() / ((got - b.ref) ** 2).sum())),
+                         "norm": float(np.linalg.norm(got) / np.linalg.norm(b.ref)),
                          "lat_ms": lat, "lat_ratio": lat / lats[0], "size_kb": path.stat().st_size / 1024,
                          "size_ratio": path.stat().st_size / fp32.stat().st_size,
                          "kernels": integer_kernels_intact(path), "same_ops": kernels(path) == kernels(paths["int8"]),
@@ -197,17 +198,19 @@ def main() -> None:
             print(json.dumps(rows[-1]), file=sys.stderr)
     lines = [f"NUQ benchmark (`python benchmarks/bench_nuq.py`): {BATCH_NUM} calibration batches of 32, digits "
              "upsampled to 32x32 (3 channels for resnet18 / mobilenet_v2), accuracy on 500 held-out images, top-1 "
-             "agreement with FP32 and logit SQNR against FP32 on the same images, deploy file size vs the FP32 file, "
+             "agreement with FP32 and logit SQNR against FP32 on the same images, logit norm: the quantized logits' L2 "
+             "norm over FP32's (below 1: shrunk), deploy file size vs the FP32 file, "
              "ONNX Runtime latency at batch 16 with 2 threads (median of 5 interleaved passes of 40 runs, 3 of 10 for "
              "resnet18 / mobilenet_v2; shared host, quote the ratios). int5/int4: uniform 5/4-bit weights (stored as "
              "INT8 in the deploy file). Activations INT8 everywhere. auto-nuq 1pt: automatic NUQ, top-1 loss < 1 "
              "point (not run on the real-size models). Optimised graph = INT8's: the op types and counts ONNX Runtime "
              "runs are those of the uniform INT8 deploy model (the same kernels).\n"]
     lines += markdown_table(
-        ["model", "method", "accuracy", "agreement", "logit SQNR dB", "size KB", "size vs FP32", "latency ms",
+        ["model", "method", "accuracy", "agreement", "logit SQNR dB", "logit norm", "size KB", "size vs FP32", "latency ms",
          "vs FP32", "integer kernels", "optimised graph = INT8's", "notes"],
         rows, lambda r: [f"{r['acc']:.4f}", f"{r['agree']:.3f}" if "agree" in r else "-",
-                         f"{r['sqnr']:.1f}" if "sqnr" in r else "-", f"{r['size_kb']:.0f}",
+                         f"{r['sqnr']:.1f}" if "sqnr" in r else "-", f"{r['norm']:.3f}" if "norm" in r else "-",
+                         f"{r['size_kb']:.0f}",
                          f"{r['size_ratio']:.3f}x", f"{r['lat_ms']:.2f}", f"{r['lat_ratio']:.2f}x",
                          "-" if "kernels" not in r else ("yes" if r["kernels"] else "NO"),
                          "-" if "same_ops" not in r else ("yes" if r["same_ops"] else "no"),
