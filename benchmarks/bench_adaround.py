@@ -56,8 +56,9 @@ def data():
     return rgb(d.x_train), d.y_train, rgb(d.x_test), d.y_test
 
 
-def ensure_model(name: str) -> Path:
-    path = WORK / f"{name}.onnx"
+def ensure_model(name: str, kwargs: dict | None = None, epochs: int | None = None, tag: str = "") -> Path:
+    """Train replica ``name`` (``kwargs``: its size, default MODELS[name]) once and cache its ONNX file."""
+    path = WORK / f"{name}{tag}.onnx"
     if path.exists():
         return path
     import real_models
@@ -67,8 +68,8 @@ def ensure_model(name: str) -> Path:
     WORK.mkdir(parents=True, exist_ok=True)
     xtr, ytr, xte, yte = data()
     torch.manual_seed(0)
-    model = getattr(real_models, name)(num_classes=10, **MODELS[name])
-    zoo.train(model, zoo.Digits(xtr, ytr, xte, yte), epochs=EPOCHS[name])
+    model = getattr(real_models, name)(num_classes=10, **(MODELS[name] if kwargs is None else kwargs))
+    zoo.train(model, zoo.Digits(xtr, ytr, xte, yte), epochs=EPOCHS[name] if epochs is None else epochs)
     print(f"trained {name}: accuracy {zoo.accuracy_torch(model, xte, yte):.4f}", file=sys.stderr)
     zoo.export_onnx(model, xte[:2], path)
     return path

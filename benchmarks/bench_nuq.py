@@ -1,37 +1,79 @@
 """Non-uniform quantization of weights, side by side on the benchmark models (trained here on digits):
 
 uniform INT8, NUQ-32, NUQ-16, uniform INT5 and INT4 weights (the same bits per weight as NUQ-32 / NUQ-16, for
-reference; activations INT8 everywhere), and automatic NUQ at a 1-point accuracy budget. Reports accuracy, logit
-SQNR against FP32, deploy file size vs FP32 and latency vs FP32 (ONNX Runtime, interleaved). Run by hand:
+reference; activations INT8 everywhere), and automatic NUQ at a 1-point accuracy budget. Reports accuracy, top-1
+agreement and logit SQNR against FP32, deploy file size vs FP32 and latency vs FP32 (ONNX Runtime, interleaved).
+
+Two sets of models: the small benchmark models of bench_ptq (width 32 ResNet, width 16 MobileNet, a 2-layer
+transformer; 0.07-0.3 M parameters, where per-layer overhead in the deploy file weighs), and real-size
+torchvision-layout replicas (tests/real_models.py: ResNet-18 at width 64, 11.2 M parameters; MobileNetV2 width
+1.0, 2.2 M), trained briefly here on the same digits as 3-channel images (bench_adaround's data) and cached in
+benchmarks/work/adaround/. Run by hand:
 
     python benchmarks/bench_nuq.py                      # writes benchmarks/results/nuq.md
-    python benchmarks/bench_nuq.py --models resnet --no-auto
+    python benchmarks/bench_nuq.py --models resnet resnet18 --no-auto
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_adaround  # noqa: E402 - the real-size replicas, trained on 3-channel digits
 from bench_ptq import (  # noqa: E402 - the shared benchmark helpers
     MODELS,
     WORK,
-    accuracy,
     calib_batches,
     data,
     ensure_model,
-    latencies_ms,
-    logit_sqnr_db,
+    interleaved_latencies_ms,
     markdown_table,
     model_path,
+    session,
     write_results,
 )
 
 BATCH_NUM = 8
+#: real-size replicas: name -> (tests/real_models.py constructor, its arguments, training epochs)
+REAL = {"resnet18": ("resnet18", {"width": 64}, 3, "_w64"),
+        "mobilenet_v2": ("mobilenet_v2", {"width_mult": 1.0}, 4, "_w100")}
+
+
+@dataclass
+class Bench:
+    """A benchmark model: its FP32 file, calibration batches and labelled test images."""
+    name: str
+    src: Path
+    calib: list
+    x: np.ndarray
+    y: np.ndarray
+
+    @functools.cached_property
+    def ref(self) -> np.ndarray:
+        return session(self.src).run(None, {"input": self.x})[0].astype(np.float64)
+
+    def logits(self, path: Path) -> np.ndarray:
+        return session(path).run(None, {"input": self.x})[0].astype(np.float64)
+
+
+def bench_model(name: str) -> Bench:
+    if name in REAL:
+        ctor, kwargs, epochs, tag = REAL[name]
+        src = bench_adaround.ensure_model(ctor, kwargs, epochs, tag)
+        xtr, _, xte, yte = bench_adaround.data()
+        return Bench(name, src, [xtr[i * 32:(i + 1) * 32] for i in range(BATCH_NUM)], xte, yte)
+    ensure_model(name)
+    d = data()
+    return Bench(name, model_path(name), calib_batches(BATCH_NUM), d.x_test, d.y_test)
+
 #: method -> the .cfg that makes it
 CONFIGS = {
     "int8": "",
@@ -42,38 +84,37 @@ CONFIGS = {
 }
 
 
-def quantize(name: str, method: str) -> Path:
+def quantize(b: Bench, method: str) -> Path:
     import omct.onnx as amct
 
-    out = WORK / f"{name}_nuq_{method}"
+    out = WORK / f"{b.name}_nuq_{method}"
     cfg = Path(str(out) + ".cfg")
     cfg.write_text(f"batch_num: {BATCH_NUM}\n{CONFIGS[method]}\n")
-    amct.create_quant_config(str(out) + ".json", str(model_path(name)), config_defination=str(cfg))
-    amct.quantize_model(str(out) + ".json", str(model_path(name)), str(out) + "_mod.onnx", str(out) + "_record.txt")
+    amct.create_quant_config(str(out) + ".json", str(b.src), config_defination=str(cfg))
+    amct.quantize_model(str(out) + ".json", str(b.src), str(out) + "_mod.onnx", str(out) + "_record.txt")
     sess = amct.CalibrationSession(str(out) + "_mod.onnx")
-    for b in calib_batches(BATCH_NUM):
-        sess.run(None, {"input": b})
+    for x in b.calib:
+        sess.run(None, {"input": x})
     return amct.save_model(str(out) + "_mod.onnx", str(out) + "_record.txt", str(out))[1]
 
 
-def auto(name: str) -> tuple[Path, dict]:
+def auto(b: Bench) -> tuple[Path, dict]:
     """Automatic NUQ with top-1 on the held-out images as the metric and a 1-point budget."""
     import onnxruntime as ort
 
     import omct.onnx as amct
     from omct.auto import AutoNuqEvaluatorBase
 
-    d = data()
-    calib = calib_batches(BATCH_NUM)
+    calib, name = b.calib, b.name
 
     class Top1(AutoNuqEvaluatorBase):
         def eval_model(self, model_file, weights_file, batch_num):
             s = ort.InferenceSession(model_file)
             if isinstance(s, amct.CalibrationSession):  # the calibration call: batch_num calibration batches
-                for b in calib[:batch_num]:
-                    s.run(None, {"input": b})
+                for x in calib[:batch_num]:
+                    s.run(None, {"input": x})
                 return 0.0
-            return float((s.run(None, {"input": d.x_test})[0].argmax(1) == d.y_test).mean())
+            return float((s.run(None, {"input": b.x})[0].argmax(1) == b.y).mean())
 
         def is_satisfied(self, original_metric, new_metric):
             return (original_metric - new_metric) * 100 < 1
@@ -81,12 +122,12 @@ def auto(name: str) -> tuple[Path, dict]:
     out = WORK / f"{name}_nuq_auto"
     cfg = Path(str(out) + ".cfg")
     cfg.write_text(f"batch_num: {BATCH_NUM}\n{CONFIGS['nuq16']}\n")
-    amct.create_quant_config(str(out) + ".json", str(model_path(name)), config_defination=str(cfg))
+    amct.create_quant_config(str(out) + ".json", str(b.src), config_defination=str(cfg))
     t = time.perf_counter()
-    result = amct.auto_nuq(str(model_path(name)), Top1(), str(out) + ".json", str(out) + "_record.txt", str(out))
+    result = amct.auto_nuq(str(b.src), Top1(), str(out) + ".json", str(out) + "_record.txt", str(out))
     info = {"evaluations": result.evaluations, "bound": result.bound, "wall_s": time.perf_counter() - t,
             "steps": {str(k or "uniform"): sum(1 for v in result.steps.values() if v == k) for k in (16, 32, None)}}
-    return out / f"{model_path(name).stem}_deploy_model.onnx", info
+    return out / f"{b.src.stem}_deploy_model.onnx", info
 
 
 def optimized_graph(path: Path):
@@ -117,49 +158,65 @@ def kernels(path: Path) -> dict[str, int]:
 
 
 def main() -> None:
+    import onnx
+
     from omct.ui import set_quiet
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="*", default=list(MODELS))
-    ap.add_argument("--no-auto", dest="auto", action="store_false")
+    ap.add_argument("--models", nargs="*", default=[*MODELS, *REAL])
+    ap.add_argument("--no-auto", dest="auto", action="store_false", help="no automatic NUQ (never run on REAL)")
     args = ap.parse_args()
     set_quiet()
     rows = []
     for name in args.models:
-        ensure_model(name)
-        fp32 = model_path(name)
+        b = bench_model(name)
+        fp32 = b.src
         paths, extra = {}, {}
         for method in CONFIGS:
             t = time.perf_counter()
-            paths[method] = quantize(name, method)
+            paths[method] = quantize(b, method)
             extra[method] = {"wall_s": time.perf_counter() - t}
-        if args.auto:
-            paths["auto-nuq 1pt"], extra["auto-nuq 1pt"] = auto(name)
-        lats = latencies_ms([fp32, *paths.values()])
-        rows.append({"model": name, "method": "fp32", "acc": accuracy(fp32), "lat_ratio": 1.0, "lat_ms": lats[0],
-                     "size_ratio": 1.0, "size_kb": fp32.stat().st_size / 1024})
+        if args.auto and name not in REAL:  # the search's many exports of an 11 M model: minutes, not the point
+            paths["auto-nuq 1pt"], extra["auto-nuq 1pt"] = auto(b)
+        # the real-size models run ~10x longer per batch: fewer timed runs
+        passes, runs = (3, 10) if name in REAL else (5, 40)
+        lats = interleaved_latencies_ms([session(p) for p in [fp32, *paths.values()]], {"input": b.x[:16]}, passes, runs)
+        top1 = b.ref.argmax(1)
+        rows.append({"model": name, "method": "fp32", "acc": float((top1 == b.y).mean()), "lat_ratio": 1.0,
+                     "lat_ms": lats[0], "size_ratio": 1.0, "size_kb": fp32.stat().st_size / 1024,
+                     "params_m": sum(int(np.prod(t.dims)) for t in onnx.load(fp32).graph.initializer) / 1e6})
         for (method, path), lat in zip(paths.items(), lats[1:], strict=True):
-            rows.append({"model": name, "method": method, "acc": accuracy(path), "sqnr": logit_sqnr_db(name, path),
+            got = b.logits(path)
+            rows.append({"model": name, "method": method, "acc": float((got.argmax(1) == b.y).mean()),
+                         "agree": float((got.argmax(1) == top1).mean()),
+                         "sqnr": float(10 * np.log10((b.ref ** 2).sum() / ((got - b.ref) ** 2).sum())),
+                         "norm": float(np.linalg.norm(got) / np.linalg.norm(b.ref)),
                          "lat_ms": lat, "lat_ratio": lat / lats[0], "size_kb": path.stat().st_size / 1024,
                          "size_ratio": path.stat().st_size / fp32.stat().st_size,
                          "kernels": integer_kernels_intact(path), "same_ops": kernels(path) == kernels(paths["int8"]),
                          **extra[method]})
             print(json.dumps(rows[-1]), file=sys.stderr)
-    lines = [f"NUQ benchmark: {BATCH_NUM} calibration batches of 32, digits upsampled to 32x32, accuracy on 500 "
-             "held-out images, logit SQNR against FP32 on the same images, deploy file size vs the FP32 file, ONNX "
-             "Runtime latency at batch 16 with 2 threads (median of 5 interleaved passes of 40 runs; shared host, "
-             "quote the ratios). int5/int4: uniform 5/4-bit weights (stored as INT8 in the deploy file). Activations "
-             "INT8 everywhere. auto-nuq 1pt: automatic NUQ, top-1 loss < 1 point. Optimised graph = INT8's: the "
-             "op types and counts ONNX Runtime runs are those of the uniform INT8 deploy model (the same kernels).\n"]
+    lines = [f"NUQ benchmark (`python benchmarks/bench_nuq.py`): {BATCH_NUM} calibration batches of 32, digits "
+             "upsampled to 32x32 (3 channels for resnet18 / mobilenet_v2), accuracy on 500 held-out images, top-1 "
+             "agreement with FP32 and logit SQNR against FP32 on the same images, logit norm: the quantized logits' L2 "
+             "norm over FP32's (below 1: shrunk), deploy file size vs the FP32 file, "
+             "ONNX Runtime latency at batch 16 with 2 threads (median of 5 interleaved passes of 40 runs, 3 of 10 for "
+             "resnet18 / mobilenet_v2; shared host, quote the ratios). int5/int4: uniform 5/4-bit weights (stored as "
+             "INT8 in the deploy file). Activations INT8 everywhere. auto-nuq 1pt: automatic NUQ, top-1 loss < 1 "
+             "point (not run on the real-size models). Optimised graph = INT8's: the op types and counts ONNX Runtime "
+             "runs are those of the uniform INT8 deploy model (the same kernels).\n"]
     lines += markdown_table(
-        ["model", "method", "accuracy", "logit SQNR dB", "size KB", "size vs FP32", "latency ms", "vs FP32",
-         "integer kernels", "optimised graph = INT8's", "notes"],
-        rows, lambda r: [f"{r['acc']:.4f}", f"{r['sqnr']:.1f}" if "sqnr" in r else "-", f"{r['size_kb']:.0f}",
+        ["model", "method", "accuracy", "agreement", "logit SQNR dB", "logit norm", "size KB", "size vs FP32", "latency ms",
+         "vs FP32", "integer kernels", "optimised graph = INT8's", "notes"],
+        rows, lambda r: [f"{r['acc']:.4f}", f"{r['agree']:.3f}" if "agree" in r else "-",
+                         f"{r['sqnr']:.1f}" if "sqnr" in r else "-", f"{r['norm']:.3f}" if "norm" in r else "-",
+                         f"{r['size_kb']:.0f}",
                          f"{r['size_ratio']:.3f}x", f"{r['lat_ms']:.2f}", f"{r['lat_ratio']:.2f}x",
                          "-" if "kernels" not in r else ("yes" if r["kernels"] else "NO"),
                          "-" if "same_ops" not in r else ("yes" if r["same_ops"] else "no"),
                          (f"{r['evaluations']} eval_model calls (bound {r['bound']}); layers: "
-                          + ", ".join(f"{v} {k}" for k, v in r["steps"].items() if v)) if "evaluations" in r else ""])
+                          + ", ".join(f"{v} {k}" for k, v in r["steps"].items() if v)) if "evaluations" in r
+                         else f"{r['params_m']:.2f} M parameters" if "params_m" in r else ""])
     write_results("nuq", lines)
 
 

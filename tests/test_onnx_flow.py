@@ -65,6 +65,41 @@ def test_deploy_model_has_int8_weights_int32_bias_and_dynamic_batch(trained, dig
     assert np.abs(np.round(k)).max(axis=1).tolist() == [127] * w.shape[0]
 
 
+def test_deploy_bias_scale_is_the_records_product_bit_for_bit(trained, digits, tmp_path):
+    """The deploy model stores a bias scale as Mul(weight scale, input scale), folded by ONNX Runtime, only where
+    that float32 product is exactly the record's scale_w * scale_d (as export computes it, in float64); biases
+    have no zero point initializer (0 of INT32 by default). Every convolution still fuses into QLinearConv."""
+    from conftest import assert_integer_kernels
+
+    _, path = trained("small_cnn")
+    _, deploy = run_flow(path, tmp_path, batches_of(digits.x_train, 2))
+    m = onnx.load(deploy)
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    producer = {o: n for n in m.graph.node for o in n.output}
+    records = read_record(tmp_path / "q_record.txt")
+    checked, folded = 0, 0
+    for node in m.graph.node:
+        if node.name not in records or node.op_type not in ("Conv", "Gemm") or len(node.input) < 3:
+            continue
+        layer, rec, dq = node.name, records[node.name], producer[node.input[2]]
+        assert dq.op_type == "DequantizeLinear" and inits[dq.input[0]].dtype == np.int32, dq
+        assert len(dq.input) == 2, dq
+        scale = dq.input[1]
+        if scale in producer:  # Mul of two initializers: what ONNX Runtime's constant folding computes
+            mul = producer[scale]
+            assert mul.op_type == "Mul" and all(i in inits for i in mul.input)
+            got, folded = inits[mul.input[0]] * inits[mul.input[1]], folded + 1
+        else:
+            got = inits[scale]
+        want = (np.asarray(rec.scale_w, np.float64) * rec.scale_d).astype(np.float32)
+        assert got.dtype == np.float32 and np.array_equal(np.broadcast_to(want, got.shape), got), layer
+        checked += 1
+    assert checked >= 3 and folded >= 1
+    ops = optimized_ops(deploy, tmp_path)
+    assert ops.count("QLinearConv") == sum(n.op_type == "Conv" for n in onnx.load(path).graph.node)
+    assert_integer_kernels(deploy, tmp_path)
+
+
 def _check_op(model, tmp_path, x, expect_quantized, integer_kernel=None, rel_tol=0.06, float_weight_ops=()):
     src = tmp_path / "model.onnx"
     onnx.save(model, src)

@@ -133,7 +133,7 @@ class _Probe:
             return self.copied[key]
         if tensor in self.q_producer:
             node, k = self.q_producer[tensor]
-            twin = self.float_nodes.get(node.name)
+            twin = self.float_nodes.get(node.name) if node.name else None  # deploy models' added nodes: no name
             if twin is not None and twin.op_type == node.op_type:  # a node of the float model: its float output
                 out = twin.output[k]
             else:  # inserted by quantization (quantize/dequantize): copy it
@@ -154,7 +154,7 @@ class _Probe:
     def copy_node(self, node: onnx.NodeProto, suffix: str) -> list[str]:
         copy = onnx.NodeProto()
         copy.CopyFrom(node)
-        copy.name = node.name + suffix
+        copy.name = (node.name or f"{node.output[0]}.node") + suffix  # output names are unique, node names optional
         inputs = [self.resolve(i, suffix) for i in node.input]
         del copy.input[:]
         copy.input.extend(inputs)

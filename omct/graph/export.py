@@ -53,6 +53,10 @@ class _Builder:
         self.names.add(name)
         return name
 
+    def float_output(self, tensor: str, base: str) -> str:
+        """The new name of quantized site ``base``'s float tensor (its dequantized copy takes ``tensor``)."""
+        return self.unique(f"{tensor}.float")
+
     def add_init(self, array: np.ndarray, base: str) -> str:
         name = self.unique(base)
         if self.sink is not None and np.asarray(array).nbytes >= 2**20:
@@ -123,23 +127,59 @@ class DeployBuilder(_Builder):
 
     Activations are stored as uint8 by default (``unsigned_activations``): the record keeps AMCT's signed
     mapping and the deploy model the same mapping shifted by 128, because ONNX Runtime's x86 kernels fuse far
-    more convolutions with U8S8 than with S8S8."""
+    more convolutions with U8S8 than with S8S8.
+
+    Layer names stay where people and tools look: on the layer's node and on its weight
+    (``{layer}.weight_quantized``, or ``{layer}.weight_packed`` with NUQ). Every other added tensor (bias, level
+    tables, scales, zero points, Q/DQ outputs, NUQ unpacking) is named by a short per-layer key (``q7.bias_quantized``,
+    ``q7.ws``; see ``key``) and added nodes have no name: on a small model the long layer names repeated in each
+    of them were a tenth of the deploy file."""
 
     def __init__(self, model: onnx.ModelProto, unsigned_activations: bool = True):
         super().__init__(model)
         self.unsigned = unsigned_activations
-        self._shared: dict[str, str] = {}  # NUQ unpacking constants every layer reads
+        self._shared: dict[str, str] = {}  # constants many layers read
+        self._keys: dict[str, str] = {}
+        self._weight_scale: dict[str, tuple[str, np.ndarray]] = {}  # layer -> its weight scale: name, value
+        self._scales: dict[bytes, str] = {}  # scalar float32 scale value -> its initializer
+
+    def key(self, base: str) -> str:
+        """The short prefix of the plumbing tensors of layer or site ``base`` (``q0``, ``q1``, ...)."""
+        if base not in self._keys:
+            self._keys[base] = self.unique(f"q{len(self._keys)}")
+        return self._keys[base]
+
+    def float_output(self, tensor: str, base: str) -> str:
+        return self.unique(f"{self.key(base)}.f")
+
+    def node(self, op: str, inputs: list[str], output_base: str, **attrs) -> str:
+        """An added node without a node name (ONNX makes it optional; ONNX Runtime names nodes itself)."""
+        out = self.unique(output_base)
+        self.new_nodes.append(helper.make_node(op, inputs, [out], **attrs))
+        return out
 
     def weight(self, codes, params, base, levels=None):
         qi = (self.add_init(codes.astype(np.int8), f"{base}.weight_quantized") if not levels
               else self.unpacked_levels(codes, levels, params.axis, base))
-        s = self.add_init(params.scale, f"{base}.weight_scale")
-        z = self.add_init(np.zeros(params.scale.shape, np.int8), f"{base}.weight_zero_point")
+        k = self.key(base)
+        s = self.add_init(params.scale, f"{k}.ws")
+        self._weight_scale[base] = (s, np.asarray(params.scale, np.float32))
+        # all zeros: one initializer per channel count, shared (ONNX Runtime's Gemm fusion wants it present)
+        z = self.shared(np.zeros(params.scale.shape, np.int8), f"zero.i8x{params.scale.size}")
         attrs = {"axis": params.axis} if params.axis is not None else {}
-        return self.node("DequantizeLinear", [qi, s, z], f"{base}.weight_dequantized", **attrs)
+        return self.node("DequantizeLinear", [qi, s, z], f"{k}.w", **attrs)
+
+    def scale(self, value: float | np.ndarray, base: str) -> str:
+        """One initializer per scalar scale value: a bias scale's input scale is its input's activation scale."""
+        value = np.asarray(value, np.float32)
+        if value.ndim:
+            return self.add_init(value, base)
+        if value.tobytes() not in self._scales:
+            self._scales[value.tobytes()] = self.add_init(value, base)
+        return self._scales[value.tobytes()]
 
     def shared(self, array: np.ndarray, key: str) -> str:
-        """One initializer for a constant that every NUQ layer's unpacking reads."""
+        """One initializer for a constant that many layers read (NUQ unpacking constants, zero points)."""
         if key not in self._shared:
             self._shared[key] = self.add_init(array, key)
         return self._shared[key]
@@ -159,13 +199,10 @@ class DeployBuilder(_Builder):
         index = (np.moveaxis(index.reshape((channels,) + tuple(np.delete(codes.shape, axis))), 0, axis)
                  if axis is not None else index.reshape(codes.shape))
         packed = self.add_init(nuq.pack_indices(index, bits)[:, :, None], f"{base}.weight_packed")  # [bits, bytes, 1]
-        steps = iter(range(100))
+        steps, k = iter(range(100)), self.key(base)
 
         def op(op_type: str, inputs: list[str], **attrs) -> str:
-            """An unpacking node: short output name, no node name (a few hundred bytes less per layer)."""
-            out = self.unique(f"{base}.u{next(steps)}")
-            self.new_nodes.append(helper.make_node(op_type, inputs, [out], **attrs))
-            return out
+            return self.node(op_type, inputs, f"{k}.u{next(steps)}", **attrs)
 
         bit = op("BitShift", [packed, self.shared(np.arange(7, -1, -1, dtype=np.uint8), "nuq.bit_shifts")],
                  direction="RIGHT")  # [bits, bytes, 8]
@@ -173,24 +210,38 @@ class DeployBuilder(_Builder):
         values = (1 << np.arange(bits, dtype=np.int32)).reshape(bits, 1, 1)
         idx = op("ReduceSum", [op("Mul", [bit, self.shared(values, f"nuq.bit_values{bits}")]),
                                self.shared(np.array([0], np.int64), "nuq.zero")], keepdims=0)  # [bytes, 8]
-        idx = op("Slice", [op("Reshape", [idx, self.shared(np.array([-1], np.int64), "nuq.flat")]),
-                           self.shared(np.array([0], np.int64), "nuq.zero"),
-                           self.add_init(np.array([codes.size], np.int64), f"{base}.count")])
+        if codes.size % 8:  # the last byte of each plane is padded: cut the padding off
+            idx = op("Slice", [op("Reshape", [idx, self.shared(np.array([-1], np.int64), "nuq.flat")]),
+                               self.shared(np.array([0], np.int64), "nuq.zero"),
+                               self.add_init(np.array([codes.size], np.int64), f"{k}.n")])
         # each weight looks up its channel's row: GatherElements on [channels, -1] (channels first) or, for a 2-D
         # weight with its channels last (MatMul), on [-1, channels] with the tables transposed
         last = axis is not None and axis == codes.ndim - 1 and axis != 0
         lookup = (-1, channels) if last else (channels, -1)
-        idx = op("Reshape", [idx, self.add_init(np.array(lookup, np.int64), f"{base}.lookup_shape")])
-        levels_init = self.add_init((table.T if last else table).astype(np.int8), f"{base}.weight_levels")
+        idx = op("Reshape", [idx, self.add_init(np.array(lookup, np.int64), f"{k}.ls")])
+        levels_init = self.add_init((table.T if last else table).astype(np.int8), f"{k}.weight_levels")
         w = op("GatherElements", [levels_init, idx], axis=0 if last else 1)
-        shape = self.add_init(np.array(codes.shape, np.int64), f"{base}.weight_shape")
-        return self.node("Reshape", [w, shape], f"{base}.weight_quantized")
+        shape = self.add_init(np.array(codes.shape, np.int64), f"{k}.s")
+        return self.node("Reshape", [w, shape], f"{k}.wq")
 
     def bias(self, codes, scale, base):
-        bi = self.add_init(codes, f"{base}.bias_quantized")
-        bs = self.add_init(scale, f"{base}.bias_scale")
-        bz = self.add_init(np.zeros(codes.shape, np.int32), f"{base}.bias_zero_point")
-        return self.node("DequantizeLinear", [bi, bs, bz], f"{base}.bias_dequantized", axis=0)
+        k = self.key(base)
+        bi = self.add_init(codes, f"{k}.bias_quantized")
+        bs = self.bias_scale(np.asarray(scale, np.float32), base)
+        # no zero point: absent means 0 of the input's type (INT32), and ONNX Runtime fuses it the same
+        return self.node("DequantizeLinear", [bi, bs], f"{k}.b", axis=0)
+
+    def bias_scale(self, scale: np.ndarray, base: str) -> str:
+        """The bias scale is the weight scale times the input scale: stored as Mul(weight scale, input scale),
+        which ONNX Runtime folds at session creation, when that float32 product is bit for bit the scale (the
+        integer kernel reads no bias scale at all; an unfused float op reads the same value). Else stored."""
+        k = self.key(base)
+        name, w = self._weight_scale.get(base, ("", np.zeros(0, np.float32)))
+        if w.shape == scale.shape and w.size > 1 and w[0] != 0:
+            a = np.float32(np.float64(scale[0]) / np.float64(w[0]))
+            if np.array_equal(w * a, scale):
+                return self.node("Mul", [name, self.scale(a, f"{k}.is")], f"{k}.bs")
+        return self.add_init(scale, f"{k}.bs")
 
     def lookup(self, node, codes, params, base):
         """Gather INT8 rows, then Cast and Mul by the gathered row scales: only the rows looked up are converted.
@@ -213,10 +264,11 @@ class DeployBuilder(_Builder):
         half = 2 ** (params.num_bits - 1)
         offset = np.asarray(params.offset, np.int64)
         zp = (offset + half).astype(np.uint8) if self.unsigned else offset.astype(np.int8)
-        s = self.add_init(np.asarray(params.scale, np.float32), f"{base}.scale")
-        z = self.add_init(zp, f"{base}.zero_point")
-        q = self.node("QuantizeLinear", [tensor, s, z], f"{base}.quantized")
-        return self.node("DequantizeLinear", [q, s, z], f"{base}.dequantized")
+        k = self.key(base)
+        s = self.scale(params.scale, f"{k}.s")
+        z = self.add_init(zp, f"{k}.z")
+        q = self.node("QuantizeLinear", [tensor, s, z], f"{k}.q")
+        return self.node("DequantizeLinear", [q, s, z], f"{k}.dq")
 
 
 def toposort(graph: onnx.GraphProto) -> None:
@@ -329,7 +381,7 @@ def build(builder: _Builder, plan: Plan, config: QuantConfig, records: dict[str,
         params = QuantParams(np.asarray(scale, np.float32), np.asarray(offset, np.int32), site.act.get("num_bits", 8))
         base_name = f"{site.tensor}.site{index}"
         if site.output_of and site.tensor in producer:
-            raw = b.unique(f"{site.tensor}.float")
+            raw = b.float_output(site.tensor, base_name)
             prod = producer[site.tensor]
             prod.output[list(prod.output).index(site.tensor)] = raw
             b.activation_qdq(raw, params, base_name)

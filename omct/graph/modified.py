@@ -87,4 +87,4 @@ def stamp_layers(model: onnx.ModelProto, plan: Plan, config: QuantConfig, record
     if config.globals.cross_layer_equalization:
         fusion["cross_layer_equalization"] = True
     for key, value in ((metadata.LAYERS, layers), (metadata.FUSION, fusion)):
-        model.metadata_props.add(key=key, value=json.dumps(value))
+        model.metadata_props.add(key=key, value=json.dumps(value, separators=(",", ":")))
