@@ -67,6 +67,21 @@ def test_levels_beat_lloyd_max_on_int8_weight_histograms(rng, k):
     assert ours < 0.2 * _cost(values, weights, np.linspace(-127, 127, k).round())  # far better than uniform levels
 
 
+def test_fit_keeps_each_channels_weighted_norm(rng):
+    """Least-squares levels shrink a channel; fit's final scales give it back its importance-weighted norm."""
+    w = rng.laplace(size=(8, 16, 3, 3)).astype(np.float32)
+    importance = rng.uniform(0.1, 5.0, 16)
+    scale, levels = nuq.fit(w, arq(w, 8, 0).scale, 0, 1, 16, 1, importance)
+    q = nuq.to_levels(w, scale, 0, levels).astype(np.float64) * np.asarray(scale, np.float64).reshape(-1, 1, 1, 1)
+    imp = importance.reshape(1, -1, 1, 1)
+    float_norm, quant_norm = (imp * w.astype(np.float64) ** 2).sum((1, 2, 3)), (imp * q**2).sum((1, 2, 3))
+    np.testing.assert_allclose(quant_norm, float_norm, rtol=0.01)
+    # least squares alone would leave it shorter: the plain refit of the same levels
+    codes = q / np.asarray(scale, np.float64).reshape(-1, 1, 1, 1)
+    ls = (imp * w * codes).sum((1, 2, 3)) / (imp * codes**2).sum((1, 2, 3))
+    assert np.all((imp * (ls.reshape(-1, 1, 1, 1) * codes) ** 2).sum((1, 2, 3)) < float_norm)
+
+
 def test_fit_is_deterministic_weighted_and_refined(rng):
     w = rng.normal(size=(16, 32, 3, 3)).astype(np.float32) * rng.uniform(0.2, 1, (16, 1, 1, 1)).astype(np.float32)
     importance = np.r_[np.full(16, 10.0), np.full(16, 0.01)]

@@ -200,7 +200,26 @@ def fit(weight: np.ndarray, scale: np.ndarray, out_axis: int | None, in_axis: in
         better = err < best_err  # channels are independent: each keeps its best
         best_err = np.where(better, err, best_err)
         best_scale[better], best_table[better] = scale[better], table[better]
+    best_scale = _keep_norm(rows, imp, best_scale, best_table)
     return (best_scale if out_axis is not None else best_scale.reshape(())), best_table
+
+
+def _keep_norm(rows: np.ndarray, imp: np.ndarray, scale: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """Scales that give each channel's quantized weight the (importance-weighted) norm of the float one.
+
+    Least-squares levels are weighted means, so each channel's quantized weight is a little shorter than the
+    float one; through a deep CNN without normalisation the shrinkage compounds (ResNet-18 w64 at NUQ-16: logits
+    at 0.922 of FP32's norm, 20.9 dB logit SQNR; with the norm kept 0.952 and 24.3 dB, uniform INT4 23.7 dB;
+    NUQ-32 29.0 -> 30.4 dB; `benchmarks/bench_nuq.py`). The weighted error grows slightly; the output's gain
+    no longer drifts."""
+    energy = (imp * rows * rows).sum(1)
+    for _ in range(3):  # the assignment moves with the scale: a few fixed-point steps
+        q = _assign(rows / scale.astype(np.float64)[:, None], table).astype(np.float64)
+        got = (imp * q * q).sum(1) * scale.astype(np.float64) ** 2
+        gain = np.sqrt(np.where(got > 0, energy / np.where(got > 0, got, 1.0), 1.0))
+        new = scale * gain
+        scale = np.where(np.isfinite(new) & (new >= MIN_SCALE), new, scale).astype(np.float32)
+    return scale
 
 
 def stored_bytes(shape: tuple[int, ...], out_axis: int | None, num_steps: int) -> int:
