@@ -7,7 +7,7 @@ Each quantization runs in its own child process (peak RSS is its own). Run by ha
     python benchmarks/bench_pytorch.py                 # writes benchmarks/results/pytorch.md
     python benchmarks/bench_pytorch.py --models resnet --methods omct-ifmr nncf
     python benchmarks/bench_pytorch.py --models resnet18 mobilenet_v2 efficientnet_lite bert --methods omct-ifmr ort-minmax \
-        --append      # replicas of shipped architectures; ort-minmax: ORT quantize_static of the FP32 ONNX export
+        --append      # replicas of shipped architectures; ort-*: ORT quantize_static of the FP32 ONNX export
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def nncf_root(model):
 def quantize(method: str, name: str, out: Path, batch_num: int) -> Path:
     import torch
 
-    if method == ORT:
+    if method.startswith("ort"):
         return ptq.quantize(method, name, out, batch_num)
     model = ptq.torch_model(name)
     batches = [tuple(torch.tensor(v) for v in b.values()) for b in ptq.calib_feeds(name, batch_num)]
@@ -128,7 +128,7 @@ def main() -> None:
         for (method, r), lat in zip(results.items(), lats[1:], strict=True):
             deploy = Path(r["deploy"])
             rows.append({"model": name, "method": method, "acc": ptq.accuracy(deploy, name),
-                         "sqnr": ptq.logit_sqnr_db(name, deploy), "lat_ms": lat, "vs_ort": ptq.ort_ratio(lat, results, by_method),
+                         "sqnr": ptq.logit_sqnr_db(name, deploy), "lat_ms": lat, "vs_ort": ptq.ort_ratio(lat, by_method),
                          "lat_ratio": lat / lats[0], "wall_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"],
                          "size_kb": deploy.stat().st_size / 1024, "size_ratio": deploy.stat().st_size / size})
             if ORT in results:
@@ -138,8 +138,9 @@ def main() -> None:
              f"{ptq.SIZE}x{ptq.SIZE}, "
              "deploy models exported to ONNX and run in ONNX Runtime (accuracy on 500 held-out images; latency at batch "
              f"16, 2 threads, median of interleaved passes); wall time (median of {args.repeat}) covers the whole flow "
-             "including export, after `import torch`; ort-minmax: ONNX Runtime quantize_static (QDQ, per-channel, MinMax) "
-             "of the FP32 ONNX export, the reference for vs ORT QDQ (latency, same interleaved passes) and vs MinMax "
+             "including export, after `import torch`; ort-minmax: ONNX Runtime quantize_static (QDQ, per-channel, MinMax; "
+             "-u8: uint8 activations) of the FP32 ONNX export, the reference for vs ORT QDQ (latency over the faster ORT "
+             "model, same interleaved passes) and vs MinMax "
              "(PTQ wall time); bert: exported with static shapes (batch 16, no dynamic_axes).\n",
              ]
     lines += ptq.markdown_table(
