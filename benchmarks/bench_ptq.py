@@ -6,8 +6,8 @@ Each method runs in its own child process so its peak RSS is its own. Run by han
     python benchmarks/bench_ptq.py                 # all models, all methods, writes benchmarks/results/ptq.md
     python benchmarks/bench_ptq.py --models resnet --methods omct-ifmr ort-minmax
     python benchmarks/bench_ptq.py --methods omct-ifmr omct-ifmr-exact ort-minmax   # -exact: every value binned
-    python benchmarks/bench_ptq.py --models resnet18 mobilenet_v2 efficientnet_lite bert --methods omct-ifmr ort-minmax \
-        --append                                  # the replicas of shipped architectures (REAL_MODELS)
+    python benchmarks/bench_ptq.py --models resnet18 mobilenet_v2 efficientnet_lite bert \
+        --methods omct-ifmr ort-minmax ort-minmax-u8 --append      # the replicas of shipped architectures (REAL_MODELS)
 """
 
 from __future__ import annotations
@@ -440,8 +440,15 @@ def write_results(name: str, lines: list[str], append: bool = False) -> None:
 
 
 def append_flag(ap: argparse.ArgumentParser) -> None:
+    """The options both PTQ benchmarks share: --append and --latency-batch."""
     ap.add_argument("--append", action="store_true",
                     help="append the table to the results file as a dated section (with the command line)")
+    ap.add_argument("--latency-batch", type=int, default=16,
+                    help="test examples per timed run (bert: always its static batch, 16)")
+
+
+def timed_batch(name: str, batch: int) -> int:
+    return STATIC_BATCH if name == "bert" else batch
 
 
 ORT_REFERENCES = ("ort-minmax", "ort-minmax-u8")
@@ -493,7 +500,7 @@ def main() -> None:
         calib = {m: child_process(__file__, f"calib:{m}", name, args.batch_num) for m in results if m.startswith("omct")} \
             if args.calib_ratio else {}
         paths = [fp32] + [Path(r["deploy"]) for r in results.values()]
-        lats = latencies_ms(paths, name=name)
+        lats = latencies_ms(paths, timed_batch(name, args.latency_batch), name=name)
         by_method = dict(zip(results, lats[1:], strict=True))
         rows.append({"model": name, "method": "fp32", "acc": accuracy(fp32, name), "lat_ms": lats[0], "lat_ratio": 1.0,
                      "size_kb": fp32.stat().st_size / 1024, "size_ratio": 1.0})
@@ -511,7 +518,8 @@ def main() -> None:
             print(json.dumps(rows[-1]), file=sys.stderr)
     lines.append(f"PTQ benchmark: {args.batch_num} calibration batches of {CALIB_BATCH} (bert: {STATIC_BATCH}), digits "
                  f"upsampled to {SIZE}x{SIZE} (real-model CNNs: x3 channels; bert: as 32-token sequences, static shapes), "
-                 "accuracy on 500 held-out images, ORT latency at batch 16 with 2 threads (median of 5 interleaved "
+                 f"accuracy on 500 held-out images, ORT latency at batch {args.latency_batch} (bert: 16) with 2 threads "
+                 "(median of 5 interleaved "
                  f"passes of 40 runs each; vs ORT QDQ: over the faster of ORT quantize_static MinMax's deploy models, int8 "
                  "(ort-minmax) or uint8 (-u8) activations, in the same passes), "
                  f"speed-up over FP32 = 1 / (vs FP32), PTQ wall time the median of {args.repeat} interleaved rounds; vs MinMax: "

@@ -6,8 +6,8 @@ Each quantization runs in its own child process (peak RSS is its own). Run by ha
 
     python benchmarks/bench_pytorch.py                 # writes benchmarks/results/pytorch.md
     python benchmarks/bench_pytorch.py --models resnet --methods omct-ifmr nncf
-    python benchmarks/bench_pytorch.py --models resnet18 mobilenet_v2 efficientnet_lite bert --methods omct-ifmr ort-minmax \
-        --append      # replicas of shipped architectures; ort-*: ORT quantize_static of the FP32 ONNX export
+    python benchmarks/bench_pytorch.py --models resnet18 mobilenet_v2 efficientnet_lite bert \
+        --methods omct-ifmr ort-minmax ort-minmax-u8 --append  # real-model replicas; ort-*: quantize_static of the export
 """
 
 from __future__ import annotations
@@ -120,7 +120,8 @@ def main() -> None:
         run_child(args.methods[0], name, args.batch_num)  # warm-up: NNCF compiles its torch extension once
         results = ptq.repeated_runs(run_child, name, args, rows)
         fp32 = ptq.model_path(name)
-        lats = ptq.latencies_ms([fp32] + [Path(r["deploy"]) for r in results.values()], name=name)
+        lats = ptq.latencies_ms([fp32] + [Path(r["deploy"]) for r in results.values()],
+                                ptq.timed_batch(name, args.latency_batch), name=name)
         by_method = dict(zip(results, lats[1:], strict=True))
         size = fp32.stat().st_size
         rows.append({"model": name, "method": "fp32 (ONNX)", "acc": ptq.accuracy(fp32, name), "lat_ms": lats[0],
@@ -137,7 +138,8 @@ def main() -> None:
     lines = [f"PyTorch PTQ benchmark: {args.batch_num} calibration batches of {ptq.CALIB_BATCH}, digits at "
              f"{ptq.SIZE}x{ptq.SIZE}, "
              "deploy models exported to ONNX and run in ONNX Runtime (accuracy on 500 held-out images; latency at batch "
-             f"16, 2 threads, median of interleaved passes); wall time (median of {args.repeat}) covers the whole flow "
+             f"{args.latency_batch} (bert: 16), 2 threads, median of interleaved passes); wall time (median of "
+             f"{args.repeat}) covers the whole flow "
              "including export, after `import torch`; ort-minmax: ONNX Runtime quantize_static (QDQ, per-channel, MinMax; "
              "-u8: uint8 activations) of the FP32 ONNX export, the reference for vs ORT QDQ (latency over the faster ORT "
              "model, same interleaved passes) and vs MinMax "
