@@ -6,6 +6,8 @@ Each quantization runs in its own child process (peak RSS is its own). Run by ha
 
     python benchmarks/bench_pytorch.py                 # writes benchmarks/results/pytorch.md
     python benchmarks/bench_pytorch.py --models resnet --methods omct-ifmr nncf
+    python benchmarks/bench_pytorch.py --models resnet18 mobilenet_v2 efficientnet_lite bert \
+        --methods omct-ifmr ort-minmax ort-minmax-u8 --append  # real-model replicas; ort-*: quantize_static of the export
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_ptq as ptq  # noqa: E402 - shares models, data and measurements with the ONNX benchmark
 
 METHODS = ["omct-ifmr", "omct-hfmg", "nncf"]
+#: ORT quantize_static's (MinMax) deploy model of the FP32 ONNX export, the reference for deploy latency and PTQ wall time
+ORT = "ort-minmax"
 
 
 def nncf_root(model):
@@ -44,11 +48,17 @@ def nncf_root(model):
 def quantize(method: str, name: str, out: Path, batch_num: int) -> Path:
     import torch
 
+    if method.startswith("ort"):
+        return ptq.quantize(method, name, out, batch_num)
     model = ptq.torch_model(name)
-    batches = [torch.tensor(b) for b in ptq.calib_batches(batch_num)]
-    example = batches[0][:2]
-    export = {"input_names": ["input"], "output_names": ["logits"],
-              "dynamic_axes": {"input": {0: "batch"}, "logits": {0: "batch"}}}
+    batches = [tuple(torch.tensor(v) for v in b.values()) for b in ptq.calib_feeds(name, batch_num)]
+    if name == "bert":  # static shapes, no dynamic_axes: the seed's call sequence
+        example = batches[0]
+        export = {"input_names": ptq.BERT_INPUTS, "output_names": ["logits"]}
+    else:
+        example = batches[0][0][:2]
+        export = {"input_names": ["input"], "output_names": ["logits"],
+                  "dynamic_axes": {"input": {0: "batch"}, "logits": {0: "batch"}}}
     deploy = Path(str(out) + "_deploy_model.onnx")
     if method.startswith("omct"):
         import omct.pytorch as amct
@@ -62,16 +72,17 @@ def quantize(method: str, name: str, out: Path, batch_num: int) -> Path:
                                   **export)
         with torch.no_grad():
             for b in batches:
-                cal(b)
+                cal(*b)
         amct.save_model(str(out) + "_mod.onnx", str(out) + "_record.txt", str(out))
         return deploy
     if method == "nncf":
         import nncf
 
-        kwargs = {"model_type": nncf.ModelType.TRANSFORMER} if name == "transformer" else {}
-        q = nncf.quantize(nncf_root(model), nncf.Dataset(batches), subset_size=len(batches) * ptq.CALIB_BATCH, **kwargs)
+        kwargs = {"model_type": nncf.ModelType.TRANSFORMER} if name in ("transformer", "bert") else {}
+        q = nncf.quantize(nncf_root(model), nncf.Dataset(batches), subset_size=len(batches) * ptq.batch_size(name), **kwargs)
         q = nncf.strip(q, example_input=example)
-        torch.onnx.export(q, (example,), str(deploy), dynamo=False, opset_version=17, **export)
+        args = example if isinstance(example, tuple) else (example,)
+        torch.onnx.export(q, args, str(deploy), dynamo=False, opset_version=17, **export)
         return deploy
     raise ValueError(method)
 
@@ -93,9 +104,10 @@ def run_child(method: str, name: str, batch_num: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="*", default=list(ptq.MODELS))
+    ap.add_argument("--models", nargs="*", default=list(ptq.MODELS), choices=[*ptq.MODELS, *ptq.REAL_MODELS])
     ap.add_argument("--methods", nargs="*", default=METHODS)
     ap.add_argument("--batch-num", type=int, default=8)
+    ptq.append_flag(ap)
     ap.add_argument("--repeat", type=int, default=3, help="quantize this many times; the median wall time is reported")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -108,24 +120,39 @@ def main() -> None:
         run_child(args.methods[0], name, args.batch_num)  # warm-up: NNCF compiles its torch extension once
         results = ptq.repeated_runs(run_child, name, args, rows)
         fp32 = ptq.model_path(name)
-        lats = ptq.latencies_ms([fp32] + [Path(r["deploy"]) for r in results.values()])
-        rows.append({"model": name, "method": "fp32 (ONNX)", "acc": ptq.accuracy(fp32), "lat_ms": lats[0], "lat_ratio": 1.0})
+        lats = ptq.latencies_ms([fp32] + [Path(r["deploy"]) for r in results.values()],
+                                ptq.timed_batch(name, args.latency_batch), name=name)
+        by_method = dict(zip(results, lats[1:], strict=True))
+        size = fp32.stat().st_size
+        rows.append({"model": name, "method": "fp32 (ONNX)", "acc": ptq.accuracy(fp32, name), "lat_ms": lats[0],
+                     "lat_ratio": 1.0, "size_kb": size / 1024, "size_ratio": 1.0})
         for (method, r), lat in zip(results.items(), lats[1:], strict=True):
-            rows.append({"model": name, "method": method, "acc": ptq.accuracy(Path(r["deploy"])),
-                         "sqnr": ptq.logit_sqnr_db(name, Path(r["deploy"])), "lat_ms": lat,
-                         "lat_ratio": lat / lats[0], "wall_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"]})
+            deploy = Path(r["deploy"])
+            rows.append({"model": name, "method": method, "acc": ptq.accuracy(deploy, name),
+                         "sqnr": ptq.logit_sqnr_db(name, deploy), "lat_ms": lat, "vs_ort": ptq.ort_ratio(lat, by_method),
+                         "lat_ratio": lat / lats[0], "wall_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"],
+                         "size_kb": deploy.stat().st_size / 1024, "size_ratio": deploy.stat().st_size / size})
+            if ORT in results:
+                rows[-1]["wall_ratio"] = r["wall_s"] / results[ORT]["wall_s"]
             print(json.dumps(rows[-1]), file=sys.stderr)
     lines = [f"PyTorch PTQ benchmark: {args.batch_num} calibration batches of {ptq.CALIB_BATCH}, digits at "
              f"{ptq.SIZE}x{ptq.SIZE}, "
              "deploy models exported to ONNX and run in ONNX Runtime (accuracy on 500 held-out images; latency at batch "
-             f"16, 2 threads, median of interleaved passes); wall time (median of {args.repeat}) covers the whole flow "
-             "including export, after `import torch`.\n",
+             f"{args.latency_batch} (bert: 16), 2 threads, median of interleaved passes); wall time (median of "
+             f"{args.repeat}) covers the whole flow "
+             "including export, after `import torch`; ort-minmax: ONNX Runtime quantize_static (QDQ, per-channel, MinMax; "
+             "-u8: uint8 activations) of the FP32 ONNX export, the reference for vs ORT QDQ (latency over the faster ORT "
+             "model, same interleaved passes) and vs MinMax "
+             "(PTQ wall time); bert: exported with static shapes (batch 16, no dynamic_axes).\n",
              ]
     lines += ptq.markdown_table(
-        ["model", "method", "accuracy", "logit SQNR dB", "latency ms", "vs FP32", "PTQ wall s", "peak RSS MB"],
+        ["model", "method", "accuracy", "logit SQNR dB", "latency ms", "vs FP32", "vs ORT QDQ", "PTQ wall s", "vs MinMax",
+         "peak RSS MB", "size KB", "size vs FP32"],
         rows, lambda r: [f"{r['acc']:.4f}", f"{r['sqnr']:.1f}" if "sqnr" in r else "-", f"{r['lat_ms']:.2f}",
-                         f"{r['lat_ratio']:.2f}x", f"{r.get('wall_s', 0):.2f}", f"{r.get('peak_rss_mb', 0):.0f}"])
-    ptq.write_results("pytorch", lines)
+                         f"{r['lat_ratio']:.2f}x", r.get("vs_ort", "-"), f"{r.get('wall_s', 0):.2f}",
+                         f"{r['wall_ratio']:.2f}x" if "wall_ratio" in r else "-", f"{r.get('peak_rss_mb', 0):.0f}",
+                         f"{r['size_kb']:.0f}", f"{r['size_ratio']:.3f}x"])
+    ptq.write_results("pytorch", lines, args.append)
 
 
 if __name__ == "__main__":
