@@ -413,7 +413,7 @@ def _inline_branch(node: onnx.NodeProto, branch: onnx.GraphProto, label: str, ta
     local = [t.name for t in branch.initializer] + [o for n in branch.node for o in n.output if o]
     rename = {t: fresh(prefix + t) for t in local}
     tail, done = [], set()
-    for inner, outer in zip(branch.output, node.output):
+    for inner, outer in zip(branch.output, node.output, strict=False):
         if not outer:
             continue
         if inner.name in rename and inner.name not in done:
