@@ -107,3 +107,32 @@ def test_fixed_condition_inlines_the_branch_and_quantizes_it(tmp_path, rng, sr, 
         assert sqnr > 25, (name, sqnr)
         assert np.abs(d - f).max() <= 0.05 * np.abs(r).max(), name  # deploy follows fake-quant
     assert np.array_equal(dp[1], ref[1])  # the state passes through (then) or is a float Relu (else): exact
+
+
+def test_a_nested_if_reading_its_parent_branch_is_inlined_too(tmp_path, rng):
+    """The inner If's branch reads ``r``, a tensor of the outer branch (renamed when that branch is inlined)."""
+    from conftest import ort_run
+
+    from omct.graph.normalize import fix_inputs, normalize
+
+    w = {k: (rng.normal(size=(4, 4, 3)) * 0.3).astype(np.float32) for k in ("wa", "wb", "wc")}
+    inner_then = helper.make_graph([helper.make_node("Conv", ["r", "wb"], ["y_in"], name="conv_in", pads=[1, 1])],
+                                   "inner_then", [], [vi("y_in", None)])
+    inner_else = helper.make_graph([helper.make_node("Relu", ["r"], ["z_in"], name="relu_in")], "inner_else", [],
+                                   [vi("z_in", None)])
+    outer_then = helper.make_graph([helper.make_node("Conv", ["x", "wa"], ["r"], name="conv_out", pads=[1, 1]),
+                                    helper.make_node("If", ["c"], ["y_then"], name="inner_if", then_branch=inner_then,
+                                                     else_branch=inner_else)], "outer_then", [], [vi("y_then", None)])
+    outer_else = helper.make_graph([helper.make_node("Conv", ["x", "wc"], ["y_else"], name="conv_else", pads=[1, 1])],
+                                   "outer_else", [], [vi("y_else", None)])
+    node = helper.make_node("If", ["c"], ["y"], name="outer_if", then_branch=outer_then, else_branch=outer_else)
+    graph = helper.make_graph([node], "g", [vi("x", ["N", 4, 8]), helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                              [vi("y", None)], [numpy_helper.from_array(v, k) for k, v in w.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    flat, report = normalize(fix_inputs(model, {"c": True}))
+    assert report.ifs_inlined == [("outer_if", "then"), ("outer_if/then/inner_if", "then")]
+    assert [n.name for n in flat.graph.node] == ["outer_if/then/conv_out", "outer_if/then/inner_if/then/conv_in"]
+    x = rng.normal(size=(3, 4, 8)).astype(np.float32)
+    ref = ort_run(model.SerializeToString(), {"x": x, "c": np.array(True)})[0]
+    np.testing.assert_array_equal(ort_run(flat.SerializeToString(), {"x": x})[0], ref)
