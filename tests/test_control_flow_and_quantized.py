@@ -136,3 +136,40 @@ def test_a_nested_if_reading_its_parent_branch_is_inlined_too(tmp_path, rng):
     x = rng.normal(size=(3, 4, 8)).astype(np.float32)
     ref = ort_run(model.SerializeToString(), {"x": x, "c": np.array(True)})[0]
     np.testing.assert_array_equal(ort_run(flat.SerializeToString(), {"x": x})[0], ref)
+
+
+def test_a_scripted_pytorch_if_on_the_sample_rate(tmp_path, rng):
+    """torch.jit.script + the TorchScript exporter: ``if sr == 16000`` becomes Constant/Equal/Cast -> If with the
+    weights in the outer graph (outer scope) and torch's ``/a/Conv`` names inside the branches."""
+    import warnings
+
+    import torch
+    from conftest import ort_run
+
+    from omct.graph.normalize import fix_inputs
+
+    class Vad(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Conv1d(4, 4, 3, padding=1), torch.nn.Conv1d(4, 4, 3, padding=1)
+
+        def forward(self, x, sr):
+            if sr == 16000:
+                return self.a(x)
+            return torch.relu(self.b(x))
+
+    torch.manual_seed(0)
+    src = tmp_path / "vad.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(torch.jit.script(Vad()), (torch.randn(2, 4, 8), torch.tensor(16000)), str(src),
+                          dynamo=False, input_names=["x", "sr"], output_names=["y"], opset_version=17,
+                          dynamic_axes={"x": {0: "n"}})
+    fixed = tmp_path / "vad_8k.onnx"
+    onnx.save(fix_inputs(onnx.load(src), {"sr": 8000}), fixed)
+    assert [s.name for s in amct.inspect_model(str(fixed)).layers] == ["/If/else/b/Conv"]
+    x = rng.normal(size=(32, 4, 8)).astype(np.float32)
+    _, deploy = run_flow(fixed, tmp_path, [x], feed_name="x")
+    ref = ort_run(src, {"x": x, "sr": np.array(8000, np.int64)})[0]
+    out = ort_run(deploy, {"x": x})[0]
+    assert 10 * np.log10(np.mean(ref ** 2) / np.mean((out - ref) ** 2)) > 25

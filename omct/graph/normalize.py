@@ -411,7 +411,7 @@ def _inline_branch(node: onnx.NodeProto, branch: onnx.GraphProto, label: str, ta
         return name
 
     local = [t.name for t in branch.initializer] + [o for n in branch.node for o in n.output if o]
-    rename = {t: fresh(prefix + t) for t in local}
+    rename = {t: fresh(prefix + t.lstrip("/")) for t in local}  # torch's "/a/Conv" -> "/If/then/a/Conv"
     tail, done = [], set()
     for inner, outer in zip(branch.output, node.output, strict=False):
         if not outer:
@@ -426,7 +426,7 @@ def _inline_branch(node: onnx.NodeProto, branch: onnx.GraphProto, label: str, ta
     for index, inner in enumerate(branch.node):
         new = onnx.NodeProto()
         new.CopyFrom(inner)
-        new.name = fresh(prefix + (inner.name or f"{inner.op_type}_{index}"))
+        new.name = fresh(prefix + (inner.name.lstrip("/") or f"{inner.op_type}_{index}"))
         new.input[:] = [rename.get(x, x) for x in inner.input]
         new.output[:] = [rename.get(x, x) if x else x for x in inner.output]
         for attr in new.attribute:
