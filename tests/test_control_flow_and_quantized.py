@@ -80,6 +80,10 @@ def test_an_input_driven_if_names_the_input_to_fix(tmp_path, rng):
     rep = amct.inspect_model(str(path))
     assert not rep.layers
     assert all("depends on the model input(s) 'sr'" in r.reason for r in rep.refused)
+    from omct.graph.normalize import fix_inputs
+
+    with pytest.raises(ModelError, match=r"fix_inputs: 'rate' is not an input of the model \(inputs: x, state, sr\)"):
+        fix_inputs(_vad_like(rng), {"rate": 16000})
 
 
 @pytest.mark.parametrize("sr, branch, names", [(16000, "then", {"vad_if/then/conv1", "vad_if/then/conv2"}),
