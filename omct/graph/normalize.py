@@ -463,19 +463,18 @@ def inline_constant_ifs(model: onnx.ModelProto, report: NormalizeReport) -> None
             new_nodes, new_inits = _inline_branch(node, branch, label, taken)
             nodes = list(graph.node)
             nodes[position:position + 1] = new_nodes
-            used = _used_names(nodes, graph.output)
+            used, freed = _used_names(nodes, graph.output), set(node.input)
             for dead in reversed(order):  # the condition's own computation, when nothing else reads it
                 if not any(o in used for o in dead.output):
                     nodes = [n for n in nodes if n is not dead]
-                    used = _used_names(nodes, graph.output)
+                    used, freed = _used_names(nodes, graph.output), freed | set(dead.input)
+            report.ifs_inlined.append((node.name, label))
             del graph.node[:]
             graph.node.extend(nodes)
             graph.initializer.extend(new_inits)
-            keep = [t for t in graph.initializer if t.name in used]
-            if len(keep) != len(graph.initializer):
-                del graph.initializer[:]
-                graph.initializer.extend(keep)
-            report.ifs_inlined.append((node.name, label))
+            for i in reversed(range(len(graph.initializer))):  # in place: extend() would copy every weight
+                if graph.initializer[i].name in freed - used:
+                    del graph.initializer[i]
             break
         else:
             return
