@@ -36,6 +36,7 @@ class NormalizeReport:
     folded: list[tuple[str, str]] = field(default_factory=list)  # (conv, bn)
     gemms_rewritten: list[str] = field(default_factory=list)  # Gemm nodes whose alpha/beta/transA were folded
     pads_folded: list[str] = field(default_factory=list)  # Pad nodes folded into the Convs they feed
+    ifs_inlined: list[tuple[str, str]] = field(default_factory=list)  # (If node, branch taken) replaced by the branch
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -133,6 +134,7 @@ def normalize(model: onnx.ModelProto, in_place: bool = False) -> tuple[onnx.Mode
         out = onnx.ModelProto()
         out.CopyFrom(model)
     out = upgrade_opset(out, report)
+    inline_constant_ifs(out, report)
     constants_to_initializers(out, report)
     constant_identities_to_initializers(out, report)
     name_nodes(out, report)
@@ -351,3 +353,128 @@ def _drop_unused_initializers(model: onnx.ModelProto) -> None:
     if len(keep) != len(model.graph.initializer):
         del model.graph.initializer[:]
         model.graph.initializer.extend(keep)
+
+
+def fix_inputs(model: onnx.ModelProto, values: dict) -> onnx.ModelProto:
+    """A copy of ``model`` with the graph inputs in ``values`` replaced by constants (Silero VAD's sample rate):
+    an ``If`` whose condition then is constant is replaced by the branch it takes when the model is normalised,
+    so that the layers in that branch are found, calibrated and quantized like any other."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inputs = {i.name: i for i in out.graph.input}
+    for name, value in values.items():
+        if name not in inputs:
+            raise ModelError(f"fix_inputs: '{name}' is not an input of the model (inputs: {', '.join(inputs)})")
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(inputs[name].type.tensor_type.elem_type)
+        out.graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype), name))
+    keep = [i for i in out.graph.input if i.name not in values]
+    del out.graph.input[:]
+    out.graph.input.extend(keep)
+    return out
+
+
+def _used_names(nodes, outputs) -> set[str]:
+    """Every tensor name read by ``nodes`` or in the bodies of their control-flow nodes (outer-scope reads)."""
+    used = {o.name for o in outputs}
+    for node in nodes:
+        used.update(node.input)
+        for attr in node.attribute:
+            for body in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                used |= _used_names(body.node, body.output)
+    return used
+
+
+def _rename_reads(graph: onnx.GraphProto, rename: dict[str, str]) -> None:
+    """Rename the outer-scope reads of a nested body (its own tensors shadow the outer ones and keep their names)."""
+    own = {t.name for t in graph.initializer} | {i.name for i in graph.input} | {o for n in graph.node for o in n.output}
+    outer = {k: v for k, v in rename.items() if k not in own}
+    for node in graph.node:
+        node.input[:] = [outer.get(x, x) for x in node.input]
+        for attr in node.attribute:
+            for body in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                _rename_reads(body, outer)
+    for o in graph.output:
+        o.name = outer.get(o.name, o.name)
+
+
+def _inline_branch(node: onnx.NodeProto, branch: onnx.GraphProto, label: str, taken: set[str]):
+    """The nodes and initializers of ``branch`` renamed into the outer graph: its own tensors and nodes get the
+    prefix ``<if node>/<label>/`` (unique, readable layer names), outer-scope reads keep their names, and its
+    outputs are produced under the If node's output names."""
+    prefix = f"{node.name or 'If'}/{label}/"
+
+    def fresh(base: str) -> str:
+        name = base
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        return name
+
+    local = [t.name for t in branch.initializer] + [o for n in branch.node for o in n.output if o]
+    rename = {t: fresh(prefix + t.lstrip("/")) for t in local}  # torch's "/a/Conv" -> "/If/then/a/Conv"
+    tail, done = [], set()
+    for inner, outer in zip(branch.output, node.output, strict=False):
+        if not outer:
+            continue
+        if inner.name in rename and inner.name not in done:
+            rename[inner.name] = outer
+            done.add(inner.name)
+        else:  # an outer-scope tensor or a second output of the same tensor
+            tail.append(onnx.helper.make_node("Identity", [rename.get(inner.name, inner.name)], [outer],
+                                              name=fresh(f"{prefix}output_{outer}")))
+    nodes = []
+    for index, inner in enumerate(branch.node):
+        new = onnx.NodeProto()
+        new.CopyFrom(inner)
+        new.name = fresh(prefix + (inner.name.lstrip("/") or f"{inner.op_type}_{index}"))
+        new.input[:] = [rename.get(x, x) for x in inner.input]
+        new.output[:] = [rename.get(x, x) if x else x for x in inner.output]
+        for attr in new.attribute:
+            for body in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                _rename_reads(body, rename)
+        nodes.append(new)
+    inits = []
+    for t in branch.initializer:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(t)
+        copy.name = rename[t.name]
+        inits.append(copy)
+    return nodes + tail, inits
+
+
+def inline_constant_ifs(model: onnx.ModelProto, report: NormalizeReport) -> None:
+    """Replace each top-level ``If`` whose condition is constant by the branch it takes (nested ones follow once
+    they are top level). Layers inside a branch become ``<if node>/then/<layer>``; ONNX Runtime then sees one
+    flat graph and fuses their Q/DQ into integer kernels as anywhere else."""
+    graph = model.graph
+    while True:
+        inits, consumers, producers, outputs = _links(graph)
+        for position, node in enumerate(graph.node):
+            if node.op_type != "If" or node.domain not in ("", "ai.onnx"):
+                continue
+            found = _constant(node.input[0], inits, producers)
+            if found is None or found[0].size != 1:
+                continue
+            value, order = found
+            label = "then" if bool(value.reshape(-1)[0]) else "else"
+            branch = next(a.g for a in node.attribute if a.name == f"{label}_branch")
+            taken = {n for x in graph.node for n in list(x.input) + list(x.output)} | set(inits) | \
+                {i.name for i in graph.input} | {x.name for x in graph.node}
+            new_nodes, new_inits = _inline_branch(node, branch, label, taken)
+            nodes = list(graph.node)
+            nodes[position:position + 1] = new_nodes
+            used, freed = _used_names(nodes, graph.output), set(node.input)
+            for dead in reversed(order):  # the condition's own computation, when nothing else reads it
+                if not any(o in used for o in dead.output):
+                    nodes = [n for n in nodes if n is not dead]
+                    used, freed = _used_names(nodes, graph.output), freed | set(dead.input)
+            report.ifs_inlined.append((node.name, label))
+            del graph.node[:]
+            graph.node.extend(nodes)
+            graph.initializer.extend(new_inits)
+            for i in reversed(range(len(graph.initializer))):  # in place: extend() would copy every weight
+                if graph.initializer[i].name in freed - used:
+                    del graph.initializer[i]
+            break
+        else:
+            return

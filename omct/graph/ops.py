@@ -489,6 +489,11 @@ def _subgraph_candidates(graph: onnx.GraphProto, where: str) -> list[Refusal]:
     cannot be observed as model outputs, so calibration cannot reach them yet."""
     found = []
     for node in graph.node:
+        hint = ""
+        if node.op_type == "If" and not where:  # a constant condition is inlined (normalize.inline_constant_ifs)
+            inputs = _inputs_behind(graph, node.input[0])
+            hint = (f"; its condition depends on the model input(s) {', '.join(repr(i) for i in inputs)}: fix them with "
+                    "omct.graph.normalize.fix_inputs and the branch taken is inlined and quantized") if inputs else ""
         for attr in node.attribute:
             bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
             for body in bodies:
@@ -497,9 +502,26 @@ def _subgraph_candidates(graph: onnx.GraphProto, where: str) -> list[Refusal]:
                     if inner.op_type in HANDLERS and inner.domain in ("", "ai.onnx"):
                         found.append(Refusal(f"{place}/{inner.name or inner.op_type}", inner.op_type,
                                              f"it sits inside the {attr.name} of {node.op_type} node '{node.name}'; layers "
-                                             "in control-flow subgraphs are not quantized yet"))
+                                             "in control-flow subgraphs are not quantized yet" + hint))
                 found += _subgraph_candidates(body, place + "/")
     return found
+
+
+def _inputs_behind(graph: onnx.GraphProto, tensor: str) -> list[str]:
+    """The graph inputs ``tensor`` is computed from (none: it is a constant or comes from elsewhere)."""
+    producers = {o: n for n in graph.node for o in n.output}
+    inputs = {i.name for i in graph.input} - {t.name for t in graph.initializer}
+    found, todo, seen = [], [tensor], set()
+    while todo:
+        t = todo.pop()
+        if t in seen or not t:
+            continue
+        seen.add(t)
+        if t in inputs:
+            found.append(t)
+        elif t in producers:
+            todo += list(producers[t].input)
+    return sorted(found)
 
 
 #: op types that only appear in a model that is already quantized
