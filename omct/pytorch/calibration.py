@@ -92,7 +92,8 @@ class CalibrationModel(CalibrationStatus, nn.Module):
             finally:
                 self._active = False
             if self._session is not None:
-                feed = {i.name: _to_numpy(t) for i, t in zip(self._session.get_inputs(), tensors, strict=False)}
+                feed = {i.name: _to_numpy(t) if t.is_floating_point() else t.detach().cpu().numpy()  # token ids stay int
+                        for i, t in zip(self._session.get_inputs(), tensors, strict=False)}
                 for name, value in zip(self._onnx_tensors, self._session.run(self._onnx_tensors, feed), strict=True):
                     self.calibration.update(name, value)
             return result
