@@ -70,7 +70,9 @@ class ModuleReport:
 
 def inspect_model(model: nn.Module, input_data) -> ModuleReport:
     traced = trace_model(_eval_copy(model), input_data)
-    return ModuleReport(traced.layers, traced.refused, traced.types, traced.batchnorm_after)
+    # modules only: the chain ops between them (Add, MaxPool, ...) are quantized where their neighbours are
+    modules = [s for s in traced.layers if s.chain is None]
+    return ModuleReport(modules, traced.refused, traced.types, traced.batchnorm_after)
 
 
 def prepare(traced: TracedModel, model: nn.Module) -> PreparedModel:

@@ -15,7 +15,7 @@ from torch import nn
 
 from omct.graph.modified import ModifiedModel
 from omct.pytorch import distributed
-from omct.quantize import Calibration, CalibrationStatus, initializer_reader
+from omct.quantize import Calibration, CalibrationStatus, initializer_reader, ort_session
 
 
 def _to_numpy(t: torch.Tensor):
@@ -43,15 +43,22 @@ class CalibrationModel(CalibrationStatus, nn.Module):
         self._active = False
         producers = {o: n for n in mod.model.graph.node for o in n.output}
         self._handles = []
+        hooked: set[str] = set()
         for name, spec in mod.plan.layers.items():
-            module = model.get_submodule(name)
-            if spec.weight_only:  # a table lookup: nothing to observe
+            if spec.weight_only or spec.chain is not None:  # a table lookup, or a chain op (no module of its own)
                 continue
+            module = model.get_submodule(name)
+            hooked.add(spec.input)
             self._handles.append(module.register_forward_pre_hook(self._input_hook(spec.input)))
             if name in mod.plan.output_site:
                 # The site is the layer's own output, or a Relu / Clip(0, max) right after it.
                 clamp = (0.0, spec.output_max) if producers[spec.output_site].op_type in ("Relu", "Clip") else None
                 self._handles.append(module.register_forward_hook(self._output_hook(spec.output_site, clamp)))
+                hooked.add(spec.output_site)
+        # Tensors no module computes (a residual Add's output, a GlobalAveragePool's) are read from the modified
+        # model, which exposes them as outputs, run by ONNX Runtime on the same batch.
+        self._onnx_tensors = [t for t in self.calibration.tensors() if t not in hooked]
+        self._session = ort_session(mod.model.SerializeToString()) if self._onnx_tensors else None
 
     def _observe(self, tensor: str, value: Any) -> None:
         if self._active and tensor not in self._seen and isinstance(value, torch.Tensor):
@@ -81,9 +88,15 @@ class CalibrationModel(CalibrationStatus, nn.Module):
             self._seen.clear()
             self._active = True
             try:
-                return self.model(*args, **kwargs)
+                result = self.model(*args, **kwargs)
             finally:
                 self._active = False
+            if self._session is not None:
+                feed = {i.name: _to_numpy(t) if t.is_floating_point() else t.detach().cpu().numpy()  # token ids stay int
+                        for i, t in zip(self._session.get_inputs(), tensors, strict=False)}
+                for name, value in zip(self._onnx_tensors, self._session.run(self._onnx_tensors, feed), strict=True):
+                    self.calibration.update(name, value)
+            return result
 
         out = self.calibration.run_batch(observe)
         if self.calibration.done and distributed.active():

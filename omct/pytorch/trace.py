@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from omct.errors import ModelError
-from omct.graph.normalize import constant_identities_to_initializers, normalize
+from omct.graph.normalize import constant_identities_to_initializers, fold_pads, normalize
 from omct.graph.ops import LayerSpec, Refusal, find_layers
 from omct.ui import logger
 
@@ -291,14 +291,16 @@ def trace_model(model: nn.Module, input_data, input_names=None, output_names=Non
         if other is not None and other is not node:  # an exporter node already named like the module: rename it
             other.name = f"{other.name}__renamed"
         node.name = name
-    norm, _ = normalize(exported)
+    norm, rep = normalize(exported)
+    fold_pads(norm, rep)  # the same graph steps as the ONNX frontend: zero Pads into the Convs after them
     specs, onnx_refused = find_layers(norm)
-    by_name = {s.name: s for s in specs}
-    layers = [by_name[n] for n in by_name if n in layer_nodes]
+    # Modules' layers, and the chain ops (Add, MaxPool, Pad, ...) between them under their ONNX node names:
+    # quantized only between quantized tensors, so that the runtime runs integer chains, not islands.
+    layers = [s for s in specs if s.name in layer_nodes or s.chain is not None]
     for r in onnx_refused:
         if r.name in layer_nodes:
             reasons[r.name] = r.reason
-    unmapped = [s.name for s in specs if s.name not in layer_nodes and s.chain is None]  # chain ops: ONNX frontend only
+    unmapped = [s.name for s in specs if s.name not in layer_nodes and s.chain is None]
     if unmapped:
         logger.debug("ONNX nodes not produced by a supported module, left in float: %s", ", ".join(unmapped))
     types = {n: layer_type(m) for n, m in candidates.items()}
