@@ -204,18 +204,24 @@ class QuantConfig:
             globals_ = GlobalConfig(**glob)
         except ValidationError as e:
             raise ConfigError(f"{source}: {_first_error(e)}") from None
-        layers = {}
-        for name, value in data.items():
-            if name in GLOBAL_KEYS:
-                continue
-            if not isinstance(value, dict):
-                raise ConfigError(f"{source}: unknown key '{name}' (a layer's entry must be an object; "
-                                  f"global keys are {', '.join(GLOBAL_KEYS)})")
-            try:
-                layers[name] = LayerConfig(**value)
-            except ValidationError as e:
-                raise ConfigError(f"{source}: layer '{name}': {_first_error(e)}") from None
-        return cls(globals_, layers)
+        return cls(globals_, layer_entries(data, source, LayerConfig))
+
+
+def layer_entries(data: dict, source: str, model: type[BaseModel], global_keys: tuple[str, ...] = GLOBAL_KEYS) -> dict:
+    """The per-layer entries of a config.json (every key that is not one of ``global_keys``), validated as
+    ``model``; one line naming the layer at fault. Shared by the PTQ and the retrain config."""
+    layers = {}
+    for name, value in data.items():
+        if name in global_keys:
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: unknown key '{name}' (a layer's entry must be an object; "
+                              f"global keys are {', '.join(global_keys)})")
+        try:
+            layers[name] = model(**value)
+        except ValidationError as e:
+            raise ConfigError(f"{source}: layer '{name}': {_first_error(e)}") from None
+    return layers
 
 
 def _first_error(e: ValidationError) -> str:

@@ -33,6 +33,7 @@ from omct.formats.config import (
     _first_error,
     _warn_unused_types,
     check_layer_names,
+    layer_entries,
 )
 from omct.formats.proto import AMCTRetrainConfig
 
@@ -98,18 +99,7 @@ class RetrainConfig:
             glob = GlobalConfig(batch_num=data.get("batch_num", 1))
         except ValidationError as e:
             raise ConfigError(f"{source}: {_first_error(e)}") from None
-        layers = {}
-        for name, value in data.items():
-            if name in GLOBAL_KEYS:
-                continue
-            if not isinstance(value, dict):
-                raise ConfigError(f"{source}: unknown key '{name}' (a layer's entry must be an object; global keys "
-                                  f"are {', '.join(GLOBAL_KEYS)})")
-            try:
-                layers[name] = RetrainLayerConfig(**value)
-            except ValidationError as e:
-                raise ConfigError(f"{source}: layer '{name}': {_first_error(e)}") from None
-        return cls(glob.batch_num, layers)
+        return cls(glob.batch_num, layer_entries(data, source, RetrainLayerConfig, GLOBAL_KEYS))
 
     def to_quant_config(self) -> QuantConfig:
         """The PTQ view the shared plan and export read: asymmetric 8-bit activations, symmetric weights of
