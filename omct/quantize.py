@@ -20,6 +20,7 @@ from typing import TypeVar
 import numpy as np
 import onnx
 
+from omct.algorithms.activations import unobserved_sites
 from omct.algorithms.base import RecordContext
 from omct.algorithms.pipeline import PIPELINE
 from omct.algorithms.statistics import Statistics
@@ -31,7 +32,8 @@ from omct.graph.export import deploy_model, fake_quant_model
 from omct.graph.model_io import EXTERNAL_DATA_THRESHOLD, save_models, session_input, tensor_bytes
 from omct.graph.modified import ModifiedModel, make_modified, stamp_layers
 from omct.graph.ops import LayerSpec
-from omct.graph.plan import Plan, build_plan, with_float_layers
+from omct.graph.plan import Plan, build_plan, with_float_layers, without_layers
+from omct.graph.subgraphs import all_graphs
 from omct.graph.tensor_data import ExternalWriter, has_external, tensor_array
 from omct.ui import Progress, logger, progress, shown_path
 
@@ -143,6 +145,7 @@ class Calibration:
         """Run the algorithms on the statistics; writes the record file when there is one."""
         if self.before_finish is not None:
             self.before_finish(self.stats)
+        self._drop_unreached()
         ctx = RecordContext(self.plan, self.config, self.stats, self.weight_of)
         for algorithm in PIPELINE:
             algorithm.apply(ctx)
@@ -151,6 +154,25 @@ class Calibration:
             write_record(self.record_file, self.records)
         return self.records
 
+
+    def _drop_unreached(self) -> None:
+        """Keep in float the layers of control-flow bodies that no batch ran (an If branch never taken, a loop
+        that never iterated), naming them: there is nothing to calibrate them on. A top-level layer that never
+        ran stays an error (the activation algorithm says so)."""
+        sites = [self.plan.sites[i] for i in unobserved_sites(self.plan, self.stats)]
+        names = {n for s in sites for n in s.inputs_of + s.output_of}
+        if not names or not all(self.plan.layers[n].scope for n in names):
+            return
+        plan = without_layers(self.plan, names)
+        dropped = [n for n in self.plan.layers if n not in plan.layers]
+        scopes: dict[str, list[str]] = {}
+        for n in dropped:
+            scopes.setdefault(self.plan.layers[n].scope or "", []).append(n)
+        for scope, layers in scopes.items():
+            logger.warning("no calibration batch ran '%s' (an If branch none took, or a loop without iterations): "
+                           "its layer(s) %s stay in float; calibrate with data that reaches it to quantize them",
+                           scope, ", ".join(layers))
+        self.plan, self.config = plan, with_float_layers(self.config, set(dropped))
 
     def records_for(self, config: QuantConfig) -> dict[str, LayerRecord]:
         """The records ``config`` gives from this run's statistics, without recalibrating (a search trial that
@@ -192,7 +214,9 @@ class CalibratingSession(CalibrationStatus):
         self._caller = caller
         self.calibration = Calibration(modified.plan, modified.config, initializer_reader(modified.model), record_file)
         self._added = set(modified.added_outputs)
+        self._modified = modified
         self._site_tensors = self.calibration.tensors()
+        self._site_fetch = modified.fetch_names(self._site_tensors)
         self._user_outputs = [o.name for o in session.get_outputs() if o.name not in self._added]
         self._feeds = FeedCheck(session.get_inputs(), caller)
         self._extra_runs = 0
@@ -212,11 +236,11 @@ class CalibratingSession(CalibrationStatus):
             return self._session.run(wanted, input_feed, run_options)
         self.calibration.keep_inputs(sum(np.asarray(v).nbytes for v in input_feed.values()),
                                      lambda: {k: np.array(v, copy=True) for k, v in input_feed.items()})
-        fetch = wanted + [t for t in self._site_tensors if t not in wanted]
+        fetch = wanted + [t for t in self._site_fetch if t not in wanted]
 
         def observe():
             values = self._session.run(fetch, input_feed, run_options)
-            self.calibration.observe(dict(zip(fetch, values, strict=True)))
+            self.calibration.observe(self._modified.observed(self._site_tensors, dict(zip(fetch, values, strict=True))))
             return values
 
         out = self.calibration.run_batch(observe)[: len(wanted)]
@@ -235,9 +259,9 @@ def observed_tensors(plan: Plan, config: QuantConfig) -> list[str]:
 
 
 def initializer_reader(model: onnx.ModelProto) -> Callable[[str], np.ndarray]:
-    """Name -> float array of the model's initializers (converted on demand, not all at once; external tensors
-    of a lazily loaded model are memory-mapped)."""
-    inits = {t.name: t for t in model.graph.initializer}
+    """Name -> float array of the model's initializers, control-flow bodies' too (converted on demand, not all
+    at once; external tensors of a lazily loaded model are memory-mapped)."""
+    inits = {t.name: t for g in all_graphs(model.graph) for t in g.initializer}
     return lambda name: tensor_array(inits[name])
 
 
@@ -327,7 +351,8 @@ def quantize(graph: onnx.ModelProto, layers: list[LayerSpec], config: QuantConfi
         raise ConfigError("no layer has quant_enable true; nothing to quantize")
     mod = make_modified(graph, plan, config, observed_tensors(plan, config))
     calibration = Calibration(plan, config, initializer_reader(graph))
-    fetch = calibration.tensors()
+    tensors = calibration.tensors()
+    fetch = mod.fetch_names(tensors)
     with tempfile.TemporaryDirectory(prefix="omct-") as tmp:
         source, folder = session_input(mod.model, tmp)  # the weights stay where they are when they can
         session = ort_session(source, external_folder=folder)
@@ -338,8 +363,9 @@ def quantize(graph: onnx.ModelProto, layers: list[LayerSpec], config: QuantConfi
                 break
             feeds = check.check(feeds)
             calibration.run_batch(lambda feeds=feeds: calibration.observe(
-                dict(zip(fetch, session.run(fetch, feeds), strict=True))))
+                mod.observed(tensors, dict(zip(fetch, session.run(fetch, feeds), strict=True)))))
     if not calibration.done:
         raise CalibrationError(f"the data gave {calibration.batches} of batch_num={config.batch_num} batches; give more "
                                "batches or lower batch_num")
-    return QuantizedModel(graph, layers, config, calibration.records, plan)
+    # calibration.plan / .config: without the layers of control-flow bodies no batch ran
+    return QuantizedModel(graph, layers, calibration.config, calibration.records, calibration.plan)

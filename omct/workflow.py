@@ -20,7 +20,8 @@ from omct.graph.model_io import check_save_outputs
 from omct.graph.model_io import save_model as save_onnx
 from omct.graph.modified import ModifiedModel, make_modified, read_modified
 from omct.graph.ops import LayerSpec, Refusal, quantization_nodes
-from omct.graph.plan import Plan, build_plan
+from omct.graph.plan import Plan, build_plan, with_float_layers, without_layers
+from omct.graph.subgraphs import all_graphs
 from omct.quantize import QuantizedModel, observed_tensors
 from omct.ui import logger
 
@@ -111,13 +112,19 @@ def quantized_from(mod: ModifiedModel, record_file: str | os.PathLike) -> Quanti
     becomes the result's base model (not copied)."""
     records = read_record(record_file)
     base = mod.base_model(in_place=True)  # mod.model is not used again: no copy
-    inits = {t.name: t for t in base.graph.initializer}
-    check_record(mod.plan, records, str(record_file), lambda w: tuple(inits[w].dims))
-    extra = sorted(set(records) - set(mod.plan.layers))
+    inits = {t.name: t for g in all_graphs(base.graph) for t in g.initializer}
+    plan, config = mod.plan, mod.config
+    unreached = {n for n, spec in plan.layers.items() if n not in records and spec.scope}
+    if unreached:  # layers of a control-flow body no calibration batch ran: calibration kept them float
+        plan, config = without_layers(plan, unreached), with_float_layers(config, unreached)
+        logger.warning("record file has no factors for %d layer(s) in control-flow bodies calibration never ran "
+                       "(e.g. '%s'): they stay in float", len(mod.plan.layers) - len(plan.layers), sorted(unreached)[0])
+    check_record(plan, records, str(record_file), lambda w: tuple(inits[w].dims))
+    extra = sorted(set(records) - set(plan.layers))
     if extra:
         logger.info("record file has factors for %d layer(s) that are not quantized here (e.g. '%s'); ignored",
                     len(extra), extra[0])
-    return QuantizedModel(base, list(mod.plan.layers.values()), mod.config, records, mod.plan)
+    return QuantizedModel(base, list(plan.layers.values()), config, records, plan)
 
 
 def save_model(modified_onnx_file: str | os.PathLike, record_file: str | os.PathLike,

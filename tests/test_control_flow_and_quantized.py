@@ -4,7 +4,7 @@ convolution in the branches of an If), and models that are already quantized."""
 import numpy as np
 import onnx
 import pytest
-from conftest import run_flow
+from conftest import ort_run, run_flow
 from onnx import TensorProto, helper, numpy_helper
 from onnx_builders import conv_model, vi
 
@@ -27,14 +27,13 @@ def _if_model(rng):
     return model
 
 
-def test_layers_inside_if_branches_are_named_with_the_reason(tmp_path, rng):
+def test_layers_inside_a_runtime_if_are_found_with_scoped_names(tmp_path, rng):
     path = tmp_path / "vad.onnx"
     onnx.save(_if_model(rng), path)
     rep = amct.inspect_model(str(path))
-    assert not rep.layers
-    assert {r.name for r in rep.refused} == {"vad_if/then_branch/then_conv", "vad_if/else_branch/else_conv"}
-    with pytest.raises(ModelError, match=r"no quantizable layer .*inside the then_branch of If node 'vad_if'"):
-        amct.create_quant_config(str(tmp_path / "c.json"), str(path))
+    assert {(s.name, s.scope) for s in rep.layers} == {("vad_if/then/then_conv", "vad_if/then"),
+                                                       ("vad_if/else/else_conv", "vad_if/else")}
+    assert not rep.refused
 
 
 def test_an_already_quantized_model_is_named_as_such(tmp_path, rng):
@@ -74,12 +73,7 @@ def _vad_like(rng):
     return model
 
 
-def test_an_input_driven_if_names_the_input_to_fix(tmp_path, rng):
-    path = tmp_path / "vad.onnx"
-    onnx.save(_vad_like(rng), path)
-    rep = amct.inspect_model(str(path))
-    assert not rep.layers
-    assert all("depends on the model input(s) 'sr'" in r.reason for r in rep.refused)
+def test_fix_inputs_names_the_inputs_it_does_not_know(rng):
     from omct.graph.normalize import fix_inputs
 
     with pytest.raises(ModelError, match=r"fix_inputs: 'rate' is not an input of the model \(inputs: x, state, sr\)"):
@@ -175,3 +169,214 @@ def test_a_scripted_pytorch_if_on_the_sample_rate(tmp_path, rng):
     ref = ort_run(src, {"x": x, "sr": np.array(8000, np.int64)})[0]
     out = ort_run(deploy, {"x": x})[0]
     assert 10 * np.log10(np.mean(ref ** 2) / np.mean((out - ref) ** 2)) > 25
+
+
+# Layers quantized in place inside run-time If branches and Loop / Scan bodies.
+
+
+def _sqnr(ref, out) -> float:
+    return float(10 * np.log10(np.mean(ref ** 2) / max(float(np.mean((out - ref) ** 2)), 1e-30)))
+
+
+def _body_ops(path, tmp_path) -> dict[str, list[str]]:
+    """Op types of each control-flow body in ONNX Runtime's optimised graph of ``path``, by the node's name."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.optimized_model_filepath = str(tmp_path / "optimized_bodies.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    found: dict[str, list[str]] = {}
+
+    def walk(graph):
+        for n in graph.node:
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    found.setdefault(f"{n.name}/{a.name}", []).extend(x.op_type for x in a.g.node)
+                    walk(a.g)
+
+    walk(onnx.load(so.optimized_model_filepath).graph)
+    return found
+
+
+def _vad_batch(rng, sr, n=16):
+    return {"x": rng.normal(size=(n, 4, 16)).astype(np.float32), "state": rng.normal(size=(n, 2)).astype(np.float32),
+            "sr": np.array(sr, np.int64)}
+
+
+def test_a_runtime_if_is_calibrated_on_both_branches_and_quantized_in_place(tmp_path, rng, caplog):
+    """Silero VAD's If(Equal(sr, 16000)) with sr a model input: batches at 16 kHz calibrate the then branch, batches
+    at 8 kHz the else branch; the deploy model keeps the If and both sample rates, with integer convolutions in the
+    branches (the weights live in the outer graph, the 16 kHz branch reads one from the outer scope)."""
+    src = tmp_path / "vad.onnx"
+    onnx.save(_vad_like(rng), src)
+    assert {s.name for s in amct.inspect_model(str(src)).layers} == {"vad_if/then/conv1", "vad_if/then/conv2",
+                                                                      "vad_if/else/conv8"}
+    batches = [_vad_batch(rng, sr) for sr in (16000, 8000, 16000, 8000)]
+    with caplog.at_level("WARNING", logger="omct"):
+        fake, deploy = run_flow(src, tmp_path, batches)  # also: no weight dequantized into a float op
+    assert "no calibration batch ran" not in caplog.text
+    bodies = _body_ops(deploy, tmp_path)
+    assert bodies["vad_if/then_branch"].count("QLinearConv") == 2 and "Conv" not in bodies["vad_if/then_branch"]
+    assert bodies["vad_if/else_branch"].count("QLinearConv") == 1 and "Conv" not in bodies["vad_if/else_branch"]
+    for sr in (16000, 8000):
+        feeds = _vad_batch(rng, sr)
+        ref, fq, dp = ort_run(str(src), feeds), ort_run(fake, feeds), ort_run(deploy, feeds)
+        assert _sqnr(ref[0], dp[0]) > 30, sr
+        assert np.abs(dp[0] - fq[0]).max() <= 0.02 * np.abs(ref[0]).max(), sr  # deploy follows fake-quant
+        assert np.array_equal(dp[1], ref[1])  # the state: passed through (16 kHz) or a float Relu (8 kHz)
+    # its deploy model has Q/DQ only inside the branches: still recognised as quantized
+    with pytest.raises(ModelError, match=r"is already quantized \(\d+ node\(s\) of type DequantizeLinear, QuantizeLinear"):
+        amct.create_quant_config(str(tmp_path / "again.json"), str(deploy))
+
+
+def test_an_if_branch_no_batch_takes_is_named_and_stays_float(tmp_path, rng, caplog):
+    src = tmp_path / "vad.onnx"
+    onnx.save(_vad_like(rng), src)
+    with caplog.at_level("WARNING", logger="omct"):
+        fake, deploy = run_flow(src, tmp_path, [_vad_batch(rng, 16000) for _ in range(2)])
+    assert "no calibration batch ran 'vad_if/else'" in caplog.text and "vad_if/else/conv8 stay in float" in caplog.text
+    bodies = _body_ops(deploy, tmp_path)
+    assert "QLinearConv" in bodies["vad_if/then_branch"]
+    assert bodies["vad_if/else_branch"].count("Conv") == 1 and "QuantizeLinear" not in bodies["vad_if/else_branch"]
+    feeds = _vad_batch(rng, 8000)
+    ref, out = ort_run(str(src), feeds), ort_run(deploy, feeds)
+    np.testing.assert_allclose(out[0], ref[0], rtol=1e-5, atol=1e-6)  # the else branch is the float one
+    layers = {entry["name"] for entry in __import__("json").loads(
+        {p.key: p.value for p in onnx.load(deploy).metadata_props}["omct.layers"])}
+    assert layers == {"vad_if/then/conv1", "vad_if/then/conv2"}
+
+
+def _loop_conv_model(rng):
+    """h <- Relu(Conv(h) + b) for ``steps`` iterations (a model input), every step's h stacked as a scan output;
+    the weight is an initializer of the body, the bias one of the outer graph."""
+    w = numpy_helper.from_array((rng.normal(size=(4, 4, 3)) * 0.4).astype(np.float32), "w")
+    body = helper.make_graph(
+        [helper.make_node("Conv", ["h_in", "w", "b"], ["c"], name="conv", pads=[1, 1]),
+         helper.make_node("Relu", ["c"], ["h_out"], name="relu"),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"], name="keep_going"),
+         helper.make_node("Identity", ["h_out"], ["h_step"], name="step")],
+        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []), vi("h_in", None)],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), vi("h_out", None), vi("h_step", None)], [w])
+    loop = helper.make_node("Loop", ["steps", "", "x"], ["h_last", "h_all"], name="rnn", body=body)
+    graph = helper.make_graph([loop], "g", [vi("x", ["N", 4, 16]), helper.make_tensor_value_info("steps", TensorProto.INT64, [])],
+                              [vi("h_last", None), vi("h_all", None)],
+                              [numpy_helper.from_array((rng.normal(size=4) * 0.1).astype(np.float32), "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_a_loop_body_is_calibrated_on_every_iteration_and_quantized_in_place(tmp_path, rng):
+    src = tmp_path / "loop.onnx"
+    onnx.save(_loop_conv_model(rng), src)
+    assert [(s.name, s.weight, s.input) for s in amct.inspect_model(str(src)).layers] == [
+        ("rnn/body/conv", "rnn/body/w", "rnn/body/h_in")]
+    batches = [{"x": rng.normal(size=(8, 4, 16)).astype(np.float32), "steps": np.array(k, np.int64)} for k in (3, 0, 4)]
+    fake, deploy = run_flow(src, tmp_path, batches)  # a batch that runs no iteration is no error
+
+    # The input range covers every iteration's h (the last ones are all >= 0, the first is x itself): with only
+    # the first iteration observed the negative values of later feeds would be clipped, with none the layer fails.
+    from omct.formats.record import read_record
+
+    rec = read_record(tmp_path / "q_record.txt")["rnn/body/conv"]
+    assert rec.offset_d != -128  # the range reaches below 0: x (iteration 0) was seen
+    assert "QLinearConv" in _body_ops(deploy, tmp_path)["rnn/body"]
+    feeds = {"x": rng.normal(size=(8, 4, 16)).astype(np.float32), "steps": np.array(3, np.int64)}
+    ref, fq, dp = ort_run(str(src), feeds), ort_run(fake, feeds), ort_run(deploy, feeds)
+    assert dp[1].shape == (3, 8, 4, 16)
+    assert _sqnr(ref[1], dp[1]) > 25 and _sqnr(ref[0], dp[0]) > 25
+    assert np.abs(dp[1] - fq[1]).max() <= 0.02 * np.abs(ref[1]).max()
+
+
+def test_a_scripted_pytorch_rnn_loop_quantizes_its_gemms(tmp_path, rng):
+    """torch.jit.script'ed ``for t in range(x.size(1))`` over Linear layers: a Loop whose body slices x (outer
+    scope), runs two Gemms on weights of the outer graph and carries h."""
+    import warnings
+
+    import torch
+
+    class Rnn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.rec, self.out = torch.nn.Linear(8, 32), torch.nn.Linear(32, 32), torch.nn.Linear(32, 4)
+
+        def forward(self, x):
+            h = torch.zeros(x.size(0), 32)
+            for t in range(x.size(1)):
+                h = torch.tanh(self.inp(x[:, t]) + self.rec(h))
+            return self.out(h)
+
+    torch.manual_seed(0)
+    src = tmp_path / "rnn.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(torch.jit.script(Rnn()), (torch.randn(2, 5, 8),), str(src), dynamo=False, input_names=["x"],
+                          output_names=["y"], opset_version=17, dynamic_axes={"x": {0: "n", 1: "t"}})
+    rep = amct.inspect_model(str(src))
+    assert [s.name for s in rep.layers if s.chain is None] == ["/Loop/body/inp/Gemm", "/Loop/body/rec/Gemm", "/out/Gemm"]
+    x = rng.normal(size=(4, 32, 6, 8)).astype(np.float32)
+    fake, deploy = run_flow(src, tmp_path, list(x), feed_name="x")
+    assert _body_ops(deploy, tmp_path)["/Loop/body"].count("Gemm") == 0  # both run on integers
+    test = rng.normal(size=(64, 7, 8)).astype(np.float32)
+    ref, dp = ort_run(str(src), {"x": test})[0], ort_run(deploy, {"x": test})[0]
+    assert _sqnr(ref, dp) > 25
+
+
+def _scan_model(rng):
+    """A hand-built Scan over axis 1 of x [N, T, 8]: h <- Relu(x_t @ Wx + h @ Wh), y_t = h @ Wo stacked."""
+    def w(*shape):
+        return (rng.normal(size=shape) / np.sqrt(shape[0])).astype(np.float32)
+
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["x_t", "wx"], ["a"], name="in_proj"),
+         helper.make_node("MatMul", ["h_in", "wh"], ["r"], name="rec_proj"),
+         helper.make_node("Add", ["a", "r"], ["s"], name="sum"),
+         helper.make_node("Relu", ["s"], ["h_out"], name="relu"),
+         helper.make_node("MatMul", ["h_out", "wo"], ["y_t"], name="out_proj")],
+        "body", [vi("h_in", ["N", 16]), vi("x_t", ["N", 8])], [vi("h_out", ["N", 16]), vi("y_t", ["N", 4])],
+        [numpy_helper.from_array(w(8, 16), "wx"), numpy_helper.from_array(w(16, 4), "wo")])
+    scan = helper.make_node("Scan", ["h0", "x"], ["h_last", "ys"], name="scan", body=body, num_scan_inputs=1,
+                            scan_input_axes=[1], scan_output_axes=[1])
+    graph = helper.make_graph([scan], "g", [vi("h0", ["N", 16]), vi("x", ["N", "T", 8])],
+                              [vi("h_last", None), vi("ys", None)], [numpy_helper.from_array(w(16, 16), "wh")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_a_scan_body_is_calibrated_and_quantized_in_place(tmp_path, rng):
+    src = tmp_path / "scan.onnx"
+    onnx.save(_scan_model(rng), src)
+    assert [s.name for s in amct.inspect_model(str(src)).layers if s.chain is None] == ["scan/body/in_proj", "scan/body/rec_proj",
+                                                                      "scan/body/out_proj"]
+    batches = [{"h0": np.zeros((16, 16), np.float32), "x": rng.normal(size=(16, 10, 8)).astype(np.float32)}
+               for _ in range(3)]
+    fake, deploy = run_flow(src, tmp_path, batches)
+    ops = _body_ops(deploy, tmp_path)["scan/body"]
+    assert "MatMul" not in ops and "Gemm" not in ops, ops
+    feeds = {"h0": np.zeros((32, 16), np.float32), "x": rng.normal(size=(32, 12, 8)).astype(np.float32)}
+    ref, fq, dp = ort_run(str(src), feeds), ort_run(fake, feeds), ort_run(deploy, feeds)
+    assert dp[1].shape == (32, 12, 4)  # scan_output_axes kept
+    assert _sqnr(ref[1], dp[1]) > 25 and _sqnr(ref[0], dp[0]) > 25
+    assert np.abs(dp[1] - fq[1]).max() <= 0.05 * np.abs(ref[1]).max()
+
+
+def test_an_if_inside_a_loop_is_refused_with_the_reason(rng):
+    from omct.graph.normalize import normalize
+    from omct.graph.ops import find_layers
+
+    outer = _loop_conv_model(rng)
+    loop_body = outer.graph.node[0].attribute[0].g
+    branch = helper.make_graph([helper.make_node("Conv", ["h_out", "w"], ["z"], name="conv_in_if", pads=[1, 1])],
+                               "then", [], [vi("z", None)])
+    other = helper.make_graph([helper.make_node("Relu", ["h_out"], ["z2"], name="relu_in_if")], "else", [], [vi("z2", None)])
+    loop_body.node.append(helper.make_node("If", ["cond_in"], ["h_if"], name="first", then_branch=branch,
+                                           else_branch=other))
+    layers, refused = find_layers(normalize(outer)[0])
+    assert [s.name for s in layers] == ["rnn/body/conv"]
+    assert [(r.name, r.reason) for r in refused] == [
+        ("rnn/body/first/then/conv_in_if", "it sits inside the then_branch of If node 'rnn/body/first', which is inside "
+         "the body of 'rnn': an If inside a loop may take another branch in each iteration, which calibration cannot "
+         "follow")]

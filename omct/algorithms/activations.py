@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from omct.algorithms.base import Algorithm, RecordContext
 from omct.algorithms.statistics import StatPoint
 from omct.core.calibrators import make_calibrator
@@ -11,9 +13,16 @@ from omct.formats.record import LayerRecord
 
 def _point(plan, index: int) -> StatPoint:
     site = plan.sites[index]
-    return StatPoint(site.tensor, ("activation", index),
+    # keyed by what makes a site (tensor, options, asymmetric), not by its index: a plan without some layers
+    # (an If branch calibration never took) reads the same statistics
+    return StatPoint(site.tensor, ("activation", json.dumps(site.act, sort_keys=True), site.asymmetric),
                      lambda: make_calibrator(site.act["act_algo"], site.act.get("num_bits", 8), site.asymmetric,
                                              **site.params().calibrator_options()))
+
+
+def unobserved_sites(plan, stats) -> list[int]:
+    """The observed sites no calibration batch gave a value (a tensor inside an If branch never taken)."""
+    return [i for i, s in enumerate(plan.sites) if s.same_as is None and stats[_point(plan, i)].sketch.count == 0]
 
 
 class ActivationRanges(Algorithm):

@@ -59,8 +59,9 @@ class Statistics:
 
     def observe(self, tensors: Mapping[str, np.ndarray], on_error: Callable[[str, ValueError], Exception]) -> None:
         """Feed every requested tensor of the current batch, spread over the worker threads; a ValueError
-        (NaN/Inf) is turned into ``on_error(tensor, error)``."""
-        names = self.tensors()
+        (NaN/Inf) is turned into ``on_error(tensor, error)``. A tensor missing from ``tensors`` did not run in
+        this batch (inside an If branch not taken) and is skipped."""
+        names = [n for n in self.tensors() if n in tensors]
 
         def task(name: str) -> None:
             try:

@@ -28,6 +28,7 @@ from omct.formats.config import QuantConfig
 from omct.formats.record import LayerRecord
 from omct.graph.ops import HANDLERS, LayerSpec
 from omct.graph.plan import Plan
+from omct.graph.subgraphs import all_graphs, locate, node_reads, used_names
 from omct.graph.tensor_data import ExternalWriter, tensor_array
 
 
@@ -41,10 +42,20 @@ class _Builder:
     def __init__(self, model: onnx.ModelProto):
         self.model = model
         self.graph = model.graph
-        self.names = {n for node in self.graph.node for n in list(node.input) + list(node.output)}
-        self.names |= {t.name for t in self.graph.initializer} | {i.name for i in self.graph.input}
-        self.inits = {t.name: t for t in self.graph.initializer}
-        self.new_nodes: list[onnx.NodeProto] = []
+        graphs = list(all_graphs(self.graph))  # names are unique across control-flow bodies (normalisation)
+        self.names = {n for g in graphs for node in g.node for n in list(node.input) + list(node.output)}
+        self.names |= {t.name for g in graphs for t in g.initializer} | {i.name for g in graphs for i in g.input}
+        self.inits = {t.name: t for g in graphs for t in g.initializer}
+        # Added nodes go into ``target``, the graph of the layer being quantized (a control-flow body: its Q/DQ
+        # pairs must sit next to the op for ONNX Runtime to fuse them); added initializers go into the top
+        # graph, which every body sees.
+        self.target = self.graph
+        self._added: dict[int, tuple[onnx.GraphProto, list[onnx.NodeProto]]] = {}
+
+    @property
+    def new_nodes(self) -> list[onnx.NodeProto]:
+        """The nodes added to ``target`` so far."""
+        return self._added.setdefault(id(self.target), (self.target, []))[1]
 
     def unique(self, base: str) -> str:
         name, k = base, 1
@@ -87,12 +98,15 @@ class _Builder:
         raise NotImplementedError
 
     def finish(self) -> onnx.ModelProto:
-        self.graph.node.extend(self.new_nodes)
-        toposort(self.graph)
-        used = {n for node in self.graph.node for n in node.input} | {o.name for o in self.graph.output}
-        for i in reversed(range(len(self.graph.initializer))):  # in place: extend() would copy every weight
-            if self.graph.initializer[i].name not in used:
-                del self.graph.initializer[i]
+        for graph, nodes in self._added.values():
+            graph.node.extend(nodes)
+        for graph in all_graphs(self.graph):
+            toposort(graph)
+        used = used_names(self.graph)
+        for graph in all_graphs(self.graph):
+            for i in reversed(range(len(graph.initializer))):  # in place: extend() would copy every weight
+                if graph.initializer[i].name not in used:
+                    del graph.initializer[i]
         return self.model
 
 
@@ -274,7 +288,7 @@ class DeployBuilder(_Builder):
 def toposort(graph: onnx.GraphProto) -> None:
     nodes = list(graph.node)
     producer = {o: i for i, n in enumerate(nodes) for o in n.output}
-    deps = [{producer[x] for x in n.input if x in producer} for n in nodes]
+    deps = [{producer[x] for x in node_reads(n) if x in producer} for n in nodes]  # bodies' outer reads too
     users: dict[int, list[int]] = {}
     for i, d in enumerate(deps):
         for j in d:
@@ -327,7 +341,8 @@ def layer_weight_codes(weight: np.ndarray, record: LayerRecord, params: QuantPar
 def build(builder: _Builder, plan: Plan, config: QuantConfig, records: dict[str, LayerRecord]) -> onnx.ModelProto:
     """Quantize ``builder.model`` (a copy of the base model) as ``plan`` and ``records`` say."""
     b = builder
-    nodes = {n.name: n for n in b.graph.node}
+    nodes = {n.name: n for g in all_graphs(b.graph) for n in g.node}
+    _, graph_of = locate(b.model)  # the graph (top or a control-flow body) each node sits in
 
     # Weights and bias, one private copy per layer (weights shared between layers stay correct), wired into
     # the ports the op's handler names.
@@ -335,6 +350,7 @@ def build(builder: _Builder, plan: Plan, config: QuantConfig, records: dict[str,
         if spec.weight is None:
             continue
         rec, node, handler = records[name], nodes[name], HANDLERS[spec.op_type]
+        b.target = graph_of[name]
         wcfg = config.layers[name].weight_quant_params
         wp = weight_params(rec, wcfg.num_bits if wcfg else 8, spec.weight_axis)
         try:
@@ -368,7 +384,8 @@ def build(builder: _Builder, plan: Plan, config: QuantConfig, records: dict[str,
 
     # Activations. Output sites are quantized for every reader (so the producer fuses into an integer
     # kernel); input-only sites only for the quantized layers that read them.
-    producer = {o: n for n in b.graph.node for o in n.output}
+    producer = {o: n for g in all_graphs(b.graph) for n in g.node for o in n.output}
+    tensor_graph = {o: g for g in all_graphs(b.graph) for n in g.node for o in n.output}
     for index, site in enumerate(plan.sites):
         # an input-only site is quantized as its first reader's record says; a balanced reader (dmq_balancer)
         # quantizes its own scaled copy below
@@ -381,23 +398,35 @@ def build(builder: _Builder, plan: Plan, config: QuantConfig, records: dict[str,
         params = QuantParams(np.asarray(scale, np.float32), np.asarray(offset, np.int32), site.act.get("num_bits", 8))
         base_name = f"{site.tensor}.site{index}"
         if site.output_of and site.tensor in producer:
-            raw = b.float_output(site.tensor, base_name)
             prod = producer[site.tensor]
+            b.target = home = tensor_graph[site.tensor]
+            raw = b.float_output(site.tensor, base_name)
             prod.output[list(prod.output).index(site.tensor)] = raw
             b.activation_qdq(raw, params, base_name)
             b.new_nodes[-1].output[0] = site.tensor  # the last dequantize node now produces the original name
-            producer[raw] = prod
+            producer[raw], tensor_graph[raw] = prod, home
             producer[site.tensor] = b.new_nodes[-1]
+            # Readers inside a control-flow body below the producer's graph get a Q/DQ pair of their own (exact:
+            # the values are on the grid already), so that their op fuses into an integer kernel there too.
+            readers = [n for n in site.inputs_of if graph_of[n] is not home and not records[n].dmq_factor]
         else:
+            home, readers = None, plain
+        for graph in {id(graph_of[n]): graph_of[n] for n in readers}.values():
+            b.target = graph
             dq = b.activation_qdq(site.tensor, params, base_name)
-            for layer in plain:
-                nodes[layer].input[HANDLERS[plan.layers[layer].op_type].activation_port] = dq
+            for layer in (n for n in readers if graph_of[n] is graph):
+                spec = plan.layers[layer]
+                if spec.chain is not None:  # every input that reads the tensor
+                    nodes[layer].input[:] = [dq if x == site.tensor else x for x in nodes[layer].input]
+                else:
+                    nodes[layer].input[HANDLERS[spec.op_type].activation_port] = dq
     for name, spec in plan.layers.items():
         rec = records.get(name)
         if rec is None or not rec.dmq_factor or name not in plan.input_site:
             continue
         # dmq_balancer: the layer reads its input divided per channel by the factors, quantized as its record says
         port = HANDLERS[spec.op_type].activation_port
+        b.target = graph_of[name]
         shape = (-1, 1, 1) if spec.op_type == "Conv" else (-1,)
         inv = b.add_init((1.0 / np.asarray(rec.dmq_factor, np.float32)).reshape(shape), f"{name}.dmq_inverse")
         scaled = b.node("Mul", [nodes[name].input[port], inv], f"{name}.dmq_balanced")

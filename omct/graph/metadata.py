@@ -12,6 +12,7 @@ import onnx
 PLAN = "omct.plan"
 CONFIG = "omct.config"
 ADDED_OUTPUTS = "omct.calibration_outputs"
+CARRIED = "omct.carried"  # tensors inside control-flow bodies carried out to outputs, and the nodes changed for it
 RECORD_FILE = "omct.record_file"
 MODEL_FILE = "omct.model_file"  # the model a modified model was made from: save_model must not overwrite it
 LAYERS = "omct.layers"

@@ -1,13 +1,16 @@
 """The modified (calibration) model: the normalised model (BN folded, nodes named) with the observed
-activation tensors added as graph outputs, and the plan, config and record file path in its metadata, so that
+activation tensors added as graph outputs (tensors inside control-flow bodies carried out to one, see
+``subgraphs.carry_out``), and the plan, config and record file path in its metadata, so that
 AMCT's ``save_model(modified_onnx_file, record_file, save_path)`` needs nothing else."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
@@ -16,6 +19,7 @@ from omct.formats.config import QuantConfig
 from omct.graph import metadata
 from omct.graph.model_io import load_model
 from omct.graph.plan import Plan
+from omct.graph.subgraphs import carried_values, carry_out, remove_carry
 
 
 @dataclass
@@ -24,6 +28,19 @@ class ModifiedModel:
     plan: Plan
     config: QuantConfig
     added_outputs: list[str]
+    carried: dict[str, tuple[str, int]] = field(default_factory=dict)  # tensor in a body -> (output, iteration axes)
+    carry_nodes: dict[str, list[int]] = field(default_factory=dict)  # control-flow node -> [outputs, outputs added]
+
+    def fetch_names(self, tensors: list[str]) -> list[str]:
+        """The model outputs to fetch for ``tensors`` (a tensor inside a body: the output it is carried to)."""
+        return [self.carried[t][0] if t in self.carried else t for t in tensors]
+
+    def observed(self, tensors: list[str], values: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``tensors``' values from a run's outputs by name (``fetch_names``); a tensor of a body that did not run
+        (an If branch not taken) is left out, a loop body's iterations are stacked into the batch axis."""
+        out = {t: values[t] for t in tensors if t not in self.carried}
+        out.update(carried_values({t: self.carried[t] for t in tensors if t in self.carried}, values))
+        return out
 
     def base_model(self, in_place: bool = False) -> onnx.ModelProto:
         """The normalised model without calibration outputs or omct metadata (``in_place``: ``self.model`` itself
@@ -32,9 +49,11 @@ class ModifiedModel:
         if not in_place:
             base = onnx.ModelProto()
             base.CopyFrom(self.model)
-        keep = [o for o in base.graph.output if o.name not in self.added_outputs]
+        added = set(self.added_outputs)
+        keep = [o for o in base.graph.output if o.name not in added]
         del base.graph.output[:]
         base.graph.output.extend(keep)
+        remove_carry(base, self.carry_nodes)
         metadata.strip(base)
         return base
 
@@ -48,13 +67,17 @@ def make_modified(base: onnx.ModelProto, plan: Plan, config: QuantConfig, observ
     model = onnx.ModelProto()
     model.CopyFrom(base)
     existing = {o.name for o in model.graph.output}
-    added = [t for t in observed if t not in existing]
+    carried, nodes = carry_out(model, observed)  # tensors inside control-flow bodies: carried to new outputs
+    added = [t for t in observed if t not in existing and t not in carried]
     for t in added:
         model.graph.output.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, None))
+    added += [name for name, _ in carried.values()]
     for key, value in ((metadata.PLAN, plan.to_json()), (metadata.CONFIG, json.dumps(config.to_dict())),
                        (metadata.ADDED_OUTPUTS, json.dumps(added))):
         model.metadata_props.add(key=key, value=value)
-    return ModifiedModel(model, plan, config, added)
+    if carried:
+        model.metadata_props.add(key=metadata.CARRIED, value=json.dumps({"tensors": carried, "nodes": nodes}))
+    return ModifiedModel(model, plan, config, added, carried, nodes)
 
 
 def read_modified(path: str | Path) -> ModifiedModel:
@@ -63,9 +86,11 @@ def read_modified(path: str | Path) -> ModifiedModel:
     if metadata.PLAN not in meta:
         raise ModelError(f"'{path}' is not a modified model written by omct's quantize_model; pass the "
                          "modified_onnx_file that quantize_model wrote")
+    carry = json.loads(meta.get(metadata.CARRIED, '{"tensors": {}, "nodes": {}}'))
     return ModifiedModel(model, Plan.from_json(meta[metadata.PLAN]),
                          QuantConfig.from_dict(json.loads(meta[metadata.CONFIG]), f"{path} (embedded config)"),
-                         json.loads(meta[metadata.ADDED_OUTPUTS]))
+                         json.loads(meta[metadata.ADDED_OUTPUTS]),
+                         {t: (name, int(n)) for t, (name, n) in carry["tensors"].items()}, carry["nodes"])
 
 
 def stamp_layers(model: onnx.ModelProto, plan: Plan, config: QuantConfig, records: dict | None = None) -> None:

@@ -23,6 +23,7 @@ import onnx
 from onnx import numpy_helper, version_converter
 
 from omct.errors import ModelError
+from omct.graph.subgraphs import all_graphs, bodies, local_names, used_names
 from omct.graph.tensor_data import tensor_array
 
 MIN_OPSET = 13
@@ -37,6 +38,7 @@ class NormalizeReport:
     gemms_rewritten: list[str] = field(default_factory=list)  # Gemm nodes whose alpha/beta/transA were folded
     pads_folded: list[str] = field(default_factory=list)  # Pad nodes folded into the Convs they feed
     ifs_inlined: list[tuple[str, str]] = field(default_factory=list)  # (If node, branch taken) replaced by the branch
+    bodies_scoped: list[str] = field(default_factory=list)  # control-flow bodies whose names got their prefix
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -138,8 +140,64 @@ def normalize(model: onnx.ModelProto, in_place: bool = False) -> tuple[onnx.Mode
     constants_to_initializers(out, report)
     constant_identities_to_initializers(out, report)
     name_nodes(out, report)
+    scope_bodies(out, report)
     plain_gemms(out, report)
+    for body in _bodies(out.graph):  # the same steps inside If / Loop / Scan bodies
+        constants_to_initializers(_GraphOnly(body), report)
+        constant_identities_to_initializers(_GraphOnly(body), report)
+        plain_gemms(_GraphOnly(body), report)
     return out, report
+
+
+class _GraphOnly:
+    """A body graph where a pass expects a model (the passes read ``model.graph`` only)."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.graph = graph
+
+
+def _bodies(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """Every graph nested in ``graph`` (control-flow bodies and their bodies)."""
+    return [g for g in all_graphs(graph) if g is not graph]
+
+
+def scope_bodies(model: onnx.ModelProto, report: NormalizeReport) -> None:
+    """Give every node and tensor defined inside an If / Loop / Scan body the prefix ``<node>/<label>/``
+    (``then``, ``else``, ``body``; nested bodies nest), so that names are unique in the whole model and layers
+    read as the inlining of a constant If names them (``vad_if/then/conv1``). Outer-scope reads keep their
+    names. Run after the top-level nodes are named."""
+    taken = {n for g in all_graphs(model.graph) for n in local_names(g) | {x.name for x in g.node}}
+    for node in model.graph.node:
+        _scope_node(node, taken, report)
+
+
+def _scope_node(node: onnx.NodeProto, taken: set[str], report: NormalizeReport) -> None:
+    def fresh(base: str) -> str:
+        name = base
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        return name
+
+    for label, body in bodies(node):
+        prefix = f"{node.name}/{label}/"
+        local = [i.name for i in body.input] + [t.name for t in body.initializer] + \
+            [o for n in body.node for o in n.output if o]
+        rename = {t: fresh(prefix + t.lstrip("/")) for t in dict.fromkeys(local)}
+        for value in list(body.input) + list(body.output) + list(body.value_info):
+            value.name = rename.get(value.name, value.name)
+        for t in body.initializer:
+            t.name = rename[t.name]
+        for index, inner in enumerate(body.node):
+            inner.input[:] = [rename.get(x, x) for x in inner.input]
+            inner.output[:] = [rename.get(x, x) if x else x for x in inner.output]
+            inner.name = fresh(prefix + (inner.name.lstrip("/") or f"{inner.op_type}_{index}"))
+            for attr in inner.attribute:
+                for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                    _rename_reads(sub, rename)
+        report.bodies_scoped.append(prefix[:-1])
+        for inner in body.node:
+            _scope_node(inner, taken, report)
 
 
 def plain_gemms(model: onnx.ModelProto, report: NormalizeReport) -> None:
@@ -348,7 +406,7 @@ def fold_pads(model: onnx.ModelProto, report: NormalizeReport) -> None:
 
 
 def _drop_unused_initializers(model: onnx.ModelProto) -> None:
-    used = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
+    used = used_names(model.graph)  # reads inside control-flow bodies count
     keep = [t for t in model.graph.initializer if t.name in used]
     if len(keep) != len(model.graph.initializer):
         del model.graph.initializer[:]

@@ -10,11 +10,12 @@ Adding an op type is one ``OpHandler`` subclass and one ``HANDLERS`` row.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import ClassVar
 
 import onnx
 
+from omct.graph.subgraphs import LOOPS, all_graphs, bodies, local_names, node_reads
 from omct.graph.tensor_data import skeleton, tensor_array
 
 
@@ -41,6 +42,8 @@ class LayerSpec:
     nuq_refusal: str | None = "NUQ takes only Conv (4-D weight, group 1, dilation 1), Gemm and MatMul with a 2-D weight"
     # A 2-D Conv's (kernel, strides, pads, dilations) with explicit pads (None otherwise): AdaRound's im2col
     window: tuple | None = None
+    # The control-flow body the layer sits in (``vad_if/then``, ``loop/body``), None at the top level
+    scope: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,21 +60,25 @@ class Refusal:
 
 
 class GraphIndex:
-    """Producers, consumers and constants of a graph, computed once."""
+    """Producers, consumers and constants of a graph, computed once. For a control-flow body (``graph``, with
+    the index of the graph around it as ``outer``) the constants include the outer scopes' initializers that
+    the body can see; a control-flow node counts as a consumer of what its bodies read from outside."""
 
-    def __init__(self, model: onnx.ModelProto):
-        self.graph = model.graph
-        self.initializers = {t.name: t for t in model.graph.initializer}
+    def __init__(self, model: onnx.ModelProto, graph: onnx.GraphProto | None = None, outer: GraphIndex | None = None):
+        self.graph = model.graph if graph is None else graph
+        visible = dict(outer.initializers) if outer is not None else {}
+        for name in local_names(self.graph):  # the body's own tensors shadow the outer ones
+            visible.pop(name, None)
+        self.initializers = {**visible, **{t.name: t for t in self.graph.initializer}}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         self.producer: dict[str, onnx.NodeProto] = {}
-        for node in model.graph.node:
-            for name in node.input:
-                if name:
-                    self.consumers.setdefault(name, []).append(node)
+        for node in self.graph.node:
+            for name in node_reads(node):
+                self.consumers.setdefault(name, []).append(node)
             for name in node.output:
                 self.producer[name] = node
-        self.graph_outputs = {o.name for o in model.graph.output}
-        self.elem_types, self.ranks = _tensor_types(model)
+        self.graph_outputs = {o.name for o in self.graph.output}
+        self.elem_types, self.ranks = (outer.elem_types, outer.ranks) if outer is not None else _tensor_types(model)
 
     def const_shape(self, name: str) -> tuple[int, ...] | None:
         t = self.initializers.get(name)
@@ -120,12 +127,16 @@ def _tensor_types(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, int
             if vi.type.tensor_type.HasField("shape"):
                 ranks[vi.name] = len(vi.type.tensor_type.shape.dim)
 
-    for vi in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
-        note(vi)
-    if len(types) <= len(model.graph.input) + len(model.graph.output):
-        try:  # infer intermediate types on the graph without its weights' data
-            for vi in onnx.shape_inference.infer_shapes(skeleton(model)).graph.value_info:
+    def note_all(graph: onnx.GraphProto) -> None:  # names are unique across bodies after normalisation
+        for g in all_graphs(graph):
+            for vi in list(g.input) + list(g.value_info) + list(g.output):
                 note(vi)
+
+    note_all(model.graph)
+    if len(types) <= len(model.graph.input) + len(model.graph.output) or len(model.graph.node) < sum(
+            len(g.node) for g in all_graphs(model.graph)):
+        try:  # infer intermediate types on the graph without its weights' data
+            note_all(onnx.shape_inference.infer_shapes(skeleton(model)).graph)
         except Exception:  # shape inference is best-effort: unknown types are not refused
             pass
     return types, ranks
@@ -466,62 +477,53 @@ HANDLERS.update({h.op_type: h for h in (AddHandler(), ConcatHandler(), GlobalAve
 
 
 def find_layers(model: onnx.ModelProto) -> tuple[list[LayerSpec], list[Refusal]]:
-    """Quantizable layers in graph order, and the candidates left in float with their reasons."""
-    index = GraphIndex(model)
-    layers, refused = [], []
-    for node in model.graph.node:
-        handler = HANDLERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
-        if handler is None:
-            continue
-        result = handler.layer(node, index)
-        if result is None:
-            continue
-        if isinstance(result, str):
-            refused.append(Refusal(node.name, node.op_type, result))
-        else:
-            layers.append(result)
-    refused += _subgraph_candidates(model.graph, "")
+    """Quantizable layers in graph order (a control-flow body's layers where its node is), and the candidates
+    left in float with their reasons."""
+    layers: list[LayerSpec] = []
+    refused: list[Refusal] = []
+    _find_in(model, model.graph, GraphIndex(model), None, None, layers, refused)
     return layers, refused
 
 
-def _subgraph_candidates(graph: onnx.GraphProto, where: str) -> list[Refusal]:
-    """Candidates inside the bodies of If / Loop / Scan nodes, each refused with where it sits: their tensors
-    cannot be observed as model outputs, so calibration cannot reach them yet."""
-    found = []
+def _find_in(model: onnx.ModelProto, graph: onnx.GraphProto, index: GraphIndex, scope: str | None,
+             loop: str | None, layers: list[LayerSpec], refused: list[Refusal]) -> None:
+    """``find_layers`` for ``graph`` (``scope``: the body it is, ``loop``: the Loop/Scan body around it)."""
     for node in graph.node:
-        hint = ""
-        if node.op_type == "If" and not where:  # a constant condition is inlined (normalize.inline_constant_ifs)
-            inputs = _inputs_behind(graph, node.input[0])
-            hint = (f"; its condition depends on the model input(s) {', '.join(repr(i) for i in inputs)}: fix them with "
-                    "omct.graph.normalize.fix_inputs and the branch taken is inlined and quantized") if inputs else ""
-        for attr in node.attribute:
-            bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-            for body in bodies:
-                place = f"{where}{node.name or node.op_type}/{attr.name}"
-                for inner in body.node:
-                    if inner.op_type in HANDLERS and inner.domain in ("", "ai.onnx"):
-                        found.append(Refusal(f"{place}/{inner.name or inner.op_type}", inner.op_type,
-                                             f"it sits inside the {attr.name} of {node.op_type} node '{node.name}'; layers "
-                                             "in control-flow subgraphs are not quantized yet" + hint))
-                found += _subgraph_candidates(body, place + "/")
-    return found
-
-
-def _inputs_behind(graph: onnx.GraphProto, tensor: str) -> list[str]:
-    """The graph inputs ``tensor`` is computed from (none: it is a constant or comes from elsewhere)."""
-    producers = {o: n for n in graph.node for o in n.output}
-    inputs = {i.name for i in graph.input} - {t.name for t in graph.initializer}
-    found, todo, seen = [], [tensor], set()
-    while todo:
-        t = todo.pop()
-        if t in seen or not t:
+        handler = HANDLERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        result = handler.layer(node, index) if handler is not None else None
+        if isinstance(result, str):
+            refused.append(Refusal(node.name, node.op_type, result))
+        elif result is not None:
+            layers.append(replace(result, scope=scope) if scope else result)
+        found = bodies(node)
+        if not found:
+            refused += _subgraph_candidates(node, "it sits inside a subgraph of {op} node '{node}' (omct quantizes layers in "
+                                            "If, Loop and Scan bodies only)")
             continue
-        seen.add(t)
-        if t in inputs:
-            found.append(t)
-        elif t in producers:
-            todo += list(producers[t].input)
-    return sorted(found)
+        if node.op_type == "If" and loop is not None:
+            # Each iteration may take the other branch; the observed tensor would change shape between the
+            # iterations and the Loop/Scan could not stack it.
+            refused += _subgraph_candidates(node, "it sits inside the {attr} of If node '{node}', which is inside the "
+                                            f"body of '{loop}': an If inside a loop may take another branch in each "
+                                            "iteration, which calibration cannot follow")
+            continue
+        for label, body in found:
+            _find_in(model, body, GraphIndex(model, body, index), f"{node.name}/{label}",
+                     node.name if node.op_type in LOOPS else loop, layers, refused)
+
+
+def _subgraph_candidates(node: onnx.NodeProto, reason: str) -> list[Refusal]:
+    """The candidates inside ``node``'s subgraphs, refused with ``reason`` (formatted with the node's op type
+    and name and the graph attribute's name)."""
+    found = []
+    for attr in node.attribute:
+        for body in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+            for g in all_graphs(body):
+                for inner in g.node:
+                    if inner.op_type in HANDLERS and inner.domain in ("", "ai.onnx"):
+                        found.append(Refusal(inner.name or f"{node.name}/{attr.name}/{inner.op_type}", inner.op_type,
+                                             reason.format(op=node.op_type, node=node.name, attr=attr.name)))
+    return found
 
 
 #: op types that only appear in a model that is already quantized
@@ -530,5 +532,6 @@ QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", 
 
 
 def quantization_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """The nodes that show a model is already quantized (QDQ, QLinear*, integer ops)."""
-    return [n for n in model.graph.node if n.op_type in QUANTIZED_OPS or n.op_type.startswith("QLinear")]
+    """The nodes that show a model is already quantized (QDQ, QLinear*, integer ops), in control-flow bodies too."""
+    return [n for g in all_graphs(model.graph) for n in g.node
+            if n.op_type in QUANTIZED_OPS or n.op_type.startswith("QLinear")]

@@ -134,6 +134,30 @@ def _drop_dead_ends(enabled: dict[str, LayerSpec], sites: list[Site], input_site
             table[name] = new[table[name]]
 
 
+def without_layers(plan: Plan, names: set[str]) -> Plan:
+    """``plan`` with the layers ``names`` kept in float, and with every layer that reads or writes a site only
+    they quantized (so every remaining site is one the calibration observed for a remaining layer). Sites keep
+    their order; what is left is a subset of ``plan``'s layers and sites."""
+    names = set(names)
+    while True:  # a layer reading the output site of a dropped layer is dropped too (that site was not observed)
+        gone = {i for i, s in enumerate(plan.sites) if any(n in names for n in s.output_of)}
+        more = {n for i in gone for n in plan.sites[i].inputs_of} - names
+        if not more:
+            break
+        names |= more
+    sites = [Site(s.tensor, s.act, s.asymmetric, [n for n in s.inputs_of if n not in names],
+                  [n for n in s.output_of if n not in names], s.upper, s.same_as) for s in plan.sites]
+    keep = [i for i, s in enumerate(sites) if s.inputs_of or s.output_of]
+    new = {old: k for k, old in enumerate(keep)}
+    sites = [sites[i] for i in keep]
+    for site in sites:
+        if site.same_as is not None:
+            site.same_as = new.get(site.same_as)
+    layers = {n: spec for n, spec in plan.layers.items() if n not in names}
+    return Plan(layers, sites, {n: new[i] for n, i in plan.input_site.items() if n in layers},
+                {n: new[i] for n, i in plan.output_site.items() if n in layers})
+
+
 def with_float_layers(config: QuantConfig, float_layers: set[str]) -> QuantConfig:
     """A copy of ``config`` with ``float_layers`` disabled (an automatic search's trial)."""
     data = config.to_dict()

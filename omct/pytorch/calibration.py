@@ -58,6 +58,7 @@ class CalibrationModel(CalibrationStatus, nn.Module):
         # Tensors no module computes (a residual Add's output, a GlobalAveragePool's) are read from the modified
         # model, which exposes them as outputs, run by ONNX Runtime on the same batch.
         self._onnx_tensors = [t for t in self.calibration.tensors() if t not in hooked]
+        self._mod = mod
         self._session = ort_session(mod.model.SerializeToString()) if self._onnx_tensors else None
 
     def _observe(self, tensor: str, value: Any) -> None:
@@ -94,7 +95,9 @@ class CalibrationModel(CalibrationStatus, nn.Module):
             if self._session is not None:
                 feed = {i.name: _to_numpy(t) if t.is_floating_point() else t.detach().cpu().numpy()  # token ids stay int
                         for i, t in zip(self._session.get_inputs(), tensors, strict=False)}
-                for name, value in zip(self._onnx_tensors, self._session.run(self._onnx_tensors, feed), strict=True):
+                fetch = self._mod.fetch_names(self._onnx_tensors)
+                values = dict(zip(fetch, self._session.run(fetch, feed), strict=True))
+                for name, value in self._mod.observed(self._onnx_tensors, values).items():
                     self.calibration.update(name, value)
             return result
 

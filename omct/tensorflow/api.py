@@ -165,6 +165,7 @@ class CalibrationModel(CalibrationStatus):
         self._inputs = self._session.get_inputs()
         self._user_outputs = [o.name for o in self._session.get_outputs() if o.name not in added]
         self._site_tensors = self.calibration.tensors()
+        self._mod = mod
         self._checked = False
         self._samples = 0
         self._extra = 0
@@ -215,11 +216,11 @@ class CalibrationModel(CalibrationStatus):
         self.calibration.keep_inputs(sum(v.nbytes for v in feeds.values()),
                                      lambda: {k: v.copy() for k, v in feeds.items()})
         wanted = self._user_outputs
-        fetch = wanted + [t for t in self._site_tensors if t not in wanted]
+        fetch = wanted + [t for t in self._mod.fetch_names(self._site_tensors) if t not in wanted]
 
         def observe():
             values = self._session.run(fetch, feeds)
-            self.calibration.observe(dict(zip(fetch, values, strict=False)))
+            self.calibration.observe(self._mod.observed(self._site_tensors, dict(zip(fetch, values, strict=False))))
             return values[: len(wanted)]
 
         out = self.calibration.run_batch(observe)
