@@ -33,6 +33,7 @@ from omct.graph.metadata import FUSION as FUSION_KEY
 from omct.graph.metadata import LAYERS as LAYERS_KEY
 from omct.graph.model_io import load_model, session_input
 from omct.graph.normalize import fold_batchnorm, normalize
+from omct.graph.subgraphs import all_graphs
 from omct.ui import Progress, logger
 
 _PROBE = "#isolated"
@@ -209,6 +210,12 @@ def analyze(float_model: str | os.PathLike | onnx.ModelProto, quant_model: str |
     if fusion.get("cross_layer_equalization"):  # the quantized model's weights were equalized: so is the reference
         equalize(base)
     model_outputs = [o.name for o in base.graph.output]  # before the probes' outputs are added
+    inside = {n.name for g in all_graphs(quant.graph) if g is not quant.graph for n in g.node}
+    if any(entry["name"] in inside for entry in layers):  # probes are copies of top-level nodes
+        skipped = [entry["name"] for entry in layers if entry["name"] in inside]
+        logger.info("not compared: %d quantized layer(s) inside control-flow bodies (e.g. '%s'); analyze probes "
+                    "top-level layers only", len(skipped), skipped[0])
+        layers = [entry for entry in layers if entry["name"] not in inside]
     q_nodes = {n.name: n for n in quant.graph.node}
     f_nodes = {n.name: n for n in base.graph.node}
     missing = [entry["name"] for entry in layers if entry["name"] not in f_nodes or entry["name"] not in q_nodes]
