@@ -199,6 +199,20 @@ def _body_ops(path, tmp_path) -> dict[str, list[str]]:
     return found
 
 
+def _assert_sorted(path) -> None:
+    """Every node of every graph (bodies too) reads only what is defined before it or in an enclosing scope."""
+    def check(graph, outer):
+        known = set(outer) | {i.name for i in graph.input} | {t.name for t in graph.initializer}
+        for n in graph.node:
+            assert all(not i or i in known for i in n.input), (path, n.op_type, list(n.input))
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    check(a.g, known)
+            known |= set(n.output)
+
+    check(onnx.load(path).graph, set())
+
+
 def _vad_batch(rng, sr, n=16):
     return {"x": rng.normal(size=(n, 4, 16)).astype(np.float32), "state": rng.normal(size=(n, 2)).astype(np.float32),
             "sr": np.array(sr, np.int64)}
@@ -216,6 +230,7 @@ def test_a_runtime_if_is_calibrated_on_both_branches_and_quantized_in_place(tmp_
     with caplog.at_level("WARNING", logger="omct"):
         fake, deploy = run_flow(src, tmp_path, batches)  # also: no weight dequantized into a float op
     assert "no calibration batch ran" not in caplog.text
+    _assert_sorted(fake), _assert_sorted(deploy)
     bodies = _body_ops(deploy, tmp_path)
     assert bodies["vad_if/then_branch"].count("QLinearConv") == 2 and "Conv" not in bodies["vad_if/then_branch"]
     assert bodies["vad_if/else_branch"].count("QLinearConv") == 1 and "Conv" not in bodies["vad_if/else_branch"]
@@ -380,3 +395,40 @@ def test_an_if_inside_a_loop_is_refused_with_the_reason(rng):
         ("rnn/body/first/then/conv_in_if", "it sits inside the then_branch of If node 'rnn/body/first', which is inside "
          "the body of 'rnn': an If inside a loop may take another branch in each iteration, which calibration cannot "
          "follow")]
+
+
+def test_nested_runtime_ifs_carry_their_tensors_out_level_by_level(tmp_path, rng):
+    """An If in a branch of an If, both on a run-time flag: the inner branch's tensors leave through both Ifs (an
+    empty placeholder where a branch lacks them); a batch per flag value calibrates every layer."""
+    w = {k: (rng.normal(size=(4, 4, 3)) * 0.3).astype(np.float32) for k in ("wa", "wb", "wc")}
+    inner_then = helper.make_graph([helper.make_node("Conv", ["r", "wb"], ["y_in"], name="conv_in", pads=[1, 1])],
+                                   "inner_then", [], [vi("y_in", None)])
+    inner_else = helper.make_graph([helper.make_node("Relu", ["r"], ["z_in"], name="relu_in")], "inner_else", [],
+                                   [vi("z_in", None)])
+    outer_then = helper.make_graph([helper.make_node("Conv", ["x", "wa"], ["r"], name="conv_out", pads=[1, 1]),
+                                    helper.make_node("If", ["c"], ["y_then"], name="inner_if", then_branch=inner_then,
+                                                     else_branch=inner_else)], "outer_then", [], [vi("y_then", None)])
+    outer_else = helper.make_graph([helper.make_node("Conv", ["x", "wc"], ["y_else"], name="conv_else", pads=[1, 1])],
+                                   "outer_else", [], [vi("y_else", None)])
+    node = helper.make_node("If", ["c"], ["y"], name="outer_if", then_branch=outer_then, else_branch=outer_else)
+    graph = helper.make_graph([node], "g", [vi("x", ["N", 4, 8]), helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                              [vi("y", None)], [numpy_helper.from_array(v, k) for k, v in w.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    src = tmp_path / "nested.onnx"
+    onnx.save(model, src)
+    assert {s.name for s in amct.inspect_model(str(src)).layers} == {
+        "outer_if/then/conv_out", "outer_if/then/inner_if/then/conv_in", "outer_if/else/conv_else"}
+    batches = [{"x": rng.normal(size=(16, 4, 8)).astype(np.float32), "c": np.array(c)} for c in (True, False)]
+    fake, deploy = run_flow(src, tmp_path, batches)
+    bodies = _body_ops(deploy, tmp_path)
+    assert bodies["outer_if/then/inner_if/then_branch"].count("QLinearConv") == 1
+    for c in (True, False):
+        feeds = {"x": rng.normal(size=(16, 4, 8)).astype(np.float32), "c": np.array(c)}
+        ref, fq, dp = ort_run(str(src), feeds)[0], ort_run(fake, feeds)[0], ort_run(deploy, feeds)[0]
+        assert _sqnr(ref, dp) > 30 and np.abs(dp - fq).max() <= 0.02 * np.abs(ref).max(), c
+    deployed = onnx.load(deploy)
+    from omct.graph.subgraphs import all_graphs
+
+    leftovers = [n.name for g in all_graphs(deployed.graph) for n in g.node if n.name.startswith("omct.observe")]
+    assert not leftovers and [len(n.output) for n in deployed.graph.node if n.op_type == "If"] == [1]

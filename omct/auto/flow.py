@@ -75,6 +75,7 @@ def run_auto_calibration(target: AutoTarget, evaluator: AutoCalibrationEvaluator
     kept = calibrating.calibration.keep_inputs_up_to(int(ranking_memory_mb * 2**20))
     calibrate_checked(evaluator, calibrating)
     kept.report(calibrating.batch_num, ranking_memory_mb)
+    config = calibrating.calibration.config  # without the layers of control-flow bodies no batch ran
     quantized = QuantizedModel(prepared.model, prepared.layers, config, calibrating.calibration.records)
 
     def evaluate_float_layers(float_layers: set[str]) -> Any:

@@ -28,7 +28,7 @@ from omct.formats.config import QuantConfig
 from omct.formats.record import LayerRecord
 from omct.graph.ops import HANDLERS, LayerSpec
 from omct.graph.plan import Plan
-from omct.graph.subgraphs import all_graphs, locate, node_reads, used_names
+from omct.graph.subgraphs import all_graphs, inner_first, locate, node_reads, used_names
 from omct.graph.tensor_data import ExternalWriter, tensor_array
 
 
@@ -100,10 +100,10 @@ class _Builder:
     def finish(self) -> onnx.ModelProto:
         for graph, nodes in self._added.values():
             graph.node.extend(nodes)
-        for graph in all_graphs(self.graph):
+        for graph in inner_first(self.graph):
             toposort(graph)
         used = used_names(self.graph)
-        for graph in all_graphs(self.graph):
+        for graph in inner_first(self.graph):
             for i in reversed(range(len(graph.initializer))):  # in place: extend() would copy every weight
                 if graph.initializer[i].name not in used:
                     del graph.initializer[i]

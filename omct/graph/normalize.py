@@ -23,7 +23,7 @@ import onnx
 from onnx import numpy_helper, version_converter
 
 from omct.errors import ModelError
-from omct.graph.subgraphs import all_graphs, bodies, local_names, used_names
+from omct.graph.subgraphs import all_graphs, bodies, inner_first, local_names, used_names
 from omct.graph.tensor_data import tensor_array
 
 MIN_OPSET = 13
@@ -157,8 +157,8 @@ class _GraphOnly:
 
 
 def _bodies(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
-    """Every graph nested in ``graph`` (control-flow bodies and their bodies)."""
-    return [g for g in all_graphs(graph) if g is not graph]
+    """Every graph nested in ``graph``, inner ones first (the passes rebuild node lists)."""
+    return [g for g in inner_first(graph) if g is not graph]
 
 
 def scope_bodies(model: onnx.ModelProto, report: NormalizeReport) -> None:

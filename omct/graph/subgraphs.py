@@ -40,11 +40,18 @@ def sub_graphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
 
 
 def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """``graph`` and every graph nested in it."""
+    """``graph`` and every graph nested in it, each before the graphs inside it."""
     yield graph
     for node in graph.node:
         for sub in sub_graphs(node):
             yield from all_graphs(sub)
+
+
+def inner_first(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """``all_graphs`` with every graph after the graphs inside it: the order for passes that rebuild a graph's
+    node list (``del graph.node[:]`` + ``extend`` copies the nodes, so a nested graph reached before its
+    parent was rebuilt would be a detached copy)."""
+    return list(all_graphs(graph))[::-1]
 
 
 def local_names(graph: onnx.GraphProto) -> set[str]:
@@ -157,7 +164,7 @@ def remove_carry(model: onnx.ModelProto, added: Mapping[str, list[int]]) -> None
     are removed by the caller, with the other calibration outputs)."""
     if not added:
         return
-    for graph in list(all_graphs(model.graph)):
+    for graph in inner_first(model.graph):
         keep = [n for n in graph.node if not n.name.startswith(OBSERVE + "/")]
         if len(keep) != len(graph.node):
             del graph.node[:]
