@@ -83,18 +83,18 @@ def weights_dequantized_at_run_time(path, tmp_path) -> dict[str, int]:
     return found
 
 
-def _count_dequantized_weights(graph, outer_weights: set, found: dict) -> None:
-    """``weights_dequantized_at_run_time`` for one graph and the bodies of its If/Loop/Scan nodes (a weight
-    may live in an outer scope)."""
+def _count_dequantized_weights(graph, outer_weights: set, found: dict, outer_dq: frozenset = frozenset()) -> None:
+    """``weights_dequantized_at_run_time`` for one graph and the bodies of its If/Loop/Scan nodes (a weight, or
+    its DequantizeLinear, may live in an outer scope)."""
     weights = outer_weights | {t.name for t in graph.initializer if len(t.dims) >= 2}
-    dq_out = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in weights}
+    dq_out = outer_dq | {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in weights}
     for n in graph.node:
         for i in n.input:
             if i in dq_out:
                 found[n.op_type] = found.get(n.op_type, 0) + 1
         for a in n.attribute:
             for body in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                _count_dequantized_weights(body, weights, found)
+                _count_dequantized_weights(body, weights, found, frozenset(dq_out))
 
 
 def assert_integer_kernels(path, tmp_path, allowed=()) -> None:
