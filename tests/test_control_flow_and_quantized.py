@@ -170,6 +170,15 @@ def test_a_scripted_pytorch_if_on_the_sample_rate(tmp_path, rng):
     out = ort_run(deploy, {"x": x})[0]
     assert 10 * np.log10(np.mean(ref ** 2) / np.mean((out - ref) ** 2)) > 25
 
+    # The same scripted model quantized as it is: sr stays an input, each rate's batches calibrate its branch
+    assert [s.name for s in amct.inspect_model(str(src)).layers] == ["/If/then/a/Conv", "/If/else/b/Conv"]
+    batches = [{"x": rng.normal(size=(32, 4, 8)).astype(np.float32), "sr": np.array(sr, np.int64)} for sr in (16000, 8000)]
+    _, deploy = run_flow(src, tmp_path, batches, prefix="both")
+    for sr in (16000, 8000):
+        feeds = {"x": x, "sr": np.array(sr, np.int64)}
+        ref, out = ort_run(src, feeds)[0], ort_run(deploy, feeds)[0]
+        assert 10 * np.log10(np.mean(ref ** 2) / np.mean((out - ref) ** 2)) > 25, sr
+
 
 # Layers quantized in place inside run-time If branches and Loop / Scan bodies.
 
