@@ -19,6 +19,7 @@ from omct.graph.model_io import save_model as _save_onnx
 from omct.graph.modified import read_modified
 from omct.graph.normalize import NormalizeReport, default_opset, fold_batchnorm, fold_pads, normalize
 from omct.graph.ops import HANDLERS, LayerSpec, Refusal, find_layers
+from omct.graph.subgraphs import all_graphs
 from omct.quantize import CalibratingSession, QuantizedModel, ort_session
 from omct.quantize import quantize as _quantize
 from omct.ui import format_table, hints, logger
@@ -98,7 +99,7 @@ def prepare(model: str | os.PathLike | onnx.ModelProto, config: QuantConfig | No
 def inspect_model(model_file: str | os.PathLike) -> ModelReport:
     report = NormalizeReport()
     prepared = prepare(model_file, report=report)
-    params = sum(int(np.prod(t.dims)) for t in prepared.model.graph.initializer)
+    params = sum(int(np.prod(t.dims)) for g in all_graphs(prepared.model.graph) for t in g.initializer)
     return ModelReport(prepared.layers, prepared.refused, default_opset(load_model(model_file, lazy=True)), params, report)
 
 
