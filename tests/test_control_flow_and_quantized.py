@@ -269,6 +269,13 @@ def test_an_if_branch_no_batch_takes_is_named_and_stays_float(tmp_path, rng, cap
     layers = {entry["name"] for entry in __import__("json").loads(
         {p.key: p.value for p in onnx.load(deploy).metadata_props}["omct.layers"])}
     assert layers == {"vad_if/then/conv1", "vad_if/then/conv2"}
+    # the in-memory path keeps it float the same way
+    from omct.formats.config import load_config
+
+    result = amct.quantize(str(src), load_config(str(tmp_path / "q.json")), [_vad_batch(rng, 16000) for _ in range(2)])
+    assert sorted(result.plan.layers) == ["vad_if/then/conv1", "vad_if/then/conv2"]
+    assert not result.config.layers["vad_if/else/conv8"].quant_enable
+    np.testing.assert_allclose(ort_run(result.deploy_model().SerializeToString(), feeds)[0], ref[0], rtol=1e-5, atol=1e-6)
 
 
 def _loop_conv_model(rng):
