@@ -10,6 +10,7 @@ from onnx_builders import conv_model, vi
 
 import omct.onnx as amct
 from omct.errors import ModelError
+from omct.graph.ops import find_layers
 
 
 def _if_model(rng):
@@ -394,23 +395,64 @@ def test_a_scan_body_is_calibrated_and_quantized_in_place(tmp_path, rng):
     assert np.abs(dp[1] - fq[1]).max() <= 0.05 * np.abs(ref[1]).max()
 
 
-def test_an_if_inside_a_loop_is_refused_with_the_reason(rng):
-    from omct.graph.normalize import normalize
-    from omct.graph.ops import find_layers
-
-    outer = _loop_conv_model(rng)
-    loop_body = outer.graph.node[0].attribute[0].g
+def _loop_with_if(rng, condition: str):
+    """``_loop_conv_model`` whose body ends in ``If(condition)``: Conv(h_out) or Relu(h_out), stacked per step."""
+    model = _loop_conv_model(rng)
+    loop_body = model.graph.node[0].attribute[0].g
     branch = helper.make_graph([helper.make_node("Conv", ["h_out", "w"], ["z"], name="conv_in_if", pads=[1, 1])],
                                "then", [], [vi("z", None)])
     other = helper.make_graph([helper.make_node("Relu", ["h_out"], ["z2"], name="relu_in_if")], "else", [], [vi("z2", None)])
-    loop_body.node.append(helper.make_node("If", ["cond_in"], ["h_if"], name="first", then_branch=branch,
+    loop_body.node.append(helper.make_node("If", [condition], ["h_if"], name="first", then_branch=branch,
                                            else_branch=other))
-    layers, refused = find_layers(normalize(outer)[0])
+    loop_body.output.append(vi("h_if", None))
+    model.graph.node[0].output.append("h_if_all")
+    model.graph.output.append(vi("h_if_all", None))
+    return model
+
+
+def test_an_if_inside_a_loop_whose_branch_may_change_per_iteration_is_refused_with_the_reason(rng):
+    from omct.graph.normalize import normalize
+
+    layers, refused = find_layers(normalize(_loop_with_if(rng, "cond_in"))[0])
     assert [s.name for s in layers] == ["rnn/body/conv"]
     assert [(r.name, r.reason) for r in refused] == [
-        ("rnn/body/first/then/conv_in_if", "it sits inside the then_branch of If node 'rnn/body/first', which is inside "
-         "the body of 'rnn': an If inside a loop may take another branch in each iteration, which calibration cannot "
-         "follow")]
+        ("rnn/body/first/then/conv_in_if", "it sits inside the then_branch of If node 'rnn/body/first', inside the body "
+         "of 'rnn', and its condition 'rnn/body/cond_in' is computed from the loop's inputs: each iteration may take "
+         "another branch, which calibration cannot stack")]
+
+
+def test_a_loop_inside_a_loop_running_a_varying_number_of_steps_is_refused(rng):
+    """A triangular loop (the inner one runs i steps in the outer one's step i) stacks differently shaped steps."""
+    from omct.graph.normalize import normalize
+
+    model = _loop_conv_model(rng)
+    outer_body = model.graph.node[0].attribute[0].g
+    inner = _loop_conv_model(rng).graph.node[0]
+    inner.input[:] = ["i", "", "h_out"]
+    inner.output[:] = ["g_last", "g_all"]
+    inner.name = "inner"
+    outer_body.node.append(inner)
+    layers, refused = find_layers(normalize(model)[0])
+    assert [s.name for s in layers] == ["rnn/body/conv"]
+    assert [r.name for r in refused] == ["rnn/body/inner/body/conv"]
+    assert "its number of iterations may change from one iteration to the next" in refused[0].reason
+
+
+def test_an_if_inside_a_loop_on_a_loop_invariant_condition_is_quantized(tmp_path, rng):
+    """The condition comes from a model input (outer scope): every iteration takes the same branch."""
+    model = _loop_with_if(rng, "flag")
+    model.graph.input.append(helper.make_tensor_value_info("flag", TensorProto.BOOL, []))
+    src = tmp_path / "loop_if.onnx"
+    onnx.save(model, src)
+    assert [s.name for s in amct.inspect_model(str(src)).layers] == ["rnn/body/conv", "rnn/body/first/then/conv_in_if"]
+    batches = [{"x": rng.normal(size=(8, 4, 16)).astype(np.float32), "steps": np.array(3, np.int64),
+                "flag": np.array(f)} for f in (True, False)]
+    fake, deploy = run_flow(src, tmp_path, batches)
+    assert _body_ops(deploy, tmp_path)["rnn/body/first/then_branch"].count("QLinearConv") == 1
+    for f in (True, False):
+        feeds = {**batches[0], "flag": np.array(f)}
+        ref, dp = ort_run(str(src), feeds), ort_run(deploy, feeds)
+        assert _sqnr(ref[2], dp[2]) > 25, f
 
 
 def test_nested_runtime_ifs_carry_their_tensors_out_level_by_level(tmp_path, rng):

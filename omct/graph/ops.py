@@ -485,9 +485,13 @@ def find_layers(model: onnx.ModelProto) -> tuple[list[LayerSpec], list[Refusal]]
     return layers, refused
 
 
+# the nearest Loop/Scan around a graph, and the graphs from the outermost loop body down to it
+_LoopContext = tuple[str, tuple[onnx.GraphProto, ...]]
+
+
 def _find_in(model: onnx.ModelProto, graph: onnx.GraphProto, index: GraphIndex, scope: str | None,
-             loop: str | None, layers: list[LayerSpec], refused: list[Refusal]) -> None:
-    """``find_layers`` for ``graph`` (``scope``: the body it is, ``loop``: the Loop/Scan body around it)."""
+             loop: _LoopContext | None, layers: list[LayerSpec], refused: list[Refusal]) -> None:
+    """``find_layers`` for ``graph`` (``scope``: the body it is, ``loop``: the Loop/Scan around it, if any)."""
     for node in graph.node:
         handler = HANDLERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
         result = handler.layer(node, index) if handler is not None else None
@@ -500,16 +504,48 @@ def _find_in(model: onnx.ModelProto, graph: onnx.GraphProto, index: GraphIndex, 
             refused += _subgraph_candidates(node, "it sits inside a subgraph of {op} node '{node}' (omct quantizes layers in "
                                             "If, Loop and Scan bodies only)")
             continue
-        if node.op_type == "If" and loop is not None:
-            # Each iteration may take the other branch; the observed tensor would change shape between the
-            # iterations and the Loop/Scan could not stack it.
-            refused += _subgraph_candidates(node, "it sits inside the {attr} of If node '{node}', which is inside the "
-                                            f"body of '{loop}': an If inside a loop may take another branch in each "
-                                            "iteration, which calibration cannot follow")
+        problem = _changes_per_iteration(node, loop[1]) if loop is not None else None
+        if problem:
+            # calibration stacks a body's tensors over the iterations: their shapes must not change between them
+            refused += _subgraph_candidates(node, "it sits inside the {attr} of {op} node '{node}', inside the body of "
+                                            f"'{loop[0]}', and {problem}, which calibration cannot stack")
             continue
         for label, body in found:
-            _find_in(model, body, GraphIndex(model, body, index), f"{node.name}/{label}",
-                     node.name if node.op_type in LOOPS else loop, layers, refused)
+            inner = ((node.name, (loop[1] if loop else ()) + (body,)) if node.op_type in LOOPS
+                     else (loop[0], loop[1] + (body,)) if loop else None)
+            _find_in(model, body, GraphIndex(model, body, index), f"{node.name}/{label}", inner, layers, refused)
+
+
+def _changes_per_iteration(node: onnx.NodeProto, loop_graphs: tuple[onnx.GraphProto, ...]) -> str | None:
+    """Why the tensors of control-flow ``node``, inside a loop body, would change shape from one iteration of the
+    loop to the next (None: they do not): an If whose condition is computed from the loop's inputs may take the
+    other branch, a Loop whose trip count or stop condition is may run another number of iterations."""
+    def varies(tensor: str) -> bool:  # computed from what a loop body gets anew each iteration
+        producers = {o: n for g in loop_graphs for n in g.node for o in n.output}
+        inputs = {i.name for g in loop_graphs for i in g.input}
+        todo, seen = [tensor], set()
+        while todo:
+            t = todo.pop()
+            if not t or t in seen:
+                continue
+            seen.add(t)
+            if t in inputs:
+                return True
+            if t in producers:
+                todo += node_reads(producers[t])
+        return False
+
+    if node.op_type == "If" and varies(node.input[0]):
+        return f"its condition '{node.input[0]}' is computed from the loop's inputs: each iteration may take another branch"
+    if node.op_type == "Loop":
+        body = next(b for _, b in bodies(node))
+        cond_in, cond_out = body.input[1].name, body.output[0].name
+        producer = {o: n for n in body.node for o in n.output}.get(cond_out)
+        stops = not (cond_out == cond_in or cond_out in {t.name for t in body.initializer}
+                     or (producer is not None and producer.op_type == "Identity" and producer.input[0] == cond_in))
+        if varies(node.input[0]) or (len(node.input) > 1 and varies(node.input[1])) or stops:
+            return "its number of iterations may change from one iteration to the next"
+    return None
 
 
 def _subgraph_candidates(node: onnx.NodeProto, reason: str) -> list[Refusal]:
