@@ -26,8 +26,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_ptq import interleaved_latencies_ms  # noqa: E402 - one interleaved timer for every benchmark
 
 
-def build(folder: Path) -> tuple[Path, Path]:
+def build(folder: Path) -> tuple[Path, Path, Path]:
     import torch
+    import torch.nn.functional as F
 
     def stack(channels: int, stride: int) -> torch.nn.Sequential:
         layers: list[torch.nn.Module] = [torch.nn.Conv1d(1, channels, 9, stride=stride, padding=4), torch.nn.ReLU()]
@@ -52,11 +53,42 @@ def build(folder: Path) -> tuple[Path, Path]:
                 h = torch.tanh(self.inp(x[:, t]) + self.rec(h))
             return self.out(h)
 
+    class SileroBranch(torch.nn.Module):
+        """Silero VAD v5's shape: reflect pad, an STFT as a Conv1d, magnitude, a Conv1d encoder, an LSTM cell on
+        the carried state, a 1x1 Conv1d decoder and a sigmoid."""
+
+        def __init__(self, n_fft: int):
+            super().__init__()
+            self.n_fft = n_fft
+            self.stft = torch.nn.Conv1d(1, n_fft + 2, n_fft, stride=n_fft // 4, bias=False)
+            self.enc = torch.nn.Sequential(torch.nn.Conv1d(n_fft // 2 + 1, 128, 3, padding=1), torch.nn.ReLU(),
+                                           torch.nn.Conv1d(128, 64, 3, stride=2, padding=1), torch.nn.ReLU(),
+                                           torch.nn.Conv1d(64, 64, 3, stride=2, padding=1), torch.nn.ReLU(),
+                                           torch.nn.Conv1d(64, 128, 3, padding=1), torch.nn.ReLU())
+            self.rnn = torch.nn.LSTMCell(128, 128)
+            self.dec = torch.nn.Conv1d(128, 1, 1)
+
+        def forward(self, x, state):
+            x = F.pad(x, [self.n_fft // 4, self.n_fft // 4], mode="reflect")
+            spec = self.stft(x.unsqueeze(1))
+            half = spec.shape[1] // 2
+            h = self.enc(torch.sqrt(spec[:, :half] ** 2 + spec[:, half:] ** 2)).mean(dim=2)
+            hx, cx = self.rnn(h, (state[0], state[1]))
+            return torch.sigmoid(self.dec(torch.relu(hx).unsqueeze(-1))).squeeze(-1), torch.stack([hx, cx])
+
+    class Silero(torch.nn.Module):  # no __init__ of its own: TorchScript compiles forward only
+        def forward(self, x, state, sr: int):
+            if sr == 16000:
+                return self.b16(x, state)
+            return self.b8(x, state)
+
     torch.manual_seed(0)
     vad = Vad()
     vad.net16, vad.net8 = stack(128, 4), stack(128, 2)
+    silero = Silero()
+    silero.b16, silero.b8 = SileroBranch(256), SileroBranch(128)
     rnn = Rnn()
-    vad_path, rnn_path = folder / "vad.onnx", folder / "rnn.onnx"
+    vad_path, rnn_path, silero_path = folder / "vad.onnx", folder / "rnn.onnx", folder / "silero.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(torch.jit.script(vad), (torch.randn(2, 1, 512), torch.tensor(16000)), str(vad_path),
@@ -64,10 +96,16 @@ def build(folder: Path) -> tuple[Path, Path]:
                           dynamic_axes={"x": {0: "n", 2: "samples"}})
         torch.onnx.export(torch.jit.script(rnn), (torch.randn(2, 5, 64),), str(rnn_path), dynamo=False,
                           input_names=["x"], output_names=["y"], opset_version=17, dynamic_axes={"x": {0: "n", 1: "t"}})
-    return vad_path, rnn_path
+        torch.onnx.export(torch.jit.script(silero), (torch.randn(2, 512), torch.zeros(2, 2, 128), 16000), str(silero_path),
+                          dynamo=False, input_names=["input", "state", "sr"], output_names=["output", "stateN"],
+                          opset_version=17, dynamic_axes={"input": {0: "n", 1: "samples"}, "state": {1: "n"}})
+    return vad_path, rnn_path, silero_path
 
 
 def feeds(rng, name: str, sr: int = 16000, n: int = 32) -> dict:
+    if name == "silero":
+        return {"input": rng.normal(size=(n, 512 if sr == 16000 else 256)).astype(np.float32),
+                "state": (rng.normal(size=(2, n, 128)) * 0.5).astype(np.float32), "sr": np.array(sr, np.int64)}
     if name == "vad":
         return {"x": rng.normal(size=(n, 1, 512 if sr == 16000 else 256)).astype(np.float32),
                 "sr": np.array(sr, np.int64)}
@@ -142,8 +180,9 @@ def run(out_lines: list[str], ort_too: bool) -> None:
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        vad, rnn = build(folder)
+        vad, rnn, silero = build(folder)
         cases = [("vad", vad, [feeds(rng, "vad", sr) for sr in (16000, 8000) * 4], (16000, 8000)),
+                 ("silero", silero, [feeds(rng, "silero", sr) for sr in (16000, 8000) * 4], (16000, 8000)),
                  ("rnn", rnn, [feeds(rng, "rnn") for _ in range(8)], (None,))]
         for name, src, batches, rates in cases:
             work = folder / name
