@@ -1,9 +1,10 @@
-"""Layers inside control flow (issue 17, item 10): a Silero-VAD-like model (``if sr == 16000`` picks one of two
-Conv1d stacks; torch.jit.script + the TorchScript exporter, as Silero's ONNX file is made) and a scripted RNN
-(a Loop over time steps with two Linear layers in its body). Each is quantized once with calibration batches
-that reach every branch; reported: layers quantized, integer kernels in ONNX Runtime's optimised bodies, output
-SQNR of the deploy model against FP32 and deploy vs FP32 latency (interleaved), for each sample rate. ``--before
-PATH``: run the same with the omct checkout at PATH first (what it says about the same models). Run by hand:
+"""Layers inside control flow (issue 17, item 10): a VAD whose ``if sr == 16000`` picks one of two Conv1d stacks, a
+Silero VAD v5 replica (``tests/real_models.silero_vad``: STFT conv, encoder, LSTM cell on a ``state`` input),
+both made with torch.jit.script + the TorchScript exporter as Silero's ONNX file is, and a scripted RNN (a Loop
+over time steps with two Linear layers in its body). Each is quantized once with calibration batches that reach
+every branch, and by ONNX Runtime's ``quantize_static`` on the same batches; reported: integer kernels in ONNX
+Runtime's optimised bodies, output SQNR against FP32 and latency against FP32 (interleaved), per sample rate.
+``--before PATH``: first run the same with the omct checkout at PATH (what it said about these models). By hand:
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bench_control_flow.py [--before /work/main]
 """
@@ -27,8 +28,8 @@ from bench_ptq import interleaved_latencies_ms  # noqa: E402 - one interleaved t
 
 
 def build(folder: Path) -> tuple[Path, Path, Path]:
+    import real_models
     import torch
-    import torch.nn.functional as F
 
     def stack(channels: int, stride: int) -> torch.nn.Sequential:
         layers: list[torch.nn.Module] = [torch.nn.Conv1d(1, channels, 9, stride=stride, padding=4), torch.nn.ReLU()]
@@ -53,40 +54,10 @@ def build(folder: Path) -> tuple[Path, Path, Path]:
                 h = torch.tanh(self.inp(x[:, t]) + self.rec(h))
             return self.out(h)
 
-    class SileroBranch(torch.nn.Module):
-        """Silero VAD v5's shape: reflect pad, an STFT as a Conv1d, magnitude, a Conv1d encoder, an LSTM cell on
-        the carried state, a 1x1 Conv1d decoder and a sigmoid."""
-
-        def __init__(self, n_fft: int):
-            super().__init__()
-            self.n_fft = n_fft
-            self.stft = torch.nn.Conv1d(1, n_fft + 2, n_fft, stride=n_fft // 4, bias=False)
-            self.enc = torch.nn.Sequential(torch.nn.Conv1d(n_fft // 2 + 1, 128, 3, padding=1), torch.nn.ReLU(),
-                                           torch.nn.Conv1d(128, 64, 3, stride=2, padding=1), torch.nn.ReLU(),
-                                           torch.nn.Conv1d(64, 64, 3, stride=2, padding=1), torch.nn.ReLU(),
-                                           torch.nn.Conv1d(64, 128, 3, padding=1), torch.nn.ReLU())
-            self.rnn = torch.nn.LSTMCell(128, 128)
-            self.dec = torch.nn.Conv1d(128, 1, 1)
-
-        def forward(self, x, state):
-            x = F.pad(x, [self.n_fft // 4, self.n_fft // 4], mode="reflect")
-            spec = self.stft(x.unsqueeze(1))
-            half = spec.shape[1] // 2
-            h = self.enc(torch.sqrt(spec[:, :half] ** 2 + spec[:, half:] ** 2)).mean(dim=2)
-            hx, cx = self.rnn(h, (state[0], state[1]))
-            return torch.sigmoid(self.dec(torch.relu(hx).unsqueeze(-1))).squeeze(-1), torch.stack([hx, cx])
-
-    class Silero(torch.nn.Module):  # no __init__ of its own: TorchScript compiles forward only
-        def forward(self, x, state, sr: int):
-            if sr == 16000:
-                return self.b16(x, state)
-            return self.b8(x, state)
-
     torch.manual_seed(0)
     vad = Vad()
     vad.net16, vad.net8 = stack(128, 4), stack(128, 2)
-    silero = Silero()
-    silero.b16, silero.b8 = SileroBranch(256), SileroBranch(128)
+    silero = real_models.silero_vad(width=128)  # Silero VAD v5's structure (tests/real_models.py)
     rnn = Rnn()
     vad_path, rnn_path, silero_path = folder / "vad.onnx", folder / "rnn.onnx", folder / "silero.onnx"
     with warnings.catch_warnings():

@@ -11,6 +11,10 @@ widths and input sizes are reduced so that the tests stay fast.
   explicit asymmetric ``nn.ZeroPad2d`` before each stride-2 conv, residual ``x + block(x)``.
 * ``bert``: transformers' BertForSequenceClassification (embeddings with ``embeddings += position_embeddings``,
   separate query/key/value, extended mask ``(1 - mask) * finfo.min``, GELU, pooler), mini sizes.
+* ``silero_vad``: Silero VAD v5 as its ONNX file is made (``torch.jit.script`` of a module whose ``forward(x,
+  state, sr)`` picks the 16 kHz or the 8 kHz network with ``if sr == 16000``): per rate a reflect-padded STFT
+  as a Conv1d, magnitude, a Conv1d + ReLU encoder, an LSTM cell on the carried ``state``, a 1x1 Conv1d decoder
+  and a sigmoid; returns (probability, new state). Reduced widths.
 """
 
 from __future__ import annotations
@@ -460,3 +464,61 @@ class BertForSequenceClassification(nn.Module):
 
 def bert_mini(**kwargs) -> BertForSequenceClassification:
     return BertForSequenceClassification(BertConfig(**kwargs))
+
+
+# ------------------------------------------------------------------ Silero VAD v5
+class SileroStft(nn.Module):
+    def __init__(self, n_fft: int):
+        super().__init__()
+        self.n_fft = n_fft
+        self.conv = nn.Conv1d(1, n_fft + 2, n_fft, stride=n_fft // 4, bias=False)  # Silero's forward_basis_buffer
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = nn.functional.pad(x, [self.n_fft // 4, self.n_fft // 4], mode="reflect")
+        spec = self.conv(x.unsqueeze(1))
+        half = spec.shape[1] // 2
+        return torch.sqrt(spec[:, :half] ** 2 + spec[:, half:] ** 2)
+
+
+class SileroDecoder(nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.rnn = nn.LSTMCell(hidden, hidden)
+        self.decoder = nn.Sequential(nn.Dropout(0.1), nn.ReLU(), nn.Conv1d(hidden, 1, 1), nn.Sigmoid())
+
+    def forward(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        h, c = self.rnn(x.mean(dim=2), (state[0], state[1]))
+        return self.decoder(h.unsqueeze(-1)).squeeze(-1), torch.stack([h, c])
+
+
+class SileroNet(nn.Module):
+    def __init__(self, n_fft: int, width: int):
+        super().__init__()
+        self.stft = SileroStft(n_fft)
+        self.encoder = nn.Sequential(nn.Conv1d(n_fft // 2 + 1, width, 3, padding=1), nn.ReLU(),
+                                     nn.Conv1d(width, width // 2, 3, stride=2, padding=1), nn.ReLU(),
+                                     nn.Conv1d(width // 2, width // 2, 3, stride=2, padding=1), nn.ReLU(),
+                                     nn.Conv1d(width // 2, width, 3, padding=1), nn.ReLU())
+        self.decoder = SileroDecoder(width)
+
+    def forward(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        return self.decoder(self.encoder(self.stft(x)), state)
+
+
+class SileroVad(nn.Module):
+    """``forward(x, state, sr)``: ``x`` 512 samples at 16 kHz or 256 at 8 kHz, ``state`` [2, N, width]."""
+
+    def __init__(self, width: int = 128):
+        super().__init__()
+        self._model = SileroNet(256, width)
+        self._model_8k = SileroNet(128, width)
+
+    def forward(self, x: Tensor, state: Tensor, sr: int) -> tuple[Tensor, Tensor]:
+        if sr == 16000:
+            return self._model(x, state)
+        return self._model_8k(x, state)
+
+
+def silero_vad(width: int = 128) -> SileroVad:
+    """In eval mode (the Dropout is Silero's), ready for ``torch.jit.script``."""
+    return SileroVad(width).eval()

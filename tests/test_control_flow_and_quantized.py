@@ -490,3 +490,37 @@ def test_nested_runtime_ifs_carry_their_tensors_out_level_by_level(tmp_path, rng
 
     leftovers = [n.name for g in all_graphs(deployed.graph) for n in g.node if n.name.startswith("omct.observe")]
     assert not leftovers and [len(n.output) for n in deployed.graph.node if n.op_type == "If"] == [1]
+
+
+def test_a_silero_vad_replica_quantized_with_its_sample_rate_and_state_inputs(tmp_path, rng):
+    """Silero VAD v5's structure, scripted and exported as its ONNX file is: one network per sample rate in the
+    branches of If(sr == 16000), an LSTM cell on the ``state`` input. Calibrated at both rates, the deploy model
+    keeps (input, state, sr) -> (output, stateN) and runs every convolution of both branches on integers."""
+    import warnings
+
+    import torch
+    from real_models import silero_vad
+
+    torch.manual_seed(0)
+    src = tmp_path / "silero_vad.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(torch.jit.script(silero_vad(width=64)), (torch.randn(2, 512), torch.zeros(2, 2, 64), 16000),
+                          str(src), dynamo=False, input_names=["input", "state", "sr"], output_names=["output", "stateN"],
+                          opset_version=17, dynamic_axes={"input": {0: "n", 1: "samples"}, "state": {1: "n"}})
+    convs = [s.name for s in amct.inspect_model(str(src)).layers if s.op_type == "Conv"]
+    assert len(convs) == 12 and {"/If/then/_model/stft/conv/Conv", "/If/else/_model_8k/decoder/Conv"} <= set(convs)
+
+    def batch(sr, n=32):
+        return {"input": rng.normal(size=(n, 512 if sr == 16000 else 256)).astype(np.float32),
+                "state": (rng.normal(size=(2, n, 64)) * 0.5).astype(np.float32), "sr": np.array(sr, np.int64)}
+
+    fake, deploy = run_flow(src, tmp_path, [batch(sr) for sr in (16000, 8000, 16000, 8000)])
+    bodies = _body_ops(deploy, tmp_path)
+    assert bodies["/If/then_branch"].count("QLinearConv") == 6 and bodies["/If/else_branch"].count("QLinearConv") == 6
+    for sr in (16000, 8000):
+        feeds = batch(sr, 64)
+        ref, dp = ort_run(str(src), feeds), ort_run(deploy, feeds)
+        assert [o.shape for o in dp] == [(64, 1), (2, 64, 64)]
+        sqnr = [10 * np.log10(np.var(r) / np.mean((d - r) ** 2)) for r, d in zip(ref, dp, strict=True)]
+        assert sqnr[0] > 20 and sqnr[1] > 40, (sr, sqnr)  # measured 26.5 / 35.6 dB (output), 74 dB (state)
