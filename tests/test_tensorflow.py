@@ -7,6 +7,7 @@ One trained model per architecture per module (TensorFlow is slow to import and 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -292,6 +293,40 @@ def test_residual_add_and_global_pooling_stay_integer(tmp_path, rng):
     got = ort_run(tmp_path / "q_fake_quant_model.onnx", {"image:0": batches[0]})[0]
     ref = np.asarray(model(batches[0]))
     assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
+
+
+def test_analyze_in_another_process_finds_the_saved_models_tensors(tmp_path, rng):
+    """tf2onnx numbers the nodes it adds, and picks which of two equal constants survives, in the order of Python sets,
+    so a model converted under another hash seed had other tensor names: `amct.analyze` (which converts the model
+    again) in a new process failed on a MobileNet ("Graph output ...Mean_Squeeze__362:0 does not exist"). omct renames
+    them in graph order: the names are the same in every process."""
+    import keras
+
+    keras.utils.set_random_seed(3)
+    model = zoo_tf.mobilenet(16, 8)  # ReLU6 clips and BatchNorms: shared constants, many added nodes
+    model.save(tmp_path / "m.keras")
+    batches = [rng.random((8, 16, 16, 1), dtype=np.float32) for _ in range(2)]
+    amct.create_quant_config(str(tmp_path / "c.json"), model, batch_num=2)
+    calibration_model = amct.quantize_model(model, str(tmp_path / "c.json"), str(tmp_path / "r.txt"))
+    for b in batches:
+        calibration_model(b)
+    amct.save_model(model, str(tmp_path / "r.txt"), str(tmp_path / "q"))
+    np.save(tmp_path / "x.npy", batches[0])
+    mine = sorted(t for n in amct.prepare(model).prepared.model.graph.node for t in [n.name, *n.input, *n.output])
+    code = ("import json, numpy as np, omct.tensorflow as amct\n"
+            "from omct.ui import set_quiet; set_quiet()\n"
+            "graph = amct.prepare('m.keras').prepared.model.graph\n"
+            "names = sorted(t for n in graph.node for t in [n.name, *n.input, *n.output])\n"
+            "report = amct.analyze('m.keras', 'q_fake_quant_model.onnx', [np.load('x.npy')])\n"
+            "print(json.dumps({'names': names, 'layers': [e.layer for e in report.layers]}))\n")
+    env = {**os.environ, "PYTHONHASHSEED": "1" if os.environ.get("PYTHONHASHSEED") != "1" else "2"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    other = json.loads(res.stdout.strip().splitlines()[-1])
+    assert other["names"] == mine
+    enabled = {k for k, v in json.loads((tmp_path / "c.json").read_text()).items() if isinstance(v, dict) and v["quant_enable"]}
+    missing = enabled - set(other["layers"])  # the input Reshape (one channel) is no layer with an output to compare
+    assert set(other["layers"]) <= enabled and len(missing) <= 1 and all(n.endswith("/Reshape") for n in missing), missing
 
 
 def test_bad_models(tmp_path):
