@@ -91,6 +91,9 @@ def test_cnn_depthwise_batchnorm_nested(models, data, tmp_path):
     # BatchNorm Mul/Add chains are folded away
     assert ops.count("QLinearConv") == 4 and "QLinearAveragePool" in ops and "Mul" not in ops, ops
     assert "Conv" not in ops, ops
+    # Keras' Flatten is a Flatten, not a Reshape to a shape computed at run time from a dequantized copy of the
+    # integer tensor (Shape, Gather, Cast, Slice, Concat on every call): one DequantizeLinear, for the logits
+    assert "Shape" not in ops and ops.count("DequantizeLinear") == 1 and "Flatten" in ops, ops
 
 
 def test_mlp_dense_batchnorm(models, data, tmp_path):

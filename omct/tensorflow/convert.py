@@ -34,7 +34,7 @@ from onnx import numpy_helper
 
 from omct.errors import ModelError
 from omct.graph.ops import HANDLERS
-from omct.tensorflow.fold import squeeze_to_flatten
+from omct.tensorflow.fold import reshapes_to_flatten, squeeze_to_flatten
 from omct.ui import logger
 
 OPSET = 17
@@ -445,6 +445,7 @@ def convert(src: TFGraph) -> Converted:
     _unsupported(model, src)
     stable_names(model)
     squeeze_to_flatten(model)
+    reshapes_to_flatten(model)
     tf_nodes = {n.name: n for n in src.graph_def.node}
     by_weight = _tf_weights(src.graph_def, tf)
     inits = {t.name: t for t in model.graph.initializer}
