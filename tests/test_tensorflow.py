@@ -153,6 +153,14 @@ def test_skip_layers_and_cfg_take_keras_and_tf_op_names(models, data, tmp_path):
     assert config["batch_num"] == 2 and not config[conv_1]["quant_enable"]
     assert config[dw]["weight_quant_params"]["channel_wise"] is False
     assert config[conv]["weight_quant_params"]["channel_wise"] is True
+    # layer types by TF op type, as AMCT's TensorFlow samples write them, for a Keras model's classes
+    cfg.write_text('skip_layer_types: "DepthwiseConv2dNative"\nskip_layer_types: "AvgPool"\n'
+                   'override_layer_types { layer_type: "MatMul" calibration_config { arq_quantize { channel_wise: false } } }\n')
+    amct.create_quant_config(str(tmp_path / "t.json"), model, config_defination=str(cfg))
+    config = json.loads((tmp_path / "t.json").read_text())
+    assert not config[dw]["quant_enable"] and not config[names(model, "AveragePooling2D")[0]]["quant_enable"]
+    assert config[conv]["quant_enable"] and config[dense]["weight_quant_params"]["channel_wise"] is False
+    assert config[conv]["weight_quant_params"]["channel_wise"] is True
 
 
 def test_saved_model_directory(models, data, tmp_path):
