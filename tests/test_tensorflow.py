@@ -306,6 +306,30 @@ def test_residual_add_and_global_pooling_stay_integer(tmp_path, rng):
     assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
 
 
+def test_separable_conv_two_weighted_parts(tmp_path, rng):
+    """A SeparableConv2D (NASNet, Xception in keras.applications) has two weighted ops: the depthwise one takes the
+    layer's name, the pointwise one "<layer>/Conv"; both are quantized and save_model accepts them as the model's
+    (it said the record belonged to another model)."""
+    import keras
+    from onnx import numpy_helper
+
+    keras.utils.set_random_seed(4)
+    inp = keras.Input((8, 8, 3), name="image")
+    sep = keras.layers.SeparableConv2D(8, 3, padding="same", activation="relu", name="sep")
+    model = keras.Model(inp, keras.layers.Dense(10)(keras.layers.GlobalAveragePooling2D()(sep(inp))))
+    batches = [rng.random((64, 8, 8, 3), dtype=np.float32) for _ in range(2)]
+    config, _, fake = run_keras_flow(model, (np.concatenate(batches),), tmp_path, batches=2)
+    assert config["sep"]["quant_enable"] and config["sep/Conv"]["quant_enable"], sorted(config)
+    graph = amct.prepare(model).prepared.model.graph
+    inits, nodes = {t.name: numpy_helper.to_array(t) for t in graph.initializer}, {n.name: n for n in graph.node}
+    depthwise, pointwise = (np.asarray(w) for w in sep.weights[:2])
+    assert sorted(inits[nodes["sep"].input[1]].ravel()) == sorted(depthwise.ravel())
+    assert sorted(inits[nodes["sep/Conv"].input[1]].ravel()) == sorted(pointwise.ravel())
+    got = ort_run(fake, {"image:0": batches[0]})[0]
+    ref = np.asarray(model(batches[0]))
+    assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
+
+
 def test_analyze_in_another_process_finds_the_saved_models_tensors(tmp_path, rng):
     """tf2onnx numbers the nodes it adds, and picks which of two equal constants survives, in the order of Python sets,
     so a model converted under another hash seed had other tensor names: `amct.analyze` (which converts the model

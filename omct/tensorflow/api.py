@@ -318,6 +318,7 @@ def _check_same_model(model: Any, mod: ModifiedModel) -> None:
 
     paths = {p for p, _ in _layer_paths(model).values()}
     for name, spec in mod.plan.layers.items():
-        if spec.weight is not None and name not in paths:
+        # a layer's second weighted op (SeparableConv2D's pointwise convolution) is named "<layer>/<op type>"
+        if spec.weight is not None and name not in paths and name.rsplit("/", 1)[0] not in paths:
             raise RecordError(f"save_model: layer '{name}' of the calibration graph is not a layer of the Keras model "
                               f"'{model.name}': the record belongs to another model")
