@@ -6,11 +6,14 @@
 * ORT: tf2onnx conversion then ONNX Runtime's ``quantize_static`` (QDQ, per-channel weights, MinMax), in ONNX Runtime.
 
 Same 8 calibration batches of 32 for all; accuracy and logit SQNR (against TensorFlow's FP32 logits) on 500
-held-out images; latency at batch 16 on one thread (median of interleaved passes); file size; PTQ wall time
-(after the imports, the model in memory). Run by hand, not in CI:
+held-out images, and top-1 agreement with TensorFlow's FP32 there; on inputs where a one-image difference means
+something: top-1 agreement with FP32 and logit SQNR on the 200 lowest-margin of 2000 blends of two test digits (as
+bench_adaround.py builds them); latency at batch 16 on one thread (median of interleaved passes); file size; PTQ
+wall time (after the imports, the model in memory). Run by hand, not in CI:
 
     python benchmarks/bench_tf.py                  # writes benchmarks/results/tf.md
     python benchmarks/bench_tf.py --models cnn
+    python benchmarks/bench_tf.py --before         # adds omct without its Flatten rewrite (the tf3 change)
 """
 
 from __future__ import annotations
@@ -102,6 +105,34 @@ def omct_ptq(model, calib, folder: Path) -> Path:
     return folder / "omct_deploy_model.onnx"
 
 
+def omct_before(model, calib, folder: Path) -> Path:
+    """omct as before the tf3 branch: Keras' Flatten left as tf2onnx writes it (a Reshape to a run-time shape)."""
+    from omct.tensorflow import convert
+
+    saved = convert.reshapes_to_flatten
+    convert.reshapes_to_flatten = lambda _model: []
+    convert._LAST.clear()  # noqa: SLF001 - convert again, without the rewrite
+    try:
+        (folder / "before").mkdir(exist_ok=True)
+        return omct_ptq(model, calib, folder / "before")
+    finally:
+        convert.reshapes_to_flatten = saved
+        convert._LAST.clear()  # noqa: SLF001
+
+
+def low_margin(model, x_test: np.ndarray, n: int = 2000, keep: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    """The ``keep`` blends ``a * x_i + (1 - a) * x_j`` (a in [0.3, 0.7]) of ``n`` with the smallest FP32 margin (top-1
+    minus top-2 logit) and their FP32 logits: inputs where a small error flips the answer."""
+    rng = np.random.default_rng(0)
+    i, j, a = rng.integers(0, len(x_test), n), rng.integers(0, len(x_test), n), rng.uniform(0.3, 0.7, n)
+    a = a[:, None, None, None]
+    blends = (a * x_test[i] + (1 - a) * x_test[j]).astype(np.float32)
+    logits = np.asarray(model(blends))
+    top2 = np.sort(logits, axis=1)[:, -2:]
+    pick = np.argsort(top2[:, 1] - top2[:, 0])[:keep]
+    return blends[pick], logits[pick]
+
+
 def tflite_ptq(model, calib) -> bytes:
     import tensorflow as tf
 
@@ -158,6 +189,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(EPOCHS))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tf.md"))
+    parser.add_argument("--before", action="store_true", help="also omct without the tf3 Flatten rewrite")
     args = parser.parse_args()
     import zoo_tf
 
@@ -170,6 +202,7 @@ def main() -> None:
         model = trained(name, data)
         ref = np.asarray(model(x_test))
         fp32 = float((ref.argmax(1) == y_test).mean())
+        x_low, ref_low = low_margin(model, x_test)
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             (folder / "ort").mkdir()
@@ -179,6 +212,11 @@ def main() -> None:
             t = time.perf_counter()
             path = omct_ptq(model, calib, folder)
             runners["omct"] = (Onnx(path), os.path.getsize(path), time.perf_counter() - t)
+            if args.before:
+                t = time.perf_counter()
+                path = omct_before(model, calib, folder)
+                runners["omct before (Flatten as run-time Reshape)"] = (Onnx(path), os.path.getsize(path),
+                                                                        time.perf_counter() - t)
             t = time.perf_counter()
             content = tflite_ptq(model, calib)
             runners["TFLite full-int8"] = (TFLite(content), len(content), time.perf_counter() - t)
@@ -188,7 +226,10 @@ def main() -> None:
             sessions = []
             for method, (runner, size, wall) in runners.items():
                 logits = np.concatenate([runner(x_test[i:i + 100]) for i in range(0, len(x_test), 100)])
-                results[method] = [float((logits.argmax(1) == y_test).mean()), sqnr_db(ref, logits), size, wall]
+                low = runner(x_low)
+                results[method] = [float((logits.argmax(1) == y_test).mean()), sqnr_db(ref, logits),
+                                   int((logits.argmax(1) == ref.argmax(1)).sum()),
+                                   float((low.argmax(1) == ref_low.argmax(1)).mean()), sqnr_db(ref_low, low), size, wall]
 
                 class Timed:  # the timer feeds {name: x}; each runner takes x
                     def __init__(self, r):
@@ -199,20 +240,26 @@ def main() -> None:
                 sessions.append(Timed(runner))
             lat = interleaved_latencies_ms(sessions, feeds16, passes=5, runs=30)
         base = lat[0]
-        rows.append(f"| {name} | TensorFlow FP32 | {fp32:.4f} | - | - | - | - | - |")
-        for (method, (acc, sq, size, wall)), ms in zip(results.items(), lat, strict=True):
-            sq_text = "-" if method.startswith("fp32") else f"{sq:.1f}"
-            rows.append(f"| {name} | {method} | {acc:.4f} | {sq_text} | {ms:.3f} | {ms / base:.2f}x | {size / 1024:.0f} | "
-                        f"{wall:.2f} |")
-        print("\n".join(rows[-5:]), flush=True)
+        rows.append(f"| {name} | TensorFlow FP32 | {fp32:.4f} | - | - | - | - | - | - | - | - |")
+        for (method, (acc, sq, same, agree, sq_low, size, wall)), ms in zip(results.items(), lat, strict=True):
+            fp = method.startswith("fp32")
+            sq_text = "-" if fp else f"{sq:.1f}"
+            low_text = "- | -" if fp else f"{agree:.3f} | {sq_low:.1f}"
+            rows.append(f"| {name} | {method} | {acc:.4f} | {sq_text} | {same}/{len(ref)} | {low_text} | {ms:.3f} | "
+                        f"{ms / base:.2f}x | {size / 1024:.0f} | {wall:.2f} |")
+        print("\n".join(rows[-len(results) - 1:]), flush=True)
     text = ("TensorFlow PTQ benchmark (`python benchmarks/bench_tf.py`): Keras models trained on the digits at 32x32 (NHWC), "
             f"{CALIB_BATCHES} calibration batches of {BATCH} for every method; accuracy and logit SQNR (against "
-            "TensorFlow's FP32 logits) on 500 held-out images; latency at batch 16 on 1 thread, median of interleaved "
+            "TensorFlow's FP32 logits) on 500 held-out images, and how many of them get FP32's top-1; top-1 agreement "
+            "with FP32 and logit SQNR on the 200 lowest-margin of 2000 blends of two test digits (low-margin inputs, "
+            "where a one-image difference in accuracy can be told from noise); latency at batch 16 on 1 thread, "
+            "median of interleaved "
             "passes (ONNX Runtime for FP32, omct and ORT; TFLite's interpreter for TFLite); size of the deployed file; "
             "PTQ wall time after the imports, the trained model in memory. The host was shared with other jobs: "
             "compare ratios within a model, not absolute times.\n\n"
-            "| model | method | accuracy | logit SQNR dB | latency ms | vs FP32 ONNX | size KiB | PTQ wall s |\n"
-            "|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+            "| model | method | accuracy | logit SQNR dB | top-1 = FP32 | low-margin agreement | low-margin SQNR dB | "
+            "latency ms | vs FP32 ONNX | size KiB | PTQ wall s |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
     Path(args.out).write_text(text)
     print(f"wrote {args.out}")
 

@@ -7,6 +7,7 @@ One trained model per architecture per module (TensorFlow is slow to import and 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -90,6 +91,9 @@ def test_cnn_depthwise_batchnorm_nested(models, data, tmp_path):
     # BatchNorm Mul/Add chains are folded away
     assert ops.count("QLinearConv") == 4 and "QLinearAveragePool" in ops and "Mul" not in ops, ops
     assert "Conv" not in ops, ops
+    # Keras' Flatten is a Flatten, not a Reshape to a shape computed at run time from a dequantized copy of the
+    # integer tensor (Shape, Gather, Cast, Slice, Concat on every call): one DequantizeLinear, for the logits
+    assert "Shape" not in ops and ops.count("DequantizeLinear") == 1 and "Flatten" in ops, ops
 
 
 def test_mlp_dense_batchnorm(models, data, tmp_path):
@@ -148,6 +152,14 @@ def test_skip_layers_and_cfg_take_keras_and_tf_op_names(models, data, tmp_path):
     config = json.loads((tmp_path / "b.json").read_text())
     assert config["batch_num"] == 2 and not config[conv_1]["quant_enable"]
     assert config[dw]["weight_quant_params"]["channel_wise"] is False
+    assert config[conv]["weight_quant_params"]["channel_wise"] is True
+    # layer types by TF op type, as AMCT's TensorFlow samples write them, for a Keras model's classes
+    cfg.write_text('skip_layer_types: "DepthwiseConv2dNative"\nskip_layer_types: "AvgPool"\n'
+                   'override_layer_types { layer_type: "MatMul" calibration_config { arq_quantize { channel_wise: false } } }\n')
+    amct.create_quant_config(str(tmp_path / "t.json"), model, config_defination=str(cfg))
+    config = json.loads((tmp_path / "t.json").read_text())
+    assert not config[dw]["quant_enable"] and not config[names(model, "AveragePooling2D")[0]]["quant_enable"]
+    assert config[conv]["quant_enable"] and config[dense]["weight_quant_params"]["channel_wise"] is False
     assert config[conv]["weight_quant_params"]["channel_wise"] is True
 
 
@@ -292,6 +304,64 @@ def test_residual_add_and_global_pooling_stay_integer(tmp_path, rng):
     got = ort_run(tmp_path / "q_fake_quant_model.onnx", {"image:0": batches[0]})[0]
     ref = np.asarray(model(batches[0]))
     assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
+
+
+def test_separable_conv_two_weighted_parts(tmp_path, rng):
+    """A SeparableConv2D (NASNet, Xception in keras.applications) has two weighted ops: the depthwise one takes the
+    layer's name, the pointwise one "<layer>/Conv"; both are quantized and save_model accepts them as the model's
+    (it said the record belonged to another model)."""
+    import keras
+    from onnx import numpy_helper
+
+    keras.utils.set_random_seed(4)
+    inp = keras.Input((8, 8, 3), name="image")
+    sep = keras.layers.SeparableConv2D(8, 3, padding="same", activation="relu", name="sep")
+    model = keras.Model(inp, keras.layers.Dense(10)(keras.layers.GlobalAveragePooling2D()(sep(inp))))
+    batches = [rng.random((64, 8, 8, 3), dtype=np.float32) for _ in range(2)]
+    config, _, fake = run_keras_flow(model, (np.concatenate(batches),), tmp_path, batches=2)
+    assert config["sep"]["quant_enable"] and config["sep/Conv"]["quant_enable"], sorted(config)
+    graph = amct.prepare(model).prepared.model.graph
+    inits, nodes = {t.name: numpy_helper.to_array(t) for t in graph.initializer}, {n.name: n for n in graph.node}
+    depthwise, pointwise = (np.asarray(w) for w in sep.weights[:2])
+    assert sorted(inits[nodes["sep"].input[1]].ravel()) == sorted(depthwise.ravel())
+    assert sorted(inits[nodes["sep/Conv"].input[1]].ravel()) == sorted(pointwise.ravel())
+    got = ort_run(fake, {"image:0": batches[0]})[0]
+    ref = np.asarray(model(batches[0]))
+    assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
+
+
+def test_analyze_in_another_process_finds_the_saved_models_tensors(tmp_path, rng):
+    """tf2onnx numbers the nodes it adds, and picks which of two equal constants survives, in the order of Python sets,
+    so a model converted under another hash seed had other tensor names: `amct.analyze` (which converts the model
+    again) in a new process failed on a MobileNet ("Graph output ...Mean_Squeeze__362:0 does not exist"). omct renames
+    them in graph order: the names are the same in every process."""
+    import keras
+
+    keras.utils.set_random_seed(3)
+    model = zoo_tf.mobilenet(16, 8)  # ReLU6 clips and BatchNorms: shared constants, many added nodes
+    model.save(tmp_path / "m.keras")
+    batches = [rng.random((8, 16, 16, 1), dtype=np.float32) for _ in range(2)]
+    amct.create_quant_config(str(tmp_path / "c.json"), model, batch_num=2)
+    calibration_model = amct.quantize_model(model, str(tmp_path / "c.json"), str(tmp_path / "r.txt"))
+    for b in batches:
+        calibration_model(b)
+    amct.save_model(model, str(tmp_path / "r.txt"), str(tmp_path / "q"))
+    np.save(tmp_path / "x.npy", batches[0])
+    mine = sorted(t for n in amct.prepare(model).prepared.model.graph.node for t in [n.name, *n.input, *n.output])
+    code = ("import json, numpy as np, omct.tensorflow as amct\n"
+            "from omct.ui import set_quiet; set_quiet()\n"
+            "graph = amct.prepare('m.keras').prepared.model.graph\n"
+            "names = sorted(t for n in graph.node for t in [n.name, *n.input, *n.output])\n"
+            "report = amct.analyze('m.keras', 'q_fake_quant_model.onnx', [np.load('x.npy')])\n"
+            "print(json.dumps({'names': names, 'layers': [e.layer for e in report.layers]}))\n")
+    env = {**os.environ, "PYTHONHASHSEED": "1" if os.environ.get("PYTHONHASHSEED") != "1" else "2"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    other = json.loads(res.stdout.strip().splitlines()[-1])
+    assert other["names"] == mine
+    enabled = {k for k, v in json.loads((tmp_path / "c.json").read_text()).items() if isinstance(v, dict) and v["quant_enable"]}
+    missing = enabled - set(other["layers"])  # the input Reshape (one channel) is no layer with an output to compare
+    assert set(other["layers"]) <= enabled and len(missing) <= 1 and all(n.endswith("/Reshape") for n in missing), missing
 
 
 def test_bad_models(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -78,14 +79,39 @@ def _translate(names: list[str] | None, aliases: dict[str, str]) -> list[str] | 
     return None if names is None or isinstance(names, str) else [aliases.get(n, n) for n in names]
 
 
-def _cfg_with_layer_names(config_defination, aliases: dict[str, str], folder: str) -> str | os.PathLike | None:
-    """A .cfg that names Keras layers by TF op name (AMCT's form) rewritten to layer names (a copy; else as is)."""
-    if not config_defination or not aliases:
+def tf_type_aliases(converted: Converted) -> dict[str, list[str]]:
+    """For a Keras model: TF op type -> the Keras classes of the layers built on it, where the names differ
+    (``DepthwiseConv2dNative`` -> ``DepthwiseConv2D``, ``MatMul`` -> ``Dense``, ``AvgPool`` -> ``AveragePooling2D``):
+    AMCT's TensorFlow samples name layer types by TF op type in a .cfg."""
+    if not converted.tf_graph.keras:
+        return {}
+    op_type = {n.name: n.op for n in converted.tf_graph.graph_def.node}
+    keras_types = set(converted.types.values())
+    found: dict[str, list[str]] = {}
+    for op, name in converted.aliases.items():
+        tf_type, keras_type = op_type.get(op), converted.types.get(name)
+        if tf_type and keras_type and tf_type not in keras_types and keras_type not in found.get(tf_type, []):
+            found.setdefault(tf_type, []).append(keras_type)
+    return found
+
+
+def _cfg_with_layer_names(config_defination, converted: Converted, folder: str) -> str | os.PathLike | None:
+    """A .cfg that names Keras layers by TF op name, or their types by TF op type (AMCT's forms), rewritten to layer
+    names and Keras classes (a copy; else as is). Line numbers stay, so errors still point into the user's file."""
+    aliases, types = converted.aliases, tf_type_aliases(converted)
+    if not config_defination or not (aliases or types):
         return config_defination
     text = Path(config_defination).read_text()
     new = text
     for op, name in aliases.items():
         new = new.replace(f'"{op}"', f'"{name}"')
+    for tf_type, keras_types in types.items():
+        new = re.sub(rf'(skip_layer_types\s*:\s*)"{re.escape(tf_type)}"',
+                     lambda m, ks=keras_types: " ".join(f'{m.group(1)}"{k}"' for k in ks), new)
+        if len(keras_types) > 1 and re.search(rf'layer_type\s*:\s*"{re.escape(tf_type)}"', new):
+            raise ConfigError(f"{config_defination}: override_layer_types '{tf_type}' is the TF op of several Keras layer "
+                              f"types here ({', '.join(keras_types)}): override each by its Keras class name")
+        new = re.sub(rf'(layer_type\s*:\s*)"{re.escape(tf_type)}"', lambda m, k=keras_types[0]: f'{m.group(1)}"{k}"', new)
     if new == text:
         return config_defination
     copy = Path(folder) / Path(config_defination).name
@@ -132,7 +158,7 @@ def create_quant_config(config_file: str | os.PathLike, model: Any, skip_layers:
     check_outputs({"config_defination": config_defination}, {"config_file": config_file})
     p = prepare(model, input_names=input_names, output_names=output_names)
     with tempfile.TemporaryDirectory() as folder:
-        cfg = _cfg_with_layer_names(config_defination, p.converted.aliases, folder)
+        cfg = _cfg_with_layer_names(config_defination, p.converted, folder)
         try:
             write_quant_config(config_file, p.prepared, skip_layers=_translate(skip_layers, p.converted.aliases),
                                batch_num=batch_num, activation_offset=activation_offset, config_defination=cfg)
@@ -293,6 +319,7 @@ def _check_same_model(model: Any, mod: ModifiedModel) -> None:
 
     paths = {p for p, _ in _layer_paths(model).values()}
     for name, spec in mod.plan.layers.items():
-        if spec.weight is not None and name not in paths:
+        # a layer's second weighted op (SeparableConv2D's pointwise convolution) is named "<layer>/<op type>"
+        if spec.weight is not None and name not in paths and name.rsplit("/", 1)[0] not in paths:
             raise RecordError(f"save_model: layer '{name}' of the calibration graph is not a layer of the Keras model "
                               f"'{model.name}': the record belongs to another model")

@@ -34,7 +34,7 @@ from onnx import numpy_helper
 
 from omct.errors import ModelError
 from omct.graph.ops import HANDLERS
-from omct.tensorflow.fold import squeeze_to_flatten
+from omct.tensorflow.fold import reshapes_to_flatten, squeeze_to_flatten
 from omct.ui import logger
 
 OPSET = 17
@@ -328,6 +328,108 @@ def _zero_biases(g) -> None:
         g.replace_inputs(node, list(node.input) + [zero.output[0]])
 
 
+_COUNTER = re.compile(r"^(.*?)((?:__\d+)+)(:\d+)?$")
+
+
+def _graphs(graph: onnx.GraphProto):
+    """``graph`` and every subgraph (If/Loop bodies) inside it."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                yield from _graphs(sub)
+
+
+def stable_names(model: onnx.ModelProto) -> int:
+    """Renumber tf2onnx's counter suffixes (``Mean_Squeeze__362:0``) in graph order; returns how many names changed.
+
+    tf2onnx's optimizer iterates over sets of strings, so which counter a node gets (and which of two equal constants
+    survives its deduplication) depends on Python's hash seed: the same model converted in another process had other
+    tensor names, and ``omct analyze`` (which converts the model again) could not find the saved model's tensors. The
+    graph's node order is deterministic, so numbering by it gives every process the same names."""
+    graphs = list(_graphs(model.graph))
+    fixed = {v.name for v in list(model.graph.input) + list(model.graph.output)}
+    order: list[str] = []  # names with a counter, keyed without the ":N" output index, in first-seen order
+    seen: set[str] = set()
+    keys: set[str] = set()
+
+    def visit(name: str) -> None:
+        m = _COUNTER.match(name)
+        key = name if m is None else m.group(1) + m.group(2)
+        keys.add(key)
+        if m is not None and name not in fixed and key not in seen:
+            seen.add(key)
+            order.append(key)
+
+    for graph in graphs:
+        for node in graph.node:
+            for name in [node.name, *node.output, *node.input]:
+                if name:
+                    visit(name)
+        for t in graph.initializer:
+            visit(t.name)
+    taken = keys - seen
+    mapping: dict[str, str] = {}
+    k = 1  # "__0" is left for the Flatten that fold.squeeze_to_flatten adds
+    for key in order:
+        base = _COUNTER.match(key).group(1)
+        while f"{base}__{k}" in taken:
+            k += 1
+        mapping[key] = f"{base}__{k}"
+        taken.add(mapping[key])
+        k += 1
+
+    def new(name: str) -> str:
+        m = _COUNTER.match(name) if name and name not in fixed else None
+        if m is None:
+            return name
+        return mapping.get(m.group(1) + m.group(2), m.group(1) + m.group(2)) + (m.group(3) or "")
+
+    changed = sum(1 for key, value in mapping.items() if key != value)
+    for graph in graphs:
+        for node in graph.node:
+            node.name = new(node.name)
+            node.input[:] = [new(n) for n in node.input]
+            node.output[:] = [new(n) for n in node.output]
+        for t in graph.initializer:
+            t.name = new(t.name)
+        for v in list(graph.value_info) + ([] if graph is model.graph else [*graph.input, *graph.output]):
+            v.name = new(v.name)
+    return changed + _name_shared_constants(graphs, fixed)
+
+
+def _name_shared_constants(graphs: list, fixed: set[str]) -> int:
+    """A constant that several nodes read (tf2onnx keeps one of equal constants, whichever a set yields first) is
+    named after its first reader in graph order: ``<reader>/<what it was>``."""
+    readers: dict[str, list[str]] = {}
+    for graph in graphs:
+        for node in graph.node:
+            for name in dict.fromkeys(node.input):
+                readers.setdefault(name, []).append(node.name)
+    order = {name: i for i, name in enumerate(readers)}  # first use in graph order, not the initializer list's order
+    shared = sorted((t for graph in graphs for t in graph.initializer
+                     if t.name not in fixed and len(readers.get(t.name, [])) > 1), key=lambda t: order[t.name])
+    names = {n for graph in graphs for n in [*(t.name for t in graph.initializer), *(o for x in graph.node
+                                                                                     for o in x.output)]}
+    names -= {t.name for t in shared}
+    mapping: dict[str, str] = {}
+    for t in shared:
+        leaf = _COUNTER.sub(r"\1", t.name.rsplit("/", 1)[-1].split(":")[0])
+        new, k = f"{readers[t.name][0]}/{leaf}", 1
+        while new in names:
+            new, k = f"{readers[t.name][0]}/{leaf}_{k}", k + 1
+        names.add(new)
+        mapping[t.name] = new
+    for graph in graphs:
+        for node in graph.node:
+            node.input[:] = [mapping.get(n, n) for n in node.input]
+        for t in graph.initializer:
+            t.name = mapping.get(t.name, t.name)
+        for v in graph.value_info:
+            v.name = mapping.get(v.name, v.name)
+    return len(mapping)
+
+
 def _unsupported(model: onnx.ModelProto, src: TFGraph) -> None:
     """tf2onnx leaves a TF op it cannot convert in the graph under its TF type: name the first one."""
     bad = [n for n in model.graph.node if n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type)]
@@ -341,7 +443,9 @@ def convert(src: TFGraph) -> Converted:
     tf = tensorflow()
     model = _convert(src)
     _unsupported(model, src)
+    stable_names(model)
     squeeze_to_flatten(model)
+    reshapes_to_flatten(model)
     tf_nodes = {n.name: n for n in src.graph_def.node}
     by_weight = _tf_weights(src.graph_def, tf)
     inits = {t.name: t for t in model.graph.initializer}

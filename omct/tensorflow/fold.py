@@ -134,3 +134,92 @@ def squeeze_to_flatten(model: onnx.ModelProto) -> list[str]:
         graph.node[i].CopyFrom(helper.make_node("Flatten", [node.input[0]], list(node.output), name=name, axis=1))
         changed.append(name)
     return changed
+
+
+def _const(name: str, inits: dict) -> np.ndarray | None:
+    return numpy_helper.to_array(inits[name]) if name in inits else None
+
+
+def _batch_dim_of(tensor: str, producer: dict, inits: dict) -> str | None:
+    """The tensor whose dim 0 ``tensor`` (a 1-element shape vector) holds, when it is computed as tf2onnx writes
+    ``tf.shape(x)[:1]``: Shape(x), optionally Gathered by a permutation that keeps axis 0 first, Cast, Sliced [0:1]."""
+    node = producer.get(tensor)
+    while node is not None and node.op_type == "Cast":
+        node = producer.get(node.input[0])
+    if node is None or node.op_type != "Slice" or len(node.input) < 3:
+        return None
+    starts, ends = _const(node.input[1], inits), _const(node.input[2], inits)
+    axes = _const(node.input[3], inits) if len(node.input) > 3 and node.input[3] else np.zeros(1, np.int64)
+    steps = _const(node.input[4], inits) if len(node.input) > 4 and node.input[4] else np.ones(1, np.int64)
+    if any(v is None or v.size != 1 for v in (starts, ends, axes, steps)) or (int(starts[0]), int(ends[0]),
+                                                                              int(axes[0]), int(steps[0])) != (0, 1, 0, 1):
+        return None
+    node = producer.get(node.input[0])
+    while node is not None and node.op_type == "Cast":
+        node = producer.get(node.input[0])
+    if node is not None and node.op_type == "Gather":
+        index = _const(node.input[1], inits)
+        if index is None or index.ndim != 1 or index.size == 0 or int(index[0]) != 0 or any(
+                a.name == "axis" and a.i != 0 for a in node.attribute):
+            return None
+        node = producer.get(node.input[0])
+    if node is None or node.op_type != "Shape" or any(a.name in ("start", "end") for a in node.attribute):
+        return None
+    return node.input[0]
+
+
+def reshapes_to_flatten(model: onnx.ModelProto) -> list[str]:
+    """``Reshape(x, Concat(Shape(x)[:1], [k]))`` (how tf2onnx writes Keras' Flatten) becomes ``Flatten(x, axis=1)``.
+
+    Both keep the batch dimension and flatten the rest (a Reshape to [n, k] must have k = the product of the other
+    dimensions). The shape computation read the float value of a quantized tensor, so ONNX Runtime dequantized that
+    tensor and ran Shape, Gather, Cast, Slice, Concat and Cast on every call just to find the batch size; Flatten needs
+    none of that. ``x`` may also be the input of a Transpose that keeps axis 0 first whose output is reshaped (tf2onnx's
+    optimizer moves the Shape above the layout Transpose)."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    changed = []
+    for i, node in enumerate(graph.node):
+        if node.op_type != "Reshape" or len(node.input) != 2 or node.input[1] in inits:
+            continue
+        shape = producer.get(node.input[1])
+        while shape is not None and shape.op_type == "Cast":
+            shape = producer.get(shape.input[0])
+        if shape is None or shape.op_type != "Concat" or len(shape.input) != 2:
+            continue
+        rest = _const(shape.input[1], inits)
+        if rest is None or rest.size != 1:
+            continue
+        source = _batch_dim_of(shape.input[0], producer, inits)
+        data = node.input[0]
+        if source != data:
+            t = producer.get(data)
+            perm = [list(a.ints) for a in t.attribute if a.name == "perm"] if t is not None and t.op_type == "Transpose" \
+                else []
+            if not (perm and perm[0] and perm[0][0] == 0 and t.input[0] == source):
+                continue
+        graph.node[i].CopyFrom(helper.make_node("Flatten", [data], list(node.output), name=node.name, axis=1))
+        changed.append(node.name)
+    if changed:
+        _drop_dead(model)
+    return changed
+
+
+def _drop_dead(model: onnx.ModelProto) -> None:
+    """Nodes none of whose outputs are read any more (and the constants only they read)."""
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = {i for n in graph.node for i in n.input} | outputs
+        dead = [n for n in graph.node if not any(o in used for o in n.output)]
+        if not dead:
+            break
+        keep = [n for n in graph.node if any(o in used for o in n.output)]
+        del graph.node[:]
+        graph.node.extend(keep)
+    used = {i for n in graph.node for i in n.input} | outputs
+    alive = [t for t in graph.initializer if t.name in used]
+    if len(alive) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(alive)
