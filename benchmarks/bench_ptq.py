@@ -194,8 +194,14 @@ def calib_batches(batch_num: int):
 
 def omct_method(method: str) -> str:
     """The omct algorithm of an omct method name. ``omct-ifmr-exact`` is omct-ifmr with every activation value
-    binned (the sketch before sampling), to measure before and after in the same interleaved run."""
+    binned (the sketch before sampling), to measure before and after in the same interleaved run; ``-untrimmed``: the
+    deploy model without dropping padding-only Conv taps."""
     algo = method[5:]
+    if algo.endswith("-untrimmed"):  # the deploy model keeps Conv taps that read only padding (before issue 17's fix)
+        from omct.graph.export import DeployBuilder
+
+        DeployBuilder.trims_padding_taps = False
+        algo = algo[: -len("-untrimmed")]
     if algo.endswith("-exact"):
         import omct.core.sketch
 
