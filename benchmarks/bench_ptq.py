@@ -43,6 +43,12 @@ REAL_MODELS = {"resnet18": {"width": 16}, "mobilenet_v2": {"width_mult": 0.5, "l
                "bert": {"vocab_size": 8000, "hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
                         "intermediate_size": 512, "max_position_embeddings": 64, "num_labels": 10}}
 REAL_EPOCHS = {"resnet18": 3, "mobilenet_v2": 4, "efficientnet_lite": 4, "bert": 3}
+#: The same CNN replicas at torchvision / timm width (what users deploy), trained for fewer epochs on 2 cores; the
+#: narrow ones above stay: their many tiny layers are dominated by per-op overhead (docs/BENCHMARKS.md).
+FULL_WIDTH = {"resnet18_full": ({"width": 64}, 4), "mobilenet_v2_full": ({"width_mult": 1.0, "last_channel": 1280}, 6),
+              "efficientnet_lite_full": ({"width_mult": 1.0, "head": 1280}, 6)}
+REAL_MODELS.update({name: kwargs for name, (kwargs, _) in FULL_WIDTH.items()})
+REAL_EPOCHS.update({name: epochs for name, (_, epochs) in FULL_WIDTH.items()})
 BERT_INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
 STATIC_BATCH = 16  # the batch of the statically shaped BERT export: calibration, latency and test chunks
 METHODS = ["omct-ifmr", "omct-hfmg", "ort-minmax", "ort-entropy", "ort-percentile", "nncf"]
@@ -76,7 +82,8 @@ def real_model(name: str):
     """A REAL_MODELS replica, untrained."""
     import real_models
 
-    return real_models.bert_mini(**REAL_MODELS[name]) if name == "bert" else getattr(real_models, name)(**REAL_MODELS[name])
+    return (real_models.bert_mini(**REAL_MODELS[name]) if name == "bert"
+            else getattr(real_models, name.removesuffix("_full"))(**REAL_MODELS[name]))
 
 
 def token_data():
@@ -187,8 +194,14 @@ def calib_batches(batch_num: int):
 
 def omct_method(method: str) -> str:
     """The omct algorithm of an omct method name. ``omct-ifmr-exact`` is omct-ifmr with every activation value
-    binned (the sketch before sampling), to measure before and after in the same interleaved run."""
+    binned (the sketch before sampling), to measure before and after in the same interleaved run; ``-untrimmed``: the
+    deploy model without dropping padding-only Conv taps."""
     algo = method[5:]
+    if algo.endswith("-untrimmed"):  # the deploy model keeps Conv taps that read only padding (before issue 17's fix)
+        from omct.graph.export import DeployBuilder
+
+        DeployBuilder.trims_padding_taps = False
+        algo = algo[: -len("-untrimmed")]
     if algo.endswith("-exact"):
         import omct.core.sketch
 

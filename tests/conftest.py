@@ -104,6 +104,37 @@ def assert_integer_kernels(path, tmp_path, allowed=()) -> None:
     assert not found, f"{path}: weights dequantized at run time into float {found}"
 
 
+FLOAT_KERNELS = ("Conv", "FusedConv", "ConvTranspose", "Gemm", "FusedGemm", "MatMul", "FusedMatMul")
+
+
+def float_kernels(path, tmp_path) -> dict[str, int]:
+    """In ONNX Runtime's optimised graph of ``path``: the float convolutions and matrix products on a constant
+    weight (an initializer of rank >= 2, or a DequantizeLinear of one), op type -> count. In a deploy model whose
+    layers are all quantized there should be none: a float ``FusedConv`` where a QLinearConv was intended means
+    the runtime fused an activation (or a Pad) into the float op before its QDQ fusion could run."""
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.optimized_model_filepath = str(tmp_path / "optimized_float_kernels.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    graph = onnx.load(so.optimized_model_filepath).graph
+    weights = {t.name for t in graph.initializer if len(t.dims) >= 2}
+    weights |= {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in weights}
+    found: dict[str, int] = {}
+    for n in graph.node:
+        if n.op_type in FLOAT_KERNELS and len(n.input) > 1 and n.input[1] in weights:
+            found[n.op_type] = found.get(n.op_type, 0) + 1
+    return found
+
+
+def assert_no_float_kernels(path, tmp_path) -> None:
+    """Every convolution and matrix product on a constant weight runs as an integer kernel (``float_kernels``)."""
+    found = float_kernels(path, tmp_path)
+    assert not found, f"{path}: float kernels on constant weights left in ONNX Runtime's graph {found}"
+
+
 def run_flow(model_path, tmp_path, batches, feed_name="input", prefix="q", float_weight_ops=(), **config_kwargs):
     """The ONNX call sequence end to end; returns (fake_quant_path, deploy_path). Checks that the deploy model
     runs on integer kernels (``float_weight_ops``: op types allowed to take dequantized weights)."""

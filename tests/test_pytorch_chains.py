@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import omct.pytorch as amct
-from tests.conftest import optimized_ops, ort_run
+from tests.conftest import assert_no_float_kernels, optimized_ops, ort_run
 from tests.real_models import BasicBlock, ConvBnAct, MBConv, conv1x1
 
 
@@ -76,6 +76,7 @@ def test_pytorch_deploy_graph_keeps_chains_integer(build, tmp_path):
     # One QuantizeLinear for the float input, nothing dequantized: every Add, MaxPool, GAP and Pad is integer
     assert ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 0, dict(ops)
     assert ops["QLinearAdd"] >= 1 and ops["QLinearGlobalAveragePool"] == 1 and ops["Pad"] == 0, dict(ops)
+    assert_no_float_kernels(deploy, tmp_path)  # every conv a QLinearConv (no float FusedConv with ReLU6/HardSwish)
 
     x = torch.from_numpy(rng.uniform(-1, 1, (16, 3, 32, 32)).astype(np.float32))
     with torch.no_grad():

@@ -13,7 +13,7 @@ import real_models
 import torch
 import torch.nn.functional as F
 import zoo
-from conftest import assert_integer_kernels, ort_run
+from conftest import assert_integer_kernels, assert_no_float_kernels, ort_run
 from torch import nn
 
 import omct.onnx
@@ -124,6 +124,7 @@ def test_amct_call_sequence_on_real_models(name, dynamic, setups, tmp_path):
     amct.save_model(str(modified), str(record), str(tmp_path / "q"))
     fake, deploy = tmp_path / "q_fake_quant_model.onnx", tmp_path / "q_deploy_model.onnx"
     assert_integer_kernels(deploy, tmp_path)  # static shapes too: no weight dequantized at run time
+    assert_no_float_kernels(deploy, tmp_path)  # and no float conv / matmul on a constant weight at all
 
     # the user's model is unchanged: weights, BatchNorms (not folded into it), in-place flags, eval mode
     for k, v in model.state_dict().items():

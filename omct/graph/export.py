@@ -29,7 +29,7 @@ from omct.formats.record import LayerRecord
 from omct.graph.ops import HANDLERS, LayerSpec
 from omct.graph.plan import Plan
 from omct.graph.subgraphs import all_graphs, inner_first, locate, node_reads, used_names
-from omct.graph.tensor_data import ExternalWriter, tensor_array
+from omct.graph.tensor_data import ExternalWriter, skeleton, tensor_array
 
 
 class _Builder:
@@ -84,6 +84,9 @@ class _Builder:
     def weight(self, codes: np.ndarray, params: QuantParams, base: str, levels: list[int] | None = None) -> str:
         """The tensor that replaces a layer's float weight, given its integer codes (on ``levels`` with NUQ)."""
         raise NotImplementedError
+
+    #: Drop a Conv's kernel taps that read only padding (``trim_padding_taps``): the deploy model only.
+    trims_padding_taps = False
 
     def bias(self, codes: np.ndarray, scale: np.ndarray, base: str) -> str:
         """The tensor that replaces a layer's float bias, given its INT32 codes and their scale."""
@@ -148,6 +151,8 @@ class DeployBuilder(_Builder):
     tables, scales, zero points, Q/DQ outputs, NUQ unpacking) is named by a short per-layer key (``q7.bias_quantized``,
     ``q7.ws``; see ``key``) and added nodes have no name: on a small model the long layer names repeated in each
     of them were a tenth of the deploy file."""
+
+    trims_padding_taps = True
 
     def __init__(self, model: onnx.ModelProto, unsigned_activations: bool = True):
         super().__init__(model)
@@ -343,6 +348,9 @@ def build(builder: _Builder, plan: Plan, config: QuantConfig, records: dict[str,
     b = builder
     nodes = {n.name: n for g in all_graphs(b.graph) for n in g.node}
     _, graph_of = locate(b.model)  # the graph (top or a control-flow body) each node sits in
+    # the static height and width of the inputs of Convs whose padding-only taps may be trimmed (deploy only)
+    spatial = (_spatial_shapes(b.model) if b.trims_padding_taps and any(
+        s.op_type == "Conv" and s.window is not None for s in plan.layers.values()) else {})
 
     # Weights and bias, one private copy per layer (weights shared between layers stay correct), wired into
     # the ports the op's handler names.
@@ -361,6 +369,8 @@ def build(builder: _Builder, plan: Plan, config: QuantConfig, records: dict[str,
         if spec.weight_only:
             b.lookup(node, codes, wp, name)
             continue
+        if spec.input in spatial and spec.op_type == "Conv" and spec.window is not None:
+            codes = trim_padding_taps(node, codes, spec.window, spatial[spec.input])
         node.input[handler.weight_port] = b.weight(codes, wp, name, rec.nuq_levels or None)
         if spec.bias is not None:
             bias = tensor_array(b.inits[spec.bias]).astype(np.float32)
@@ -434,6 +444,67 @@ def build(builder: _Builder, plan: Plan, config: QuantConfig, records: dict[str,
         params = QuantParams(np.asarray(rec.scale_d, np.float32), np.asarray(rec.offset_d, np.int32), bits)
         nodes[name].input[port] = b.activation_qdq(scaled, params, f"{name}.dmq_input")
     return b.finish()
+
+
+def live_taps(size: int, kernel: int, stride: int, pad_begin: int, pad_end: int, dilation: int) -> tuple[int, int]:
+    """The first and last kernel tap of one spatial axis that reads the input (not only padding) at some output
+    position: taps outside that range multiply padding everywhere (a 3x3 kernel on a 1x1 feature map with pads 1
+    only ever uses its centre)."""
+    out = (size + pad_begin + pad_end - dilation * (kernel - 1) - 1) // stride + 1
+    starts = np.arange(max(out, 0)) * stride - pad_begin  # input position of tap 0 at each output position
+    live = [t for t in range(kernel) if np.any((starts + t * dilation >= 0) & (starts + t * dilation < size))]
+    return (live[0], live[-1]) if live else (0, kernel - 1)
+
+
+def trim_padding_taps(node: onnx.NodeProto, codes: np.ndarray, window: tuple, spatial: tuple[int, ...] | None) -> np.ndarray:
+    """A 2-D Conv's integer weight without the kernel taps that read only padding, and ``node``'s pads shrunk to
+    match; the output is unchanged (those taps multiply zeros, or the zero point in the integer kernel). ONNX
+    Runtime's float NCHWc kernels skip such taps, its integer QLinearConv computes them: on small feature maps
+    (ResNet-18's last stage at 32x32 inputs is 1x1) the untrimmed integer convolution ran 4x slower than float.
+    Needs the input's static height and width (``spatial``); anything else is returned as it is."""
+    if spatial is None or len(spatial) != 2:
+        return codes
+    kernel, strides, pads, dilations = window
+    keep, new_pads = [], [0, 0, 0, 0]
+    for axis in range(2):
+        k, s, d, pb, pe = kernel[axis], strides[axis], dilations[axis], pads[axis], pads[axis + 2]
+        first, last = live_taps(spatial[axis], k, s, pb, pe, d)
+        out = (spatial[axis] + pb + pe - d * (k - 1) - 1) // s + 1
+        k2, pb2 = last - first + 1, pb - first * d
+        pe2 = max(0, (out - 1) * s + d * (k2 - 1) + 1 - spatial[axis] - pb2)
+        if pb2 < 0 or (spatial[axis] + pb2 + pe2 - d * (k2 - 1) - 1) // s + 1 != out:
+            return codes
+        keep.append(slice(first, last + 1))
+        new_pads[axis], new_pads[axis + 2] = pb2, pe2
+    if all(sl.stop - sl.start == k for sl, k in zip(keep, kernel, strict=True)):
+        return codes
+    for a in node.attribute:
+        if a.name == "pads":
+            del a.ints[:]
+            a.ints.extend(new_pads)
+            break
+    else:
+        node.attribute.append(helper.make_attribute("pads", new_pads))
+    for a in node.attribute:
+        if a.name == "kernel_shape":
+            del a.ints[:]
+            a.ints.extend(sl.stop - sl.start for sl in keep)
+    return np.ascontiguousarray(codes[:, :, keep[0], keep[1]])
+
+
+def _spatial_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Static spatial dims (everything after batch and channels) of the 4-D tensors of ``model``, inferred on its
+    skeleton; a tensor with a symbolic dim there is left out. Best-effort: a failed inference trims nothing."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton(model))
+    except Exception:
+        return {}
+    shapes = {}
+    for vi in list(inferred.graph.input) + list(inferred.graph.value_info):
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) == 4 and all(d.HasField("dim_value") for d in dims[2:]):
+            shapes[vi.name] = tuple(d.dim_value for d in dims[2:])
+    return shapes
 
 
 def _copy(base: onnx.ModelProto) -> onnx.ModelProto:
