@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 
 import onnx
 import torch
+from onnx import numpy_helper
 from torch import nn
 
 from omct.errors import ModelError
-from omct.graph.normalize import constant_identities_to_initializers, fold_pads, normalize
+from omct.graph.normalize import constant_identities_to_initializers, drop_unused_initializers, fold_pads, normalize
 from omct.graph.ops import LayerSpec, Refusal, find_layers
 from omct.ui import logger
 
@@ -122,6 +123,8 @@ class TracedModel:
     types: dict[str, str]  # candidate module name -> supported type name
     batchnorm_after: dict[str, str] = field(default_factory=dict)  # conv module -> BN module it alone feeds
     module_names: set[str] = field(default_factory=set)
+    mapped: set[str] = field(default_factory=set)  # modules whose node was found (named after them)
+    reasons: dict[str, str] = field(default_factory=dict)  # why each refused candidate module stays float
 
 
 def _candidates(model: nn.Module) -> dict[str, nn.Module]:
@@ -291,21 +294,63 @@ def trace_model(model: nn.Module, input_data, input_names=None, output_names=Non
         if other is not None and other is not node:  # an exporter node already named like the module: rename it
             other.name = f"{other.name}__renamed"
         node.name = name
-    norm, rep = normalize(exported)
+    norm, rep = normalize(exported, in_place=True)  # the export is ours: no copy of its weights
     fold_pads(norm, rep)  # the same graph steps as the ONNX frontend: zero Pads into the Convs after them
+    types = {n: layer_type(m) for n, m in candidates.items()}
+    return _with_layers(norm, set(layer_nodes), reasons, types, batchnorm_after,
+                        {n for n, _ in model.named_modules() if n})
+
+
+def _with_layers(norm: onnx.ModelProto, mapped: set[str], reasons: dict[str, str], types: dict[str, str],
+                 batchnorm_after: dict[str, str], module_names: set[str]) -> TracedModel:
+    """The traced model of graph ``norm``, whose nodes ``mapped`` carry module names: its layers found by the
+    ONNX op handlers, refusals from torch (``reasons``) and from the handlers."""
+    reasons = dict(reasons)
     specs, onnx_refused = find_layers(norm)
     # Modules' layers, and the chain ops (Add, MaxPool, Pad, ...) between them under their ONNX node names:
     # quantized only between quantized tensors, so that the runtime runs integer chains, not islands.
-    layers = [s for s in specs if s.name in layer_nodes or s.chain is not None]
+    layers = [s for s in specs if s.name in mapped or s.chain is not None]
     for r in onnx_refused:
-        if r.name in layer_nodes:
+        if r.name in mapped:
             reasons[r.name] = r.reason
-    unmapped = [s.name for s in specs if s.name not in layer_nodes and s.chain is None]
+    unmapped = [s.name for s in specs if s.name not in mapped and s.chain is None]
     if unmapped:
         logger.debug("ONNX nodes not produced by a supported module, left in float: %s", ", ".join(unmapped))
-    types = {n: layer_type(m) for n, m in candidates.items()}
-    refused = [Refusal(n, types[n], reasons[n]) for n in candidates if n in reasons]
-    return TracedModel(norm, layers, refused, types, batchnorm_after, {n for n, _ in model.named_modules() if n})
+    refused = [Refusal(n, t, reasons[n]) for n, t in types.items() if n in reasons]
+    return TracedModel(norm, layers, refused, types, batchnorm_after, module_names, mapped, reasons)
+
+
+def fold_traced(traced: TracedModel, model: nn.Module, folded: dict[str, str]) -> TracedModel:
+    """``traced`` after ``fold_conv_bn(model, folded)``, without exporting again: each folded conv node takes
+    its module's folded weight and bias (the very tensors a new export would hold) and the output of the
+    BatchNormalization after it, which goes. Why: an export costs as much as the rest of quantize_model."""
+    graph = traced.model.graph
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    nodes = {n.name: n for n in graph.node}
+    removed = set()
+    for conv_name in folded:
+        conv = nodes[conv_name]
+        bns = consumers.get(conv.output[0], [])
+        if len(bns) != 1 or bns[0].op_type != "BatchNormalization":
+            raise AssertionError(f"traced graph: conv '{conv_name}' is not followed by its BatchNormalization")
+        module = model.get_submodule(conv_name)
+        w_name, b_name = f"{conv_name}.weight_folded", f"{conv_name}.bias_folded"
+        graph.initializer.extend([numpy_helper.from_array(module.weight.detach().cpu().numpy(), w_name),
+                                  numpy_helper.from_array(module.bias.detach().cpu().numpy(), b_name)])
+        data_input = conv.input[0]
+        del conv.input[:]
+        conv.input.extend([data_input, w_name, b_name])
+        conv.output[0] = bns[0].output[0]
+        removed.add(id(bns[0]))
+    keep = [n for n in graph.node if id(n) not in removed]
+    del graph.node[:]
+    graph.node.extend(keep)
+    drop_unused_initializers(traced.model)
+    return _with_layers(traced.model, traced.mapped, traced.reasons, traced.types, traced.batchnorm_after,
+                        traced.module_names)
 
 
 def _conv_bn_pairs(exported, mark_inputs, producer, layer_nodes, batchnorms, candidates, calls) -> dict[str, str]:
