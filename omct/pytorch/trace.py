@@ -151,19 +151,6 @@ def run_forward(model: nn.Module, args: tuple):
         raise ModelError(f"input_data does not run through the model: {type(e).__name__}: {first}") from None
 
 
-def _count_calls(model: nn.Module, modules: dict[str, nn.Module], args: tuple) -> dict[str, int]:
-    calls = dict.fromkeys(modules, 0)
-
-    def factory(name):
-        def hook(_m, _i, _o):
-            calls[name] += 1
-        return hook
-
-    with _hooks(modules, factory):
-        run_forward(model, args)
-    return calls
-
-
 def _torch_refusals(candidates: dict[str, nn.Module], calls: dict[str, int]) -> dict[str, str]:
     reasons: dict[str, str] = {}
     owners: dict[int, list[str]] = {}
@@ -190,9 +177,12 @@ def _torch_refusals(candidates: dict[str, nn.Module], calls: dict[str, int]) -> 
 
 
 def _export(model: nn.Module, args: tuple, marked: dict[str, nn.Module], input_names, output_names,
-            dynamic_axes) -> onnx.ModelProto:
+            dynamic_axes, calls: dict[str, int]) -> onnx.ModelProto:
+    """Export with every ``marked`` module's output marked; ``calls`` counts how often each one ran (the export
+    traces one forward pass: no separate pass to count them)."""
     def factory(name):
         def hook(_m, _i, out):
+            calls[name] += 1
             return _Mark.apply(out, name) if isinstance(out, torch.Tensor) else out
         return hook
 
@@ -205,7 +195,12 @@ def _export(model: nn.Module, args: tuple, marked: dict[str, nn.Module], input_n
                               custom_opsets={_MARK_DOMAIN: 1}, do_constant_folding=True)
         except Exception as e:  # noqa: BLE001
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ModelError(f"torch.onnx.export could not export the model: {first}") from None
+            error = ModelError(f"torch.onnx.export could not export the model: {first}")
+        else:
+            error = None
+    if error is not None:
+        run_forward(model, args)  # a forward pass that fails is the error to report
+        raise error
     for w in caught:
         logger.debug("torch.onnx.export: %s", w.message)
     model_proto = onnx.load_from_string(buf.getvalue())
@@ -265,10 +260,11 @@ def trace_model(model: nn.Module, input_data, input_names=None, output_names=Non
         dynamic_axes = default_dynamic_axes(input_names, args)
     candidates = _candidates(model)
     batchnorms = {n: m for n, m in model.named_modules() if isinstance(m, BATCHNORMS)}
-    calls = _count_calls(model, {**candidates, **batchnorms}, args)
+    # Every candidate is marked and counted during the export; a module that ran more than once (several
+    # marks under one name) or never is refused below, and its marks are stripped like the others.
+    calls = dict.fromkeys({**candidates, **batchnorms}, 0)
+    exported = _export(model, args, {**candidates, **batchnorms}, input_names, output_names, dynamic_axes, calls)
     reasons = _torch_refusals(candidates, calls)
-    marked = {**{n: m for n, m in candidates.items() if calls[n] == 1}, **batchnorms}
-    exported = _export(model, args, marked, input_names, output_names, dynamic_axes)
     initializers = {t.name for t in exported.graph.initializer}
     mark_inputs = {next(a.s.decode() for a in n.attribute if a.name == "name"): n.input[0]
                    for n in exported.graph.node if n.domain == _MARK_DOMAIN}
