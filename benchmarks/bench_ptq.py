@@ -229,6 +229,7 @@ def import_method(method: str) -> None:
     """Import what ``method`` needs (the child times this apart from the quantization itself)."""
     if method.startswith("omct"):
         import omct.onnx  # noqa: F401
+        import onnxruntime  # noqa: F401 - omct imports it when its first session is made; ORT's import has it too
     elif method.startswith("ort"):
         import onnxruntime.quantization  # noqa: F401
     elif method == "nncf":
