@@ -105,8 +105,10 @@ class ActivationSketch:
             # whole run are binned as they are. The tails still see every value.
             used = x.size - x.size % stride
             sample = x[_sample_index(x.size, stride)]
-            counts = stride * _bin_and_cut(sample, self.exponent, self.first_index, self.counts.size, None, None)[0]
-            counts += _bin_and_cut(x[used:], self.exponent, self.first_index, self.counts.size, None, None)[0]
+            counts = _bin_and_cut(sample, self.exponent, self.first_index, self.counts.size, None, None)[0]
+            counts *= stride
+            if used < x.size:  # sizes are often multiples of the stride: no second set of bins then
+                counts += _bin_and_cut(x[used:], self.exponent, self.first_index, self.counts.size, None, None)[0]
             high, low = _cut(x, above, below)
             self.sampled = True
         else:
@@ -329,7 +331,7 @@ def _bin_and_cut(x: np.ndarray, exponent: int, first: int, n: int, above: float 
     step = x.dtype.type(math.ldexp(1.0, -exponent))
     size = min(CHUNK, x.size)
     scratch, index = np.empty(size, x.dtype), np.empty(size, np.int32)
-    counts = np.zeros(n, np.int64)
+    counts = None  # the first chunk's bincount (a bin array is 128 KB: every extra one is a page-faulting allocation)
     highs, lows = [], []
     for start in range(0, x.size, CHUNK):
         chunk = x[start : start + CHUNK]
@@ -339,11 +341,16 @@ def _bin_and_cut(x: np.ndarray, exponent: int, first: int, n: int, above: float 
         if first:
             np.subtract(f, first, out=f)
         np.copyto(i, f, casting="unsafe")
-        counts += np.bincount(i, minlength=n)
+        if counts is None:
+            counts = np.bincount(i, minlength=n)
+        else:
+            counts += np.bincount(i, minlength=n)
         if above is not None:
             highs.append(chunk[chunk > above])
         if below is not None:
             lows.append(chunk[chunk < below])
+    if counts is None:
+        counts = np.zeros(n, np.int64)
     if counts.size != n:
         raise AssertionError("sketch bins do not cover the batch")  # _cover guarantees they do
     empty = np.zeros(0, x.dtype)
