@@ -251,7 +251,6 @@ def ort_session(model: str | os.PathLike | bytes, sess_options=None, providers: 
     if sess_options is None:
         sess_options = ort.SessionOptions()
         sess_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        sess_options.enable_cpu_mem_arena = False  # memory goes back after each batch (a few MB less at the peak)
     if external_folder is not None:
         sess_options.add_session_config_entry("session.model_external_initializers_file_folder_path", external_folder)
     source = model if isinstance(model, bytes) else str(model)
