@@ -228,8 +228,9 @@ def batch_reader(batches):
 def import_method(method: str) -> None:
     """Import what ``method`` needs (the child times this apart from the quantization itself)."""
     if method.startswith("omct"):
-        import omct.onnx  # noqa: F401
         import onnxruntime  # noqa: F401 - omct imports it when its first session is made; ORT's import has it too
+
+        import omct.onnx  # noqa: F401
     elif method.startswith("ort"):
         import onnxruntime.quantization  # noqa: F401
     elif method == "nncf":

@@ -106,8 +106,9 @@ def child(method: str, name: str, batch_num: int) -> None:
     out = ptq.WORK / f"pt_{name}_{method}_b{batch_num}"
     t = time.perf_counter()
     if method.startswith("omct"):
-        import omct.pytorch  # noqa: F401
         import onnxruntime  # noqa: F401 - imported by omct with its first session; ORT's import has it too
+
+        import omct.pytorch  # noqa: F401
     else:
         ptq.import_method(method)
     import_s = time.perf_counter() - t

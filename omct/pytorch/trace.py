@@ -3,8 +3,9 @@
 Why markers instead of the exporter's node names: scope names say nothing about a module that runs twice,
 a Linear that becomes MatMul + Add, or a weight used functionally. During export each candidate module's
 output passes through an identity ``omct::Mark`` op that carries its name, so the node that produced the
-output is known exactly; the markers are then removed. A plain forward pass before that counts how often
-each module runs, and the weights are checked for sharing, so every candidate left in float has a reason.
+output is known exactly; the markers are then removed. The marking hooks also count how often each module
+runs (the export traces one forward pass), and the weights are checked for sharing, so every candidate left in
+float has a reason.
 """
 
 from __future__ import annotations
