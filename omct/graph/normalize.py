@@ -250,7 +250,7 @@ def fold_batchnorm(model: onnx.ModelProto, skip: set[str], report: NormalizeRepo
         keep = [n for n in graph.node if id(n) not in removed]
         del graph.node[:]
         graph.node.extend(keep)
-        drop_unused_initializers(model)
+        _drop_unused_initializers(model)
 
 
 def _constant(name: str, inits: dict, producers: dict, limit: int = 32) -> tuple[np.ndarray, list] | None:
@@ -344,15 +344,18 @@ def fold_pads(model: onnx.ModelProto, report: NormalizeReport) -> None:
         keep = [n for n in graph.node if id(n) not in removed]
         del graph.node[:]
         graph.node.extend(keep)
-        drop_unused_initializers(model)
+        _drop_unused_initializers(model)
 
 
-def drop_unused_initializers(model: onnx.ModelProto) -> None:
+def _drop_unused_initializers(model: onnx.ModelProto) -> None:
     used = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
     keep = [t for t in model.graph.initializer if t.name in used]
     if len(keep) != len(model.graph.initializer):
         del model.graph.initializer[:]
         model.graph.initializer.extend(keep)
+
+
+drop_unused_initializers = _drop_unused_initializers  # for the frontends that rewrite a graph (pytorch.trace)
 
 
 def fix_inputs(model: onnx.ModelProto, values: dict) -> onnx.ModelProto:
