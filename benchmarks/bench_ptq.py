@@ -238,9 +238,24 @@ def batch_reader(batches):
     return Reader()
 
 
-def quantize(method: str, name: str, out: Path, batch_num: int) -> Path:
-    src = str(model_path(name))
-    batches = calib_feeds(name, batch_num)
+def import_method(method: str) -> None:
+    """Import what ``method`` needs (the child times this apart from the quantization itself)."""
+    if method.startswith("omct"):
+        import onnxruntime  # noqa: F401 - omct imports it when its first session is made; ORT's import has it too
+
+        import omct.onnx  # noqa: F401
+    elif method.startswith("ort"):
+        import onnxruntime.quantization  # noqa: F401
+    elif method == "nncf":
+        import nncf  # noqa: F401
+
+
+def quantize(method: str, name: str, out: Path, batch_num: int, batches: list[dict] | None = None,
+             src: Path | None = None) -> Path:
+    """Quantize model ``name`` (its FP32 ONNX file, or ``src``) with ``method`` on ``batches`` (default: the
+    first ``batch_num`` calibration feeds); returns the deploy model's path."""
+    src = str(src or model_path(name))
+    batches = calib_feeds(name, batch_num) if batches is None else batches
     if method.startswith("omct"):
         import omct.onnx as amct
 
@@ -395,10 +410,14 @@ def child(method: str, name: str, batch_num: int) -> None:
     out = WORK / f"{name}_{method}_b{batch_num}"
     base_rss = peak_rss_mb()
     t = time.perf_counter()
-    deploy = quantize(method, name, out, batch_num)
+    import_method(method)
+    import_s = time.perf_counter() - t
+    batches = calib_feeds(name, batch_num)  # the user's data, loaded before the clock starts for every method
+    t = time.perf_counter()
+    deploy = quantize(method, name, out, batch_num, batches)
     wall = time.perf_counter() - t
     peak = peak_rss_mb()
-    print(json.dumps({"method": method, "model": name, "batch_num": batch_num, "wall_s": wall,
+    print(json.dumps({"method": method, "model": name, "batch_num": batch_num, "wall_s": wall, "import_s": import_s,
                       "peak_rss_mb": peak, "start_rss_mb": base_rss, "deploy": str(deploy)}))
 
 
@@ -486,6 +505,7 @@ def repeated_runs(run, name: str, args, rows: list) -> dict:
             rows.append({"model": name, "method": method, "error": failed[0]["error"]})
         else:
             results[method] = {**runs[0], "wall_s": float(np.median([r["wall_s"] for r in runs])),
+                               "import_s": float(np.median([r.get("import_s", 0.0) for r in runs])),
                                "peak_rss_mb": max(r["peak_rss_mb"] for r in runs)}
     return results
 
@@ -521,7 +541,8 @@ def main() -> None:
             deploy = Path(r["deploy"])
             rows.append({"model": name, "method": method, "acc": accuracy(deploy, name), "sqnr": logit_sqnr_db(name, deploy),
                          "lat_ms": lat, "vs_ort": ort_ratio(lat, by_method),
-                         "lat_ratio": lat / lats[0], "wall_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"],
+                         "lat_ratio": lat / lats[0], "wall_s": r["wall_s"], "import_s": r["import_s"],
+                         "peak_rss_mb": r["peak_rss_mb"],
                          "size_kb": deploy.stat().st_size / 1024, "size_ratio": deploy.stat().st_size / fp32.stat().st_size})
             if "ort-minmax" in results:
                 rows[-1]["wall_ratio"] = r["wall_s"] / results["ort-minmax"]["wall_s"]
@@ -535,16 +556,19 @@ def main() -> None:
                  "(median of 5 interleaved "
                  f"passes of 40 runs each; vs ORT QDQ: over the faster of ORT quantize_static MinMax's deploy models, int8 "
                  "(ort-minmax) or uint8 (-u8) activations, in the same passes), "
-                 f"speed-up over FP32 = 1 / (vs FP32), PTQ wall time the median of {args.repeat} interleaved rounds; vs MinMax: "
+                 f"speed-up over FP32 = 1 / (vs FP32), PTQ wall time the median of {args.repeat} interleaved rounds, "
+                 "each in a fresh process, timed after the method's imports (import s: timed apart) and after the "
+                 "calibration data is loaded; vs MinMax: "
                  "PTQ wall time over ORT MinMax's; calib/fwd: omct's calibration part (its CalibrationSession's "
                  f"runs over the {args.batch_num} batches) over bare FP32 ONNX Runtime runs over the same batches "
                  "(medians of 7 interleaved rounds in one process).\n")
     lines += markdown_table(
         ["model", "method", "accuracy", "logit SQNR dB", "latency ms", "vs FP32", "vs ORT QDQ", "PTQ wall s", "vs MinMax",
-         "calib/fwd", "peak RSS MB", "size KB", "size vs FP32"],
+         "import s", "calib/fwd", "peak RSS MB", "size KB", "size vs FP32"],
         rows, lambda r: [f"{r['acc']:.4f}", f"{r['sqnr']:.1f}" if "sqnr" in r else "-", f"{r['lat_ms']:.2f}",
                          f"{r['lat_ratio']:.2f}x", r.get("vs_ort", "-"), f"{r.get('wall_s', 0):.2f}",
                          f"{r['wall_ratio']:.2f}x" if "wall_ratio" in r else "-",
+                         f"{r['import_s']:.2f}" if "import_s" in r else "-",
                          f"{r['calib_ratio']:.2f}x ({r['calib_s']:.3f}/{r['forward_s']:.3f} s)" if "calib_ratio" in r else "-",
                          f"{r.get('peak_rss_mb', 0):.0f}", f"{r['size_kb']:.0f}", f"{r['size_ratio']:.3f}x"])
     if args.memory:

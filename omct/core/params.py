@@ -41,14 +41,29 @@ class QuantParams:
     def quantize(self, x: np.ndarray) -> np.ndarray:
         """Integer codes of ``x`` (int64, inside [qmin, qmax])."""
         s = self._broadcast(self.scale.astype(np.float32), x.ndim)
-        o = self._broadcast(self.offset.astype(np.int64), x.ndim)
-        q = np.round(x.astype(np.float32) / s).astype(np.int64) + o
-        return np.clip(q, self.qmin, self.qmax)
+        if self.num_bits > 16:  # levels beyond float32's exact integers (INT32 bias): offset added in int64
+            o = self._broadcast(self.offset.astype(np.int64), x.ndim)
+            q = np.round(x.astype(np.float32) / s).astype(np.int64) + o
+            return np.clip(q, self.qmin, self.qmax)
+        # In place in one float32 buffer (an embedding table's codes cost one table more, not four): the same
+        # codes, since every level and offset is an exact float32 integer and anything beyond them is clipped.
+        q = np.divide(x, s, dtype=np.float32)
+        np.round(q, out=q)
+        q += self._broadcast(self.offset.astype(np.float32), x.ndim)
+        np.clip(q, self.qmin, self.qmax, out=q)
+        return q.astype(np.int64)
 
     def dequantize(self, q: np.ndarray) -> np.ndarray:
         s = self._broadcast(self.scale.astype(np.float32), q.ndim)
-        o = self._broadcast(self.offset.astype(np.int64), q.ndim)
-        return ((q - o) * s).astype(np.float32)
+        if self.num_bits > 16:
+            o = self._broadcast(self.offset.astype(np.int64), q.ndim)
+            return ((q - o) * s).astype(np.float32)
+        # In float32, in place: q - o is an exact float32 integer and its float64 product with s is exact (at
+        # most 17 + 24 bits), so rounding that product to float32 is what one float32 multiply gives.
+        x = np.asarray(q).astype(np.float32)
+        x -= self._broadcast(self.offset.astype(np.float32), q.ndim)
+        x *= s
+        return x
 
     def fake_quant(self, x: np.ndarray) -> np.ndarray:
         return self.dequantize(self.quantize(x))

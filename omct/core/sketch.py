@@ -64,8 +64,11 @@ class ActivationSketch:
         self.exponent = 0  # bin width is 2**exponent
         self.first_index = 0  # index of bin 0: covers [first_index * w, (first_index + 1) * w)
         self.counts = np.zeros(0)
-        self.top = np.zeros(0)  # largest values, any order
-        self.bottom = np.zeros(0)  # smallest values, any order
+        # Largest / smallest values, any order: at least min(tail_size, count) of them and every value of the
+        # stream beyond the innermost one, up to 2 * tail_size (cut to tail_size when read: ``top``, ``bottom``),
+        # so that the partition that keeps them runs every few batches, not on every one.
+        self._top = np.zeros(0)
+        self._bottom = np.zeros(0)
 
     # ---------------------------------------------------------------- building
     @property
@@ -91,9 +94,9 @@ class ActivationSketch:
         # Once a tail is full only values beyond its innermost one can change it: that test runs on each
         # chunk while it is in cache, and not at all when the batch's extreme cannot pass it. Before
         # that, the cut comes from the bins after this batch.
-        full_top, full_bottom = self.top.size >= k, self.bottom.size >= k
-        above = float(self.top.min()) if full_top else math.inf
-        below = float(self.bottom.max()) if full_bottom else -math.inf
+        full_top, full_bottom = self._top.size >= k, self._bottom.size >= k
+        above = float(self._top.min()) if full_top else math.inf  # every stream value above it is kept
+        below = float(self._bottom.max()) if full_bottom else -math.inf
         above, below = above if hi > above else None, below if lo < below else None
         stride = x.size // self.sample_size if self.sample_size else 0
         if stride >= 2:
@@ -102,8 +105,10 @@ class ActivationSketch:
             # whole run are binned as they are. The tails still see every value.
             used = x.size - x.size % stride
             sample = x[_sample_index(x.size, stride)]
-            counts = stride * _bin_and_cut(sample, self.exponent, self.first_index, self.counts.size, None, None)[0]
-            counts += _bin_and_cut(x[used:], self.exponent, self.first_index, self.counts.size, None, None)[0]
+            counts = _bin_and_cut(sample, self.exponent, self.first_index, self.counts.size, None, None)[0]
+            counts *= stride
+            if used < x.size:  # sizes are often multiples of the stride: no second set of bins then
+                counts += _bin_and_cut(x[used:], self.exponent, self.first_index, self.counts.size, None, None)[0]
             high, low = _cut(x, above, below)
             self.sampled = True
         else:
@@ -120,17 +125,21 @@ class ActivationSketch:
             top_bin = n - 1 - int(np.searchsorted(np.cumsum(self.counts[::-1]), want))
             cut = (self.first_index + max(top_bin, 0)) * self.width
             high = x[x >= cut]
-            if high.size + np.count_nonzero(self.top >= cut) < min(k, self.count):
+            if high.size + np.count_nonzero(self._top >= cut) < min(k, self.count):
                 high = _extreme(x, k, largest=True)
         if not full_bottom:
             bottom_bin = int(np.searchsorted(np.cumsum(self.counts), want))
             cut = (self.first_index + min(bottom_bin, n - 1) + 1) * self.width
             low = x[x < cut]
-            if low.size + np.count_nonzero(self.bottom < cut) < min(k, self.count):
+            if low.size + np.count_nonzero(self._bottom < cut) < min(k, self.count):
                 low = _extreme(x, k, largest=False)
         # The k most extreme first, in the batch's dtype: a cut on a spike (a ReLU's zeros, a ReLU6's sixes)
         # holds a large part of the batch, not worth converting.
-        self._keep_tails(_extreme(high, k, largest=True).astype(np.float64), _extreme(low, k, largest=False).astype(np.float64))
+        # Kept without a partition only when the batch added every value beyond the innermost kept one (a full
+        # tail, candidates not cut to k); else cut to k now, as the union is exact only in its k most extreme.
+        kept_high, kept_low = _extreme(high, k, largest=True), _extreme(low, k, largest=False)
+        self._keep_tails(kept_high.astype(np.float64), kept_low.astype(np.float64),
+                         cut=(not full_top or kept_high.size < high.size, not full_bottom or kept_low.size < low.size))
 
     def merge(self, other: ActivationSketch) -> None:
         """Fold ``other`` into this sketch (exact: the result equals one sketch fed both streams)."""
@@ -150,7 +159,7 @@ class ActivationSketch:
         self.count += other.count
         self.sampled = self.sampled or other.sampled
         self.min, self.max = min(self.min, other.min), max(self.max, other.max)
-        self._keep_tails(other.top, other.bottom)
+        self._keep_tails(other.top, other.bottom, cut=(True, True))
 
     def copy(self) -> ActivationSketch:
         new = ActivationSketch.__new__(ActivationSketch)
@@ -174,8 +183,10 @@ class ActivationSketch:
             self._coarsen()
         before = self.first_index - first
         after = last - (self.first_index + self.counts.size - 1)
-        if before or after:
-            self.counts = np.pad(self.counts, (before, after))
+        if before or after:  # np.pad costs ~20x more in Python overhead than this, on every growing batch
+            grown = np.zeros(before + self.counts.size + after, self.counts.dtype)
+            grown[before : before + self.counts.size] = self.counts
+            self.counts = grown
             self.first_index = first
 
     def _coarsen(self) -> None:
@@ -187,11 +198,29 @@ class ActivationSketch:
         self.first_index = new_first
         self.exponent += 1
 
-    def _keep_tails(self, high: np.ndarray, low: np.ndarray) -> None:
-        if high.size:
-            self.top = _extreme(np.concatenate([self.top, high]), self.tail_size, largest=True)
-        if low.size:
-            self.bottom = _extreme(np.concatenate([self.bottom, low]), self.tail_size, largest=False)
+    def _keep_tails(self, high: np.ndarray, low: np.ndarray, cut: tuple[bool, bool] = (False, False)) -> None:
+        """Add values beyond the innermost kept ones (``cut``: then keep only the tail_size most extreme)."""
+        k = self.tail_size
+        if high.size or cut[0]:
+            self._top = np.concatenate([self._top, high]) if high.size else self._top
+            if cut[0] or self._top.size > 2 * k:
+                self._top = _extreme(self._top, k, largest=True)
+        if low.size or cut[1]:
+            self._bottom = np.concatenate([self._bottom, low]) if low.size else self._bottom
+            if cut[1] or self._bottom.size > 2 * k:
+                self._bottom = _extreme(self._bottom, k, largest=False)
+
+    @property
+    def top(self) -> np.ndarray:
+        """The ``tail_size`` largest values (all of them while fewer were seen), any order."""
+        self._top = _extreme(self._top, self.tail_size, largest=True)
+        return self._top
+
+    @property
+    def bottom(self) -> np.ndarray:
+        """The ``tail_size`` smallest values (all of them while fewer were seen), any order."""
+        self._bottom = _extreme(self._bottom, self.tail_size, largest=False)
+        return self._bottom
 
     # ---------------------------------------------------------------- queries
     def edges(self) -> np.ndarray:
@@ -281,7 +310,7 @@ class ActivationSketch:
         return np.maximum((s2 - 2 * q * s1 + n * q * q).sum(axis=1), 0.0)
 
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.counts, self.top, self.bottom))
+        return sum(a.nbytes for a in (self.counts, self._top, self._bottom))
 
 
 CHUNK = 1 << 17  # values binned at a time: the scratch buffers stay in the core's cache
@@ -302,7 +331,7 @@ def _bin_and_cut(x: np.ndarray, exponent: int, first: int, n: int, above: float 
     step = x.dtype.type(math.ldexp(1.0, -exponent))
     size = min(CHUNK, x.size)
     scratch, index = np.empty(size, x.dtype), np.empty(size, np.int32)
-    counts = np.zeros(n, np.int64)
+    counts = None  # the first chunk's bincount (a bin array is 128 KB: every extra one is a page-faulting allocation)
     highs, lows = [], []
     for start in range(0, x.size, CHUNK):
         chunk = x[start : start + CHUNK]
@@ -312,11 +341,16 @@ def _bin_and_cut(x: np.ndarray, exponent: int, first: int, n: int, above: float 
         if first:
             np.subtract(f, first, out=f)
         np.copyto(i, f, casting="unsafe")
-        counts += np.bincount(i, minlength=n)
+        if counts is None:
+            counts = np.bincount(i, minlength=n)
+        else:
+            counts += np.bincount(i, minlength=n)
         if above is not None:
             highs.append(chunk[chunk > above])
         if below is not None:
             lows.append(chunk[chunk < below])
+    if counts is None:
+        counts = np.zeros(n, np.int64)
     if counts.size != n:
         raise AssertionError("sketch bins do not cover the batch")  # _cover guarantees they do
     empty = np.zeros(0, x.dtype)
@@ -344,7 +378,8 @@ def _sample_index(size: int, stride: int) -> np.ndarray:
     regular pattern of the tensor's layout (channels, rows) can line up with the draw."""
     runs = size // stride
     rng = np.random.default_rng([size, stride])
-    index = np.arange(0, runs * stride, stride, dtype=np.int64) + rng.integers(0, stride, runs)
+    dtype = np.int32 if size < 2**31 else np.int64  # cached per tensor size: half the memory where it fits
+    index = (np.arange(0, runs * stride, stride, dtype=np.int64) + rng.integers(0, stride, runs)).astype(dtype)
     index.flags.writeable = False
     return index
 

@@ -24,8 +24,9 @@ def _per_slice(w: np.ndarray, axis: int | None) -> np.ndarray:
 
 def arq(weight: np.ndarray, num_bits: int = 8, axis: int | None = 0) -> QuantParams:
     """AMCT's ARQ: symmetric, scale from the max |w| of each output channel (or of the whole tensor)."""
-    rows = _per_slice(np.asarray(weight, np.float64), axis)
-    max_abs = np.abs(rows).max(axis=1)
+    rows = _per_slice(np.asarray(weight), axis)
+    # max |w| as max(max w, -min w): exact in the weight's own dtype, and no weight-sized temporaries
+    max_abs = np.maximum(rows.max(axis=1), -rows.min(axis=1)).astype(np.float64)
     return symmetric_params(max_abs if axis is not None else max_abs[0], num_bits, axis)
 
 

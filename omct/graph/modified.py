@@ -80,6 +80,46 @@ def make_modified(base: onnx.ModelProto, plan: Plan, config: QuantConfig, observ
     return ModifiedModel(model, plan, config, added, carried, nodes)
 
 
+def partial_model(model: onnx.ModelProto, outputs: list[str], available: set[str]) -> onnx.ModelProto | None:
+    """The part of ``model`` that computes ``outputs`` from the tensors in ``available`` (they become FLOAT
+    inputs), the model's own inputs and its initializers: the nodes between them, in graph order. Why: a
+    frontend that sees most tensors already (the PyTorch hooks) computes the few others without running the
+    whole model a second time. None when a needed node has a subgraph (its outer-scope reads are not traced)."""
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    inits = {t.name: t for t in graph.initializer}
+    graph_inputs = {i.name: i for i in graph.input if i.name not in inits}
+    needed: set[int] = set()
+    feeds: list[str] = []
+    seen: set[str] = set()
+    stack = list(outputs)
+    while stack:
+        t = stack.pop()
+        if not t or t in seen:
+            continue
+        seen.add(t)
+        if t in available or t in graph_inputs:
+            feeds.append(t)
+            continue
+        if t in inits:
+            continue
+        node = producer.get(t)
+        if node is None or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            return None
+        needed.add(id(node))
+        stack.extend(node.input)
+    nodes = [n for n in graph.node if id(n) in needed]
+    used = {i for n in nodes for i in n.input}
+    inputs = [graph_inputs[t] if t in graph_inputs else helper.make_tensor_value_info(t, TensorProto.FLOAT, None)
+              for t in sorted(feeds)]
+    part = helper.make_graph(nodes, f"{graph.name}_part", inputs,
+                             [helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in outputs],
+                             [inits[t] for t in sorted(used & set(inits))])
+    out = helper.make_model(part, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    out.functions.extend(model.functions)
+    return out
+
+
 def read_modified(path: str | Path) -> ModifiedModel:
     model = load_model(path, "modified model", lazy=True)
     meta = metadata.read(model)

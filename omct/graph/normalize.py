@@ -413,6 +413,9 @@ def _drop_unused_initializers(model: onnx.ModelProto) -> None:
         model.graph.initializer.extend(keep)
 
 
+drop_unused_initializers = _drop_unused_initializers  # for the frontends that rewrite a graph (pytorch.trace)
+
+
 def fix_inputs(model: onnx.ModelProto, values: dict) -> onnx.ModelProto:
     """A copy of ``model`` with the graph inputs in ``values`` replaced by constants (Silero VAD's sample rate):
     an ``If`` whose condition then is constant is replaced by the branch it takes when the model is normalised,

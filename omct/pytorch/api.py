@@ -20,22 +20,24 @@ from omct.graph.ops import LayerSpec, Refusal
 from omct.pytorch import distributed
 from omct.pytorch.calibration import CalibrationModel
 from omct.pytorch.fold import equalize_modules, fold_conv_bn
-from omct.pytorch.trace import SUPPORTED, TracedModel, as_args, trace_model
+from omct.pytorch.trace import SUPPORTED, TracedModel, as_args, fold_traced, trace_model
 from omct.ui import format_table, hints, logger
 from omct.workflow import save_model, write_modified_model, write_quant_config
 
 __all__ = ["ModuleReport", "create_quant_config", "inspect_model", "prepare", "quantize_model", "save_model"]
 
 
-def _eval_copy(model: nn.Module) -> nn.Module:
-    """A copy of the model in eval mode: the user's module is never changed."""
+def _eval_copy(model: nn.Module, share_weights: bool = False) -> nn.Module:
+    """A copy of the model in eval mode: the user's module is never changed. ``share_weights``: the copy's
+    parameters are the user's own tensors (one copy of the weights in memory, not two), for work that never
+    changes a parameter in place (PTQ: ``fold_conv_bn`` and ``equalize_modules`` set new ones)."""
     if not isinstance(model, nn.Module):
         raise ModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if model.training:
         logger.warning("the model is in training mode; omct quantizes an eval-mode copy (BatchNorm uses its running "
                        "statistics, Dropout is off) and leaves your model as it is. Call model.eval() to silence this")
     try:
-        work = copy.deepcopy(model)
+        work = copy.deepcopy(model, {id(p): p for p in model.parameters()} if share_weights else None)
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"the model cannot be copied (copy.deepcopy failed: {e}); omct quantizes a copy so that "
                          "your model is not changed") from None
@@ -69,7 +71,7 @@ class ModuleReport:
 
 
 def inspect_model(model: nn.Module, input_data) -> ModuleReport:
-    traced = trace_model(_eval_copy(model), input_data)
+    traced = trace_model(_eval_copy(model, share_weights=True), input_data)
     # modules only: the chain ops between them (Add, MaxPool, ...) are quantized where their neighbours are
     modules = [s for s in traced.layers if s.chain is None]
     return ModuleReport(modules, traced.refused, traced.types, traced.batchnorm_after)
@@ -93,7 +95,7 @@ def create_quant_config(config_file: str | os.PathLike, model: nn.Module, input_
     """
     check_outputs({"config_defination": config_defination}, {"config_file": config_file})
     as_args(input_data)
-    traced = trace_model(_eval_copy(model), input_data)
+    traced = trace_model(_eval_copy(model, share_weights=True), input_data)
     write_quant_config(config_file, prepare(traced, model), skip_layers=skip_layers, batch_num=batch_num,
                        activation_offset=activation_offset, config_defination=config_defination)
 
@@ -119,7 +121,7 @@ def prepare_quantization(config: QuantConfig, config_file, modified_onnx_model, 
     """The eval-mode, BN-folded copy of ``model``, its traced ONNX graph, and the modified model written to disk.
     ``config_for(prepared)``, when given, turns the prepared model into the config the modified model is planned
     with (automatic NUQ: every layer that can take it calibrates NUQ's statistics)."""
-    work = _eval_copy(model)
+    work = _eval_copy(model, share_weights=True)
     traced = trace_model(work, input_data, **export)
     if config.globals.do_fusion:
         skip = set(config.globals.skip_fusion_layers)
@@ -127,7 +129,7 @@ def prepare_quantization(config: QuantConfig, config_file, modified_onnx_model, 
         folded = fold_conv_bn(work, pairs)
         if folded:
             logger.info("folded %d BatchNorm module(s) into convolutions", len(folded))
-            traced = trace_model(work, input_data, **export)
+            traced = fold_traced(traced, work, {c: pairs[c] for c in folded})
     if config.globals.cross_layer_equalization:
         graph = onnx.ModelProto()
         graph.CopyFrom(traced.model)

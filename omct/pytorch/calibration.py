@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from omct.graph.modified import ModifiedModel
+from omct.graph.modified import ModifiedModel, partial_model
 from omct.pytorch import distributed
 from omct.quantize import Calibration, CalibrationStatus, initializer_reader, ort_session
 
@@ -55,16 +56,49 @@ class CalibrationModel(CalibrationStatus, nn.Module):
                 clamp = (0.0, spec.output_max) if producers[spec.output_site].op_type in ("Relu", "Clip") else None
                 self._handles.append(module.register_forward_hook(self._output_hook(spec.output_site, clamp)))
                 hooked.add(spec.output_site)
-        # Tensors no module computes (a residual Add's output, a GlobalAveragePool's) are read from the modified
-        # model, which exposes them as outputs, run by ONNX Runtime on the same batch.
+        # Tensors no module computes (a residual Add's output, a GlobalAveragePool's) are computed by ONNX Runtime
+        # on the same batch: by the part of the modified model between them and the tensors the hooks see (a few
+        # Add, Relu, GlobalAveragePool nodes), fed with those hooked values; by the whole modified model (which
+        # exposes them as outputs) when that part cannot be cut out or a hooked value is missing in a batch.
         self._onnx_tensors = [t for t in self.calibration.tensors() if t not in hooked]
         self._mod = mod
-        self._session = ort_session(mod.model.SerializeToString()) if self._onnx_tensors else None
+        self._model = mod.model
+        self._inputs = [i.name for i in mod.model.graph.input
+                        if i.name not in {t.name for t in mod.model.graph.initializer}]
+        self._session = self._full = None
+        self._kept: dict[str, Any] = {}
+        self._keep: set[str] = set()
+        if self._onnx_tensors:
+            part = partial_model(mod.model, self._onnx_tensors, hooked)
+            if part is None:
+                self._session = self._full = ort_session(mod.model.SerializeToString())
+            else:
+                self._session = ort_session(part.SerializeToString())
+                self._keep = {i.name for i in part.graph.input} & hooked
 
     def _observe(self, tensor: str, value: Any) -> None:
         if self._active and tensor not in self._seen and isinstance(value, torch.Tensor):
             self._seen.add(tensor)
-            self.calibration.update(tensor, _to_numpy(value))
+            array = _to_numpy(value)
+            if tensor in self._keep:  # a copy: the module's output may be changed in place later in forward()
+                self._kept[tensor] = np.array(array, copy=True)
+            self.calibration.update(tensor, array)
+
+    def _observe_onnx(self, tensors: list[torch.Tensor]) -> None:
+        """Feed the tensors no hook sees, computed by ONNX Runtime from this batch's inputs and hooked values."""
+        inputs = {n: _to_numpy(t) if t.is_floating_point() else t.detach().cpu().numpy()  # token ids stay int
+                  for n, t in zip(self._inputs, tensors, strict=False)}
+        session = self._session
+        if session is not self._full and not self._keep <= self._kept.keys():  # a hook did not fire this batch
+            if self._full is None:
+                self._full = ort_session(self._model.SerializeToString())
+            session = self._full
+        feed = {i.name: self._kept[i.name] if i.name in self._kept and session is not self._full else inputs[i.name]
+                for i in session.get_inputs()}
+        fetch = self._mod.fetch_names(self._onnx_tensors)  # a tensor inside a control-flow body: where it is carried
+        values = dict(zip(fetch, session.run(fetch, feed), strict=True))
+        for name, value in self._mod.observed(self._onnx_tensors, values).items():
+            self.calibration.update(name, value)
 
     def _input_hook(self, tensor: str):
         def hook(_module, args):
@@ -93,15 +127,13 @@ class CalibrationModel(CalibrationStatus, nn.Module):
             finally:
                 self._active = False
             if self._session is not None:
-                feed = {i.name: _to_numpy(t) if t.is_floating_point() else t.detach().cpu().numpy()  # token ids stay int
-                        for i, t in zip(self._session.get_inputs(), tensors, strict=False)}
-                fetch = self._mod.fetch_names(self._onnx_tensors)
-                values = dict(zip(fetch, self._session.run(fetch, feed), strict=True))
-                for name, value in self._mod.observed(self._onnx_tensors, values).items():
-                    self.calibration.update(name, value)
+                self._observe_onnx(tensors)
             return result
 
-        out = self.calibration.run_batch(observe)
+        try:
+            out = self.calibration.run_batch(observe)
+        finally:
+            self._kept.clear()
         if self.calibration.done and distributed.active():
             distributed.barrier()  # the record file is written (rank 0) before any rank goes on to save_model
         return out

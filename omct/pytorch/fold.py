@@ -29,12 +29,11 @@ def fold_conv_bn(model: nn.Module, pairs: dict[str, str]) -> list[str]:
             scale = scale * bn.weight
         shift = -bn.running_mean * scale + (bn.bias if bn.affine else 0.0)
         bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-        conv.weight.mul_(scale.reshape(-1, *([1] * (conv.weight.dim() - 1))).to(conv.weight.dtype))
+        # New parameters, never in place: the copy being folded may share its tensors with the user's model.
+        weight = conv.weight * scale.reshape(-1, *([1] * (conv.weight.dim() - 1))).to(conv.weight.dtype)
         new_bias = (bias * scale + shift).to(conv.weight.dtype)
-        if conv.bias is None:
-            conv.bias = nn.Parameter(new_bias)
-        else:
-            conv.bias.copy_(new_bias)
+        conv.weight = nn.Parameter(weight, requires_grad=conv.weight.requires_grad)
+        conv.bias = nn.Parameter(new_bias, requires_grad=conv.weight.requires_grad)
         _set_module(model, bn_name, nn.Identity())
         folded.append(conv_name)
     return folded
@@ -53,12 +52,12 @@ def equalize_modules(model: nn.Module, scales: dict[tuple[str, str], np.ndarray]
         if not isinstance(a, nn.Conv2d) or not isinstance(b, nn.Conv2d) or a.weight.shape[0] != len(s):
             continue
         t = torch.as_tensor(s, dtype=a.weight.dtype)
-        a.weight.div_(t.reshape(-1, 1, 1, 1))
+        # new parameters, never in place (the copy may share its tensors with the user's model)
+        a.weight = nn.Parameter(a.weight / t.reshape(-1, 1, 1, 1), requires_grad=a.weight.requires_grad)
         if a.bias is not None:
-            a.bias.div_(t)
-        if b.groups == 1:
-            b.weight.mul_(t.reshape(1, -1, 1, 1))
-        else:
-            b.weight.mul_(t.repeat_interleave(b.weight.shape[0] // len(s)).reshape(-1, 1, 1, 1))
+            a.bias = nn.Parameter(a.bias / t, requires_grad=a.bias.requires_grad)
+        per_out = t.repeat_interleave(b.weight.shape[0] // len(s))  # a depthwise B: its output channels
+        factor = t.reshape(1, -1, 1, 1) if b.groups == 1 else per_out.reshape(-1, 1, 1, 1)
+        b.weight = nn.Parameter(b.weight * factor, requires_grad=b.weight.requires_grad)
         done.append((a_name, b_name))
     return done

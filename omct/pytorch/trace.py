@@ -3,8 +3,9 @@
 Why markers instead of the exporter's node names: scope names say nothing about a module that runs twice,
 a Linear that becomes MatMul + Add, or a weight used functionally. During export each candidate module's
 output passes through an identity ``omct::Mark`` op that carries its name, so the node that produced the
-output is known exactly; the markers are then removed. A plain forward pass before that counts how often
-each module runs, and the weights are checked for sharing, so every candidate left in float has a reason.
+output is known exactly; the markers are then removed. The marking hooks also count how often each module
+runs (the export traces one forward pass), and the weights are checked for sharing, so every candidate left in
+float has a reason.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from dataclasses import dataclass, field
 
 import onnx
 import torch
+from onnx import numpy_helper
 from torch import nn
 
 from omct.errors import ModelError
-from omct.graph.normalize import constant_identities_to_initializers, fold_pads, normalize
+from omct.graph.normalize import constant_identities_to_initializers, drop_unused_initializers, fold_pads, normalize
 from omct.graph.ops import LayerSpec, Refusal, find_layers
 from omct.ui import logger
 
@@ -122,6 +124,8 @@ class TracedModel:
     types: dict[str, str]  # candidate module name -> supported type name
     batchnorm_after: dict[str, str] = field(default_factory=dict)  # conv module -> BN module it alone feeds
     module_names: set[str] = field(default_factory=set)
+    mapped: set[str] = field(default_factory=set)  # modules whose node was found (named after them)
+    reasons: dict[str, str] = field(default_factory=dict)  # why each refused candidate module stays float
 
 
 def _candidates(model: nn.Module) -> dict[str, nn.Module]:
@@ -146,19 +150,6 @@ def run_forward(model: nn.Module, args: tuple):
     except Exception as e:  # noqa: BLE001 - any failure of the user's forward is reported the same way
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ModelError(f"input_data does not run through the model: {type(e).__name__}: {first}") from None
-
-
-def _count_calls(model: nn.Module, modules: dict[str, nn.Module], args: tuple) -> dict[str, int]:
-    calls = dict.fromkeys(modules, 0)
-
-    def factory(name):
-        def hook(_m, _i, _o):
-            calls[name] += 1
-        return hook
-
-    with _hooks(modules, factory):
-        run_forward(model, args)
-    return calls
 
 
 def _torch_refusals(candidates: dict[str, nn.Module], calls: dict[str, int]) -> dict[str, str]:
@@ -187,9 +178,12 @@ def _torch_refusals(candidates: dict[str, nn.Module], calls: dict[str, int]) -> 
 
 
 def _export(model: nn.Module, args: tuple, marked: dict[str, nn.Module], input_names, output_names,
-            dynamic_axes) -> onnx.ModelProto:
+            dynamic_axes, calls: dict[str, int]) -> onnx.ModelProto:
+    """Export with every ``marked`` module's output marked; ``calls`` counts how often each one ran (the export
+    traces one forward pass: no separate pass to count them)."""
     def factory(name):
         def hook(_m, _i, out):
+            calls[name] += 1
             return _Mark.apply(out, name) if isinstance(out, torch.Tensor) else out
         return hook
 
@@ -202,7 +196,12 @@ def _export(model: nn.Module, args: tuple, marked: dict[str, nn.Module], input_n
                               custom_opsets={_MARK_DOMAIN: 1}, do_constant_folding=True)
         except Exception as e:  # noqa: BLE001
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ModelError(f"torch.onnx.export could not export the model: {first}") from None
+            error = ModelError(f"torch.onnx.export could not export the model: {first}")
+        else:
+            error = None
+    if error is not None:
+        run_forward(model, args)  # a forward pass that fails is the error to report
+        raise error
     for w in caught:
         logger.debug("torch.onnx.export: %s", w.message)
     model_proto = onnx.load_from_string(buf.getvalue())
@@ -262,10 +261,11 @@ def trace_model(model: nn.Module, input_data, input_names=None, output_names=Non
         dynamic_axes = default_dynamic_axes(input_names, args)
     candidates = _candidates(model)
     batchnorms = {n: m for n, m in model.named_modules() if isinstance(m, BATCHNORMS)}
-    calls = _count_calls(model, {**candidates, **batchnorms}, args)
+    # Every candidate is marked and counted during the export; a module that ran more than once (several
+    # marks under one name) or never is refused below, and its marks are stripped like the others.
+    calls = dict.fromkeys({**candidates, **batchnorms}, 0)
+    exported = _export(model, args, {**candidates, **batchnorms}, input_names, output_names, dynamic_axes, calls)
     reasons = _torch_refusals(candidates, calls)
-    marked = {**{n: m for n, m in candidates.items() if calls[n] == 1}, **batchnorms}
-    exported = _export(model, args, marked, input_names, output_names, dynamic_axes)
     initializers = {t.name for t in exported.graph.initializer}
     mark_inputs = {next(a.s.decode() for a in n.attribute if a.name == "name"): n.input[0]
                    for n in exported.graph.node if n.domain == _MARK_DOMAIN}
@@ -291,21 +291,63 @@ def trace_model(model: nn.Module, input_data, input_names=None, output_names=Non
         if other is not None and other is not node:  # an exporter node already named like the module: rename it
             other.name = f"{other.name}__renamed"
         node.name = name
-    norm, rep = normalize(exported)
+    norm, rep = normalize(exported, in_place=True)  # the export is ours: no copy of its weights
     fold_pads(norm, rep)  # the same graph steps as the ONNX frontend: zero Pads into the Convs after them
+    types = {n: layer_type(m) for n, m in candidates.items()}
+    return _with_layers(norm, set(layer_nodes), reasons, types, batchnorm_after,
+                        {n for n, _ in model.named_modules() if n})
+
+
+def _with_layers(norm: onnx.ModelProto, mapped: set[str], reasons: dict[str, str], types: dict[str, str],
+                 batchnorm_after: dict[str, str], module_names: set[str]) -> TracedModel:
+    """The traced model of graph ``norm``, whose nodes ``mapped`` carry module names: its layers found by the
+    ONNX op handlers, refusals from torch (``reasons``) and from the handlers."""
+    reasons = dict(reasons)
     specs, onnx_refused = find_layers(norm)
     # Modules' layers, and the chain ops (Add, MaxPool, Pad, ...) between them under their ONNX node names:
     # quantized only between quantized tensors, so that the runtime runs integer chains, not islands.
-    layers = [s for s in specs if s.name in layer_nodes or s.chain is not None]
+    layers = [s for s in specs if s.name in mapped or s.chain is not None]
     for r in onnx_refused:
-        if r.name in layer_nodes:
+        if r.name in mapped:
             reasons[r.name] = r.reason
-    unmapped = [s.name for s in specs if s.name not in layer_nodes and s.chain is None]
+    unmapped = [s.name for s in specs if s.name not in mapped and s.chain is None]
     if unmapped:
         logger.debug("ONNX nodes not produced by a supported module, left in float: %s", ", ".join(unmapped))
-    types = {n: layer_type(m) for n, m in candidates.items()}
-    refused = [Refusal(n, types[n], reasons[n]) for n in candidates if n in reasons]
-    return TracedModel(norm, layers, refused, types, batchnorm_after, {n for n, _ in model.named_modules() if n})
+    refused = [Refusal(n, t, reasons[n]) for n, t in types.items() if n in reasons]
+    return TracedModel(norm, layers, refused, types, batchnorm_after, module_names, mapped, reasons)
+
+
+def fold_traced(traced: TracedModel, model: nn.Module, folded: dict[str, str]) -> TracedModel:
+    """``traced`` after ``fold_conv_bn(model, folded)``, without exporting again: each folded conv node takes
+    its module's folded weight and bias (the very tensors a new export would hold) and the output of the
+    BatchNormalization after it, which goes. Why: an export costs as much as the rest of quantize_model."""
+    graph = traced.model.graph
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    nodes = {n.name: n for n in graph.node}
+    removed = set()
+    for conv_name in folded:
+        conv = nodes[conv_name]
+        bns = consumers.get(conv.output[0], [])
+        if len(bns) != 1 or bns[0].op_type != "BatchNormalization":
+            raise AssertionError(f"traced graph: conv '{conv_name}' is not followed by its BatchNormalization")
+        module = model.get_submodule(conv_name)
+        w_name, b_name = f"{conv_name}.weight_folded", f"{conv_name}.bias_folded"
+        graph.initializer.extend([numpy_helper.from_array(module.weight.detach().cpu().numpy(), w_name),
+                                  numpy_helper.from_array(module.bias.detach().cpu().numpy(), b_name)])
+        data_input = conv.input[0]
+        del conv.input[:]
+        conv.input.extend([data_input, w_name, b_name])
+        conv.output[0] = bns[0].output[0]
+        removed.add(id(bns[0]))
+    keep = [n for n in graph.node if id(n) not in removed]
+    del graph.node[:]
+    graph.node.extend(keep)
+    drop_unused_initializers(traced.model)
+    return _with_layers(traced.model, traced.mapped, traced.reasons, traced.types, traced.batchnorm_after,
+                        traced.module_names)
 
 
 def _conv_bn_pairs(exported, mark_inputs, producer, layer_nodes, batchnorms, candidates, calls) -> dict[str, str]:

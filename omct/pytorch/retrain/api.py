@@ -28,7 +28,7 @@ from omct.pytorch import distributed
 from omct.pytorch.api import _eval_copy, prepare
 from omct.pytorch.fold import fold_conv_bn
 from omct.pytorch.retrain.model import RETRAIN_TYPES, QuantRetrainModel
-from omct.pytorch.trace import TracedModel, as_args, trace_model
+from omct.pytorch.trace import TracedModel, as_args, fold_traced, trace_model
 from omct.quantize import QuantizedModel
 from omct.ui import logger
 from omct.workflow import report_refusals
@@ -71,8 +71,10 @@ def _folded(model: nn.Module, input_data) -> tuple[nn.Module, TracedModel]:
     """An eval-mode copy with every Conv + BatchNorm pair folded, and its traced graph."""
     work = _eval_copy(model)
     traced = trace_model(work, input_data)
-    if fold_conv_bn(work, traced.batchnorm_after):
-        traced = trace_model(work, input_data)
+    pairs = traced.batchnorm_after
+    folded = fold_conv_bn(work, pairs)
+    if folded:
+        traced = fold_traced(traced, work, {c: pairs[c] for c in folded})
     return work, traced
 
 
