@@ -155,7 +155,7 @@ def apply_variants(variants: list[str]) -> float:
         elif v == "nogs":
             init = quantizers.WeightQuantizer.__init__
 
-            def no_scaling(self, *a, **k):
+            def no_scaling(self, *a, init=init, **k):
                 init(self, *a, **k)
                 self.grad_factor = 1.0
             quantizers.WeightQuantizer.__init__ = no_scaling
@@ -254,7 +254,7 @@ def torchao_qat(model, name: str, bits: int, channel_wise: bool, data) -> dict:
     import torch
     from torchao.quantization import quantize_
     from torchao.quantization.granularity import PerAxis, PerTensor
-    from torchao.quantization.qat import IntXQuantizationAwareTrainingConfig, IntxFakeQuantizeConfig
+    from torchao.quantization.qat import IntxFakeQuantizeConfig, IntXQuantizationAwareTrainingConfig
 
     weight = IntxFakeQuantizeConfig(torch.int4 if bits == 4 else torch.int8, PerAxis(0) if channel_wise else PerTensor(),
                                     is_symmetric=True)

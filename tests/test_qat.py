@@ -89,7 +89,8 @@ def test_fake_quant_forward_and_straight_through_gradients_match_numpy():
     scale, offset = np.float32(0.03), -20.0
     xt = torch.tensor(x, requires_grad=True)
     s = torch.tensor(scale, requires_grad=True)
-    y = fake_quant(xt, s, torch.tensor(offset), -128, 127)
+    o = torch.tensor(offset, requires_grad=True)
+    y = fake_quant(xt, s, o, -128, 127)
     q = np.clip(np.round(x / scale) + offset, -128, 127)
     np.testing.assert_array_equal(y.detach().numpy(), ((q - offset) * scale).astype(np.float32))
     y.sum().backward()
@@ -98,6 +99,7 @@ def test_fake_quant_forward_and_straight_through_gradients_match_numpy():
     # LSQ's step-size gradient: round(x/s) - x/s inside, the clamped level's distance from the offset outside
     ds = np.where(inside, np.round(x / scale) - x / scale, q - offset).sum()
     assert float(s.grad) == pytest.approx(ds, rel=1e-4)
+    assert float(o.grad) == pytest.approx(-scale * (~inside).sum(), rel=1e-4)  # the offset's: -s outside
 
 
 def test_ulq_clip_gradients_against_finite_differences():

