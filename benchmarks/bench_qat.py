@@ -267,6 +267,27 @@ def torchao_qat(model, name: str, bits: int, channel_wise: bool, data) -> dict:
             "note": f"PyTorch fake-quant; {linear} Linear quantized" + (f", {convs} Conv2d left float" if convs else "")}
 
 
+def kernels(deploy: Path) -> str:
+    """ONNX Runtime's optimised deploy graph: how many matrix ops run integer kernels (QLinearConv, QGemm, ...) and
+    how many run in float (weights dequantized at run time or folded back to float; attention's activation
+    MatMuls included), and the BatchNormalization left in float."""
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.optimized_model_filepath = str(deploy.with_suffix(".optimized.onnx"))
+    ort.InferenceSession(str(deploy), so, providers=["CPUExecutionProvider"])
+    ops = collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+    integer = sum(ops[op] for op in ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvInteger",
+                                     "DynamicQuantizeMatMul", "MatMulIntegerToFloat"))
+    floats = sum(ops[op] for op in ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul", "NchwcConv"))
+    text = f"ORT: {integer} integer / {floats} float matrix ops"
+    return text + (f", {ops['BatchNormalization']} float BatchNorm" if ops.get("BatchNormalization") else "")
+
+
 def child(method: str, name: str, bits: str, steps: int) -> None:
     import torch
 
@@ -313,6 +334,8 @@ def main() -> None:
                        + (", first layer W8" if args.first_int8 else "")}
                 if "error" not in r:
                     row["acc"] = ptq.accuracy(Path(r["deploy"])) if "deploy" in r else r["torch_acc"]
+                    if "deploy" in r:
+                        row["note"] = "; ".join(filter(None, [kernels(Path(r["deploy"])), r.get("note")]))
                     if fp32.get("step_ms") and r.get("step_ms"):
                         row["step_ratio"] = r["step_ms"] / fp32["step_ms"]
                 rows.append(row)
