@@ -57,7 +57,7 @@ def train(model, data, skip: int = 2, quant_lr_factor: float = 1.0) -> float:
     import torch
     from torch import nn
 
-    quant = [p for n, p in model.named_parameters() if n.endswith((".scale", ".clip_max", ".clip_min"))]
+    quant = [p for n, p in model.named_parameters() if n.endswith((".log_scale", ".clip_max", ".clip_min"))]
     ids = {id(p) for p in quant}
     groups = [{"params": [p for p in model.parameters() if id(p) not in ids]}]
     if quant and quant_lr_factor != 1.0:

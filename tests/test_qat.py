@@ -132,7 +132,7 @@ def test_weight_quantizers_arq_and_ulq_int4():
     np.testing.assert_allclose(arq(w).detach().numpy(), codes * expect.reshape(-1, 1, 1, 1), rtol=1e-6)
     ulq = WeightQuantizer("conv", w, 4, 0, learned=True).train()
     (ulq(w) ** 2).sum().backward()
-    assert ulq.scale.grad is not None and ulq.scale.grad.shape == (6,)
+    assert ulq.log_scale.grad is not None and ulq.log_scale.grad.shape == (6,)
     assert np.unique(np.round(ulq(w).detach().numpy() / ulq.scale.detach().numpy().reshape(-1, 1, 1, 1))).size <= 16
 
 
@@ -160,7 +160,8 @@ def test_ulq_scale_starts_at_the_mse_optimal_clip(axis):
 
 def test_ulq_weight_scale_gradient_is_lsq_scaled():
     """The learned scale's gradient: LSQ's per-element term (round(w/s) - w/s inside, the clamped level outside)
-    summed per channel, times 1 / sqrt(elements per channel * qmax) (numpy reference)."""
+    summed per channel, times 1 / sqrt(elements per channel * qmax) (numpy reference); the parameter is log(s),
+    so its gradient is s times that."""
     rng = np.random.default_rng(4)
     w = rng.normal(0, 0.2, (3, 2, 3, 3)).astype(np.float32)
     g = rng.normal(0, 1, w.shape).astype(np.float32)
@@ -169,8 +170,25 @@ def test_ulq_weight_scale_gradient_is_lsq_scaled():
     s = ulq.scale.detach().numpy().astype(np.float64).reshape(-1, 1, 1, 1)
     r = np.round(w / s)
     term = np.where((r >= -8) & (r <= 7), r - w / s, np.clip(r, -8, 7))
-    expect = (g * term).reshape(3, -1).sum(1) / np.sqrt(18 * 7)
-    np.testing.assert_allclose(ulq.scale.grad.numpy(), expect, rtol=1e-4, atol=1e-6)
+    expect = (g * term).reshape(3, -1).sum(1) / np.sqrt(18 * 7) * s.reshape(-1)
+    np.testing.assert_allclose(ulq.log_scale.grad.numpy(), expect, rtol=1e-4, atol=1e-7)
+
+
+def test_ulq_weight_scale_stays_positive_under_adam():
+    """An INT8 scale of about 1e-3 and Adam at lr 2e-4 with a gradient that keeps pushing it down: learned
+    directly it crossed zero within a few steps; as log(s) it only shrinks by a fraction per step."""
+    w = torch.tensor(np.random.default_rng(5).normal(0, 0.05, (4, 16)).astype(np.float32))
+    ulq = WeightQuantizer("fc", w, 8, 0, learned=True).train()
+    start = ulq.scale.detach().clone()
+    assert float(start.max()) < 2e-3
+    opt = torch.optim.Adam(ulq.parameters(), lr=2e-4)
+    for _ in range(50):
+        opt.zero_grad()
+        ulq.current_scale(w).sum().backward()  # d/ds > 0 every step: Adam lowers the scale at its full rate
+        opt.step()
+    end = ulq.scale.detach()
+    assert torch.all(end > 0) and torch.all(end < start)
+    np.testing.assert_allclose(end.numpy(), start.numpy() * np.exp(-50 * 2e-4), rtol=1e-3)
 
 # ---------------------------------------------------------------------------------------------- end to end
 def test_initialisation_corrects_each_bias_for_its_quantized_weights_mean_shift(cnn, tmp_path):

@@ -151,8 +151,12 @@ class WeightQuantizer(nn.Module):
     channel (``axis``) or per tensor.
 
     ``arq_retrain``: the scale is max|w| / qmax of the current weights, every step (no gradient through it).
-    ``ulq_retrain``: the scale is a parameter initialised by MSE clipping and learned, its gradient scaled by
-    1 / sqrt(numel * qmax) as in LSQ (Esser et al.), so that it trains at the weights' pace.
+    ``ulq_retrain``: the scale is learned, initialised by MSE clipping, its gradient scaled by
+    1 / sqrt(numel * qmax) as in LSQ (Esser et al.), so that it trains at the weights' pace. The parameter is its
+    logarithm (``log_scale``): positive by construction, and an optimizer step changes it by a fraction of itself.
+    Learned directly, a small scale crossed zero under Adam, whose step (about the learning rate, 2e-4) is of the
+    order of an INT8 scale (1e-3 on the benchmark transformer's layers: training stopped with a zero scale after a
+    few steps).
     """
 
     def __init__(self, name: str, weight: torch.Tensor, num_bits: int, axis: int | None, learned: bool):
@@ -162,7 +166,7 @@ class WeightQuantizer(nn.Module):
         self.axis = axis
         self.learned = learned
         if learned:
-            self.scale = nn.Parameter(self._initial_scale(weight.detach()))
+            self.log_scale = nn.Parameter(torch.log(self._initial_scale(weight.detach()).clamp_min(MIN_SCALE)))
             per = weight.numel() // (weight.shape[axis] if axis is not None else 1)
             self.grad_factor = 1.0 / math.sqrt(per * self.qmax)
 
@@ -195,14 +199,20 @@ class WeightQuantizer(nn.Module):
         scale = torch.as_tensor(np.asarray(params.scale, np.float32).reshape(-1), device=w.device)
         return scale.reshape(()) if self.axis is None else scale
 
+    @property
+    def scale(self) -> torch.Tensor:
+        """The learned scale (``ulq_retrain``), ``exp(log_scale)``."""
+        return self.log_scale.exp()
+
     def current_scale(self, w: torch.Tensor) -> torch.Tensor:
         if not self.learned:
             return self._arq_scale(w.detach())
-        scale = self.scale
+        log_scale = _scale_grad(self.log_scale, self.grad_factor) if self.training else self.log_scale
+        scale = log_scale.exp()
         if not torch.isfinite(scale).all() or bool((scale.detach() < MIN_SCALE).any()):
-            raise QuantizationError(f"layer '{self.name}': the learned weight scale became zero, negative or NaN; "
+            raise QuantizationError(f"layer '{self.name}': the learned weight scale became zero, infinite or NaN; "
                                     "lower the learning rate of the ulq_retrain scales or use arq_retrain")
-        return _scale_grad(scale, self.grad_factor) if self.training else scale
+        return scale
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         scale = self.current_scale(w).reshape(self._shape(w)).to(w.dtype)
