@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import bench_ptq as ptq  # noqa: E402 - shares models, data and measurements with the PTQ benchmarks
 
-METHODS = ["fp32-train", "omct-ptq-arq", "omct-ptq-mse", "omct-qat-arq", "omct-qat-ulq", "nncf-qat", "torchao-qat"]
+METHODS = ["fp32-train", "omct-ptq-arq", "omct-ptq-mse", "omct-qat-arq", "omct-qat-ulq", "nncf-qat", "nncf-qat-folded",
+           "torchao-qat"]
 #: ablations of omct's ulq_retrain, appended to a method name (``omct-qat-ulq+maxinit+slr10``): ``maxinit`` starts the
 #: learned weight scales at max|w| / qmax instead of the MSE clip, ``nogs`` drops LSQ's gradient scaling of the
 #: scales, ``slrK`` trains the quantization parameters (weight scales, activation clips) at K times the learning rate
@@ -133,7 +134,9 @@ def run(method: str, name: str, bits: int, steps: int, out: Path, channel_wise: 
         qat = amct.create_quant_retrain_model(str(out) + ".json", model, str(out) + "_record.txt", example)
         result["step_ms"] = train(qat, data, quant_lr_factor=factor)
         amct.save_quant_retrain_model(str(out) + ".json", qat, str(out) + "_record.txt", str(out), example, **EXPORT)
-    elif method == "nncf-qat":
+    elif method in ("nncf-qat", "nncf-qat-folded"):
+        if method.endswith("folded"):
+            fold_batchnorm(model)
         return nncf_qat(model, bits, channel_wise, first_int8, data, example, deploy)
     elif method == "torchao-qat":
         return torchao_qat(model, name, bits, channel_wise, data)
@@ -164,6 +167,25 @@ def apply_variants(variants: list[str]) -> float:
         else:
             raise ValueError(f"unknown variant {v!r} (known: {VARIANTS})")
     return factor
+
+
+def fold_batchnorm(model) -> int:
+    """Fold every BatchNorm2d into the Conv2d registered just before it in the same parent (the layout of the
+    benchmark CNNs): NNCF then quantizes the folded weights, as omct and an integer deploy model do. NNCF
+    otherwise keeps BatchNorm after the convolution, its per-tensor weight scale becomes per-channel once BN is
+    folded, and ONNX Runtime runs its deploy model with float convolutions and float BatchNorm."""
+    from torch import nn
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = 0
+    for parent in list(model.modules()):
+        children = list(parent.named_children())
+        for (name_a, a), (name_b, b) in zip(children, children[1:], strict=False):
+            if type(a) is nn.Conv2d and type(b) is nn.BatchNorm2d:
+                setattr(parent, name_a, fuse_conv_bn_eval(a.eval(), b.eval()))
+                setattr(parent, name_b, nn.Identity())
+                folded += 1
+    return folded
 
 
 def nncf_weight_quantizers(model) -> list:
