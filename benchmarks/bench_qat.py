@@ -1,16 +1,20 @@
 """Quantization-aware training, side by side, at INT8 weights and at INT4 weights (INT8 activations):
 FP32, omct PTQ (IFMR activations; ARQ and MSE-clip weights), omct QAT (AMCT's retrain sequence, ULQ activations,
-``arq_retrain`` at INT8 and ``ulq_retrain`` at INT4) and NNCF's QAT (``nncf.quantize``, then the same training,
-``nncf.strip``, exported to ONNX) after the same short fine-tune (same batches, optimizer and learning rate).
-Deploy models run in ONNX Runtime; accuracy on the 500 held-out digits. The step time is the median training
-step (batch 64, one thread) after the initialisation batches, against FP32 training of the same model.
+``omct-qat-arq`` / ``omct-qat-ulq``: ``arq_retrain`` / ``ulq_retrain`` weights; ``omct-qat``: ulq at INT4, arq at
+INT8; ablations in VARIANTS), NNCF's QAT (``nncf.quantize``, at 4 bits its weight quantizers' ``num_bits`` set to
+4, then the same training, ``nncf.strip``, exported to ONNX; ``nncf-qat-folded``: BatchNorm folded first) and
+torchao's QAT (nn.Linear only) after the same short fine-tune (same batches, optimizer and learning rate).
+Deploy models run in ONNX Runtime; accuracy on the 500 held-out digits, and which matrix ops ONNX Runtime runs on
+integer kernels. The step time is the median training step (batch 64, one thread) after the initialisation
+batches, against FP32 training of the same model.
 
 Each run is its own child process (peak RSS is its own). Run by hand, not in CI:
 
     python benchmarks/bench_qat.py                          # writes benchmarks/results/qat.md
     python benchmarks/bench_qat.py --models resnet --bits 4 --steps 40
 
-NNCF is optional (``pip install nncf``; import path extended with ``--nncf-path``); without it its rows say so.
+NNCF and torchao are optional (``pip install nncf torchao``; import path extended with ``--nncf-path``); without
+them their rows say so.
 """
 
 from __future__ import annotations
