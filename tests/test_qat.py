@@ -89,7 +89,8 @@ def test_fake_quant_forward_and_straight_through_gradients_match_numpy():
     scale, offset = np.float32(0.03), -20.0
     xt = torch.tensor(x, requires_grad=True)
     s = torch.tensor(scale, requires_grad=True)
-    y = fake_quant(xt, s, torch.tensor(offset), -128, 127)
+    o = torch.tensor(offset, requires_grad=True)
+    y = fake_quant(xt, s, o, -128, 127)
     q = np.clip(np.round(x / scale) + offset, -128, 127)
     np.testing.assert_array_equal(y.detach().numpy(), ((q - offset) * scale).astype(np.float32))
     y.sum().backward()
@@ -98,6 +99,7 @@ def test_fake_quant_forward_and_straight_through_gradients_match_numpy():
     # LSQ's step-size gradient: round(x/s) - x/s inside, the clamped level's distance from the offset outside
     ds = np.where(inside, np.round(x / scale) - x / scale, q - offset).sum()
     assert float(s.grad) == pytest.approx(ds, rel=1e-4)
+    assert float(o.grad) == pytest.approx(-scale * (~inside).sum(), rel=1e-4)  # the offset's: -s outside
 
 
 def test_ulq_clip_gradients_against_finite_differences():
@@ -130,9 +132,63 @@ def test_weight_quantizers_arq_and_ulq_int4():
     np.testing.assert_allclose(arq(w).detach().numpy(), codes * expect.reshape(-1, 1, 1, 1), rtol=1e-6)
     ulq = WeightQuantizer("conv", w, 4, 0, learned=True).train()
     (ulq(w) ** 2).sum().backward()
-    assert ulq.scale.grad is not None and ulq.scale.grad.shape == (6,)
+    assert ulq.log_scale.grad is not None and ulq.log_scale.grad.shape == (6,)
     assert np.unique(np.round(ulq(w).detach().numpy() / ulq.scale.detach().numpy().reshape(-1, 1, 1, 1))).size <= 16
 
+
+
+@pytest.mark.parametrize("axis", [0, None])
+def test_ulq_scale_starts_at_the_mse_optimal_clip(axis):
+    """ulq_retrain's learned INT4 scale starts at the clip with the least squared weight error, not at max|w|:
+    checked against a numpy brute force over 3000 clips per channel (a finer grid than omct's candidates)."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_t(3, (5, 4, 3, 3)).astype(np.float32) * np.array([0.1, 0.5, 1, 2, 4], np.float32)[:, None, None, None]
+    rows = w.reshape(5, -1).astype(np.float64) if axis == 0 else w.reshape(1, -1).astype(np.float64)
+
+    def err(clip):  # squared error of every row at every clip in ``clip`` (rows x candidates)
+        s = clip[..., None] / 7
+        return ((np.clip(np.round(rows[:, None, :] / s), -8, 7) * s - rows[:, None, :]) ** 2).sum(-1)
+
+    max_abs = np.abs(rows).max(1)
+    grid = max_abs[:, None] * np.linspace(0.2, 1.0, 3000)[None, :]
+    best = err(grid).min(1)
+    got = WeightQuantizer("conv", torch.tensor(w), 4, axis, learned=True).scale.detach().numpy().reshape(-1) * 7
+    got_err = err(got[:, None].astype(np.float64))[:, 0]
+    assert np.all(got_err <= best * 1.02), (got_err, best)  # within omct's candidate resolution of the optimum
+    assert np.all(got_err < err(max_abs[:, None])[:, 0])  # and better than the max-abs start
+
+
+def test_ulq_weight_scale_gradient_is_lsq_scaled():
+    """The learned scale's gradient: LSQ's per-element term (round(w/s) - w/s inside, the clamped level outside)
+    summed per channel, times 1 / sqrt(elements per channel * qmax) (numpy reference); the parameter is log(s),
+    so its gradient is s times that."""
+    rng = np.random.default_rng(4)
+    w = rng.normal(0, 0.2, (3, 2, 3, 3)).astype(np.float32)
+    g = rng.normal(0, 1, w.shape).astype(np.float32)
+    ulq = WeightQuantizer("conv", torch.tensor(w), 4, 0, learned=True).train()
+    (ulq(torch.tensor(w)) * torch.tensor(g)).sum().backward()
+    s = ulq.scale.detach().numpy().astype(np.float64).reshape(-1, 1, 1, 1)
+    r = np.round(w / s)
+    term = np.where((r >= -8) & (r <= 7), r - w / s, np.clip(r, -8, 7))
+    expect = (g * term).reshape(3, -1).sum(1) / np.sqrt(18 * 7) * s.reshape(-1)
+    np.testing.assert_allclose(ulq.log_scale.grad.numpy(), expect, rtol=1e-4, atol=1e-7)
+
+
+def test_ulq_weight_scale_stays_positive_under_adam():
+    """An INT8 scale of about 1e-3 and Adam at lr 2e-4 with a gradient that keeps pushing it down: learned
+    directly it crossed zero within a few steps; as log(s) it only shrinks by a fraction per step."""
+    w = torch.tensor(np.random.default_rng(5).normal(0, 0.05, (4, 16)).astype(np.float32))
+    ulq = WeightQuantizer("fc", w, 8, 0, learned=True).train()
+    start = ulq.scale.detach().clone()
+    assert float(start.max()) < 2e-3
+    opt = torch.optim.Adam(ulq.parameters(), lr=2e-4)
+    for _ in range(50):
+        opt.zero_grad()
+        ulq.current_scale(w).sum().backward()  # d/ds > 0 every step: Adam lowers the scale at its full rate
+        opt.step()
+    end = ulq.scale.detach()
+    assert torch.all(end > 0) and torch.all(end < start)
+    np.testing.assert_allclose(end.numpy(), start.numpy() * np.exp(-50 * 2e-4), rtol=1e-3)
 
 # ---------------------------------------------------------------------------------------------- end to end
 def test_initialisation_corrects_each_bias_for_its_quantized_weights_mean_shift(cnn, tmp_path):
