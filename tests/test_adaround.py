@@ -15,7 +15,9 @@ from torch import nn
 
 import omct.onnx as amct
 from omct.algorithms.adaround import learn_layer
-from omct.core.adaround import AdaRoundOptions, InputSamples, Window, apply_flips, rounding_flips
+from omct.core.adaround import (AdaRoundOptions, InputSamples, Window, apply_flips, flip_search, output_error_terms,
+                                rounding_flips)
+from omct.core.bias_correction import correction
 from omct.core.weights import arq
 from omct.formats.config import load_config
 from omct.formats.proto import ScaleOffsetRecord
@@ -33,7 +35,9 @@ def _conv_layer(rng, cin=8, cout=16, groups=1):
 
 
 @pytest.mark.parametrize("groups", [1, 8])
-def test_adaround_beats_round_to_nearest_on_layer_output(groups):
+@pytest.mark.parametrize("options", [AdaRoundOptions(num_iteration=300), AdaRoundOptions(solver="flips")],
+                         ids=["adam", "flips"])
+def test_adaround_beats_round_to_nearest_on_layer_output(groups, options):
     rng = np.random.default_rng(0)
     w, x = _conv_layer(rng, groups=groups)
     window = Window((3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
@@ -42,7 +46,7 @@ def test_adaround_beats_round_to_nearest_on_layer_output(groups):
         samples.update(batch)
     params = arq(w, 8, 0)
     spec = LayerSpec("conv", "Conv", "x", "w", 0, groups=groups)
-    codes = learn_layer(w, params, spec, samples.rows, AdaRoundOptions(num_iteration=300))
+    codes = learn_layer(w, params, spec, samples.rows, options)
     nearest = params.quantize(w)
     assert np.all(np.abs(codes - w / params.scale[:, None, None, None]) < 1)  # floor or ceil, never further
     assert 0 < np.mean(codes != nearest) < 0.5
@@ -53,6 +57,61 @@ def test_adaround_beats_round_to_nearest_on_layer_output(groups):
         return float(((F.conv2d(torch.tensor(x), wq, padding=1, groups=groups) - ref) ** 2).mean())
 
     assert out_mse(codes) < 0.8 * out_mse(nearest), (out_mse(codes), out_mse(nearest))
+
+
+def _row_losses(codes, w, s, x, xq):
+    """Each output row's ||Wq xq - W x||^2 on the rows themselves (no Gram matrix), float64."""
+    wq = (codes * s).astype(np.float64)
+    return ((np.einsum("god,gnd->gon", wq, xq) - np.einsum("god,gnd->gon", w.astype(np.float64), x)) ** 2).sum(-1)
+
+
+def test_flip_search_ends_where_no_single_flip_helps():
+    """The flip descent (``solver: flips``, and adam's ``polish``) ends in a local minimum of the layer's output
+    error on its rows, checked by trying every single flip on the rows directly; it is never worse than where
+    it started, and each code stays floor or ceil of w / s."""
+    rng = np.random.default_rng(5)
+    g, out, d, n = 2, 5, 12, 40
+    w = rng.normal(size=(g, out, d)).astype(np.float32)
+    s = (np.abs(w).max(-1, keepdims=True) / 7).astype(np.float32)  # 4-bit-like: rounding matters
+    x = (rng.normal(size=(g, n, d)) + 0.5).astype(np.float32)
+    xq = (np.round(x * 4) / 4).astype(np.float32)  # a quantized input
+    gram, lin = output_error_terms(w, x, xq)
+    nearest = np.clip(np.round(w / s), -8, 7)
+    codes = flip_search(nearest, w, s, gram, lin, -8, 7)
+    lo, hi = np.clip(np.floor(w / s), -8, 7), np.clip(np.floor(w / s) + 1, -8, 7)
+    assert np.all((codes == lo) | (codes == hi)) and (codes != nearest).any()
+    base = _row_losses(codes, w, s, x, xq)
+    assert np.all(base <= _row_losses(nearest, w, s, x, xq) + 1e-6)
+    for idx in np.ndindex(g, out, d):
+        other = codes.copy()
+        other[idx] = hi[idx] if codes[idx] == lo[idx] else lo[idx]
+        assert _row_losses(other, w, s, x, xq)[idx[:2]] >= base[idx[:2]] * (1 - 1e-5), idx
+
+
+@pytest.mark.parametrize("solver", ["adam", "flips"])
+def test_rounding_fitted_for_bias_correction_beats_fitting_the_raw_output(solver):
+    """With bias correction after it, the rounding fits the inputs minus their channel means (``center``): bias
+    correction removes ``(Wq - W) E[x]`` anyway. On non-centred inputs, the corrected output (torch's conv
+    plus the correction, on every input) is closer to float than when the rounding fitted the raw output."""
+    rng = np.random.default_rng(0)
+    w, x = _conv_layer(rng, cin=16, cout=16)
+    window = Window((3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
+    samples = InputSamples(window, seed=1, max_rows=1024)
+    samples.update(x)
+    params, spec = arq(w, 8, 0), LayerSpec("conv", "Conv", "x", "w", 0)
+    mean = x.mean((0, 2, 3))
+    ref = F.conv2d(torch.tensor(x), torch.tensor(w), padding=1)
+
+    def corrected_mse(codes):
+        wq = params.dequantize(codes)
+        shift = correction(w, wq, mean, 0, 1).astype(np.float32)
+        got = F.conv2d(torch.tensor(x), torch.tensor(wq), torch.tensor(shift), padding=1)
+        return float(((got - ref) ** 2).mean())
+
+    o = AdaRoundOptions(num_iteration=200, solver=solver)
+    centred = corrected_mse(learn_layer(w, params, spec, samples.rows, o, channel_mean=mean))
+    raw = corrected_mse(learn_layer(w, params, spec, samples.rows, o))
+    assert centred < 0.9 * raw, (centred, raw, corrected_mse(params.quantize(w)))
 
 
 def test_input_samples_are_patches_and_bounded():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from omct.algorithms.base import Algorithm, RecordContext
+from omct.algorithms.bias_correction import BiasCorrection, means_point
 from omct.algorithms.statistics import StatPoint
 from omct.core.adaround import AdaRoundOptions, InputSamples, Window, layer_seed, learn_rounding, rounding_flips
 from omct.core.params import QuantParams
@@ -27,17 +28,31 @@ def _point(spec) -> StatPoint:
                      lambda: InputSamples(window, layer_seed(f"{spec.input}{window}")))
 
 
+def _fake_quant32(x: np.ndarray, p: QuantParams) -> np.ndarray:
+    """``p.fake_quant(x)`` (per-tensor) in float32 throughout: the same values, without int64 temporaries."""
+    s, o = np.float32(p.scale.reshape(-1)[0]), np.float32(p.offset.reshape(-1)[0])
+    q = np.round(x / s)
+    q += o
+    np.clip(q, p.qmin, p.qmax, out=q)
+    q -= o
+    q *= s
+    return q
+
+
 def learn_layer(weight: np.ndarray, params: QuantParams, spec, rows: np.ndarray, options: AdaRoundOptions,
-                quantized_rows: np.ndarray | None = None) -> np.ndarray:
-    """Integer codes of a Conv (out, in / groups, kh, kw) or dense (``weight_axis`` = outputs) weight."""
+                quantized_rows: np.ndarray | None = None, channel_mean: np.ndarray | None = None) -> np.ndarray:
+    """Integer codes of a Conv (out, in / groups, kh, kw) or dense (``weight_axis`` = outputs) weight.
+    ``channel_mean``: the input's mean per channel that bias correction will use after this (None: none)."""
     if spec.op_type == "Conv":
         g = spec.groups
         w = weight.reshape(g, weight.shape[0] // g, -1)
         scale = np.broadcast_to(params.scale.astype(np.float32).reshape(-1), (weight.shape[0],)).reshape(g, -1, 1)
-        return learn_rounding(w, scale, rows, params.qmin, params.qmax, options, quantized_rows).reshape(weight.shape)
+        center = None if channel_mean is None else np.repeat(channel_mean, rows.shape[1] // channel_mean.size)
+        return learn_rounding(w, scale, rows, params.qmin, params.qmax, options, quantized_rows,
+                              center).reshape(weight.shape)
     w = np.moveaxis(weight, spec.weight_axis, 0)
     scale = np.broadcast_to(params.scale.astype(np.float32).reshape(-1), (w.shape[0],)).reshape(1, -1, 1)
-    codes = learn_rounding(w[None], scale, rows, params.qmin, params.qmax, options, quantized_rows)[0]
+    codes = learn_rounding(w[None], scale, rows, params.qmin, params.qmax, options, quantized_rows, channel_mean)[0]
     return np.moveaxis(codes, 0, spec.weight_axis)
 
 
@@ -60,9 +75,12 @@ class AdaRound(Algorithm):
         return out
 
     def points(self, plan, config):
-        return [_point(spec) for spec, _ in self._layers(plan, config)]
+        corrected = {s.name for s in BiasCorrection._layers(plan, config)}
+        return [p for spec, _ in self._layers(plan, config)
+                for p in ([_point(spec)] + ([means_point(spec)] if spec.name in corrected else []))]
 
     def apply(self, ctx: RecordContext) -> None:
+        corrected = {s.name for s in BiasCorrection._layers(ctx.plan, ctx.config)}
         for spec, options in self._layers(ctx.plan, ctx.config):
             wp = ctx.weight_params.get(spec.name)
             rows = ctx.stats[_point(spec)].rows
@@ -70,13 +88,20 @@ class AdaRound(Algorithm):
                 continue
             rec = ctx.records[spec.name]
             weight = layer_float_weight(ctx.weight_of(spec.weight).astype(np.float32), rec, spec)
+            # bias correction, which runs next, removes (Wq - W) E[x]: the rounding fits what it leaves
+            mean = ctx.stats[means_point(spec)].mean if spec.name in corrected and options.center else None
+            taps = int(np.prod(_window(spec).kernel)) if spec.op_type == "Conv" else 1
+            if mean is not None and mean.size * taps != rows.shape[1]:
+                mean = None
             if rec.dmq_factor:  # the balanced layer reads its input divided by the factors
                 s = np.asarray(rec.dmq_factor, np.float32)
                 rows = rows / (np.repeat(s, rows.shape[1] // s.size) if spec.op_type == "Conv" else s)
+                mean = None if mean is None else mean / s
             quantized = None
             if options.quantized_input:  # the rows as the deployed layer reads them
                 bits = ctx.plan.sites[ctx.plan.input_site[spec.name]].act.get("num_bits", 8)
-                quantized = QuantParams(np.asarray(rec.scale_d, np.float32), np.asarray(rec.offset_d, np.int32),
-                                        bits).fake_quant(rows)
-            codes = learn_layer(weight, wp, spec, rows, options, quantized)
+                quantized = _fake_quant32(rows, QuantParams(np.asarray(rec.scale_d, np.float32),
+                                                            np.asarray(rec.offset_d, np.int32), bits))
+            codes = learn_layer(weight, wp, spec, rows, options, quantized,
+                                None if mean is None else np.asarray(mean, np.float32))
             rec.ada_flip = rounding_flips(weight, wp, codes)
