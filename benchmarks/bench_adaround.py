@@ -191,10 +191,12 @@ def quantize(method: str, src: Path, out: Path) -> Path:
 
         set_quiet()
         cfg = out.with_suffix(".cfg")
-        # omct[-cle][-dmq][-ada[-fi][-flips][-nopolish][-nocenter][-ITERATIONS]]; fi: AdaRound on float inputs,
-        # flips: the flip-descent solver, nopolish / nocenter: those options off
+        # omct[-nearest][-cle][-dmq][-ada[-fi][-flips][-nopolish][-nocenter][-ITERATIONS]]; nearest: learned_rounding
+        # off (round to nearest, the default before it); fi: AdaRound on float inputs, flips: the flip-descent solver,
+        # nopolish / nocenter: those options off
         parts = method.split("-")
-        body = f"batch_num: {BATCH_NUM}\n" + ("cross_layer_equalization: true\n" if "cle" in parts else "")
+        body = f"batch_num: {BATCH_NUM}\n" + ("cross_layer_equalization: true\n" if "cle" in parts else "") + \
+            ("learned_rounding: false\n" if "nearest" in parts else "")
         common = "dmq_balancer { } " if "dmq" in parts else ""
         if "ada" in parts:
             iters = parts[-1] if parts[-1].isdigit() else None

@@ -15,8 +15,7 @@ from torch import nn
 
 import omct.onnx as amct
 from omct.algorithms.adaround import learn_layer
-from omct.core.adaround import (AdaRoundOptions, InputSamples, Window, apply_flips, flip_search, output_error_terms,
-                                rounding_flips)
+from omct.core.adaround import AdaRoundOptions, InputSamples, Window, apply_flips, flip_search, output_error_terms, rounding_flips
 from omct.core.bias_correction import correction
 from omct.core.weights import arq
 from omct.formats.config import load_config
@@ -302,3 +301,40 @@ def test_dmq_balancer_moves_outlier_channels_into_the_weights(tmp_path):
         sw2[:, 0] * r2.scale_d
     np.testing.assert_allclose(sess_out, out, rtol=1e-3, atol=1e-3 * np.abs(out).max())
     assert errors["dmq"] < 0.5 * errors["plain"], errors
+
+
+def test_learned_rounding_is_the_default_and_can_be_turned_off(tmp_path):
+    """``learned_rounding`` (config.json global, on by default): ARQ layers get flip-descent rounding from the
+    same calibration pass, exported as ``ada_flip`` (fake-quant weights == deploy weights == the codes);
+    ``learned_rounding: false`` in the .cfg gives round-to-nearest everywhere."""
+    import json
+
+    net, x = _net_and_data()
+    path = tmp_path / "net.onnx"
+    torch.onnx.export(net, (torch.tensor(x[:1]),), str(path), input_names=["input"], output_names=["out"],
+                      dynamic_axes={"input": {0: "n"}}, opset_version=17, dynamo=False)
+    g = onnx.load(path).graph
+    layers = {n.name: n for n in g.node if n.op_type in ("Conv", "Gemm", "MatMul")}
+    weights = {name: (numpy_helper.to_array(next(t for t in g.initializer if t.name == n.input[1])),
+                      0 if n.op_type == "Conv" or any(a.name == "transB" and a.i for a in n.attribute) else 1)
+               for name, n in layers.items()}
+    for tag, cfg_text in (("on", "batch_num: 2\n"), ("off", "batch_num: 2\nlearned_rounding: false\n")):
+        cfg = tmp_path / f"{tag}.cfg"
+        cfg.write_text(cfg_text)
+        files = [str(tmp_path / f"{tag}{f}") for f in (".json", "_mod.onnx", "_rec.txt")]
+        amct.create_quant_config(files[0], str(path), config_defination=str(cfg))
+        assert json.loads(open(files[0]).read())["learned_rounding"] is (tag == "on")
+        amct.quantize_model(files[0], str(path), files[1], files[2])
+        sess = amct.CalibrationSession(files[1])
+        for b in np.split(x, 2):
+            sess.run(None, {"input": b})
+        amct.save_model(files[1], files[2], str(tmp_path / tag))
+        rec = read_record(files[2])
+        fq = {t.name: numpy_helper.to_array(t) for t in onnx.load(tmp_path / f"{tag}_fake_quant_model.onnx").graph.initializer}
+        dp = {t.name: numpy_helper.to_array(t) for t in onnx.load(tmp_path / f"{tag}_deploy_model.onnx").graph.initializer}
+        for name, (w, axis) in weights.items():
+            wp = weight_params(rec[name], 8, axis)
+            codes = layer_weight_codes(w, rec[name], wp)
+            assert bool(rec[name].ada_flip) == (codes != wp.quantize(w)).any() == (tag == "on"), (tag, name)
+            np.testing.assert_array_equal(dp[f"{name}.weight_quantized"], codes.astype(np.int8))
+            np.testing.assert_array_equal(fq[f"{name}.weight_fake_quant"], wp.dequantize(codes))

@@ -14,6 +14,15 @@ from omct.core.params import QuantParams
 from omct.graph.export import layer_float_weight
 
 NAME = "ada_quantize"
+#: What ``learned_rounding`` (config.json global, on by default) runs on ARQ layers: the flip descent alone.
+LEARNED_ROUNDING = AdaRoundOptions(solver="flips")
+#: ``learned_rounding`` skips layers whose descent would cost more than this (``out * d * d``, d the values each
+#: output reads: about 0.3 s on one core at the limit); ``ada_quantize`` layers have no limit.
+FLIP_COST_LIMIT = 2**28
+
+
+#: ``learned_rounding`` keeps no input sample for a layer whose output channels read more values than this.
+FLIP_MAX_D = 2048
 
 
 def _window(spec) -> Window | None:
@@ -22,8 +31,11 @@ def _window(spec) -> Window | None:
     return Window(*(tuple(int(v) for v in part) for part in spec.window))
 
 
-def _point(spec) -> StatPoint:
+def _point(spec, options: AdaRoundOptions | None = None) -> StatPoint:
     window = _window(spec)
+    if options is LEARNED_ROUNDING:  # the default's: no sample for long rows
+        return StatPoint(spec.input, ("input_samples", window, FLIP_MAX_D),
+                         lambda: InputSamples(window, layer_seed(f"{spec.input}{window}"), max_d=FLIP_MAX_D))
     return StatPoint(spec.input, ("input_samples", window),
                      lambda: InputSamples(window, layer_seed(f"{spec.input}{window}")))
 
@@ -61,33 +73,42 @@ class AdaRound(Algorithm):
 
     @staticmethod
     def _layers(plan, config):
-        """Layers asking for AdaRound whose inputs it can sample: 2-D Conv (explicit pads), Gemm, 2-D MatMul."""
+        """Layers asking for AdaRound whose inputs it can sample: 2-D Conv (explicit pads), Gemm, 2-D MatMul;
+        with ``learned_rounding`` (global, on by default) also ARQ layers, with ``solver: flips`` (skipped at
+        ``apply`` when their descent would be costly: ``FLIP_MAX_D``, ``FLIP_COST_LIMIT``)."""
         out = []
         for name, spec in plan.layers.items():
             wcfg = config.layers[name].weight_quant_params
-            if wcfg is None or wcfg.wts_algo != NAME or spec.weight is None or spec.weight_only:
+            if wcfg is None or spec.weight is None or spec.weight_only:
                 continue
-            options = AdaRoundOptions(**wcfg.__pydantic_extra__)
             conv = spec.op_type == "Conv" and spec.window is not None
             dense = spec.op_type in ("Gemm", "MatMul") and spec.weight_axis is not None
-            if (conv or dense) and options.num_iteration > 0:
-                out.append((spec, options))
+            if not (conv or dense):
+                continue
+            if wcfg.wts_algo == NAME:
+                options = AdaRoundOptions(**wcfg.__pydantic_extra__)
+                if options.num_iteration > 0 or options.solver == "flips":
+                    out.append((spec, options))
+            elif wcfg.wts_algo == "arq_quantize" and config.globals.learned_rounding:
+                out.append((spec, LEARNED_ROUNDING))
         return out
 
     def points(self, plan, config):
         corrected = {s.name for s in BiasCorrection._layers(plan, config)}
-        return [p for spec, _ in self._layers(plan, config)
-                for p in ([_point(spec)] + ([means_point(spec)] if spec.name in corrected else []))]
+        return [p for spec, o in self._layers(plan, config)
+                for p in ([_point(spec, o)] + ([means_point(spec)] if spec.name in corrected else []))]
 
     def apply(self, ctx: RecordContext) -> None:
         corrected = {s.name for s in BiasCorrection._layers(ctx.plan, ctx.config)}
         for spec, options in self._layers(ctx.plan, ctx.config):
             wp = ctx.weight_params.get(spec.name)
-            rows = ctx.stats[_point(spec)].rows
+            rows = ctx.stats[_point(spec, options)].rows
             if wp is None or rows is None:
                 continue
             rec = ctx.records[spec.name]
             weight = layer_float_weight(ctx.weight_of(spec.weight).astype(np.float32), rec, spec)
+            if options is LEARNED_ROUNDING and weight.size * rows.shape[1] > FLIP_COST_LIMIT:
+                continue  # out * d * d: the default's descent stays cheap
             # bias correction, which runs next, removes (Wq - W) E[x]: the rounding fits what it leaves
             mean = ctx.stats[means_point(spec)].mean if spec.name in corrected and options.center else None
             taps = int(np.prod(_window(spec).kernel)) if spec.op_type == "Conv" else 1

@@ -76,8 +76,10 @@ class InputSamples:
     are a uniform sample of all rows seen. Seeded by ``seed`` and the batch count: the same data gives the
     same sample."""
 
-    def __init__(self, window: Window | None, seed: int, max_bytes: int = SAMPLE_BYTES, max_rows: int = MAX_ROWS):
+    def __init__(self, window: Window | None, seed: int, max_bytes: int = SAMPLE_BYTES, max_rows: int = MAX_ROWS,
+                 max_d: int | None = None):
         self.window, self.seed, self.max_bytes, self.max_rows = window, seed, max_bytes, max_rows
+        self.max_d = max_d  # rows longer than this are not kept at all (rows stays None)
         self.rows: np.ndarray | None = None
         self.seen = 0  # rows offered so far
         self.batches = 0
@@ -96,6 +98,8 @@ class InputSamples:
             n, c, h, w = x.shape
             oh, ow = _out_size(h, w, self.window)
             total, d = n * oh * ow, c * self.window.kernel[0] * self.window.kernel[1]
+        if self.max_d is not None and d > self.max_d:
+            return
         cap = self.capacity(d)
         keep = min(cap, self.seen + total)
         take = keep if self.seen == 0 else int(rng.hypergeometric(total, self.seen, keep))
@@ -159,7 +163,10 @@ def output_error_terms(w: np.ndarray, x: np.ndarray, xq: np.ndarray) -> tuple[np
     plus a constant): ``||Wq xq - W x||^2 / N = ||delta xq - W (x - xq)||^2 / N`` gives ``A = xq' xq / N``
     (groups, d, d) and ``B = W (x - xq)' xq / N`` (groups, out, d; None when ``xq`` is ``x``)."""
     n = x.shape[1]
-    gram = np.matmul(xq.transpose(0, 2, 1), xq) / np.float32(n)
+    if len(xq) == 1:  # one group: a 2-D xq' xq, which BLAS computes as a symmetric rank-k update (half the flops)
+        gram = (xq[0].T @ xq[0])[None] / np.float32(n)
+    else:
+        gram = np.matmul(xq.transpose(0, 2, 1), xq) / np.float32(n)
     # W (x - xq)' xq as (W (x - xq)') xq: 2 out N d flops instead of N d^2 + out d^2
     lin = None if xq is x else np.matmul(np.matmul(w, (x - xq).transpose(0, 2, 1)), xq) / np.float32(n)
     return gram, lin
