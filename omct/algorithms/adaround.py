@@ -31,6 +31,18 @@ def _window(spec) -> Window | None:
     return Window(*(tuple(int(v) for v in part) for part in spec.window))
 
 
+def _cheap(spec) -> bool:
+    """Whether the default's flip descent on this layer stays cheap: ``out * d * d <= FLIP_COST_LIMIT`` and
+    ``d <= FLIP_MAX_D`` from the weight's shape (unknown shape: decided at ``apply`` from the weight)."""
+    shape = spec.weight_shape
+    if not shape or spec.weight_axis is None:
+        return True
+    out = int(shape[spec.weight_axis])
+    size = int(np.prod(shape))
+    d = size // out  # what each output row reads (a Conv: in / groups * kh * kw)
+    return d <= FLIP_MAX_D and out * d * d <= FLIP_COST_LIMIT
+
+
 def _point(spec, options: AdaRoundOptions | None = None) -> StatPoint:
     window = _window(spec)
     if options is LEARNED_ROUNDING:  # the default's: no sample for long rows
@@ -89,7 +101,7 @@ class AdaRound(Algorithm):
                 options = AdaRoundOptions(**wcfg.__pydantic_extra__)
                 if options.num_iteration > 0 or options.solver == "flips":
                     out.append((spec, options))
-            elif wcfg.wts_algo == "arq_quantize" and config.globals.learned_rounding:
+            elif wcfg.wts_algo == "arq_quantize" and config.globals.learned_rounding and _cheap(spec):
                 out.append((spec, LEARNED_ROUNDING))
         return out
 
@@ -107,7 +119,7 @@ class AdaRound(Algorithm):
                 continue
             rec = ctx.records[spec.name]
             weight = layer_float_weight(ctx.weight_of(spec.weight).astype(np.float32), rec, spec)
-            if options is LEARNED_ROUNDING and weight.size * rows.shape[1] > FLIP_COST_LIMIT:
+            if options is LEARNED_ROUNDING and weight.size * rows.shape[1] // max(1, spec.groups) > FLIP_COST_LIMIT:
                 continue  # out * d * d: the default's descent stays cheap
             # bias correction, which runs next, removes (Wq - W) E[x]: the rounding fits what it leaves
             mean = ctx.stats[means_point(spec)].mean if spec.name in corrected and options.center else None

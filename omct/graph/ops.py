@@ -10,7 +10,7 @@ Adding an op type is one ``OpHandler`` subclass and one ``HANDLERS`` row.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import ClassVar
 
 import onnx
@@ -41,6 +41,7 @@ class LayerSpec:
     nuq_refusal: str | None = "NUQ takes only Conv (4-D weight, group 1, dilation 1), Gemm and MatMul with a 2-D weight"
     # A 2-D Conv's (kernel, strides, pads, dilations) with explicit pads (None otherwise): AdaRound's im2col
     window: tuple | None = None
+    weight_shape: tuple | None = None  # the weight initializer's shape (learned rounding's cost, before calibration)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -479,7 +480,8 @@ def find_layers(model: onnx.ModelProto) -> tuple[list[LayerSpec], list[Refusal]]
         if isinstance(result, str):
             refused.append(Refusal(node.name, node.op_type, result))
         else:
-            layers.append(result)
+            init = index.initializers.get(result.weight) if result.weight else None
+            layers.append(result if init is None else replace(result, weight_shape=tuple(init.dims)))
     refused += _subgraph_candidates(model.graph, "")
     return layers, refused
 
