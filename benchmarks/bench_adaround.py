@@ -1,4 +1,5 @@
-"""Where min-max PTQ loses: omct's default vs omct + AdaRound (``ada_quantize``) vs ONNX Runtime's
+"""Where min-max PTQ loses: omct's default (learned rounding) and its round-to-nearest form (-nearest) vs omct +
+AdaRound (``ada_quantize``; -flips: its flip-descent solver) vs ONNX Runtime's
 quantize_static (QDQ, per-channel; MinMax, Percentile, Entropy), with cross-layer equalization (-cle) and
 dmq_balancer (-dmq), on torchvision-layout MobileNetV2 and
 ResNet-18 replicas (tests/real_models.py) trained here.
@@ -44,7 +45,7 @@ WORK = HERE / "work" / "adaround"
 RESULTS = HERE / "results"
 MODELS = {"mobilenet_v2": {"width_mult": 0.5, "last_channel": 256}, "resnet18": {"width": 16}}
 EPOCHS = {"mobilenet_v2": 12, "resnet18": 8}
-METHODS = ["omct", "omct-cle", "omct-dmq", "omct-ada", "omct-ada-200", "omct-ada-fi-200", "omct-cle-ada",
+METHODS = ["omct", "omct-nearest", "omct-cle", "omct-dmq", "omct-ada", "omct-ada-200", "omct-ada-flips",
            "omct-cle-ada-200", "ort-minmax", "ort-percentile", "ort-entropy"]
 #: Peer tools' methods, run by default when their Python is named (NNCF_PYTHON, AIMET_PYTHON, QUARK_PYTHON).
 PEER_METHODS = {"nncf": ["nncf", "nncf-mixed", "nncf-bc", "nncf-nobc"],
