@@ -176,6 +176,7 @@ def _net_and_data():
 
 
 _CFG = """batch_num: 2
+learned_rounding: false
 common_config { ada_quantize { num_iteration: 200 } }
 override_layer_configs { layer_name: "%s" calibration_config { arq_quantize { channel_wise: true } } }
 """
@@ -266,7 +267,7 @@ def test_dmq_balancer_moves_outlier_channels_into_the_weights(tmp_path):
     dmq = 'override_layer_configs { layer_name: "/0/Gemm" calibration_config { dmq_balancer { } } }\n'  # alpha 0.5
     for name, body in (("plain", ""), ("dmq", dmq)):
         cfg = tmp_path / f"{name}.cfg"
-        cfg.write_text("batch_num: 1\nbias_correction: false\n" + body)
+        cfg.write_text("batch_num: 1\nbias_correction: false\nlearned_rounding: false\n" + body)  # nearest: simulated
         files = [str(tmp_path / f"{name}{f}") for f in (".json", "_mod.onnx", "_rec.txt")]
         amct.create_quant_config(files[0], str(path), config_defination=str(cfg))
         amct.quantize_model(files[0], str(path), files[1], files[2])
