@@ -112,9 +112,14 @@ class AdaRound(Algorithm):
 
     def apply(self, ctx: RecordContext) -> None:
         corrected = {s.name for s in BiasCorrection._layers(ctx.plan, ctx.config)}
+        # a search trial's config may ask for layers the calibration config did not sample: those round to nearest
+        stats = ctx.stats.accumulators()
         for spec, options in self._layers(ctx.plan, ctx.config):
             wp = ctx.weight_params.get(spec.name)
-            rows = ctx.stats[_point(spec, options)].rows
+            point = _point(spec, options)
+            if (point.tensor, point.key) not in stats:
+                continue
+            rows = stats[(point.tensor, point.key)].rows
             if wp is None or rows is None:
                 continue
             rec = ctx.records[spec.name]
@@ -122,7 +127,9 @@ class AdaRound(Algorithm):
             if options is LEARNED_ROUNDING and weight.size * rows.shape[1] // max(1, spec.groups) > FLIP_COST_LIMIT:
                 continue  # out * d * d: the default's descent stays cheap
             # bias correction, which runs next, removes (Wq - W) E[x]: the rounding fits what it leaves
-            mean = ctx.stats[means_point(spec)].mean if spec.name in corrected and options.center else None
+            mp = means_point(spec)
+            mean = stats[(mp.tensor, mp.key)].mean if spec.name in corrected and options.center and \
+                (mp.tensor, mp.key) in stats else None
             taps = int(np.prod(_window(spec).kernel)) if spec.op_type == "Conv" else 1
             if mean is not None and mean.size * taps != rows.shape[1]:
                 mean = None

@@ -239,6 +239,8 @@ def learn_rounding(weight: np.ndarray, scale: np.ndarray, rows: np.ndarray, qmin
         xq = x if quantized_rows is None else xq
     n = x.shape[1]
     nearest = np.clip(np.round(w / s), qmin, qmax)
+    if nearest.min() >= -qmax:  # symmetric weights (ARQ: max |w| is qmax steps) keep off qmin, as nearest does
+        qmin = -qmax
     if o.solver == "flips":
         gram, lin = output_error_terms(w, x, xq)
         return flip_search(nearest, w, s, gram, lin, qmin, qmax).astype(np.int64)
