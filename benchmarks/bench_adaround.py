@@ -309,10 +309,25 @@ def main() -> None:
     ap.add_argument("--cached", nargs="*", default=[], metavar="METHOD",
                     help="take these methods' logits and wall from an earlier run's .npz instead of rerunning them")
     ap.add_argument("--out", default=str(RESULTS / "adaround.md"))
+    ap.add_argument("--wall-ratio", type=int, metavar="N",
+                    help="only time the methods: N alternating runs each, minimum wall and its ratio to the first")
     ap.add_argument("--peer-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.peer_child:
         PEER_CHILDREN[args.peer_child[0].split("-")[0]](*args.peer_child)
+        return
+    if args.wall_ratio:
+        for name in args.models:
+            src = ensure_model(name)
+            quantize(args.methods[0], src, WORK / f"wall_{name}")  # imports and caches warm
+            walls = {m: [] for m in args.methods}
+            for _ in range(args.wall_ratio):
+                for m in args.methods:
+                    t = time.perf_counter()
+                    quantize(m, src, WORK / f"wall_{name}_{m}")
+                    walls[m].append(time.perf_counter() - t)
+            base = min(walls[args.methods[0]])
+            print(name, "  ".join(f"{m} {min(v):.2f} s ({min(v) / base:.2f}x)" for m, v in walls.items()), flush=True)
         return
     _, _, xte, yte = data()
     lines = ["# AdaRound benchmark (`benchmarks/bench_adaround.py`)", "",

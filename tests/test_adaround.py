@@ -132,6 +132,15 @@ def test_input_samples_are_patches_and_bounded():
     for _ in range(6):
         again.update(x)
     np.testing.assert_array_equal(again.rows, s.rows)  # seeded: the same data gives the same sample
+    # distributed calibration: another process's sample merges in, still bounded and made of real patches
+    other = InputSamples(window, seed=3, max_bytes=50 * 24 * 4)
+    other.update(x[:1] + 100)  # rows no patch of x has
+    s.merge(other)
+    assert s.rows.shape == (50, 24) and s.seen == 6 * len(all_rows) + len(all_rows) // 3
+    from_other = (s.rows > 50).any(axis=1)
+    assert 0 < from_other.sum() < 25  # about 1/19 of the union's rows came from the other process
+    match = (np.abs(s.rows[~from_other, None] - all_rows[None]).max(axis=2) == 0)
+    assert np.all(match.any(axis=1))
 
 
 def test_rounding_decisions_survive_the_record_file(tmp_path):

@@ -117,6 +117,26 @@ class InputSamples:
         self.seen += total
 
 
+    def merge(self, other: InputSamples) -> None:
+        """Join another process's sample of the same tensor (distributed calibration): a uniform sample of the
+        union, as if one process had seen both (the number kept from ``other`` is hypergeometric in the rows
+        each has seen)."""
+        if other.rows is None:
+            return
+        if self.rows is None:
+            self.rows, self.seen, self.batches = other.rows.copy(), other.seen, other.batches
+            return
+        rng = np.random.default_rng([self.seed, self.batches, other.batches, 1])
+        keep = min(self.capacity(self.rows.shape[1]), len(self.rows) + len(other.rows))
+        take = int(rng.hypergeometric(other.seen, self.seen, keep))
+        take = min(max(take, keep - len(self.rows)), len(other.rows))
+        mine = np.sort(rng.choice(len(self.rows), size=keep - take, replace=False))
+        theirs = np.sort(rng.choice(len(other.rows), size=take, replace=False))
+        self.rows = np.concatenate([self.rows[mine], other.rows[theirs]])
+        self.seen += other.seen
+        self.batches += other.batches
+
+
 def _out_size(h: int, w: int, win: Window) -> tuple[int, int]:
     (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw) = win.kernel, win.strides, win.pads, win.dilations
     return (h + pt + pb - dh * (kh - 1) - 1) // sh + 1, (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
