@@ -213,24 +213,24 @@ def flip_search(codes: np.ndarray, w: np.ndarray, s: np.ndarray, gram: np.ndarra
     s2d[lo == hi] = np.inf  # clipped at qmin / qmax: no other neighbour
     rows = np.arange(g * out)  # the working set's rows in ``result``
     cur = result.copy()
+    gain = np.empty_like(r)
     for _ in range(d if max_steps is None else max_steps):
-        gain = e2 * r
+        np.multiply(e2, r, out=gain)
         gain += s2d
         j = gain.argmin(1)
         at = np.arange(len(rows))
         move = gain[at, j] < 0
-        if not move.all():
-            result[rows] = cur  # rows that stop here are final
-            if not move.any():
-                break
+        if not move.any():
+            break
+        if move.sum() < len(rows) // 2:  # most rows are final: keep only the moving ones (rows stopped are done)
+            result[rows] = cur
             rows, cur, r, e2, s2d, grow, j = (a[move] for a in (rows, cur, r, e2, s2d, grow, j))
-            at = np.arange(len(rows))
-        e = 0.5 * e2[at, j]
+            gain, at, move = gain[: len(rows)], np.arange(len(rows)), np.ones(len(rows), bool)
+        e = 0.5 * e2[at, j] * move  # a row that stopped (no improving flip) stays as it is: its r never changes
         cur[at, j] += np.sign(e)
-        e2[at, j] = -e2[at, j]
+        e2[at, j] = np.where(move, -e2[at, j], e2[at, j])
         r += e[:, None] * gram[grow, j]
-    else:
-        result[rows] = cur
+    result[rows] = cur
     return result.reshape(g, out, d)
 
 
