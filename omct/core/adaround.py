@@ -239,7 +239,8 @@ def learn_rounding(weight: np.ndarray, scale: np.ndarray, rows: np.ndarray, qmin
                    center: np.ndarray | None = None) -> np.ndarray:
     """Integer codes of ``weight`` (groups, out, d) with learned rounding, given its per-row ``scale``
     (broadcastable to (groups, out, 1)) and input ``rows`` (N, groups * d: group g reads columns
-    ``g*d:(g+1)*d``). All groups and output channels are optimised together (vectorised Adam).
+    ``g*d:(g+1)*d``). All groups and output channels are optimised together (vectorised Adam, or with
+    ``solver: flips`` the flip descent alone; ``polish`` runs the descent after Adam).
 
     With ``quantized_rows`` (the same rows as the deployed layer sees them, quantized) the target stays the
     float output ``W x`` and the rounded weights are applied to the quantized input: the rounding then also
