@@ -1,13 +1,16 @@
-"""Where min-max PTQ loses: omct's default vs omct + AdaRound (``ada_quantize``) vs ONNX Runtime's
+"""Where min-max PTQ loses: omct's default (learned rounding) and its round-to-nearest form (-nearest) vs omct +
+AdaRound (``ada_quantize``; -flips: its flip-descent solver) vs ONNX Runtime's
 quantize_static (QDQ, per-channel; MinMax, Percentile, Entropy), with cross-layer equalization (-cle) and
 dmq_balancer (-dmq), on torchvision-layout MobileNetV2 and
 ResNet-18 replicas (tests/real_models.py) trained here.
 
 Data: scikit-learn's digits, upsampled to 32 x 32 and repeated to 3 channels (no image data set or pretrained
 weights could be downloaded here). Every method agrees with FP32 on every plain test digit, so the judged
-inputs are made ambiguous: 2000 blends ``a * x_i + (1 - a) * x_j`` of two test digits (a in [0.3, 0.7]),
-of which the 200 with the smallest FP32 margin (top-1 minus top-2 logit) are kept. Judged by logit SQNR
-against FP32 on those low-margin inputs and top-1 agreement with FP32 on them. Wall time
+inputs are made ambiguous: 20000 blends ``a * x_i + (1 - a) * x_j`` of two test digits (a in [0.3, 0.7]),
+of which the 1000 with the smallest FP32 margin (top-1 minus top-2 logit) are kept. Judged by logit SQNR
+against FP32 on those low-margin inputs and top-1 agreement with FP32 on them, each with a 95% bootstrap
+interval, and paired against omct's default on the same images (bootstrap interval of the difference,
+McNemar's exact test for agreement). Wall time
 per method: calibration + export, one process, on a shared host (compare ratios). Run by hand:
 
     python benchmarks/bench_adaround.py            # writes benchmarks/results/adaround.md
@@ -42,12 +45,12 @@ WORK = HERE / "work" / "adaround"
 RESULTS = HERE / "results"
 MODELS = {"mobilenet_v2": {"width_mult": 0.5, "last_channel": 256}, "resnet18": {"width": 16}}
 EPOCHS = {"mobilenet_v2": 12, "resnet18": 8}
-METHODS = ["omct", "omct-cle", "omct-dmq", "omct-ada", "omct-ada-200", "omct-ada-fi-200", "omct-cle-ada",
+METHODS = ["omct", "omct-nearest", "omct-cle", "omct-dmq", "omct-ada", "omct-ada-200", "omct-ada-flips",
            "omct-cle-ada-200", "ort-minmax", "ort-percentile", "ort-entropy"]
 #: Peer tools' methods, run by default when their Python is named (NNCF_PYTHON, AIMET_PYTHON, QUARK_PYTHON).
 PEER_METHODS = {"nncf": ["nncf", "nncf-mixed", "nncf-bc", "nncf-nobc"],
                 "aimet": ["aimet", "aimet-ada-matched", "aimet-ada-1000"], "quark": ["quark"]}
-BATCH_NUM, CALIB_BATCH, LOW_MARGIN = 8, 32, 200
+BATCH_NUM, CALIB_BATCH, LOW_MARGIN, BLENDS, BOOT = 8, 32, 1000, 20000, 2000
 
 
 def data():
@@ -189,13 +192,19 @@ def quantize(method: str, src: Path, out: Path) -> Path:
 
         set_quiet()
         cfg = out.with_suffix(".cfg")
-        parts = method.split("-")  # omct[-cle][-dmq][-ada[-fi][-ITERATIONS]]; fi: AdaRound on float inputs
-        body = f"batch_num: {BATCH_NUM}\n" + ("cross_layer_equalization: true\n" if "cle" in parts else "")
+        # omct[-nearest][-cle][-dmq][-ada[-fi][-flips][-nopolish][-nocenter][-ITERATIONS]]; nearest: learned_rounding
+        # off (round to nearest, the default before it); fi: AdaRound on float inputs, flips: the flip-descent solver,
+        # nopolish / nocenter: those options off
+        parts = method.split("-")
+        body = f"batch_num: {BATCH_NUM}\n" + ("cross_layer_equalization: true\n" if "cle" in parts else "") + \
+            ("learned_rounding: false\n" if "nearest" in parts else "")
         common = "dmq_balancer { } " if "dmq" in parts else ""
         if "ada" in parts:
             iters = parts[-1] if parts[-1].isdigit() else None
             common += "ada_quantize { " + (f"num_iteration: {iters} " if iters else "") + \
-                ("quantized_input: false " if "fi" in parts else "") + "} "
+                ("quantized_input: false " if "fi" in parts else "") + \
+                ('solver: "flips" ' if "flips" in parts else "") + ("polish: false " if "nopolish" in parts else "") + \
+                ("center: false " if "nocenter" in parts else "") + "} "
         body += f"common_config {{ {common}}}\n" if common else ""
         cfg.write_text(body)
         amct.create_quant_config(f"{out}.json", str(src), config_defination=str(cfg))
@@ -219,60 +228,168 @@ def logits(path: Path, x: np.ndarray) -> np.ndarray:
     return bench_ptq.session(path, threads=1).run(None, {"input": x})[0].astype(np.float64)
 
 
+def low_margin_inputs(src: Path, xte: np.ndarray) -> np.ndarray:
+    """The LOW_MARGIN blends (of BLENDS, seeded) with the smallest FP32 margin (top-1 minus top-2 logit)."""
+    rng = np.random.default_rng(0)
+    i, j, a = rng.integers(0, len(xte), BLENDS), rng.integers(0, len(xte), BLENDS), rng.uniform(0.3, 0.7, BLENDS)
+    a = a[:, None, None, None].astype(np.float32)
+    blends = (a * xte[i] + (1 - a) * xte[j]).astype(np.float32)
+    fp32 = np.concatenate([logits(src, blends[k:k + 2000]) for k in range(0, BLENDS, 2000)])
+    top2 = np.sort(fp32, axis=1)[:, -2:]
+    return blends[np.argsort(top2[:, 1] - top2[:, 0])[:LOW_MARGIN]]
+
+
+class Paired:
+    """Per-image error power and agreement of every method on the same inputs, with seeded bootstrap
+    confidence intervals (the same resamples for every method, so differences are paired) and McNemar's exact
+    test of agreement against a reference method."""
+
+    def __init__(self, ref: np.ndarray, boot: int = BOOT):
+        self.ref = ref
+        self.power = (ref ** 2).sum(1)
+        self.idx = np.random.default_rng(1).integers(0, len(ref), (boot, len(ref)))
+        self.err: dict[str, np.ndarray] = {}
+        self.agree: dict[str, np.ndarray] = {}
+
+    def add(self, method: str, got: np.ndarray) -> None:
+        self.err[method] = ((got - self.ref) ** 2).sum(1)
+        self.agree[method] = (got.argmax(1) == self.ref.argmax(1)).astype(np.float64)
+
+    def sqnr(self, m: str) -> float:
+        return float(10 * np.log10(self.power.sum() / self.err[m].sum()))
+
+    def _sqnr_boot(self, m: str) -> np.ndarray:
+        return 10 * np.log10(self.power[self.idx].sum(1) / self.err[m][self.idx].sum(1))
+
+    @staticmethod
+    def _ci(v: np.ndarray) -> tuple[float, float]:
+        lo, hi = np.percentile(v, [2.5, 97.5])
+        return float(lo), float(hi)
+
+    def sqnr_ci(self, m: str) -> tuple[float, float]:
+        return self._ci(self._sqnr_boot(m))
+
+    def agree_ci(self, m: str) -> tuple[float, float]:
+        return self._ci(self.agree[m][self.idx].mean(1))
+
+    def sqnr_diff(self, m: str, base: str) -> tuple[float, float, float]:
+        return self.sqnr(m) - self.sqnr(base), *self._ci(self._sqnr_boot(m) - self._sqnr_boot(base))
+
+    def agree_diff(self, m: str, base: str) -> tuple[float, float, float, float]:
+        """Agreement of ``m`` minus ``base``, its paired 95% bootstrap CI and McNemar's exact two-sided p."""
+        from scipy.stats import binomtest
+
+        d = self.agree[m] - self.agree[base]
+        wins, losses = int((d > 0).sum()), int((d < 0).sum())
+        p = binomtest(wins, wins + losses, 0.5).pvalue if wins + losses else 1.0
+        return float(d.mean()), *self._ci(d[self.idx].mean(1)), float(p)
+
+
+def evaluate(name: str, method: str, src: Path, x: np.ndarray, xte: np.ndarray, yte: np.ndarray):
+    """Quantize with ``method`` and return (logits on ``x``, accuracy on the test digits, wall), cached as .npz."""
+    cache = WORK / f"{name}_{method}_eval.npz"
+    t = time.perf_counter()
+    dst = quantize(method, src, WORK / f"{name}_{method}")
+    wall = time.perf_counter() - t
+    got = logits(dst, x)
+    acc = float((logits(dst, xte).argmax(1) == yte).mean())
+    np.savez(cache, got=got, acc=acc, wall=wall)
+    return got, acc, wall
+
+
+def peer_of(method: str) -> bool:
+    return method.split("-")[0] not in ("omct",)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     peers = [m for tool, ms in PEER_METHODS.items() if f"{tool.upper()}_PYTHON" in os.environ for m in ms]
     ap.add_argument("--methods", nargs="+", default=METHODS + peers)
+    ap.add_argument("--cached", nargs="*", default=[], metavar="METHOD",
+                    help="take these methods' logits and wall from an earlier run's .npz instead of rerunning them")
     ap.add_argument("--out", default=str(RESULTS / "adaround.md"))
+    ap.add_argument("--wall-ratio", type=int, metavar="N",
+                    help="only time the methods: N alternating runs each, minimum wall and its ratio to the first")
     ap.add_argument("--peer-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.peer_child:
         PEER_CHILDREN[args.peer_child[0].split("-")[0]](*args.peer_child)
         return
+    if args.wall_ratio:
+        for name in args.models:
+            src = ensure_model(name)
+            quantize(args.methods[0], src, WORK / f"wall_{name}")  # imports and caches warm
+            walls = {m: [] for m in args.methods}
+            for _ in range(args.wall_ratio):
+                for m in args.methods:
+                    t = time.perf_counter()
+                    quantize(m, src, WORK / f"wall_{name}_{m}")
+                    walls[m].append(time.perf_counter() - t)
+            base = min(walls[args.methods[0]])
+            print(name, "  ".join(f"{m} {min(v):.2f} s ({min(v) / base:.2f}x)" for m, v in walls.items()), flush=True)
+        return
     _, _, xte, yte = data()
-    rows, failed = [], []
-    for name in args.models:
-        src = ensure_model(name)
-        rng = np.random.default_rng(0)
-        i, j, a = rng.integers(0, len(xte), 2000), rng.integers(0, len(xte), 2000), rng.uniform(0.3, 0.7, 2000)
-        blends = (a[:, None, None, None] * xte[i] + (1 - a[:, None, None, None]) * xte[j]).astype(np.float32)
-        fp32 = logits(src, blends)
-        top2 = np.sort(fp32, axis=1)[:, -2:]
-        x = blends[np.argsort(top2[:, 1] - top2[:, 0])[:LOW_MARGIN]]
-        ref = logits(src, x)
-        fp32_acc = float((logits(src, xte).argmax(1) == yte).mean())
-        for method in args.methods:
-            t = time.perf_counter()
-            try:
-                dst = quantize(method, src, WORK / f"{name}_{method}")
-            except subprocess.CalledProcessError:  # a peer tool that fails on this model: say so in the table
-                failed.append((name, method))
-                print(f"{name:13s} {method:15s} failed: see {WORK / f'{name}_{method}.log'}", flush=True)
-                continue
-            wall = time.perf_counter() - t
-            got = logits(dst, x)
-            sqnr = 10 * np.log10((ref ** 2).sum() / ((got - ref) ** 2).sum())
-            agree = float((got.argmax(1) == ref.argmax(1)).mean())
-            acc = float((logits(dst, xte).argmax(1) == yte).mean())
-            rows.append((name, method, sqnr, agree, acc, fp32_acc, wall))
-            print(f"{name:13s} {method:15s} SQNR {sqnr:6.2f} dB  low-margin agreement {agree:.2f}  "
-                  f"accuracy {acc:.3f} (fp32 {fp32_acc:.3f})  {wall:6.1f} s", flush=True)
     lines = ["# AdaRound benchmark (`benchmarks/bench_adaround.py`)", "",
              "Digits at 32 x 32 x 3 (scikit-learn; no harder image data or pretrained weights were obtainable here),",
              f"calibration {BATCH_NUM} x {CALIB_BATCH} images; logit SQNR and top-1 agreement vs FP32 on the {LOW_MARGIN}",
-             "lowest-margin of 2000 blends of two test digits; accuracy on the 500 plain test digits;",
+             f"lowest-margin of {BLENDS} blends of two test digits; accuracy on the 500 plain test digits;",
              "wall = calibration + export on a shared 2-core host (one thread; compare ratios); a peer tool's wall",
-             "includes starting its Python and importing it (AIMET: torch too).", "",
-             "    " + " ".join([f"{k}={os.environ[k]}" for k in ("NNCF_PYTHON", "AIMET_PYTHON", "QUARK_PYTHON")
-                           if k in os.environ] + ["python"] + sys.argv), ""]
-    lines += [f"Peers: {', '.join(peer_versions())}.", ""] if any(m.split("-")[0] in PEER_METHODS for m in args.methods) else []
-    lines += [
-             "| model | method | logit SQNR, low-margin (dB) | low-margin agreement | accuracy (FP32) | wall (s) |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {m} | {k} | {s:.2f} | {a:.2f} | {acc:.3f} ({f:.3f}) | {w:.1f} |" for m, k, s, a, acc, f, w in rows]
-    lines += [f"| {m} | {k} | failed (the tool raised; log in benchmarks/work/adaround/) | | | |" for m, k in failed]
-    lines += PEER_NOTES.rstrip().split("\n") if any(m.split("-")[0] in PEER_METHODS for m in args.methods) else []
+             "includes starting its Python and importing it (AIMET: torch too). [a, b]: 95% bootstrap interval",
+             f"({BOOT} resamples of the {LOW_MARGIN} images, the same for every method); d vs omct: the method minus omct's",
+             "default on the same images (paired bootstrap interval); p: McNemar's exact test of the agreement difference.",
+             "", "    " + " ".join([f"{k}={os.environ[k]}" for k in ("NNCF_PYTHON", "AIMET_PYTHON", "QUARK_PYTHON")
+                                    if k in os.environ] + ["python"] + sys.argv), ""]
+    if any(peer_of(m) and m.split("-")[0] in PEER_METHODS for m in args.methods):
+        lines += [f"Peers: {', '.join(peer_versions())}.", ""]
+    lines += ["| model | method | logit SQNR (dB) | d SQNR vs omct | agreement | d agreement vs omct (p) | "
+              "accuracy (FP32) | wall (s) |", "|---|---|---|---|---|---|---|---|"]
+    failed, verdicts = [], []
+    for name in args.models:
+        src = ensure_model(name)
+        x = low_margin_inputs(src, xte)
+        ref = logits(src, x)
+        fp32_acc = float((logits(src, xte).argmax(1) == yte).mean())
+        pair, info = Paired(ref), {}
+        for method in args.methods:
+            cache = WORK / f"{name}_{method}_eval.npz"
+            if method in args.cached and cache.exists():
+                z = np.load(cache)
+                got, acc, wall = z["got"], float(z["acc"]), float(z["wall"])
+            else:
+                try:
+                    got, acc, wall = evaluate(name, method, src, x, xte, yte)
+                except subprocess.CalledProcessError:  # a peer tool that fails on this model: say so in the table
+                    failed.append((name, method))
+                    print(f"{name:13s} {method:15s} failed: see {WORK / f'{name}_{method}.log'}", flush=True)
+                    continue
+            pair.add(method, got)
+            info[method] = (acc, wall)
+            print(f"{name:13s} {method:18s} SQNR {pair.sqnr(method):6.2f} dB  agreement "
+                  f"{pair.agree[method].mean():.3f}  accuracy {acc:.3f}  {wall:6.1f} s", flush=True)
+        base = "omct" if "omct" in pair.err else next(iter(pair.err))
+        for m, (acc, wall) in info.items():
+            lo, hi = pair.sqnr_ci(m)
+            alo, ahi = pair.agree_ci(m)
+            ds, dslo, dshi = pair.sqnr_diff(m, base)
+            da, dalo, dahi, p = pair.agree_diff(m, base)
+            lines.append(f"| {name} | {m} | {pair.sqnr(m):.2f} [{lo:.2f}, {hi:.2f}] | "
+                         + ("" if m == base else f"{ds:+.2f} [{dslo:+.2f}, {dshi:+.2f}]") + " | "
+                         f"{pair.agree[m].mean():.3f} [{alo:.3f}, {ahi:.3f}] | "
+                         + ("" if m == base else f"{da:+.3f} [{dalo:+.3f}, {dahi:+.3f}] ({p:.2g})") + " | "
+                         f"{acc:.3f} ({fp32_acc:.3f}) | {wall:.1f} |")
+        peer_rows = [m for m in info if peer_of(m)]
+        if peer_rows and base == "omct":
+            best_s = max(peer_rows, key=pair.sqnr)
+            best_a = max(peer_rows, key=lambda m: pair.agree[m].mean())
+            ds, dslo, dshi = pair.sqnr_diff(base, best_s)
+            da, dalo, dahi, p = pair.agree_diff(base, best_a)
+            verdicts.append(f"* {name}: omct's default minus the best peer by SQNR ({best_s}): {ds:+.2f} dB "
+                            f"[{dslo:+.2f}, {dshi:+.2f}]; minus the best peer by agreement ({best_a}): {da:+.3f} "
+                            f"[{dalo:+.3f}, {dahi:+.3f}], McNemar p = {p:.2g}.")
+    lines += [f"| {m} | {k} | failed (the tool raised; log in benchmarks/work/adaround/) | | | | | |" for m, k in failed]
+    lines += [""] + verdicts if verdicts else []
+    lines += PEER_NOTES.rstrip().split("\n") if any(peer_of(m) for m in args.methods) else []
     Path(args.out).parent.mkdir(exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
 

@@ -15,7 +15,8 @@ from torch import nn
 
 import omct.onnx as amct
 from omct.algorithms.adaround import learn_layer
-from omct.core.adaround import AdaRoundOptions, InputSamples, Window, apply_flips, rounding_flips
+from omct.core.adaround import AdaRoundOptions, InputSamples, Window, apply_flips, flip_search, output_error_terms, rounding_flips
+from omct.core.bias_correction import correction
 from omct.core.weights import arq
 from omct.formats.config import load_config
 from omct.formats.proto import ScaleOffsetRecord
@@ -33,7 +34,9 @@ def _conv_layer(rng, cin=8, cout=16, groups=1):
 
 
 @pytest.mark.parametrize("groups", [1, 8])
-def test_adaround_beats_round_to_nearest_on_layer_output(groups):
+@pytest.mark.parametrize("options", [AdaRoundOptions(num_iteration=300), AdaRoundOptions(solver="flips")],
+                         ids=["adam", "flips"])
+def test_adaround_beats_round_to_nearest_on_layer_output(groups, options):
     rng = np.random.default_rng(0)
     w, x = _conv_layer(rng, groups=groups)
     window = Window((3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
@@ -42,7 +45,7 @@ def test_adaround_beats_round_to_nearest_on_layer_output(groups):
         samples.update(batch)
     params = arq(w, 8, 0)
     spec = LayerSpec("conv", "Conv", "x", "w", 0, groups=groups)
-    codes = learn_layer(w, params, spec, samples.rows, AdaRoundOptions(num_iteration=300))
+    codes = learn_layer(w, params, spec, samples.rows, options)
     nearest = params.quantize(w)
     assert np.all(np.abs(codes - w / params.scale[:, None, None, None]) < 1)  # floor or ceil, never further
     assert 0 < np.mean(codes != nearest) < 0.5
@@ -53,6 +56,61 @@ def test_adaround_beats_round_to_nearest_on_layer_output(groups):
         return float(((F.conv2d(torch.tensor(x), wq, padding=1, groups=groups) - ref) ** 2).mean())
 
     assert out_mse(codes) < 0.8 * out_mse(nearest), (out_mse(codes), out_mse(nearest))
+
+
+def _row_losses(codes, w, s, x, xq):
+    """Each output row's ||Wq xq - W x||^2 on the rows themselves (no Gram matrix), float64."""
+    wq = (codes * s).astype(np.float64)
+    return ((np.einsum("god,gnd->gon", wq, xq) - np.einsum("god,gnd->gon", w.astype(np.float64), x)) ** 2).sum(-1)
+
+
+def test_flip_search_ends_where_no_single_flip_helps():
+    """The flip descent (``solver: flips``, and adam's ``polish``) ends in a local minimum of the layer's output
+    error on its rows, checked by trying every single flip on the rows directly; it is never worse than where
+    it started, and each code stays floor or ceil of w / s."""
+    rng = np.random.default_rng(5)
+    g, out, d, n = 2, 5, 12, 40
+    w = rng.normal(size=(g, out, d)).astype(np.float32)
+    s = (np.abs(w).max(-1, keepdims=True) / 7).astype(np.float32)  # 4-bit-like: rounding matters
+    x = (rng.normal(size=(g, n, d)) + 0.5).astype(np.float32)
+    xq = (np.round(x * 4) / 4).astype(np.float32)  # a quantized input
+    gram, lin = output_error_terms(w, x, xq)
+    nearest = np.clip(np.round(w / s), -8, 7)
+    codes = flip_search(nearest, w, s, gram, lin, -8, 7)
+    lo, hi = np.clip(np.floor(w / s), -8, 7), np.clip(np.floor(w / s) + 1, -8, 7)
+    assert np.all((codes == lo) | (codes == hi)) and (codes != nearest).any()
+    base = _row_losses(codes, w, s, x, xq)
+    assert np.all(base <= _row_losses(nearest, w, s, x, xq) + 1e-6)
+    for idx in np.ndindex(g, out, d):
+        other = codes.copy()
+        other[idx] = hi[idx] if codes[idx] == lo[idx] else lo[idx]
+        assert _row_losses(other, w, s, x, xq)[idx[:2]] >= base[idx[:2]] * (1 - 1e-5), idx
+
+
+@pytest.mark.parametrize("solver", ["adam", "flips"])
+def test_rounding_fitted_for_bias_correction_beats_fitting_the_raw_output(solver):
+    """With bias correction after it, the rounding fits the inputs minus their channel means (``center``): bias
+    correction removes ``(Wq - W) E[x]`` anyway. On non-centred inputs, the corrected output (torch's conv
+    plus the correction, on every input) is closer to float than when the rounding fitted the raw output."""
+    rng = np.random.default_rng(0)
+    w, x = _conv_layer(rng, cin=16, cout=16)
+    window = Window((3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
+    samples = InputSamples(window, seed=1, max_rows=1024)
+    samples.update(x)
+    params, spec = arq(w, 8, 0), LayerSpec("conv", "Conv", "x", "w", 0)
+    mean = x.mean((0, 2, 3))
+    ref = F.conv2d(torch.tensor(x), torch.tensor(w), padding=1)
+
+    def corrected_mse(codes):
+        wq = params.dequantize(codes)
+        shift = correction(w, wq, mean, 0, 1).astype(np.float32)
+        got = F.conv2d(torch.tensor(x), torch.tensor(wq), torch.tensor(shift), padding=1)
+        return float(((got - ref) ** 2).mean())
+
+    o = AdaRoundOptions(num_iteration=200, solver=solver)
+    centred = corrected_mse(learn_layer(w, params, spec, samples.rows, o, channel_mean=mean))
+    raw = corrected_mse(learn_layer(w, params, spec, samples.rows, o))
+    assert centred < 0.9 * raw, (centred, raw, corrected_mse(params.quantize(w)))
 
 
 def test_input_samples_are_patches_and_bounded():
@@ -74,6 +132,15 @@ def test_input_samples_are_patches_and_bounded():
     for _ in range(6):
         again.update(x)
     np.testing.assert_array_equal(again.rows, s.rows)  # seeded: the same data gives the same sample
+    # distributed calibration: another process's sample merges in, still bounded and made of real patches
+    other = InputSamples(window, seed=3, max_bytes=50 * 24 * 4)
+    other.update(x[:1] + 100)  # rows no patch of x has
+    s.merge(other)
+    assert s.rows.shape == (50, 24) and s.seen == 6 * len(all_rows) + len(all_rows) // 3
+    from_other = (s.rows > 50).any(axis=1)
+    assert 0 < from_other.sum() < 25  # about 1/19 of the union's rows came from the other process
+    match = (np.abs(s.rows[~from_other, None] - all_rows[None]).max(axis=2) == 0)
+    assert np.all(match.any(axis=1))
 
 
 def test_rounding_decisions_survive_the_record_file(tmp_path):
@@ -118,6 +185,7 @@ def _net_and_data():
 
 
 _CFG = """batch_num: 2
+learned_rounding: false
 common_config { ada_quantize { num_iteration: 200 } }
 override_layer_configs { layer_name: "%s" calibration_config { arq_quantize { channel_wise: true } } }
 """
@@ -208,7 +276,7 @@ def test_dmq_balancer_moves_outlier_channels_into_the_weights(tmp_path):
     dmq = 'override_layer_configs { layer_name: "/0/Gemm" calibration_config { dmq_balancer { } } }\n'  # alpha 0.5
     for name, body in (("plain", ""), ("dmq", dmq)):
         cfg = tmp_path / f"{name}.cfg"
-        cfg.write_text("batch_num: 1\nbias_correction: false\n" + body)
+        cfg.write_text("batch_num: 1\nbias_correction: false\nlearned_rounding: false\n" + body)  # nearest: simulated
         files = [str(tmp_path / f"{name}{f}") for f in (".json", "_mod.onnx", "_rec.txt")]
         amct.create_quant_config(files[0], str(path), config_defination=str(cfg))
         amct.quantize_model(files[0], str(path), files[1], files[2])
@@ -243,3 +311,53 @@ def test_dmq_balancer_moves_outlier_channels_into_the_weights(tmp_path):
         sw2[:, 0] * r2.scale_d
     np.testing.assert_allclose(sess_out, out, rtol=1e-3, atol=1e-3 * np.abs(out).max())
     assert errors["dmq"] < 0.5 * errors["plain"], errors
+
+
+def test_learned_rounding_is_the_default_and_can_be_turned_off(tmp_path):
+    """``learned_rounding`` (config.json global, on by default): ARQ layers get flip-descent rounding from the
+    same calibration pass, exported as ``ada_flip`` (fake-quant weights == deploy weights == the codes);
+    ``learned_rounding: false`` in the .cfg gives round-to-nearest everywhere."""
+    import json
+
+    net, x = _net_and_data()
+    path = tmp_path / "net.onnx"
+    torch.onnx.export(net, (torch.tensor(x[:1]),), str(path), input_names=["input"], output_names=["out"],
+                      dynamic_axes={"input": {0: "n"}}, opset_version=17, dynamo=False)
+    g = onnx.load(path).graph
+    layers = {n.name: n for n in g.node if n.op_type in ("Conv", "Gemm", "MatMul")}
+    weights = {name: (numpy_helper.to_array(next(t for t in g.initializer if t.name == n.input[1])),
+                      0 if n.op_type == "Conv" or any(a.name == "transB" and a.i for a in n.attribute) else 1)
+               for name, n in layers.items()}
+    for tag, cfg_text in (("on", "batch_num: 2\n"), ("off", "batch_num: 2\nlearned_rounding: false\n")):
+        cfg = tmp_path / f"{tag}.cfg"
+        cfg.write_text(cfg_text)
+        files = [str(tmp_path / f"{tag}{f}") for f in (".json", "_mod.onnx", "_rec.txt")]
+        amct.create_quant_config(files[0], str(path), config_defination=str(cfg))
+        assert json.loads(open(files[0]).read())["learned_rounding"] is (tag == "on")
+        amct.quantize_model(files[0], str(path), files[1], files[2])
+        sess = amct.CalibrationSession(files[1])
+        for b in np.split(x, 2):
+            sess.run(None, {"input": b})
+        amct.save_model(files[1], files[2], str(tmp_path / tag))
+        rec = read_record(files[2])
+        fq = {t.name: numpy_helper.to_array(t) for t in onnx.load(tmp_path / f"{tag}_fake_quant_model.onnx").graph.initializer}
+        dp = {t.name: numpy_helper.to_array(t) for t in onnx.load(tmp_path / f"{tag}_deploy_model.onnx").graph.initializer}
+        for name, (w, axis) in weights.items():
+            wp = weight_params(rec[name], 8, axis)
+            codes = layer_weight_codes(w, rec[name], wp)
+            assert bool(rec[name].ada_flip) == (codes != wp.quantize(w)).any() == (tag == "on"), (tag, name)
+            np.testing.assert_array_equal(dp[f"{name}.weight_quantized"], codes.astype(np.int8))
+            np.testing.assert_array_equal(fq[f"{name}.weight_fake_quant"], wp.dequantize(codes))
+
+
+def test_learned_rounding_skips_layers_whose_descent_would_be_costly():
+    """The default keeps round-to-nearest (and collects no input sample) where out * d * d > 2^27 or d > 2048,
+    judged from the weight's shape before calibration; ``ada_quantize`` layers have no such limit."""
+    from omct.algorithms.adaround import _cheap
+
+    def spec(shape, op="Conv", axis=0):
+        return LayerSpec("x", op, "i", "w", axis, weight_shape=shape)
+
+    assert _cheap(spec((64, 64, 3, 3))) and _cheap(spec((960, 1, 3, 3))) and _cheap(spec((128, 1024), "MatMul", 1))
+    assert not _cheap(spec((128, 128, 3, 3))) and not _cheap(spec((768, 768), "MatMul", 1))
+    assert not _cheap(spec((4, 4096), "Gemm", 0))  # d over 2048 however few outputs

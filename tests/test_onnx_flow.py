@@ -173,10 +173,13 @@ def test_bias_correction_is_recorded_and_can_be_turned_off(tmp_path, rng):
     src = tmp_path / "m.onnx"
     onnx.save(conv_model(rng), src)
     x = (rng.normal(size=(4, 8, 6, 6)) + 1).astype(np.float32)
-    run_flow(src, tmp_path, [x], feed_name="x", prefix="on")
+    # round to nearest in both (learned_rounding, on by default, fits the output's mean too)
+    on_cfg = tmp_path / "on.cfg"
+    on_cfg.write_text("batch_num: 1\nlearned_rounding: false\n")
+    run_flow(src, tmp_path, [x], feed_name="x", prefix="on", config_defination=str(on_cfg))
     assert len(read_record(tmp_path / "on_record.txt")["conv"].bias_correction) == 8
     cfg = tmp_path / "off.cfg"
-    cfg.write_text("batch_num: 1\nbias_correction: false\n")
+    cfg.write_text("batch_num: 1\nbias_correction: false\nlearned_rounding: false\n")
     run_flow(src, tmp_path, [x], feed_name="x", prefix="off", config_defination=str(cfg))
     assert read_record(tmp_path / "off_record.txt")["conv"].bias_correction == []
     on = ort_run(tmp_path / "on_fake_quant_model.onnx", {"x": x})[0]

@@ -128,9 +128,10 @@ def fake_quant(x, scale, offset):
     return (torch.clamp(torch.round(x / scale) + offset, -128, 127) - offset) * scale
 
 
-def simulate(model, record, relu_after=()):
+def simulate(model, record, relu_after=(), transposed=()):
     """PyTorch simulation of the record's quantization (independent of the ONNX export): inputs, weights,
-    INT32-grid bias and output sites fake-quantized with the record's factors."""
+    INT32-grid bias and output sites fake-quantized with the record's factors. ``transposed``: Linear modules
+    the ONNX graph runs as MatMul on the (in, out) weight, the layout the record's ``ada_flip`` indexes."""
     sim = copy.deepcopy(model)
     modules = dict(sim.named_modules())
     for name, rec in record.items():
@@ -144,7 +145,15 @@ def simulate(model, record, relu_after=()):
             shape[axis] = -1
             s_w = torch.tensor(rec.scale_w, dtype=torch.float64).reshape(shape)
             w = m.weight.data.double()
-            m.weight.data = (torch.clamp(torch.round(w / s_w), -128, 127) * s_w).float()
+            q = torch.round(w / s_w)
+            if rec.ada_flip:  # learned rounding: at these flat indices (gap-coded) the other neighbour of w / s
+                t = name in transposed
+                v, flat = (w / s_w).T if t else w / s_w, torch.tensor(np.cumsum(rec.ada_flip))
+                q = (q.T if t else q).reshape(-1).clone()
+                q[flat] = torch.where(q[flat] > v.reshape(-1)[flat], torch.floor(v.reshape(-1)[flat]),
+                                      torch.ceil(v.reshape(-1)[flat]))
+                q = q.reshape(v.shape).T if t else q.reshape(v.shape)
+            m.weight.data = (torch.clamp(q, -128, 127) * s_w).float()
             if m.bias is not None:
                 s_b = s_w.reshape(-1) * rec.scale_d
                 bias = m.bias.data.double().float().double()
@@ -264,7 +273,7 @@ def test_tangled_model_runs_end_to_end_and_matches_simulation(tmp_path):
     feeds = {"image": inputs[0].numpy(), "extra": inputs[1].numpy()}
     got = ort_run(tmp_path / "q_fake_quant_model.onnx", feeds)
     with torch.no_grad():
-        want = simulate(cal.model, record, relu_after={"branches.0", "stem.0"})(*inputs)
+        want = simulate(cal.model, record, relu_after={"branches.0", "stem.0"}, transposed={"tokens"})(*inputs)
     for g, w in zip(got, [want[0], want[1]["aux"], want[1]["tok"]], strict=True):
         np.testing.assert_allclose(g, w.numpy(), atol=1e-4 * float(w.abs().max()) + 1e-6)
 

@@ -11,9 +11,13 @@ from omct.core.bias_correction import ChannelMeans, correction
 from omct.graph.export import layer_float_weight, layer_weight_codes
 
 
-def _point(spec) -> StatPoint:
+def means_point(spec) -> StatPoint:
+    """The per-channel means of a layer's input (AdaRound reads them too, to fit what this leaves)."""
     axis = spec.input_channel_axis
     return StatPoint(spec.input, ("channel_means", axis), lambda: ChannelMeans(axis))
+
+
+_point = means_point
 
 
 class BiasCorrection(Algorithm):

@@ -47,6 +47,10 @@ class AdaRoundOptions(AlgorithmOptions):
     warm_start: float = option(0.2, cfg=5, ge=0.0, lt=1.0, help="fraction of iterations without the regulariser")
     learning_rate: float = option(0.01, cfg=1000, gt=0.0, help="Adam step size (omct)")
     quantized_input: bool = option(True, cfg=1001, help="fit W x with the rounded weights on the quantized input (omct)")
+    solver: str = option("adam", cfg=1002, choices=("adam", "flips"),
+                         help="adam: AdaRound's relaxation; flips: descent by single floor/ceil flips only (omct)")
+    center: bool = option(True, cfg=1004, help="with bias correction on, fit what it leaves: inputs minus their mean (omct)")
+    polish: bool = option(True, cfg=1003, help="after adam, flip single weights while that lowers the loss (omct)")
     cfg = CfgPlacement("ada_quantize", 15, "ADAquantize", shared=(("channel_wise", 10),))
 
 
@@ -72,8 +76,10 @@ class InputSamples:
     are a uniform sample of all rows seen. Seeded by ``seed`` and the batch count: the same data gives the
     same sample."""
 
-    def __init__(self, window: Window | None, seed: int, max_bytes: int = SAMPLE_BYTES, max_rows: int = MAX_ROWS):
+    def __init__(self, window: Window | None, seed: int, max_bytes: int = SAMPLE_BYTES, max_rows: int = MAX_ROWS,
+                 max_d: int | None = None):
         self.window, self.seed, self.max_bytes, self.max_rows = window, seed, max_bytes, max_rows
+        self.max_d = max_d  # rows longer than this are not kept at all (rows stays None)
         self.rows: np.ndarray | None = None
         self.seen = 0  # rows offered so far
         self.batches = 0
@@ -92,17 +98,43 @@ class InputSamples:
             n, c, h, w = x.shape
             oh, ow = _out_size(h, w, self.window)
             total, d = n * oh * ow, c * self.window.kernel[0] * self.window.kernel[1]
+        if self.max_d is not None and d > self.max_d:
+            return
         cap = self.capacity(d)
         keep = min(cap, self.seen + total)
         take = keep if self.seen == 0 else int(rng.hypergeometric(total, self.seen, keep))
         picks = np.sort(rng.choice(total, size=take, replace=False)) if take < total else np.arange(total)
         new = x.reshape(-1, d)[picks] if self.window is None else _patches(x, self.window, picks)
+        new = np.ascontiguousarray(new, np.float32)
         old = self.rows
-        if old is not None and keep - take > 0:
-            old = old[np.sort(rng.choice(len(old), size=keep - take, replace=False))] if keep - take < len(old) else old
-            new = np.concatenate([old, new])
-        self.rows = np.ascontiguousarray(new, np.float32)
+        if old is None or keep - take <= 0:
+            self.rows = new
+        else:  # len(old) - (keep - take) kept rows leave: the new rows overwrite them in place, the rest append
+            drop = len(old) - (keep - take)
+            if drop > 0:
+                old[np.sort(rng.choice(len(old), size=drop, replace=False))] = new[:drop]
+            self.rows = old if drop == take else np.concatenate([old, new[drop:]])
         self.seen += total
+
+
+    def merge(self, other: InputSamples) -> None:
+        """Join another process's sample of the same tensor (distributed calibration): a uniform sample of the
+        union, as if one process had seen both (the number kept from ``other`` is hypergeometric in the rows
+        each has seen)."""
+        if other.rows is None:
+            return
+        if self.rows is None:
+            self.rows, self.seen, self.batches = other.rows.copy(), other.seen, other.batches
+            return
+        rng = np.random.default_rng([self.seed, self.batches, other.batches, 1])
+        keep = min(self.capacity(self.rows.shape[1]), len(self.rows) + len(other.rows))
+        take = int(rng.hypergeometric(other.seen, self.seen, keep))
+        take = min(max(take, keep - len(self.rows)), len(other.rows))
+        mine = np.sort(rng.choice(len(self.rows), size=keep - take, replace=False))
+        theirs = np.sort(rng.choice(len(other.rows), size=take, replace=False))
+        self.rows = np.concatenate([self.rows[mine], other.rows[theirs]])
+        self.seen += other.seen
+        self.batches += other.batches
 
 
 def _out_size(h: int, w: int, win: Window) -> tuple[int, int]:
@@ -116,12 +148,13 @@ def _patches(x: np.ndarray, win: Window, flat: np.ndarray) -> np.ndarray:
     (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw) = win.kernel, win.strides, win.pads, win.dilations
     oh, ow = _out_size(h, w, win)
     xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr))) if any(win.pads) else x
+    # a strided view (n, c, oh, ow, kh, kw) of every patch; gathering the picked (image, row, column) copies
+    # whole (c, kh, kw) patches instead of indexing every value
+    view = np.lib.stride_tricks.sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
+    view = view[:, :, :oh * sh:sh, :ow * sw:sw, ::dh, ::dw]
     b, rest = np.divmod(flat, oh * ow)
     r, q = np.divmod(rest, ow)
-    rows = (r * sh)[:, None, None, None] + (np.arange(kh) * dh)[None, None, :, None]
-    cols = (q * sw)[:, None, None, None] + (np.arange(kw) * dw)[None, None, None, :]
-    out = xp[b[:, None, None, None], np.arange(c)[None, :, None, None], rows, cols]
-    return out.reshape(len(flat), c * kh * kw)
+    return view[b, :, r, q].reshape(len(flat), c * kh * kw)
 
 
 def layer_seed(name: str) -> int:
@@ -145,15 +178,75 @@ def _rect_sigmoid(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return h, grad
 
 
+def output_error_terms(w: np.ndarray, x: np.ndarray, xq: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """The layer's output error as a quadratic in ``delta = Wq - W`` (per row: ``delta A delta' - 2 B . delta``
+    plus a constant): ``||Wq xq - W x||^2 / N = ||delta xq - W (x - xq)||^2 / N`` gives ``A = xq' xq / N``
+    (groups, d, d) and ``B = W (x - xq)' xq / N`` (groups, out, d; None when ``xq`` is ``x``)."""
+    n = x.shape[1]
+    if len(xq) == 1:  # one group: a 2-D xq' xq, which BLAS computes as a symmetric rank-k update (half the flops)
+        gram = (xq[0].T @ xq[0])[None] / np.float32(n)
+    else:
+        gram = np.matmul(xq.transpose(0, 2, 1), xq) / np.float32(n)
+    # W (x - xq)' xq as (W (x - xq)') xq: 2 out N d flops instead of N d^2 + out d^2
+    lin = None if xq is x else np.matmul(np.matmul(w, (x - xq).transpose(0, 2, 1)), xq) / np.float32(n)
+    return gram, lin
+
+
+def flip_search(codes: np.ndarray, w: np.ndarray, s: np.ndarray, gram: np.ndarray, lin: np.ndarray | None,
+                qmin: int, qmax: int, max_steps: int | None = None) -> np.ndarray:
+    """Best-improvement descent over AdaRound's choices (each code ``floor(w/s)`` or ``floor(w/s) + 1``):
+    every step flips, in each output row, the one weight whose flip lowers the row's quadratic loss most, until
+    no flip does (a local minimum: no single flip helps) or ``max_steps`` (default ``d``). A flip of weight j by
+    ``e`` changes the loss by ``2 e r_j + e^2 A_jj`` with ``r = delta A - B``, which the flip updates by
+    ``e A_j``: a step costs ``O(out * d)``. Rows are independent: a row with no improving flip is final and
+    leaves the working set, so late steps cost only what is still moving."""
+    g, out, d = w.shape
+    q = w / s
+    lo = np.clip(np.floor(q), qmin, qmax).astype(np.float32).reshape(g * out, d)
+    hi = np.clip(np.floor(q) + 1, qmin, qmax).astype(np.float32).reshape(g * out, d)
+    result = np.asarray(codes, np.float32).reshape(g * out, d).copy()
+    srow = np.broadcast_to(s, (g, out, 1)).reshape(g * out, 1).astype(np.float32)
+    grow = np.repeat(np.arange(g), out)  # each row's group (its Gram matrix)
+    r = (np.matmul(s * result.reshape(g, out, d) - w, gram) - (0.0 if lin is None else lin)).reshape(g * out, d)
+    e2 = 2 * srow * np.where(result == lo, np.float32(1), np.float32(-1))  # twice the change a flip would make
+    s2d = srow * srow * np.diagonal(gram, axis1=1, axis2=2)[grow]
+    s2d[lo == hi] = np.inf  # clipped at qmin / qmax: no other neighbour
+    rows = np.arange(g * out)  # the working set's rows in ``result``
+    cur = result.copy()
+    gain = np.empty_like(r)
+    for _ in range(d if max_steps is None else max_steps):
+        np.multiply(e2, r, out=gain)
+        gain += s2d
+        j = gain.argmin(1)
+        at = np.arange(len(rows))
+        move = gain[at, j] < 0
+        if not move.any():
+            break
+        if move.sum() < len(rows) // 2:  # most rows are final: keep only the moving ones (rows stopped are done)
+            result[rows] = cur
+            rows, cur, r, e2, s2d, grow, j = (a[move] for a in (rows, cur, r, e2, s2d, grow, j))
+            gain, at, move = gain[: len(rows)], np.arange(len(rows)), np.ones(len(rows), bool)
+        e = 0.5 * e2[at, j] * move  # a row that stopped (no improving flip) stays as it is: its r never changes
+        cur[at, j] += np.sign(e)
+        e2[at, j] = np.where(move, -e2[at, j], e2[at, j])
+        r += e[:, None] * gram[grow, j]
+    result[rows] = cur
+    return result.reshape(g, out, d)
+
+
 def learn_rounding(weight: np.ndarray, scale: np.ndarray, rows: np.ndarray, qmin: int, qmax: int,
-                   options: AdaRoundOptions | None = None, quantized_rows: np.ndarray | None = None) -> np.ndarray:
+                   options: AdaRoundOptions | None = None, quantized_rows: np.ndarray | None = None,
+                   center: np.ndarray | None = None) -> np.ndarray:
     """Integer codes of ``weight`` (groups, out, d) with learned rounding, given its per-row ``scale``
     (broadcastable to (groups, out, 1)) and input ``rows`` (N, groups * d: group g reads columns
-    ``g*d:(g+1)*d``). All groups and output channels are optimised together (vectorised Adam).
+    ``g*d:(g+1)*d``). All groups and output channels are optimised together (vectorised Adam, or with
+    ``solver: flips`` the flip descent alone; ``polish`` runs the descent after Adam).
 
     With ``quantized_rows`` (the same rows as the deployed layer sees them, quantized) the target stays the
     float output ``W x`` and the rounded weights are applied to the quantized input: the rounding then also
-    absorbs what input quantization does to this layer's output."""
+    absorbs what input quantization does to this layer's output. With ``center`` (the input's mean per
+    column, when bias correction will run after this) both are fitted minus that mean: bias correction
+    subtracts ``(Wq - W) center`` from the output, so what is left to fit is ``(Wq - W)(xq - center)``."""
     o = options or AdaRoundOptions()
     w = np.asarray(weight, np.float32)
     g, out, d = w.shape
@@ -161,15 +254,24 @@ def learn_rounding(weight: np.ndarray, scale: np.ndarray, rows: np.ndarray, qmin
     x = np.asarray(rows, np.float32).reshape(len(rows), g, d).transpose(1, 0, 2)  # (groups, N, d)
     xq = x if quantized_rows is None else \
         np.asarray(quantized_rows, np.float32).reshape(len(rows), g, d).transpose(1, 0, 2)
+    if center is not None:
+        c = np.asarray(center, np.float32).reshape(g, 1, d)
+        x, xq = (x - c, x - c if xq is x else xq - c)
+        xq = x if quantized_rows is None else xq
     n = x.shape[1]
+    nearest = np.clip(np.round(w / s), qmin, qmax)
+    if nearest.min() >= -qmax:  # symmetric weights (ARQ: max |w| is qmax steps) keep off qmin, as nearest does
+        qmin = -qmax
+    if o.solver == "flips":
+        gram, lin = output_error_terms(w, x, xq)
+        return flip_search(nearest, w, s, gram, lin, qmin, qmax).astype(np.int64)
     base = np.floor(w / s)
     rest = np.clip(w / s - base, 1e-4, 1 - 1e-4)
     v = (-np.log((ZETA - GAMMA) / (rest - GAMMA) - 1)).astype(np.float32)
     # ||Wq xq - W x||^2 = ||(Wq - W) xq - W (x - xq)||^2: the gradient is 2 ((Wq - W) A - W C) with
     # A = xq' xq / N and C = (x - xq)' xq / N, (groups, d, d) each: cheaper than the rows when N > d
-    gram = np.matmul(xq.transpose(0, 2, 1), xq) / n if n > d else None
-    shift = None if xq is x else np.matmul(w, np.matmul((x - xq).transpose(0, 2, 1), xq) / n) if n > d else None
-    err_in = None if xq is x or n > d else np.matmul(w, (x - xq).transpose(0, 2, 1))  # W (x - xq): (groups, out, N)
+    gram, shift = output_error_terms(w, x, xq) if n > d or o.polish else (None, None)
+    err_in = None if xq is x or gram is not None else np.matmul(w, (x - xq).transpose(0, 2, 1))  # (groups, out, N)
     m1, m2 = np.zeros_like(v), np.zeros_like(v)
     b1, b2, eps = 0.9, 0.999, 1e-8
     total = o.num_iteration
@@ -196,7 +298,6 @@ def learn_rounding(weight: np.ndarray, scale: np.ndarray, rows: np.ndarray, qmin
         step = o.learning_rate * np.sqrt(1 - b2 ** (t + 1)) / (1 - b1 ** (t + 1))
         v = v - (step * m1 / (np.sqrt(m2) + eps)).astype(np.float32)
     learned = np.clip(base + (v >= 0), qmin, qmax)
-    nearest = np.clip(np.round(w / s), qmin, qmax)
 
     def loss(codes: np.ndarray) -> np.ndarray:  # per (group, output channel), up to a constant
         delta = s * codes - w
@@ -208,7 +309,10 @@ def learn_rounding(weight: np.ndarray, scale: np.ndarray, rows: np.ndarray, qmin
     # a channel whose learned rounding (thresholded: h may not have reached 0 or 1) ends up worse on the sample
     # than round-to-nearest keeps round-to-nearest: AdaRound never makes a layer's sampled output error worse
     worse = loss(learned) > loss(nearest)
-    return np.where(worse[..., None], nearest, learned).astype(np.int64)
+    codes = np.where(worse[..., None], nearest, learned)
+    if o.polish:
+        codes = flip_search(codes, w, s, gram, shift, qmin, qmax)
+    return codes.astype(np.int64)
 
 
 # --------------------------------------------------------------------------------------------------------------

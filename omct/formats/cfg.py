@@ -21,6 +21,7 @@ from omct.ui import logger
 
 GLOBAL_FIELDS = ("batch_num", "activation_offset", "do_fusion", "skip_fusion_layers", "bias_correction",
                  "cross_layer_equalization")
+GLOBAL_FIELDS += ("learned_rounding",)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from omct.ui import logger
 
 GLOBAL_KEYS = ("version", "batch_num", "activation_offset", "do_fusion", "skip_fusion_layers", "bias_correction",
                "cross_layer_equalization")
+GLOBAL_KEYS += ("learned_rounding",)
 
 
 def _annotation(spec: OptionSpec) -> Any:
@@ -169,6 +170,7 @@ class GlobalConfig(BaseModel):
     skip_fusion_layers: list[str] = []
     bias_correction: bool = True  # omct: shift each bias by the mean error its quantized weights add
     cross_layer_equalization: bool = False  # omct: equalize Conv -> (Relu) -> Conv weight ranges before calibration
+    learned_rounding: bool = True  # omct: ARQ layers pick floor/ceil per weight to fit their output (flip descent)
 
 
 @dataclass

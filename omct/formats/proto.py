@@ -43,6 +43,7 @@ _CONFIG_MESSAGES: dict[str, list[tuple]] = {
         ("nuq_config", 300, "NuqConfig", "optional", None, None),
         ("bias_correction", 1000, "bool", "optional", "true", None),
         ("cross_layer_equalization", 1001, "bool", "optional", "false", None),
+        ("learned_rounding", 1010, "bool", "optional", "true", None),
     ],
 }
 

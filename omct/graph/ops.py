@@ -44,6 +44,7 @@ class LayerSpec:
     window: tuple | None = None
     # The control-flow body the layer sits in (``vad_if/then``, ``loop/body``), None at the top level
     scope: str | None = None
+    weight_shape: tuple | None = None  # the weight initializer's shape (learned rounding's cost, before calibration)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -498,7 +499,8 @@ def _find_in(model: onnx.ModelProto, graph: onnx.GraphProto, index: GraphIndex, 
         if isinstance(result, str):
             refused.append(Refusal(node.name, node.op_type, result))
         elif result is not None:
-            layers.append(replace(result, scope=scope) if scope else result)
+            init = index.initializers.get(result.weight) if result.weight else None
+            layers.append(replace(result, scope=scope, weight_shape=None if init is None else tuple(init.dims)))
         found = bodies(node)
         if not found:
             refused += _subgraph_candidates(node, "it sits inside a subgraph of {op} node '{node}' (omct quantizes layers in "
