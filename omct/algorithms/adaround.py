@@ -21,10 +21,23 @@ def _window(spec) -> Window | None:
     return Window(*(tuple(int(v) for v in part) for part in spec.window))
 
 
-def _point(spec) -> StatPoint:
+def input_samples_point(spec) -> StatPoint:
+    """A bounded sample of the layer's input rows (dense inputs or conv patches), shared by every algorithm
+    that fits a layer to its inputs (AdaRound, NUQ's output-aware assignment)."""
     window = _window(spec)
     return StatPoint(spec.input, ("input_samples", window),
                      lambda: InputSamples(window, layer_seed(f"{spec.input}{window}")))
+
+
+def layer_input_rows(ctx: RecordContext, spec) -> np.ndarray | None:
+    """The sampled input rows as the quantized layer reads them: divided by the ``dmq_balancer`` factors when
+    the layer is balanced (its weight is then multiplied by them)."""
+    rows = ctx.stats[input_samples_point(spec)].rows
+    rec = ctx.records[spec.name]
+    if rows is not None and rec.dmq_factor:
+        s = np.asarray(rec.dmq_factor, np.float32)
+        rows = rows / (np.repeat(s, rows.shape[1] // s.size) if spec.op_type == "Conv" else s)
+    return rows
 
 
 def learn_layer(weight: np.ndarray, params: QuantParams, spec, rows: np.ndarray, options: AdaRoundOptions,
@@ -60,19 +73,16 @@ class AdaRound(Algorithm):
         return out
 
     def points(self, plan, config):
-        return [_point(spec) for spec, _ in self._layers(plan, config)]
+        return [input_samples_point(spec) for spec, _ in self._layers(plan, config)]
 
     def apply(self, ctx: RecordContext) -> None:
         for spec, options in self._layers(ctx.plan, ctx.config):
             wp = ctx.weight_params.get(spec.name)
-            rows = ctx.stats[_point(spec)].rows
+            rec = ctx.records[spec.name]
+            rows = layer_input_rows(ctx, spec)
             if wp is None or rows is None:
                 continue
-            rec = ctx.records[spec.name]
             weight = layer_float_weight(ctx.weight_of(spec.weight).astype(np.float32), rec, spec)
-            if rec.dmq_factor:  # the balanced layer reads its input divided by the factors
-                s = np.asarray(rec.dmq_factor, np.float32)
-                rows = rows / (np.repeat(s, rows.shape[1] // s.size) if spec.op_type == "Conv" else s)
             quantized = None
             if options.quantized_input:  # the rows as the deployed layer reads them
                 bits = ctx.plan.sites[ctx.plan.input_site[spec.name]].act.get("num_bits", 8)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from omct.core import gptq
+from omct.core.adaround import apply_gaps, flip_gaps
 from omct.core.bias_correction import ChannelMeans
 from omct.core.params import MIN_SCALE
 
@@ -137,13 +139,52 @@ def _assign(rows: np.ndarray, table: np.ndarray) -> np.ndarray:
     return out
 
 
-def to_levels(weight: np.ndarray, scale: np.ndarray, out_axis: int | None, levels) -> np.ndarray:
-    """The integer weight on the levels: each ``w / s`` goes to the nearest level of its channel's table
-    (``levels``: [channels, num_steps], or the record's flat list), as int64 codes in the weight's shape."""
+def _code_rows(weight: np.ndarray, scale: np.ndarray, out_axis: int | None) -> np.ndarray:
+    """``w / s`` as [channels, -1] rows (the values the level tables are compared with)."""
     scale = np.asarray(scale, np.float32).astype(np.float64).reshape(-1)
-    rows = _rows(np.asarray(weight, np.float64), out_axis) / scale[:, None]
+    return _rows(np.asarray(weight, np.float64), out_axis) / scale[:, None]
+
+
+def to_levels(weight: np.ndarray, scale: np.ndarray, out_axis: int | None, levels,
+              flips: list[int] | None = None) -> np.ndarray:
+    """The integer weight on the levels: each ``w / s`` goes to the nearest level of its channel's table
+    (``levels``: [channels, num_steps], or the record's flat list), as int64 codes in the weight's shape;
+    except, with ``flips`` (the record's gap-coded ``ada_flip``), those weights take the level on the other
+    side of ``w / s`` (output-aware assignment, ``assign_output_aware``)."""
+    rows = _code_rows(weight, scale, out_axis)
     table = level_table(levels, rows.shape[0])
-    return _unrows(_assign(rows, table), np.shape(weight), out_axis)
+    nearest = _unrows(_assign(rows, table), np.shape(weight), out_axis)
+    if not flips:
+        return nearest
+    return apply_gaps(nearest, _other_level(weight, scale, out_axis, levels), flips)
+
+
+def _other_level(weight: np.ndarray, scale: np.ndarray, out_axis: int | None, levels) -> np.ndarray:
+    """Each weight's level on the other side of ``w / s`` from its nearest level (the nearest one itself at
+    the ends of the table or exactly on a level), in the weight's shape."""
+    rows = _code_rows(weight, scale, out_axis)
+    table = level_table(levels, rows.shape[0]).astype(np.float64)
+    table = np.broadcast_to(table, (rows.shape[0], table.shape[1]))
+    _, other = gptq.bracket_indices(rows, table)
+    return _unrows(np.take_along_axis(table, other, 1).astype(np.int64), np.shape(weight), out_axis)
+
+
+def assign_output_aware(weight: np.ndarray, scale: np.ndarray, out_axis: int, levels,
+                        h: np.ndarray) -> list[int]:
+    """GPTQ's assignment of a channel-wise NUQ weight to its level tables with the second moment ``h`` of the
+    layer's input (columns in the order of the weight's non-output axes, i.e. im2col's (in, kh, kw)): each
+    weight takes one of the two levels around ``w / s``, chosen so that the layer's output error
+    ``(W - Q) H (W - Q)^T`` is small rather than each weight's own. Returned as the gap-coded flat indices of
+    the weights that take the other level (the record's ``ada_flip``; ``to_levels`` applies them).
+
+    Rows are scaled by their own scale (``w / s`` against integer levels): each row's problem is independent
+    of the others and of its scale, and the bracket is then computed exactly as ``to_levels`` computes it."""
+    rows = _code_rows(weight, scale, out_axis)
+    table = level_table(levels, rows.shape[0]).astype(np.float64)
+    idx = gptq.assign(rows, table, h, bracket=True)
+    codes = _unrows(np.take_along_axis(table, idx, 1).astype(np.int64), np.shape(weight), out_axis)
+    nearest = to_levels(weight, scale, out_axis, levels)
+    return flip_gaps(nearest, _other_level(weight, scale, out_axis, levels), codes)
 
 
 def weighted_error(weight: np.ndarray, scale: np.ndarray, out_axis: int | None, in_axis: int | None, levels,

@@ -317,8 +317,8 @@ def layer_weight_codes(weight: np.ndarray, record: LayerRecord, params: QuantPar
     algorithm that needs the quantized weight (bias correction), turn a weight into codes, so fake-quant,
     deploy and the corrections agree. Round to nearest unless the record says otherwise; a weight encoding
     with its own record fields (NUQ's ``nuq_levels``, AdaRound's ``ada_flip``) is one branch here."""
-    if record.nuq_levels:
-        return nuq.to_levels(weight, params.scale, params.axis, record.nuq_levels)
+    if record.nuq_levels:  # with ada_flip: NUQ's output-aware assignment (the other level around w / s)
+        return nuq.to_levels(weight, params.scale, params.axis, record.nuq_levels, record.ada_flip)
     if record.ada_flip:
         return apply_flips(weight, params, record.ada_flip)
     return params.quantize(weight)
