@@ -55,7 +55,7 @@ def layer_inputs(path: Path, calib: list, max_layers: int | None):
     return [(name, w.astype(np.float64), s.rows.astype(np.float64)) for (name, _, w, _), s in zip(layers, samples, strict=True)]
 
 
-def methods(w: np.ndarray, fit_rows: np.ndarray) -> dict[str, np.ndarray]:
+def methods(w: np.ndarray, fit_rows: np.ndarray, tables: tuple[int, ...] = (0,)) -> dict[str, np.ndarray]:
     from omct.core import gptq, nuq
     from omct.core.weights import arq
 
@@ -66,15 +66,16 @@ def methods(w: np.ndarray, fit_rows: np.ndarray) -> dict[str, np.ndarray]:
         out[f"int{bits}"] = p.dequantize(p.quantize(w))
     imp = (fit_rows ** 2).mean(0)  # the diagonal of H: the per-input importance
     p8 = arq(w, 8, 0)
-    for steps in (32, 16):
+    for steps, k in ((a, b) for a in (32, 16) for b in tables):
         # importance per column: nuq.fit takes it per input axis; columns here are the axis (in_axis = 1)
-        scale, table = nuq.fit(w, p8.scale, 0, 1, steps, 1, imp)
+        scale, table = nuq.fit(w, p8.scale, 0, 1, steps, 1, imp, num_tables=k)
         s = np.asarray(scale, np.float64).reshape(-1, 1)
-        out[f"nuq{steps}"] = nuq.to_levels(w, scale, 0, table) * s
-        tables = table.astype(np.float64) * s
-        for bracket in (True, False):
-            idx = gptq.assign(w, tables, h, bracket=bracket)
-            out[f"nuq{steps}-gptq{'' if bracket else '-free'}"] = np.take_along_axis(tables, idx, 1)
+        tag = f"nuq{steps}" + (f"t{k}" if k else "")
+        out[tag] = nuq.to_levels(w, scale, 0, table) * s
+        grid = table.astype(np.float64) * s
+        for bracket in (True, False)[:1 if k else 2]:
+            idx = gptq.assign(w, grid, h, bracket=bracket)
+            out[f"{tag}-gptq{'' if bracket else '-free'}"] = np.take_along_axis(grid, idx, 1)
     return out
 
 
@@ -82,6 +83,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", choices=[*bench_nuq.MODELS, *bench_nuq.REAL])
     ap.add_argument("--layers", type=int, default=None, help="only the first N layers")
+    ap.add_argument("--tables", type=int, nargs="*", default=[0], help="shared tables per layer (0: one per channel)")
     args = ap.parse_args()
     b = bench_nuq.bench_model(args.model)
     table = {}
@@ -89,11 +91,12 @@ def main() -> None:
         fit_rows, test_rows = rows[0::2], rows[1::2]
         ref = test_rows @ w.T
         res = {}
-        for method, q in methods(w, fit_rows).items():
+        for method, q in methods(w, fit_rows, tuple(args.tables)).items():
             err = test_rows @ (w - q).T
             res[method] = 10 * np.log10((ref ** 2).sum() / (err ** 2).sum())
         table[name] = res
-        print(f"{name:28s} {w.shape[1]:5d} " + " ".join(f"{m}={v:5.1f}" for m, v in res.items()), flush=True)
+        print(f"{name[-24:]:24s} {w.shape[0]:4d}x{w.shape[1]:<5d} "
+              + " ".join(f"{m}={v:5.1f}" for m, v in res.items()), flush=True)
     means = {m: np.mean([r[m] for r in table.values()]) for m in next(iter(table.values()))}
     print("mean                               " + " ".join(f"{m}={v:5.1f}" for m, v in means.items()))
 

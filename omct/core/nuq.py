@@ -209,14 +209,17 @@ def _row_levels(codes: np.ndarray, weights: np.ndarray, num_steps: int) -> np.nd
 
 
 def fit(weight: np.ndarray, scale: np.ndarray, out_axis: int | None, in_axis: int | None, num_steps: int,
-        num_of_iteration: int = 1, importance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        num_of_iteration: int = 1, importance: np.ndarray | None = None,
+        num_tables: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """NUQ of one layer's weight: (per-channel scales, level table [channels, num_steps] of INT8 values; one
     row when per-tensor).
 
     One table per output channel: on the benchmark models (logit SQNR at NUQ-16, bias correction on) per-channel
     tables gave 27.2 dB (ResNet) and 27.8 dB (transformer) where one table per layer gave 20.0 and 17.1 (uniform
     INT4: 17.4 and 24.5), for ``num_steps`` bytes per channel. ``scale``: the uniform INT8 scales to start from
-    (ARQ); ``importance``: the mean square of each input channel (on ``in_axis``), or None for equal weights."""
+    (ARQ); ``importance``: the mean square of each input channel (on ``in_axis``), or None for equal weights.
+    ``num_tables``: when positive and below the number of channels, the channels share that many distinct
+    tables (``share_tables``; the deploy file then stores each distinct row once)."""
     if num_steps not in ALLOWED_STEPS:
         raise ValueError(f"num_steps must be one of {', '.join(map(str, ALLOWED_STEPS))}, got {num_steps!r}")
     w = np.asarray(weight, np.float64)
@@ -241,8 +244,43 @@ def fit(weight: np.ndarray, scale: np.ndarray, out_axis: int | None, in_axis: in
         better = err < best_err  # channels are independent: each keeps its best
         best_err = np.where(better, err, best_err)
         best_scale[better], best_table[better] = scale[better], table[better]
+    if 0 < num_tables < best_table.shape[0]:
+        best_table = share_tables(rows / best_scale.astype(np.float64)[:, None], imp, best_table, num_tables)
     best_scale = _keep_norm(rows, imp, best_scale, best_table)
     return (best_scale if out_axis is not None else best_scale.reshape(())), best_table
+
+
+def share_tables(codes: np.ndarray, imp: np.ndarray, tables: np.ndarray, num_tables: int,
+                 rounds: int = 4) -> np.ndarray:
+    """Per-channel level tables ([channels, num_steps]) replaced by at most ``num_tables`` distinct ones, each
+    channel on the one that serves it best: the file then stores ``num_tables`` rows and one small index per
+    channel instead of a row per channel (a NUQ-16 row costs as much as 32 packed weights).
+
+    ``codes``: each channel's ``w / s`` ([channels, -1]), ``imp``: the importance weights. A k-means over
+    channels: start from the tables of ``num_tables`` channels spread over the order of their tables' spread
+    (deterministic), then alternately put each channel on the table with the least weighted error and choose
+    each shared table exactly (``select_levels``) for the pooled, weighted codes of its channels."""
+    channels, steps = tables.shape
+    ints = np.clip(np.round(codes), QMIN, QMAX).astype(np.int64) - QMIN  # histogram bins 0..255
+    hist = np.stack([np.bincount(ints[c], weights=imp[c], minlength=QMAX - QMIN + 1) for c in range(channels)])
+    spread = np.argsort(tables.std(axis=1), kind="stable")
+    shared = tables[spread[np.linspace(0, channels - 1, num_tables).round().astype(np.int64)]]
+    grid = np.arange(QMIN, QMAX + 1, dtype=np.float64)
+    member = None
+    for _ in range(rounds):
+        # error of every channel on every table, from its histogram: sum_bins hist * (bin - nearest level)^2
+        err = np.stack([hist @ (grid - t[nearest_level(grid, t)]) ** 2 for t in shared], axis=1)  # [channels, K]
+        new = np.argmin(err, axis=1)
+        if member is not None and np.array_equal(new, member):
+            break
+        member = new
+        for k in range(len(shared)):
+            pooled = hist[member == k].sum(0)
+            if pooled.any():
+                values = np.flatnonzero(pooled)
+                levels = select_levels(values + QMIN, pooled[values], steps)
+                shared[k] = np.concatenate([levels, np.full(steps - levels.size, levels[-1], np.int64)])
+    return shared[member]
 
 
 def _keep_norm(rows: np.ndarray, imp: np.ndarray, scale: np.ndarray, table: np.ndarray) -> np.ndarray:
@@ -263,16 +301,18 @@ def _keep_norm(rows: np.ndarray, imp: np.ndarray, scale: np.ndarray, table: np.n
     return scale
 
 
-def stored_bytes(shape: tuple[int, ...], out_axis: int | None, num_steps: int) -> int:
-    """Bytes of a NUQ weight in the deploy file: packed indices plus one level table per output channel."""
-    return packed_bytes(int(np.prod(shape)), num_steps, shape[out_axis] if out_axis is not None else 1)
+def stored_bytes(shape: tuple[int, ...], out_axis: int | None, num_steps: int, num_tables: int = 0) -> int:
+    """Bytes of a NUQ weight in the deploy file: packed indices plus the level tables (one per output channel,
+    or ``num_tables`` shared ones and a one-byte table number per channel)."""
+    return packed_bytes(int(np.prod(shape)), num_steps, shape[out_axis] if out_axis is not None else 1, num_tables)
 
 
-def worthwhile(shape: tuple[int, ...], out_axis: int | None, num_steps: int) -> bool:
+def worthwhile(shape: tuple[int, ...], out_axis: int | None, num_steps: int, num_tables: int = 0) -> bool:
     """Whether NUQ stores the weight in fewer bytes than INT8 (one byte per weight): with few weights per
-    output channel the tables outweigh the saving (NUQ-16 needs more than 32 per channel, NUQ-32 more than 85,
-    NUQ-64 more than 256, NUQ-128 more than 1024), and such a layer keeps uniform INT8 weights."""
-    return stored_bytes(shape, out_axis, num_steps) < int(np.prod(shape))
+    output channel the tables outweigh the saving (with a table per channel NUQ-16 needs more than 32 per
+    channel, NUQ-32 more than 85, NUQ-64 more than 256, NUQ-128 more than 1024; with shared tables far fewer),
+    and such a layer keeps uniform INT8 weights."""
+    return stored_bytes(shape, out_axis, num_steps, num_tables) < int(np.prod(shape))
 
 
 def index_bits(num_steps: int) -> int:
@@ -293,6 +333,11 @@ def unpack_indices(planes: np.ndarray, count: int) -> np.ndarray:
     return (bits << np.arange(planes.shape[0])[:, None]).sum(0)
 
 
-def packed_bytes(count: int, num_steps: int, channels: int = 1) -> int:
-    """Bytes of ``count`` packed indices plus their INT8 level tables (one row per channel)."""
-    return index_bits(num_steps) * -(-count // 8) + num_steps * channels
+def packed_bytes(count: int, num_steps: int, channels: int = 1, num_tables: int = 0) -> int:
+    """Bytes of ``count`` packed indices plus their INT8 level tables: one row per channel, or, with
+    ``num_tables`` shared rows where that is smaller, those rows and one byte per channel (the deploy file's
+    rule, ``graph.export``)."""
+    rows = num_steps * channels
+    if 0 < num_tables <= 256 and num_steps * num_tables + channels < rows:
+        rows = num_steps * num_tables + channels
+    return index_bits(num_steps) * -(-count // 8) + rows

@@ -77,11 +77,13 @@ class NUQOptions(AlgorithmOptions):
     num_of_iteration: int = option(1, cfg=2, ge=0, le=10, help="refinement steps (scale refit, levels reselected)")
     output_aware: bool = option(False, cfg=1000, help="assign weights to the levels GPTQ's way with the layer's "
                                 "input second moment (omct)")
+    num_tables: int = option(0, cfg=1001, ge=0, le=256, help="distinct level tables per layer, shared by its "
+                             "channels (0: one per output channel; omct)")
     cfg = CfgPlacement("nuq_quantize", 1013, "NUQuantize", shared=(("channel_wise", 3), ("quant_bits", 10)))
 
 
 def nuq_uniform_start(weight: np.ndarray, num_bits: int = 8, axis: int | None = 0, num_steps: int = 32,
-                      num_of_iteration: int = 1, output_aware: bool = False) -> QuantParams:
+                      num_of_iteration: int = 1, output_aware: bool = False, num_tables: int = 0) -> QuantParams:
     """NUQ's uniform stage (ARQ); the levels are chosen by the weight algorithm with the input statistics (and,
     ``output_aware``, the weights assigned to them by ``omct.algorithms.nuq_assignment``)."""
     return arq(weight, num_bits, axis)

@@ -219,7 +219,16 @@ class DeployBuilder(_Builder):
         last = axis is not None and axis == codes.ndim - 1 and axis != 0
         lookup = (-1, channels) if last else (channels, -1)
         idx = op("Reshape", [idx, self.add_init(np.array(lookup, np.int64), f"{k}.ls")])
-        levels_init = self.add_init((table.T if last else table).astype(np.int8), f"{k}.weight_levels")
+        # channels that share a table (nuq.share_tables): each distinct row once, and each channel's row number
+        # (uint8), expanded by Gather; also folded at session creation
+        rows_used, row_of = np.unique(table, axis=0, return_inverse=True)
+        if len(rows_used) <= 256 and rows_used.size + channels < table.size:
+            distinct = self.add_init((rows_used.T if last else rows_used).astype(np.int8), f"{k}.weight_levels")
+            which = op("Cast", [self.add_init(row_of.reshape(-1).astype(np.uint8), f"{k}.weight_table")],
+                       to=onnx.TensorProto.INT64)
+            levels_init = op("Gather", [distinct, which], axis=1 if last else 0)
+        else:
+            levels_init = self.add_init((table.T if last else table).astype(np.int8), f"{k}.weight_levels")
         w = op("GatherElements", [levels_init, idx], axis=0 if last else 1)
         shape = self.add_init(np.array(codes.shape, np.int64), f"{k}.s")
         return self.node("Reshape", [w, shape], f"{k}.wq")
