@@ -13,8 +13,9 @@ the two table values around its original value (round-to-nearest or the other wa
 representable as "which weights round the other way", the compact form omct's record stores.
 
 Cost: ``O(rows * cols^2 + cols^3)`` flops (the ``H`` inverse, the error feedback done as matrix products per
-block of ``block`` columns) and ``O(cols^2 + rows * cols)`` float64 memory; the per-column Python loop does
-``O(rows * L)`` work for ``L`` table values. Deterministic: no randomness, ties go to the lower value.
+block of ``block`` columns) and at most 3 ``cols^2`` float64 values at once besides the caller's ``H`` (and
+``O(rows * cols)``); the per-column Python loop does ``O(rows * L)`` work for ``L`` table values.
+Deterministic: no randomness, ties go to the lower value.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def assign(weight: np.ndarray, tables: np.ndarray, h: np.ndarray, bracket: bool 
         raise ValueError(f"weight {w.shape}, tables {tables.shape} and H {h.shape} do not match")
     perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(cols)
     w = w[:, perm]
-    hinv = damped_cholesky_inverse(np.asarray(h, np.float64)[np.ix_(perm, perm)], damp)
+    hinv = damped_cholesky_inverse(np.asarray(h)[np.ix_(perm, perm)], damp)
     if bracket:
         lo_hi = bracket_indices(w, tables)
         lo = np.minimum(*lo_hi)
@@ -108,4 +109,12 @@ def assign(weight: np.ndarray, tables: np.ndarray, h: np.ndarray, bracket: bool 
 def output_error(weight: np.ndarray, quantized: np.ndarray, h: np.ndarray) -> np.ndarray:
     """Each row's output error ``(w - q) H (w - q)^T`` (mean squared output error when ``H = E[x x^T]``)."""
     d = np.asarray(weight, np.float64) - np.asarray(quantized, np.float64)
-    return np.einsum("rc,cd,rd->r", d, np.asarray(h, np.float64), d)
+    return ((d @ np.asarray(h, np.float64)) * d).sum(1)
+
+
+def shrunk(h: np.ndarray, alpha: float) -> np.ndarray:
+    """``(1 - alpha) H + alpha diag(H)``, float64: ``H`` estimated from few samples trusted less (``alpha`` 1 is
+    the diagonal, where GPTQ is round-to-nearest)."""
+    out = np.asarray(h, np.float64) * (1.0 - alpha)
+    out[np.diag_indices(len(out))] = np.diag(h)
+    return out

@@ -159,6 +159,14 @@ def to_levels(weight: np.ndarray, scale: np.ndarray, out_axis: int | None, level
     return apply_gaps(nearest, _other_level(weight, scale, out_axis, levels), flips)
 
 
+def output_error(weight: np.ndarray, scale: np.ndarray, out_axis: int, levels, h: np.ndarray,
+                 flips: list[int] | None = None) -> float:
+    """The layer's output error ``sum (W - Q) H (W - Q)^T`` with its weights on the levels (and ``flips``)."""
+    s = np.asarray(scale, np.float32).astype(np.float64).reshape(-1, 1)
+    q = _rows(to_levels(weight, scale, out_axis, levels, flips), out_axis) * s
+    return float(gptq.output_error(_rows(np.asarray(weight, np.float64), out_axis), q, h).sum())
+
+
 def _other_level(weight: np.ndarray, scale: np.ndarray, out_axis: int | None, levels) -> np.ndarray:
     """Each weight's level on the other side of ``w / s`` from its nearest level (the nearest one itself at
     the ends of the table or exactly on a level), in the weight's shape."""
