@@ -79,10 +79,11 @@ CONFIGS = {
     "int8": "",
     "nuq32": "nuq_config { nuq_quantize { num_steps: 32 num_of_iteration: 1 } }",
     "nuq16": "nuq_config { nuq_quantize { num_steps: 16 num_of_iteration: 1 } }",
-    "nuq32-nearest": "nuq_config { nuq_quantize { num_steps: 32 num_of_iteration: 1 output_aware: false } }",
-    "nuq16-nearest": "nuq_config { nuq_quantize { num_steps: 16 num_of_iteration: 1 output_aware: false } }",
-    "nuq32-oa": "nuq_config { nuq_quantize { num_steps: 32 num_of_iteration: 1 output_aware: true } }",
-    "nuq16-oa": "nuq_config { nuq_quantize { num_steps: 16 num_of_iteration: 1 output_aware: true } }",
+    # the previous defaults: nearest levels, one table per output channel (before / after comparisons)
+    "nuq32-old": "nuq_config { nuq_quantize { num_steps: 32 num_of_iteration: 1 output_aware: false num_tables: 0 } }",
+    "nuq16-old": "nuq_config { nuq_quantize { num_steps: 16 num_of_iteration: 1 output_aware: false num_tables: 0 } }",
+    # output-aware, one table per output channel (what shared tables cost)
+    "nuq16-pc": "nuq_config { nuq_quantize { num_steps: 16 num_of_iteration: 1 num_tables: 0 } }",
     "int5": "common_config { arq_quantize { quant_bits: 5 } }",
     "int4": "common_config { arq_quantize { quant_bits: 4 } }",
 }
@@ -168,7 +169,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", default=[*MODELS, *REAL])
-    ap.add_argument("--methods", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--methods", nargs="*", default=["int8", "nuq32", "nuq16", "int5", "int4"], choices=list(CONFIGS))
     ap.add_argument("--append", action="store_true", help="append the table to the results as a dated section")
     ap.add_argument("--no-auto", dest="auto", action="store_false", help="no automatic NUQ (never run on REAL)")
     args = ap.parse_args()

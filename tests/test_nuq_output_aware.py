@@ -74,6 +74,7 @@ def _convs(tmp_path):
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 96, 3, padding=1), nn.ReLU(), nn.Conv2d(96, 96, 1), nn.ReLU(),
+                          nn.Conv2d(96, 96, 3, padding=1, groups=96), nn.ReLU(),  # depthwise: an omct extension
                           nn.Conv2d(96, 96, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                           nn.Linear(96, 10)).eval()
     path = tmp_path / "convs.onnx"
@@ -106,13 +107,13 @@ def test_deploy_with_shared_tables_and_flips_runs_integer_kernels(tmp_path, rng)
                                           "num_tables: 8 } }", x, "q")
     rec = read_record(tmp_path / "q_rec.txt")
     nuq_layers = [n for n, r in rec.items() if r.nuq_levels]
-    assert len(nuq_layers) == 4 and any(rec[n].ada_flip for n in nuq_layers)  # the stem too: shared tables pay
+    assert len(nuq_layers) == 5 and any(rec[n].ada_flip for n in nuq_layers)  # the stem too: shared tables pay
     inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(deploy).graph.initializer}
     tables = [v for n, v in inits.items() if n.endswith(".weight_levels")]
-    assert len(tables) == 4 and all(v.shape[0] <= 8 and v.shape[1] == 16 for v in tables), [v.shape for v in tables]
-    assert sum(n.endswith(".weight_table") for n in inits) == 4
+    assert len(tables) == 5 and all(v.shape[0] <= 8 and v.shape[1] == 16 for v in tables), [v.shape for v in tables]
+    assert sum(n.endswith(".weight_table") for n in inits) == 5
     ops = optimized_ops(deploy, tmp_path)
-    assert ops.count("QLinearConv") == 3 and "Gather" not in ops and "GatherElements" not in ops
+    assert ops.count("QLinearConv") == 4 and "Gather" not in ops and "GatherElements" not in ops
     assert_integer_kernels(deploy, tmp_path)
     out_fake, out_deploy = ort_run(fake, {"input": x})[0], ort_run(deploy, {"input": x})[0]
     np.testing.assert_allclose(out_deploy, out_fake, atol=0.01 * np.abs(out_fake).max())
@@ -124,6 +125,16 @@ def test_deploy_with_shared_tables_and_flips_runs_integer_kernels(tmp_path, rng)
         if node.op_type == "Conv":
             codes = fq[node.input[1]] / np.asarray(rec[node.name].scale_w, np.float32)[:, None, None, None]
             assert any(w.shape == codes.shape and np.array_equal(w, np.round(codes)) for w in int8), node.name
+
+
+def test_inspect_names_nuq_on_depthwise_an_extension(tmp_path):
+    import omct.onnx as amct
+
+    model = _convs(tmp_path)
+    dw = next(n.name for n in onnx.load(model).graph.node
+              if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute))
+    rows = {r[0]: r for r in amct.inspect_model(str(model)).rows()}
+    assert rows[dw][-1] == "yes (omct extension: group 96)"
 
 
 def test_output_aware_nuq_beats_uniform_on_a_trained_model_layer(tmp_path, trained, digits):

@@ -141,6 +141,7 @@ class DeployBuilder(_Builder):
         self._shared: dict[str, str] = {}  # constants many layers read
         self._keys: dict[str, str] = {}
         self._weight_scale: dict[str, tuple[str, np.ndarray]] = {}  # layer -> its weight scale: name, value
+        self._compact: set[str] = set()  # NUQ layers whose scales (float16) and bias (INT16 when it fits) are halved
         self._scales: dict[bytes, str] = {}  # scalar float32 scale value -> its initializer
 
     def key(self, base: str) -> str:
@@ -162,8 +163,16 @@ class DeployBuilder(_Builder):
         qi = (self.add_init(codes.astype(np.int8), f"{base}.weight_quantized") if not levels
               else self.unpacked_levels(codes, levels, params.axis, base))
         k = self.key(base)
-        s = self.add_init(params.scale, f"{k}.ws")
-        self._weight_scale[base] = (s, np.asarray(params.scale, np.float32))
+        scale = np.asarray(params.scale, np.float32)
+        if levels and scale.size > 1 and np.array_equal(scale.astype(np.float16).astype(np.float32), scale):
+            # NUQ's per-channel scales are float16 numbers (nuq.fit): stored in half the bytes and cast back
+            # (exact; folded at session creation), as the layer's bias when it fits in INT16
+            self._compact.add(base)
+            s = self.node("Cast", [self.add_init(scale.astype(np.float16), f"{k}.ws")], f"{k}.wsf",
+                          to=onnx.TensorProto.FLOAT)
+        else:
+            s = self.add_init(params.scale, f"{k}.ws")
+        self._weight_scale[base] = (s, scale)
         # all zeros: one initializer per channel count, shared (ONNX Runtime's Gemm fusion wants it present)
         z = self.shared(np.zeros(params.scale.shape, np.int8), f"zero.i8x{params.scale.size}")
         attrs = {"axis": params.axis} if params.axis is not None else {}
@@ -235,7 +244,12 @@ class DeployBuilder(_Builder):
 
     def bias(self, codes, scale, base):
         k = self.key(base)
-        bi = self.add_init(codes, f"{k}.bias_quantized")
+        if base in self._compact and codes.size > 1 and np.abs(codes).max() <= np.iinfo(np.int16).max:
+            # every value fits in 16 bits: stored as INT16 and cast back (lossless; folded at session creation)
+            bi = self.node("Cast", [self.add_init(codes.astype(np.int16), f"{k}.bias_quantized")], f"{k}.bi",
+                           to=onnx.TensorProto.INT32)
+        else:
+            bi = self.add_init(codes, f"{k}.bias_quantized")
         bs = self.bias_scale(np.asarray(scale, np.float32), base)
         # no zero point: absent means 0 of the input's type (INT32), and ONNX Runtime fuses it the same
         return self.node("DequantizeLinear", [bi, bs], f"{k}.b", axis=0)
