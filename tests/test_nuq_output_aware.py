@@ -41,6 +41,22 @@ def test_output_aware_assignment_round_trips_through_flips(rng, out_axis):
     assert err < 0.5 * gptq.output_error(w, near * s, h).sum()
 
 
+def test_grouped_assignment_is_per_group(rng):
+    """A grouped convolution: each group's output channels are fitted with that group's own ``H``."""
+    w = rng.laplace(size=(8, 3, 3, 3)).astype(np.float32)  # 4 groups of 2 output channels, 3 inputs each
+    x = rng.normal(size=(300, 4, 3)) @ rng.normal(size=(3, 27)) + 0.1 * rng.normal(size=(300, 4, 27))
+    h = np.einsum("ngi,ngj->gij", x, x) / 300
+    scale, levels = nuq.fit(w, arq(w, 8, 0).scale, 0, 1, 16, 1, None, num_tables=0)
+    codes = nuq.to_levels(w, scale, 0, levels, nuq.assign_output_aware(w, scale, 0, levels, h)).reshape(8, -1)
+    s = np.asarray(scale, np.float64)[:, None]
+    for g in range(4):
+        rows = slice(2 * g, 2 * g + 2)
+        direct = gptq.assign(w.reshape(8, -1)[rows] / s[rows], levels[rows].astype(np.float64), h[g], bracket=True)
+        np.testing.assert_array_equal(codes[rows], np.take_along_axis(levels[rows], direct, 1))
+    near = nuq.output_error(w, scale, 0, levels, h)
+    assert nuq.output_error(w, scale, 0, levels, h, nuq.assign_output_aware(w, scale, 0, levels, h)) < near
+
+
 def test_shared_tables(rng):
     w = (rng.laplace(size=(64, 32, 3, 3)) * rng.uniform(0.2, 1, (64, 1, 1, 1))).astype(np.float32)
     w[:16] = np.round(w[:16] * 2) / 2  # some channels with a very different code histogram

@@ -114,7 +114,8 @@ def output_error(weight: np.ndarray, quantized: np.ndarray, h: np.ndarray) -> np
 
 def shrunk(h: np.ndarray, alpha: float) -> np.ndarray:
     """``(1 - alpha) H + alpha diag(H)``, float64: ``H`` estimated from few samples trusted less (``alpha`` 1 is
-    the diagonal, where GPTQ is round-to-nearest)."""
+    the diagonal, where GPTQ is round-to-nearest). A stack of matrices ([groups, d, d]) is shrunk each."""
     out = np.asarray(h, np.float64) * (1.0 - alpha)
-    out[np.diag_indices(len(out))] = np.diag(h)
+    d = out.shape[-1]
+    out[..., np.arange(d), np.arange(d)] = np.asarray(h)[..., np.arange(d), np.arange(d)]
     return out

@@ -167,7 +167,16 @@ def output_error(weight: np.ndarray, scale: np.ndarray, out_axis: int, levels, h
     """The layer's output error ``sum (W - Q) H (W - Q)^T`` with its weights on the levels (and ``flips``)."""
     s = np.asarray(scale, np.float32).astype(np.float64).reshape(-1, 1)
     q = _rows(to_levels(weight, scale, out_axis, levels, flips), out_axis) * s
-    return float(gptq.output_error(_rows(np.asarray(weight, np.float64), out_axis), q, h).sum())
+    w = _rows(np.asarray(weight, np.float64), out_axis)
+    hs = _per_group(h)
+    per = len(w) // len(hs)
+    return float(sum(gptq.output_error(w[g * per:(g + 1) * per], q[g * per:(g + 1) * per], hs[g]).sum()
+                     for g in range(len(hs))))
+
+
+def _per_group(h: np.ndarray) -> np.ndarray:
+    """``h`` as [groups, d, d]: a grouped convolution's output channels of group g read only its inputs."""
+    return h[None] if h.ndim == 2 else h
 
 
 def _other_level(weight: np.ndarray, scale: np.ndarray, out_axis: int | None, levels) -> np.ndarray:
@@ -189,10 +198,14 @@ def assign_output_aware(weight: np.ndarray, scale: np.ndarray, out_axis: int, le
     the weights that take the other level (the record's ``ada_flip``; ``to_levels`` applies them).
 
     Rows are scaled by their own scale (``w / s`` against integer levels): each row's problem is independent
-    of the others and of its scale, and the bracket is then computed exactly as ``to_levels`` computes it."""
+    of the others and of its scale, and the bracket is then computed exactly as ``to_levels`` computes it.
+    A grouped convolution passes one ``h`` per group ([groups, d, d]): its output channels are in group order."""
     rows = _code_rows(weight, scale, out_axis)
     table = level_table(levels, rows.shape[0]).astype(np.float64)
-    idx = gptq.assign(rows, table, h, bracket=True)
+    hs = _per_group(h)
+    per = len(rows) // len(hs)
+    idx = np.concatenate([gptq.assign(rows[g * per:(g + 1) * per], table[g * per:(g + 1) * per], hs[g], bracket=True)
+                          for g in range(len(hs))])
     codes = _unrows(np.take_along_axis(table, idx, 1).astype(np.int64), np.shape(weight), out_axis)
     nearest = to_levels(weight, scale, out_axis, levels)
     return flip_gaps(nearest, _other_level(weight, scale, out_axis, levels), codes)
