@@ -79,6 +79,11 @@ CONFIGS = {
     "int8": "",
     "nuq32": "nuq_config { nuq_quantize { num_steps: 32 num_of_iteration: 1 } }",
     "nuq16": "nuq_config { nuq_quantize { num_steps: 16 num_of_iteration: 1 } }",
+    # the previous defaults: nearest levels, one table per output channel (before / after comparisons)
+    "nuq32-old": "nuq_config { nuq_quantize { num_steps: 32 num_of_iteration: 1 output_aware: false num_tables: 0 } }",
+    "nuq16-old": "nuq_config { nuq_quantize { num_steps: 16 num_of_iteration: 1 output_aware: false num_tables: 0 } }",
+    # output-aware, one table per output channel (what shared tables cost)
+    "nuq16-pc": "nuq_config { nuq_quantize { num_steps: 16 num_of_iteration: 1 num_tables: 0 } }",
     "int5": "common_config { arq_quantize { quant_bits: 5 } }",
     "int4": "common_config { arq_quantize { quant_bits: 4 } }",
 }
@@ -164,6 +169,8 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", default=[*MODELS, *REAL])
+    ap.add_argument("--methods", nargs="*", default=["int8", "nuq32", "nuq16", "int5", "int4"], choices=list(CONFIGS))
+    ap.add_argument("--append", action="store_true", help="append the table to the results as a dated section")
     ap.add_argument("--no-auto", dest="auto", action="store_false", help="no automatic NUQ (never run on REAL)")
     args = ap.parse_args()
     set_quiet()
@@ -172,7 +179,7 @@ def main() -> None:
         b = bench_model(name)
         fp32 = b.src
         paths, extra = {}, {}
-        for method in CONFIGS:
+        for method in args.methods:
             t = time.perf_counter()
             paths[method] = quantize(b, method)
             extra[method] = {"wall_s": time.perf_counter() - t}
@@ -193,7 +200,8 @@ def main() -> None:
                          "norm": float(np.linalg.norm(got) / np.linalg.norm(b.ref)),
                          "lat_ms": lat, "lat_ratio": lat / lats[0], "size_kb": path.stat().st_size / 1024,
                          "size_ratio": path.stat().st_size / fp32.stat().st_size,
-                         "kernels": integer_kernels_intact(path), "same_ops": kernels(path) == kernels(paths["int8"]),
+                         "kernels": integer_kernels_intact(path), "same_ops": (kernels(path) == kernels(paths["int8"])
+                                                                               if "int8" in paths else None),
                          **extra[method]})
             print(json.dumps(rows[-1]), file=sys.stderr)
     lines = [f"NUQ benchmark (`python benchmarks/bench_nuq.py`): {BATCH_NUM} calibration batches of 32, digits "
@@ -213,11 +221,11 @@ def main() -> None:
                          f"{r['size_kb']:.0f}",
                          f"{r['size_ratio']:.3f}x", f"{r['lat_ms']:.2f}", f"{r['lat_ratio']:.2f}x",
                          "-" if "kernels" not in r else ("yes" if r["kernels"] else "NO"),
-                         "-" if "same_ops" not in r else ("yes" if r["same_ops"] else "no"),
+                         "-" if r.get("same_ops") is None else ("yes" if r["same_ops"] else "no"),
                          (f"{r['evaluations']} eval_model calls (bound {r['bound']}); layers: "
                           + ", ".join(f"{v} {k}" for k, v in r["steps"].items() if v)) if "evaluations" in r
                          else f"{r['params_m']:.2f} M parameters" if "params_m" in r else ""])
-    write_results("nuq", lines)
+    write_results("nuq", lines, args.append)
 
 
 if __name__ == "__main__":

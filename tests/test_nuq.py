@@ -133,8 +133,8 @@ def _conv_stack(tmp_path, depthwise=False, width=64, blocks=3):
     layers = [nn.Conv2d(3, width, 3, padding=1), nn.ReLU()]
     for _ in range(blocks):
         layers += [nn.Conv2d(width, width, 3, padding=1), nn.ReLU()]
-    if depthwise:
-        layers += [nn.Conv2d(width, width, 3, padding=1, groups=width), nn.ReLU()]
+    if depthwise:  # dilated: NUQ cannot take it (grouped convolutions it takes, an omct extension)
+        layers += [nn.Conv2d(width, width, 3, padding=2, dilation=2, groups=width), nn.ReLU()]
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10)]
     model = nn.Sequential(*layers).eval()
     path = tmp_path / "convs.onnx"
@@ -176,7 +176,7 @@ def test_amct_nuq_cfg_works_unchanged(tmp_path, omct_log):
     assert nuq_layer["weight_quant_params"]["num_steps"] == 32 and nuq_layer["weight_quant_params"]["num_of_iteration"] == 1
     log = "\n".join(omct_log)
     assert "mapping_file './src/nuq_conf/resnet-101_quantized.json' ignored" in log
-    assert f"layer '{depthwise[0]}' keeps uniform weights: NUQ cannot take it (group 64" in log
+    assert f"layer '{depthwise[0]}' keeps uniform weights: NUQ cannot take it (dilations [2, 2]" in log
 
 
 def test_mapping_file_restricts_nuq(tmp_path):
@@ -204,7 +204,7 @@ def test_mapping_file_restricts_nuq(tmp_path):
     ("nuq_config { nuq_quantize { num_steps: 16 num_of_iteration: 11 } }",
      "num_of_iteration: Input should be less than or equal to 10"),
     ('override_layer_configs { layer_name: "DW" calibration_config { nuq_quantize { num_steps: 16 } } }',
-     "asks nuq_quantize for layer 'DW', which NUQ cannot take: group 64; NUQ takes group 1 only"),
+     "asks nuq_quantize for layer 'DW', which NUQ cannot take: dilations [2, 2]; NUQ takes dilation 1 only"),
     ("common_config { nuq_quantize { num_steps: 16 quant_bits: 4 } }", "nuq_quantize keeps levels of the INT8 grid"),
 ])
 def test_bad_nuq_settings_fail_in_one_line(tmp_path, text, message):
@@ -229,7 +229,7 @@ def test_config_json_asking_nuq_for_a_layer_it_cannot_take(tmp_path):
     config[dw]["weight_quant_params"].update(wts_algo="nuq_quantize", num_steps=16)
     (tmp_path / "c.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match=f"layer '{dw}' \\(Conv\\) asks wts_algo nuq_quantize, which it cannot take: "
-                                          "group 64"):
+                                          "dilations \\[2, 2\\]"):
         amct.quantize_model(str(tmp_path / "c.json"), str(model), str(tmp_path / "m.onnx"), str(tmp_path / "r.txt"))
     config[dw]["weight_quant_params"].update(num_steps=48)
     (tmp_path / "c.json").write_text(json.dumps(config))
@@ -292,7 +292,7 @@ def test_deploy_stores_packed_indices_and_runs_integer_kernels(tmp_path, rng):
     inits = onnx.load(deploy).graph.initializer
     stored = [t.name for t in inits if len(t.dims) >= 2 and t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.FLOAT)
               and not t.name.endswith(".weight_levels")]
-    assert stored == ["/0/Conv.weight_quantized"]  # the stem: 27 weights per channel, too few for NUQ-16 to pay
+    assert stored == []  # the stem too: its 27 weights per channel pay for NUQ-16 with shared level tables
     ops = optimized_ops(deploy, tmp_path)
     assert ops.count("QLinearConv") == 4 and "QGemm" in ops and "BitShift" not in ops and "Gather" not in ops
     assert_integer_kernels(deploy, tmp_path)
@@ -435,7 +435,7 @@ def test_pytorch_auto_nuq(tmp_path):
     (tmp_path / "n.cfg").write_text("nuq_config { nuq_quantize { num_steps: 32 } }\n")
     amct.create_quant_config(str(tmp_path / "c.json"), model, x[:1], config_defination=str(tmp_path / "n.cfg"))
     result = amct.auto_nuq(model, Evaluator(), str(tmp_path / "c.json"), str(tmp_path / "rec.txt"), str(tmp_path / "out"), x[:1])
-    assert set(result.steps) == {"0", "4", "7"}  # the depthwise conv cannot take NUQ
+    assert set(result.steps) == {"0", "2", "4", "7"}  # the depthwise conv too (an omct extension)
     assert Evaluator.calls == result.evaluations <= 2 * 2 + 4 and result.metric > 0.999 - 1e-9
     assert (tmp_path / "out" / "model_deploy_model.onnx").exists()
 
@@ -456,7 +456,7 @@ def test_cli_quantize_nuq_steps_and_inspect(tmp_path, rng):
     res = run("quantize", model, "--calib", tmp_path / "c.npz", "--batch-size", 8, "--out", tmp_path / "q", "--nuq-steps", 16)
     assert res.returncode == 0, res.stderr
     dw = _depthwise(model)
-    assert f"layer '{dw}' keeps uniform weights: NUQ cannot take it (group 32; NUQ takes group 1 only)" in res.stderr
+    assert f"layer '{dw}' keeps uniform weights: NUQ cannot take it (dilations [2, 2]; NUQ takes dilation 1 only)" in res.stderr
     assert "--nuq-steps 16: 3 of 4 weighted layers take NUQ" in res.stderr and "NUQ-16 weights:" in res.stderr
     config = json.loads((tmp_path / "q_work" / "config.json").read_text())
     assert config[dw]["weight_quant_params"]["wts_algo"] == "arq_quantize"
@@ -468,7 +468,7 @@ def test_cli_quantize_nuq_steps_and_inspect(tmp_path, rng):
     assert res.returncode == 0 and "(3 can take NUQ)" in res.stdout
     rows = [line.split("\t") for line in res.stdout.splitlines() if "\t" in line]
     assert [dw, "Conv"] == rows[[r[0] for r in rows].index(dw)][:2]
-    assert rows[[r[0] for r in rows].index(dw)][-1] == "no: group 32; NUQ takes group 1 only"
+    assert rows[[r[0] for r in rows].index(dw)][-1] == "no: dilations [2, 2]; NUQ takes dilation 1 only"
 
 
 def test_matmul_weight_with_channels_last_and_small_layers_kept_uniform(tmp_path, rng, omct_log):
@@ -496,8 +496,9 @@ def test_matmul_weight_with_channels_last_and_small_layers_kept_uniform(tmp_path
         assert_integer_kernels(deploy, tmp_path)
         records = read_record(tmp_path / f"mm{steps}_rec.txt")
         weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(fake).graph.initializer}
-        # 64 and 48 weights per channel: NUQ-16 pays for both (> 32), NUQ-32 for neither (> 85)
-        assert (records["mm1"].nuq_levels == []) == (records["mm2"].nuq_levels == []) == (steps == 32)
+        # 64 and 48 weights per channel: NUQ-16 pays for both (> 32); NUQ-32 for mm1, whose 48 channels share 16
+        # tables, not for mm2, whose 10 channels (fewer than 16) have one table each and would need > 85
+        assert records["mm1"].nuq_levels and (records["mm2"].nuq_levels == []) == (steps == 32)
         if steps == 16:
             rec = records["mm1"]
             codes = weights[next(n.input[1] for n in onnx.load(fake).graph.node if n.name == "mm1")] / np.asarray(rec.scale_w)

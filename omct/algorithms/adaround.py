@@ -44,7 +44,9 @@ def _cheap(spec) -> bool:
     return d <= FLIP_MAX_D and out * d * d <= FLIP_COST_LIMIT
 
 
-def _point(spec, options: AdaRoundOptions | None = None) -> StatPoint:
+def input_samples_point(spec, options: AdaRoundOptions | None = None) -> StatPoint:
+    """A bounded sample of the layer's input rows (dense inputs or conv patches), shared by every algorithm
+    that fits a layer to its inputs (AdaRound, the default's learned rounding, NUQ's output-aware assignment)."""
     window = _window(spec)
     if options is LEARNED_ROUNDING:  # the default's: no sample for long rows
         return StatPoint(spec.input, ("input_samples", window, FLIP_MAX_D),
@@ -62,6 +64,23 @@ def _fake_quant32(x: np.ndarray, p: QuantParams) -> np.ndarray:
     q -= o
     q *= s
     return q
+
+
+def layer_input_rows(ctx: RecordContext, spec) -> np.ndarray | None:
+    """The sampled input rows as the quantized layer reads them: divided by the ``dmq_balancer`` factors when
+    the layer is balanced (its weight is then multiplied by them)."""
+    rows = ctx.stats[input_samples_point(spec)].rows
+    s = _dmq_divisor(ctx.records[spec.name], spec, rows)
+    return rows if s is None else rows / s
+
+
+def _dmq_divisor(rec, spec, rows: np.ndarray | None) -> np.ndarray | None:
+    """What each sampled input column is divided by when the layer is ``dmq_balancer``-balanced (None: it is not):
+    the channel's factor, repeated over a conv patch's taps."""
+    if rows is None or not rec.dmq_factor:
+        return None
+    s = np.asarray(rec.dmq_factor, np.float32)
+    return np.repeat(s, rows.shape[1] // s.size) if spec.op_type == "Conv" else s
 
 
 def learn_layer(weight: np.ndarray, params: QuantParams, spec, rows: np.ndarray, options: AdaRoundOptions,
@@ -109,7 +128,7 @@ class AdaRound(Algorithm):
     def points(self, plan, config):
         corrected = {s.name for s in BiasCorrection._layers(plan, config)}
         return [p for spec, o in self._layers(plan, config)
-                for p in ([_point(spec, o)] + ([means_point(spec)] if spec.name in corrected else []))]
+                for p in ([input_samples_point(spec, o)] + ([means_point(spec)] if spec.name in corrected else []))]
 
     def apply(self, ctx: RecordContext) -> None:
         corrected = {s.name for s in BiasCorrection._layers(ctx.plan, ctx.config)}
@@ -117,7 +136,7 @@ class AdaRound(Algorithm):
         stats = ctx.stats.accumulators()
         for spec, options in self._layers(ctx.plan, ctx.config):
             wp = ctx.weight_params.get(spec.name)
-            point = _point(spec, options)
+            point = input_samples_point(spec, options)
             if (point.tensor, point.key) not in stats:
                 continue
             rows = stats[(point.tensor, point.key)].rows
@@ -134,10 +153,10 @@ class AdaRound(Algorithm):
             taps = int(np.prod(_window(spec).kernel)) if spec.op_type == "Conv" else 1
             if mean is not None and mean.size * taps != rows.shape[1]:
                 mean = None
-            if rec.dmq_factor:  # the balanced layer reads its input divided by the factors
-                s = np.asarray(rec.dmq_factor, np.float32)
-                rows = rows / (np.repeat(s, rows.shape[1] // s.size) if spec.op_type == "Conv" else s)
-                mean = None if mean is None else mean / s
+            div = _dmq_divisor(rec, spec, rows)
+            if div is not None:  # the balanced layer reads its input divided by the factors
+                rows = rows / div
+                mean = None if mean is None else mean / np.asarray(rec.dmq_factor, np.float32)
             quantized = None
             if options.quantized_input:  # the rows as the deployed layer reads them
                 bits = ctx.plan.sites[ctx.plan.input_site[spec.name]].act.get("num_bits", 8)

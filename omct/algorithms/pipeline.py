@@ -7,9 +7,11 @@ from omct.algorithms.adaround import AdaRound
 from omct.algorithms.balance import DMQBalancer
 from omct.algorithms.base import Algorithm
 from omct.algorithms.bias_correction import BiasCorrection
+from omct.algorithms.nuq_assignment import NuqAssignment
 from omct.algorithms.weights import WeightQuantization
 
 #: Later algorithms read what earlier ones wrote (the balancer replaces a balanced layer's input range and sets the
 #: factors the weight quantization applies; AdaRound rounds with its scales; bias correction corrects the weights
-#: as rounded).
-PIPELINE: tuple[Algorithm, ...] = (ActivationRanges(), DMQBalancer(), WeightQuantization(), AdaRound(), BiasCorrection())
+#: as rounded; NUQ's output-aware assignment needs the levels the weight quantization chose).
+PIPELINE: tuple[Algorithm, ...] = (ActivationRanges(), DMQBalancer(), WeightQuantization(), NuqAssignment(), AdaRound(),
+                                      BiasCorrection())

@@ -47,15 +47,15 @@ class WeightQuantization(Algorithm):
             weight = layer_float_weight(ctx.weight_of(spec.weight), ctx.records[name], spec)
             wp = algo(weight, wcfg.num_bits if wcfg else 8, axis)
             rec = ctx.records[name]
-            if name in nuq_names and not nuq.worthwhile(weight.shape, axis, wcfg.__pydantic_extra__["num_steps"]):
+            options = wcfg.__pydantic_extra__ if name in nuq_names else {}
+            if name in nuq_names and not nuq.worthwhile(weight.shape, axis, options["num_steps"], options["num_tables"]):
                 per = weight.size // (weight.shape[axis] if axis is not None else 1)
                 logger.info("layer '%s' keeps uniform INT8 weights: with %d weights per output channel, NUQ-%d level "
-                            "tables would not make it smaller", name, per, wcfg.__pydantic_extra__["num_steps"])
+                            "tables would not make it smaller", name, per, options["num_steps"])
             elif name in nuq_names:
-                options = wcfg.__pydantic_extra__
                 importance = None if spec.weight_only else ctx.stats[_importance_point(spec)].mean
                 scale, levels = nuq.fit(weight, wp.scale, axis, spec.weight_in_axis, options["num_steps"],
-                                        options["num_of_iteration"], importance)
+                                        options["num_of_iteration"], importance, options["num_tables"])
                 wp = QuantParams(np.asarray(scale, np.float32), wp.offset, wp.num_bits, wp.axis)
                 rec.nuq_levels = [int(v) for v in np.ravel(levels)]  # one row per weight scale
             ctx.weight_params[name] = wp

@@ -155,7 +155,9 @@ def with_steps(config: QuantConfig, steps: dict[str, Steps], num_of_iteration: i
 def weight_bytes(shapes: dict[str, tuple[tuple[int, ...], int | None]], steps: dict[str, Steps]) -> int:
     """Bytes the candidates' weights take in the deploy file: packed indices + level tables, or one byte each.
     ``shapes``: layer -> (weight shape, output-channel axis)."""
-    return sum(nuq.stored_bytes(*shapes[n], k) if k and nuq.worthwhile(*shapes[n], k) else int(np.prod(shapes[n][0]))
+    tables = nuq.DEFAULT_TABLES  # the trials' configs (with_steps) keep the default
+    return sum(nuq.stored_bytes(*shapes[n], k, tables) if k and nuq.worthwhile(*shapes[n], k, tables)
+               else int(np.prod(shapes[n][0]))
                for n, k in steps.items())
 
 

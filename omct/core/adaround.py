@@ -331,14 +331,24 @@ def _nearest_and_other(weight: np.ndarray, params: QuantParams) -> tuple[np.ndar
 def rounding_flips(weight: np.ndarray, params: QuantParams, codes: np.ndarray) -> list[int]:
     """Where ``codes`` round the other way than round-to-nearest, gap-coded (first flat index, then the
     differences to the previous one): the compact form the record stores (``ada_flip``)."""
-    nearest, other = _nearest_and_other(weight, params)
-    flat = np.flatnonzero((codes.reshape(nearest.shape) != nearest) & (codes.reshape(nearest.shape) == other))
-    return np.diff(flat, prepend=0).astype(np.int64).tolist() if flat.size else []
+    return flip_gaps(*_nearest_and_other(weight, params), codes)
 
 
 def apply_flips(weight: np.ndarray, params: QuantParams, gaps: list[int]) -> np.ndarray:
     """Integer codes of ``weight``: round-to-nearest except at the gap-coded flat indices in ``gaps``."""
-    nearest, other = _nearest_and_other(weight, params)
+    return apply_gaps(*_nearest_and_other(weight, params), gaps)
+
+
+def flip_gaps(nearest: np.ndarray, other: np.ndarray, codes: np.ndarray) -> list[int]:
+    """Where ``codes`` take ``other`` instead of ``nearest`` (any grid: uniform codes or NUQ levels), as
+    gap-coded flat indices: first index, then the differences to the previous one."""
+    codes = np.asarray(codes).reshape(nearest.shape)
+    flat = np.flatnonzero((codes != nearest) & (codes == other))
+    return np.diff(flat, prepend=0).astype(np.int64).tolist() if flat.size else []
+
+
+def apply_gaps(nearest: np.ndarray, other: np.ndarray, gaps: list[int]) -> np.ndarray:
+    """``nearest`` with ``other`` at the gap-coded flat indices in ``gaps`` (the inverse of ``flip_gaps``)."""
     flat = np.cumsum(np.asarray(gaps, np.int64))
     if flat.size and (flat[-1] >= nearest.size or np.any(np.asarray(gaps[1:]) <= 0)):
         raise ValueError(f"rounding flips index {int(flat[-1])} of a weight with {nearest.size} values, "

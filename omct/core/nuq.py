@@ -20,11 +20,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from omct.core import gptq
+from omct.core.adaround import apply_gaps, flip_gaps
 from omct.core.bias_correction import ChannelMeans
 from omct.core.params import MIN_SCALE
 
 #: Numbers of levels a layer may keep (AMCT's ``num_steps``).
 ALLOWED_STEPS = (16, 32, 64, 128)
+#: Distinct level tables a layer's channels share by default (``share_tables``): 16 tables of NUQ-16 cost what
+#: 512 packed weights do, where one table per channel costs 32 per channel.
+DEFAULT_TABLES = 16
 #: The INT8 grid the levels come from.
 QMIN, QMAX = -128, 127
 
@@ -137,13 +142,73 @@ def _assign(rows: np.ndarray, table: np.ndarray) -> np.ndarray:
     return out
 
 
-def to_levels(weight: np.ndarray, scale: np.ndarray, out_axis: int | None, levels) -> np.ndarray:
-    """The integer weight on the levels: each ``w / s`` goes to the nearest level of its channel's table
-    (``levels``: [channels, num_steps], or the record's flat list), as int64 codes in the weight's shape."""
+def _code_rows(weight: np.ndarray, scale: np.ndarray, out_axis: int | None) -> np.ndarray:
+    """``w / s`` as [channels, -1] rows (the values the level tables are compared with)."""
     scale = np.asarray(scale, np.float32).astype(np.float64).reshape(-1)
-    rows = _rows(np.asarray(weight, np.float64), out_axis) / scale[:, None]
+    return _rows(np.asarray(weight, np.float64), out_axis) / scale[:, None]
+
+
+def to_levels(weight: np.ndarray, scale: np.ndarray, out_axis: int | None, levels,
+              flips: list[int] | None = None) -> np.ndarray:
+    """The integer weight on the levels: each ``w / s`` goes to the nearest level of its channel's table
+    (``levels``: [channels, num_steps], or the record's flat list), as int64 codes in the weight's shape;
+    except, with ``flips`` (the record's gap-coded ``ada_flip``), those weights take the level on the other
+    side of ``w / s`` (output-aware assignment, ``assign_output_aware``)."""
+    rows = _code_rows(weight, scale, out_axis)
     table = level_table(levels, rows.shape[0])
-    return _unrows(_assign(rows, table), np.shape(weight), out_axis)
+    nearest = _unrows(_assign(rows, table), np.shape(weight), out_axis)
+    if not flips:
+        return nearest
+    return apply_gaps(nearest, _other_level(weight, scale, out_axis, levels), flips)
+
+
+def output_error(weight: np.ndarray, scale: np.ndarray, out_axis: int, levels, h: np.ndarray,
+                 flips: list[int] | None = None) -> float:
+    """The layer's output error ``sum (W - Q) H (W - Q)^T`` with its weights on the levels (and ``flips``)."""
+    s = np.asarray(scale, np.float32).astype(np.float64).reshape(-1, 1)
+    q = _rows(to_levels(weight, scale, out_axis, levels, flips), out_axis) * s
+    w = _rows(np.asarray(weight, np.float64), out_axis)
+    hs = _per_group(h)
+    per = len(w) // len(hs)
+    return float(sum(gptq.output_error(w[g * per:(g + 1) * per], q[g * per:(g + 1) * per], hs[g]).sum()
+                     for g in range(len(hs))))
+
+
+def _per_group(h: np.ndarray) -> np.ndarray:
+    """``h`` as [groups, d, d]: a grouped convolution's output channels of group g read only its inputs."""
+    return h[None] if h.ndim == 2 else h
+
+
+def _other_level(weight: np.ndarray, scale: np.ndarray, out_axis: int | None, levels) -> np.ndarray:
+    """Each weight's level on the other side of ``w / s`` from its nearest level (the nearest one itself at
+    the ends of the table or exactly on a level), in the weight's shape."""
+    rows = _code_rows(weight, scale, out_axis)
+    table = level_table(levels, rows.shape[0]).astype(np.float64)
+    table = np.broadcast_to(table, (rows.shape[0], table.shape[1]))
+    _, other = gptq.bracket_indices(rows, table)
+    return _unrows(np.take_along_axis(table, other, 1).astype(np.int64), np.shape(weight), out_axis)
+
+
+def assign_output_aware(weight: np.ndarray, scale: np.ndarray, out_axis: int, levels,
+                        h: np.ndarray) -> list[int]:
+    """GPTQ's assignment of a channel-wise NUQ weight to its level tables with the second moment ``h`` of the
+    layer's input (columns in the order of the weight's non-output axes, i.e. im2col's (in, kh, kw)): each
+    weight takes one of the two levels around ``w / s``, chosen so that the layer's output error
+    ``(W - Q) H (W - Q)^T`` is small rather than each weight's own. Returned as the gap-coded flat indices of
+    the weights that take the other level (the record's ``ada_flip``; ``to_levels`` applies them).
+
+    Rows are scaled by their own scale (``w / s`` against integer levels): each row's problem is independent
+    of the others and of its scale, and the bracket is then computed exactly as ``to_levels`` computes it.
+    A grouped convolution passes one ``h`` per group ([groups, d, d]): its output channels are in group order."""
+    rows = _code_rows(weight, scale, out_axis)
+    table = level_table(levels, rows.shape[0]).astype(np.float64)
+    hs = _per_group(h)
+    per = len(rows) // len(hs)
+    idx = np.concatenate([gptq.assign(rows[g * per:(g + 1) * per], table[g * per:(g + 1) * per], hs[g], bracket=True)
+                          for g in range(len(hs))])
+    codes = _unrows(np.take_along_axis(table, idx, 1).astype(np.int64), np.shape(weight), out_axis)
+    nearest = to_levels(weight, scale, out_axis, levels)
+    return flip_gaps(nearest, _other_level(weight, scale, out_axis, levels), codes)
 
 
 def weighted_error(weight: np.ndarray, scale: np.ndarray, out_axis: int | None, in_axis: int | None, levels,
@@ -168,14 +233,17 @@ def _row_levels(codes: np.ndarray, weights: np.ndarray, num_steps: int) -> np.nd
 
 
 def fit(weight: np.ndarray, scale: np.ndarray, out_axis: int | None, in_axis: int | None, num_steps: int,
-        num_of_iteration: int = 1, importance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        num_of_iteration: int = 1, importance: np.ndarray | None = None,
+        num_tables: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """NUQ of one layer's weight: (per-channel scales, level table [channels, num_steps] of INT8 values; one
     row when per-tensor).
 
     One table per output channel: on the benchmark models (logit SQNR at NUQ-16, bias correction on) per-channel
     tables gave 27.2 dB (ResNet) and 27.8 dB (transformer) where one table per layer gave 20.0 and 17.1 (uniform
     INT4: 17.4 and 24.5), for ``num_steps`` bytes per channel. ``scale``: the uniform INT8 scales to start from
-    (ARQ); ``importance``: the mean square of each input channel (on ``in_axis``), or None for equal weights."""
+    (ARQ); ``importance``: the mean square of each input channel (on ``in_axis``), or None for equal weights.
+    ``num_tables``: when positive and below the number of channels, the channels share that many distinct
+    tables (``share_tables``; the deploy file then stores each distinct row once)."""
     if num_steps not in ALLOWED_STEPS:
         raise ValueError(f"num_steps must be one of {', '.join(map(str, ALLOWED_STEPS))}, got {num_steps!r}")
     w = np.asarray(weight, np.float64)
@@ -200,8 +268,51 @@ def fit(weight: np.ndarray, scale: np.ndarray, out_axis: int | None, in_axis: in
         better = err < best_err  # channels are independent: each keeps its best
         best_err = np.where(better, err, best_err)
         best_scale[better], best_table[better] = scale[better], table[better]
-    best_scale = _keep_norm(rows, imp, best_scale, best_table)
+    if 0 < num_tables < best_table.shape[0]:
+        best_table = share_tables(rows / best_scale.astype(np.float64)[:, None], imp, best_table, num_tables)
+    best_scale = _half(_keep_norm(rows, imp, best_scale, best_table))
     return (best_scale if out_axis is not None else best_scale.reshape(())), best_table
+
+
+def share_tables(codes: np.ndarray, imp: np.ndarray, tables: np.ndarray, num_tables: int,
+                 rounds: int = 4) -> np.ndarray:
+    """Per-channel level tables ([channels, num_steps]) replaced by at most ``num_tables`` distinct ones, each
+    channel on the one that serves it best: the file then stores ``num_tables`` rows and one small index per
+    channel instead of a row per channel (a NUQ-16 row costs as much as 32 packed weights).
+
+    ``codes``: each channel's ``w / s`` ([channels, -1]), ``imp``: the importance weights. A k-means over
+    channels: start from the tables of ``num_tables`` channels spread over the order of their tables' spread
+    (deterministic), then alternately put each channel on the table with the least weighted error and choose
+    each shared table exactly (``select_levels``) for the pooled, weighted codes of its channels."""
+    channels, steps = tables.shape
+    ints = np.clip(np.round(codes), QMIN, QMAX).astype(np.int64) - QMIN  # histogram bins 0..255
+    hist = np.stack([np.bincount(ints[c], weights=imp[c], minlength=QMAX - QMIN + 1) for c in range(channels)])
+    spread = np.argsort(tables.std(axis=1), kind="stable")
+    shared = tables[spread[np.linspace(0, channels - 1, num_tables).round().astype(np.int64)]]
+    grid = np.arange(QMIN, QMAX + 1, dtype=np.float64)
+    member = None
+    for _ in range(rounds):
+        # error of every channel on every table, from its histogram: sum_bins hist * (bin - nearest level)^2
+        err = np.stack([hist @ (grid - t[nearest_level(grid, t)]) ** 2 for t in shared], axis=1)  # [channels, K]
+        new = np.argmin(err, axis=1)
+        if member is not None and np.array_equal(new, member):
+            break
+        member = new
+        for k in range(len(shared)):
+            pooled = hist[member == k].sum(0)
+            if pooled.any():
+                values = np.flatnonzero(pooled)
+                levels = select_levels(values + QMIN, pooled[values], steps)
+                shared[k] = np.concatenate([levels, np.full(steps - levels.size, levels[-1], np.int64)])
+    return shared[member]
+
+
+def _half(scale: np.ndarray) -> np.ndarray:
+    """The scales rounded to float16 numbers (a relative change below 0.05%) where they are normal float16
+    numbers: the deploy file then stores them in half the bytes, exactly (``graph.export``)."""
+    half = scale.astype(np.float16).astype(np.float32)
+    ok = np.isfinite(half) & (np.abs(scale) >= np.finfo(np.float16).tiny) & (half >= MIN_SCALE)
+    return np.where(ok, half, scale).astype(np.float32)
 
 
 def _keep_norm(rows: np.ndarray, imp: np.ndarray, scale: np.ndarray, table: np.ndarray) -> np.ndarray:
@@ -222,16 +333,18 @@ def _keep_norm(rows: np.ndarray, imp: np.ndarray, scale: np.ndarray, table: np.n
     return scale
 
 
-def stored_bytes(shape: tuple[int, ...], out_axis: int | None, num_steps: int) -> int:
-    """Bytes of a NUQ weight in the deploy file: packed indices plus one level table per output channel."""
-    return packed_bytes(int(np.prod(shape)), num_steps, shape[out_axis] if out_axis is not None else 1)
+def stored_bytes(shape: tuple[int, ...], out_axis: int | None, num_steps: int, num_tables: int = 0) -> int:
+    """Bytes of a NUQ weight in the deploy file: packed indices plus the level tables (one per output channel,
+    or ``num_tables`` shared ones and a one-byte table number per channel)."""
+    return packed_bytes(int(np.prod(shape)), num_steps, shape[out_axis] if out_axis is not None else 1, num_tables)
 
 
-def worthwhile(shape: tuple[int, ...], out_axis: int | None, num_steps: int) -> bool:
+def worthwhile(shape: tuple[int, ...], out_axis: int | None, num_steps: int, num_tables: int = 0) -> bool:
     """Whether NUQ stores the weight in fewer bytes than INT8 (one byte per weight): with few weights per
-    output channel the tables outweigh the saving (NUQ-16 needs more than 32 per channel, NUQ-32 more than 85,
-    NUQ-64 more than 256, NUQ-128 more than 1024), and such a layer keeps uniform INT8 weights."""
-    return stored_bytes(shape, out_axis, num_steps) < int(np.prod(shape))
+    output channel the tables outweigh the saving (with a table per channel NUQ-16 needs more than 32 per
+    channel, NUQ-32 more than 85, NUQ-64 more than 256, NUQ-128 more than 1024; with shared tables far fewer),
+    and such a layer keeps uniform INT8 weights."""
+    return stored_bytes(shape, out_axis, num_steps, num_tables) < int(np.prod(shape))
 
 
 def index_bits(num_steps: int) -> int:
@@ -252,6 +365,11 @@ def unpack_indices(planes: np.ndarray, count: int) -> np.ndarray:
     return (bits << np.arange(planes.shape[0])[:, None]).sum(0)
 
 
-def packed_bytes(count: int, num_steps: int, channels: int = 1) -> int:
-    """Bytes of ``count`` packed indices plus their INT8 level tables (one row per channel)."""
-    return index_bits(num_steps) * -(-count // 8) + num_steps * channels
+def packed_bytes(count: int, num_steps: int, channels: int = 1, num_tables: int = 0) -> int:
+    """Bytes of ``count`` packed indices plus their INT8 level tables: one row per channel, or, with
+    ``num_tables`` shared rows where that is smaller, those rows and one byte per channel (the deploy file's
+    rule, ``graph.export``)."""
+    rows = num_steps * channels
+    if 0 < num_tables <= 256 and num_steps * num_tables + channels < rows:
+        rows = num_steps * num_tables + channels
+    return index_bits(num_steps) * -(-count // 8) + rows

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from omct.core.adaround import AdaRoundOptions
-from omct.core.nuq import ALLOWED_STEPS
+from omct.core.nuq import ALLOWED_STEPS, DEFAULT_TABLES
 from omct.core.options import AlgorithmOptions, CfgPlacement, option
 from omct.core.params import QuantParams, symmetric_params
 
@@ -76,12 +76,18 @@ class NUQOptions(AlgorithmOptions):
 
     num_steps: int = option(32, cfg=1, choices=ALLOWED_STEPS, help="INT8 levels each layer keeps")
     num_of_iteration: int = option(1, cfg=2, ge=0, le=10, help="refinement steps (scale refit, levels reselected)")
+    output_aware: bool = option(True, cfg=1000, help="assign weights to the levels GPTQ's way with the layer's "
+                                "input second moment (omct)")
+    num_tables: int = option(DEFAULT_TABLES, cfg=1001, ge=0, le=256, help="distinct level tables per layer, shared "
+                             "by its channels (0: one per output channel; omct)")
     cfg = CfgPlacement("nuq_quantize", 1013, "NUQuantize", shared=(("channel_wise", 3), ("quant_bits", 10)))
 
 
 def nuq_uniform_start(weight: np.ndarray, num_bits: int = 8, axis: int | None = 0, num_steps: int = 32,
-                      num_of_iteration: int = 1) -> QuantParams:
-    """NUQ's uniform stage (ARQ); the levels are chosen by the weight algorithm with the input statistics."""
+                      num_of_iteration: int = 1, output_aware: bool = True,
+                      num_tables: int = DEFAULT_TABLES) -> QuantParams:
+    """NUQ's uniform stage (ARQ); the levels are chosen by the weight algorithm with the input statistics (and,
+    ``output_aware``, the weights assigned to them by ``omct.algorithms.nuq_assignment``)."""
     return arq(weight, num_bits, axis)
 
 

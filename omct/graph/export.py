@@ -160,6 +160,7 @@ class DeployBuilder(_Builder):
         self._shared: dict[str, str] = {}  # constants many layers read
         self._keys: dict[str, str] = {}
         self._weight_scale: dict[str, tuple[str, np.ndarray]] = {}  # layer -> its weight scale: name, value
+        self._compact: set[str] = set()  # NUQ layers whose scales (float16) and bias (INT16 when it fits) are halved
         self._scales: dict[bytes, str] = {}  # scalar float32 scale value -> its initializer
 
     def key(self, base: str) -> str:
@@ -181,8 +182,16 @@ class DeployBuilder(_Builder):
         qi = (self.add_init(codes.astype(np.int8), f"{base}.weight_quantized") if not levels
               else self.unpacked_levels(codes, levels, params.axis, base))
         k = self.key(base)
-        s = self.add_init(params.scale, f"{k}.ws")
-        self._weight_scale[base] = (s, np.asarray(params.scale, np.float32))
+        scale = np.asarray(params.scale, np.float32)
+        if levels and scale.size > 1 and np.array_equal(scale.astype(np.float16).astype(np.float32), scale):
+            # NUQ's per-channel scales are float16 numbers (nuq.fit): stored in half the bytes and cast back
+            # (exact; folded at session creation), as the layer's bias when it fits in INT16
+            self._compact.add(base)
+            s = self.node("Cast", [self.add_init(scale.astype(np.float16), f"{k}.ws")], f"{k}.wsf",
+                          to=onnx.TensorProto.FLOAT)
+        else:
+            s = self.add_init(params.scale, f"{k}.ws")
+        self._weight_scale[base] = (s, scale)
         # all zeros: one initializer per channel count, shared (ONNX Runtime's Gemm fusion wants it present)
         z = self.shared(np.zeros(params.scale.shape, np.int8), f"zero.i8x{params.scale.size}")
         attrs = {"axis": params.axis} if params.axis is not None else {}
@@ -238,14 +247,28 @@ class DeployBuilder(_Builder):
         last = axis is not None and axis == codes.ndim - 1 and axis != 0
         lookup = (-1, channels) if last else (channels, -1)
         idx = op("Reshape", [idx, self.add_init(np.array(lookup, np.int64), f"{k}.ls")])
-        levels_init = self.add_init((table.T if last else table).astype(np.int8), f"{k}.weight_levels")
+        # channels that share a table (nuq.share_tables): each distinct row once, and each channel's row number
+        # (uint8), expanded by Gather; also folded at session creation
+        rows_used, row_of = np.unique(table, axis=0, return_inverse=True)
+        if len(rows_used) <= 256 and rows_used.size + channels < table.size:
+            distinct = self.add_init((rows_used.T if last else rows_used).astype(np.int8), f"{k}.weight_levels")
+            which = op("Cast", [self.add_init(row_of.reshape(-1).astype(np.uint8), f"{k}.weight_table")],
+                       to=onnx.TensorProto.INT64)
+            levels_init = op("Gather", [distinct, which], axis=1 if last else 0)
+        else:
+            levels_init = self.add_init((table.T if last else table).astype(np.int8), f"{k}.weight_levels")
         w = op("GatherElements", [levels_init, idx], axis=0 if last else 1)
         shape = self.add_init(np.array(codes.shape, np.int64), f"{k}.s")
         return self.node("Reshape", [w, shape], f"{k}.wq")
 
     def bias(self, codes, scale, base):
         k = self.key(base)
-        bi = self.add_init(codes, f"{k}.bias_quantized")
+        if base in self._compact and codes.size > 1 and np.abs(codes).max() <= np.iinfo(np.int16).max:
+            # every value fits in 16 bits: stored as INT16 and cast back (lossless; folded at session creation)
+            bi = self.node("Cast", [self.add_init(codes.astype(np.int16), f"{k}.bias_quantized")], f"{k}.bi",
+                           to=onnx.TensorProto.INT32)
+        else:
+            bi = self.add_init(codes, f"{k}.bias_quantized")
         bs = self.bias_scale(np.asarray(scale, np.float32), base)
         # no zero point: absent means 0 of the input's type (INT32), and ONNX Runtime fuses it the same
         return self.node("DequantizeLinear", [bi, bs], f"{k}.b", axis=0)
@@ -336,8 +359,8 @@ def layer_weight_codes(weight: np.ndarray, record: LayerRecord, params: QuantPar
     algorithm that needs the quantized weight (bias correction), turn a weight into codes, so fake-quant,
     deploy and the corrections agree. Round to nearest unless the record says otherwise; a weight encoding
     with its own record fields (NUQ's ``nuq_levels``, AdaRound's ``ada_flip``) is one branch here."""
-    if record.nuq_levels:
-        return nuq.to_levels(weight, params.scale, params.axis, record.nuq_levels)
+    if record.nuq_levels:  # with ada_flip: NUQ's output-aware assignment (the other level around w / s)
+        return nuq.to_levels(weight, params.scale, params.axis, record.nuq_levels, record.ada_flip)
     if record.ada_flip:
         return apply_flips(weight, params, record.ada_flip)
     return params.quantize(weight)

@@ -39,7 +39,7 @@ class LayerSpec:
     # Pad) or "calibrated" (output range observed: Add, Concat, GlobalAveragePool requantize).
     inputs: tuple[str, ...] = ()
     chain: str | None = None
-    nuq_refusal: str | None = "NUQ takes only Conv (4-D weight, group 1, dilation 1), Gemm and MatMul with a 2-D weight"
+    nuq_refusal: str | None = "NUQ takes only Conv (4-D weight, dilation 1), Gemm and MatMul with a 2-D weight"
     # A 2-D Conv's (kernel, strides, pads, dilations) with explicit pads (None otherwise): AdaRound's im2col
     window: tuple | None = None
     # The control-flow body the layer sits in (``vad_if/then``, ``loop/body``), None at the top level
@@ -233,12 +233,11 @@ class ConvHandler(OpHandler):
 
     @staticmethod
     def _nuq_refusal(node, index) -> str | None:
-        """AMCT's NUQ restrictions on Conv: a 4-D weight, group 1, dilation 1."""
+        """AMCT's NUQ restrictions on Conv: a 4-D weight, dilation 1. AMCT also asks for group 1; omct takes
+        grouped (depthwise) convolutions too, an extension (their weights are MobileNets' per-channel bytes)."""
         rank = len(index.const_shape(node.input[1]))
         if rank != 4:
             return f"its weight has rank {rank}; NUQ takes 4-D (2-D convolution) weights only"
-        if _attr(node, "group", 1) != 1:
-            return f"group {_attr(node, 'group')}; NUQ takes group 1 only"
         if any(d != 1 for d in _attr(node, "dilations", [])):
             return f"dilations {list(_attr(node, 'dilations'))}; NUQ takes dilation 1 only"
         return None

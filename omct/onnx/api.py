@@ -68,7 +68,9 @@ class ModelReport:
 def _nuq_cell(spec: LayerSpec) -> str:
     if spec.weight is None:
         return "no: it has no weight"
-    return f"no: {spec.nuq_refusal}" if spec.nuq_refusal else "yes"
+    if spec.nuq_refusal:
+        return f"no: {spec.nuq_refusal}"
+    return f"yes (omct extension: group {spec.groups})" if spec.op_type == "Conv" and spec.groups > 1 else "yes"
 
 
 def _model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
