@@ -195,8 +195,10 @@ def calib_batches(batch_num: int):
 def omct_method(method: str) -> str:
     """The omct algorithm of an omct method name. ``omct-ifmr-exact`` is omct-ifmr with every activation value
     binned (the sketch before sampling), to measure before and after in the same interleaved run; ``-untrimmed``: the
-    deploy model without dropping padding-only Conv taps."""
+    deploy model without dropping padding-only Conv taps; ``-nearest``: weights rounded to nearest (no learned rounding)."""
     algo = method[5:]
+    if algo.endswith("-nearest"):  # weights rounded to nearest (learned_rounding off: the default before issue 18)
+        algo = algo[: -len("-nearest")]
     if algo.endswith("-untrimmed"):  # the deploy model keeps Conv taps that read only padding (before issue 17's fix)
         from omct.graph.export import DeployBuilder
 
@@ -218,7 +220,8 @@ def prepare_omct(method: str, name: str, out: Path, batch_num: int) -> None:
     set_quiet()
     src = str(model_path(name))
     cfg = out.with_suffix(".cfg")
-    cfg.write_text(f"batch_num: {batch_num}\ncommon_config {{ {omct_method(method)}_quantize {{ }} }}\n")
+    nearest = "learned_rounding: false\n" if method.endswith("-nearest") else ""
+    cfg.write_text(f"batch_num: {batch_num}\n{nearest}common_config {{ {omct_method(method)}_quantize {{ }} }}\n")
     amct.create_quant_config(str(out) + ".json", src, config_defination=str(cfg))
     amct.quantize_model(str(out) + ".json", src, str(out) + "_mod.onnx", str(out) + "_record.txt")
 
