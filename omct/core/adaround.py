@@ -192,46 +192,69 @@ def output_error_terms(w: np.ndarray, x: np.ndarray, xq: np.ndarray) -> tuple[np
     return gram, lin
 
 
-def flip_search(codes: np.ndarray, w: np.ndarray, s: np.ndarray, gram: np.ndarray, lin: np.ndarray | None,
-                qmin: int, qmax: int, max_steps: int | None = None) -> np.ndarray:
-    """Best-improvement descent over AdaRound's choices (each code ``floor(w/s)`` or ``floor(w/s) + 1``):
-    every step flips, in each output row, the one weight whose flip lowers the row's quadratic loss most, until
-    no flip does (a local minimum: no single flip helps) or ``max_steps`` (default ``d``). A flip of weight j by
-    ``e`` changes the loss by ``2 e r_j + e^2 A_jj`` with ``r = delta A - B``, which the flip updates by
-    ``e A_j``: a step costs ``O(out * d)``. Rows are independent: a row with no improving flip is final and
-    leaves the working set, so late steps cost only what is still moving."""
+def flip_descent(values: np.ndarray, alternatives: np.ndarray, w: np.ndarray, gram: np.ndarray,
+                 lin: np.ndarray | None = None, max_steps: int | None = None) -> np.ndarray:
+    """Best-improvement descent over two allowed values per weight, in the weights' own units (any grid:
+    AdaRound's floor/ceil codes times the scale, or the two NUQ levels around a weight).
+
+    ``values`` (groups, out, d): the current weights; ``alternatives``: each weight's other allowed value (equal
+    to ``values`` where there is none); ``gram`` (groups, d, d): ``A``, the input second moment; ``lin``:
+    ``B`` (groups, out, d) or None. Each row's loss is ``delta A delta' - 2 B . delta`` with ``delta = Q - W``.
+    Every step flips, in each output row, the one weight whose flip lowers the row's loss most, until no flip
+    does (a local minimum: no single flip helps) or ``max_steps`` (default ``d``). A flip of weight j by
+    ``e = alt - value`` changes the loss by ``2 e r_j + e^2 A_jj`` with ``r = delta A - B``, which the flip
+    updates by ``e A_j`` (value and alternative swap): a step costs ``O(out * d)``. Rows are independent: a row
+    with no improving flip is final and leaves the working set, so late steps cost only what is still moving.
+    Returns the final values; each is exactly one of the given ``values`` or ``alternatives``."""
     g, out, d = w.shape
-    q = w / s
-    lo = np.clip(np.floor(q), qmin, qmax).astype(np.float32).reshape(g * out, d)
-    hi = np.clip(np.floor(q) + 1, qmin, qmax).astype(np.float32).reshape(g * out, d)
-    result = np.asarray(codes, np.float32).reshape(g * out, d).copy()
-    srow = np.broadcast_to(s, (g, out, 1)).reshape(g * out, 1).astype(np.float32)
+    val0 = np.asarray(values).reshape(g * out, d)
+    alt0 = np.asarray(alternatives).reshape(g * out, d)
+    dtype = np.result_type(val0.dtype, gram.dtype)
+    gram = np.asarray(gram, dtype)
     grow = np.repeat(np.arange(g), out)  # each row's group (its Gram matrix)
-    r = (np.matmul(s * result.reshape(g, out, d) - w, gram) - (0.0 if lin is None else lin)).reshape(g * out, d)
-    e2 = 2 * srow * np.where(result == lo, np.float32(1), np.float32(-1))  # twice the change a flip would make
-    s2d = srow * srow * np.diagonal(gram, axis1=1, axis2=2)[grow]
-    s2d[lo == hi] = np.inf  # clipped at qmin / qmax: no other neighbour
-    rows = np.arange(g * out)  # the working set's rows in ``result``
-    cur = result.copy()
+    r = np.matmul(np.asarray(values, dtype) - w, gram)
+    r = (r - (0.0 if lin is None else lin)).reshape(g * out, d).astype(dtype)
+    e = (alt0 - val0).astype(dtype)  # the change a flip would make
+    e2 = 2 * e
+    quad = e * e * np.diagonal(gram, axis1=1, axis2=2)[grow]
+    quad[e == 0] = np.inf  # no other value
+    flipped = np.zeros((g * out, d), bool)
+    rows = np.arange(g * out)  # the working set's rows in ``flipped``
+    cur = flipped.copy()
     gain = np.empty_like(r)
     for _ in range(d if max_steps is None else max_steps):
         np.multiply(e2, r, out=gain)
-        gain += s2d
+        gain += quad
         j = gain.argmin(1)
         at = np.arange(len(rows))
         move = gain[at, j] < 0
         if not move.any():
             break
         if move.sum() < len(rows) // 2:  # most rows are final: keep only the moving ones (rows stopped are done)
-            result[rows] = cur
-            rows, cur, r, e2, s2d, grow, j = (a[move] for a in (rows, cur, r, e2, s2d, grow, j))
+            flipped[rows] = cur
+            rows, cur, r, e2, quad, grow, j = (a[move] for a in (rows, cur, r, e2, quad, grow, j))
             gain, at, move = gain[: len(rows)], np.arange(len(rows)), np.ones(len(rows), bool)
-        e = 0.5 * e2[at, j] * move  # a row that stopped (no improving flip) stays as it is: its r never changes
-        cur[at, j] += np.sign(e)
+        step = 0.5 * e2[at, j] * move  # a row that stopped (no improving flip) stays as it is: its r never changes
+        cur[at, j] ^= move
         e2[at, j] = np.where(move, -e2[at, j], e2[at, j])
-        r += e[:, None] * gram[grow, j]
-    result[rows] = cur
-    return result.reshape(g, out, d)
+        r += step[:, None] * gram[grow, j]
+    flipped[rows] = cur
+    return np.where(flipped, alt0, val0).reshape(g, out, d)
+
+
+def flip_search(codes: np.ndarray, w: np.ndarray, s: np.ndarray, gram: np.ndarray, lin: np.ndarray | None,
+                qmin: int, qmax: int, max_steps: int | None = None) -> np.ndarray:
+    """``flip_descent`` over AdaRound's choices (each code ``floor(w/s)`` or ``floor(w/s) + 1``, clipped to
+    ``[qmin, qmax]``), starting from ``codes``: returns the final codes (float32, (groups, out, d))."""
+    g, out, d = w.shape
+    q = w / s
+    lo = np.clip(np.floor(q), qmin, qmax).astype(np.float32)
+    hi = np.clip(np.floor(q) + 1, qmin, qmax).astype(np.float32)
+    start = np.broadcast_to(np.asarray(codes, np.float32), (g, out, d))
+    other = np.where(start == lo, hi, lo)
+    sb = np.broadcast_to(s, (g, out, 1)).astype(np.float32)
+    final = flip_descent(sb * start, sb * other, w, gram, lin, max_steps)
+    return np.where(final != sb * start, other, start).astype(np.float32)
 
 
 def learn_rounding(weight: np.ndarray, scale: np.ndarray, rows: np.ndarray, qmin: int, qmax: int,
