@@ -57,6 +57,60 @@ def test_grouped_assignment_is_per_group(rng):
     assert nuq.output_error(w, scale, 0, levels, h, nuq.assign_output_aware(w, scale, 0, levels, h)) < near
 
 
+def test_flip_descent_on_uneven_levels_ends_where_no_single_flip_helps(rng):
+    """``flip_descent`` in weight units on a non-uniform grid (each weight between two uneven levels, some with
+    no other level): it ends where no single flip lowers a row's output error (every flip tried here with
+    numpy on the rows themselves), each final value is one of the two given, and no row got worse."""
+    from omct.core.adaround import flip_descent
+
+    g, out, d, n = 2, 4, 10, 60
+    w = rng.normal(size=(g, out, d)).astype(np.float32)
+    x = (rng.normal(size=(g, n, 3)) @ rng.normal(size=(g, 3, d)) + 0.3 * rng.normal(size=(g, n, d))).astype(np.float32)
+    grid = np.array([-2.1, -0.9, -0.35, 0.0, 0.2, 0.75, 1.6])  # uneven levels
+    idx = np.clip(np.searchsorted(grid, w) - 1, 0, len(grid) - 2)
+    lo, hi = grid[idx], grid[idx + 1]
+    near = np.where(np.abs(w - lo) <= np.abs(w - hi), lo, hi)
+    alt = np.where(near == lo, hi, lo)
+    alt[0, 0, :3] = near[0, 0, :3]  # no other level
+    near, alt = near.astype(np.float32), alt.astype(np.float32)
+    gram = np.matmul(x.transpose(0, 2, 1), x) / np.float32(n)
+    final = flip_descent(near, alt, w, gram)
+
+    def losses(q):  # each row's ||Q x - W x||^2 / n on the rows, float64
+        err = np.einsum("god,gnd->gon", q.astype(np.float64) - w, x.astype(np.float64))
+        return (err ** 2).sum(-1) / n
+
+    assert np.all((final == near) | (final == alt)) and (final != near).any()
+    assert np.array_equal(final[0, 0, :3], near[0, 0, :3])
+    base = losses(final)
+    assert np.all(base <= losses(near) + 1e-6)
+    for i in np.ndindex(g, out, d):
+        other = final.copy()
+        other[i] = alt[i] if final[i] == near[i] else near[i]
+        assert losses(other)[i[:2]] >= base[i[:2]] * (1 - 1e-5), i
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_polish_lowers_the_output_error_of_gptq_and_nearest(rng, groups):
+    """``polish_flips`` starting from GPTQ's flips or from the nearest levels never raises the layer's output
+    error on the ``H`` it polishes on (and here lowers it), and stays within each weight's bracket."""
+    if groups == 1:
+        w, x = _correlated(rng)
+        h = x.T @ x / len(x)
+    else:
+        w = rng.laplace(size=(8, 27)).astype(np.float32)
+        x = rng.normal(size=(300, 4, 3)) @ rng.normal(size=(3, 27)) + 0.1 * rng.normal(size=(300, 4, 27))
+        h = np.einsum("ngi,ngj->gij", x, x) / 300
+    scale, levels = nuq.fit(w, arq(w, 8, 0).scale, 0, 1, 16, 1, None)
+    for start in ([], nuq.assign_output_aware(w, scale, 0, levels, h)):
+        before = nuq.output_error(w, scale, 0, levels, h, start)
+        polished = nuq.polish_flips(w, scale, 0, levels, h, start)
+        assert nuq.output_error(w, scale, 0, levels, h, polished) < before
+        near, other = nuq.bracket_levels(w, scale, 0, levels)
+        codes = nuq.to_levels(w, scale, 0, levels, polished)
+        assert np.all((codes == near) | (codes == other))
+
+
 def test_shared_tables(rng):
     w = (rng.laplace(size=(64, 32, 3, 3)) * rng.uniform(0.2, 1, (64, 1, 1, 1))).astype(np.float32)
     w[:16] = np.round(w[:16] * 2) / 2  # some channels with a very different code histogram

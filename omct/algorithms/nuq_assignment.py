@@ -6,8 +6,9 @@ bounded sample of its calibration inputs that AdaRound also uses (``core.adaroun
 which ``graph.export.layer_weight_codes`` applies for every exported model and for bias correction.
 
 Each layer chooses, on sampled rows it was not fitted to, between GPTQ, GPTQ with ``H`` shrunk towards its
-diagonal, and the nearest levels (``choose_flips``). Cost per layer with ``d`` inputs per output (Cin * kh * kw)
-and ``c`` output channels: three GPTQ runs, ``O(c d^2 + d^3)`` flops each, and about 5 ``d^2`` float64 values
+diagonal, and the nearest levels, each as it is and polished by single flips (``choose_flips``). Cost per layer
+with ``d`` inputs per output (Cin * kh * kw) and ``c`` output channels: three GPTQ runs and four flip descents
+(at most ``d`` steps of ``O(c d)`` each), ``O(c d^2 + d^3)`` flops each, and about 5 ``d^2`` float64 values
 at once (0.85 GB at d = 4608, ResNet-18's widest convolutions), one layer at a time. A grouped convolution has
 one ``H`` per group (depthwise 3x3: 9 x 9 per channel), fitted group by group."""
 
@@ -70,16 +71,20 @@ def choose_flips(weight: np.ndarray, scale: np.ndarray, axis: int, levels, rows:
                  groups: int = 1) -> list[int]:
     """The output-aware assignment that does best on inputs it was not fitted to: fitted on every other sampled
     row and scored on the rest, GPTQ with ``H`` as estimated, GPTQ with ``H`` shrunk halfway to its diagonal,
-    or the nearest levels (no flips); the winner is then fitted on all rows. On few rows of many correlated
-    inputs (a MobileNet projection after 4x4 pixels) GPTQ fits the sample and loses on new inputs; elsewhere it
-    wins by 5-15 dB of layer output error (``benchmarks/nuq_layer_error.py``)."""
+    or the nearest levels (no flips), each also polished by single flips (``nuq.polish_flips``: descent to where
+    no single flip lowers the fitted output error); the winner is then fitted (and polished) on all rows. On few
+    rows of many correlated inputs (a MobileNet projection after 4x4 pixels) GPTQ fits the sample and loses on
+    new inputs; elsewhere it wins by 5-15 dB of layer output error (``benchmarks/nuq_layer_error.py``)."""
     h_fit, h_held = _second_moment(rows[0::2], groups), _second_moment(rows[1::2], groups)
-    scores = {None: nuq.output_error(weight, scale, axis, levels, h_held)}
+    fitted: dict[tuple[float | None, bool], list[int]] = {(None, False): []}
     for alpha in SHRINK:
-        flips = nuq.assign_output_aware(weight, scale, axis, levels, gptq.shrunk(h_fit, alpha))
-        scores[alpha] = nuq.output_error(weight, scale, axis, levels, h_held, flips)
-    del h_fit, h_held
-    best = min(scores, key=lambda k: (scores[k], k is not None))  # a tie keeps the nearest levels
-    if best is None:
-        return []
-    return nuq.assign_output_aware(weight, scale, axis, levels, gptq.shrunk(_second_moment(rows, groups), best))
+        fitted[(alpha, False)] = nuq.assign_output_aware(weight, scale, axis, levels, gptq.shrunk(h_fit, alpha))
+    for alpha in (None, *SHRINK):
+        fitted[(alpha, True)] = nuq.polish_flips(weight, scale, axis, levels, h_fit, fitted[(alpha, False)])
+    scores = {key: nuq.output_error(weight, scale, axis, levels, h_held, flips) for key, flips in fitted.items()}
+    del h_fit, h_held, fitted
+    # a tie keeps the nearest levels, then the unpolished assignment
+    alpha, polish = min(scores, key=lambda k: (scores[k], k[0] is not None, k[1]))
+    h = _second_moment(rows, groups)
+    flips = [] if alpha is None else nuq.assign_output_aware(weight, scale, axis, levels, gptq.shrunk(h, alpha))
+    return nuq.polish_flips(weight, scale, axis, levels, h, flips) if polish else flips

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from omct.core import gptq
-from omct.core.adaround import apply_gaps, flip_gaps
+from omct.core.adaround import apply_gaps, flip_descent, flip_gaps
 from omct.core.bias_correction import ChannelMeans
 from omct.core.params import MIN_SCALE
 
@@ -209,6 +209,39 @@ def assign_output_aware(weight: np.ndarray, scale: np.ndarray, out_axis: int, le
     codes = _unrows(np.take_along_axis(table, idx, 1).astype(np.int64), np.shape(weight), out_axis)
     nearest = to_levels(weight, scale, out_axis, levels)
     return flip_gaps(nearest, _other_level(weight, scale, out_axis, levels), codes)
+
+
+def bracket_levels(weight: np.ndarray, scale: np.ndarray, out_axis: int | None, levels,
+                   flips: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Each weight's level (int codes, the weight's shape) with ``flips`` applied, and the other level of its
+    bracket (the level around ``w / s`` it does not take; the same level where there is no other): the two
+    choices the output-aware assignment and its polish decide between."""
+    nearest = to_levels(weight, scale, out_axis, levels)
+    other = _other_level(weight, scale, out_axis, levels)
+    codes = apply_gaps(nearest, other, flips) if flips else nearest
+    return codes, np.where(codes == nearest, other, nearest)
+
+
+def polish_flips(weight: np.ndarray, scale: np.ndarray, out_axis: int, levels, h: np.ndarray,
+                 flips: list[int] | None = None, max_steps: int | None = None) -> list[int]:
+    """``flips`` improved by single flips between each weight's two bracket levels while one lowers the
+    layer's output error ``(W - Q) H (W - Q)^T`` (``core.adaround.flip_descent``, in weight units): GPTQ
+    quantizes the inputs one after another and never revisits a decision; the descent ends where no single
+    flip helps. ``h`` as for ``assign_output_aware`` (one per group for a grouped convolution). Returned as
+    the record's gap-coded flips."""
+    codes, alt = bracket_levels(weight, scale, out_axis, levels, flips)
+    s = np.asarray(scale, np.float32).reshape(-1, 1)
+    hs = np.asarray(_per_group(h), np.float32)
+    start, other = _rows(codes, out_axis), _rows(alt, out_axis)
+    g, d = len(hs), start.shape[1]
+    shape = (g, start.shape[0] // g, d)
+    w = _rows(np.asarray(weight, np.float32), out_axis).reshape(shape)
+    values = (start * s).astype(np.float32).reshape(shape)
+    final = flip_descent(values, (other * s).astype(np.float32).reshape(shape), w, hs, None, max_steps)
+    polished = _unrows(np.where(final.reshape(start.shape) != values.reshape(start.shape), other, start),
+                       np.shape(weight), out_axis)
+    return flip_gaps(to_levels(weight, scale, out_axis, levels), _other_level(weight, scale, out_axis, levels),
+                     polished)
 
 
 def weighted_error(weight: np.ndarray, scale: np.ndarray, out_axis: int | None, in_axis: int | None, levels,
