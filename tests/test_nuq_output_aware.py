@@ -180,8 +180,9 @@ def test_deploy_with_shared_tables_and_flips_runs_integer_kernels(tmp_path, rng)
     assert len(nuq_layers) == 5 and any(rec[n].ada_flip for n in nuq_layers)  # the stem too: shared tables pay
     inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(deploy).graph.initializer}
     tables = [v for n, v in inits.items() if n.endswith(".weight_levels")]
-    assert len(tables) == 5 and all(v.shape[0] <= 8 and v.shape[1] == 16 for v in tables), [v.shape for v in tables]
-    assert sum(n.endswith(".weight_table") for n in inits) == 5
+    # the 96 -> 96 3x3 conv keeps a table per channel (its tables are 3.7% of its indices: below nuq.SHARE_ABOVE)
+    assert sorted(v.shape for v in tables) == [(8, 16)] * 4 + [(96, 16)], [v.shape for v in tables]
+    assert sum(n.endswith(".weight_table") for n in inits) == 4  # a table number per channel where tables are shared
     ops = optimized_ops(deploy, tmp_path)
     assert ops.count("QLinearConv") == 4 and "Gather" not in ops and "GatherElements" not in ops
     assert_integer_kernels(deploy, tmp_path)
@@ -243,3 +244,17 @@ def test_output_aware_nuq_beats_uniform_on_a_trained_model_layer(tmp_path, train
     assert err["nuq32-true"] < min(err["nuq32-false"], err["int5"]), err
     assert err["nuq32-false"] < err["int5-nearest"], err  # the levels alone beat uniform rounded to nearest
     assert err["nuq16-true"] < err["nuq16-false"] and err["nuq16-true"] < err["int4"], err
+
+
+def test_tables_are_shared_only_where_per_channel_tables_weigh():
+    """Depthwise and narrow layers share tables; a wide conv keeps one per channel (its tables are a few percent of
+    its packed indices), and sharing is never chosen where it would store more."""
+    from omct.core import nuq
+
+    assert nuq.effective_tables(96 * 9, 16, 96, 16) == 16            # depthwise 3x3: tables 3.6x the indices
+    assert nuq.effective_tables(64 * 64 * 9, 16, 64, 16) == 0        # 64 -> 64 3x3: tables 2.8% of the indices
+    assert nuq.effective_tables(64 * 64 * 9, 16, 64, 0) == 0         # num_tables 0: one per channel, always
+    assert nuq.effective_tables(10 * 8, 16, 10, 16) == 0             # as many tables as channels: nothing saved
+    count, channels = 96 * 9, 96
+    assert nuq.packed_bytes(count, 16, channels, 16) == 4 * -(-count // 8) + 16 * 16 + channels
+    assert nuq.packed_bytes(64 * 64 * 9, 16, 64, 16) == 4 * -(-64 * 64 * 9 // 8) + 16 * 64
