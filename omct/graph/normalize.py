@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,7 +24,7 @@ import onnx
 from onnx import numpy_helper, version_converter
 
 from omct.errors import ModelError
-from omct.graph.subgraphs import all_graphs, bodies, inner_first, local_names, used_names
+from omct.graph.subgraphs import bodies, fresh_name, inner_first, taken_names, used_names
 from omct.graph.tensor_data import tensor_array
 
 MIN_OPSET = 13
@@ -166,18 +167,13 @@ def scope_bodies(model: onnx.ModelProto, report: NormalizeReport) -> None:
     (``then``, ``else``, ``body``; nested bodies nest), so that names are unique in the whole model and layers
     read as the inlining of a constant If names them (``vad_if/then/conv1``). Outer-scope reads keep their
     names. Run after the top-level nodes are named."""
-    taken = {n for g in all_graphs(model.graph) for n in local_names(g) | {x.name for x in g.node}}
+    taken = taken_names(model)
     for node in model.graph.node:
         _scope_node(node, taken, report)
 
 
 def _scope_node(node: onnx.NodeProto, taken: set[str], report: NormalizeReport) -> None:
-    def fresh(base: str) -> str:
-        name = base
-        while name in taken:
-            name += "_"
-        taken.add(name)
-        return name
+    fresh = functools.partial(fresh_name, taken)
 
     for label, body in bodies(node):
         prefix = f"{node.name}/{label}/"
@@ -463,13 +459,7 @@ def _inline_branch(node: onnx.NodeProto, branch: onnx.GraphProto, label: str, ta
     prefix ``<if node>/<label>/`` (unique, readable layer names), outer-scope reads keep their names, and its
     outputs are produced under the If node's output names."""
     prefix = f"{node.name or 'If'}/{label}/"
-
-    def fresh(base: str) -> str:
-        name = base
-        while name in taken:
-            name += "_"
-        taken.add(name)
-        return name
+    fresh = functools.partial(fresh_name, taken)
 
     local = [t.name for t in branch.initializer] + [o for n in branch.node for o in n.output if o]
     rename = {t: fresh(prefix + t.lstrip("/")) for t in local}  # torch's "/a/Conv" -> "/If/then/a/Conv"

@@ -13,6 +13,7 @@ differ in shape), so a batch that takes the other branch yields an empty array a
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping
 
 import numpy as np
@@ -58,6 +59,20 @@ def local_names(graph: onnx.GraphProto) -> set[str]:
     """The tensors ``graph`` itself defines: its inputs, initializers and node outputs."""
     return ({i.name for i in graph.input} | {t.name for t in graph.initializer}
             | {o for n in graph.node for o in n.output if o})
+
+
+def taken_names(model: onnx.ModelProto) -> set[str]:
+    """Every tensor and node name in ``model``, its bodies included: what a new name must avoid."""
+    return {n for g in all_graphs(model.graph) for n in local_names(g) | {x.name for x in g.node}}
+
+
+def fresh_name(taken: set[str], base: str) -> str:
+    """``base``, with underscores appended until it is not in ``taken``; the name returned is added to it."""
+    name = base
+    while name in taken:
+        name += "_"
+    taken.add(name)
+    return name
 
 
 def outer_reads(graph: onnx.GraphProto) -> set[str]:
@@ -120,16 +135,10 @@ def carry_out(model: onnx.ModelProto, tensors: list[str]) -> tuple[dict[str, tup
     output. Returns tensor -> (graph output, number of stacked iteration axes in front of its value) and, for
     ``remove_carry``, control-flow node -> [outputs it had, outputs added]."""
     where, _ = locate(model)
-    taken = {n for g in all_graphs(model.graph) for n in local_names(g) | {x.name for x in g.node}}
+    taken = taken_names(model)
     carried: dict[str, tuple[str, int]] = {}
     added: dict[str, list[int]] = {}
-
-    def fresh(base: str) -> str:
-        name = base
-        while name in taken:
-            name += "_"
-        taken.add(name)
-        return name
+    fresh = functools.partial(fresh_name, taken)
 
     for tensor in tensors:
         path = where.get(tensor)
