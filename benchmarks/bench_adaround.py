@@ -199,6 +199,8 @@ def quantize(method: str, src: Path, out: Path) -> Path:
         body = f"batch_num: {BATCH_NUM}\n" + ("cross_layer_equalization: true\n" if "cle" in parts else "") + \
             ("learned_rounding: false\n" if "nearest" in parts else "")
         common = "dmq_balancer { } " if "dmq" in parts else ""
+        # -hfmg / -mse / -percentile / -minmax / -kl: that activation calibrator on every layer instead of IFMR
+        common += "".join(f"{a}_quantize {{ }} " for a in ("hfmg", "mse", "percentile", "minmax", "kl") if a in parts)
         if "ada" in parts:
             iters = parts[-1] if parts[-1].isdigit() else None
             common += "ada_quantize { " + (f"num_iteration: {iters} " if iters else "") + \
