@@ -151,6 +151,40 @@ def what_ifs(name: str, method: str) -> None:
     report("as quantized", variant(fq, fp32, set(), set()))
     pre_add = {t for t in s if t in prod and prod[t].op_type == "Conv" and readers.get(t) == {"Add"}}
     report(f"{len(pre_add)} Conv outputs read only by an Add kept float", variant(fq, fp32, pre_add, set()))
+    # every Add's inputs and output on one grid (the widest of them), so the integer Add itself rounds nothing
+    m = onnx.ModelProto()
+    m.CopyFrom(fq)
+    inits = {t.name: t for t in m.graph.initializer}
+    parent: dict[str, str] = {}
+
+    def find(t: str) -> str:
+        parent.setdefault(t, t)
+        while parent[t] != t:
+            t = parent[t]
+        return t
+
+    for n in fp32.graph.node:
+        if n.op_type == "Add" and all(t in s for t in (*n.input, n.output[0])):
+            for t in n.input:
+                parent[find(t)] = find(n.output[0])
+    groups: dict[str, list[str]] = {}
+    for t in parent:
+        groups.setdefault(find(t), []).append(t)
+
+    def grid(t: str) -> tuple[float, float]:
+        chain = s[t][1]
+        return (float(numpy_helper.to_array(inits[chain[0].input[1]])),
+                float(numpy_helper.to_array(inits[chain[1].input[1]])))
+
+    for members in groups.values():
+        widest = max(members, key=lambda t: grid(t)[0])
+        scale, offset = grid(widest)
+        for t in members:
+            chain = s[t][1]
+            for k, v in ((chain[0].input[1], scale), (chain[5].input[1], scale), (chain[1].input[1], offset),
+                         (chain[3].input[1], offset)):
+                inits[k].CopyFrom(numpy_helper.from_array(np.asarray(v, np.float32).reshape(inits[k].dims), k))
+    report(f"Adds' inputs and outputs on one grid ({len(groups)} groups of {len(parent)} sites)", m.SerializeToString())
     bases = {t: (i[:-6] if i.endswith(".float") else i) for t, (i, _) in s.items()}
     probe = onnx.load(str(src))
     names = sorted({b for b in bases.values() if b in prod})
