@@ -8,7 +8,7 @@ up to roughly the total (they are nearly independent), so the table is a budget.
 
     python benchmarks/error_budget.py mobilenet_v2 [METHOD]   # after bench_adaround.py made the models
     python benchmarks/error_budget.py mobilenet_v2 omct --range-sweep 0.9 1.0   # all activation ranges scaled
-    python benchmarks/error_budget.py mobilenet_v2 omct --what-if   # float pre-Add Conv outputs; per-channel
+    python benchmarks/error_budget.py mobilenet_v2 omct --what-if [SITE ...]   # float pre-Add Convs, per channel, ...
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def range_sweep(name: str, method: str, ratios: list[float]) -> None:
         print(f"ranges x {r}: " + ", ".join(res), flush=True)
 
 
-def what_ifs(name: str, method: str) -> None:
+def what_ifs(name: str, method: str, keep_float: list[str]) -> None:
     """Two structural what-ifs on the quantized model, same images: the Conv outputs that only an Add reads kept
     in float (no integer QLinearConv output / QLinearAdd input there), and every 4-D activation site per channel
     (each channel's scale shrunk by its calibration max |x| over the tensor's: the most any channel equalization
@@ -149,6 +149,9 @@ def what_ifs(name: str, method: str) -> None:
               f"agreement {(got.argmax(1) == ref.argmax(1)).mean():.3f}", flush=True)
 
     report("as quantized", variant(fq, fp32, set(), set()))
+    if keep_float:  # named sites left unquantized: what mixed precision (16-bit there) could give at most
+        chosen = {t for t in s if any(t.endswith(k) for k in keep_float)}
+        report(f"{len(chosen)} named sites float", variant(fq, fp32, chosen, set()))
     pre_add = {t for t in s if t in prod and prod[t].op_type == "Conv" and readers.get(t) == {"Add"}}
     report(f"{len(pre_add)} Conv outputs read only by an Add kept float", variant(fq, fp32, pre_add, set()))
     # every Add's inputs and output on one grid (the widest of them), so the integer Add itself rounds nothing
@@ -212,7 +215,7 @@ def main() -> None:
     name = sys.argv[1]
     method = sys.argv[2] if len(sys.argv) > 2 else "omct"
     if len(sys.argv) > 3 and sys.argv[3] == "--what-if":
-        what_ifs(name, method)
+        what_ifs(name, method, sys.argv[4:])
         return
     if len(sys.argv) > 3 and sys.argv[3] == "--range-sweep":
         range_sweep(name, method, [float(r) for r in sys.argv[4:]] or [0.85, 0.9, 0.95, 1.0, 1.05])
