@@ -9,6 +9,7 @@ up to roughly the total (they are nearly independent), so the table is a budget.
     python benchmarks/error_budget.py mobilenet_v2 [METHOD]   # after bench_adaround.py made the models
     python benchmarks/error_budget.py mobilenet_v2 omct --range-sweep 0.9 1.0   # all activation ranges scaled
     python benchmarks/error_budget.py mobilenet_v2 omct --what-if [SITE ...]   # float pre-Add Convs, per channel, ...
+    python benchmarks/error_budget.py mobilenet_v2 omct --mean-part   # what a full bias correction could remove
 """
 
 from __future__ import annotations
@@ -211,9 +212,47 @@ def what_ifs(name: str, method: str, keep_float: list[str]) -> None:
     report(f"{count} activation sites per channel", m.SerializeToString())
 
 
+def mean_part(name: str, method: str) -> None:
+    """What a full bias correction could remove: at every Conv's output, the share of the quantized model's error
+    power that is a per-channel constant (the error's mean over images and positions), on the calibration digits
+    and on the low-margin blends."""
+    import onnxruntime as ort
+    src = ba.ensure_model(name)
+    xtr, _, xte, _ = ba.data()
+    fp32 = onnx.load(str(src))
+    fq = onnx.load(str(ba.WORK / f"{name}_{method}_fake_quant_model.onnx"))
+    in_fq = {o for n in fq.graph.node for o in n.output}
+    pairs = [(n.output[0], n.output[0] if n.output[0] in in_fq else n.output[0] + ".float")
+             for n in fp32.graph.node if n.op_type == "Conv"]
+    pairs = [(f, q) for f, q in pairs if q in in_fq]
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    sessions = []
+    for model, names in ((fp32, [f for f, _ in pairs]), (fq, [q for _, q in pairs])):
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        for t in names:
+            m.graph.output.append(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
+        sessions.append((ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]), names))
+    for label, data in (("calibration digits", xtr[:256]), ("low-margin blends", ba.low_margin_inputs(src, xte))):
+        (sf, nf), (sq, nq) = sessions
+        shares = []
+        for a, b in zip(sf.run(nf, {"input": data}), sq.run(nq, {"input": data}), strict=True):
+            e = (b - a).astype(np.float64)
+            m = e.mean(axis=(0, 2, 3))
+            shares.append((m ** 2).sum() * e.size / e.shape[1] / (e ** 2).sum())
+        worst = int(np.argmax(shares))
+        print(f"{name} {method} {label}: per-channel mean error / error power at {len(shares)} Conv outputs: median "
+              f"{np.median(shares):.3f}, max {shares[worst]:.3f} ({pairs[worst][0]})", flush=True)
+
+
 def main() -> None:
     name = sys.argv[1]
     method = sys.argv[2] if len(sys.argv) > 2 else "omct"
+    if len(sys.argv) > 3 and sys.argv[3] == "--mean-part":
+        mean_part(name, method)
+        return
     if len(sys.argv) > 3 and sys.argv[3] == "--what-if":
         what_ifs(name, method, sys.argv[4:])
         return
