@@ -304,6 +304,7 @@ def peer_of(method: str) -> bool:
 
 
 def main() -> None:
+    global LOW_MARGIN, BLENDS
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     peers = [m for tool, ms in PEER_METHODS.items() if f"{tool.upper()}_PYTHON" in os.environ for m in ms]
@@ -313,8 +314,12 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "adaround.md"))
     ap.add_argument("--wall-ratio", type=int, metavar="N",
                     help="only time the methods: N alternating runs each, minimum wall and its ratio to the first")
+    ap.add_argument("--low-margin", type=int, default=LOW_MARGIN, metavar="N",
+                    help=f"judge on the N lowest-margin blends of 20 * N (default {LOW_MARGIN}); a larger N narrows "
+                         "the agreement intervals")
     ap.add_argument("--peer-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    LOW_MARGIN, BLENDS = args.low_margin, 20 * args.low_margin
     if args.peer_child:
         PEER_CHILDREN[args.peer_child[0].split("-")[0]](*args.peer_child)
         return
