@@ -195,10 +195,16 @@ def calib_batches(batch_num: int):
 def omct_method(method: str) -> str:
     """The omct algorithm of an omct method name. ``omct-ifmr-exact`` is omct-ifmr with every activation value
     binned (the sketch before sampling), to measure before and after in the same interleaved run; ``-untrimmed``: the
-    deploy model without dropping padding-only Conv taps; ``-nearest``: weights rounded to nearest (no learned rounding)."""
+    deploy model without dropping padding-only Conv taps; ``-addln``: residual Adds before LayerNorms kept as Add
+    (before issue 17 item 2); ``-nearest``: weights rounded to nearest (no learned rounding)."""
     algo = method[5:]
     if algo.endswith("-nearest"):  # weights rounded to nearest (learned_rounding off: the default before issue 18)
         algo = algo[: -len("-nearest")]
+    if algo.endswith("-addln"):  # the deploy model keeps residual Add -> LayerNorm (SkipLayerNorm; before issue 17 item 2)
+        from omct.graph.export import DeployBuilder
+
+        DeployBuilder.writes_residual_sums = False
+        algo = algo[: -len("-addln")]
     if algo.endswith("-untrimmed"):  # the deploy model keeps Conv taps that read only padding (before issue 17's fix)
         from omct.graph.export import DeployBuilder
 
