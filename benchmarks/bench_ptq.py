@@ -486,6 +486,8 @@ def append_flag(ap: argparse.ArgumentParser) -> None:
                     help="append the table to the results file as a dated section (with the command line)")
     ap.add_argument("--latency-batch", type=int, default=16,
                     help="test examples per timed run (bert: always its static batch, 16)")
+    ap.add_argument("--passes", type=int, default=5,
+                    help="interleaved latency passes (40 runs each; more on a busy shared host)")
 
 
 def timed_batch(name: str, batch: int) -> int:
@@ -542,7 +544,7 @@ def main() -> None:
         calib = {m: child_process(__file__, f"calib:{m}", name, args.batch_num) for m in results if m.startswith("omct")} \
             if args.calib_ratio else {}
         paths = [fp32] + [Path(r["deploy"]) for r in results.values()]
-        lats = latencies_ms(paths, timed_batch(name, args.latency_batch), name=name)
+        lats = latencies_ms(paths, timed_batch(name, args.latency_batch), passes=args.passes, name=name)
         by_method = dict(zip(results, lats[1:], strict=True))
         rows.append({"model": name, "method": "fp32", "acc": accuracy(fp32, name), "lat_ms": lats[0], "lat_ratio": 1.0,
                      "size_kb": fp32.stat().st_size / 1024, "size_ratio": 1.0})
@@ -562,7 +564,7 @@ def main() -> None:
     lines.append(f"PTQ benchmark: {args.batch_num} calibration batches of {CALIB_BATCH} (bert: {STATIC_BATCH}), digits "
                  f"upsampled to {SIZE}x{SIZE} (real-model CNNs: x3 channels; bert: as 32-token sequences, static shapes), "
                  f"accuracy on 500 held-out images, ORT latency at batch {args.latency_batch} (bert: 16) with 2 threads "
-                 "(median of 5 interleaved "
+                 f"(median of {args.passes} interleaved "
                  f"passes of 40 runs each; vs ORT QDQ: over the faster of ORT quantize_static MinMax's deploy models, int8 "
                  "(ort-minmax) or uint8 (-u8) activations, in the same passes), "
                  f"speed-up over FP32 = 1 / (vs FP32), PTQ wall time the median of {args.repeat} interleaved rounds, "
