@@ -195,10 +195,16 @@ def calib_batches(batch_num: int):
 def omct_method(method: str) -> str:
     """The omct algorithm of an omct method name. ``omct-ifmr-exact`` is omct-ifmr with every activation value
     binned (the sketch before sampling), to measure before and after in the same interleaved run; ``-untrimmed``: the
-    deploy model without dropping padding-only Conv taps; ``-nearest``: weights rounded to nearest (no learned rounding)."""
+    deploy model without dropping padding-only Conv taps; ``-addln``: residual Adds before LayerNorms kept as Add
+    (before issue 17 item 2); ``-nearest``: weights rounded to nearest (no learned rounding)."""
     algo = method[5:]
     if algo.endswith("-nearest"):  # weights rounded to nearest (learned_rounding off: the default before issue 18)
         algo = algo[: -len("-nearest")]
+    if algo.endswith("-addln"):  # the deploy model keeps residual Add -> LayerNorm (SkipLayerNorm; before issue 17 item 2)
+        from omct.graph.export import DeployBuilder
+
+        DeployBuilder.writes_residual_sums = False
+        algo = algo[: -len("-addln")]
     if algo.endswith("-untrimmed"):  # the deploy model keeps Conv taps that read only padding (before issue 17's fix)
         from omct.graph.export import DeployBuilder
 
@@ -480,6 +486,8 @@ def append_flag(ap: argparse.ArgumentParser) -> None:
                     help="append the table to the results file as a dated section (with the command line)")
     ap.add_argument("--latency-batch", type=int, default=16,
                     help="test examples per timed run (bert: always its static batch, 16)")
+    ap.add_argument("--passes", type=int, default=5,
+                    help="interleaved latency passes (40 runs each; more on a busy shared host)")
 
 
 def timed_batch(name: str, batch: int) -> int:
@@ -536,7 +544,7 @@ def main() -> None:
         calib = {m: child_process(__file__, f"calib:{m}", name, args.batch_num) for m in results if m.startswith("omct")} \
             if args.calib_ratio else {}
         paths = [fp32] + [Path(r["deploy"]) for r in results.values()]
-        lats = latencies_ms(paths, timed_batch(name, args.latency_batch), name=name)
+        lats = latencies_ms(paths, timed_batch(name, args.latency_batch), passes=args.passes, name=name)
         by_method = dict(zip(results, lats[1:], strict=True))
         rows.append({"model": name, "method": "fp32", "acc": accuracy(fp32, name), "lat_ms": lats[0], "lat_ratio": 1.0,
                      "size_kb": fp32.stat().st_size / 1024, "size_ratio": 1.0})
@@ -556,7 +564,7 @@ def main() -> None:
     lines.append(f"PTQ benchmark: {args.batch_num} calibration batches of {CALIB_BATCH} (bert: {STATIC_BATCH}), digits "
                  f"upsampled to {SIZE}x{SIZE} (real-model CNNs: x3 channels; bert: as 32-token sequences, static shapes), "
                  f"accuracy on 500 held-out images, ORT latency at batch {args.latency_batch} (bert: 16) with 2 threads "
-                 "(median of 5 interleaved "
+                 f"(median of {args.passes} interleaved "
                  f"passes of 40 runs each; vs ORT QDQ: over the faster of ORT quantize_static MinMax's deploy models, int8 "
                  "(ort-minmax) or uint8 (-u8) activations, in the same passes), "
                  f"speed-up over FP32 = 1 / (vs FP32), PTQ wall time the median of {args.repeat} interleaved rounds, "

@@ -143,7 +143,7 @@ def main() -> None:
         results = ptq.repeated_runs(run_child, name, args, rows)
         fp32 = ptq.model_path(name)
         lats = ptq.latencies_ms([fp32] + [Path(r["deploy"]) for r in results.values()],
-                                ptq.timed_batch(name, args.latency_batch), name=name)
+                                ptq.timed_batch(name, args.latency_batch), passes=args.passes, name=name)
         by_method = dict(zip(results, lats[1:], strict=True))
         size = fp32.stat().st_size
         rows.append({"model": name, "method": "fp32 (ONNX)", "acc": ptq.accuracy(fp32, name), "lat_ms": lats[0],
@@ -161,7 +161,7 @@ def main() -> None:
     lines = [f"PyTorch PTQ benchmark: {args.batch_num} calibration batches of {ptq.CALIB_BATCH}, digits at "
              f"{ptq.SIZE}x{ptq.SIZE}, "
              "deploy models exported to ONNX and run in ONNX Runtime (accuracy on 500 held-out images; latency at batch "
-             f"{args.latency_batch} (bert: 16), 2 threads, median of interleaved passes); wall time (median of "
+             f"{args.latency_batch} (bert: 16), 2 threads, median of {args.passes} interleaved passes); wall time (median of "
              f"{args.repeat}, each in a fresh process) covers the whole flow from the trained nn.Module and the "
              "calibration tensors to the deploy model, after the imports (`import torch` and the method's, timed apart in "
              "import s); ort-minmax: torch.onnx.export of the module, then ONNX Runtime quantize_static (QDQ, per-channel, "

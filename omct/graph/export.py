@@ -153,6 +153,8 @@ class DeployBuilder(_Builder):
     of them were a tenth of the deploy file."""
 
     trims_padding_taps = True
+    #: float residual Adds read by a LayerNorm are written as Sum (``residual_sums``); off: as before issue 17
+    writes_residual_sums = True
 
     def __init__(self, model: onnx.ModelProto, unsigned_activations: bool = True):
         super().__init__(model)
@@ -335,6 +337,41 @@ def toposort(graph: onnx.GraphProto) -> None:
         raise RuntimeError("internal error: the quantized graph has a cycle")
     del graph.node[:]
     graph.node.extend(nodes[i] for i in order)
+
+
+def residual_sums(model: onnx.ModelProto) -> int:
+    """Write each float residual ``Add`` that only a LayerNormalization reads (or the ReduceMean + Sub that ONNX
+    Runtime fuses into one, opset < 17 exports) as the equivalent two-input ``Sum``, in the model's graph and its bodies;
+    returns how many. ONNX Runtime fuses Add + LayerNormalization on static 3-D shapes into
+    SkipLayerNormalization, whose CPU kernel (1.32) runs 6-8x slower than the two ops it replaces (BERT-base and
+    BERT-mini shapes alike); its own QDQ models escape it only by quantizing the residual stream (QLinearAdd),
+    which costs accuracy. Sum computes the same values and matches no fusion (docs/ARCHITECTURE.md)."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 8:  # Sum broadcasts from opset 8 on
+        return 0
+    count = 0
+    for g in all_graphs(model.graph):
+        readers: dict[str, list[onnx.NodeProto]] = {}
+        for n in g.node:
+            for x in set(node_reads(n)):
+                readers.setdefault(x, []).append(n)
+        constant = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
+        outputs = {o.name for o in g.output}
+        for n in g.node:
+            if n.op_type != "Add" or n.domain not in ("", "ai.onnx") or len(n.input) != 2 or n.output[0] in outputs:
+                continue
+            if any(x in constant for x in n.input):  # a bias, not a residual
+                continue
+            users = readers.get(n.output[0], [])
+            ops = sorted(u.op_type for u in users)
+            norm = ops == ["LayerNormalization"] and users[0].input[0] == n.output[0]
+            if ops == ["ReduceMean", "Sub"]:  # LayerNormalization written out: x - ReduceMean(x), ...
+                mean, sub = sorted(users, key=lambda u: u.op_type)
+                norm = list(sub.input) == [n.output[0], mean.output[0]]
+            if norm:
+                n.op_type = "Sum"
+                count += 1
+    return count
 
 
 def weight_params(record: LayerRecord, num_bits: int, weight_axis: int | None) -> QuantParams:
@@ -548,4 +585,7 @@ def fake_quant_model(base: onnx.ModelProto, plan: Plan, config: QuantConfig, rec
 
 def deploy_model(base: onnx.ModelProto, plan: Plan, config: QuantConfig, records: dict[str, LayerRecord],
                  unsigned_activations: bool = True, sink: ExternalWriter | None = None) -> onnx.ModelProto:
-    return build(_with_sink(DeployBuilder(_copy(base), unsigned_activations), sink), plan, config, records)
+    model = build(_with_sink(DeployBuilder(_copy(base), unsigned_activations), sink), plan, config, records)
+    if DeployBuilder.writes_residual_sums:
+        residual_sums(model)  # the float residual Adds before LayerNorms: no slow SkipLayerNormalization
+    return model
