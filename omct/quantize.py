@@ -27,7 +27,7 @@ from omct.algorithms.statistics import Statistics
 from omct.errors import CalibrationError, ConfigError, OmctError
 from omct.feeds import FeedCheck, batch_rows, warn_few_samples
 from omct.formats.config import QuantConfig
-from omct.formats.record import LayerRecord, write_pending_record, write_record
+from omct.formats.record import LayerRecord, update_pending_record, write_record
 from omct.graph.export import deploy_model, fake_quant_model
 from omct.graph.model_io import EXTERNAL_DATA_THRESHOLD, save_models, session_input, tensor_bytes
 from omct.graph.modified import ModifiedModel, make_modified, stamp_layers
@@ -138,7 +138,7 @@ class Calibration:
             if self.record_file is not None:
                 logger.info("calibration complete after %d batch(es): wrote %s", self.batches, shown_path(self.record_file))
         elif self.record_file is not None:
-            write_pending_record(self.record_file, self.batches, self.batch_num, list(self.plan.layers))
+            update_pending_record(self.record_file, self.batches, self.batch_num, list(self.plan.layers))
         return out
 
     def finish(self) -> dict[str, LayerRecord]:
