@@ -94,8 +94,11 @@ def main() -> None:
                     ratio = f"{np.median([c['calib_s'] / c['forward_s'] for c in cs]):.2f}x" if cs else "failed"
                     if cs and all("passes_s" in c for c in cs):  # the passes alone (without the records' computation)
                         ratio += f" ({np.median([c['passes_s'] / c['forward_s'] for c in cs]):.2f}x)"
-                lines.append(f"| {frontend} | {name} | {label} | {wall:.2f} | {wall / ort_wall:.2f}x | {imp:.2f} | "
-                             f"{rss:.0f} | {rss / ort_rss:.2f}x | {ratio} |")
+                if args.calib_only and label not in versions:
+                    continue
+                cells = "- | - | - | - | -" if args.calib_only else \
+                    f"{wall:.2f} | {wall / ort_wall:.2f}x | {imp:.2f} | {rss:.0f} | {rss / ort_rss:.2f}x"
+                lines.append(f"| {frontend} | {name} | {label} | {cells} | {ratio} |")
             print("\n".join(lines[-len(rows):]), flush=True)
     if args.append:  # a dated section of results/ptq.md (never a fresh file: the other tables stay)
         ptq.write_results("ptq", lines, append=True)
