@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--batch-num", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-calib-ratio", dest="calib_ratio", action="store_false")
+    ap.add_argument("--calib-only", action="store_true", help="only the calib/fwd column (no PTQ wall runs)")
     ap.add_argument("--append", action="store_true", help="append the table to results/ptq.md as a dated section")
     args = ap.parse_args()
     versions = dict(v.split("=", 1) for v in args.omct)
@@ -56,17 +57,23 @@ def main() -> None:
              "rounds (vs MinMax: over the ORT median of the same rounds), timed after the imports (import s, apart) "
              "and the data; PyTorch frontend: from the trained nn.Module, ORT's time including torch.onnx.export; "
              "peak RSS: the highest VmHWM of the rounds; calib/fwd (ONNX frontend): the CalibrationSession's runs "
-             "over the batches against bare FP32 ONNX Runtime runs (medians of 7 interleaved rounds). omct: "
+             "over the batches against bare FP32 ONNX Runtime runs (medians of 7 interleaved rounds in one child, one child "
+             "per checkout in every round, the median of the rounds' ratios; in brackets, where measured: the passes "
+             "alone, without the records' computation at the last batch). omct: "
              + ", ".join(f"{k} = `{v}`" for k, v in versions.items()) + ".\n",
              "| frontend | model | omct | PTQ wall s | vs MinMax | import s | peak RSS MB | vs MinMax RSS | calib/fwd |",
              "|---|---|---|---|---|---|---|---|---|"]
     for frontend in args.frontends:
         for name in args.models:
             rounds = []
+            calib = frontend == "onnx" and args.calib_ratio
             for _ in range(args.repeat):
-                r = {"ort": run(frontend, "ort-minmax", name, args.batch_num, ".")}
-                for label, path in versions.items():
-                    r[label] = run(frontend, args.method, name, args.batch_num, path)
+                skip = {"wall_s": float("nan"), "peak_rss_mb": float("nan")}
+                r = {"ort": skip if args.calib_only else run(frontend, "ort-minmax", name, args.batch_num, ".")}
+                for label, path in versions.items():  # calib/fwd too in every round, interleaved between checkouts
+                    r[label] = skip if args.calib_only else run(frontend, args.method, name, args.batch_num, path)
+                    if calib:
+                        r["calib:" + label] = run(frontend, args.method, name, args.batch_num, path, calib=True)
                 rounds.append(r)
             ort = [r["ort"] for r in rounds if "error" not in r["ort"]]
             ort_wall = float(np.median([r["wall_s"] for r in ort])) if ort else float("nan")
@@ -82,11 +89,16 @@ def main() -> None:
                 imp = float(np.median([r.get("import_s", 0.0) for r in runs]))
                 rss = max(r["peak_rss_mb"] for r in runs)
                 ratio = "-"
-                if frontend == "onnx" and args.calib_ratio and label in versions:
-                    c = run(frontend, args.method, name, args.batch_num, versions[label], calib=True)
-                    ratio = f"{c['calib_s'] / c['forward_s']:.2f}x" if "calib_s" in c else "failed"
-                lines.append(f"| {frontend} | {name} | {label} | {wall:.2f} | {wall / ort_wall:.2f}x | {imp:.2f} | "
-                             f"{rss:.0f} | {rss / ort_rss:.2f}x | {ratio} |")
+                if calib and label in versions:
+                    cs = [r["calib:" + label] for r in rounds if "calib_s" in r["calib:" + label]]
+                    ratio = f"{np.median([c['calib_s'] / c['forward_s'] for c in cs]):.2f}x" if cs else "failed"
+                    if cs and all("passes_s" in c for c in cs):  # the passes alone (without the records' computation)
+                        ratio += f" ({np.median([c['passes_s'] / c['forward_s'] for c in cs]):.2f}x)"
+                if args.calib_only and label not in versions:
+                    continue
+                cells = "- | - | - | - | -" if args.calib_only else \
+                    f"{wall:.2f} | {wall / ort_wall:.2f}x | {imp:.2f} | {rss:.0f} | {rss / ort_rss:.2f}x"
+                lines.append(f"| {frontend} | {name} | {label} | {cells} | {ratio} |")
             print("\n".join(lines[-len(rows):]), flush=True)
     if args.append:  # a dated section of results/ptq.md (never a fresh file: the other tables stay)
         ptq.write_results("ptq", lines, append=True)

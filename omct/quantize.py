@@ -27,7 +27,7 @@ from omct.algorithms.statistics import Statistics
 from omct.errors import CalibrationError, ConfigError, OmctError
 from omct.feeds import FeedCheck, batch_rows, warn_few_samples
 from omct.formats.config import QuantConfig
-from omct.formats.record import LayerRecord, write_pending_record, write_record
+from omct.formats.record import LayerRecord, update_pending_record, write_record
 from omct.graph.export import deploy_model, fake_quant_model
 from omct.graph.model_io import EXTERNAL_DATA_THRESHOLD, save_models, session_input, tensor_bytes
 from omct.graph.modified import ModifiedModel, make_modified, stamp_layers
@@ -138,7 +138,7 @@ class Calibration:
             if self.record_file is not None:
                 logger.info("calibration complete after %d batch(es): wrote %s", self.batches, shown_path(self.record_file))
         elif self.record_file is not None:
-            write_pending_record(self.record_file, self.batches, self.batch_num, list(self.plan.layers))
+            update_pending_record(self.record_file, self.batches, self.batch_num, list(self.plan.layers))
         return out
 
     def finish(self) -> dict[str, LayerRecord]:
@@ -239,11 +239,12 @@ class CalibratingSession(CalibrationStatus):
         fetch = wanted + [t for t in self._site_fetch if t not in wanted]
 
         def observe():
-            values = self._session.run(fetch, input_feed, run_options)
+            values = run_views(self._session, fetch, input_feed, run_options)
             self.calibration.observe(self._modified.observed(self._site_tensors, dict(zip(fetch, values, strict=True))))
             return values
 
-        out = self.calibration.run_batch(observe)[: len(wanted)]
+        # the user's outputs as ONNX Runtime's run gives them: arrays of their own
+        out = [np.array(v, copy=True) for v in self.calibration.run_batch(observe)[: len(wanted)]]
         self._samples += batch_rows(input_feed)
         if self.calibration.done:
             warn_few_samples(self._samples, self.calibration.batches, "")
@@ -251,6 +252,23 @@ class CalibratingSession(CalibrationStatus):
 
     def __getattr__(self, name: str):
         return getattr(self.__dict__["_session"], name) if "_session" in self.__dict__ else object.__getattribute__(self, name)
+
+
+def run_views(session, names: list[str], feeds: Mapping[str, np.ndarray], run_options=None) -> list[np.ndarray]:
+    """``session.run(names, feeds)`` without copying the outputs: numpy arrays over ONNX Runtime's own output
+    buffers (``run_with_ort_values``; each array keeps its OrtValue alive). Why: copying the observed tensors
+    out of ONNX Runtime cost a small CNN more than half its forward pass (MobileNetV2 replica, 8 batches: 62 ms
+    with copies, 38 without, the FP32 model alone 35). Tensors only: anything else (string feeds, sequence
+    outputs) takes ``run``."""
+    import onnxruntime as ort
+
+    kinds = {o.name: o.type for o in session.get_outputs()}
+    arrays = {k: np.asarray(v) for k, v in feeds.items()}
+    if not (hasattr(session, "run_with_ort_values") and all(kinds.get(n, "").startswith("tensor(") for n in names)
+            and all(a.dtype.kind in "biuf" for a in arrays.values())):
+        return session.run(names, feeds, run_options)
+    values = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for k, a in arrays.items()}
+    return [v.numpy() for v in session.run_with_ort_values(names, values, run_options)]
 
 
 def observed_tensors(plan: Plan, config: QuantConfig) -> list[str]:
@@ -363,7 +381,7 @@ def quantize(graph: onnx.ModelProto, layers: list[LayerSpec], config: QuantConfi
                 break
             feeds = check.check(feeds)
             calibration.run_batch(lambda feeds=feeds: calibration.observe(
-                mod.observed(tensors, dict(zip(fetch, session.run(fetch, feeds), strict=True)))))
+                mod.observed(tensors, dict(zip(fetch, run_views(session, fetch, feeds), strict=True)))))
     if not calibration.done:
         raise CalibrationError(f"the data gave {calibration.batches} of batch_num={config.batch_num} batches; give more "
                                "batches or lower batch_num")

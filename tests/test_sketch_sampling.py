@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import omct.core.sketch as sketch_module
-from omct.core.calibrators import HFMG, IFMR
+from omct.core.calibrators import HFMG, IFMR, Percentile
 from omct.core.params import candidate_params
 from omct.core.sketch import ActivationSketch
 
@@ -112,9 +112,15 @@ def test_sorted_reference_equals_brute_force():
                                        rtol=1e-7)
 
 
-def calibrated_sq_error(cls, dist: str, n: int, batches: int, asym: bool, sample_size: int | None = None) -> float:
+def calibrated_sq_error(cls, dist: str, n: int, batches: int, asym: bool, sample_size: int | None = None,
+                        sized_tail: bool = False) -> float:
+    """``sized_tail``: the calibrator told the number of batches, as calibration makes it (tails of
+    ``sketch.tail_for``: 512 values here, not 4096)."""
     x = data(dist, n)
-    calib = cls(asymmetric=asym, sketch=ActivationSketch(sample_size=sample_size))
+    calib = cls(asymmetric=asym, batch_num=batches) if sized_tail and sample_size is None else \
+        cls(asymmetric=asym, sketch=ActivationSketch(sample_size=sample_size))
+    if sized_tail:
+        assert calib.sketch._tail_need is not None
     for batch in np.array_split(x, batches):
         calib.update(batch)
     if sample_size != 0:
@@ -123,11 +129,12 @@ def calibrated_sq_error(cls, dist: str, n: int, batches: int, asym: bool, sample
     return float(brute_force_sq_errors(x, p.scale, p.offset)[0])  # fake-quantize every value
 
 
+@pytest.mark.parametrize("tail", ["sized", "4096"])
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("dist", sorted(DISTRIBUTIONS))
 @pytest.mark.parametrize("asym", [True, False], ids=["asym", "sym"])
-def test_sampled_ifmr_mse_within_1pct_of_exact_ifmr_optimum(dist, size, asym):
-    got = calibrated_sq_error(IFMR, dist, *size, asym)
+def test_sampled_ifmr_mse_within_1pct_of_exact_ifmr_optimum(dist, size, asym, tail):
+    got = calibrated_sq_error(IFMR, dist, *size, asym, sized_tail=tail == "sized")
     best = exact_ifmr_optimum(dist, size[0], asym)
     assert got <= 1.01 * best, (got / best)
 
@@ -246,3 +253,40 @@ def test_hfmg_bins_every_value_by_default_and_ifmr_samples():
     40.5 dB): its default sketch is exact. IFMR, whose tails stay exact, samples."""
     assert HFMG().sketch.sample_size == 0
     assert IFMR().sketch.sample_size == sketch_module.DEFAULT_SAMPLE_SIZE > 0
+
+
+def test_sized_tail_is_exact_and_merges_to_the_shallower_depth():
+    """A calibrator told batch_num keeps a tail sized for the ranks it reads (IFMR 0.999999 of 8 batches of
+    5000 values: 512, the floor), exact against numpy's sorted values; the percentile it reads equals numpy's;
+    a merge with a deeper tail stays exact to the shallower depth."""
+    rng = np.random.default_rng(5)
+    batches = [rng.standard_t(3, size=5000).astype(np.float32) for _ in range(8)]
+    calib = IFMR(batch_num=8)
+    for b in batches:
+        calib.update(b)
+    sk = calib.sketch
+    assert sk.tail_size == sketch_module.tail_for(1e-6, 8, 5000) == sketch_module.MIN_TAIL_SIZE
+    ordered = np.sort(np.concatenate(batches).astype(np.float64))
+    np.testing.assert_array_equal(np.sort(sk.top), ordered[-sk.tail_size:])
+    np.testing.assert_array_equal(np.sort(sk.bottom), ordered[: sk.tail_size])
+    n = ordered.size
+    assert calib.initial_range() == (ordered[n - math.ceil(0.999999 * n)], ordered[math.ceil(0.999999 * n) - 1])
+    # a deep rank (Percentile 99.9 of 40000 values: rank 40) fits its sized tail: exact
+    pct = Percentile(batch_num=8, percentile=99.9)
+    for b in batches:
+        pct.update(b)
+    assert pct.sketch.tail_size == sketch_module.MIN_TAIL_SIZE
+    drop = n - math.ceil(99.9 / 100.0 * n)
+    assert pct.choose_range() == (ordered[drop], ordered[n - 1 - drop])
+    deep = ActivationSketch()  # tail 4096
+    extra = [rng.normal(size=7000).astype(np.float32) for _ in range(2)]
+    for b in extra:
+        deep.update(b)
+    sk.merge(deep)
+    assert sk.tail_size == sketch_module.MIN_TAIL_SIZE
+    ordered = np.sort(np.concatenate(batches + extra).astype(np.float64))
+    np.testing.assert_array_equal(np.sort(sk.top), ordered[-sk.tail_size:])
+    np.testing.assert_array_equal(np.sort(sk.bottom), ordered[: sk.tail_size])
+    assert sketch_module.tail_for(1e-6, 8, 10**9) == sketch_module.DEFAULT_TAIL_SIZE  # capped
+    with pytest.raises(ValueError, match="tail_fraction"):
+        ActivationSketch(tail_fraction=1.0, batches=2)

@@ -11,13 +11,13 @@ from omct.errors import CalibrationError
 from omct.formats.record import LayerRecord
 
 
-def _point(plan, index: int) -> StatPoint:
+def _point(plan, index: int, batch_num: int | None = None) -> StatPoint:
     site = plan.sites[index]
     # keyed by what makes a site (tensor, options, asymmetric), not by its index: a plan without some layers
-    # (an If branch calibration never took) reads the same statistics
+    # (an If branch calibration never took) reads the same statistics; ``batch_num`` sizes the sketch's tails
     return StatPoint(site.tensor, ("activation", json.dumps(site.act, sort_keys=True), site.asymmetric),
                      lambda: make_calibrator(site.act["act_algo"], site.act.get("num_bits", 8), site.asymmetric,
-                                             **site.params().calibrator_options()))
+                                             batch_num=batch_num, **site.params().calibrator_options()))
 
 
 def unobserved_sites(plan, stats) -> list[int]:
@@ -30,7 +30,7 @@ class ActivationRanges(Algorithm):
 
     def points(self, plan, config):
         # a site quantized as another (a shared-scale chain op's output) is not observed
-        return [_point(plan, i) for i, s in enumerate(plan.sites) if s.same_as is None]
+        return [_point(plan, i, config.batch_num) for i, s in enumerate(plan.sites) if s.same_as is None]
 
     def apply(self, ctx: RecordContext) -> None:
         sites = ctx.plan.sites

@@ -28,11 +28,20 @@ class Calibrator(ABC):
     Options: ClassVar[type[AlgorithmOptions]]
     sample_size: ClassVar[int | None] = None  # the sketch's: None = its default (large batches sampled), 0 = exact
 
-    def __init__(self, num_bits: int = 8, asymmetric: bool = True, sketch: ActivationSketch | None = None, **options):
+    def __init__(self, num_bits: int = 8, asymmetric: bool = True, sketch: ActivationSketch | None = None,
+                 batch_num: int | None = None, **options):
         self.num_bits = num_bits
         self.asymmetric = asymmetric
-        self.sketch = sketch if sketch is not None else ActivationSketch(sample_size=self.sample_size)
         self.options = self.Options(**options)
+        # ``batch_num`` (the batches calibration will see): the sketch keeps a tail sized for the ranks this
+        # algorithm reads instead of the fixed DEFAULT_TAIL_SIZE
+        self.sketch = sketch if sketch is not None else ActivationSketch(
+            sample_size=self.sample_size, tail_fraction=self.tail_fraction(), batches=batch_num)
+
+    def tail_fraction(self) -> float:
+        """The largest fraction of the values, counted from either end, whose rank ``choose_range`` reads
+        exactly (0: it reads the minimum and maximum, or the bins, only)."""
+        return 0.0
 
     def update(self, values: np.ndarray) -> None:
         self.sketch.update(values)
@@ -95,6 +104,9 @@ class IFMR(Calibrator):
         search_range: tuple[float, float] = option((0.7, 1.3), cfg=(("search_range_start", 1), ("search_range_end", 2)),
                                                    check=_ordered)
         search_step: float = option(0.01, cfg=3, gt=0.0, le=1.0)
+
+    def tail_fraction(self) -> float:
+        return 1.0 - min(self.options.max_percentile, self.options.min_percentile)
 
     def initial_range(self) -> tuple[float, float]:
         n = self.sketch.count
@@ -168,6 +180,9 @@ class Percentile(Calibrator):
         cfg = CfgPlacement("percentile_quantize", 1002, "PercentileQuantize", shared=(("asymmetric", 2),))
         percentile: float = option(99.999, cfg=1, gt=50.0, le=100.0)
 
+    def tail_fraction(self) -> float:
+        return 1.0 - self.options.percentile / 100.0
+
     def choose_range(self):
         n = self.sketch.count
         drop = n - math.ceil(self.options.percentile / 100.0 * n)
@@ -236,8 +251,10 @@ class KL(Calibrator):
 CALIBRATORS: dict[str, type[Calibrator]] = {c.name: c for c in (IFMR, HFMG, MinMax, Percentile, MSE, KL)}
 
 
-def make_calibrator(name: str, num_bits: int = 8, asymmetric: bool = True, **options) -> Calibrator:
-    """Instantiate the calibrator registered under ``name`` with its algorithm ``options``."""
+def make_calibrator(name: str, num_bits: int = 8, asymmetric: bool = True, batch_num: int | None = None,
+                    **options) -> Calibrator:
+    """Instantiate the calibrator registered under ``name`` with its algorithm ``options`` (``batch_num``: the
+    batches it will see, which sizes its sketch's tails)."""
     try:
         cls = CALIBRATORS[name]
     except KeyError:
@@ -247,4 +264,4 @@ def make_calibrator(name: str, num_bits: int = 8, asymmetric: bool = True, **opt
         if key not in known:
             raise ValueError(f"'{key}' is not an option of activation algorithm '{name}' "
                              f"(its options: {', '.join(sorted(known)) or 'none'})")
-    return cls(num_bits=num_bits, asymmetric=asymmetric, **options)
+    return cls(num_bits=num_bits, asymmetric=asymmetric, batch_num=batch_num, **options)
