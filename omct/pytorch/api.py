@@ -19,6 +19,7 @@ from omct.graph.modified import ModifiedModel, read_modified
 from omct.graph.ops import LayerSpec, Refusal
 from omct.pytorch import distributed
 from omct.pytorch.calibration import CalibrationModel
+from omct.pytorch.export_cache import CACHE, fingerprint
 from omct.pytorch.fold import equalize_modules, fold_conv_bn
 from omct.pytorch.trace import SUPPORTED, TracedModel, as_args, fold_traced, trace_model
 from omct.ui import format_table, hints, logger
@@ -94,8 +95,10 @@ def create_quant_config(config_file: str | os.PathLike, model: nn.Module, input_
     Layer types in the .cfg are PyTorch's: Conv2d, Linear, ConvTranspose2d, AvgPool2d, Conv1d, Conv3d.
     """
     check_outputs({"config_defination": config_defination}, {"config_file": config_file})
-    as_args(input_data)
-    traced = trace_model(_eval_copy(model, share_weights=True), input_data)
+    args = as_args(input_data)
+    work = _eval_copy(model, share_weights=True)
+    key = fingerprint(model, args)  # the state this export is of, for quantize_model to reuse it
+    traced = trace_model(work, input_data, on_export=lambda raw: CACHE.remember(model, key, raw))
     write_quant_config(config_file, prepare(traced, model), skip_layers=skip_layers, batch_num=batch_num,
                        activation_offset=activation_offset, config_defination=config_defination)
 
@@ -122,7 +125,9 @@ def prepare_quantization(config: QuantConfig, config_file, modified_onnx_model, 
     ``config_for(prepared)``, when given, turns the prepared model into the config the modified model is planned
     with (automatic NUQ: every layer that can take it calibrates NUQ's statistics)."""
     work = _eval_copy(model, share_weights=True)
-    traced = trace_model(work, input_data, **export)
+    # create_quant_config's export of the same model in the same state, if any (dropped here in any case)
+    reuse = CACHE.take(model, fingerprint(model, as_args(input_data))) if CACHE.holds(model) else None
+    traced = trace_model(work, input_data, reuse=reuse, **export)
     if config.globals.do_fusion:
         skip = set(config.globals.skip_fusion_layers)
         pairs = {c: b for c, b in traced.batchnorm_after.items() if c not in skip}
