@@ -163,3 +163,38 @@ def test_reused_export_calibrates_like_the_model(tmp_path, exports):
     assert len(exports) == 1
     with torch.no_grad():
         np.testing.assert_allclose(cal(x).numpy(), model(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_work_copy_shares_weights_only(tmp_path):
+    """The eval-mode work copy (a module-tree copy, not deepcopy) shares the parameters and nothing the
+    quantization changes: folding, hooks and buffers on the copy leave the user's model as it was."""
+    from omct.pytorch.api import _eval_copy
+    from omct.pytorch.fold import fold_conv_bn
+
+    model, x = _net(), torch.randn(2, 3, 8, 8)
+    model.shared = model.head  # one submodule at two places stays one module in the copy
+    with torch.no_grad():
+        expected = model(x).clone()
+    work = _eval_copy(model, share_weights=True)
+    assert work.conv.weight is model.conv.weight and work.bn.running_var is not model.bn.running_var
+    assert work.shared is work.head and work.head is not model.head
+    work.head.register_forward_hook(lambda _m, _i, out: out * 0)
+    assert fold_conv_bn(work, {"conv": "bn"}) == ["conv"]
+    with torch.no_grad():
+        np.testing.assert_array_equal(model(x).numpy(), expected.numpy())
+    assert isinstance(model.bn, nn.BatchNorm2d) and not model.head._forward_hooks
+
+
+def test_parametrized_model_is_not_tree_copied():
+    """A module with its own pickling (torch.nn.utils.parametrize) is not tree-copied."""
+    from torch.nn.utils import parametrize
+
+    from omct.pytorch.api import _plain_tree
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return w * 2.0
+
+    model = _net()
+    parametrize.register_parametrization(model.head, "weight", Double())
+    assert not _plain_tree(model) and _plain_tree(_net())

@@ -21,9 +21,11 @@ What ``forward()`` reads outside the module and its inputs (global variables) is
 from __future__ import annotations
 
 import enum
+import gc
 import threading
 import weakref
 import zlib
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -32,7 +34,15 @@ from torch import nn
 from omct.pytorch.trace import RawExport
 
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size, enum.Enum)
+_NUMPY_DTYPES = frozenset({torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.int16,
+                           torch.int8, torch.uint8, torch.bool})
+_EXACT = frozenset({type(None), bool, int, float, str})
 _MAX_DEPTH = 4
+#: nn.Module state that a forward pass never reads (backward and state_dict hooks, the child modules, which are
+#: walked one by one)
+_NOT_TRACED = frozenset({"_backward_hooks", "_backward_pre_hooks", "_is_full_backward_hook", "_state_dict_hooks",
+                         "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+                         "_non_persistent_buffers_set", "_modules"})
 
 
 class _Unhashable(Exception):
@@ -44,12 +54,15 @@ def _tensor_key(t: torch.Tensor) -> tuple:
         raise _Unhashable
     try:
         data = t.detach()
-        flat = data.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        if data.device.type == "cpu" and data.dtype in _NUMPY_DTYPES and data.is_contiguous():
+            flat = data.numpy()  # no copy, and fewer torch calls: there are hundreds of small tensors
+        else:
+            flat = data.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
         version = t._version  # an inference-mode tensor has none
     except (RuntimeError, TypeError) as e:
         raise _Unhashable from e
-    return ("tensor", type(t), data.dtype, tuple(data.shape), tuple(data.stride()), data.storage_offset(),
-            str(data.device), t.requires_grad, version, zlib.crc32(flat))
+    return ("tensor", type(t), data.dtype, data.shape, data.stride(), data.storage_offset(), data.device,
+            t.requires_grad, version, zlib.crc32(flat))
 
 
 class _Fingerprint:
@@ -60,44 +73,58 @@ class _Fingerprint:
         self._tensors: dict[int, tuple] = {}
 
     def value(self, v: Any, depth: int = 0) -> Any:
+        kind = type(v)
+        if kind in _EXACT:  # the common case first: this walk is on the clock twice per quantization
+            return (kind, v)
+        if kind is dict or kind is OrderedDict:
+            if not v:
+                return kind
+            if depth < _MAX_DEPTH:
+                return (kind, tuple((self.value(k, depth + 1), self.value(x, depth + 1)) for k, x in v.items()))
         if isinstance(v, torch.Tensor):
             key = self._tensors.get(id(v))
             if key is None:
                 key = self._tensors[id(v)] = _tensor_key(v)  # by value: no weight is kept
             return key
         if isinstance(v, _PLAIN):
-            return (type(v), v)
+            return (kind, v)
         if isinstance(v, nn.Module):  # the module tree is walked on its own: here only what sits where
-            return ("module", type(v))
+            return ("module", kind)
         if depth < _MAX_DEPTH:
             if isinstance(v, tuple | list | set | frozenset):
                 items = sorted(v, key=repr) if isinstance(v, set | frozenset) else v
-                return (type(v), tuple(self.value(x, depth + 1) for x in items))
+                return (kind, tuple(self.value(x, depth + 1) for x in items))
             if isinstance(v, dict):
-                return (type(v), tuple((self.value(k, depth + 1), self.value(x, depth + 1)) for k, x in v.items()))
+                return (kind, tuple((self.value(k, depth + 1), self.value(x, depth + 1)) for k, x in v.items()))
             fields = getattr(v, "__dict__", None)
             if isinstance(fields, dict) and not callable(v):  # a config object: its fields
                 self.keep.append(v)
-                return ("object", type(v), id(v), self.value(fields, depth + 1))
+                return ("object", kind, id(v), self.value(fields, depth + 1))
         self.keep.append(v)  # compared by identity: kept alive, so that its id is not reused
-        return ("object", type(v), id(v))
+        return ("object", kind, id(v))
 
     def module(self, model: nn.Module) -> tuple:
         glob = nn.modules.module
         parts: list[Any] = [tuple(getattr(glob, h, {}).keys()) for h in
                             ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_module_registration_hooks")]
         for name, m in model.named_modules(remove_duplicate=False):
-            parts.append((name, type(m), type(m).forward, self.value(vars(m))))
+            state = tuple((k, self.value(v, 1)) for k, v in vars(m).items() if k not in _NOT_TRACED)
+            parts.append((name, type(m), type(m).forward, state))
         return tuple(parts)
 
 
 def fingerprint(model: nn.Module, args: tuple) -> tuple[tuple, list[Any]] | None:
     """What the export of ``model(*args)`` depends on, and the objects it holds; None when it cannot be known."""
     fp = _Fingerprint()
+    collecting = gc.isenabled()
+    gc.disable()  # the walk builds many small tuples: collections would scan the whole heap again and again
     try:
         key = (fp.module(model), fp.value(args))
     except _Unhashable:
         return None
+    finally:
+        if collecting:
+            gc.enable()
     return key, fp.keep
 
 
