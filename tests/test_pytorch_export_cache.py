@@ -198,3 +198,33 @@ def test_parametrized_model_is_not_tree_copied():
     model = _net()
     parametrize.register_parametrization(model.head, "weight", Double())
     assert not _plain_tree(model) and _plain_tree(_net())
+
+
+def _replica(kind: str):
+    import real_models
+
+    torch.manual_seed(0)
+    if kind == "bert":  # static shapes, names from forward(): AMCT's sequence without dynamic_axes
+        model = real_models.bert_mini(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=64, max_position_embeddings=16, num_labels=3)
+        ids = torch.randint(0, 300, (2, 16))
+        args = (ids, torch.ones_like(ids), torch.zeros_like(ids))
+        return model.eval(), args, {"input_names": ["input_ids", "attention_mask", "token_type_ids"],
+                                    "output_names": ["logits"]}
+    return real_models.efficientnet_lite(width_mult=0.25, head=64).eval(), (torch.randn(2, 3, 32, 32),), EXPORT
+
+
+@pytest.mark.parametrize("kind", ["efficientnet_lite", "bert"])
+def test_reused_trace_of_replicas_is_the_fresh_trace(kind, exports):
+    """On the benchmark's replicas (explicit Pad, a static-shape BERT): the traced graph derived from the config
+    export (inputs and outputs renamed, the symbolic dimensions the exporter names after them renamed, the
+    outputs' dynamic axes applied) is byte for byte the graph a fresh export gives."""
+    model, args, export = _replica(kind)
+    raw = []
+    trace.trace_model(model, args, on_export=raw.append)
+    reused = trace.trace_model(model, args, reuse=raw[0], **export)
+    assert len(exports) == 1
+    fresh = trace.trace_model(model, args, **export)
+    assert len(exports) == 2
+    assert reused.model.SerializeToString() == fresh.model.SerializeToString()
+    assert [s.name for s in reused.layers] == [s.name for s in fresh.layers]

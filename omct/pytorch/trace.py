@@ -262,12 +262,27 @@ class RawExport:
                     n.output[:] = [rename.get(x, x) for x in n.output]
                 for v in list(g.input) + list(g.output) + list(g.value_info):
                     v.name = rename.get(v.name, v.name)
+        # The exporter's shape inference names a symbolic dimension after the value it first appears on
+        # (``<op kind><value name>_dim_<axis>``, e.g. ``Mark301_dim_0``), so a renamed output renames its symbols;
+        # and an output's dynamic axis label replaces that axis' symbol wherever the symbol appears.
+        symbols = {}
+        for dim in _dims(graph):
+            head, sep, axis = dim.dim_param.rpartition("_dim_")
+            if sep and axis.isdigit():
+                for old, new in rename.items():
+                    if head.endswith(old) and head[:-len(old)].isalpha():
+                        symbols[dim.dim_param] = f"{head[:-len(old)]}{new}_dim_{axis}"
         for o, axes in zip(outputs, dyn_new[1], strict=False):
             dims = o.type.tensor_type.shape.dim
             for axis, label in axes.items():
-                if axis >= len(dims):
-                    return None
-                dims[axis].dim_param = label
+                if axis >= len(dims) or not dims[axis].dim_param:
+                    return None  # a static axis made dynamic: not derivable here
+                symbols[symbols.get(dims[axis].dim_param, dims[axis].dim_param)] = label
+        if symbols:
+            for dim in _dims(graph):
+                if dim.dim_param:
+                    first = symbols.get(dim.dim_param, dim.dim_param)
+                    dim.dim_param = symbols.get(first, first)
         return model
 
 
@@ -288,6 +303,14 @@ def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
         for a in n.attribute:
             for g in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
                 yield from _graphs(g)
+
+
+def _dims(graph: onnx.GraphProto) -> Iterator[onnx.TensorShapeProto.Dimension]:
+    """Every dimension of the typed values (inputs, outputs, value_info) of ``graph`` and its bodies."""
+    for g in _graphs(graph):
+        for v in list(g.input) + list(g.output) + list(g.value_info):
+            if v.type.HasField("tensor_type"):
+                yield from v.type.tensor_type.shape.dim
 
 
 def _names(graph: onnx.GraphProto) -> set[str]:
