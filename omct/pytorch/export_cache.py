@@ -132,7 +132,7 @@ class ExportCache:
     """One slot: the latest export of a user's module, until the next ``take`` or until the module dies."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: a collection inside a locked section may run _drop
         self._entry: tuple[weakref.ref, tuple, list[Any], RawExport] | None = None
 
     def clear(self) -> None:
