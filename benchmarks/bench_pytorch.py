@@ -79,7 +79,8 @@ def quantize(method: str, name: str, out: Path, batch_num: int, model=None, batc
 
         set_quiet()
         cfg = out.with_suffix(".cfg")
-        cfg.write_text(f"batch_num: {batch_num}\ncommon_config {{ {ptq.omct_method(method)}_quantize {{ }} }}\n")
+        nearest = "learned_rounding: false\n" if method.endswith("-nearest") else ""  # as bench_ptq.prepare_omct
+        cfg.write_text(f"batch_num: {batch_num}\n{nearest}common_config {{ {ptq.omct_method(method)}_quantize {{ }} }}\n")
         amct.create_quant_config(str(out) + ".json", model, example, config_defination=str(cfg))
         cal = amct.quantize_model(str(out) + ".json", str(out) + "_mod.onnx", str(out) + "_record.txt", model, example,
                                   **export)

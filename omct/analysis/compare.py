@@ -33,7 +33,7 @@ from omct.graph.metadata import FUSION as FUSION_KEY
 from omct.graph.metadata import LAYERS as LAYERS_KEY
 from omct.graph.model_io import load_model, session_input
 from omct.graph.normalize import fold_batchnorm, normalize
-from omct.graph.subgraphs import all_graphs
+from omct.graph.subgraphs import all_graphs, carried_values, carry_out, local_names, locate, scope_of
 from omct.ui import Progress, logger
 
 _PROBE = "#isolated"
@@ -73,6 +73,7 @@ class AnalysisReport:
     batches: int
     samples: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # layer -> (float, quantized)
     outputs: dict[str, ErrorStats] = field(default_factory=dict)  # model output -> float vs quantized (float outputs)
+    not_compared: dict[str, str] = field(default_factory=dict)  # quantized layer -> why it could not be compared
 
     def flagged(self) -> list[LayerError]:
         """Layers whose accumulated cosine is below the threshold, the ones whose own error is worst first."""
@@ -97,7 +98,8 @@ class AnalysisReport:
         outputs = {n: {"cosine": e.cosine, "sqnr_db": e.sqnr_db, "max_abs_error": e.max_abs} for n, e in self.outputs.items()}
         return {"threshold": self.threshold, "batches": self.batches, "outputs": outputs,
                 "layers": [e.row() for e in self.layers],
-                "flagged": [e.layer for e in self.flagged()], "suggested_skip_layers": self.suggested_skip_layers()}
+                "flagged": [e.layer for e in self.flagged()], "suggested_skip_layers": self.suggested_skip_layers(),
+                "not_compared": dict(self.not_compared)}
 
 
 def _as_model(model: str | os.PathLike | onnx.ModelProto, what: str) -> onnx.ModelProto:
@@ -112,17 +114,35 @@ def _layer_list(quant: onnx.ModelProto, path_desc: str) -> tuple[list[dict], dic
     return json.loads(meta[LAYERS_KEY]), json.loads(meta.get(FUSION_KEY, '{"do_fusion": true, "skip_fusion_layers": []}'))
 
 
-class _Probe:
-    """Copies of the quantized model's layer nodes (and what feeds them) into the float graph."""
+Scope = tuple[onnx.GraphProto, tuple[onnx.GraphProto, ...]]  # a graph and the graphs around it, outermost first
 
-    def __init__(self, float_model: onnx.ModelProto, quant: onnx.ModelProto):
-        self.graph = float_model.graph
-        self.float_nodes = {n.name: n for n in self.graph.node}
-        self.float_names = {o for n in self.graph.node for o in n.output} | {i.name for i in self.graph.input}
-        self.float_names |= {t.name for t in self.graph.initializer}
-        self.q_producer = {o: (n, k) for n in quant.graph.node for k, o in enumerate(n.output)}
-        self.q_inits = {t.name: t for t in quant.graph.initializer}
-        self.q_inputs = {i.name for i in quant.graph.input}
+
+def _scopes_of_nodes(model: onnx.ModelProto) -> tuple[dict[str, Scope], dict[str, str]]:
+    """Node name -> the graph holding it and its enclosing graphs, and -> the body it is in (``blk/then``; ''
+    at the top level)."""
+    where, graph_of = locate(model)
+    scopes: dict[str, Scope] = {}
+    labels: dict[str, str] = {}
+    for graph in all_graphs(model.graph):
+        for node in graph.node:
+            path = where.get(node.output[0], ()) if node.output and graph is not model.graph else ()
+            scopes[node.name] = (graph, (model.graph, *(step[2] for step in path[:-1])) if path else ())
+            labels[node.name] = scope_of(path)
+    return scopes, labels
+
+
+class _Probe:
+    """Copies of the quantized model's layer nodes (and what feeds them) into the float graph, or into the float
+    model's body that holds the layer (``scope``: reads from enclosing graphs resolve there too)."""
+
+    def __init__(self, float_scope: Scope, quant_scope: Scope):
+        self.graph = float_scope[0]
+        f_graphs, q_graphs = (*float_scope[1], float_scope[0]), (*quant_scope[1], quant_scope[0])
+        self.float_nodes = {n.name: n for g in f_graphs for n in g.node}
+        self.float_names = set().union(*(local_names(g) for g in f_graphs))
+        self.q_producer = {o: (n, k) for g in q_graphs for n in g.node for k, o in enumerate(n.output)}
+        self.q_inits = {t.name: t for g in q_graphs for t in g.initializer}
+        self.q_inputs = {i.name for g in q_graphs for i in g.input}
         self.copied: dict[str, str] = {}
 
     def resolve(self, tensor: str, suffix: str) -> str:
@@ -175,6 +195,25 @@ def _with_outputs(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelP
     return model
 
 
+def _expose(model: onnx.ModelProto, tensors: list[str]):
+    """Make ``tensors`` outputs of ``model`` (in place): top-level ones directly, those inside control-flow bodies
+    carried out (``subgraphs.carry_out``, as calibration observes them). Returns a function from a run's outputs
+    (name -> value) to the tensors' values; a tensor of a branch no input took, or of a loop that ran no
+    iteration, is left out; loop iterations are stacked along the batch axis."""
+    where, _ = locate(model)
+    inner = [t for t in dict.fromkeys(tensors) if t in where]
+    carried, _ = carry_out(model, inner)
+    top = [t for t in dict.fromkeys(tensors) if t not in where]
+    _with_outputs(model, top)
+
+    def values(out: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        got = {t: out[t] for t in top}
+        got.update(carried_values(carried, out))
+        return got
+
+    return values
+
+
 def _session(model: onnx.ModelProto):
     import onnxruntime as ort
 
@@ -210,31 +249,38 @@ def analyze(float_model: str | os.PathLike | onnx.ModelProto, quant_model: str |
     if fusion.get("cross_layer_equalization"):  # the quantized model's weights were equalized: so is the reference
         equalize(base)
     model_outputs = [o.name for o in base.graph.output]  # before the probes' outputs are added
-    inside = {n.name for g in all_graphs(quant.graph) if g is not quant.graph for n in g.node}
-    if any(entry["name"] in inside for entry in layers):  # probes are copies of top-level nodes
-        skipped = [entry["name"] for entry in layers if entry["name"] in inside]
-        logger.info("not compared: %d quantized layer(s) inside control-flow bodies (e.g. '%s'); analyze probes "
-                    "top-level layers only", len(skipped), skipped[0])
-        layers = [entry for entry in layers if entry["name"] not in inside]
-    q_nodes = {n.name: n for n in quant.graph.node}
-    f_nodes = {n.name: n for n in base.graph.node}
+    q_nodes = {n.name: n for g in all_graphs(quant.graph) for n in g.node}
+    f_nodes = {n.name: n for g in all_graphs(base.graph) for n in g.node}
     missing = [entry["name"] for entry in layers if entry["name"] not in f_nodes or entry["name"] not in q_nodes]
     if missing:
         raise ModelError(f"layer '{missing[0]}' of the quantized model is not in the float model: pass the float model "
                          "that was quantized")
-    probe = _Probe(base, quant)
-    entries = []
+    # Each probe goes into the graph that holds its float layer: a layer inside an If / Loop / Scan body is probed
+    # inside that body, and the tensors compared are carried out of the bodies as calibration carries them.
+    (f_scopes, f_labels), (q_scopes, _) = _scopes_of_nodes(base), _scopes_of_nodes(quant)
+    probes: dict[int, _Probe] = {}
+    entries, inputs, not_compared = [], {}, {}
     for entry in layers:
         name = entry["name"]
+        f_scope = f_scopes[name]
+        probe = probes.setdefault(id(f_scope[0]), _Probe(f_scope, q_scopes[name]))
+        try:
+            probe_out = probe.copy_node(q_nodes[name], _PROBE + name)[0]
+        except ModelError as e:
+            if not f_scope[1]:
+                raise
+            not_compared[name] = f"its quantized inputs cannot be copied into its body ({e})"
+            continue
         compared = entry["output_site"] or q_nodes[name].output[0]
-        probe_out = probe.copy_node(q_nodes[name], _PROBE + name)[0]
         entries.append((name, entry["op_type"], compared, f_nodes[name].output[0], probe_out))
-    inputs = {entry["name"]: entry for entry in layers if entry.get("input") and entry["input"] in probe.float_names}
-    float_sess = _session(_with_outputs(base, [t for e in entries for t in (e[2], e[3], e[4])]
-                                        + [e["input"] for e in inputs.values()]))
+        if entry.get("input") and entry["input"] in probe.float_names:
+            inputs[name] = entry
+    float_values = _expose(base, [t for e in entries for t in (e[2], e[3], e[4])] + [e["input"] for e in inputs.values()])
+    float_sess = _session(base)
     quant_copy = onnx.ModelProto()
     quant_copy.CopyFrom(quant)
-    quant_sess = _session(_with_outputs(quant_copy, [e[2] for e in entries]))
+    quant_values = _expose(quant_copy, [e[2] for e in entries])
+    quant_sess = _session(quant_copy)
     f_names = [o.name for o in float_sess.get_outputs()]
     q_names = [o.name for o in quant_sess.get_outputs()]
     errors = [LayerError(n, op, t, ErrorStats(), ErrorStats(), inputs[n]["input_scale"] if n in inputs else None,
@@ -246,9 +292,12 @@ def analyze(float_model: str | os.PathLike | onnx.ModelProto, quant_model: str |
     bar = Progress("analysing", batch_count)
     try:
         for feeds in batches:
-            f_out = dict(zip(f_names, float_sess.run(None, dict(feeds)), strict=True))
-            q_out = dict(zip(q_names, quant_sess.run(None, dict(feeds)), strict=True))
+            f_run = dict(zip(f_names, float_sess.run(None, dict(feeds)), strict=True))
+            q_run = dict(zip(q_names, quant_sess.run(None, dict(feeds)), strict=True))
+            f_out, q_out = {**f_run, **float_values(f_run)}, {**q_run, **quant_values(q_run)}
             for err, (_, _, tensor, raw, probe_t) in zip(errors, entries, strict=True):
+                if not all(t in f_out for t in (tensor, raw, probe_t)) or tensor not in q_out:
+                    continue  # a layer in a branch this batch did not take
                 err.accumulated.update(f_out[tensor], q_out[tensor])
                 err.isolated.update(f_out[raw], f_out[probe_t])
                 if err.input_range is not None:  # how much of the float input the quantization range cuts off
@@ -271,6 +320,12 @@ def analyze(float_model: str | os.PathLike | onnx.ModelProto, quant_model: str |
         bar.close()
     if count == 0:
         raise ModelError("no data to analyse: the batches were empty")
-    kept_samples = {k: (np.concatenate(v[0]), np.concatenate(v[1])) for k, v in samples.items()}
+    for err in errors:
+        if not err.accumulated.count:
+            not_compared[err.layer] = f"no batch ran '{f_labels[err.layer]}', the body it is in"
+    if not_compared:
+        logger.warning("not compared: %s", "; ".join(f"{n}: {r}" for n, r in not_compared.items()))
+    errors = [e for e in errors if e.layer not in not_compared]
+    kept_samples = {k: (np.concatenate(v[0]), np.concatenate(v[1])) for k, v in samples.items() if k not in not_compared}
     outputs = {n: e for n, e in outputs.items() if e.count}
-    return AnalysisReport(errors, threshold, count, kept_samples, outputs)
+    return AnalysisReport(errors, threshold, count, kept_samples, outputs, not_compared)

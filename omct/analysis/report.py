@@ -86,6 +86,8 @@ def _summary(report: AnalysisReport, worst: int = 3) -> str:
     elif flagged:
         items.append("<li>suggested <code>skip_layers</code>: none bad on its own (the flagged layers inherit error "
                      "from upstream; skipping them would not repair it)</li>")
+    for name, reason in report.not_compared.items():
+        items.append(f"<li>not compared: <code>{html.escape(name)}</code>: {html.escape(reason)}</li>")
     return (f'<div id="summary"><p>{len(report.layers)} quantized layers compared on {report.batches} batch(es).</p>'
             f"<ul>{''.join(items)}</ul></div>")
 

@@ -8,7 +8,8 @@
   C that broadcasts along the rows becomes a 1-D bias and any other constant C an Add after the Gemm, so that
   every Gemm is the plain ``A @ B' + bias`` that ONNX Runtime fuses into QGemm.
 * Unnamed nodes are named ``{op_type}_{index}``, duplicate names get ``_1``, ``_2`` ...: stable and unique.
-* Conv + BatchNormalization is folded (``do_fusion``), except for ``skip_fusion_layers``.
+* Conv + BatchNormalization is folded (``do_fusion``), except for ``skip_fusion_layers``; inside control-flow
+  bodies too, and so are the zero Pads below.
 * A constant zero Pad in front of Convs (TF "same" padding, EfficientNet-Lite) is folded into their ``pads``
   (ONNX frontend): ONNX Runtime runs Pad in float between DequantizeLinear and QuantizeLinear, which splits the
   integer chain, and its own Pad + Conv fusion does not apply to a quantized graph.
@@ -24,7 +25,7 @@ import onnx
 from onnx import numpy_helper, version_converter
 
 from omct.errors import ModelError
-from omct.graph.subgraphs import bodies, fresh_name, inner_first, taken_names, used_names
+from omct.graph.subgraphs import all_graphs, bodies, fresh_name, inner_first, node_reads, sub_graphs, taken_names, used_names
 from omct.graph.tensor_data import tensor_array
 
 MIN_OPSET = 13
@@ -258,19 +259,52 @@ def plain_gemms(model: onnx.ModelProto, report: NormalizeReport) -> None:
 
 
 def _links(graph: onnx.GraphProto) -> tuple[dict, dict[str, list[onnx.NodeProto]], dict[str, onnx.NodeProto], set[str]]:
-    """Initializers, readers and producer of each tensor, and the graph outputs: what the folding passes look up."""
+    """Initializers, readers and producer of each tensor, and the graph outputs: what the folding passes look up.
+    A control-flow node reads what its bodies read from outside (a tensor they read is not the folder's to move)."""
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
-        for name in node.input:
+        for name in node_reads(node):
             consumers.setdefault(name, []).append(node)
     return ({t.name: t for t in graph.initializer}, consumers, {o: n for n in graph.node for o in n.output},
             {o.name for o in graph.output})
 
 
+def _scopes(model: onnx.ModelProto) -> list[tuple[onnx.GraphProto, tuple[onnx.GraphProto, ...]]]:
+    """Every graph of ``model`` with its enclosing graphs (outermost first), inner graphs before their parents
+    (as ``inner_first``: a pass may rebuild a graph's node list, which copies the bodies in it)."""
+    found = []
+
+    def walk(graph: onnx.GraphProto, outer: tuple[onnx.GraphProto, ...]) -> None:
+        found.append((graph, outer))
+        for node in graph.node:
+            for sub in sub_graphs(node):
+                walk(sub, (*outer, graph))
+
+    walk(model.graph, ())
+    return found[::-1]
+
+
+def _visible_initializers(graph: onnx.GraphProto, outer: tuple[onnx.GraphProto, ...]) -> dict:
+    """The initializers ``graph`` can read: those of the graphs around it and its own (names are unique)."""
+    return {t.name: t for g in (*outer, graph) for t in g.initializer}
+
+
 def fold_batchnorm(model: onnx.ModelProto, skip: set[str], report: NormalizeReport) -> None:
-    """Fold BatchNormalization into the Conv that feeds it (in place) when the Conv feeds nothing else."""
-    graph = model.graph
-    inits, consumers, producers, graph_outputs = _links(graph)
+    """Fold BatchNormalization into the Conv that feeds it (in place) when the Conv feeds nothing else; inside
+    If / Loop / Scan bodies too (a body's weights may be initializers of an enclosing graph: the folded ones
+    are new initializers of the body, named uniquely in the whole model)."""
+    before, taken = len(report.folded), None
+    for graph, outer in _scopes(model):
+        if any(n.op_type == "BatchNormalization" for n in graph.node):
+            taken = taken_names(model) if taken is None else taken
+            _fold_batchnorm_in(graph, _visible_initializers(graph, outer), skip, report, taken)
+    if len(report.folded) > before:
+        _drop_unused_initializers(model)
+
+
+def _fold_batchnorm_in(graph: onnx.GraphProto, inits: dict, skip: set[str], report: NormalizeReport,
+                       taken: set[str]) -> None:
+    _, consumers, producers, graph_outputs = _links(graph)
     removed = set()
     for bn in list(graph.node):
         if bn.op_type != "BatchNormalization" or any(bn.output[1:]):
@@ -292,7 +326,7 @@ def fold_batchnorm(model: onnx.ModelProto, skip: set[str], report: NormalizeRepo
         factor = gamma / np.sqrt(var + eps)
         new_w = (w * factor.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32)
         new_b = ((b - mean) * factor + beta).astype(np.float32)
-        w_name, b_name = f"{conv.name}.weight_folded", f"{conv.name}.bias_folded"
+        w_name, b_name = fresh_name(taken, f"{conv.name}.weight_folded"), fresh_name(taken, f"{conv.name}.bias_folded")
         graph.initializer.extend([numpy_helper.from_array(new_w, w_name), numpy_helper.from_array(new_b, b_name)])
         data_input = conv.input[0]
         del conv.input[:]
@@ -301,10 +335,7 @@ def fold_batchnorm(model: onnx.ModelProto, skip: set[str], report: NormalizeRepo
         removed.add(id(bn))
         report.folded.append((conv.name, bn.name))
     if removed:
-        keep = [n for n in graph.node if id(n) not in removed]
-        del graph.node[:]
-        graph.node.extend(keep)
-        _drop_unused_initializers(model)
+        _keep_nodes(graph, [n for n in graph.node if id(n) not in removed])
 
 
 def _constant(name: str, inits: dict, producers: dict, limit: int = 32) -> tuple[np.ndarray, list] | None:
@@ -362,9 +393,18 @@ def _zero_spatial_pads(pad: onnx.NodeProto, inits: dict, producers: dict) -> tup
 
 
 def fold_pads(model: onnx.ModelProto, report: NormalizeReport) -> None:
-    """Fold a constant zero Pad into the Convs that read it (in place): Conv's own ``pads`` say the same."""
-    graph = model.graph
-    inits, consumers, producers, graph_outputs = _links(graph)
+    """Fold a constant zero Pad into the Convs that read it (in place): Conv's own ``pads`` say the same. Inside
+    If / Loop / Scan bodies too (pads computed from initializers of an enclosing graph included)."""
+    before = len(report.pads_folded)
+    for graph, outer in _scopes(model):
+        if any(n.op_type == "Pad" for n in graph.node):
+            _fold_pads_in(graph, _visible_initializers(graph, outer), report)
+    if len(report.pads_folded) > before:
+        _drop_unused_initializers(model)
+
+
+def _fold_pads_in(graph: onnx.GraphProto, inits: dict, report: NormalizeReport) -> None:
+    _, consumers, producers, graph_outputs = _links(graph)
     removed, computing = set(), []
     for pad in graph.node:
         if pad.op_type != "Pad" or pad.domain not in ("", "ai.onnx") or pad.output[0] in graph_outputs:
@@ -389,24 +429,23 @@ def fold_pads(model: onnx.ModelProto, report: NormalizeReport) -> None:
         computing += found[1]
         report.pads_folded.append(pad.name)
     # the nodes that computed the folded pads, once nothing else reads them
-    used = {i for n in graph.node if id(n) not in removed for i in n.input} | graph_outputs
+    used = {i for n in graph.node if id(n) not in removed for i in node_reads(n)} | graph_outputs
     for node in reversed(computing):
         if id(node) not in removed and not any(o in used for o in node.output):
             removed.add(id(node))
-            used = {i for n in graph.node if id(n) not in removed for i in n.input} | graph_outputs
+            used = {i for n in graph.node if id(n) not in removed for i in node_reads(n)} | graph_outputs
     if removed:
-        keep = [n for n in graph.node if id(n) not in removed]
-        del graph.node[:]
-        graph.node.extend(keep)
-        _drop_unused_initializers(model)
+        _keep_nodes(graph, [n for n in graph.node if id(n) not in removed])
 
 
 def _drop_unused_initializers(model: onnx.ModelProto) -> None:
-    used = used_names(model.graph)  # reads inside control-flow bodies count
-    keep = [t for t in model.graph.initializer if t.name in used]
-    if len(keep) != len(model.graph.initializer):
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(keep)
+    """Remove the initializers nothing reads, in every graph (reads inside nested bodies count); in place:
+    ``extend`` would copy every weight kept."""
+    for graph in all_graphs(model.graph):
+        used = used_names(graph)
+        for i in reversed(range(len(graph.initializer))):
+            if graph.initializer[i].name not in used:
+                del graph.initializer[i]
 
 
 drop_unused_initializers = _drop_unused_initializers  # for the frontends that rewrite a graph (pytorch.trace)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 import io
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -178,7 +178,7 @@ def _torch_refusals(candidates: dict[str, nn.Module], calls: dict[str, int]) -> 
 
 
 def _export(model: nn.Module, args: tuple, marked: dict[str, nn.Module], input_names, output_names,
-            dynamic_axes, calls: dict[str, int]) -> onnx.ModelProto:
+            dynamic_axes, calls: dict[str, int]) -> bytes:
     """Export with every ``marked`` module's output marked; ``calls`` counts how often each one ran (the export
     traces one forward pass: no separate pass to count them)."""
     def factory(name):
@@ -204,9 +204,118 @@ def _export(model: nn.Module, args: tuple, marked: dict[str, nn.Module], input_n
         raise error
     for w in caught:
         logger.debug("torch.onnx.export: %s", w.message)
-    model_proto = onnx.load_from_string(buf.getvalue())
-    constant_identities_to_initializers(model_proto)  # before mapping: a Linear's weight may come through one
-    return model_proto
+    return buf.getvalue()
+
+
+@dataclass
+class RawExport:
+    """What one ``torch.onnx.export`` of a module gave (the serialised graph with its Mark nodes and how often
+    each marked module ran) and the options it was given, so that the next trace of the same module in the
+    same state can use it instead of exporting again (``export_cache``)."""
+
+    data: bytes
+    calls: dict[str, int]
+    input_names: list[str] | None
+    output_names: list[str] | None
+    dynamic_axes: dict | None
+
+    def as_exported(self, input_names: list[str] | None, output_names: list[str] | None,
+                    dynamic_axes: dict | None) -> onnx.ModelProto | None:
+        """The graph an export with these options would give, or None when that cannot be derived from this one.
+
+        Input names reach the exporter's shape inference only through the dynamic axes they key, so inputs are
+        renamed when each keeps the same axes; output names and the outputs' dynamic axes are only written into
+        the graph's signature (``torch.onnx.export``'s serialisation), so outputs are renamed and their axes set.
+        """
+        dyn_old = _axes_by_position(self.input_names, self.output_names, self.dynamic_axes)
+        dyn_new = _axes_by_position(input_names, output_names, dynamic_axes)
+        if dyn_old is None or dyn_new is None or dyn_old[0] != dyn_new[0]:
+            return None
+        if input_names != self.input_names and (input_names is None or self.input_names is None):
+            return None
+        if output_names != self.output_names and (output_names is None or self.output_names is not None
+                                                  and output_names[:len(self.output_names)] != self.output_names):
+            return None
+        if any(dyn_old[1]) and dyn_old[1] != dyn_new[1]:
+            return None
+        model = onnx.load_from_string(self.data)
+        graph = model.graph
+        outputs = list(graph.output)
+        rename = {}
+        if input_names:
+            feeds = [i for i in graph.input if i.name not in {t.name for t in graph.initializer}]
+            if len(feeds) < len(input_names):
+                return None
+            rename.update({i.name: n for i, n in zip(feeds, input_names, strict=False)})
+        if output_names:
+            if len(outputs) < len(output_names) or len({o.name for o in outputs}) != len(outputs):
+                return None
+            rename.update({o.name: n for o, n in zip(outputs, output_names, strict=False)})
+        rename = {a: b for a, b in rename.items() if a != b}
+        if rename:
+            names = {n for g in _graphs(graph) for n in _names(g)}
+            if len(set(rename.values())) != len(rename) or (set(rename.values()) - set(rename)) & names:
+                return None  # a new name already taken by another tensor
+            for g in _graphs(graph):
+                for n in g.node:
+                    n.input[:] = [rename.get(x, x) for x in n.input]
+                    n.output[:] = [rename.get(x, x) for x in n.output]
+                for v in list(g.input) + list(g.output) + list(g.value_info):
+                    v.name = rename.get(v.name, v.name)
+        # The exporter's shape inference names a symbolic dimension after the value it first appears on
+        # (``<op kind><value name>_dim_<axis>``, e.g. ``Mark301_dim_0``), so a renamed output renames its symbols;
+        # and an output's dynamic axis label replaces that axis' symbol wherever the symbol appears.
+        symbols = {}
+        for dim in _dims(graph):
+            head, sep, axis = dim.dim_param.rpartition("_dim_")
+            if sep and axis.isdigit():
+                for old, new in rename.items():
+                    if head.endswith(old) and head[:-len(old)].isalpha():
+                        symbols[dim.dim_param] = f"{head[:-len(old)]}{new}_dim_{axis}"
+        for o, axes in zip(outputs, dyn_new[1], strict=False):
+            dims = o.type.tensor_type.shape.dim
+            for axis, label in axes.items():
+                if axis >= len(dims) or not dims[axis].dim_param:
+                    return None  # a static axis made dynamic: not derivable here
+                symbols[symbols.get(dims[axis].dim_param, dims[axis].dim_param)] = label
+        if symbols:
+            for dim in _dims(graph):
+                if dim.dim_param:
+                    first = symbols.get(dim.dim_param, dim.dim_param)
+                    dim.dim_param = symbols.get(first, first)
+        return model
+
+
+def _axes_by_position(input_names, output_names, dynamic_axes) -> tuple[list[dict], list[dict]] | None:
+    """``dynamic_axes`` as one {axis: label} per named input and per named output, in order; None when it
+    names anything else or uses the list form (whose labels the exporter derives from the names)."""
+    names = list(input_names or []) + list(output_names or [])
+    axes = dynamic_axes or {}
+    if any(k not in names or not isinstance(v, dict) for k, v in axes.items()):
+        return None
+    per = [{int(a): str(label) for a, label in axes.get(n, {}).items()} for n in names]
+    return per[:len(input_names or [])], per[len(input_names or []):]
+
+
+def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for n in graph.node:
+        for a in n.attribute:
+            for g in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+                yield from _graphs(g)
+
+
+def _dims(graph: onnx.GraphProto) -> Iterator[onnx.TensorShapeProto.Dimension]:
+    """Every dimension of the typed values (inputs, outputs, value_info) of ``graph`` and its bodies."""
+    for g in _graphs(graph):
+        for v in list(g.input) + list(g.output) + list(g.value_info):
+            if v.type.HasField("tensor_type"):
+                yield from v.type.tensor_type.shape.dim
+
+
+def _names(graph: onnx.GraphProto) -> set[str]:
+    return ({i.name for i in graph.input} | {t.name for t in graph.initializer} | {o.name for o in graph.output}
+            | {x for n in graph.node for x in list(n.input) + list(n.output)})
 
 
 def _layer_node(mark_input: str, producer: dict[str, onnx.NodeProto], initializers: set[str],
@@ -252,8 +361,12 @@ def _strip_marks(model: onnx.ModelProto) -> None:
     model.opset_import.extend(keep)
 
 
-def trace_model(model: nn.Module, input_data, input_names=None, output_names=None, dynamic_axes=None) -> TracedModel:
-    """Export ``model`` (already in the state to quantize, e.g. eval mode) and map modules to ONNX nodes."""
+def trace_model(model: nn.Module, input_data, input_names=None, output_names=None, dynamic_axes=None,
+                reuse: RawExport | None = None, on_export: Callable[[RawExport], None] | None = None) -> TracedModel:
+    """Export ``model`` (already in the state to quantize, e.g. eval mode) and map modules to ONNX nodes.
+
+    ``reuse``: an earlier export of the same module in the same state (``export_cache``), taken instead of
+    exporting again when these options' graph can be derived from it; ``on_export`` is given each new export."""
     args = as_args(input_data)
     if input_names is None:
         input_names = default_input_names(model, args)
@@ -264,7 +377,22 @@ def trace_model(model: nn.Module, input_data, input_names=None, output_names=Non
     # Every candidate is marked and counted during the export; a module that ran more than once (several
     # marks under one name) or never is refused below, and its marks are stripped like the others.
     calls = dict.fromkeys({**candidates, **batchnorms}, 0)
-    exported = _export(model, args, {**candidates, **batchnorms}, input_names, output_names, dynamic_axes, calls)
+    exported = None
+    if reuse is not None and reuse.calls.keys() == calls.keys():
+        exported = reuse.as_exported(input_names, output_names, dynamic_axes)
+        if exported is not None:
+            calls = dict(reuse.calls)
+            logger.debug("reusing the export of create_quant_config")
+    if exported is None:
+        data = _export(model, args, {**candidates, **batchnorms}, input_names, output_names, dynamic_axes, calls)
+        if on_export is not None:
+            on_export(RawExport(data, dict(calls), list(input_names) if input_names else input_names,
+                                list(output_names) if output_names else output_names,
+                                {k: dict(v) if isinstance(v, dict) else list(v) for k, v in dynamic_axes.items()}
+                                if dynamic_axes else dynamic_axes))
+        exported = onnx.load_from_string(data)
+        del data
+    constant_identities_to_initializers(exported)  # before mapping: a Linear's weight may come through one
     reasons = _torch_refusals(candidates, calls)
     initializers = {t.name for t in exported.graph.initializer}
     mark_inputs = {next(a.s.decode() for a in n.attribute if a.name == "name"): n.input[0]
