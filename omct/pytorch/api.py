@@ -163,6 +163,26 @@ def quantize_model(config_file: str | os.PathLike, modified_onnx_model: str | os
     return CalibrationModel(work, mod, str(record_file))
 
 
+def _float_in_this_export(config: QuantConfig, traced: TracedModel, prepared: PreparedModel) -> QuantConfig:
+    """``config`` without the layers it lists that this export cannot quantize, each named in a warning.
+
+    Why: AMCT's ``create_quant_config`` takes no ``dynamic_axes``, so its export may differ from
+    ``quantize_model``'s. A fully static export (``dynamic_axes={}``) makes BERT's position ids constants: the
+    position-embedding lookup becomes a constant the runtime folds, and the config lists a layer this graph
+    cannot quantize. Such a layer stays in float. Only a module of the model that this trace refused (with its
+    reason) is forgiven: any other unknown name (a typo) is still ``check_config_against_model``'s one-line
+    error."""
+    here = {s.name for s in prepared.layers}
+    dropped = {n: traced.reasons[n] for n in config.layers if n not in here and n in traced.reasons}
+    for name, why in dropped.items():
+        if config.layers[name].quant_enable:
+            logger.warning("config layer '%s' stays in float: in quantize_model's export %s (create_quant_config takes "
+                           "no dynamic_axes; another export may differ: a static shape folds constants)", name, why)
+    if not dropped:
+        return config
+    return QuantConfig(config.globals, {n: c for n, c in config.layers.items() if n not in dropped})
+
+
 def prepare_quantization(config: QuantConfig, config_file, modified_onnx_model, record_file, model: nn.Module, input_data,
                          config_for=None, **export) -> tuple[nn.Module, TracedModel, ModifiedModel]:
     """The eval-mode, BN-folded copy of ``model``, its traced ONNX graph, and the modified model written to disk.
@@ -189,6 +209,7 @@ def prepare_quantization(config: QuantConfig, config_file, modified_onnx_model, 
     prepared = prepare(traced, model)
     if config_for is not None:
         config = config_for(prepared)
+    config = _float_in_this_export(config, traced, prepared)
     # Under torch.distributed rank 0 writes the modified model and the pending record; the others read it back.
     mod = distributed.on_rank0(lambda: write_modified_model(config, config_file, prepared, modified_onnx_model, record_file))
     if mod is None:
