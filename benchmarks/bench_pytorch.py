@@ -67,6 +67,9 @@ def quantize(method: str, name: str, out: Path, batch_num: int, model=None, batc
         example = batches[0][0][:2]
         export = {"input_names": ["input"], "output_names": ["logits"],
                   "dynamic_axes": {"input": {0: "batch"}, "logits": {0: "batch"}}}
+    if method.endswith("-static"):  # quantize_model with every shape static (dynamic_axes={}; issue 17 item 2)
+        export = {**export, "dynamic_axes": {}}
+        method = method[: -len("-static")]
     deploy = Path(str(out) + "_deploy_model.onnx")
     if method.startswith("ort"):
         fp32 = Path(str(out) + "_fp32.onnx")
