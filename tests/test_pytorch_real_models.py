@@ -98,7 +98,9 @@ def _batch(tensors, start, size=BATCH):
     return tuple(t[start:start + size] for t in tensors)
 
 
-@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+# static: no dynamic_axes (the default keeps a dynamic batch axis, as create_quant_config's export does);
+# all_static: dynamic_axes={}, every shape static (BERT's position lookup then reads constant indices: float)
+@pytest.mark.parametrize("dynamic", [False, True, "all"], ids=["static", "dynamic", "all_static"])
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "bert"])
 def test_amct_call_sequence_on_real_models(name, dynamic, setups, tmp_path):
     model, train, test = setups(name)
@@ -107,9 +109,11 @@ def test_amct_call_sequence_on_real_models(name, dynamic, setups, tmp_path):
     before, flags, types = copy.deepcopy(model.state_dict()), _inplace_flags(model), [type(m) for m in model.modules()]
     input_data = _batch(train, 0)
     export = {"output_names": ["logits"]}
-    if dynamic:
+    if dynamic is True:
         axes = {n: {0: "batch", 1: "sequence"} if name == "bert" else {0: "batch"} for n in names}
         export["dynamic_axes"] = {**axes, "logits": {0: "batch"}}
+    elif dynamic == "all":
+        export["dynamic_axes"] = {}
     config, modified, record = tmp_path / "config.json", tmp_path / "modified.onnx", tmp_path / "record.txt"
     # AMCT's sequence, no input_names: the inputs take forward()'s argument names
     amct.create_quant_config(config_file=str(config), model=model, input_data=input_data, skip_layers=[],
@@ -137,10 +141,11 @@ def test_amct_call_sequence_on_real_models(name, dynamic, setups, tmp_path):
     assert "BatchNormalization" not in {n.op_type for n in onnx.load(modified).graph.node}  # every BN folded
     layers = read_record(record)
     # every Conv and Linear, and BERT's word- and position-embedding tables (weight-only; the export computes the
-    # position ids from the sequence length; the token-type table is too small)
+    # position ids from the sequence length, unless every shape is static; the token-type table is too small)
     tables = [k for k in layers if "embeddings" in k]
-    assert set(tables) == ({"bert.embeddings.word_embeddings", "bert.embeddings.position_embeddings"} if name == "bert"
-                           else set())
+    want_tables = {"bert.embeddings.word_embeddings"} | ({"bert.embeddings.position_embeddings"} if dynamic != "all"
+                                                         else set())
+    assert set(tables) == (want_tables if name == "bert" else set())
     modules = dict(model.named_modules())  # the rest: chain ops between them (Add, MaxPool, ...), by ONNX node name
     want_layers = sum(isinstance(m, nn.Conv2d | nn.Linear) for m in model.modules()) + len(tables)
     assert len([k for k in layers if k in modules]) == want_layers
@@ -156,7 +161,7 @@ def test_amct_call_sequence_on_real_models(name, dynamic, setups, tmp_path):
         assert _cosine(got_fake, want) > 0.99, _cosine(got_fake, want)
         assert _cosine(got_deploy, got_fake) > 0.999, _cosine(got_deploy, got_fake)
         assert (got_deploy.argmax(1) == want.argmax(1)).mean() >= 0.9
-    if dynamic:  # another batch size (and sequence length) runs in both saved models
+    if dynamic is True:  # another batch size (and sequence length) runs in both saved models
         x = tuple(t[:3, :SEQ // 2] if name == "bert" else t[:3] for t in test)
         feeds = {n: t.numpy() for n, t in zip(names, x, strict=True)}
         with torch.no_grad():
