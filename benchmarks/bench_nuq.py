@@ -49,7 +49,8 @@ from bench_ptq import (  # noqa: E402 - the shared benchmark helpers
 
 BATCH_NUM = 8
 #: the uniform rows each NUQ row is compared with (the same bits per weight)
-SAME_BITS = {"nuq16": "int4", "nuq32": "int5", "nuq16-pc": "int4", "nuq16-old": "int4", "nuq32-old": "int5"}
+SAME_BITS = [("nuq16", "int4"), ("nuq32", "int5"), ("nuq16", "int4-flips"), ("nuq32", "int5-flips"),
+             ("nuq16-pc", "int4"), ("nuq16-old", "int4"), ("nuq32-old", "int5")]
 #: real-size replicas: name -> (tests/real_models.py constructor, its arguments, training epochs)
 REAL = {"resnet18": ("resnet18", {"width": 64}, 3, "_w64"),
         "mobilenet_v2": ("mobilenet_v2", {"width_mult": 1.0}, 4, "_w100")}
@@ -127,7 +128,13 @@ CONFIGS = {
     "nuq16-pc": "nuq_config { nuq_quantize { num_steps: 16 num_of_iteration: 1 num_tables: 0 } }",
     "int5": "common_config { arq_quantize { quant_bits: 5 } }",
     "int4": "common_config { arq_quantize { quant_bits: 4 } }",
+    # uniform with the flip descent on every layer (the default's learned rounding skips costly layers:
+    # adaround.FLIP_COST_LIMIT, FLIP_MAX_D); ada_quantize has no quant_bits in a .cfg: set in config.json (FLIP_BITS)
+    "int5-flips": "",
+    "int4-flips": "",
 }
+#: the -flips methods' bits
+FLIP_BITS = {"int5-flips": 5, "int4-flips": 4}
 
 
 def quantize(b: Bench, method: str) -> Path:
@@ -137,6 +144,13 @@ def quantize(b: Bench, method: str) -> Path:
     cfg = Path(str(out) + ".cfg")
     cfg.write_text(f"batch_num: {BATCH_NUM}\n{CONFIGS[method]}\n")
     amct.create_quant_config(str(out) + ".json", str(b.src), config_defination=str(cfg))
+    if method in FLIP_BITS:
+        config = json.loads(Path(str(out) + ".json").read_text())
+        for layer in config.values():
+            if isinstance(layer, dict) and "weight_quant_params" in layer:
+                layer["weight_quant_params"].update(num_bits=FLIP_BITS[method], wts_algo="ada_quantize",
+                                                    solver="flips")
+        Path(str(out) + ".json").write_text(json.dumps(config, indent=1))
     amct.quantize_model(str(out) + ".json", str(b.src), str(out) + "_mod.onnx", str(out) + "_record.txt")
     sess = amct.CalibrationSession(str(out) + "_mod.onnx")
     for x in b.calib:
@@ -233,7 +247,7 @@ def main() -> None:
         judged = Judged(b)
         for method, path in paths.items():
             judged.add(method, path)
-        for m, base in SAME_BITS.items():
+        for m, base in SAME_BITS:
             if m in paths and base in paths:
                 comparisons.append({"model": name, "method": m, "base": base, **judged.versus(m, base)})
                 print(json.dumps(comparisons[-1]), file=sys.stderr)
