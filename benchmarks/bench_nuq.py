@@ -226,6 +226,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", default=[*MODELS, *REAL])
     ap.add_argument("--methods", nargs="*", default=["int8", "nuq32", "nuq16", "int5", "int4"], choices=list(CONFIGS))
     ap.add_argument("--append", action="store_true", help="append the table to the results as a dated section")
+    ap.add_argument("--cached", nargs="*", default=[], metavar="METHOD",
+                    help="reuse these methods' deploy files from an earlier run of the same code instead of quantizing")
     ap.add_argument("--no-auto", dest="auto", action="store_false", help="no automatic NUQ (never run on REAL)")
     args = ap.parse_args()
     set_quiet()
@@ -235,6 +237,10 @@ def main() -> None:
         fp32 = b.src
         paths, extra = {}, {}
         for method in args.methods:
+            cached = Path(f"{WORK / f'{b.name}_nuq_{method}'}_deploy_model.onnx")
+            if method in args.cached and cached.exists():  # an earlier run's file (no wall time)
+                paths[method], extra[method] = cached, {}
+                continue
             t = time.perf_counter()
             paths[method] = quantize(b, method)
             extra[method] = {"wall_s": time.perf_counter() - t}
