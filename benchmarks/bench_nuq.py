@@ -50,7 +50,7 @@ from bench_ptq import (  # noqa: E402 - the shared benchmark helpers
 BATCH_NUM = 8
 #: the uniform rows each NUQ row is compared with (the same bits per weight)
 SAME_BITS = [("nuq16", "int4"), ("nuq32", "int5"), ("nuq16", "int4-flips"), ("nuq32", "int5-flips"),
-             ("nuq16-pc", "int4"), ("nuq16-old", "int4"), ("nuq32-old", "int5")]
+             ("nuq16-rule", "int4"), ("nuq32-rule", "int5"), ("nuq16-pc", "int4"), ("nuq16-old", "int4"), ("nuq32-old", "int5")]
 #: real-size replicas: name -> (tests/real_models.py constructor, its arguments, training epochs)
 REAL = {"resnet18": ("resnet18", {"width": 64}, 3, "_w64"),
         "mobilenet_v2": ("mobilenet_v2", {"width_mult": 1.0}, 4, "_w100")}
@@ -126,6 +126,9 @@ CONFIGS = {
     "nuq16-old": "nuq_config { nuq_quantize { num_steps: 16 num_of_iteration: 1 output_aware: false num_tables: 0 } }",
     # output-aware, one table per output channel (what shared tables cost)
     "nuq16-pc": "nuq_config { nuq_quantize { num_steps: 16 num_of_iteration: 1 num_tables: 0 } }",
+    # the fixed rule for tables (nuq.effective_tables) instead of the allocation (before / after comparisons)
+    "nuq32-rule": "nuq_config { nuq_quantize { num_steps: 32 num_of_iteration: 1 allocate: false } }",
+    "nuq16-rule": "nuq_config { nuq_quantize { num_steps: 16 num_of_iteration: 1 allocate: false } }",
     "int5": "common_config { arq_quantize { quant_bits: 5 } }",
     "int4": "common_config { arq_quantize { quant_bits: 4 } }",
     # uniform with the flip descent on every layer (the default's learned rounding skips costly layers:
