@@ -4,6 +4,12 @@ uniform INT8, NUQ-32, NUQ-16, uniform INT5 and INT4 weights (the same bits per w
 reference; activations INT8 everywhere), and automatic NUQ at a 1-point accuracy budget. Reports accuracy, top-1
 agreement and logit SQNR against FP32, deploy file size vs FP32 and latency vs FP32 (ONNX Runtime, interleaved).
 
+Top-1 on 500 test digits moves by 0.2 points per image, and every method agrees with FP32 on almost all of them;
+so each NUQ row is also compared with uniform weights of the same bits (NUQ-16 with INT4, NUQ-32 with INT5) on
+bench_adaround's judged inputs: the 1000 lowest-FP32-margin blends of two test digits (its
+``low_margin_inputs``), top-1 agreement with FP32 and logit SQNR on them, with 95% bootstrap intervals of the
+paired differences and McNemar's exact test (its ``Paired``), and the same for top-1 on the plain test digits.
+
 Two sets of models: the small benchmark models of bench_ptq (width 32 ResNet, width 16 MobileNet, a 2-layer
 transformer; 0.07-0.3 M parameters, where per-layer overhead in the deploy file weighs), and real-size
 torchvision-layout replicas (tests/real_models.py: ResNet-18 at width 64, 11.2 M parameters; MobileNetV2 width
@@ -42,6 +48,9 @@ from bench_ptq import (  # noqa: E402 - the shared benchmark helpers
 )
 
 BATCH_NUM = 8
+#: the uniform rows each NUQ row is compared with (the same bits per weight)
+SAME_BITS = [("nuq16", "int4"), ("nuq32", "int5"), ("nuq16", "int4-flips"), ("nuq32", "int5-flips"),
+             ("nuq16-rule", "int4"), ("nuq32-rule", "int5"), ("nuq16-pc", "int4"), ("nuq16-old", "int4"), ("nuq32-old", "int5")]
 #: real-size replicas: name -> (tests/real_models.py constructor, its arguments, training epochs)
 REAL = {"resnet18": ("resnet18", {"width": 64}, 3, "_w64"),
         "mobilenet_v2": ("mobilenet_v2", {"width_mult": 1.0}, 4, "_w100")}
@@ -62,6 +71,39 @@ class Bench:
 
     def logits(self, path: Path) -> np.ndarray:
         return session(path).run(None, {"input": self.x})[0].astype(np.float64)
+
+    @functools.cached_property
+    def low_margin(self) -> np.ndarray:
+        """bench_adaround's judged inputs for this model: its lowest-margin blends of two test digits (cached
+        next to the model, keyed by the model file's time stamp)."""
+        cache = WORK / f"{self.name}_low_margin_{self.src.stat().st_mtime_ns}.npy"
+        if not cache.exists():
+            np.save(cache, bench_adaround.low_margin_inputs(self.src, self.x))
+        return np.load(cache)
+
+
+class Judged:
+    """Every method's top-1 on the plain test digits and its logits on the low-margin blends, paired
+    (bench_adaround.Paired: the same bootstrap resamples for every method, McNemar's exact test)."""
+
+    def __init__(self, b: Bench):
+        self.blends = bench_adaround.Paired(bench_adaround.logits(b.src, b.low_margin))
+        self.top1 = bench_adaround.Paired(np.eye(int(b.y.max()) + 1)[b.y])  # "agreement" with the labels = top-1
+        self.b = b
+
+    def add(self, method: str, path: Path) -> None:
+        self.blends.add(method, bench_adaround.logits(path, self.b.low_margin))
+        self.top1.add(method, self.b.logits(path))
+
+    def versus(self, m: str, base: str) -> dict:
+        """``m`` minus ``base``: top-1 and low-margin agreement (difference, 95% CI, McNemar p), low-margin SQNR
+        (difference, 95% CI), and each one's own value with its interval."""
+        return {"top1": self.top1.agree_diff(m, base), "agree": self.blends.agree_diff(m, base),
+                "sqnr": self.blends.sqnr_diff(m, base), "own_agree": (float(self.blends.agree[m].mean()),
+                                                                       *self.blends.agree_ci(m)),
+                "base_agree": (float(self.blends.agree[base].mean()), *self.blends.agree_ci(base)),
+                "own_sqnr": (self.blends.sqnr(m), *self.blends.sqnr_ci(m)),
+                "base_sqnr": (self.blends.sqnr(base), *self.blends.sqnr_ci(base))}
 
 
 def bench_model(name: str) -> Bench:
@@ -84,9 +126,18 @@ CONFIGS = {
     "nuq16-old": "nuq_config { nuq_quantize { num_steps: 16 num_of_iteration: 1 output_aware: false num_tables: 0 } }",
     # output-aware, one table per output channel (what shared tables cost)
     "nuq16-pc": "nuq_config { nuq_quantize { num_steps: 16 num_of_iteration: 1 num_tables: 0 } }",
+    # the fixed rule for tables (nuq.effective_tables) instead of the allocation (before / after comparisons)
+    "nuq32-rule": "nuq_config { nuq_quantize { num_steps: 32 num_of_iteration: 1 allocate: false } }",
+    "nuq16-rule": "nuq_config { nuq_quantize { num_steps: 16 num_of_iteration: 1 allocate: false } }",
     "int5": "common_config { arq_quantize { quant_bits: 5 } }",
     "int4": "common_config { arq_quantize { quant_bits: 4 } }",
+    # uniform with the flip descent on every layer (the default's learned rounding skips costly layers:
+    # adaround.FLIP_COST_LIMIT, FLIP_MAX_D); ada_quantize has no quant_bits in a .cfg: set in config.json (FLIP_BITS)
+    "int5-flips": "",
+    "int4-flips": "",
 }
+#: the -flips methods' bits
+FLIP_BITS = {"int5-flips": 5, "int4-flips": 4}
 
 
 def quantize(b: Bench, method: str) -> Path:
@@ -96,6 +147,13 @@ def quantize(b: Bench, method: str) -> Path:
     cfg = Path(str(out) + ".cfg")
     cfg.write_text(f"batch_num: {BATCH_NUM}\n{CONFIGS[method]}\n")
     amct.create_quant_config(str(out) + ".json", str(b.src), config_defination=str(cfg))
+    if method in FLIP_BITS:
+        config = json.loads(Path(str(out) + ".json").read_text())
+        for layer in config.values():
+            if isinstance(layer, dict) and "weight_quant_params" in layer:
+                layer["weight_quant_params"].update(num_bits=FLIP_BITS[method], wts_algo="ada_quantize",
+                                                    solver="flips")
+        Path(str(out) + ".json").write_text(json.dumps(config, indent=1))
     amct.quantize_model(str(out) + ".json", str(b.src), str(out) + "_mod.onnx", str(out) + "_record.txt")
     sess = amct.CalibrationSession(str(out) + "_mod.onnx")
     for x in b.calib:
@@ -171,15 +229,21 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", default=[*MODELS, *REAL])
     ap.add_argument("--methods", nargs="*", default=["int8", "nuq32", "nuq16", "int5", "int4"], choices=list(CONFIGS))
     ap.add_argument("--append", action="store_true", help="append the table to the results as a dated section")
+    ap.add_argument("--cached", nargs="*", default=[], metavar="METHOD",
+                    help="reuse these methods' deploy files from an earlier run of the same code instead of quantizing")
     ap.add_argument("--no-auto", dest="auto", action="store_false", help="no automatic NUQ (never run on REAL)")
     args = ap.parse_args()
     set_quiet()
-    rows = []
+    rows, comparisons = [], []
     for name in args.models:
         b = bench_model(name)
         fp32 = b.src
         paths, extra = {}, {}
         for method in args.methods:
+            cached = Path(f"{WORK / f'{b.name}_nuq_{method}'}_deploy_model.onnx")
+            if method in args.cached and cached.exists():  # an earlier run's file (no wall time)
+                paths[method], extra[method] = cached, {}
+                continue
             t = time.perf_counter()
             paths[method] = quantize(b, method)
             extra[method] = {"wall_s": time.perf_counter() - t}
@@ -189,6 +253,13 @@ def main() -> None:
         passes, runs = (3, 10) if name in REAL else (5, 40)
         lats = interleaved_latencies_ms([session(p) for p in [fp32, *paths.values()]], {"input": b.x[:16]}, passes, runs)
         top1 = b.ref.argmax(1)
+        judged = Judged(b)
+        for method, path in paths.items():
+            judged.add(method, path)
+        for m, base in SAME_BITS:
+            if m in paths and base in paths:
+                comparisons.append({"model": name, "method": m, "base": base, **judged.versus(m, base)})
+                print(json.dumps(comparisons[-1]), file=sys.stderr)
         rows.append({"model": name, "method": "fp32", "acc": float((top1 == b.y).mean()), "lat_ratio": 1.0,
                      "lat_ms": lats[0], "size_ratio": 1.0, "size_kb": fp32.stat().st_size / 1024,
                      "params_m": sum(int(np.prod(t.dims)) for t in onnx.load(fp32).graph.initializer) / 1e6})
@@ -225,7 +296,28 @@ def main() -> None:
                          (f"{r['evaluations']} eval_model calls (bound {r['bound']}); layers: "
                           + ", ".join(f"{v} {k}" for k, v in r["steps"].items() if v)) if "evaluations" in r
                          else f"{r['params_m']:.2f} M parameters" if "params_m" in r else ""])
+    if comparisons:
+        lines += ["", f"NUQ vs uniform weights of the same bits, paired on the same inputs: top-1 on the {len(b.y)} "
+                  f"plain test digits and, on the {bench_adaround.LOW_MARGIN} lowest-FP32-margin of "
+                  f"{bench_adaround.BLENDS} blends of two test digits (bench_adaround's), top-1 agreement with FP32 "
+                  "and logit SQNR; [a, b]: 95% bootstrap interval (2000 resamples), d: NUQ minus uniform with the "
+                  "paired interval, p: McNemar's exact test (two-sided).\n"]
+        lines += markdown_table(
+            ["model", "NUQ", "vs", "d top-1 (p)", "low-margin agreement NUQ", "uniform", "d agreement (p)",
+             "low-margin SQNR dB NUQ", "uniform", "d SQNR dB"], comparisons,
+            lambda c: [c["base"], _diff(c["top1"]), _ci(c["own_agree"]), _ci(c["base_agree"]), _diff(c["agree"]),
+                       _ci(c["own_sqnr"], 1), _ci(c["base_sqnr"], 1), _diff(c["sqnr"], 1)])
     write_results("nuq", lines, args.append)
+
+
+def _ci(v: tuple, digits: int = 3) -> str:
+    return f"{v[0]:.{digits}f} [{v[1]:.{digits}f}, {v[2]:.{digits}f}]"
+
+
+def _diff(v: tuple, digits: int = 3) -> str:
+    """A paired difference with its interval, and McNemar's p when there is one."""
+    text = f"{v[0]:+.{digits}f} [{v[1]:+.{digits}f}, {v[2]:+.{digits}f}]"
+    return text + (f" ({v[3]:.2g})" if len(v) > 3 else "")
 
 
 if __name__ == "__main__":

@@ -174,7 +174,7 @@ def test_deploy_with_shared_tables_and_flips_runs_integer_kernels(tmp_path, rng)
     model = _convs(tmp_path)
     x = rng.normal(size=(32, 3, 10, 10)).astype(np.float32)
     fake, deploy = _flow(tmp_path, model, "nuq_config { nuq_quantize { num_steps: 16 output_aware: true "
-                                          "num_tables: 8 } }", x, "q")
+                                          "num_tables: 8 allocate: false } }", x, "q")  # the fixed rule
     rec = read_record(tmp_path / "q_rec.txt")
     nuq_layers = [n for n, r in rec.items() if r.nuq_levels]
     assert len(nuq_layers) == 5 and any(rec[n].ada_flip for n in nuq_layers)  # the stem too: shared tables pay
@@ -196,6 +196,34 @@ def test_deploy_with_shared_tables_and_flips_runs_integer_kernels(tmp_path, rng)
         if node.op_type == "Conv":
             codes = fq[node.input[1]] / np.asarray(rec[node.name].scale_w, np.float32)[:, None, None, None]
             assert any(w.shape == codes.shape and np.array_equal(w, np.round(codes)) for w in int8), node.name
+
+
+def _weight_bytes(deploy) -> int:
+    """Bytes of the stored weights: packed indices, level tables, table numbers, INT8 weights."""
+    ends = (".weight_packed", ".weight_levels", ".weight_table", ".weight_quantized")
+    return sum(numpy_helper.to_array(t).nbytes for t in onnx.load(deploy).graph.initializer if t.name.endswith(ends))
+
+
+def test_allocation_stays_within_the_fixed_rules_bytes_and_lowers_the_error(tmp_path, rng):
+    """With ``allocate`` (default) the layers' stored weights take no more bytes than the fixed rule's, and the
+    model's output is at least as close to FP32 on the calibration inputs (the allocation's errors are measured on
+    them); the deploy model still reads exactly the fake-quant codes through the integer kernels."""
+    from omct.formats.record import read_record
+
+    model = _convs(tmp_path)
+    x = rng.normal(size=(32, 3, 10, 10)).astype(np.float32)
+    ref = ort_run(model, {"input": x})[0]
+    cfg = "nuq_config { nuq_quantize { num_steps: 16 num_tables: 8 allocate: %s } }"
+    fixed_fake, fixed = _flow(tmp_path, model, cfg % "false", x, "fixed")
+    fake, deploy = _flow(tmp_path, model, cfg % "true", x, "alloc")
+    assert _weight_bytes(deploy) <= _weight_bytes(fixed)
+    rec, fixed_rec = read_record(tmp_path / "alloc_rec.txt"), read_record(tmp_path / "fixed_rec.txt")
+    assert any(rec[n].nuq_levels != fixed_rec[n].nuq_levels for n in rec)  # it chose differently
+    err = {k: float(((ort_run(f, {"input": x})[0] - ref) ** 2).sum()) for k, f in (("fixed", fixed_fake), ("alloc", fake))}
+    assert err["alloc"] <= err["fixed"], err
+    assert_integer_kernels(deploy, tmp_path)
+    out_fake, out_deploy = ort_run(fake, {"input": x})[0], ort_run(deploy, {"input": x})[0]
+    np.testing.assert_allclose(out_deploy, out_fake, atol=0.01 * np.abs(out_fake).max())
 
 
 def test_inspect_names_nuq_on_depthwise_an_extension(tmp_path):

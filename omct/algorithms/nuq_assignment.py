@@ -10,7 +10,13 @@ diagonal, and the nearest levels, each as it is and polished by single flips (``
 with ``d`` inputs per output (Cin * kh * kw) and ``c`` output channels: three GPTQ runs and four flip descents
 (at most ``d`` steps of ``O(c d)`` each), ``O(c d^2 + d^3)`` flops each, and about 5 ``d^2`` float64 values
 at once (0.85 GB at d = 4608, ResNet-18's widest convolutions), one layer at a time. A grouped convolution has
-one ``H`` per group (depthwise 3x3: 9 x 9 per channel), fitted group by group."""
+one ``H`` per group (depthwise 3x3: 9 x 9 per channel), fitted group by group.
+
+Before that, with ``allocate`` (default), the layers' bytes are allocated (``allocate_layers``): each layer may
+keep one level table per output channel, share ``num_tables`` tables, or keep uniform INT8 weights; the choice is
+made for the whole model by ``core.nuq.allocate`` on each option's measured output error (relative to the layer's
+output power, on all sampled rows, nearest levels) and bytes, under the bytes the fixed rule
+(``nuq.effective_tables``) would take: the deploy file does not grow, the bytes go where they lower the error most."""
 
 from __future__ import annotations
 
@@ -18,8 +24,12 @@ import numpy as np
 
 from omct.algorithms.adaround import input_samples_point, layer_input_rows
 from omct.algorithms.base import Algorithm, RecordContext
+from omct.algorithms.weights import _importance_point
 from omct.core import gptq, nuq
+from omct.core.params import QuantParams
+from omct.core.weights import WEIGHT_QUANTIZERS
 from omct.graph.export import layer_float_weight
+from omct.ui import logger
 
 #: How far ``H`` is shrunk towards its diagonal in the candidates (``choose_flips``).
 SHRINK = (0.0, 0.5)
@@ -48,14 +58,93 @@ class NuqAssignment(Algorithm):
         return [input_samples_point(spec) for spec in _layers(plan, config)]
 
     def apply(self, ctx: RecordContext) -> None:
-        for spec in _layers(ctx.plan, ctx.config):
+        layers = [spec for spec in _layers(ctx.plan, ctx.config) if _usable(ctx, spec)]
+        allocate_layers(ctx, [spec for spec in layers if _options(ctx, spec).get("allocate", True)])
+        for spec in layers:
             rec, wp = ctx.records[spec.name], ctx.weight_params.get(spec.name)
             rows = layer_input_rows(ctx, spec)
-            if not rec.nuq_levels or wp is None or wp.axis is None or rows is None or len(rows) < 2:
-                continue  # kept uniform (NUQ would not make it smaller), or no input seen
+            if not rec.nuq_levels:
+                continue  # kept uniform INT8 by the allocation
             weight = layer_float_weight(ctx.weight_of(spec.weight).astype(np.float32), rec, spec)
             groups = spec.groups if spec.op_type == "Conv" else 1
             rec.ada_flip = choose_flips(weight, wp.scale, wp.axis, rec.nuq_levels, rows, groups)
+
+
+def _options(ctx: RecordContext, spec) -> dict:
+    return ctx.config.layers[spec.name].weight_quant_params.__pydantic_extra__
+
+
+def _usable(ctx: RecordContext, spec) -> bool:
+    """A NUQ layer (not kept uniform for being too small) whose inputs were seen."""
+    rec, wp = ctx.records[spec.name], ctx.weight_params.get(spec.name)
+    rows = layer_input_rows(ctx, spec)
+    return bool(rec.nuq_levels) and wp is not None and wp.axis is not None and rows is not None and len(rows) >= 2
+
+
+def _relative_error(weight: np.ndarray, codes: np.ndarray, scale: np.ndarray, axis: int, h: np.ndarray) -> float:
+    """``sum (W - Q) H (W - Q)^T / sum W H W^T`` (per group for a grouped convolution): the layer's output error
+    relative to its output power, comparable across layers."""
+    w = np.moveaxis(np.asarray(weight, np.float64), axis, 0).reshape(weight.shape[axis], -1)
+    q = np.moveaxis(np.asarray(codes, np.float64), axis, 0).reshape(w.shape) * \
+        np.asarray(scale, np.float64).reshape(-1, 1)
+    hs = h[None] if h.ndim == 2 else h
+    per = len(w) // len(hs)
+    err = power = 0.0
+    for g in range(len(hs)):
+        err += float(gptq.output_error(w[g * per:(g + 1) * per], q[g * per:(g + 1) * per], hs[g]).sum())
+        power += float(gptq.output_error(w[g * per:(g + 1) * per], 0 * w[g * per:(g + 1) * per], hs[g]).sum())
+    return err / power if power > 0 else err
+
+
+def allocate_layers(ctx: RecordContext, specs: list) -> None:
+    """Choose, for the whole model, how each NUQ layer of ``specs`` stores its weight: one level table per output
+    channel (``channel``), its ``num_tables`` shared tables (``shared``), or uniform INT8 (``int8``, where the
+    layer is so small or so sensitive that one byte per weight pays), so that the summed relative output error of
+    the layers is small under the bytes the fixed rule (``nuq.effective_tables``) gives them (``nuq.allocate``).
+    Updates the layers' records and weight parameters; the output-aware assignment then runs on the choice."""
+    if not specs:
+        return
+    choices, costs, errors, budget = [], [], [], 0
+    for spec in specs:
+        rec, wp, opts = ctx.records[spec.name], ctx.weight_params[spec.name], _options(ctx, spec)
+        weight = layer_float_weight(ctx.weight_of(spec.weight), rec, spec)  # as the weight algorithm fitted it
+        start = WEIGHT_QUANTIZERS["nuq_quantize"](weight, 8, wp.axis)
+        importance = ctx.stats[_importance_point(spec)].mean
+        options = nuq.fit_options(weight, start.scale, wp.axis, spec.weight_in_axis, opts["num_steps"],
+                                  opts["num_of_iteration"], importance, opts["num_tables"])
+        rows = layer_input_rows(ctx, spec)
+        h = _second_moment(rows, spec.groups if spec.op_type == "Conv" else 1)
+        kinds = {k: (scale, table, nuq.stored_table_bytes(weight.size, table))
+                 for k, (scale, table) in options.items()}
+        kinds["int8"] = (start.scale, None, weight.size)
+        err = {k: _relative_error(weight, start.quantize(weight) if t is None else
+                                  nuq.to_levels(weight, s, wp.axis, t), s, wp.axis, h)
+               for k, (s, t, _) in kinds.items()}
+        budget += nuq.stored_table_bytes(weight.size, nuq.level_table(rec.nuq_levels, weight.shape[wp.axis]))
+        choices.append((spec, start, kinds))
+        costs.append([b for _, _, b in kinds.values()])
+        errors.append(list(err.values()))
+        del h
+    picked = nuq.allocate(costs, errors, budget)
+    counts: dict[str, int] = {}
+    for (spec, start, kinds), i in zip(choices, picked, strict=True):
+        kind = list(kinds)[i]
+        counts[kind] = counts.get(kind, 0) + 1
+        scale, table, _ = kinds[kind]
+        rec, wp = ctx.records[spec.name], ctx.weight_params[spec.name]
+        if table is None:
+            rec.nuq_levels = []
+            wp = start
+        else:
+            rec.nuq_levels = [int(v) for v in np.ravel(table)]
+            wp = QuantParams(np.asarray(scale, np.float32), wp.offset, wp.num_bits, wp.axis)
+        ctx.weight_params[spec.name] = wp
+        rec.scale_w = [float(v) for v in np.ravel(wp.scale)]
+        rec.offset_w = [0] * len(rec.scale_w)
+        logger.debug("layer '%s': NUQ allocation chose %s", spec.name, kind)
+    used = sum(c[i] for c, i in zip(costs, picked, strict=True))
+    logger.info("NUQ allocation over %d layers: %s; weight bytes %d of the fixed rule's %d", len(specs),
+                ", ".join(f"{v} {k}" for k, v in sorted(counts.items())), used, budget)
 
 
 def _second_moment(rows: np.ndarray, groups: int) -> np.ndarray:

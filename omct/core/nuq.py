@@ -281,10 +281,70 @@ def fit(weight: np.ndarray, scale: np.ndarray, out_axis: int | None, in_axis: in
     INT4: 17.4 and 24.5), for ``num_steps`` bytes per channel. ``scale``: the uniform INT8 scales to start from
     (ARQ); ``importance``: the mean square of each input channel (on ``in_axis``), or None for equal weights.
     ``num_tables``: when positive and below the number of channels, the channels share that many distinct
-    tables (``share_tables``; the deploy file then stores each distinct row once)."""
+    tables (``share_tables``; the deploy file then stores each distinct row once) where ``effective_tables``
+    says so."""
+    w = np.asarray(weight)
+    channels = w.shape[out_axis] if out_axis is not None else 1
+    shared = effective_tables(w.size, num_steps, channels, num_tables)
+    options = fit_options(weight, scale, out_axis, in_axis, num_steps, num_of_iteration, importance,
+                          shared)
+    return options["shared" if shared else "channel"]
+
+
+#: Results of fit_options' stages by the digest of their inputs (the weight algorithm fits each layer and NUQ's
+#: allocation, ``algorithms.nuq_assignment``, asks again for the same layer's options): at most this many kept.
+_MEMO_SIZE = 2048
+_memo: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _digest(*parts) -> tuple:
+    """A key for the inputs: each array's dtype, shape and the hash of its bytes (in-process only)."""
+    key = []
+    for p in parts:
+        a = np.ascontiguousarray(p) if isinstance(p, np.ndarray) else None
+        key.append(repr(p) if a is None else (a.dtype.str, a.shape, hash(a.tobytes())))
+    return tuple(key)
+
+
+def _remembered(key: tuple, compute):
+    if key not in _memo:
+        if len(_memo) >= _MEMO_SIZE:
+            _memo.clear()
+        _memo[key] = compute()
+    return tuple(np.array(v, copy=True) for v in _memo[key])
+
+
+def fit_options(weight: np.ndarray, scale: np.ndarray, out_axis: int | None, in_axis: int | None, num_steps: int,
+                num_of_iteration: int = 1, importance: np.ndarray | None = None,
+                num_tables: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The ways ``fit`` can store one layer: ``"channel"``, one level table per output channel, and, when
+    ``num_tables`` is positive, below the number of channels and sharing makes the tables smaller,
+    ``"shared"``, the channels on ``num_tables`` shared tables (each: (scales, table), as ``fit`` returns).
+    Deterministic; each stage remembered by the digest of its inputs, so asking again for the same layer costs
+    nothing."""
     if num_steps not in ALLOWED_STEPS:
         raise ValueError(f"num_steps must be one of {', '.join(map(str, ALLOWED_STEPS))}, got {num_steps!r}")
     w = np.asarray(weight, np.float64)
+    rows = _rows(w, out_axis)
+    imp = _importance_rows(w.shape, out_axis, in_axis, importance)
+    base = _digest(np.asarray(weight), np.asarray(scale, np.float32), out_axis, in_axis, num_steps,
+                   num_of_iteration, None if importance is None else np.asarray(importance))
+    table, start = _remembered((base, "channel"), lambda: _channel_tables(
+        w, scale, out_axis, in_axis, num_steps, num_of_iteration, importance))
+    channels = table.shape[0]
+    out = {"channel": table}
+    if 0 < num_tables < channels and num_tables <= 256 and num_steps * num_tables + channels < num_steps * channels:
+        out["shared"] = _remembered((base, num_tables), lambda: (share_tables(
+            rows / start.astype(np.float64)[:, None], imp, table, num_tables),))[0]
+    final = {}
+    for k, t in out.items():
+        s = _half(_keep_norm(rows, imp, start, t))
+        final[k] = (s if out_axis is not None else s.reshape(()), t)
+    return final
+
+
+def _channel_tables(w, scale, out_axis, in_axis, num_steps, num_of_iteration, importance):
+    """One level table per channel and the scales it was fitted with (before ``_keep_norm``)."""
     rows = _rows(w, out_axis)
     imp = _importance_rows(w.shape, out_axis, in_axis, importance)
     scale = np.asarray(scale, np.float32).reshape(-1)
@@ -306,10 +366,58 @@ def fit(weight: np.ndarray, scale: np.ndarray, out_axis: int | None, in_axis: in
         better = err < best_err  # channels are independent: each keeps its best
         best_err = np.where(better, err, best_err)
         best_scale[better], best_table[better] = scale[better], table[better]
-    if effective_tables(w.size, num_steps, best_table.shape[0], num_tables):
-        best_table = share_tables(rows / best_scale.astype(np.float64)[:, None], imp, best_table, num_tables)
-    best_scale = _half(_keep_norm(rows, imp, best_scale, best_table))
-    return (best_scale if out_axis is not None else best_scale.reshape(())), best_table
+    return best_table, best_scale
+
+
+def allocate(costs: list, errors: list, budget: float, fill: bool = True) -> list[int]:
+    """For each layer the option (index into its ``costs`` / ``errors``) that makes the total error small with the
+    total cost at most ``budget``: greedy on each layer's lower convex hull of (cost, error), taking the steps that
+    lower the error most per unit of cost first (the Lagrangian solution of this knapsack: no choice of options
+    costing at most what the steps taken cost has a smaller total error), then, with ``fill``, any remaining step
+    that still fits, steepest first. Starts from each layer's cheapest option (the least error among equally cheap);
+    if even those exceed the budget, returns them. Deterministic: ties go to the earlier layer, then option."""
+    hulls = []
+    for c, e in zip(costs, errors, strict=True):
+        order = sorted(range(len(c)), key=lambda i: (c[i], e[i], i))
+        hull = [order[0]]
+        for i in order[1:]:
+            if e[i] >= e[hull[-1]]:
+                continue  # no cheaper way to this error or a lower one
+            while len(hull) >= 2:  # drop a point above the segment from its predecessor to this one
+                a, b = hull[-2], hull[-1]
+                if (e[a] - e[b]) * (c[i] - c[a]) <= (e[a] - e[i]) * (c[b] - c[a]):
+                    hull.pop()
+                else:
+                    break
+            hull.append(i)
+        hulls.append(hull)
+    at = [0] * len(hulls)  # position on each hull
+    total = sum(costs[n][h[0]] for n, h in enumerate(hulls))
+
+    def slope(n: int) -> float:
+        h, i = hulls[n], at[n]
+        a, b = h[i], h[i + 1]
+        return (errors[n][a] - errors[n][b]) / max(costs[n][b] - costs[n][a], 1e-300)
+
+    while True:
+        steps = [n for n in range(len(hulls)) if at[n] + 1 < len(hulls[n])]
+        if not steps:
+            break
+        n = max(steps, key=lambda k: (slope(k), -k))
+        extra = costs[n][hulls[n][at[n] + 1]] - costs[n][hulls[n][at[n]]]
+        if total + extra > budget:
+            break
+        total += extra
+        at[n] += 1
+    while fill:
+        steps = [n for n in range(len(hulls)) if at[n] + 1 < len(hulls[n])
+                 and total + costs[n][hulls[n][at[n] + 1]] - costs[n][hulls[n][at[n]]] <= budget]
+        if not steps:
+            break
+        n = max(steps, key=lambda k: (slope(k), -k))
+        total += costs[n][hulls[n][at[n] + 1]] - costs[n][hulls[n][at[n]]]
+        at[n] += 1
+    return [h[i] for h, i in zip(hulls, at, strict=True)]
 
 
 def share_tables(codes: np.ndarray, imp: np.ndarray, tables: np.ndarray, num_tables: int,
@@ -401,6 +509,17 @@ def unpack_indices(planes: np.ndarray, count: int) -> np.ndarray:
     """The inverse of ``pack_indices`` (numpy reference of what the deploy graph computes)."""
     bits = np.unpackbits(np.asarray(planes, np.uint8), axis=1)[:, :count].astype(np.int64)
     return (bits << np.arange(planes.shape[0])[:, None]).sum(0)
+
+
+def stored_table_bytes(count: int, table: np.ndarray) -> int:
+    """Bytes of ``count`` packed indices on ``table`` ([channels, num_steps]) in the deploy file: each distinct
+    row once and a byte per channel where that is smaller (and at most 256 rows), else every row
+    (``graph.export``'s rule, from the table itself)."""
+    table = np.asarray(table)
+    channels, steps = table.shape
+    distinct = len(np.unique(table, axis=0))
+    rows = steps * distinct + channels if distinct <= 256 and steps * distinct + channels < table.size else table.size
+    return index_bits(steps) * -(-count // 8) + rows
 
 
 def effective_tables(count: int, num_steps: int, channels: int, num_tables: int) -> int:

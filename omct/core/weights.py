@@ -80,12 +80,14 @@ class NUQOptions(AlgorithmOptions):
                                 "input second moment (omct)")
     num_tables: int = option(DEFAULT_TABLES, cfg=1001, ge=0, le=256, help="distinct level tables per layer, shared "
                              "by its channels (0: one per output channel; omct)")
+    allocate: bool = option(True, cfg=1002, help="spend the layers' table bytes where the measured output error "
+                            "drops most per byte, not by a fixed rule (needs output_aware; omct)")
     cfg = CfgPlacement("nuq_quantize", 1013, "NUQuantize", shared=(("channel_wise", 3), ("quant_bits", 10)))
 
 
 def nuq_uniform_start(weight: np.ndarray, num_bits: int = 8, axis: int | None = 0, num_steps: int = 32,
                       num_of_iteration: int = 1, output_aware: bool = True,
-                      num_tables: int = DEFAULT_TABLES) -> QuantParams:
+                      num_tables: int = DEFAULT_TABLES, allocate: bool = True) -> QuantParams:
     """NUQ's uniform stage (ARQ); the levels are chosen by the weight algorithm with the input statistics (and,
     ``output_aware``, the weights assigned to them by ``omct.algorithms.nuq_assignment``)."""
     return arq(weight, num_bits, axis)
