@@ -137,6 +137,107 @@ class InputSamples:
         self.batches += other.batches
 
 
+class InputGram:
+    """The second moments of a layer's input rows (dense inputs or conv patches), accumulated batch by batch:
+    what the default's learned rounding needs instead of the rows themselves.
+
+    Each batch contributes ``rows_per_batch`` of its rows (a seeded uniform draw, all of them when it has fewer):
+    their Gram matrix ``X' X`` (one float32 BLAS call per batch, per group the ``d x d`` block a grouped conv's
+    output reads; summed in float64), their column sums and how many of each column's values are nonzero (exact
+    zeros, from ReLU or padding, pass activation quantization unchanged). Memory is ``groups * d * d * 8`` bytes
+    whatever the number of batches (a 3 x 3 conv with 64 input channels: 2.7 MB); seeded by ``seed`` and the batch
+    count, so the same data gives the same moments."""
+
+    def __init__(self, window: Window | None, seed: int, groups: int = 1, rows_per_batch: int = 256,
+                 max_d: int | None = None):
+        self.window, self.seed, self.groups, self.rows_per_batch, self.max_d = window, seed, groups, rows_per_batch, max_d
+        self.gram: np.ndarray | None = None  # (groups, d, d) float64: the sum of x' x over the rows taken
+        self.sums: np.ndarray | None = None  # (groups, d) float64
+        self.nonzero: np.ndarray | None = None  # (groups, d) int64
+        self.n = 0  # rows taken
+        self.batches = 0
+
+    def update(self, values: np.ndarray) -> None:
+        x = np.asarray(values, np.float32)
+        rng = np.random.default_rng([self.seed, self.batches])
+        self.batches += 1
+        if self.window is None:
+            total, d = x.size // x.shape[-1], x.shape[-1]
+        else:
+            n, c, h, w = x.shape
+            oh, ow = _out_size(h, w, self.window)
+            total, d = n * oh * ow, c * self.window.kernel[0] * self.window.kernel[1]
+        if (self.max_d is not None and d > self.max_d) or total == 0 or d % self.groups:
+            return
+        g, dg = self.groups, d // self.groups
+        take = min(total, self.rows_per_batch)
+        picks = np.sort(rng.choice(total, size=take, replace=False)) if take < total else None
+        if self.window is None:
+            rows = x.reshape(-1, d) if picks is None else x.reshape(-1, d)[picks]
+        else:
+            rows = _patches(x, self.window, np.arange(total) if picks is None else picks)
+        if g == 1:  # x' x of one contiguous (take, d) block: a symmetric rank-k update (half a GEMM's flops)
+            rows = np.ascontiguousarray(rows)
+            gram = (rows.T @ rows)[None]
+        else:
+            grouped = rows.reshape(take, g, dg).transpose(1, 0, 2)  # (groups, take, dg)
+            gram = np.matmul(grouped.transpose(0, 2, 1), grouped)
+        if self.gram is None:
+            self.gram = np.zeros((g, dg, dg))
+            self.sums = np.zeros((g, dg))
+            self.nonzero = np.zeros((g, dg), np.int64)
+        self.gram += gram
+        self.sums += rows.sum(0, dtype=np.float64).reshape(g, dg)
+        self.nonzero += np.count_nonzero(rows, axis=0).reshape(g, dg)
+        self.n += take
+
+    def merge(self, other: InputGram) -> None:
+        """Join another process's moments of the same tensor (distributed calibration): sums add."""
+        if other.gram is None:
+            return
+        if self.gram is None:
+            self.gram, self.sums, self.nonzero = other.gram.copy(), other.sums.copy(), other.nonzero.copy()
+        else:
+            self.gram += other.gram
+            self.sums += other.sums
+            self.nonzero += other.nonzero
+        self.n += other.n
+        self.batches += other.batches
+
+    def terms(self, w: np.ndarray, center: np.ndarray | None = None, step: float | None = None,
+              divisor: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """``flip_descent``'s ``A`` (groups, d, d) and ``B`` (groups, out, d; None without ``step``) for weight
+        ``w`` (groups, out, d) from the accumulated moments, the rows taken as the deployed layer reads them:
+
+        * ``divisor`` (d,): each column divided by it (a ``dmq_balancer``-balanced layer);
+        * ``center`` (d,): minus it (what bias correction leaves to fit): ``(x - c)'(x - c) / N`` from the Gram
+          matrix, the column means and ``c``, exactly;
+        * ``step``: quantized per tensor with that step before the layer. The rounding error ``e`` of an
+          input value is taken as independent of the value, uniform over a step (``step^2 / 12``), and zero where
+          the value is zero (exact zeros stay exact): with ``D`` the diagonal of those variances,
+          ``||(Wq - W) xq - W (x - xq)||^2 / N`` is ``delta (X'X / N + D) delta' + 2 W D delta'`` up to a
+          constant, so ``A = X'X / N + D`` and ``B = -W D``. The sampled rows' exact quantization error fits
+          the sample's own noise too; this is its expectation."""
+        g, dg = self.sums.shape
+        n = max(1, self.n)
+        a = self.gram / n
+        m = self.sums / n
+        if divisor is not None:
+            inv = 1.0 / np.asarray(divisor, np.float64).reshape(g, dg)
+            a = a * inv[:, :, None] * inv[:, None, :]
+            m = m * inv
+        if center is not None:
+            c = np.asarray(center, np.float64).reshape(g, dg)
+            a = a - m[:, :, None] * c[:, None, :] - c[:, :, None] * m[:, None, :] + c[:, :, None] * c[:, None, :]
+        lin = None
+        if step is not None:
+            var = (float(step) ** 2 / 12.0) * (self.nonzero / n)  # (groups, d)
+            idx = np.arange(dg)
+            a[:, idx, idx] += var
+            lin = (-np.asarray(w, np.float32) * var[:, None, :].astype(np.float32))
+        return a.astype(np.float32), lin
+
+
 def _out_size(h: int, w: int, win: Window) -> tuple[int, int]:
     (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw) = win.kernel, win.strides, win.pads, win.dilations
     return (h + pt + pb - dh * (kh - 1) - 1) // sh + 1, (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
@@ -147,13 +248,25 @@ def _patches(x: np.ndarray, win: Window, flat: np.ndarray) -> np.ndarray:
     n, c, h, w = x.shape
     (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw) = win.kernel, win.strides, win.pads, win.dilations
     oh, ow = _out_size(h, w, win)
-    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr))) if any(win.pads) else x
+    b, rest = np.divmod(flat, oh * ow)
+    r, q = np.divmod(rest, ow)
+    if n * oh * ow <= 4 * len(flat) * kh * kw:
+        # few positions, many rows: one channels-last copy of the (padded) map, then each patch is kh * kw
+        # contiguous runs of C values (the gather below reads C values one map apart instead)
+        xp = np.zeros((n, h + pt + pb, w + pl + pr, c), np.float32)
+        xp[:, pt:pt + h, pl:pl + w] = x.transpose(0, 2, 3, 1)
+        sn, sy, sx, sc = xp.strides
+        view = np.lib.stride_tricks.as_strided(xp, (n, oh, ow, kh, kw, c), (sn, sy * sh, sx * sw, sy * dh, sx * dw, sc),
+                                               writeable=False)
+        return view[b, r, q].transpose(0, 3, 1, 2).reshape(len(flat), c * kh * kw)
+    xp = x
+    if any(win.pads):
+        xp = np.zeros((n, c, h + pt + pb, w + pl + pr), np.float32)
+        xp[:, :, pt:pt + h, pl:pl + w] = x
     # a strided view (n, c, oh, ow, kh, kw) of every patch; gathering the picked (image, row, column) copies
     # whole (c, kh, kw) patches instead of indexing every value
     view = np.lib.stride_tricks.sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
     view = view[:, :, :oh * sh:sh, :ow * sw:sw, ::dh, ::dw]
-    b, rest = np.divmod(flat, oh * ow)
-    r, q = np.divmod(rest, ow)
     return view[b, :, r, q].reshape(len(flat), c * kh * kw)
 
 
@@ -257,6 +370,23 @@ def flip_search(codes: np.ndarray, w: np.ndarray, s: np.ndarray, gram: np.ndarra
     return np.where(final != sb * start, other, start).astype(np.float32)
 
 
+def _nearest_start(w: np.ndarray, s: np.ndarray, qmin: int, qmax: int) -> tuple[np.ndarray, int]:
+    """Round-to-nearest codes and the lowest code the learned rounding may use: symmetric weights (ARQ: max |w|
+    is qmax steps) keep off ``qmin``, as round-to-nearest does."""
+    nearest = np.clip(np.round(w / s), qmin, qmax)
+    return nearest, (-qmax if nearest.min() >= -qmax else qmin)
+
+
+def learn_rounding_from_terms(weight: np.ndarray, scale: np.ndarray, gram: np.ndarray, lin: np.ndarray | None,
+                              qmin: int, qmax: int) -> np.ndarray:
+    """Integer codes of ``weight`` (groups, out, d) by flip descent from round-to-nearest on the output error's
+    quadratic terms (``InputGram.terms``): the default's learned rounding, without the rows themselves."""
+    w = np.asarray(weight, np.float32)
+    s = np.broadcast_to(np.asarray(scale, np.float32), w.shape[:2] + (1,)).astype(np.float32)
+    nearest, qmin = _nearest_start(w, s, qmin, qmax)
+    return flip_search(nearest, w, s, gram, lin, qmin, qmax).astype(np.int64)
+
+
 def learn_rounding(weight: np.ndarray, scale: np.ndarray, rows: np.ndarray, qmin: int, qmax: int,
                    options: AdaRoundOptions | None = None, quantized_rows: np.ndarray | None = None,
                    center: np.ndarray | None = None) -> np.ndarray:
@@ -282,9 +412,7 @@ def learn_rounding(weight: np.ndarray, scale: np.ndarray, rows: np.ndarray, qmin
         x, xq = (x - c, x - c if xq is x else xq - c)
         xq = x if quantized_rows is None else xq
     n = x.shape[1]
-    nearest = np.clip(np.round(w / s), qmin, qmax)
-    if nearest.min() >= -qmax:  # symmetric weights (ARQ: max |w| is qmax steps) keep off qmin, as nearest does
-        qmin = -qmax
+    nearest, qmin = _nearest_start(w, s, qmin, qmax)
     if o.solver == "flips":
         gram, lin = output_error_terms(w, x, xq)
         return flip_search(nearest, w, s, gram, lin, qmin, qmax).astype(np.int64)
