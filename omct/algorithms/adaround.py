@@ -1,6 +1,8 @@
 """AdaRound (``wts_algo: ada_quantize``): each such layer's rounding learned from a bounded sample of its
 calibration inputs (``core.adaround.InputSamples``: at most 8 MiB per layer), stored in the record as the
-weights that round the other way than round-to-nearest (``ada_flip``)."""
+weights that round the other way than round-to-nearest (``ada_flip``). The default's learned rounding (flip
+descent on ARQ layers) keeps no sample: it reads the inputs' Gram matrix, accumulated during calibration
+(``core.adaround.InputGram``: ``groups * d * d`` float64 per layer)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,9 @@ with ``beta`` annealed from ``beta_range_start`` to ``beta_range_end`` after ``w
 The scale ``s`` is ARQ's (max |w| per output channel); only the rounding changes.
 
 Everything here is numpy: the layer inputs are rows (a dense layer's input vectors or a convolution's
-im2col patches) kept by ``InputSamples``, a bounded, seeded random subset of every row calibration saw.
+im2col patches) kept by ``InputSamples``, a bounded, seeded random subset of every row calibration saw, or,
+for the default's learned rounding (flip descent only), summarised by ``InputGram``: the rows' second moments
+accumulated batch by batch, the only thing the flip descent reads.
 """
 
 from __future__ import annotations
@@ -143,15 +145,15 @@ class InputGram:
 
     Each batch contributes ``rows_per_batch`` of its rows (a seeded uniform draw, all of them when it has fewer):
     their Gram matrix ``X' X`` (one float32 BLAS call per batch, per group the ``d x d`` block a grouped conv's
-    output reads; summed in float64), their column sums and how many of each column's values are nonzero (exact
-    zeros, from ReLU or padding, pass activation quantization unchanged). Memory is ``groups * d * d * 8`` bytes
-    whatever the number of batches (a 3 x 3 conv with 64 input channels: 2.7 MB); seeded by ``seed`` and the batch
+    output reads, summed in float32), their column sums and how many of each column's values are nonzero (exact
+    zeros, from ReLU or padding, pass activation quantization unchanged). Memory is ``groups * d * d * 4`` bytes
+    whatever the number of batches (a 3 x 3 conv with 64 input channels: 1.3 MB); seeded by ``seed`` and the batch
     count, so the same data gives the same moments."""
 
     def __init__(self, window: Window | None, seed: int, groups: int = 1, rows_per_batch: int = 256,
                  max_d: int | None = None):
         self.window, self.seed, self.groups, self.rows_per_batch, self.max_d = window, seed, groups, rows_per_batch, max_d
-        self.gram: np.ndarray | None = None  # (groups, d, d) float64: the sum of x' x over the rows taken
+        self.gram: np.ndarray | None = None  # (groups, d, d) float32: the sum of x' x over the rows taken
         self.sums: np.ndarray | None = None  # (groups, d) float64
         self.nonzero: np.ndarray | None = None  # (groups, d) int64
         self.n = 0  # rows taken
@@ -183,7 +185,7 @@ class InputGram:
             grouped = rows.reshape(take, g, dg).transpose(1, 0, 2)  # (groups, take, dg)
             gram = np.matmul(grouped.transpose(0, 2, 1), grouped)
         if self.gram is None:
-            self.gram = np.zeros((g, dg, dg))
+            self.gram = np.zeros((g, dg, dg), np.float32)
             self.sums = np.zeros((g, dg))
             self.nonzero = np.zeros((g, dg), np.int64)
         self.gram += gram
@@ -220,22 +222,24 @@ class InputGram:
           the sample's own noise too; this is its expectation."""
         g, dg = self.sums.shape
         n = max(1, self.n)
-        a = self.gram / n
-        m = self.sums / n
+        a = self.gram * np.float32(1 / n)  # float32 throughout: one (groups, d, d) array and one temporary
+        m = (self.sums / n).astype(np.float32)
         if divisor is not None:
-            inv = 1.0 / np.asarray(divisor, np.float64).reshape(g, dg)
-            a = a * inv[:, :, None] * inv[:, None, :]
-            m = m * inv
+            inv = (1.0 / np.asarray(divisor, np.float32)).reshape(g, dg)
+            a *= inv[:, :, None]
+            a *= inv[:, None, :]
+            m *= inv
         if center is not None:
-            c = np.asarray(center, np.float64).reshape(g, dg)
-            a = a - m[:, :, None] * c[:, None, :] - c[:, :, None] * m[:, None, :] + c[:, :, None] * c[:, None, :]
+            c = np.asarray(center, np.float32).reshape(g, dg)
+            a -= m[:, :, None] * c[:, None, :]
+            a -= c[:, :, None] * (m - c)[:, None, :]  # - c m' + c c'
         lin = None
         if step is not None:
-            var = (float(step) ** 2 / 12.0) * (self.nonzero / n)  # (groups, d)
+            var = ((float(step) ** 2 / 12.0) * (self.nonzero / n)).astype(np.float32)  # (groups, d)
             idx = np.arange(dg)
             a[:, idx, idx] += var
-            lin = (-np.asarray(w, np.float32) * var[:, None, :].astype(np.float32))
-        return a.astype(np.float32), lin
+            lin = -np.asarray(w, np.float32) * var[:, None, :]
+        return a, lin
 
 
 def _out_size(h: int, w: int, win: Window) -> tuple[int, int]:
@@ -486,8 +490,17 @@ def rounding_flips(weight: np.ndarray, params: QuantParams, codes: np.ndarray) -
 
 
 def apply_flips(weight: np.ndarray, params: QuantParams, gaps: list[int]) -> np.ndarray:
-    """Integer codes of ``weight``: round-to-nearest except at the gap-coded flat indices in ``gaps``."""
-    return apply_gaps(*_nearest_and_other(weight, params), gaps)
+    """Integer codes of ``weight``: round-to-nearest except at the gap-coded flat indices in ``gaps``, where the
+    other neighbour (as ``_nearest_and_other`` gives it) is computed for those values only."""
+    nearest = params.quantize(weight)
+    flat = _gap_indices(gaps, nearest.size)
+    s = np.broadcast_to(params._broadcast(params.scale.astype(np.float32), weight.ndim), weight.shape)
+    at = np.unravel_index(flat, weight.shape)
+    x = weight[at].astype(np.float32) / s[at]
+    other = np.clip(np.where(np.round(x) > x, np.floor(x), np.ceil(x)).astype(np.int64), params.qmin, params.qmax)
+    codes = nearest.reshape(-1)
+    codes[flat] = other
+    return codes.reshape(nearest.shape)
 
 
 def flip_gaps(nearest: np.ndarray, other: np.ndarray, codes: np.ndarray) -> list[int]:
@@ -498,12 +511,18 @@ def flip_gaps(nearest: np.ndarray, other: np.ndarray, codes: np.ndarray) -> list
     return np.diff(flat, prepend=0).astype(np.int64).tolist() if flat.size else []
 
 
+def _gap_indices(gaps: list[int], size: int) -> np.ndarray:
+    """The flat indices of gap-coded ``gaps``, checked against a weight of ``size`` values."""
+    flat = np.cumsum(np.asarray(gaps, np.int64))
+    if flat.size and (flat[-1] >= size or np.any(np.asarray(gaps[1:]) <= 0)):
+        raise ValueError(f"rounding flips index {int(flat[-1])} of a weight with {size} values, "
+                         "or are not increasing")
+    return flat
+
+
 def apply_gaps(nearest: np.ndarray, other: np.ndarray, gaps: list[int]) -> np.ndarray:
     """``nearest`` with ``other`` at the gap-coded flat indices in ``gaps`` (the inverse of ``flip_gaps``)."""
-    flat = np.cumsum(np.asarray(gaps, np.int64))
-    if flat.size and (flat[-1] >= nearest.size or np.any(np.asarray(gaps[1:]) <= 0)):
-        raise ValueError(f"rounding flips index {int(flat[-1])} of a weight with {nearest.size} values, "
-                         "or are not increasing")
+    flat = _gap_indices(gaps, nearest.size)
     codes = nearest.reshape(-1).copy()
     codes[flat] = other.reshape(-1)[flat]
     return codes.reshape(nearest.shape)
