@@ -56,12 +56,10 @@ def _cheap(spec) -> bool:
 
 
 def input_samples_point(spec, options: AdaRoundOptions | None = None) -> StatPoint:
-    """A bounded sample of the layer's input rows (dense inputs or conv patches), shared by every algorithm
-    that fits a layer to its inputs (AdaRound, the default's learned rounding, NUQ's output-aware assignment)."""
+    """A bounded sample of the layer's input rows (dense inputs or conv patches), shared by the algorithms that
+    fit a layer to its rows (AdaRound, NUQ's output-aware assignment; the default's learned rounding reads
+    ``input_gram_point`` instead)."""
     window = _window(spec)
-    if options is LEARNED_ROUNDING:  # the default's: no sample for long rows
-        return StatPoint(spec.input, ("input_samples", window, FLIP_MAX_D),
-                         lambda: InputSamples(window, layer_seed(f"{spec.input}{window}"), max_d=FLIP_MAX_D))
     return StatPoint(spec.input, ("input_samples", window),
                      lambda: InputSamples(window, layer_seed(f"{spec.input}{window}")))
 

@@ -18,6 +18,7 @@ accumulated batch by batch, the only thing the flip descent reads.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,10 +79,8 @@ class InputSamples:
     are a uniform sample of all rows seen. Seeded by ``seed`` and the batch count: the same data gives the
     same sample."""
 
-    def __init__(self, window: Window | None, seed: int, max_bytes: int = SAMPLE_BYTES, max_rows: int = MAX_ROWS,
-                 max_d: int | None = None):
+    def __init__(self, window: Window | None, seed: int, max_bytes: int = SAMPLE_BYTES, max_rows: int = MAX_ROWS):
         self.window, self.seed, self.max_bytes, self.max_rows = window, seed, max_bytes, max_rows
-        self.max_d = max_d  # rows longer than this are not kept at all (rows stays None)
         self.rows: np.ndarray | None = None
         self.seen = 0  # rows offered so far
         self.batches = 0
@@ -100,8 +99,6 @@ class InputSamples:
             n, c, h, w = x.shape
             oh, ow = _out_size(h, w, self.window)
             total, d = n * oh * ow, c * self.window.kernel[0] * self.window.kernel[1]
-        if self.max_d is not None and d > self.max_d:
-            return
         cap = self.capacity(d)
         keep = min(cap, self.seen + total)
         take = keep if self.seen == 0 else int(rng.hypergeometric(total, self.seen, keep))
@@ -147,8 +144,9 @@ class InputGram:
     their Gram matrix ``X' X`` (one float32 BLAS call per batch, per group the ``d x d`` block a grouped conv's
     output reads, summed in float32), their column sums and how many of each column's values are nonzero (exact
     zeros, from ReLU or padding, pass activation quantization unchanged). Memory is ``groups * d * d * 4`` bytes
-    whatever the number of batches (a 3 x 3 conv with 64 input channels: 1.3 MB); seeded by ``seed`` and the batch
-    count, so the same data gives the same moments."""
+    whatever the number of batches (a 3 x 3 conv with 64 input channels: 1.3 MB). A batch's draw is seeded by
+    ``seed`` and the batch's content, so the same data gives the same moments, and processes that calibrate on
+    parts of it merge to what one process gets (up to float32 summation order)."""
 
     def __init__(self, window: Window | None, seed: int, groups: int = 1, rows_per_batch: int = 256,
                  max_d: int | None = None):
@@ -161,7 +159,6 @@ class InputGram:
 
     def update(self, values: np.ndarray) -> None:
         x = np.asarray(values, np.float32)
-        rng = np.random.default_rng([self.seed, self.batches])
         self.batches += 1
         if self.window is None:
             total, d = x.size // x.shape[-1], x.shape[-1]
@@ -173,7 +170,11 @@ class InputGram:
             return
         g, dg = self.groups, d // self.groups
         take = min(total, self.rows_per_batch)
-        picks = np.sort(rng.choice(total, size=take, replace=False)) if take < total else None
+        picks = None
+        if take < total:  # drawn by the batch's content, not its position: distributed runs merge to the same sums
+            probe = np.ascontiguousarray(x.reshape(-1)[:: max(1, x.size // 4096)]).tobytes()
+            rng = np.random.default_rng([self.seed, zlib.crc32(probe), total])
+            picks = np.sort(rng.choice(total, size=take, replace=False))
         if self.window is None:
             rows = x.reshape(-1, d) if picks is None else x.reshape(-1, d)[picks]
         else:
