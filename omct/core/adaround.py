@@ -140,7 +140,8 @@ class InputGram:
     """The second moments of a layer's input rows (dense inputs or conv patches), accumulated batch by batch:
     what the default's learned rounding needs instead of the rows themselves.
 
-    Each batch contributes ``rows_per_batch`` of its rows (a seeded uniform draw, all of them when it has fewer):
+    Each batch contributes ``rows_per_batch`` of its rows (a seeded uniform draw; all of them when it has at most
+    twice that many: a transformer's 16 x 32 tokens are not drawn from at all):
     their Gram matrix ``X' X`` (one float32 BLAS call per batch, per group the ``d x d`` block a grouped conv's
     output reads, summed in float32), their column sums and how many of each column's values are nonzero (exact
     zeros, from ReLU or padding, pass activation quantization unchanged). Memory is ``groups * d * d * 4`` bytes
@@ -169,7 +170,7 @@ class InputGram:
         if (self.max_d is not None and d > self.max_d) or total == 0 or d % self.groups:
             return
         g, dg = self.groups, d // self.groups
-        take = min(total, self.rows_per_batch)
+        take = total if total <= 2 * self.rows_per_batch else self.rows_per_batch  # a small batch: every row
         picks = None
         if take < total:  # drawn by the batch's content, not its position: distributed runs merge to the same sums
             probe = np.ascontiguousarray(x.reshape(-1)[:: max(1, x.size // 4096)]).tobytes()
