@@ -18,7 +18,6 @@ accumulated batch by batch, the only thing the flip descent reads.
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -136,6 +135,10 @@ class InputSamples:
         self.batches += other.batches
 
 
+#: Odd 64-bit multipliers (wrapping) that mix a batch's probe values into ``InputGram``'s draw seed.
+_MIX = (np.arange(1, 513, 2, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) | np.uint64(1)
+
+
 class InputGram:
     """The second moments of a layer's input rows (dense inputs or conv patches), accumulated batch by batch:
     what the default's learned rounding needs instead of the rows themselves.
@@ -173,8 +176,9 @@ class InputGram:
         take = total if total <= 2 * self.rows_per_batch else self.rows_per_batch  # a small batch: every row
         picks = None
         if take < total:  # drawn by the batch's content, not its position: distributed runs merge to the same sums
-            probe = np.ascontiguousarray(x.reshape(-1)[:: max(1, x.size // 4096)]).tobytes()
-            rng = np.random.default_rng([self.seed, zlib.crc32(probe), total])
+            probe = np.ascontiguousarray(x.reshape(-1)[:: max(1, x.size // 256)][:256]).view(np.uint32)
+            h = int(np.bitwise_xor.reduce(probe.astype(np.uint64) * _MIX[: probe.size]))  # a hash of 256 values
+            rng = np.random.default_rng([self.seed, total, h & 0xFFFFFFFF, h >> 32])
             picks = np.sort(rng.choice(total, size=take, replace=False))
         if self.window is None:
             rows = x.reshape(-1, d) if picks is None else x.reshape(-1, d)[picks]
