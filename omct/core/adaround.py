@@ -360,7 +360,12 @@ def flip_descent(values: np.ndarray, alternatives: np.ndarray, w: np.ndarray, gr
         step = 0.5 * e2[at, j] * move  # a row that stopped (no improving flip) stays as it is: its r never changes
         cur[at, j] ^= move
         e2[at, j] = np.where(move, -e2[at, j], e2[at, j])
-        r += step[:, None] * gram[grow, j]
+        if g == 1:  # one Gram matrix: a row gather, scaled and added in place
+            upd = gram[0].take(j, axis=0)
+            upd *= step[:, None]
+            r += upd
+        else:
+            r += step[:, None] * gram[grow, j]
     flipped[rows] = cur
     return np.where(flipped, alt0, val0).reshape(g, out, d)
 
