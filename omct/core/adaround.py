@@ -144,8 +144,7 @@ class InputGram:
     what the default's learned rounding needs instead of the rows themselves.
 
     Each batch contributes ``rows_per_batch`` of its rows (a seeded uniform draw; all of them when it has at most
-    twice that many: a transformer's 16 x 32 tokens are not drawn from at all):
-    their Gram matrix ``X' X`` (one float32 BLAS call per batch, per group the ``d x d`` block a grouped conv's
+    twice that many: a transformer's 16 x 32 tokens are not drawn from at all): their Gram matrix ``X' X`` (one float32 BLAS call per batch, per group the ``d x d`` block a grouped conv's
     output reads, summed in float32), their column sums and how many of each column's values are nonzero (exact
     zeros, from ReLU or padding, pass activation quantization unchanged). Memory is ``groups * d * d * 4`` bytes
     whatever the number of batches (a 3 x 3 conv with 64 input channels: 1.3 MB). A batch's draw is seeded by
@@ -177,8 +176,8 @@ class InputGram:
         picks = None
         if take < total:  # drawn by the batch's content, not its position: distributed runs merge to the same sums
             probe = np.ascontiguousarray(x.reshape(-1)[:: max(1, x.size // 256)][:256]).view(np.uint32)
-            h = int(np.bitwise_xor.reduce(probe.astype(np.uint64) * _MIX[: probe.size]))  # a hash of 256 values
-            rng = np.random.default_rng([self.seed, total, h & 0xFFFFFFFF, h >> 32])
+            key = int(np.bitwise_xor.reduce(probe.astype(np.uint64) * _MIX[: probe.size]))  # a hash of 256 values
+            rng = np.random.default_rng([self.seed, total, key & 0xFFFFFFFF, key >> 32])
             picks = np.sort(rng.choice(total, size=take, replace=False))
         if self.window is None:
             rows = x.reshape(-1, d) if picks is None else x.reshape(-1, d)[picks]
