@@ -144,12 +144,13 @@ class InputGram:
     what the default's learned rounding needs instead of the rows themselves.
 
     Each batch contributes ``rows_per_batch`` of its rows (a seeded uniform draw; all of them when it has at most
-    twice that many: a transformer's 16 x 32 tokens are not drawn from at all): their Gram matrix ``X' X`` (one float32 BLAS call per batch, per group the ``d x d`` block a grouped conv's
-    output reads, summed in float32), their column sums and how many of each column's values are nonzero (exact
-    zeros, from ReLU or padding, pass activation quantization unchanged). Memory is ``groups * d * d * 4`` bytes
-    whatever the number of batches (a 3 x 3 conv with 64 input channels: 1.3 MB). A batch's draw is seeded by
-    ``seed`` and the batch's content, so the same data gives the same moments, and processes that calibrate on
-    parts of it merge to what one process gets (up to float32 summation order)."""
+    twice that many: a transformer's 16 x 32 tokens are not drawn from at all): their Gram matrix ``X' X`` (one
+    float32 BLAS call per batch, per group the ``d x d`` block a grouped conv's output reads, summed in float32),
+    their column sums and how many of each column's values are nonzero (exact zeros, from ReLU or padding, pass
+    activation quantization unchanged). Memory is ``groups * d * d * 4`` bytes whatever the number of batches (a 3 x
+    3 conv with 64 input channels: 1.3 MB). A batch's draw is seeded by ``seed`` and the batch's content, so the
+    same data gives the same moments, and processes that calibrate on parts of it merge to what one process gets (up
+    to float32 summation order)."""
 
     def __init__(self, window: Window | None, seed: int, groups: int = 1, rows_per_batch: int = 256,
                  max_d: int | None = None):
