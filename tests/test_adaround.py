@@ -14,8 +14,17 @@ from onnx import numpy_helper
 from torch import nn
 
 import omct.onnx as amct
-from omct.algorithms.adaround import learn_layer
-from omct.core.adaround import AdaRoundOptions, InputSamples, Window, apply_flips, flip_search, output_error_terms, rounding_flips
+from omct.algorithms.adaround import learn_layer, learn_layer_from_gram
+from omct.core.adaround import (
+    AdaRoundOptions,
+    InputGram,
+    InputSamples,
+    Window,
+    apply_flips,
+    flip_search,
+    output_error_terms,
+    rounding_flips,
+)
 from omct.core.bias_correction import correction
 from omct.core.weights import arq
 from omct.formats.config import load_config
@@ -361,3 +370,126 @@ def test_learned_rounding_skips_layers_whose_descent_would_be_costly():
     assert _cheap(spec((64, 64, 3, 3))) and _cheap(spec((960, 1, 3, 3))) and _cheap(spec((128, 1024), "MatMul", 1))
     assert not _cheap(spec((128, 128, 3, 3))) and not _cheap(spec((768, 768), "MatMul", 1))
     assert not _cheap(spec((4, 4096), "Gemm", 0))  # d over 2048 however few outputs
+
+
+def _unfold(x, window):
+    """Every im2col row of a conv input (torch's unfold: the independent reference), in (in, kh, kw) order."""
+    (kh, kw), st, (pt, pl, pb, pr), dil = window.kernel, window.strides, window.pads, window.dilations
+    xp = torch.tensor(np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr))))
+    cols = F.unfold(xp, (kh, kw), dilation=dil, stride=st)
+    return cols.permute(0, 2, 1).reshape(-1, cols.shape[1]).numpy().astype(np.float64)
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_input_gram_is_x_transpose_x_of_the_rows(groups):
+    """``InputGram`` (the default's learned rounding): with room for every row, its accumulated Gram matrix is
+    numpy's X' X of torch's im2col rows over all batches (per group, the block that group's outputs read), its
+    sums and nonzero counts too; both gathering paths (few and many positions) agree; with fewer rows per batch
+    it holds that many rows of each batch and stays close to the full matrix; merging adds."""
+    rng = np.random.default_rng(7)
+    window = Window((3, 2), (2, 1), (1, 0, 1, 1), (1, 2))
+    batches = [np.maximum(rng.normal(size=(3, 8, 9, 7)), 0).astype(np.float32) for _ in range(3)]
+    rows = np.concatenate([_unfold(b, window) for b in batches])  # (N, 8 * 6)
+    d = rows.shape[1] // groups
+    full = InputGram(window, seed=1, groups=groups, rows_per_batch=10**6)
+    for b in batches:
+        full.update(b)
+    assert full.n == len(rows) and full.gram.shape == (groups, d, d)
+    for g in range(groups):
+        x = rows[:, g * d:(g + 1) * d]
+        np.testing.assert_allclose(full.gram[g], x.T @ x, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(full.sums[g], x.sum(0), rtol=1e-5, atol=1e-4)
+        np.testing.assert_array_equal(full.nonzero[g], (x != 0).sum(0))
+    # a large batch takes the other gathering path (a gather per channel instead of a channels-last copy)
+    big = np.maximum(rng.normal(size=(4, 8, 30, 30)), 0).astype(np.float32)
+    part = InputGram(window, seed=2, groups=groups, rows_per_batch=40)
+    part.update(big)
+    every = _unfold(big, window)
+    assert part.n == 40
+    # the 40 rows taken are rows of the layer (each one of torch's rows: their sums and Gram come from them)
+    member = InputGram(window, seed=2, groups=groups, rows_per_batch=10**6)
+    member.update(big)
+    assert np.all(part.nonzero <= member.nonzero) and np.all(np.diagonal(part.gram, axis1=1, axis2=2) <= np.diagonal(
+        member.gram, axis1=1, axis2=2) + 1e-3)
+    np.testing.assert_allclose(member.gram[0], every[:, :d].T @ every[:, :d], rtol=1e-5, atol=1e-3)
+    many = InputGram(window, seed=2, groups=groups, rows_per_batch=2000)
+    many.update(big)
+    ref = member.gram / member.n
+    assert np.linalg.norm(many.gram / many.n - ref) < 0.1 * np.linalg.norm(ref)
+    again = InputGram(window, seed=2, groups=groups, rows_per_batch=40)
+    again.update(big)
+    np.testing.assert_array_equal(again.gram, part.gram)  # seeded: the same data gives the same moments
+    part.merge(full)
+    np.testing.assert_allclose(part.gram, again.gram + full.gram)
+    assert part.n == 40 + len(rows)
+    dense = InputGram(None, seed=3)
+    seq = rng.normal(size=(2, 5, 6)).astype(np.float32)
+    dense.update(seq)
+    flat = seq.reshape(-1, 6).astype(np.float64)
+    np.testing.assert_allclose(dense.gram[0], flat.T @ flat, rtol=1e-5, atol=1e-5)
+
+
+def test_gram_terms_are_the_sampled_rows_terms():
+    """``InputGram.terms`` without input quantization equals ``output_error_terms`` on the same rows (centred
+    and divided as given), exactly; with a quantization step it is the expectation of the quantized rows' terms:
+    close to them on fine steps (the rows' own X' X plus the rounding noise on the nonzero values)."""
+    rng = np.random.default_rng(8)
+    x = np.maximum(rng.normal(size=(4000, 12)) + 0.3, 0).astype(np.float32)
+    w = rng.normal(size=(1, 5, 12)).astype(np.float32)
+    stat = InputGram(None, seed=0, rows_per_batch=10**6)
+    stat.update(x)
+    center, div = x.mean(0) * 0.9, rng.uniform(0.5, 2, 12).astype(np.float32)
+    a, b = stat.terms(w, center, None, div)
+    xc = (x / div - center)[None]
+    ra, rb = output_error_terms(w, xc, xc)
+    assert b is None and rb is None
+    np.testing.assert_allclose(a, ra, rtol=1e-4, atol=1e-5)
+    # quantized: B is small against the sampling noise of its rows' estimate, so many rows and a coarse step
+    x = np.maximum(rng.normal(size=(200_000, 12)) + 0.3, 0).astype(np.float32)
+    stat = InputGram(None, seed=0, rows_per_batch=10**6)
+    stat.update(x)
+    step = 0.25
+    a, b = stat.terms(w, None, step)
+    xq = (np.round(x / step) * step)[None]
+    ra, rb = output_error_terms(w, x[None], xq)
+    assert np.abs(a - ra).max() < 0.01 * np.abs(ra).max()
+    assert np.abs(b - rb).max() < 0.3 * np.abs(rb).max(), (b, rb)
+
+
+@pytest.mark.parametrize("groups", [1, 8])
+@pytest.mark.parametrize("centred", [False, True])
+def test_learned_rounding_from_the_gram_beats_round_to_nearest(groups, centred):
+    """The default's learned rounding fitted on ``InputGram`` (a bounded draw of each batch's rows, input quantized
+    per tensor as the deployed layer reads it): the layer's output error on every input (torch's conv of the
+    quantized input against the float conv; with bias correction after it when ``centred``) is lower than
+    round-to-nearest's."""
+    rng = np.random.default_rng(0)
+    w, x = _conv_layer(rng, groups=groups)
+    window = Window((3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
+    stat = InputGram(window, seed=1, groups=groups, rows_per_batch=256)
+    for batch in np.split(x, 4):
+        stat.update(batch)
+    assert stat.n == 4 * 256
+    params = arq(w, 8, 0)
+    spec = LayerSpec("conv", "Conv", "x", "w", 0, groups=groups)
+    step = float(x.max() - min(0.0, x.min())) / 255
+    lo = np.round(min(0.0, x.min()) / step)
+    xq = ((np.clip(np.round(x / step), lo, lo + 255)) * step).astype(np.float32)
+    mean = x.mean((0, 2, 3)) if centred else None
+    codes = learn_layer_from_gram(w, params, spec, stat, step, mean)
+    nearest = params.quantize(w)
+    v = np.floor(w / params.scale[:, None, None, None])
+    assert np.all((codes == v) | (codes == v + 1)) and (codes != nearest).any()  # floor or ceil, never further
+    ref = F.conv2d(torch.tensor(x), torch.tensor(w), padding=1, groups=groups)
+
+    def out_mse(q, wq=None):
+        wq = params.dequantize(q) if wq is None else wq
+        shift = correction(w, wq, mean, 0, 1, groups).astype(np.float32) if centred else None
+        got = F.conv2d(torch.tensor(xq), torch.tensor(wq), None if shift is None else torch.tensor(shift), padding=1,
+                       groups=groups)
+        return float(((got - ref) ** 2).mean())
+
+    # of the error that weight rounding adds to the input quantization's (float weights on the quantized input),
+    # the learned rounding removes at least a fifth
+    floor = out_mse(None, w)
+    assert out_mse(codes) - floor < 0.8 * (out_mse(nearest) - floor), (out_mse(codes), out_mse(nearest), floor)

@@ -1,6 +1,8 @@
 """AdaRound (``wts_algo: ada_quantize``): each such layer's rounding learned from a bounded sample of its
 calibration inputs (``core.adaround.InputSamples``: at most 8 MiB per layer), stored in the record as the
-weights that round the other way than round-to-nearest (``ada_flip``)."""
+weights that round the other way than round-to-nearest (``ada_flip``). The default's learned rounding (flip
+descent on ARQ layers) keeps no sample: it reads the inputs' Gram matrix, accumulated during calibration
+(``core.adaround.InputGram``: ``groups * d * d`` float64 per layer)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,16 @@ import numpy as np
 from omct.algorithms.base import Algorithm, RecordContext
 from omct.algorithms.bias_correction import BiasCorrection, means_point
 from omct.algorithms.statistics import StatPoint
-from omct.core.adaround import AdaRoundOptions, InputSamples, Window, layer_seed, learn_rounding, rounding_flips
+from omct.core.adaround import (
+    AdaRoundOptions,
+    InputGram,
+    InputSamples,
+    Window,
+    layer_seed,
+    learn_rounding,
+    learn_rounding_from_terms,
+    rounding_flips,
+)
 from omct.core.params import QuantParams
 from omct.graph.export import layer_float_weight
 
@@ -45,14 +56,26 @@ def _cheap(spec) -> bool:
 
 
 def input_samples_point(spec, options: AdaRoundOptions | None = None) -> StatPoint:
-    """A bounded sample of the layer's input rows (dense inputs or conv patches), shared by every algorithm
-    that fits a layer to its inputs (AdaRound, the default's learned rounding, NUQ's output-aware assignment)."""
+    """A bounded sample of the layer's input rows (dense inputs or conv patches), shared by the algorithms that
+    fit a layer to its rows (AdaRound, NUQ's output-aware assignment; the default's learned rounding reads
+    ``input_gram_point`` instead)."""
     window = _window(spec)
-    if options is LEARNED_ROUNDING:  # the default's: no sample for long rows
-        return StatPoint(spec.input, ("input_samples", window, FLIP_MAX_D),
-                         lambda: InputSamples(window, layer_seed(f"{spec.input}{window}"), max_d=FLIP_MAX_D))
     return StatPoint(spec.input, ("input_samples", window),
                      lambda: InputSamples(window, layer_seed(f"{spec.input}{window}")))
+
+
+#: Input rows per calibration batch whose Gram matrix the default's learned rounding accumulates (a seeded draw).
+GRAM_ROWS_PER_BATCH = 256
+
+
+def input_gram_point(spec) -> StatPoint:
+    """The second moments of the layer's input rows (``core.adaround.InputGram``), accumulated during calibration:
+    what the default's learned rounding fits, in ``groups * d * d`` floats instead of a sample of rows."""
+    window = _window(spec)
+    groups = spec.groups if spec.op_type == "Conv" else 1
+    rows = GRAM_ROWS_PER_BATCH
+    return StatPoint(spec.input, ("input_gram", window, groups, rows, FLIP_MAX_D),
+                     lambda: InputGram(window, layer_seed(f"{spec.input}{window}"), groups, rows, FLIP_MAX_D))
 
 
 def _fake_quant32(x: np.ndarray, p: QuantParams) -> np.ndarray:
@@ -74,30 +97,54 @@ def layer_input_rows(ctx: RecordContext, spec) -> np.ndarray | None:
     return rows if s is None else rows / s
 
 
-def _dmq_divisor(rec, spec, rows: np.ndarray | None) -> np.ndarray | None:
-    """What each sampled input column is divided by when the layer is ``dmq_balancer``-balanced (None: it is not):
-    the channel's factor, repeated over a conv patch's taps."""
+def _dmq_divisor(rec, spec, rows: np.ndarray | int | None) -> np.ndarray | None:
+    """What each sampled input column (of ``rows``, or that many columns) is divided by when the layer is
+    ``dmq_balancer``-balanced (None: it is not): the channel's factor, repeated over a conv patch's taps."""
     if rows is None or not rec.dmq_factor:
         return None
+    d = rows if isinstance(rows, int) else rows.shape[1]
     s = np.asarray(rec.dmq_factor, np.float32)
-    return np.repeat(s, rows.shape[1] // s.size) if spec.op_type == "Conv" else s
+    return np.repeat(s, d // s.size) if spec.op_type == "Conv" else s
+
+
+def _grouped(weight: np.ndarray, params: QuantParams, spec) -> tuple[np.ndarray, np.ndarray]:
+    """A Conv (out, in / groups, kh, kw) or dense (``weight_axis`` = outputs) weight as (groups, out / groups, d)
+    and its scales as (groups, out / groups, 1): the layout ``learn_rounding`` fits."""
+    if spec.op_type == "Conv":
+        g = spec.groups
+        w = weight.reshape(g, weight.shape[0] // g, -1)
+    else:
+        w = np.moveaxis(weight, spec.weight_axis, 0)[None]
+    scale = np.broadcast_to(params.scale.astype(np.float32).reshape(-1), (w.shape[0] * w.shape[1],))
+    return w, scale.reshape(w.shape[0], -1, 1)
+
+
+def _ungrouped(codes: np.ndarray, weight: np.ndarray, spec) -> np.ndarray:
+    """``_grouped``'s inverse for the codes."""
+    if spec.op_type == "Conv":
+        return codes.reshape(weight.shape)
+    return np.moveaxis(codes[0], 0, spec.weight_axis)
 
 
 def learn_layer(weight: np.ndarray, params: QuantParams, spec, rows: np.ndarray, options: AdaRoundOptions,
                 quantized_rows: np.ndarray | None = None, channel_mean: np.ndarray | None = None) -> np.ndarray:
     """Integer codes of a Conv (out, in / groups, kh, kw) or dense (``weight_axis`` = outputs) weight.
     ``channel_mean``: the input's mean per channel that bias correction will use after this (None: none)."""
-    if spec.op_type == "Conv":
-        g = spec.groups
-        w = weight.reshape(g, weight.shape[0] // g, -1)
-        scale = np.broadcast_to(params.scale.astype(np.float32).reshape(-1), (weight.shape[0],)).reshape(g, -1, 1)
-        center = None if channel_mean is None else np.repeat(channel_mean, rows.shape[1] // channel_mean.size)
-        return learn_rounding(w, scale, rows, params.qmin, params.qmax, options, quantized_rows,
-                              center).reshape(weight.shape)
-    w = np.moveaxis(weight, spec.weight_axis, 0)
-    scale = np.broadcast_to(params.scale.astype(np.float32).reshape(-1), (w.shape[0],)).reshape(1, -1, 1)
-    codes = learn_rounding(w[None], scale, rows, params.qmin, params.qmax, options, quantized_rows, channel_mean)[0]
-    return np.moveaxis(codes, 0, spec.weight_axis)
+    w, scale = _grouped(weight, params, spec)
+    center = None if channel_mean is None else np.repeat(channel_mean, rows.shape[1] // channel_mean.size)
+    codes = learn_rounding(w, scale, rows, params.qmin, params.qmax, options, quantized_rows, center)
+    return _ungrouped(codes, weight, spec)
+
+
+def learn_layer_from_gram(weight: np.ndarray, params: QuantParams, spec, gram: InputGram, step: float | None,
+                          channel_mean: np.ndarray | None = None, divisor: np.ndarray | None = None) -> np.ndarray:
+    """``learn_layer`` from the input's accumulated moments (the default's learned rounding): ``step``, the input's
+    quantization step (None: fit on float inputs); ``divisor``: the ``dmq_balancer`` factor of each column."""
+    w, scale = _grouped(weight, params, spec)
+    d = gram.sums.size
+    center = None if channel_mean is None else np.repeat(channel_mean, d // channel_mean.size)
+    a, b = gram.terms(w, center, step, divisor)
+    return _ungrouped(learn_rounding_from_terms(w, scale, a, b, params.qmin, params.qmax), weight, spec)
 
 
 class AdaRound(Algorithm):
@@ -128,7 +175,8 @@ class AdaRound(Algorithm):
     def points(self, plan, config):
         corrected = {s.name for s in BiasCorrection._layers(plan, config)}
         return [p for spec, o in self._layers(plan, config)
-                for p in ([input_samples_point(spec, o)] + ([means_point(spec)] if spec.name in corrected else []))]
+                for p in ([input_gram_point(spec) if o is LEARNED_ROUNDING else input_samples_point(spec, o)]
+                          + ([means_point(spec)] if spec.name in corrected else []))]
 
     def apply(self, ctx: RecordContext) -> None:
         corrected = {s.name for s in BiasCorrection._layers(ctx.plan, ctx.config)}
@@ -136,32 +184,39 @@ class AdaRound(Algorithm):
         stats = ctx.stats.accumulators()
         for spec, options in self._layers(ctx.plan, ctx.config):
             wp = ctx.weight_params.get(spec.name)
-            point = input_samples_point(spec, options)
-            if (point.tensor, point.key) not in stats:
+            point = input_gram_point(spec) if options is LEARNED_ROUNDING else input_samples_point(spec, options)
+            stat = stats.get((point.tensor, point.key))
+            if wp is None or stat is None:
                 continue
-            rows = stats[(point.tensor, point.key)].rows
-            if wp is None or rows is None:
+            moments = options is LEARNED_ROUNDING
+            rows = None if moments else stat.rows
+            if (stat.gram is None) if moments else (rows is None):
                 continue
+            d = stat.sums.size if moments else rows.shape[1]
             rec = ctx.records[spec.name]
             weight = layer_float_weight(ctx.weight_of(spec.weight).astype(np.float32), rec, spec)
-            if options is LEARNED_ROUNDING and weight.size * rows.shape[1] // max(1, spec.groups) > FLIP_COST_LIMIT:
+            if moments and weight.size * d // max(1, spec.groups) > FLIP_COST_LIMIT:
                 continue  # out * d * d: the default's descent stays cheap
             # bias correction, which runs next, removes (Wq - W) E[x]: the rounding fits what it leaves
             mp = means_point(spec)
             mean = stats[(mp.tensor, mp.key)].mean if spec.name in corrected and options.center and \
                 (mp.tensor, mp.key) in stats else None
             taps = int(np.prod(_window(spec).kernel)) if spec.op_type == "Conv" else 1
-            if mean is not None and mean.size * taps != rows.shape[1]:
+            if mean is not None and mean.size * taps != d:
                 mean = None
-            div = _dmq_divisor(rec, spec, rows)
+            div = _dmq_divisor(rec, spec, d)
             if div is not None:  # the balanced layer reads its input divided by the factors
-                rows = rows / div
                 mean = None if mean is None else mean / np.asarray(rec.dmq_factor, np.float32)
-            quantized = None
-            if options.quantized_input:  # the rows as the deployed layer reads them
-                bits = ctx.plan.sites[ctx.plan.input_site[spec.name]].act.get("num_bits", 8)
-                quantized = _fake_quant32(rows, QuantParams(np.asarray(rec.scale_d, np.float32),
-                                                            np.asarray(rec.offset_d, np.int32), bits))
-            codes = learn_layer(weight, wp, spec, rows, options, quantized,
-                                None if mean is None else np.asarray(mean, np.float32))
+            mean = None if mean is None else np.asarray(mean, np.float32)
+            act = None
+            if options.quantized_input:  # the input as the deployed layer reads it
+                act = QuantParams(np.asarray(rec.scale_d, np.float32), np.asarray(rec.offset_d, np.int32),
+                                  ctx.plan.sites[ctx.plan.input_site[spec.name]].act.get("num_bits", 8))
+            if moments:
+                step = None if act is None else float(act.scale.reshape(-1)[0])
+                codes = learn_layer_from_gram(weight, wp, spec, stat, step, mean, div)
+            else:
+                rows = rows if div is None else rows / div
+                quantized = None if act is None else _fake_quant32(rows, act)
+                codes = learn_layer(weight, wp, spec, rows, options, quantized, mean)
             rec.ada_flip = rounding_flips(weight, wp, codes)

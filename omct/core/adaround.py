@@ -11,7 +11,9 @@ with ``beta`` annealed from ``beta_range_start`` to ``beta_range_end`` after ``w
 The scale ``s`` is ARQ's (max |w| per output channel); only the rounding changes.
 
 Everything here is numpy: the layer inputs are rows (a dense layer's input vectors or a convolution's
-im2col patches) kept by ``InputSamples``, a bounded, seeded random subset of every row calibration saw.
+im2col patches) kept by ``InputSamples``, a bounded, seeded random subset of every row calibration saw, or,
+for the default's learned rounding (flip descent only), summarised by ``InputGram``: the rows' second moments
+accumulated batch by batch, the only thing the flip descent reads.
 """
 
 from __future__ import annotations
@@ -76,10 +78,8 @@ class InputSamples:
     are a uniform sample of all rows seen. Seeded by ``seed`` and the batch count: the same data gives the
     same sample."""
 
-    def __init__(self, window: Window | None, seed: int, max_bytes: int = SAMPLE_BYTES, max_rows: int = MAX_ROWS,
-                 max_d: int | None = None):
+    def __init__(self, window: Window | None, seed: int, max_bytes: int = SAMPLE_BYTES, max_rows: int = MAX_ROWS):
         self.window, self.seed, self.max_bytes, self.max_rows = window, seed, max_bytes, max_rows
-        self.max_d = max_d  # rows longer than this are not kept at all (rows stays None)
         self.rows: np.ndarray | None = None
         self.seen = 0  # rows offered so far
         self.batches = 0
@@ -98,8 +98,6 @@ class InputSamples:
             n, c, h, w = x.shape
             oh, ow = _out_size(h, w, self.window)
             total, d = n * oh * ow, c * self.window.kernel[0] * self.window.kernel[1]
-        if self.max_d is not None and d > self.max_d:
-            return
         cap = self.capacity(d)
         keep = min(cap, self.seen + total)
         take = keep if self.seen == 0 else int(rng.hypergeometric(total, self.seen, keep))
@@ -137,6 +135,119 @@ class InputSamples:
         self.batches += other.batches
 
 
+#: Odd 64-bit multipliers (wrapping) that mix a batch's probe values into ``InputGram``'s draw seed.
+_MIX = (np.arange(1, 513, 2, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) | np.uint64(1)
+
+
+class InputGram:
+    """The second moments of a layer's input rows (dense inputs or conv patches), accumulated batch by batch:
+    what the default's learned rounding needs instead of the rows themselves.
+
+    Each batch contributes ``rows_per_batch`` of its rows (a seeded uniform draw; all of them when it has at most
+    twice that many: a transformer's 16 x 32 tokens are not drawn from at all): their Gram matrix ``X' X`` (one
+    float32 BLAS call per batch, per group the ``d x d`` block a grouped conv's output reads, summed in float32),
+    their column sums and how many of each column's values are nonzero (exact zeros, from ReLU or padding, pass
+    activation quantization unchanged). Memory is ``groups * d * d * 4`` bytes whatever the number of batches (a 3 x
+    3 conv with 64 input channels: 1.3 MB). A batch's draw is seeded by ``seed`` and the batch's content, so the
+    same data gives the same moments, and processes that calibrate on parts of it merge to what one process gets (up
+    to float32 summation order)."""
+
+    def __init__(self, window: Window | None, seed: int, groups: int = 1, rows_per_batch: int = 256,
+                 max_d: int | None = None):
+        self.window, self.seed, self.groups, self.rows_per_batch, self.max_d = window, seed, groups, rows_per_batch, max_d
+        self.gram: np.ndarray | None = None  # (groups, d, d) float32: the sum of x' x over the rows taken
+        self.sums: np.ndarray | None = None  # (groups, d) float64
+        self.nonzero: np.ndarray | None = None  # (groups, d) int64
+        self.n = 0  # rows taken
+        self.batches = 0
+
+    def update(self, values: np.ndarray) -> None:
+        x = np.asarray(values, np.float32)
+        self.batches += 1
+        if self.window is None:
+            total, d = x.size // x.shape[-1], x.shape[-1]
+        else:
+            n, c, h, w = x.shape
+            oh, ow = _out_size(h, w, self.window)
+            total, d = n * oh * ow, c * self.window.kernel[0] * self.window.kernel[1]
+        if (self.max_d is not None and d > self.max_d) or total == 0 or d % self.groups:
+            return
+        g, dg = self.groups, d // self.groups
+        take = total if total <= 2 * self.rows_per_batch else self.rows_per_batch  # a small batch: every row
+        picks = None
+        if take < total:  # drawn by the batch's content, not its position: distributed runs merge to the same sums
+            probe = np.ascontiguousarray(x.reshape(-1)[:: max(1, x.size // 256)][:256]).view(np.uint32)
+            key = int(np.bitwise_xor.reduce(probe.astype(np.uint64) * _MIX[: probe.size]))  # a hash of 256 values
+            rng = np.random.default_rng([self.seed, total, key & 0xFFFFFFFF, key >> 32])
+            picks = np.sort(rng.choice(total, size=take, replace=False))
+        if self.window is None:
+            rows = x.reshape(-1, d) if picks is None else x.reshape(-1, d)[picks]
+        else:
+            rows = _patches(x, self.window, np.arange(total) if picks is None else picks)
+        if g == 1:  # x' x of one contiguous (take, d) block: a symmetric rank-k update (half a GEMM's flops)
+            rows = np.ascontiguousarray(rows)
+            gram = (rows.T @ rows)[None]
+        else:
+            grouped = rows.reshape(take, g, dg).transpose(1, 0, 2)  # (groups, take, dg)
+            gram = np.matmul(grouped.transpose(0, 2, 1), grouped)
+        if self.gram is None:
+            self.gram = np.zeros((g, dg, dg), np.float32)
+            self.sums = np.zeros((g, dg))
+            self.nonzero = np.zeros((g, dg), np.int64)
+        self.gram += gram
+        self.sums += rows.sum(0, dtype=np.float64).reshape(g, dg)
+        self.nonzero += np.count_nonzero(rows, axis=0).reshape(g, dg)
+        self.n += take
+
+    def merge(self, other: InputGram) -> None:
+        """Join another process's moments of the same tensor (distributed calibration): sums add."""
+        if other.gram is None:
+            return
+        if self.gram is None:
+            self.gram, self.sums, self.nonzero = other.gram.copy(), other.sums.copy(), other.nonzero.copy()
+        else:
+            self.gram += other.gram
+            self.sums += other.sums
+            self.nonzero += other.nonzero
+        self.n += other.n
+        self.batches += other.batches
+
+    def terms(self, w: np.ndarray, center: np.ndarray | None = None, step: float | None = None,
+              divisor: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """``flip_descent``'s ``A`` (groups, d, d) and ``B`` (groups, out, d; None without ``step``) for weight
+        ``w`` (groups, out, d) from the accumulated moments, the rows taken as the deployed layer reads them:
+
+        * ``divisor`` (d,): each column divided by it (a ``dmq_balancer``-balanced layer);
+        * ``center`` (d,): minus it (what bias correction leaves to fit): ``(x - c)'(x - c) / N`` from the Gram
+          matrix, the column means and ``c``, exactly;
+        * ``step``: quantized per tensor with that step before the layer. The rounding error ``e`` of an
+          input value is taken as independent of the value, uniform over a step (``step^2 / 12``), and zero where
+          the value is zero (exact zeros stay exact): with ``D`` the diagonal of those variances,
+          ``||(Wq - W) xq - W (x - xq)||^2 / N`` is ``delta (X'X / N + D) delta' + 2 W D delta'`` up to a
+          constant, so ``A = X'X / N + D`` and ``B = -W D``. The sampled rows' exact quantization error fits
+          the sample's own noise too; this is its expectation."""
+        g, dg = self.sums.shape
+        n = max(1, self.n)
+        a = self.gram * np.float32(1 / n)  # float32 throughout: one (groups, d, d) array and one temporary
+        m = (self.sums / n).astype(np.float32)
+        if divisor is not None:
+            inv = (1.0 / np.asarray(divisor, np.float32)).reshape(g, dg)
+            a *= inv[:, :, None]
+            a *= inv[:, None, :]
+            m *= inv
+        if center is not None:
+            c = np.asarray(center, np.float32).reshape(g, dg)
+            a -= m[:, :, None] * c[:, None, :]
+            a -= c[:, :, None] * (m - c)[:, None, :]  # - c m' + c c'
+        lin = None
+        if step is not None:
+            var = ((float(step) ** 2 / 12.0) * (self.nonzero / n)).astype(np.float32)  # (groups, d)
+            idx = np.arange(dg)
+            a[:, idx, idx] += var
+            lin = -np.asarray(w, np.float32) * var[:, None, :]
+        return a, lin
+
+
 def _out_size(h: int, w: int, win: Window) -> tuple[int, int]:
     (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw) = win.kernel, win.strides, win.pads, win.dilations
     return (h + pt + pb - dh * (kh - 1) - 1) // sh + 1, (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
@@ -147,13 +258,25 @@ def _patches(x: np.ndarray, win: Window, flat: np.ndarray) -> np.ndarray:
     n, c, h, w = x.shape
     (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw) = win.kernel, win.strides, win.pads, win.dilations
     oh, ow = _out_size(h, w, win)
-    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr))) if any(win.pads) else x
+    b, rest = np.divmod(flat, oh * ow)
+    r, q = np.divmod(rest, ow)
+    if n * oh * ow <= 4 * len(flat) * kh * kw:
+        # few positions, many rows: one channels-last copy of the (padded) map, then each patch is kh * kw
+        # contiguous runs of C values (the gather below reads C values one map apart instead)
+        xp = np.zeros((n, h + pt + pb, w + pl + pr, c), np.float32)
+        xp[:, pt:pt + h, pl:pl + w] = x.transpose(0, 2, 3, 1)
+        sn, sy, sx, sc = xp.strides
+        view = np.lib.stride_tricks.as_strided(xp, (n, oh, ow, kh, kw, c), (sn, sy * sh, sx * sw, sy * dh, sx * dw, sc),
+                                               writeable=False)
+        return view[b, r, q].transpose(0, 3, 1, 2).reshape(len(flat), c * kh * kw)
+    xp = x
+    if any(win.pads):
+        xp = np.zeros((n, c, h + pt + pb, w + pl + pr), np.float32)
+        xp[:, :, pt:pt + h, pl:pl + w] = x
     # a strided view (n, c, oh, ow, kh, kw) of every patch; gathering the picked (image, row, column) copies
     # whole (c, kh, kw) patches instead of indexing every value
     view = np.lib.stride_tricks.sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
     view = view[:, :, :oh * sh:sh, :ow * sw:sw, ::dh, ::dw]
-    b, rest = np.divmod(flat, oh * ow)
-    r, q = np.divmod(rest, ow)
     return view[b, :, r, q].reshape(len(flat), c * kh * kw)
 
 
@@ -237,7 +360,12 @@ def flip_descent(values: np.ndarray, alternatives: np.ndarray, w: np.ndarray, gr
         step = 0.5 * e2[at, j] * move  # a row that stopped (no improving flip) stays as it is: its r never changes
         cur[at, j] ^= move
         e2[at, j] = np.where(move, -e2[at, j], e2[at, j])
-        r += step[:, None] * gram[grow, j]
+        if g == 1:  # one Gram matrix: a row gather, scaled and added in place
+            upd = gram[0].take(j, axis=0)
+            upd *= step[:, None]
+            r += upd
+        else:
+            r += step[:, None] * gram[grow, j]
     flipped[rows] = cur
     return np.where(flipped, alt0, val0).reshape(g, out, d)
 
@@ -255,6 +383,23 @@ def flip_search(codes: np.ndarray, w: np.ndarray, s: np.ndarray, gram: np.ndarra
     sb = np.broadcast_to(s, (g, out, 1)).astype(np.float32)
     final = flip_descent(sb * start, sb * other, w, gram, lin, max_steps)
     return np.where(final != sb * start, other, start).astype(np.float32)
+
+
+def _nearest_start(w: np.ndarray, s: np.ndarray, qmin: int, qmax: int) -> tuple[np.ndarray, int]:
+    """Round-to-nearest codes and the lowest code the learned rounding may use: symmetric weights (ARQ: max |w|
+    is qmax steps) keep off ``qmin``, as round-to-nearest does."""
+    nearest = np.clip(np.round(w / s), qmin, qmax)
+    return nearest, (-qmax if nearest.min() >= -qmax else qmin)
+
+
+def learn_rounding_from_terms(weight: np.ndarray, scale: np.ndarray, gram: np.ndarray, lin: np.ndarray | None,
+                              qmin: int, qmax: int) -> np.ndarray:
+    """Integer codes of ``weight`` (groups, out, d) by flip descent from round-to-nearest on the output error's
+    quadratic terms (``InputGram.terms``): the default's learned rounding, without the rows themselves."""
+    w = np.asarray(weight, np.float32)
+    s = np.broadcast_to(np.asarray(scale, np.float32), w.shape[:2] + (1,)).astype(np.float32)
+    nearest, qmin = _nearest_start(w, s, qmin, qmax)
+    return flip_search(nearest, w, s, gram, lin, qmin, qmax).astype(np.int64)
 
 
 def learn_rounding(weight: np.ndarray, scale: np.ndarray, rows: np.ndarray, qmin: int, qmax: int,
@@ -282,9 +427,7 @@ def learn_rounding(weight: np.ndarray, scale: np.ndarray, rows: np.ndarray, qmin
         x, xq = (x - c, x - c if xq is x else xq - c)
         xq = x if quantized_rows is None else xq
     n = x.shape[1]
-    nearest = np.clip(np.round(w / s), qmin, qmax)
-    if nearest.min() >= -qmax:  # symmetric weights (ARQ: max |w| is qmax steps) keep off qmin, as nearest does
-        qmin = -qmax
+    nearest, qmin = _nearest_start(w, s, qmin, qmax)
     if o.solver == "flips":
         gram, lin = output_error_terms(w, x, xq)
         return flip_search(nearest, w, s, gram, lin, qmin, qmax).astype(np.int64)
@@ -358,8 +501,17 @@ def rounding_flips(weight: np.ndarray, params: QuantParams, codes: np.ndarray) -
 
 
 def apply_flips(weight: np.ndarray, params: QuantParams, gaps: list[int]) -> np.ndarray:
-    """Integer codes of ``weight``: round-to-nearest except at the gap-coded flat indices in ``gaps``."""
-    return apply_gaps(*_nearest_and_other(weight, params), gaps)
+    """Integer codes of ``weight``: round-to-nearest except at the gap-coded flat indices in ``gaps``, where the
+    other neighbour (as ``_nearest_and_other`` gives it) is computed for those values only."""
+    nearest = params.quantize(weight)
+    flat = _gap_indices(gaps, nearest.size)
+    s = np.broadcast_to(params._broadcast(params.scale.astype(np.float32), weight.ndim), weight.shape)
+    at = np.unravel_index(flat, weight.shape)
+    x = weight[at].astype(np.float32) / s[at]
+    other = np.clip(np.where(np.round(x) > x, np.floor(x), np.ceil(x)).astype(np.int64), params.qmin, params.qmax)
+    codes = nearest.reshape(-1)
+    codes[flat] = other
+    return codes.reshape(nearest.shape)
 
 
 def flip_gaps(nearest: np.ndarray, other: np.ndarray, codes: np.ndarray) -> list[int]:
@@ -370,12 +522,18 @@ def flip_gaps(nearest: np.ndarray, other: np.ndarray, codes: np.ndarray) -> list
     return np.diff(flat, prepend=0).astype(np.int64).tolist() if flat.size else []
 
 
+def _gap_indices(gaps: list[int], size: int) -> np.ndarray:
+    """The flat indices of gap-coded ``gaps``, checked against a weight of ``size`` values."""
+    flat = np.cumsum(np.asarray(gaps, np.int64))
+    if flat.size and (flat[-1] >= size or np.any(np.asarray(gaps[1:]) <= 0)):
+        raise ValueError(f"rounding flips index {int(flat[-1])} of a weight with {size} values, "
+                         "or are not increasing")
+    return flat
+
+
 def apply_gaps(nearest: np.ndarray, other: np.ndarray, gaps: list[int]) -> np.ndarray:
     """``nearest`` with ``other`` at the gap-coded flat indices in ``gaps`` (the inverse of ``flip_gaps``)."""
-    flat = np.cumsum(np.asarray(gaps, np.int64))
-    if flat.size and (flat[-1] >= nearest.size or np.any(np.asarray(gaps[1:]) <= 0)):
-        raise ValueError(f"rounding flips index {int(flat[-1])} of a weight with {nearest.size} values, "
-                         "or are not increasing")
+    flat = _gap_indices(gaps, nearest.size)
     codes = nearest.reshape(-1).copy()
     codes[flat] = other.reshape(-1)[flat]
     return codes.reshape(nearest.shape)
