@@ -114,3 +114,13 @@ def test_deterministic_and_shape_errors():
     np.testing.assert_array_equal(gptq.assign(w, tables, h), gptq.assign(w.copy(), tables.copy(), h.copy()))
     with pytest.raises(ValueError, match="do not match"):
         gptq.assign(w, tables, h[:5, :5])
+
+
+@pytest.mark.parametrize("n", [1, 3, 8, 9, 300])
+def test_upper_triangular_inverse_equals_numpys_inverse(n):
+    rng = np.random.default_rng(n)
+    x = rng.normal(size=(n + 5, n))
+    u = np.triu(x.T @ x / n + np.eye(n))  # invertible upper triangular (positive diagonal)
+    got = gptq.upper_triangular_inverse(u, leaf=4)  # small leaves: several levels of blocks
+    np.testing.assert_allclose(got, np.linalg.inv(u), rtol=1e-9, atol=1e-9 * np.abs(np.linalg.inv(u)).max())
+    assert np.array_equal(got, np.triu(got))

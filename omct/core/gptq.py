@@ -58,7 +58,25 @@ def damped_cholesky_inverse(h: np.ndarray, damp: float = DAMP) -> np.ndarray:
     rev[np.diag_indices(len(rev))] += damp * scale
     lower = np.linalg.cholesky(rev)
     del rev
-    return np.linalg.inv(lower[::-1, ::-1])
+    return upper_triangular_inverse(np.ascontiguousarray(lower[::-1, ::-1]))
+
+
+def upper_triangular_inverse(u: np.ndarray, leaf: int = 256) -> np.ndarray:
+    """The inverse of an invertible upper triangular matrix, by blocks: ``[[A, B], [0, C]]^-1 = [[A^-1,
+    -A^-1 B C^-1], [0, C^-1]]``. Why: numpy has no triangular inverse, and ``np.linalg.inv`` (an LU
+    factorisation, about ``2 n^3`` flops) took most of GPTQ's time on wide layers; by blocks it is about
+    ``n^3 / 3`` flops, nearly all in matrix products."""
+    n = len(u)
+    if n <= leaf:
+        return np.triu(np.linalg.inv(u))
+    h = n // 2
+    a_inv = upper_triangular_inverse(u[:h, :h], leaf)
+    c_inv = upper_triangular_inverse(u[h:, h:], leaf)
+    out = np.zeros_like(u)
+    out[:h, :h] = a_inv
+    out[h:, h:] = c_inv
+    out[:h, h:] = -(a_inv @ u[:h, h:]) @ c_inv
+    return out
 
 
 def assign(weight: np.ndarray, tables: np.ndarray, h: np.ndarray, bracket: bool = False, block: int = 128,
