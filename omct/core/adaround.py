@@ -336,11 +336,14 @@ def flip_descent(values: np.ndarray, alternatives: np.ndarray, w: np.ndarray, gr
     gram = np.asarray(gram, dtype)
     grow = np.repeat(np.arange(g), out)  # each row's group (its Gram matrix)
     r = np.matmul(np.asarray(values, dtype) - w, gram)
-    r = (r - (0.0 if lin is None else lin)).reshape(g * out, d).astype(dtype)
+    if lin is not None:
+        r = r - lin
+    r = r.reshape(g * out, d).astype(dtype, copy=False)
     e = (alt0 - val0).astype(dtype)  # the change a flip would make
     e2 = 2 * e
     quad = e * e * np.diagonal(gram, axis1=1, axis2=2)[grow]
     quad[e == 0] = np.inf  # no other value
+    del e  # out * d arrays held through the descent: only what it needs (the records' peak, issue 17 item 7)
     flipped = np.zeros((g * out, d), bool)
     rows = np.arange(g * out)  # the working set's rows in ``flipped``
     cur = flipped.copy()
@@ -380,6 +383,7 @@ def flip_search(codes: np.ndarray, w: np.ndarray, s: np.ndarray, gram: np.ndarra
     hi = np.clip(np.floor(q) + 1, qmin, qmax).astype(np.float32)
     start = np.broadcast_to(np.asarray(codes, np.float32), (g, out, d))
     other = np.where(start == lo, hi, lo)
+    del q, lo, hi  # not held through the descent (the records' peak, issue 17 item 7)
     sb = np.broadcast_to(s, (g, out, 1)).astype(np.float32)
     final = flip_descent(sb * start, sb * other, w, gram, lin, max_steps)
     return np.where(final != sb * start, other, start).astype(np.float32)
