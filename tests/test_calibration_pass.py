@@ -151,3 +151,22 @@ def test_calibration_session_plans_no_memory_pattern_and_keeps_the_users_options
             sess.run(None, {"x": x})
         records.append(read_record(rec))
     assert records[0] == records[1]
+
+
+def test_written_record_cache_holds_arrays_and_is_not_changed_by_later_edits(tmp_path, rng):
+    """Issue 17 item 7: the record save_model reads back is kept in arrays (not Python lists, not its text), a
+    copy: later changes to the records written do not reach it, and it reads as a fresh parse does."""
+    import omct.formats.record as record_module
+    from omct.formats.record import LayerRecord, write_record
+
+    rec = LayerRecord(0.1, 3, rng.random(5).astype(np.float32), [0] * 5, None, None, list(rng.normal(size=5)),
+                      ada_flip=[1, 7, 40000])
+    path = tmp_path / "r.txt"
+    write_record(path, {"conv": rec})
+    digest, layers = record_module._last_written
+    assert isinstance(digest, bytes) and all(isinstance(v, np.ndarray) for v in (layers["conv"].scale_w, layers["conv"].ada_flip))
+    rec.scale_w[0] = 99.0
+    rec.ada_flip.append(5)
+    cached = read_record(path)
+    record_module._last_written = None
+    assert read_record(path) == cached and cached["conv"].scale_w[0] != 99.0
