@@ -265,10 +265,13 @@ def _patches(x: np.ndarray, win: Window, flat: np.ndarray) -> np.ndarray:
         # contiguous runs of C values (the gather below reads C values one map apart instead)
         xp = np.zeros((n, h + pt + pb, w + pl + pr, c), np.float32)
         xp[:, pt:pt + h, pl:pl + w] = x.transpose(0, 2, 3, 1)
-        sn, sy, sx, sc = xp.strides
-        view = np.lib.stride_tricks.as_strided(xp, (n, oh, ow, kh, kw, c), (sn, sy * sh, sx * sw, sy * dh, sx * dw, sc),
-                                               writeable=False)
-        return view[b, r, q].transpose(0, 3, 1, 2).reshape(len(flat), c * kh * kw)
+        # one tap at a time into the rows' own layout: no (rows, kh, kw, C) gather copied once more (issue 17 item 7)
+        rows = np.empty((len(flat), c, kh, kw), np.float32)
+        y, z = r * sh, q * sw
+        for i in range(kh):
+            for j in range(kw):
+                rows[:, :, i, j] = xp[b, y + i * dh, z + j * dw]
+        return rows.reshape(len(flat), c * kh * kw)
     xp = x
     if any(win.pads):
         xp = np.zeros((n, c, h + pt + pb, w + pl + pr), np.float32)
