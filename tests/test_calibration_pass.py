@@ -130,3 +130,43 @@ def test_reused_binning_buffers_across_threads_equal_numpy():
         x = np.concatenate(batches).astype(np.float64)
         want = np.bincount((np.floor(x / sk.width) - sk.first_index).astype(np.int64), minlength=sk.counts.size)
         np.testing.assert_array_equal(sk.counts, want)
+
+
+def test_calibration_session_plans_no_memory_pattern_and_keeps_the_users_options(rng, tmp_path):
+    """Issue 17 item 7: omct's own session options turn ONNX Runtime's memory pattern off (with every observed
+    tensor a graph output, its planned block raised a small CNN's peak RSS by 3-11 MB); options the user passes
+    are used as they are, and the records are the same either way."""
+    model = conv_model(rng)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    amct.create_quant_config(str(tmp_path / "q.json"), str(path), batch_num=2)
+    batches = [rng.normal(size=(4, 8, 6, 6)).astype(np.float32) for _ in range(2)]
+    records = []
+    for options in (None, ort.SessionOptions()):
+        mod, rec = str(tmp_path / "q_mod.onnx"), tmp_path / "q_record.txt"
+        amct.quantize_model(str(tmp_path / "q.json"), str(path), mod, str(rec))
+        sess = amct.CalibrationSession(mod, options)
+        assert sess.get_session_options().enable_mem_pattern is (options is not None)
+        for x in batches:
+            sess.run(None, {"x": x})
+        records.append(read_record(rec))
+    assert records[0] == records[1]
+
+
+def test_written_record_cache_holds_arrays_and_is_not_changed_by_later_edits(tmp_path, rng):
+    """Issue 17 item 7: the record save_model reads back is kept in arrays (not Python lists, not its text), a
+    copy: later changes to the records written do not reach it, and it reads as a fresh parse does."""
+    import omct.formats.record as record_module
+    from omct.formats.record import LayerRecord, write_record
+
+    rec = LayerRecord(0.1, 3, rng.random(5).astype(np.float32), [0] * 5, None, None, list(rng.normal(size=5)),
+                      ada_flip=[1, 7, 40000])
+    path = tmp_path / "r.txt"
+    write_record(path, {"conv": rec})
+    digest, layers = record_module._last_written
+    assert isinstance(digest, bytes) and all(isinstance(v, np.ndarray) for v in (layers["conv"].scale_w, layers["conv"].ada_flip))
+    rec.scale_w[0] = 99.0
+    rec.ada_flip.append(5)
+    cached = read_record(path)
+    record_module._last_written = None
+    assert read_record(path) == cached and cached["conv"].scale_w[0] != 99.0

@@ -265,10 +265,13 @@ def _patches(x: np.ndarray, win: Window, flat: np.ndarray) -> np.ndarray:
         # contiguous runs of C values (the gather below reads C values one map apart instead)
         xp = np.zeros((n, h + pt + pb, w + pl + pr, c), np.float32)
         xp[:, pt:pt + h, pl:pl + w] = x.transpose(0, 2, 3, 1)
-        sn, sy, sx, sc = xp.strides
-        view = np.lib.stride_tricks.as_strided(xp, (n, oh, ow, kh, kw, c), (sn, sy * sh, sx * sw, sy * dh, sx * dw, sc),
-                                               writeable=False)
-        return view[b, r, q].transpose(0, 3, 1, 2).reshape(len(flat), c * kh * kw)
+        # one tap at a time into the rows' own layout: no (rows, kh, kw, C) gather copied once more (issue 17 item 7)
+        rows = np.empty((len(flat), c, kh, kw), np.float32)
+        y, z = r * sh, q * sw
+        for i in range(kh):
+            for j in range(kw):
+                rows[:, :, i, j] = xp[b, y + i * dh, z + j * dw]
+        return rows.reshape(len(flat), c * kh * kw)
     xp = x
     if any(win.pads):
         xp = np.zeros((n, c, h + pt + pb, w + pl + pr), np.float32)
@@ -336,11 +339,14 @@ def flip_descent(values: np.ndarray, alternatives: np.ndarray, w: np.ndarray, gr
     gram = np.asarray(gram, dtype)
     grow = np.repeat(np.arange(g), out)  # each row's group (its Gram matrix)
     r = np.matmul(np.asarray(values, dtype) - w, gram)
-    r = (r - (0.0 if lin is None else lin)).reshape(g * out, d).astype(dtype)
+    if lin is not None:
+        r = r - lin
+    r = r.reshape(g * out, d).astype(dtype, copy=False)
     e = (alt0 - val0).astype(dtype)  # the change a flip would make
     e2 = 2 * e
     quad = e * e * np.diagonal(gram, axis1=1, axis2=2)[grow]
     quad[e == 0] = np.inf  # no other value
+    del e  # out * d arrays held through the descent: only what it needs (the records' peak, issue 17 item 7)
     flipped = np.zeros((g * out, d), bool)
     rows = np.arange(g * out)  # the working set's rows in ``flipped``
     cur = flipped.copy()
@@ -380,6 +386,7 @@ def flip_search(codes: np.ndarray, w: np.ndarray, s: np.ndarray, gram: np.ndarra
     hi = np.clip(np.floor(q) + 1, qmin, qmax).astype(np.float32)
     start = np.broadcast_to(np.asarray(codes, np.float32), (g, out, d))
     other = np.where(start == lo, hi, lo)
+    del q, lo, hi  # not held through the descent (the records' peak, issue 17 item 7)
     sb = np.broadcast_to(s, (g, out, 1)).astype(np.float32)
     final = flip_descent(sb * start, sb * other, w, gram, lin, max_steps)
     return np.where(final != sb * start, other, start).astype(np.float32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,9 +46,9 @@ def record_text(records: dict[str, LayerRecord]) -> str:
 
     Written directly rather than through protobuf's text printer, which formats each float in Python and took
     most of a small model's calibration time; a test checks that protobuf parses it to the same message."""
-    lines = []
+    chunks = []  # one string per layer: not every line of the file alive at once (records' peak, issue 17 item 7)
     for key, rec in records.items():
-        lines += ["record {", f'  key: "{text_encoding.CEscape(key, as_utf8=True)}"', "  value {",
+        lines = ["record {", f'  key: "{text_encoding.CEscape(key, as_utf8=True)}"', "  value {",
                   f"    scale_d: {_f32(rec.scale_d)[0]}", f"    offset_d: {int(rec.offset_d)}"]
         lines += [f"    scale_w: {v}" for v in _f32(rec.scale_w)]
         lines += [f"    offset_w: {int(v)}" for v in rec.offset_w]
@@ -59,14 +60,30 @@ def record_text(records: dict[str, LayerRecord]) -> str:
         lines += [f"    dmq_factor: {v}" for v in _f32(rec.dmq_factor)]
         lines += [f"    nuq_levels: {int(v)}" for v in rec.nuq_levels]
         lines += ["  }", "}"]
-    return "\n".join(lines) + "\n"
+        chunks.append("\n".join(lines) + "\n")
+    return "".join(chunks) if chunks else "\n"
 
 
 def write_record(path: str | Path, records: dict[str, LayerRecord]) -> None:
     text = record_text(records)
     atomic_write_text(path, text)
     global _last_written
-    _last_written = (text, {k: _copy(r) for k, r in records.items()})
+    _last_written = (_digest(text), {k: _compact(r) for k, r in records.items()})
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode()).digest()
+
+
+def _compact(rec: LayerRecord) -> LayerRecord:
+    """A copy with its lists in numpy arrays (4-8 bytes a value against 32-36 in a Python list; held from calibration to
+    save_model); ``_copy`` of it gives exactly ``_copy`` of ``rec``."""
+    f32s = lambda v: np.array(v, np.float32).reshape(-1)  # noqa: E731 - always a copy: rec may change later
+    ints = lambda v: np.array(v, np.int64).reshape(-1)  # noqa: E731
+    return LayerRecord(float(np.float32(rec.scale_d)), int(rec.offset_d), f32s(rec.scale_w), ints(rec.offset_w),
+                       None if rec.scale_o is None else float(np.float32(rec.scale_o)),
+                       None if rec.offset_o is None else int(rec.offset_o), f32s(rec.bias_correction),
+                       ints(rec.nuq_levels), ints(rec.ada_flip), f32s(rec.dmq_factor))
 
 
 def _copy(rec: LayerRecord) -> LayerRecord:
@@ -80,10 +97,10 @@ def _copy(rec: LayerRecord) -> LayerRecord:
                        f32s(rec.bias_correction), ints(rec.nuq_levels), ints(rec.ada_flip), f32s(rec.dmq_factor))
 
 
-# The last record this process wrote, with its layers: save_model reads back the file calibration has just
-# written, and text-format parsing is pure Python (tens of ms for a small CNN). Compared by content, so a record
-# edited by hand in between is parsed as usual.
-_last_written: tuple[str, dict[str, LayerRecord]] | None = None
+# The last record this process wrote (its text's digest), with its layers: save_model reads back the file
+# calibration has just written, and text-format parsing is pure Python (tens of ms for a small CNN). Compared by
+# content, so a record edited by hand in between is parsed as usual.
+_last_written: tuple[bytes, dict[str, LayerRecord]] | None = None
 
 
 _PENDING = "# omct: calibration pending:"
@@ -138,7 +155,7 @@ def read_record(path: str | Path) -> dict[str, LayerRecord]:
     if not path.is_file():
         raise RecordError(f"record file '{path}' does not exist: run calibration (batch_num batches) first")
     text = path.read_text()
-    if _last_written is not None and _last_written[0] == text:
+    if _last_written is not None and _last_written[0] == _digest(text):
         return {k: _copy(r) for k, r in _last_written[1].items()}
     try:
         msg = text_format.Parse(text, ScaleOffsetRecord())
