@@ -23,6 +23,7 @@ from onnx import helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_adaround as ba  # noqa: E402
+from stream_equalization import add_groups  # noqa: E402
 
 
 def sites(model: onnx.ModelProto) -> dict[str, tuple[str, list[onnx.NodeProto]]]:
@@ -159,21 +160,7 @@ def what_ifs(name: str, method: str, keep_float: list[str]) -> None:
     m = onnx.ModelProto()
     m.CopyFrom(fq)
     inits = {t.name: t for t in m.graph.initializer}
-    parent: dict[str, str] = {}
-
-    def find(t: str) -> str:
-        parent.setdefault(t, t)
-        while parent[t] != t:
-            t = parent[t]
-        return t
-
-    for n in fp32.graph.node:
-        if n.op_type == "Add" and all(t in s for t in (*n.input, n.output[0])):
-            for t in n.input:
-                parent[find(t)] = find(n.output[0])
-    groups: dict[str, list[str]] = {}
-    for t in parent:
-        groups.setdefault(find(t), []).append(t)
+    groups = add_groups(fp32.graph.node, lambda n: all(t in s for t in (*n.input, n.output[0])))
 
     def grid(t: str) -> tuple[float, float]:
         chain = s[t][1]
@@ -188,7 +175,8 @@ def what_ifs(name: str, method: str, keep_float: list[str]) -> None:
             for k, v in ((chain[0].input[1], scale), (chain[5].input[1], scale), (chain[1].input[1], offset),
                          (chain[3].input[1], offset)):
                 inits[k].CopyFrom(numpy_helper.from_array(np.asarray(v, np.float32).reshape(inits[k].dims), k))
-    report(f"Adds' inputs and outputs on one grid ({len(groups)} groups of {len(parent)} sites)", m.SerializeToString())
+    n_sites = sum(map(len, groups.values()))
+    report(f"Adds' inputs and outputs on one grid ({len(groups)} groups of {n_sites} sites)", m.SerializeToString())
     bases = {t: (i[:-6] if i.endswith(".float") else i) for t, (i, _) in s.items()}
     probe = onnx.load(str(src))
     names = sorted({b for b in bases.values() if b in prod})

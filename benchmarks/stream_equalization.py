@@ -30,13 +30,9 @@ def _group(node: onnx.NodeProto) -> int:
     return next((a.i for a in node.attribute if a.name == "group"), 1)
 
 
-def streams(graph: onnx.GraphProto) -> list[tuple[set[str], list, list]]:
-    """(tensors, producer Convs, reader Convs) of every stream that can be scaled exactly."""
-    prod = {o: n for n in graph.node for o in n.output}
-    readers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
+def add_groups(nodes, joins=lambda node: True) -> dict[str, set[str]]:
+    """The tensors that Add nodes (those ``joins`` accepts) join, inputs and output, in connected groups
+    (union-find), keyed by a representative."""
     parent: dict[str, str] = {}
 
     def find(t: str) -> str:
@@ -45,15 +41,27 @@ def streams(graph: onnx.GraphProto) -> list[tuple[set[str], list, list]]:
             t = parent[t]
         return t
 
-    for n in graph.node:
-        if n.op_type == "Add":
+    for n in nodes:
+        if n.op_type == "Add" and joins(n):
             for i in n.input:
                 parent[find(i)] = find(n.output[0])
-    comps: dict[str, set[str]] = {}
+    groups: dict[str, set[str]] = {}
     for t in list(parent):
-        comps.setdefault(find(t), set()).add(t)
+        groups.setdefault(find(t), set()).add(t)
+    return groups
+
+
+def streams(graph: onnx.GraphProto) -> list[tuple[set[str], list, list]]:
+    """(tensors, producer Convs, reader Convs) of every stream that can be scaled exactly."""
+    prod = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, list] = {}
     for n in graph.node:
-        if n.op_type == "Conv" and n.output[0] not in parent:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    comps = add_groups(graph.node)
+    joined = set().union(*comps.values())
+    for n in graph.node:
+        if n.op_type == "Conv" and n.output[0] not in joined:
             comps[n.output[0]] = {n.output[0]}
     outputs = {o.name for o in graph.output}
     out = []

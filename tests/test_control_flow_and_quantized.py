@@ -108,12 +108,8 @@ def test_fixed_condition_inlines_the_branch_and_quantizes_it(tmp_path, rng, sr, 
     assert np.array_equal(dp[1], ref[1])  # the state passes through (then) or is a float Relu (else): exact
 
 
-def test_a_nested_if_reading_its_parent_branch_is_inlined_too(tmp_path, rng):
-    """The inner If's branch reads ``r``, a tensor of the outer branch (renamed when that branch is inlined)."""
-    from conftest import ort_run
-
-    from omct.graph.normalize import fix_inputs, normalize
-
+def _nested_if_model(rng):
+    """An If (on ``c``) whose then-branch holds a conv and an If on the same flag reading that conv's output ``r``."""
     w = {k: (rng.normal(size=(4, 4, 3)) * 0.3).astype(np.float32) for k in ("wa", "wb", "wc")}
     inner_then = helper.make_graph([helper.make_node("Conv", ["r", "wb"], ["y_in"], name="conv_in", pads=[1, 1])],
                                    "inner_then", [], [vi("y_in", None)])
@@ -129,6 +125,16 @@ def test_a_nested_if_reading_its_parent_branch_is_inlined_too(tmp_path, rng):
                               [vi("y", None)], [numpy_helper.from_array(v, k) for k, v in w.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
+    return model
+
+
+def test_a_nested_if_reading_its_parent_branch_is_inlined_too(tmp_path, rng):
+    """The inner If's branch reads ``r``, a tensor of the outer branch (renamed when that branch is inlined)."""
+    from conftest import ort_run
+
+    from omct.graph.normalize import fix_inputs, normalize
+
+    model = _nested_if_model(rng)
     flat, report = normalize(fix_inputs(model, {"c": True}))
     assert report.ifs_inlined == [("outer_if", "then"), ("outer_if/then/inner_if", "then")]
     assert [n.name for n in flat.graph.node] == ["outer_if/then/conv_out", "outer_if/then/inner_if/then/conv_in"]
@@ -458,21 +464,7 @@ def test_an_if_inside_a_loop_on_a_loop_invariant_condition_is_quantized(tmp_path
 def test_nested_runtime_ifs_carry_their_tensors_out_level_by_level(tmp_path, rng):
     """An If in a branch of an If, both on a run-time flag: the inner branch's tensors leave through both Ifs (an
     empty placeholder where a branch lacks them); a batch per flag value calibrates every layer."""
-    w = {k: (rng.normal(size=(4, 4, 3)) * 0.3).astype(np.float32) for k in ("wa", "wb", "wc")}
-    inner_then = helper.make_graph([helper.make_node("Conv", ["r", "wb"], ["y_in"], name="conv_in", pads=[1, 1])],
-                                   "inner_then", [], [vi("y_in", None)])
-    inner_else = helper.make_graph([helper.make_node("Relu", ["r"], ["z_in"], name="relu_in")], "inner_else", [],
-                                   [vi("z_in", None)])
-    outer_then = helper.make_graph([helper.make_node("Conv", ["x", "wa"], ["r"], name="conv_out", pads=[1, 1]),
-                                    helper.make_node("If", ["c"], ["y_then"], name="inner_if", then_branch=inner_then,
-                                                     else_branch=inner_else)], "outer_then", [], [vi("y_then", None)])
-    outer_else = helper.make_graph([helper.make_node("Conv", ["x", "wc"], ["y_else"], name="conv_else", pads=[1, 1])],
-                                   "outer_else", [], [vi("y_else", None)])
-    node = helper.make_node("If", ["c"], ["y"], name="outer_if", then_branch=outer_then, else_branch=outer_else)
-    graph = helper.make_graph([node], "g", [vi("x", ["N", 4, 8]), helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
-                              [vi("y", None)], [numpy_helper.from_array(v, k) for k, v in w.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
+    model = _nested_if_model(rng)
     src = tmp_path / "nested.onnx"
     onnx.save(model, src)
     assert {s.name for s in amct.inspect_model(str(src)).layers} == {
