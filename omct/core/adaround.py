@@ -328,52 +328,66 @@ def flip_descent(values: np.ndarray, alternatives: np.ndarray, w: np.ndarray, gr
     ``B`` (groups, out, d) or None. Each row's loss is ``delta A delta' - 2 B . delta`` with ``delta = Q - W``.
     Every step flips, in each output row, the one weight whose flip lowers the row's loss most, until no flip
     does (a local minimum: no single flip helps) or ``max_steps`` (default ``d``). A flip of weight j by
-    ``e = alt - value`` changes the loss by ``2 e r_j + e^2 A_jj`` with ``r = delta A - B``, which the flip
-    updates by ``e A_j`` (value and alternative swap): a step costs ``O(out * d)``. Rows are independent: a row
-    with no improving flip is final and leaves the working set, so late steps cost only what is still moving.
-    Returns the final values; each is exactly one of the given ``values`` or ``alternatives``."""
+    ``e = alt - value`` changes the loss by ``2 e r_j + e^2 A_jj = 2 e h_j`` with ``r = delta A - B`` and
+    ``h = r + e diag(A) / 2``; the flip adds ``e A_j`` to ``r``, and so to ``h`` everywhere but at j, where the
+    sign change of ``e`` cancels it (value and alternative swap): a step costs ``O(out * d)`` in four passes
+    over the working set (one product, the argmin, one row gather and its scaled add). Rows are independent: a
+    row with no improving flip is final and leaves the working set, so late steps cost only what is still
+    moving. Returns the final values; each is exactly one of the given ``values`` or ``alternatives``."""
     g, out, d = w.shape
-    val0 = np.asarray(values).reshape(g * out, d)
-    alt0 = np.asarray(alternatives).reshape(g * out, d)
+    n = g * out
+    val0 = np.asarray(values).reshape(n, d)
+    alt0 = np.asarray(alternatives).reshape(n, d)
     dtype = np.result_type(val0.dtype, gram.dtype)
     gram = np.asarray(gram, dtype)
-    grow = np.repeat(np.arange(g), out)  # each row's group (its Gram matrix)
-    r = np.matmul(np.asarray(values, dtype) - w, gram)
-    if lin is not None:
-        r = r - lin
-    r = r.reshape(g * out, d).astype(dtype, copy=False)
-    e = (alt0 - val0).astype(dtype)  # the change a flip would make
-    e2 = 2 * e
-    quad = e * e * np.diagonal(gram, axis1=1, axis2=2)[grow]
-    quad[e == 0] = np.inf  # no other value
+    h = np.matmul(np.asarray(values, dtype) - w, gram)  # r, then h: (groups, out, d), C order (the loop writes
+    if lin is not None:  # single entries through flat views)
+        h -= lin
+    e = np.subtract(alt0, val0, dtype=dtype, order="C")  # the change a flip would make (0: no other value, gain 0: never taken)
+    h += (0.5 * e).reshape(g, out, d) * np.diagonal(gram, axis1=1, axis2=2)[:, None, :]
+    h = np.ascontiguousarray(h.reshape(n, d))
+    e *= 2
+    e2 = e
     del e  # out * d arrays held through the descent: only what it needs (the records' peak, issue 17 item 7)
-    flipped = np.zeros((g * out, d), bool)
-    rows = np.arange(g * out)  # the working set's rows in ``flipped``
-    cur = flipped.copy()
-    gain = np.empty_like(r)
+    rows = np.arange(n)  # the working set's rows
+    toggles = []  # flat indices flipped, step by step (a weight flipped twice is back where it started)
+    gain = np.empty_like(h)
+    upd = np.empty_like(h)
+    at = np.arange(n) * d  # each working row's first flat index
     for _ in range(d if max_steps is None else max_steps):
-        np.multiply(e2, r, out=gain)
-        gain += quad
+        np.multiply(e2, h, out=gain)
         j = gain.argmin(1)
-        at = np.arange(len(rows))
-        move = gain[at, j] < 0
-        if not move.any():
+        flat = at + j
+        move = gain.reshape(-1).take(flat) < 0
+        moving = int(np.count_nonzero(move))
+        if not moving:
             break
-        if move.sum() < len(rows) // 2:  # most rows are final: keep only the moving ones (rows stopped are done)
-            flipped[rows] = cur
-            rows, cur, r, e2, quad, grow, j = (a[move] for a in (rows, cur, r, e2, quad, grow, j))
-            gain, at, move = gain[: len(rows)], np.arange(len(rows)), np.ones(len(rows), bool)
-        step = 0.5 * e2[at, j] * move  # a row that stopped (no improving flip) stays as it is: its r never changes
-        cur[at, j] ^= move
-        e2[at, j] = np.where(move, -e2[at, j], e2[at, j])
+        if moving < len(rows) // 2:  # most rows are final: keep only the moving ones (rows stopped are done)
+            rows, h, e2, j = (a[move] for a in (rows, h, e2, j))
+            gain, upd, at = gain[: len(rows)], upd[: len(rows)], at[: len(rows)]
+            flat, moving = at + j, len(rows)
+        ef, hf = e2.reshape(-1), h.reshape(-1)
+        ej, hj = ef.take(flat), hf.take(flat)
+        if moving == len(rows):
+            step = 0.5 * ej
+            ef[flat] = -ej
+            toggles.append(rows * d + j)
+        else:  # a row that stopped (no improving flip) stays as it is: a step of 0
+            step = 0.5 * ej * move
+            ef[flat[move]] = -ej[move]
+            toggles.append((rows * d + j)[move])
         if g == 1:  # one Gram matrix: a row gather, scaled and added in place
-            upd = gram[0].take(j, axis=0)
+            np.take(gram[0], j, axis=0, out=upd)
             upd *= step[:, None]
-            r += upd
+            h += upd
         else:
-            r += step[:, None] * gram[grow, j]
-    flipped[rows] = cur
-    return np.where(flipped, alt0, val0).reshape(g, out, d)
+            h += step[:, None] * gram[rows // out, j]
+        hf[flat] = hj
+    flipped = np.zeros(n * d, bool)
+    if toggles:
+        for flat in toggles:  # one index per row and step: no repeats within one
+            flipped[flat] ^= True
+    return np.where(flipped.reshape(n, d), alt0, val0).reshape(g, out, d)
 
 
 def flip_search(codes: np.ndarray, w: np.ndarray, s: np.ndarray, gram: np.ndarray, lin: np.ndarray | None,
