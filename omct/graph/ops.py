@@ -10,7 +10,7 @@ Adding an op type is one ``OpHandler`` subclass and one ``HANDLERS`` row.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import ClassVar
 
 import onnx
@@ -47,7 +47,9 @@ class LayerSpec:
     weight_shape: tuple | None = None  # the weight initializer's shape (learned rounding's cost, before calibration)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # a shallow copy: the values are plain (str, int, tuples of numbers), and ``asdict``'s recursive copy cost
+        # a ResNet's quantize_model ~5 ms (PTQ wall, issue 17 item 9)
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass(frozen=True)

@@ -109,6 +109,11 @@ def load_embedded(path: Path) -> onnx.ModelProto | None:
     return model
 
 
+_A = onnx.AttributeProto
+#: attribute types that hold no tensor and no graph (a valid model sets only the field its type names)
+_PLAIN = {_A.FLOAT, _A.INT, _A.STRING, _A.FLOATS, _A.INTS, _A.STRINGS, _A.TYPE_PROTO, _A.TYPE_PROTOS}
+
+
 def all_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
     yield from graph.initializer
     for sparse in graph.sparse_initializer:
@@ -116,6 +121,8 @@ def all_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
         yield sparse.indices
     for node in graph.node:
         for attr in node.attribute:
+            if attr.type in _PLAIN:  # most attributes: skipped without reading four fields (PTQ wall, issue 17)
+                continue
             if attr.HasField("t"):
                 yield attr.t
             yield from attr.tensors
