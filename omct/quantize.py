@@ -316,17 +316,18 @@ class QuantizedModel:
     def __post_init__(self) -> None:
         if self.plan is None:
             self.plan = build_plan(self.layers, self.config)
+        self._codes: dict[str, np.ndarray] | None = None  # while ``save`` builds both models: each layer's codes
 
     def fake_quant_model(self, sink: ExternalWriter | None = None) -> onnx.ModelProto:
         """Float weights on their quantized values and simulated activation quantization: runs anywhere.
         ``sink``: write the big weights to this external-data file as they are made."""
-        model = fake_quant_model(self.base, self.plan, self.config, self.records, sink=sink)
+        model = fake_quant_model(self.base, self.plan, self.config, self.records, sink=sink, codes=self._codes)
         stamp_layers(model, self.plan, self.config, self.records)
         return model
 
     def deploy_model(self, sink: ExternalWriter | None = None) -> onnx.ModelProto:
         """INT8/INT32 tensors and QuantizeLinear/DequantizeLinear that ONNX Runtime fuses into integer kernels."""
-        model = deploy_model(self.base, self.plan, self.config, self.records, sink=sink)
+        model = deploy_model(self.base, self.plan, self.config, self.records, sink=sink, codes=self._codes)
         stamp_layers(model, self.plan, self.config, self.records)
         return model
 
@@ -357,8 +358,13 @@ class QuantizedModel:
                     return model
                 return make
 
-            # all or nothing: a previous pair stays
-            save_models([(made(self.fake_quant_model), fake_path), (made(self.deploy_model), deploy_path)])
+            # all or nothing: a previous pair stays. The deploy model reuses the fake-quant model's integer weights
+            # (INT8: a quarter of the float weights; not for a big model, which holds one weight at a time)
+            self._codes = None if big else {}
+            try:
+                save_models([(made(self.fake_quant_model), fake_path), (made(self.deploy_model), deploy_path)])
+            finally:
+                self._codes = None
         logger.info("wrote %s and %s (%d layers quantized)", fake_path, deploy_path, len(self.plan.layers))
         return fake_path, deploy_path
 

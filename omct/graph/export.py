@@ -403,8 +403,11 @@ def layer_weight_codes(weight: np.ndarray, record: LayerRecord, params: QuantPar
     return params.quantize(weight)
 
 
-def build(builder: _Builder, plan: Plan, config: QuantConfig, records: dict[str, LayerRecord]) -> onnx.ModelProto:
-    """Quantize ``builder.model`` (a copy of the base model) as ``plan`` and ``records`` say."""
+def build(builder: _Builder, plan: Plan, config: QuantConfig, records: dict[str, LayerRecord],
+          codes: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+    """Quantize ``builder.model`` (a copy of the base model) as ``plan`` and ``records`` say. ``codes``: integer
+    weights by layer, read where present and filled in where not (the fake-quant and deploy models of one save
+    compute them once)."""
     b = builder
     nodes = {n.name: n for g in all_graphs(b.graph) for n in g.node}
     _, graph_of = locate(b.model)  # the graph (top or a control-flow body) each node sits in
@@ -421,17 +424,21 @@ def build(builder: _Builder, plan: Plan, config: QuantConfig, records: dict[str,
         b.target = graph_of[name]
         wcfg = config.layers[name].weight_quant_params
         wp = weight_params(rec, wcfg.num_bits if wcfg else 8, spec.weight_axis)
-        try:
-            w = layer_float_weight(tensor_array(b.inits[spec.weight]).astype(np.float32), rec, spec)
-            codes = layer_weight_codes(w, rec, wp)
-        except ValueError as e:
-            raise QuantizationError(f"layer '{name}': record: {e}") from None
+        q = None if codes is None else codes.get(name)
+        if q is None:
+            try:
+                w = layer_float_weight(tensor_array(b.inits[spec.weight]).astype(np.float32), rec, spec)
+                q = layer_weight_codes(w, rec, wp)
+            except ValueError as e:
+                raise QuantizationError(f"layer '{name}': record: {e}") from None
+            if codes is not None:  # kept as INT8 (a quarter of the float weight) when the bits allow
+                q = codes[name] = q.astype(np.int8) if wp.num_bits <= 8 else q
         if spec.weight_only:
-            b.lookup(node, codes, wp, name)
+            b.lookup(node, q, wp, name)
             continue
         if spec.input in spatial and spec.op_type == "Conv" and spec.window is not None:
-            codes = trim_padding_taps(node, codes, spec.window, spatial[spec.input])
-        node.input[handler.weight_port] = b.weight(codes, wp, name, rec.nuq_levels or None)
+            q = trim_padding_taps(node, q, spec.window, spatial[spec.input])
+        node.input[handler.weight_port] = b.weight(q, wp, name, rec.nuq_levels or None)
         if spec.bias is not None:
             bias = tensor_array(b.inits[spec.bias]).astype(np.float32)
             if len(rec.bias_correction) == bias.size:
@@ -579,13 +586,14 @@ def _with_sink(builder: _Builder, sink: ExternalWriter | None) -> _Builder:
 
 
 def fake_quant_model(base: onnx.ModelProto, plan: Plan, config: QuantConfig, records: dict[str, LayerRecord],
-                     sink: ExternalWriter | None = None) -> onnx.ModelProto:
-    return build(_with_sink(FakeQuantBuilder(_copy(base)), sink), plan, config, records)
+                     sink: ExternalWriter | None = None, codes: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+    return build(_with_sink(FakeQuantBuilder(_copy(base)), sink), plan, config, records, codes)
 
 
 def deploy_model(base: onnx.ModelProto, plan: Plan, config: QuantConfig, records: dict[str, LayerRecord],
-                 unsigned_activations: bool = True, sink: ExternalWriter | None = None) -> onnx.ModelProto:
-    model = build(_with_sink(DeployBuilder(_copy(base), unsigned_activations), sink), plan, config, records)
+                 unsigned_activations: bool = True, sink: ExternalWriter | None = None,
+                 codes: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+    model = build(_with_sink(DeployBuilder(_copy(base), unsigned_activations), sink), plan, config, records, codes)
     if DeployBuilder.writes_residual_sums:
         residual_sums(model)  # the float residual Adds before LayerNorms: no slow SkipLayerNormalization
     return model
