@@ -24,6 +24,7 @@ from omct.core.adaround import (
     flip_descent,
     flip_search,
     output_error_terms,
+    recorded_rounding,
     rounding_flips,
 )
 from omct.core.bias_correction import correction
@@ -223,6 +224,16 @@ def test_rounding_decisions_survive_the_record_file(tmp_path):
     codes = np.where(rng.random(w.shape) < 0.2, other, params.quantize(w)).astype(np.int64)
     gaps = rounding_flips(w, params, codes)
     np.testing.assert_array_equal(apply_flips(w, params, gaps), codes)
+    # recorded_rounding: the same flips, and the codes the record gives back (what bias correction reads), also
+    # where the descent moved a weight sitting exactly on a level (no other neighbour: the record keeps nearest)
+    moved = codes.copy()
+    w_on_level = w.copy()
+    w_on_level.flat[5] = params.scale[0] * 3
+    moved.flat[5] = 4
+    got_gaps, got_codes = recorded_rounding(w_on_level, params, moved)
+    assert got_gaps == rounding_flips(w_on_level, params, moved)
+    np.testing.assert_array_equal(got_codes, apply_flips(w_on_level, params, got_gaps))
+    assert got_codes.flat[5] == 3
     rec = LayerRecord(0.1, 0, [float(v) for v in params.scale], [0] * 6, ada_flip=gaps)
     text = record_text({"conv": rec})
     parsed = text_format.Parse(text, ScaleOffsetRecord())  # protobuf itself reads the list syntax

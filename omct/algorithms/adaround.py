@@ -19,7 +19,7 @@ from omct.core.adaround import (
     layer_seed,
     learn_rounding,
     learn_rounding_from_terms,
-    rounding_flips,
+    recorded_rounding,
 )
 from omct.core.params import QuantParams
 from omct.graph.export import layer_float_weight
@@ -219,4 +219,5 @@ class AdaRound(Algorithm):
                 rows = rows if div is None else rows / div
                 quantized = None if act is None else _fake_quant32(rows, act)
                 codes = learn_layer(weight, wp, spec, rows, options, quantized, mean)
-            rec.ada_flip = rounding_flips(weight, wp, codes)
+            rec.ada_flip, kept = recorded_rounding(weight, wp, codes)
+            ctx.weight_codes[spec.name] = (rec.ada_flip, kept.astype(np.int8) if wp.num_bits <= 8 else kept)

@@ -27,6 +27,9 @@ class RecordContext:
     records: dict[str, LayerRecord] = field(default_factory=dict)
     site_params: list[QuantParams] = field(default_factory=list)  # one per plan site (activation ranges)
     weight_params: dict[str, QuantParams] = field(default_factory=dict)  # layer -> weight quantization
+    # layer -> (its record's ``ada_flip`` list, the integer weight it gives): learned rounding's codes, which bias
+    # correction reads instead of recomputing them while the record still holds that very list
+    weight_codes: dict[str, tuple[list[int], np.ndarray]] = field(default_factory=dict)
 
 
 class Algorithm(ABC):

@@ -42,7 +42,9 @@ class BiasCorrection(Algorithm):
             weight = layer_float_weight(ctx.weight_of(spec.weight), rec, spec)
             if rec.dmq_factor and mean.shape == (len(rec.dmq_factor),):
                 mean = mean / np.asarray(rec.dmq_factor, np.float64)  # the balanced layer's input
-            quantized = wp.dequantize(layer_weight_codes(weight, rec, wp))
+            known = ctx.weight_codes.get(spec.name)
+            codes = known[1] if known is not None and known[0] is rec.ada_flip else layer_weight_codes(weight, rec, wp)
+            quantized = wp.dequantize(codes)
             shift = correction(weight, quantized, mean, spec.weight_axis, spec.weight_in_axis, spec.groups)
             if shift is not None and np.all(np.isfinite(shift)):
                 # float32 as the record file stores it, so in-memory and file-based exports agree bit for bit

@@ -521,6 +521,16 @@ def rounding_flips(weight: np.ndarray, params: QuantParams, codes: np.ndarray) -
     return flip_gaps(*_nearest_and_other(weight, params), codes)
 
 
+def recorded_rounding(weight: np.ndarray, params: QuantParams, codes: np.ndarray) -> tuple[list[int], np.ndarray]:
+    """``rounding_flips`` and the codes the record gives back (``apply_flips`` of them), computed together: what
+    a later algorithm (bias correction) reads without rounding the weight again."""
+    nearest, other = _nearest_and_other(weight, params)
+    codes = np.asarray(codes).reshape(nearest.shape)
+    kept = (codes != nearest) & (codes == other)
+    flat = np.flatnonzero(kept)
+    return _gaps_of(flat), np.where(kept, other, nearest)
+
+
 def apply_flips(weight: np.ndarray, params: QuantParams, gaps: list[int]) -> np.ndarray:
     """Integer codes of ``weight``: round-to-nearest except at the gap-coded flat indices in ``gaps``, where the
     other neighbour (as ``_nearest_and_other`` gives it) is computed for those values only."""
@@ -539,7 +549,11 @@ def flip_gaps(nearest: np.ndarray, other: np.ndarray, codes: np.ndarray) -> list
     """Where ``codes`` take ``other`` instead of ``nearest`` (any grid: uniform codes or NUQ levels), as
     gap-coded flat indices: first index, then the differences to the previous one."""
     codes = np.asarray(codes).reshape(nearest.shape)
-    flat = np.flatnonzero((codes != nearest) & (codes == other))
+    return _gaps_of(np.flatnonzero((codes != nearest) & (codes == other)))
+
+
+def _gaps_of(flat: np.ndarray) -> list[int]:
+    """Increasing flat indices, gap-coded: the first index, then the differences to the previous one."""
     return np.diff(flat, prepend=0).astype(np.int64).tolist() if flat.size else []
 
 
