@@ -335,6 +335,15 @@ def flip_descent(values: np.ndarray, alternatives: np.ndarray, w: np.ndarray, gr
     row with no improving flip is final and leaves the working set, so late steps cost only what is still
     moving. Returns the final values; each is exactly one of the given ``values`` or ``alternatives``."""
     g, out, d = w.shape
+    flipped = _flip_mask(values, alternatives, w, gram, lin, max_steps)
+    return np.where(flipped, np.asarray(alternatives).reshape(g * out, d),
+                    np.asarray(values).reshape(g * out, d)).reshape(g, out, d)
+
+
+def _flip_mask(values: np.ndarray, alternatives: np.ndarray, w: np.ndarray, gram: np.ndarray,
+               lin: np.ndarray | None, max_steps: int | None) -> np.ndarray:
+    """``flip_descent``'s work: which weights take their alternative, (groups * out, d) bool."""
+    g, out, d = w.shape
     n = g * out
     val0 = np.asarray(values).reshape(n, d)
     alt0 = np.asarray(alternatives).reshape(n, d)
@@ -384,10 +393,9 @@ def flip_descent(values: np.ndarray, alternatives: np.ndarray, w: np.ndarray, gr
             h += step[:, None] * gram[rows // out, j]
         hf[flat] = hj
     flipped = np.zeros(n * d, bool)
-    if toggles:
-        for flat in toggles:  # one index per row and step: no repeats within one
-            flipped[flat] ^= True
-    return np.where(flipped.reshape(n, d), alt0, val0).reshape(g, out, d)
+    for flat in toggles:  # one index per row and step: no repeats within one
+        flipped[flat] ^= True
+    return flipped.reshape(n, d)
 
 
 def flip_search(codes: np.ndarray, w: np.ndarray, s: np.ndarray, gram: np.ndarray, lin: np.ndarray | None,
@@ -395,15 +403,16 @@ def flip_search(codes: np.ndarray, w: np.ndarray, s: np.ndarray, gram: np.ndarra
     """``flip_descent`` over AdaRound's choices (each code ``floor(w/s)`` or ``floor(w/s) + 1``, clipped to
     ``[qmin, qmax]``), starting from ``codes``: returns the final codes (float32, (groups, out, d))."""
     g, out, d = w.shape
-    q = w / s
-    lo = np.clip(np.floor(q), qmin, qmax).astype(np.float32)
-    hi = np.clip(np.floor(q) + 1, qmin, qmax).astype(np.float32)
+    lo = np.floor(np.divide(w, s, dtype=np.float32))
+    hi = lo + 1
+    np.clip(lo, qmin, qmax, out=lo)
+    np.clip(hi, qmin, qmax, out=hi)
     start = np.broadcast_to(np.asarray(codes, np.float32), (g, out, d))
     other = np.where(start == lo, hi, lo)
-    del q, lo, hi  # not held through the descent (the records' peak, issue 17 item 7)
+    del lo, hi  # not held through the descent (the records' peak, issue 17 item 7)
     sb = np.broadcast_to(s, (g, out, 1)).astype(np.float32)
-    final = flip_descent(sb * start, sb * other, w, gram, lin, max_steps)
-    return np.where(final != sb * start, other, start).astype(np.float32)
+    flipped = _flip_mask(sb * start, sb * other, w, gram, lin, max_steps).reshape(g, out, d)
+    return np.where(flipped, other, start)
 
 
 def _nearest_start(w: np.ndarray, s: np.ndarray, qmin: int, qmax: int) -> tuple[np.ndarray, int]:
@@ -508,11 +517,15 @@ def learn_rounding(weight: np.ndarray, scale: np.ndarray, rows: np.ndarray, qmin
 
 def _nearest_and_other(weight: np.ndarray, params: QuantParams) -> tuple[np.ndarray, np.ndarray]:
     """Round-to-nearest codes (as ``params.quantize``) and the other neighbour of each value (clipped)."""
-    nearest = params.quantize(weight)
     s = params._broadcast(params.scale.astype(np.float32), weight.ndim)
-    x = weight.astype(np.float32) / s
-    other = np.where(np.round(x) > x, np.floor(x), np.ceil(x)).astype(np.int64)
-    return nearest, np.clip(other, params.qmin, params.qmax)
+    x = np.divide(weight, s, dtype=np.float32)
+    r = np.round(x)
+    if params.num_bits <= 16 and not np.any(params.offset):  # params.quantize's codes, from the same w / s
+        nearest = np.clip(r, params.qmin, params.qmax).astype(np.int64)
+    else:
+        nearest = params.quantize(weight)
+    other = np.where(r > x, np.floor(x), np.ceil(x))
+    return nearest, np.clip(other, params.qmin, params.qmax).astype(np.int64)
 
 
 def rounding_flips(weight: np.ndarray, params: QuantParams, codes: np.ndarray) -> list[int]:
