@@ -272,8 +272,9 @@ def run_views(session, names: list[str], feeds: Mapping[str, np.ndarray], run_op
 
 
 def observed_tensors(plan: Plan, config: QuantConfig) -> list[str]:
-    """The tensors a calibration of ``plan`` reads (what the modified model exposes as outputs)."""
-    return Statistics(p for algorithm in PIPELINE for p in algorithm.points(plan, config)).tensors()
+    """The tensors a calibration of ``plan`` reads (what the modified model exposes as outputs): ``Statistics``'
+    order (each tensor where its first point is), without making the accumulators."""
+    return list(dict.fromkeys(p.tensor for algorithm in PIPELINE for p in algorithm.points(plan, config)))
 
 
 def initializer_reader(model: onnx.ModelProto) -> Callable[[str], np.ndarray]:
