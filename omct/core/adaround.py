@@ -354,17 +354,15 @@ def _flip_mask(values: np.ndarray, alternatives: np.ndarray, w: np.ndarray, gram
         h -= lin
     e = np.subtract(alt0, val0, dtype=dtype, order="C")  # the change a flip would make (0: no other value, gain 0: never taken)
     h += (0.5 * e).reshape(g, out, d) * np.diagonal(gram, axis1=1, axis2=2)[:, None, :]
+    del val0, alt0
     h = np.ascontiguousarray(h.reshape(n, d))
-    e *= 2
-    e2 = e
-    del e  # out * d arrays held through the descent: only what it needs (the records' peak, issue 17 item 7)
     rows = np.arange(n)  # the working set's rows
-    toggles = []  # flat indices flipped, step by step (a weight flipped twice is back where it started)
-    gain = np.empty_like(h)
+    toggles = []  # (rows, weights) flipped, step by step (a weight flipped twice is back where it started)
+    gain = np.empty_like(h)  # half the gain, e h: the same argmin and sign, one multiply fewer
     upd = np.empty_like(h)
     at = np.arange(n) * d  # each working row's first flat index
     for _ in range(d if max_steps is None else max_steps):
-        np.multiply(e2, h, out=gain)
+        np.multiply(e, h, out=gain)
         j = gain.argmin(1)
         flat = at + j
         move = gain.reshape(-1).take(flat) < 0
@@ -372,19 +370,18 @@ def _flip_mask(values: np.ndarray, alternatives: np.ndarray, w: np.ndarray, gram
         if not moving:
             break
         if moving < len(rows) // 2:  # most rows are final: keep only the moving ones (rows stopped are done)
-            rows, h, e2, j = (a[move] for a in (rows, h, e2, j))
+            rows, h, e, j = (a[move] for a in (rows, h, e, j))
             gain, upd, at = gain[: len(rows)], upd[: len(rows)], at[: len(rows)]
             flat, moving = at + j, len(rows)
-        ef, hf = e2.reshape(-1), h.reshape(-1)
-        ej, hj = ef.take(flat), hf.take(flat)
+        ef, hf = e.reshape(-1), h.reshape(-1)
+        step, hj = ef.take(flat), hf.take(flat)  # each row's flip: e, and h at the weight, which the flip keeps
         if moving == len(rows):
-            step = 0.5 * ej
-            ef[flat] = -ej
-            toggles.append(rows * d + j)
+            ef[flat] = -step
+            toggles.append((rows, j))
         else:  # a row that stopped (no improving flip) stays as it is: a step of 0
-            step = 0.5 * ej * move
-            ef[flat[move]] = -ej[move]
-            toggles.append((rows * d + j)[move])
+            ef[flat[move]] = -step[move]
+            toggles.append((rows[move], j[move]))
+            step *= move
         if g == 1:  # one Gram matrix: a row gather, scaled and added in place
             np.take(gram[0], j, axis=0, out=upd)
             upd *= step[:, None]
@@ -392,10 +389,10 @@ def _flip_mask(values: np.ndarray, alternatives: np.ndarray, w: np.ndarray, gram
         else:
             h += step[:, None] * gram[rows // out, j]
         hf[flat] = hj
-    flipped = np.zeros(n * d, bool)
-    for flat in toggles:  # one index per row and step: no repeats within one
-        flipped[flat] ^= True
-    return flipped.reshape(n, d)
+    flipped = np.zeros((n, d), bool)
+    for where, which in toggles:  # one weight per row and step: no repeats within one
+        flipped[where, which] ^= True
+    return flipped
 
 
 def flip_search(codes: np.ndarray, w: np.ndarray, s: np.ndarray, gram: np.ndarray, lin: np.ndarray | None,
