@@ -359,7 +359,6 @@ def _flip_mask(values: np.ndarray, alternatives: np.ndarray, w: np.ndarray, gram
     rows = np.arange(n)  # the working set's rows
     toggles = []  # (rows, weights) flipped, step by step (a weight flipped twice is back where it started)
     gain = np.empty_like(h)  # half the gain, e h: the same argmin and sign, one multiply fewer
-    upd = np.empty_like(h)
     at = np.arange(n) * d  # each working row's first flat index
     for _ in range(d if max_steps is None else max_steps):
         np.multiply(e, h, out=gain)
@@ -371,7 +370,7 @@ def _flip_mask(values: np.ndarray, alternatives: np.ndarray, w: np.ndarray, gram
             break
         if moving < len(rows) // 2:  # most rows are final: keep only the moving ones (rows stopped are done)
             rows, h, e, j = (a[move] for a in (rows, h, e, j))
-            gain, upd, at = gain[: len(rows)], upd[: len(rows)], at[: len(rows)]
+            gain, at = gain[: len(rows)], at[: len(rows)]
             flat, moving = at + j, len(rows)
         ef, hf = e.reshape(-1), h.reshape(-1)
         step, hj = ef.take(flat), hf.take(flat)  # each row's flip: e, and h at the weight, which the flip keeps
@@ -382,8 +381,8 @@ def _flip_mask(values: np.ndarray, alternatives: np.ndarray, w: np.ndarray, gram
             ef[flat[move]] = -step[move]
             toggles.append((rows[move], j[move]))
             step *= move
-        if g == 1:  # one Gram matrix: a row gather, scaled and added in place
-            np.take(gram[0], j, axis=0, out=upd)
+        if g == 1:  # one Gram matrix: a row gather (take's ``out=`` is the slower path), scaled, added in place
+            upd = gram[0].take(j, axis=0)
             upd *= step[:, None]
             h += upd
         else:
