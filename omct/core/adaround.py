@@ -533,11 +533,25 @@ def rounding_flips(weight: np.ndarray, params: QuantParams, codes: np.ndarray) -
 def recorded_rounding(weight: np.ndarray, params: QuantParams, codes: np.ndarray) -> tuple[list[int], np.ndarray]:
     """``rounding_flips`` and the codes the record gives back (``apply_flips`` of them), computed together: what
     a later algorithm (bias correction) reads without rounding the weight again."""
-    nearest, other = _nearest_and_other(weight, params)
-    codes = np.asarray(codes).reshape(nearest.shape)
-    kept = (codes != nearest) & (codes == other)
-    flat = np.flatnonzero(kept)
-    return _gaps_of(flat), np.where(kept, other, nearest)
+    if params.num_bits > 16 or np.any(params.offset):  # the general case, as ``rounding_flips`` and ``apply_flips``
+        nearest, other = _nearest_and_other(weight, params)
+        codes = np.asarray(codes).reshape(nearest.shape)
+        kept = (codes != nearest) & (codes == other)
+        return _gaps_of(np.flatnonzero(kept)), np.where(kept, other, nearest)
+    # _nearest_and_other's values in float32 (exact integers), the other neighbour only where the codes moved
+    s = params._broadcast(params.scale.astype(np.float32), weight.ndim)
+    x = np.divide(weight, s, dtype=np.float32)
+    r = np.round(x)
+    nearest = np.clip(r, params.qmin, params.qmax)
+    codes = np.asarray(codes, np.float32).reshape(nearest.shape)
+    moved = np.flatnonzero(codes != nearest)  # C order, as the record's flat indices
+    xm, rm = x.flat[moved], r.flat[moved]
+    other = np.clip(np.where(rm > xm, np.floor(xm), np.ceil(xm)), params.qmin, params.qmax)
+    kept = codes.flat[moved] == other
+    flat = moved[kept]
+    back = nearest.astype(np.int64)
+    back.flat[flat] = other[kept]
+    return _gaps_of(flat), back
 
 
 def apply_flips(weight: np.ndarray, params: QuantParams, gaps: list[int]) -> np.ndarray:
