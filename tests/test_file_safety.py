@@ -125,6 +125,31 @@ def test_quantize_model_never_overwrites_the_models_external_data(tmp_path, rng)
             keep=[tmp_path / "weights.bin"])
 
 
+def test_input_files_of_a_big_model_list_its_external_data_not_itself(tmp_path, rng):
+    """A model file from ``PEEK_LAZY_BYTES`` on is read without its embedded weights' bytes: its external data file
+    is still listed (an output must not overwrite it), and the lazy reader's references into the model file
+    itself are not."""
+    from onnx import external_data_helper, numpy_helper
+
+    from omct.graph import model_io
+
+    model = conv_model(rng)
+    model.graph.initializer.append(numpy_helper.from_array(rng.normal(size=(model_io.PEEK_LAZY_BYTES // 4 + 1,))
+                                                           .astype(np.float32), "big_embedded"))
+    ext = numpy_helper.from_array(np.arange(64, dtype=np.float32), "small_external")
+    (tmp_path / "side.bin").write_bytes(ext.raw_data)
+    external_data_helper.set_external_data(ext, "side.bin", 0, len(ext.raw_data))
+    ext.ClearField("raw_data")
+    ext.data_location = TensorProto.EXTERNAL
+    model.graph.initializer.append(ext)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    assert path.stat().st_size >= model_io.PEEK_LAZY_BYTES
+    files = model_io.input_files("model_file", path)
+    assert sorted(os.path.realpath(f) for f in files.values()) == sorted(
+        os.path.realpath(f) for f in (path, tmp_path / "side.bin"))
+
+
 def test_save_model_never_overwrites_model_record_or_modified(tmp_path, rng):
     # the original model sits where save_path's fake-quant model would go
     original = tmp_path / "q_fake_quant_model.onnx"
