@@ -194,7 +194,7 @@ class AdaRound(Algorithm):
                 continue
             d = stat.sums.size if moments else rows.shape[1]
             rec = ctx.records[spec.name]
-            weight = layer_float_weight(ctx.weight_of(spec.weight).astype(np.float32), rec, spec)
+            weight = layer_float_weight(ctx.weight_of(spec.weight).astype(np.float32, copy=False), rec, spec)
             if moments and weight.size * d // max(1, spec.groups) > FLIP_COST_LIMIT:
                 continue  # out * d * d: the default's descent stays cheap
             # bias correction, which runs next, removes (Wq - W) E[x]: the rounding fits what it leaves

@@ -582,8 +582,9 @@ def _gaps_of(flat: np.ndarray) -> list[int]:
 
 def _gap_indices(gaps: list[int], size: int) -> np.ndarray:
     """The flat indices of gap-coded ``gaps``, checked against a weight of ``size`` values."""
-    flat = np.cumsum(np.asarray(gaps, np.int64))
-    if flat.size and (flat[-1] >= size or np.any(np.asarray(gaps[1:]) <= 0)):
+    steps = np.asarray(gaps, np.int64)  # the list converted once (a BERT layer's record: ~10^4 flips)
+    flat = np.cumsum(steps)
+    if flat.size and (flat[-1] >= size or np.any(steps[1:] <= 0)):
         raise ValueError(f"rounding flips index {int(flat[-1])} of a weight with {size} values, "
                          "or are not increasing")
     return flat

@@ -427,7 +427,7 @@ def build(builder: _Builder, plan: Plan, config: QuantConfig, records: dict[str,
         q = None if codes is None else codes.get(name)
         if q is None:
             try:
-                w = layer_float_weight(tensor_array(b.inits[spec.weight]).astype(np.float32), rec, spec)
+                w = layer_float_weight(tensor_array(b.inits[spec.weight]).astype(np.float32, copy=False), rec, spec)
                 q = layer_weight_codes(w, rec, wp)
             except ValueError as e:
                 raise QuantizationError(f"layer '{name}': record: {e}") from None
