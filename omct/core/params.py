@@ -38,8 +38,8 @@ class QuantParams:
         shape[self.axis] = -1
         return values.reshape(shape)
 
-    def quantize(self, x: np.ndarray) -> np.ndarray:
-        """Integer codes of ``x`` (int64, inside [qmin, qmax])."""
+    def quantize(self, x: np.ndarray, dtype: type = np.int64) -> np.ndarray:
+        """Integer codes of ``x`` (int64, or ``dtype`` when the codes fit it, inside [qmin, qmax])."""
         s = self._broadcast(self.scale.astype(np.float32), x.ndim)
         if self.num_bits > 16:  # levels beyond float32's exact integers (INT32 bias): offset added in int64
             o = self._broadcast(self.offset.astype(np.int64), x.ndim)
@@ -51,7 +51,7 @@ class QuantParams:
         np.round(q, out=q)
         q += self._broadcast(self.offset.astype(np.float32), x.ndim)
         np.clip(q, self.qmin, self.qmax, out=q)
-        return q.astype(np.int64)
+        return q.astype(dtype)
 
     def dequantize(self, q: np.ndarray) -> np.ndarray:
         s = self._broadcast(self.scale.astype(np.float32), q.ndim)

@@ -391,7 +391,8 @@ def layer_float_weight(weight: np.ndarray, record: LayerRecord, spec: LayerSpec)
     return (weight * np.asarray(record.dmq_factor, np.float32).reshape(shape)).astype(np.float32)
 
 
-def layer_weight_codes(weight: np.ndarray, record: LayerRecord, params: QuantParams) -> np.ndarray:
+def layer_weight_codes(weight: np.ndarray, record: LayerRecord, params: QuantParams,
+                       dtype: type = np.int64) -> np.ndarray:
     """The integer weight of a layer from its float weight and its record: the one place export, and every
     algorithm that needs the quantized weight (bias correction), turn a weight into codes, so fake-quant,
     deploy and the corrections agree. Round to nearest unless the record says otherwise; a weight encoding
@@ -400,7 +401,7 @@ def layer_weight_codes(weight: np.ndarray, record: LayerRecord, params: QuantPar
         return nuq.to_levels(weight, params.scale, params.axis, record.nuq_levels, record.ada_flip)
     if record.ada_flip:
         return apply_flips(weight, params, record.ada_flip)
-    return params.quantize(weight)
+    return params.quantize(weight, dtype)  # ``dtype`` (INT8 for export) only here: no int64 copy of a big table
 
 
 def build(builder: _Builder, plan: Plan, config: QuantConfig, records: dict[str, LayerRecord],
@@ -428,11 +429,11 @@ def build(builder: _Builder, plan: Plan, config: QuantConfig, records: dict[str,
         if q is None:
             try:
                 w = layer_float_weight(tensor_array(b.inits[spec.weight]).astype(np.float32, copy=False), rec, spec)
-                q = layer_weight_codes(w, rec, wp)
+                q = layer_weight_codes(w, rec, wp, np.int8 if wp.num_bits <= 8 else np.int64)
             except ValueError as e:
                 raise QuantizationError(f"layer '{name}': record: {e}") from None
             if codes is not None:  # kept as INT8 (a quarter of the float weight) when the bits allow
-                q = codes[name] = q.astype(np.int8) if wp.num_bits <= 8 else q
+                q = codes[name] = q.astype(np.int8, copy=False) if wp.num_bits <= 8 else q
         if spec.weight_only:
             b.lookup(node, q, wp, name)
             continue
