@@ -59,10 +59,12 @@ def main() -> None:
              "peak RSS: the highest VmHWM of the rounds; calib/fwd (ONNX frontend): the CalibrationSession's runs "
              "over the batches against bare FP32 ONNX Runtime runs (medians of 7 interleaved rounds in one child, one child "
              "per checkout in every round, the median of the rounds' ratios; in brackets, where measured: the passes "
-             "alone, without the records' computation at the last batch). omct: "
+             "alone, without the records' computation at the last batch); PTQ CPU s: the process's CPU time over the same "
+             "span (all its threads; ONNX frontend), median of the rounds, less sensitive to a shared host than the wall. omct: "
              + ", ".join(f"{k} = `{v}`" for k, v in versions.items()) + ".\n",
-             "| frontend | model | omct | PTQ wall s | vs MinMax | import s | peak RSS MB | vs MinMax RSS | calib/fwd |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| frontend | model | omct | PTQ wall s | vs MinMax | import s | peak RSS MB | vs MinMax RSS | calib/fwd "
+             "| PTQ CPU s | CPU vs MinMax |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for frontend in args.frontends:
         for name in args.models:
             rounds = []
@@ -78,12 +80,13 @@ def main() -> None:
             ort = [r["ort"] for r in rounds if "error" not in r["ort"]]
             ort_wall = float(np.median([r["wall_s"] for r in ort])) if ort else float("nan")
             ort_rss = max((r["peak_rss_mb"] for r in ort), default=float("nan"))
+            ort_cpu = float(np.median([r.get("cpu_s", float("nan")) for r in ort])) if ort else float("nan")
             rows = [(label, [r[label] for r in rounds]) for label in versions] + [("ORT MinMax", ort)]
             for label, runs in rows:
                 bad = [r for r in runs if "error" in r]
                 if bad or not runs:
                     lines.append(f"| {frontend} | {name} | {label} | failed: {bad[0]['error'][:80] if bad else '-'} "
-                                 "| | | | | |")
+                                 "| | | | | | | |")
                     continue
                 wall = float(np.median([r["wall_s"] for r in runs]))
                 imp = float(np.median([r.get("import_s", 0.0) for r in runs]))
@@ -98,7 +101,9 @@ def main() -> None:
                     continue
                 cells = "- | - | - | - | -" if args.calib_only else \
                     f"{wall:.2f} | {wall / ort_wall:.2f}x | {imp:.2f} | {rss:.0f} | {rss / ort_rss:.2f}x"
-                lines.append(f"| {frontend} | {name} | {label} | {cells} | {ratio} |")
+                cpu = float(np.median([r.get("cpu_s", float("nan")) for r in runs]))
+                cpu_cells = "- | -" if args.calib_only or np.isnan(cpu) else f"{cpu:.2f} | {cpu / ort_cpu:.2f}x"
+                lines.append(f"| {frontend} | {name} | {label} | {cells} | {ratio} | {cpu_cells} |")
             print("\n".join(lines[-len(rows):]), flush=True)
     if args.append:  # a dated section of results/ptq.md (never a fresh file: the other tables stay)
         ptq.write_results("ptq", lines, append=True)
