@@ -330,8 +330,8 @@ def flip_descent(values: np.ndarray, alternatives: np.ndarray, w: np.ndarray, gr
     does (a local minimum: no single flip helps) or ``max_steps`` (default ``d``). A flip of weight j by
     ``e = alt - value`` changes the loss by ``2 e r_j + e^2 A_jj = 2 e h_j`` with ``r = delta A - B`` and
     ``h = r + e diag(A) / 2``; the flip adds ``e A_j`` to ``r``, and so to ``h`` everywhere but at j, where the
-    sign change of ``e`` cancels it (value and alternative swap): a step costs ``O(out * d)`` in four passes
-    over the working set (one product, the argmin, one row gather and its scaled add). Rows are independent: a
+    sign change of ``e`` cancels it (value and alternative swap): a step costs ``O(out * d)`` in five passes
+    over the working set (the product, its argmin, a row gather, its scaling, the add). Rows are independent: a
     row with no improving flip is final and leaves the working set, so late steps cost only what is still
     moving. Returns the final values; each is exactly one of the given ``values`` or ``alternatives``."""
     g, out, d = w.shape
@@ -349,13 +349,15 @@ def _flip_mask(values: np.ndarray, alternatives: np.ndarray, w: np.ndarray, gram
     alt0 = np.asarray(alternatives).reshape(n, d)
     dtype = np.result_type(val0.dtype, gram.dtype)
     gram = np.asarray(gram, dtype)
-    h = np.matmul(np.asarray(values, dtype) - w, gram)  # r, then h: (groups, out, d), C order (the loop writes
-    if lin is not None:  # single entries through flat views)
+    h = np.matmul(np.asarray(values, dtype) - w, gram)  # r = delta A - B, then h
+    if lin is not None:
         h -= lin
-    e = np.subtract(alt0, val0, dtype=dtype, order="C")  # the change a flip would make (0: no other value, gain 0: never taken)
+    # the change a flip would make (0 where there is no other value: a gain of 0, never taken); C order, as h:
+    # the loop writes single entries through flat views
+    e = np.subtract(alt0, val0, dtype=dtype, order="C")
     h += (0.5 * e).reshape(g, out, d) * np.diagonal(gram, axis1=1, axis2=2)[:, None, :]
     del val0, alt0
-    h = np.ascontiguousarray(h.reshape(n, d))
+    h = np.ascontiguousarray(h.reshape(n, d), dtype)
     rows = np.arange(n)  # the working set's rows
     toggles = []  # (rows, weights) flipped, step by step (a weight flipped twice is back where it started)
     gain = np.empty_like(h)  # half the gain, e h: the same argmin and sign, one multiply fewer
