@@ -369,3 +369,34 @@ def test_conv1d_model_matches_simulation(tmp_path):
     got = ort_run(fake, {"input": x.numpy()})[0]
     assert np.abs(got - want).max() < 1e-3 * np.abs(want).max()
     np.testing.assert_allclose(ort_run(deploy, {"input": x.numpy()})[0], got, atol=0.05 * np.abs(got).max())
+
+
+def test_calibration_model_lets_go_after_the_last_batch(tmp_path):
+    """After the last batch AMCT's calibration module is the plain module again: its hooks are removed, and the
+    ONNX Runtime session, the modified model and the statistics (only the record file is read after this) are
+    freed before save_model needs the memory; the outputs and the saved models are unchanged by that."""
+    import real_models
+
+    torch.manual_seed(0)
+    model = real_models.resnet18(width=8).eval()  # residual Adds: their outputs come from an ONNX Runtime session
+    batches = [torch.randn(4, 3, 16, 16) for _ in range(2)]
+    config, modified, record = tmp_path / "c.json", tmp_path / "m.onnx", tmp_path / "r.txt"
+    amct.create_quant_config(config, model, batches[0][:1], batch_num=2)
+    cal = amct.quantize_model(config, modified, record, model, batches[0][:1])
+    assert cal._session is not None and cal._handles
+    with torch.no_grad():
+        outs = [cal(b) for b in batches]
+    assert cal.complete and read_record(record)
+    assert not cal._handles and cal._session is None and cal._mod is None and cal.calibration.stats is None
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in cal.model.modules())
+    with torch.no_grad():
+        for b, o in zip(batches, outs, strict=True):
+            torch.testing.assert_close(cal(b), o)
+            torch.testing.assert_close(o, model(b), rtol=1e-4, atol=1e-4)
+    amct.save_model(modified, record, tmp_path / "q")
+    x = batches[1].numpy()
+    with torch.no_grad():
+        want = model(batches[1]).numpy()
+    name = onnx.load(tmp_path / "q_fake_quant_model.onnx").graph.input[0].name
+    got = ort_run(tmp_path / "q_fake_quant_model.onnx", {name: x})[0]
+    assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.99
