@@ -11,7 +11,6 @@ float has a reason.
 from __future__ import annotations
 
 import inspect
-import io
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -187,7 +186,7 @@ def _export(model: nn.Module, args: tuple, marked: dict[str, nn.Module], input_n
             return _Mark.apply(out, name) if isinstance(out, torch.Tensor) else out
         return hook
 
-    buf = io.BytesIO()
+    buf = _Sink()
     with _hooks(marked, factory), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -204,7 +203,22 @@ def _export(model: nn.Module, args: tuple, marked: dict[str, nn.Module], input_n
         raise error
     for w in caught:
         logger.debug("torch.onnx.export: %s", w.message)
-    return buf.getvalue()
+    return buf.data
+
+
+class _Sink:
+    """The file object ``torch.onnx.export`` writes its serialised model into (one ``write`` of the whole bytes):
+    it keeps that bytes object, where ``io.BytesIO`` copies it (one model-size copy less at the export's peak)."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def write(self, data: bytes) -> int:
+        self.data = data if not self.data and isinstance(data, bytes) else self.data + bytes(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
 
 
 @dataclass
@@ -366,7 +380,8 @@ def trace_model(model: nn.Module, input_data, input_names=None, output_names=Non
     """Export ``model`` (already in the state to quantize, e.g. eval mode) and map modules to ONNX nodes.
 
     ``reuse``: an earlier export of the same module in the same state (``export_cache``), taken instead of
-    exporting again when these options' graph can be derived from it; ``on_export`` is given each new export."""
+    exporting again when these options' graph can be derived from it, and emptied (it is used once);
+    ``on_export`` is given each new export."""
     args = as_args(input_data)
     if input_names is None:
         input_names = default_input_names(model, args)
@@ -383,6 +398,8 @@ def trace_model(model: nn.Module, input_data, input_names=None, output_names=Non
         if exported is not None:
             calls = dict(reuse.calls)
             logger.debug("reusing the export of create_quant_config")
+    if reuse is not None:
+        reuse.data = b""  # used once (the cache slot is empty): its bytes go before the graph is processed
     if exported is None:
         data = _export(model, args, {**candidates, **batchnorms}, input_names, output_names, dynamic_axes, calls)
         if on_export is not None:
