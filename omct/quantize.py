@@ -174,6 +174,15 @@ class Calibration:
                            scope, ", ".join(layers))
         self.plan, self.config = plan, with_float_layers(self.config, set(dropped))
 
+    def release(self) -> None:
+        """Drop the statistics and the weight reader once the records exist. Why: a caller that needs only the
+        records (AMCT's quantize_model sequence) frees them before save_model builds the two models (18 MB at the
+        peak of the benchmark BERT). ``records_for`` cannot run afterwards."""
+        if self.records is None:
+            raise CalibrationError("calibration statistics are released only after the records are computed")
+        self.stats = None  # type: ignore[assignment]
+        self.weight_of = None  # type: ignore[assignment]
+
     def records_for(self, config: QuantConfig) -> dict[str, LayerRecord]:
         """The records ``config`` gives from this run's statistics, without recalibrating (a search trial that
         changes layers' weight algorithms: NUQ steps, uniform). ``config`` must enable the same layers and need

@@ -148,7 +148,12 @@ def test_slot_is_dropped_with_the_model_and_after_quantize_model(tmp_path, expor
     gc.collect()
     assert CACHE._entry is None
     model = _net()
-    _flow(tmp_path, model, x)
+    amct.create_quant_config(str(tmp_path / "a.json"), model, x)
+    raw = CACHE._entry[3]
+    assert raw.data
+    amct.quantize_model(str(tmp_path / "a.json"), str(tmp_path / "mod.onnx"), str(tmp_path / "rec.txt"), model, x,
+                        **EXPORT)
+    assert CACHE._entry is None and raw.data == b""  # used once: its bytes are let go, not kept by a caller
     amct.quantize_model(str(tmp_path / "a.json"), str(tmp_path / "mod2.onnx"), str(tmp_path / "rec2.txt"), model, x,
                         **EXPORT)
     assert len(exports) == 3  # config, quantize_model (reused), quantize_model again (fresh)

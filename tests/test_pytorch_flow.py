@@ -369,3 +369,71 @@ def test_conv1d_model_matches_simulation(tmp_path):
     got = ort_run(fake, {"input": x.numpy()})[0]
     assert np.abs(got - want).max() < 1e-3 * np.abs(want).max()
     np.testing.assert_allclose(ort_run(deploy, {"input": x.numpy()})[0], got, atol=0.05 * np.abs(got).max())
+
+
+def test_calibration_model_lets_go_after_the_last_batch(tmp_path):
+    """After the last batch AMCT's calibration module is the plain module again: its hooks are removed, and the
+    ONNX Runtime session, the modified model and the statistics (only the record file is read after this) are
+    freed before save_model needs the memory; the outputs and the saved models are unchanged by that."""
+    import real_models
+
+    torch.manual_seed(0)
+    model = real_models.resnet18(width=8).eval()  # residual Adds: their outputs come from an ONNX Runtime session
+    batches = [torch.randn(4, 3, 16, 16) for _ in range(2)]
+    config, modified, record = tmp_path / "c.json", tmp_path / "m.onnx", tmp_path / "r.txt"
+    amct.create_quant_config(config, model, batches[0][:1], batch_num=2)
+    cal = amct.quantize_model(config, modified, record, model, batches[0][:1])
+    assert cal._session is not None and cal._handles
+    with torch.no_grad():
+        outs = [cal(b) for b in batches]
+    assert cal.complete and read_record(record)
+    assert not cal._handles and cal._session is None and cal._mod is None and cal.calibration.stats is None
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in cal.model.modules())
+    with torch.no_grad():
+        for b, o in zip(batches, outs, strict=True):
+            torch.testing.assert_close(cal(b), o)
+            torch.testing.assert_close(o, model(b), rtol=1e-4, atol=1e-4)
+    amct.save_model(modified, record, tmp_path / "q")
+    x = batches[1].numpy()
+    with torch.no_grad():
+        want = model(batches[1]).numpy()
+    name = onnx.load(tmp_path / "q_fake_quant_model.onnx").graph.input[0].name
+    got = ort_run(tmp_path / "q_fake_quant_model.onnx", {name: x})[0]
+    assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.99
+
+
+class _Pairs(nn.Module):
+    """Conv + BatchNorm in the ways that fold and the ways that must not."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn_a = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)  # folds
+        self.b, self.bn_b = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)  # conv output read twice
+        self.c, self.bn_c = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)  # BN reads 2 * conv output
+        self.d, self.bn_d = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)  # BN runs twice
+        self.e, self.bn_e = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4, affine=False)  # folds
+        for bn in (self.bn_a, self.bn_b, self.bn_c, self.bn_d, self.bn_e):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+
+    def forward(self, x):
+        x = torch.relu(self.bn_a(self.a(x)))
+        y = self.b(x)
+        x = self.bn_b(y) + y
+        x = self.bn_c(2 * self.c(x))
+        x = self.bn_d(self.bn_d(self.d(x)))
+        return self.bn_e(self.e(x))
+
+
+def test_batchnorms_fold_only_into_the_conv_whose_output_they_alone_read(tmp_path):
+    """Conv + BN pairs are found from the export (the BN module read the conv's very output, the one node
+    reading it is the module's BatchNormalization); every other arrangement keeps its BN."""
+    torch.manual_seed(0)
+    model = _Pairs().eval()
+    x = torch.randn(2, 3, 8, 8)
+    assert amct.inspect_model(model, x).foldable == {"a": "bn_a", "e": "bn_e"}
+    amct.create_quant_config(tmp_path / "c.json", model, x, batch_num=1)
+    cal = amct.quantize_model(tmp_path / "c.json", tmp_path / "m.onnx", tmp_path / "r.txt", model, x)
+    assert [n.op_type for n in onnx.load(tmp_path / "m.onnx").graph.node].count("BatchNormalization") == 4  # b, c, d twice
+    with torch.no_grad():
+        torch.testing.assert_close(cal(x), model(x), rtol=1e-4, atol=1e-4)

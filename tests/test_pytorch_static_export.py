@@ -104,3 +104,41 @@ def test_misspelled_config_layer_is_still_an_error(wrong, bert, tmp_path):
     config.write_text(json.dumps(data))
     with pytest.raises(ConfigError, match=f"layer '{wrong}' is not a quantizable layer"):
         amct.quantize_model(config, tmp_path / "m.onnx", tmp_path / "r.txt", model, batches[0], dynamic_axes={})
+
+
+def test_automatic_search_counts_only_the_layers_it_quantizes(bert, tmp_path, caplog):
+    """The search's "N of M layers" counts the layers the quantized model has: not the position table the static
+    export keeps float, nor the config's chain ops (Add, ...) that stay float between float tensors. An evaluator
+    that accepts only the float model ends with every quantized layer in float, and says so."""
+    from omct.auto import AutoCalibrationEvaluatorBase
+
+    model, batches = bert
+    with torch.no_grad():
+        want = model(*batches[2])
+
+    class OnlyFloat(AutoCalibrationEvaluatorBase):
+        def calibration(self, m):
+            with torch.no_grad():
+                for b in batches[:2]:
+                    m(*b)
+
+        def evaluate(self, m):  # 1 for the float model's outputs (the nn.Module, then OnnxModule trials), else 0
+            with torch.no_grad():
+                return float(np.abs((m(*batches[2]) - want).numpy()).max() < 1e-4)
+
+    config, record = tmp_path / "config.json", tmp_path / "record.txt"
+    amct.create_quant_config(config, model, batches[0], batch_num=2)
+    with caplog.at_level("INFO", logger="omct"):
+        result = amct.accuracy_based_auto_calibration(model, OnlyFloat(), config, record, tmp_path / "out", batches[0],
+                                                      dynamic_axes={})
+    quantized = set(read_record(record))  # what calibration quantized: the modified model's plan
+    assert POSITION not in quantized and len(quantized) < len(json.loads(config.read_text())) - 8  # the globals
+    m = len(quantized)
+    messages = [r.getMessage() for r in caplog.records]
+    first = next(s for s in messages if s.startswith("evaluation 1:"))
+    assert f"0 of {m} layers in float" in first, first
+    assert set(result.float_layers) == quantized
+    assert any(f"every layer ({m} of {m}) in float" in s for s in messages), messages
+    done = next(s for s in messages if s.startswith("done after"))
+    assert f"{m} of {m} layers in float" in done, done
+    assert json.loads((tmp_path / "out" / "search_record.json").read_text())["all_float"] is True

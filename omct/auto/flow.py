@@ -87,7 +87,10 @@ def run_auto_calibration(target: AutoTarget, evaluator: AutoCalibrationEvaluator
         feeds = target.feeds(prepared, kept.kept)
         return analyze(prepared.model, quantized.fake_quant_model(), feeds, batch_count=len(feeds)).ranking(sens)
 
-    result = search(evaluator, original, config, save_dir, evaluate_float_layers, rank, strategy, sensitivity)
+    # counted over the layers the fully quantized model really quantizes: not a config layer this graph keeps
+    # float (a chain op between float tensors, a module the PyTorch frontend's export cannot quantize)
+    result = search(evaluator, original, config, save_dir, evaluate_float_layers, rank, strategy, sensitivity,
+                    quantized=list(quantized.plan.layers))
     final = quantized.with_float_layers(result.float_layers)
     final.save(save_dir / target.prefix)
     if final.all_float:

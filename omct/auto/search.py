@@ -58,11 +58,16 @@ class SearchResult:
 
 def search(evaluator: AutoCalibrationEvaluatorBase, original_metric: float, config: QuantConfig, save_dir: Path,
            evaluate_float_layers: Callable[[set[str]], float], rank: Callable[[Sensitivity], list[tuple[str, float]]],
-           strategy: str | SearchStrategy, sensitivity: str | Sensitivity) -> SearchResult:
+           strategy: str | SearchStrategy, sensitivity: str | Sensitivity,
+           quantized: list[str] | None = None) -> SearchResult:
     """Evaluate the fully quantized model, then let the strategy roll layers back to float until the metric
-    is met. ``evaluate_float_layers(layers)`` builds the models with those layers in float and evaluates."""
+    is met. ``evaluate_float_layers(layers)`` builds the models with those layers in float and evaluates.
+    ``quantized``: the layers the fully quantized model really quantizes (its plan), which the "N of M layers"
+    messages and ``all_float`` count; a config may enable more (a chain op between float tensors, a layer that
+    a frontend's export keeps float). Default: the config's enabled layers."""
     strat, sens = resolve_strategy(strategy), resolve_sensitivity(sensitivity)
-    layers = config.enabled_layers()
+    layers = config.enabled_layers() if quantized is None else list(quantized)
+    counted = set(layers)
     evaluations: list[dict] = []
     cache: dict[frozenset, tuple[float, bool, float]] = {}
 
@@ -79,8 +84,9 @@ def search(evaluator: AutoCalibrationEvaluatorBase, original_metric: float, conf
             passing = [e for e in evaluations if e["ok"]]
             best = min(passing, key=lambda e: len(e["float_layers"])) if passing else None
             logger.info("evaluation %d: %d of %d layers in float -> metric %.6g (%s, loss %.4g); best so far: %s",
-                        len(evaluations), len(float_layers), len(layers), metric, "ok" if ok else "not ok", loss,
-                        f"{len(best['float_layers'])} in float, metric {best['metric']:.6g}" if best else "none ok yet")
+                        len(evaluations), len(float_layers & counted), len(layers), metric, "ok" if ok else "not ok",
+                        loss, f"{len(set(best['float_layers']) & counted)} in float, metric {best['metric']:.6g}"
+                        if best else "none ok yet")
         metric, ok, loss = cache[key]
         return ok, loss
 
@@ -103,7 +109,7 @@ def search(evaluator: AutoCalibrationEvaluatorBase, original_metric: float, conf
         if not run(final)[0]:  # only evaluates when the strategy stopped on an untried configuration
             got = cache[frozenset(final)][0]
             raise QuantizationError(
-                f"even with {len(final)} of {len(layers)} layers in float the metric is not met ({got:.6g} vs original "
+                f"even with {len(final & counted)} of {len(layers)} layers in float the metric is not met ({got:.6g} vs original "
                 f"{original_metric:.6g}); no model written. Check metric_eval, or the calibration data")
     metric = cache[frozenset(final)][0]
     save_config(with_float_layers(config, final), save_dir / "final_config.json")
@@ -112,12 +118,12 @@ def search(evaluator: AutoCalibrationEvaluatorBase, original_metric: float, conf
         "evaluations": evaluations, "final_float_layers": sorted(final), "final_metric": metric,
         "all_float": bool(layers) and final >= set(layers)}, indent=2))
     logger.info("done after %d evaluation(s) of quantized models: %d of %d layers in float, metric %.6g (original %.6g)",
-                len(evaluations), len(final), len(layers), metric, original_metric)
+                len(evaluations), len(final & counted), len(layers), metric, original_metric)
     if layers and final >= set(layers):
         logger.warning("WARNING: the search ended with every layer (%d of %d) in float: no quantized layer keeps the "
                        "metric within its target, so the saved '_deploy_model.onnx' is the float model, not a quantized "
                        "one. Check metric_eval (max_loss), the calibration data, or run omct analyze on a fully "
-                       "quantized model", len(final), len(layers))
+                       "quantized model", len(final & counted), len(layers))
     return SearchResult(sorted(final), metric, original_metric, evaluations, ranking)
 
 

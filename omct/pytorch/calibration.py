@@ -27,11 +27,14 @@ class CalibrationModel(CalibrationStatus, nn.Module):
     """Run ``batch_num`` batches through it (``model(x)``, under ``torch.no_grad()``); then the record is written.
 
     ``batch_num``, ``batches_seen`` and ``complete`` say how far calibration got. The wrapped module is
-    ``.model``; after calibration the object keeps working as the plain module.
+    ``.model``; after calibration the object keeps working as the plain module: its hooks, ONNX Runtime sessions
+    and the modified model are dropped then, and with ``release_statistics`` (AMCT's ``quantize_model``, whose
+    caller needs only the record file) the statistics too.
     """
 
-    def __init__(self, model: nn.Module, mod: ModifiedModel, record_file: str):
+    def __init__(self, model: nn.Module, mod: ModifiedModel, record_file: str, release_statistics: bool = False):
         super().__init__()
+        self._release_statistics = release_statistics
         self.model = model
         self.record_file = record_file
         # Under torch.distributed every rank calibrates on its share of the data: the statistics are merged
@@ -134,6 +137,18 @@ class CalibrationModel(CalibrationStatus, nn.Module):
             out = self.calibration.run_batch(observe)
         finally:
             self._kept.clear()
-        if self.calibration.done and distributed.active():
-            distributed.barrier()  # the record file is written (rank 0) before any rank goes on to save_model
+        if self.calibration.done:
+            self._release()
+            if distributed.active():
+                distributed.barrier()  # the record file is written (rank 0) before any rank goes on to save_model
         return out
+
+    def _release(self) -> None:
+        """After the last batch nothing here is read again: the hooks go, and what they fed (ONNX Runtime
+        sessions, the modified model with a copy of every weight) is freed before ``save_model`` needs memory."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._session = self._full = self._mod = self._model = None
+        if self._release_statistics:
+            self.calibration.release()
