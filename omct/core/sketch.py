@@ -269,12 +269,12 @@ class ActivationSketch:
     def cumulative(self, points: np.ndarray) -> np.ndarray:
         """Number of values below each point (linear inside a bin; exact in the kept tails once sampled)."""
         if self.sampled:
-            return self.moments(points)[0]
+            return self.moments(points, orders=1)[0]
         cum = np.concatenate([[0.0], np.cumsum(self.counts)])
         return np.interp(points, self.edges(), cum)
 
-    def moments(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Count, sum and sum of squares of the values below each point.
+    def moments(self, points: np.ndarray, orders: int = 3) -> tuple[np.ndarray, ...]:
+        """Count, sum and sum of squares of the values below each point (the first ``orders`` of them).
 
         Exact path: read off the bins, values spread evenly in a bin. Once a batch was sampled, the values
         beyond the innermost kept tail values are all in the tails, so they come from there exactly (they
@@ -283,44 +283,50 @@ class ActivationSketch:
         """
         points = np.asarray(points, np.float64)
         if not self.sampled or self.top.size < self.tail_size or self.bottom.size < self.tail_size:
-            return self._bin_moments(points)
+            return self._bin_moments(points, orders)
         t_lo, t_hi = float(self.bottom.max()), float(self.top.min())
         outer_lo, outer_hi = np.sort(self.bottom[self.bottom < t_lo]), np.sort(self.top[self.top > t_hi])
         middle = self.count - outer_lo.size - outer_hi.size  # values in [t_lo, t_hi]
-        bins = self._bin_moments(np.concatenate([[t_lo, t_hi], np.clip(points.ravel(), t_lo, t_hi)]))
+        bins = self._bin_moments(np.concatenate([[t_lo, t_hi], np.clip(points.ravel(), t_lo, t_hi)]), orders)
         binned_middle = bins[0][1] - bins[0][0]
         if t_hi <= t_lo or binned_middle <= 0:  # the middle is one value (ties) or the bins saw none of it
             at = (t_lo + t_hi) / 2
-            inner_at = [np.where(points > at, middle * at**k, 0.0) for k in range(3)]
+            inner_at = [np.where(points > at, middle * at**k, 0.0) for k in range(orders)]
         else:
             inner_at = [middle / binned_middle * (m[2:].reshape(points.shape) - m[0]) for m in bins]
         i_lo, i_hi = np.searchsorted(outer_lo, points), np.searchsorted(outer_hi, points)
         out = []
-        for k in range(3):
+        for k in range(orders):
             lo_k, hi_k = (np.concatenate([[0.0], np.cumsum(v**k)]) for v in (outer_lo, outer_hi))
             out.append(lo_k[i_lo] + inner_at[k] + hi_k[i_hi])
-        return out[0], out[1], out[2]
+        return tuple(out)
 
-    def _bin_moments(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Count, sum and sum of squares of the binned values below each point (values spread evenly in a bin)."""
+    def _bin_moments(self, points: np.ndarray, orders: int = 3) -> tuple[np.ndarray, ...]:
+        """Count, sum and sum of squares (the first ``orders``) of the binned values below each point (values
+        spread evenly in a bin)."""
         w, e0 = self.width, self.first_index * self.width
-        mid = e0 + (np.arange(self.counts.size) + 0.5) * w
-        m0 = np.concatenate([[0.0], np.cumsum(self.counts)])
-        m1 = np.concatenate([[0.0], np.cumsum(self.counts * mid)])
-        m2 = np.concatenate([[0.0], np.cumsum(self.counts * (mid * mid + w * w / 12))])
         t = np.clip(np.asarray(points, np.float64), e0, e0 + self.counts.size * w)
         i = np.clip(np.floor((t - e0) / w).astype(np.int64), 0, self.counts.size - 1)
         lo = e0 + i * w
         density = self.counts[i] / w
-        return (m0[i] + density * (t - lo), m1[i] + density * (t * t - lo * lo) / 2,
-                m2[i] + density * (t * t * t - lo * lo * lo) / 3)
+        out = [np.concatenate([[0.0], np.cumsum(self.counts)])[i] + density * (t - lo)]
+        if orders > 1:
+            mid = e0 + (np.arange(self.counts.size) + 0.5) * w
+            m1 = np.concatenate([[0.0], np.cumsum(self.counts * mid)])
+            out.append(m1[i] + density * (t * t - lo * lo) / 2)
+            if orders > 2:
+                m2 = np.concatenate([[0.0], np.cumsum(self.counts * (mid * mid + w * w / 12))])
+                out.append(m2[i] + density * (t * t * t - lo * lo * lo) / 3)
+        return tuple(out)
 
     def quant_error(self, scales: np.ndarray, offsets: np.ndarray, num_bits: int) -> np.ndarray:
         """Sum of squared fake-quant errors over all values, one per candidate (scale, offset).
 
         Level k collects the values between its two rounding boundaries, so the error is
         ``sum over k of S2_k - 2 q_k S1_k + n_k q_k^2``, with the moments read off the histogram at the
-        255 boundaries: the cost does not depend on the number of bins or values.
+        255 boundaries: the cost does not depend on the number of bins or values. The ``S2_k`` add up to the
+        sum of squares of all values whatever the candidate, so only counts and sums are read at the
+        boundaries (a third less work than all three moments; float64 keeps the error to ~1e-11 of itself).
         """
         scales = np.asarray(scales, np.float64)[:, None]
         offsets = np.asarray(offsets, np.float64)[:, None]
@@ -329,8 +335,9 @@ class ActivationSketch:
         q = (levels - offsets) * scales  # value each level stands for
         cuts = (levels[:, :-1] - offsets + 0.5) * scales  # boundary between level k and k + 1
         lo_end, hi_end = np.full_like(scales, -np.inf), np.full_like(scales, np.inf)
-        n, s1, s2 = (np.diff(m, axis=1) for m in self.moments(np.concatenate([lo_end, cuts, hi_end], axis=1)))
-        return np.maximum((s2 - 2 * q * s1 + n * q * q).sum(axis=1), 0.0)
+        n, s1 = (np.diff(m, axis=1) for m in self.moments(np.concatenate([lo_end, cuts, hi_end], axis=1), orders=2))
+        total_s2 = self.moments(np.array([np.inf]))[2][0]
+        return np.maximum(total_s2 - (q * (2 * s1 - n * q)).sum(axis=1), 0.0)
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.counts, self._top, self._bottom))
