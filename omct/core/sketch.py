@@ -273,35 +273,42 @@ class ActivationSketch:
         cum = np.concatenate([[0.0], np.cumsum(self.counts)])
         return np.interp(points, self.edges(), cum)
 
-    def moments(self, points: np.ndarray, orders: int = 3) -> tuple[np.ndarray, ...]:
+    def moments(self, points: np.ndarray, orders: int = 3, cum: tuple | None = None) -> tuple[np.ndarray, ...]:
         """Count, sum and sum of squares of the values below each point (the first ``orders`` of them).
 
         Exact path: read off the bins, values spread evenly in a bin. Once a batch was sampled, the values
         beyond the innermost kept tail values are all in the tails, so they come from there exactly (they
         make the clipping error, where a sample is poorest); the bins give the shape of the rest, scaled to
-        its exact count (``count`` minus the exact tails).
+        its exact count (``count`` minus the exact tails). ``cum``: ``_cumulative_bins()``, when already known.
         """
         points = np.asarray(points, np.float64)
         if not self.sampled or self.top.size < self.tail_size or self.bottom.size < self.tail_size:
-            return self._bin_moments(points, orders)
+            return self._bin_moments(points, orders, cum)
         t_lo, t_hi = float(self.bottom.max()), float(self.top.min())
         outer_lo, outer_hi = np.sort(self.bottom[self.bottom < t_lo]), np.sort(self.top[self.top > t_hi])
         middle = self.count - outer_lo.size - outer_hi.size  # values in [t_lo, t_hi]
-        bins = self._bin_moments(np.concatenate([[t_lo, t_hi], np.clip(points.ravel(), t_lo, t_hi)]), orders)
+        bins = self._bin_moments(np.concatenate([[t_lo, t_hi], np.clip(points.ravel(), t_lo, t_hi)]), orders, cum)
         binned_middle = bins[0][1] - bins[0][0]
         if t_hi <= t_lo or binned_middle <= 0:  # the middle is one value (ties) or the bins saw none of it
             at = (t_lo + t_hi) / 2
             inner_at = [np.where(points > at, middle * at**k, 0.0) for k in range(orders)]
         else:
             inner_at = [middle / binned_middle * (m[2:].reshape(points.shape) - m[0]) for m in bins]
-        i_lo, i_hi = np.searchsorted(outer_lo, points), np.searchsorted(outer_hi, points)
+        # the outer tails below each point: all of the lower one and none of the upper one inside [t_lo, t_hi],
+        # so only the points outside look theirs up (a search per point was a third of IFMR's search)
+        flat = points.ravel()
+        below, above = np.flatnonzero(flat < t_lo), np.flatnonzero(flat > t_hi)
+        i_lo, i_hi = np.searchsorted(outer_lo, flat[below]), np.searchsorted(outer_hi, flat[above])
         out = []
         for k in range(orders):
             lo_k, hi_k = (np.concatenate([[0.0], np.cumsum(v**k)]) for v in (outer_lo, outer_hi))
-            out.append(lo_k[i_lo] + inner_at[k] + hi_k[i_hi])
+            at = inner_at[k].ravel() + lo_k[-1]
+            at[below] = lo_k[i_lo] + inner_at[k].ravel()[below]
+            at[above] += hi_k[i_hi]
+            out.append(at.reshape(points.shape))
         return tuple(out)
 
-    def _bin_moments(self, points: np.ndarray, orders: int = 3) -> tuple[np.ndarray, ...]:
+    def _bin_moments(self, points: np.ndarray, orders: int = 3, cum: tuple | None = None) -> tuple[np.ndarray, ...]:
         """Count, sum and sum of squares (the first ``orders``) of the binned values below each point (values
         spread evenly in a bin)."""
         w, e0 = self.width, self.first_index * self.width
@@ -309,15 +316,22 @@ class ActivationSketch:
         i = np.clip(np.floor((t - e0) / w).astype(np.int64), 0, self.counts.size - 1)
         lo = e0 + i * w
         density = self.counts[i] / w
-        out = [np.concatenate([[0.0], np.cumsum(self.counts)])[i] + density * (t - lo)]
+        cum = self._cumulative_bins() if cum is None else cum
+        out = [cum[0][i] + density * (t - lo)]
         if orders > 1:
-            mid = e0 + (np.arange(self.counts.size) + 0.5) * w
-            m1 = np.concatenate([[0.0], np.cumsum(self.counts * mid)])
-            out.append(m1[i] + density * (t * t - lo * lo) / 2)
-            if orders > 2:
-                m2 = np.concatenate([[0.0], np.cumsum(self.counts * (mid * mid + w * w / 12))])
-                out.append(m2[i] + density * (t * t * t - lo * lo * lo) / 3)
+            out.append(cum[1][i] + density * (t * t - lo * lo) / 2)
+        if orders > 2:
+            out.append(cum[2][i] + density * (t * t * t - lo * lo * lo) / 3)
         return tuple(out)
+
+    def _cumulative_bins(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Count, sum and sum of squares of the bins below each bin edge (``quant_error`` computes them once for
+        its two readings)."""
+        w, e0 = self.width, self.first_index * self.width
+        mid = e0 + (np.arange(self.counts.size) + 0.5) * w
+        cum = (np.concatenate([[0.0], np.cumsum(self.counts)]), np.concatenate([[0.0], np.cumsum(self.counts * mid)]),
+               np.concatenate([[0.0], np.cumsum(self.counts * (mid * mid + w * w / 12))]))
+        return cum
 
     def quant_error(self, scales: np.ndarray, offsets: np.ndarray, num_bits: int) -> np.ndarray:
         """Sum of squared fake-quant errors over all values, one per candidate (scale, offset).
@@ -335,8 +349,9 @@ class ActivationSketch:
         q = (levels - offsets) * scales  # value each level stands for
         cuts = (levels[:, :-1] - offsets + 0.5) * scales  # boundary between level k and k + 1
         lo_end, hi_end = np.full_like(scales, -np.inf), np.full_like(scales, np.inf)
-        n, s1 = (np.diff(m, axis=1) for m in self.moments(np.concatenate([lo_end, cuts, hi_end], axis=1), orders=2))
-        total_s2 = self.moments(np.array([np.inf]))[2][0]
+        cum = self._cumulative_bins()
+        n, s1 = (np.diff(m, axis=1) for m in self.moments(np.concatenate([lo_end, cuts, hi_end], axis=1), 2, cum))
+        total_s2 = self.moments(np.array([np.inf]), 3, cum)[2][0]
         return np.maximum(total_s2 - (q * (2 * s1 - n * q)).sum(axis=1), 0.0)
 
     def nbytes(self) -> int:
