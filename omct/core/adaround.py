@@ -254,33 +254,27 @@ def _out_size(h: int, w: int, win: Window) -> tuple[int, int]:
 
 
 def _patches(x: np.ndarray, win: Window, flat: np.ndarray) -> np.ndarray:
-    """The im2col rows (C * kh * kw values, in the weight's (in, kh, kw) order) at output positions ``flat``."""
+    """The im2col rows (C * kh * kw values, in the weight's (in, kh, kw) order) at output positions ``flat``.
+
+    One gather of every (row, tap) pair's C values straight from the NCHW map (taps in the padding read a clipped
+    position, then zeroed), then one copy into the rows' layout. Why: no copy of the whole map (padded, or
+    transposed channels-last, as before) for 256 rows: 1.5-6x faster on a MobileNetV2 replica's 3 x 3 maps, where
+    that copy was most of learned rounding's calibration-time cost."""
     n, c, h, w = x.shape
-    (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw) = win.kernel, win.strides, win.pads, win.dilations
+    (kh, kw), (sh, sw), (dh, dw), (pt, pl) = win.kernel, win.strides, win.dilations, win.pads[:2]
     oh, ow = _out_size(h, w, win)
     b, rest = np.divmod(flat, oh * ow)
     r, q = np.divmod(rest, ow)
-    if n * oh * ow <= 4 * len(flat) * kh * kw:
-        # few positions, many rows: one channels-last copy of the (padded) map, then each patch is kh * kw
-        # contiguous runs of C values (the gather below reads C values one map apart instead)
-        xp = np.zeros((n, h + pt + pb, w + pl + pr, c), np.float32)
-        xp[:, pt:pt + h, pl:pl + w] = x.transpose(0, 2, 3, 1)
-        # one tap at a time into the rows' own layout: no (rows, kh, kw, C) gather copied once more (issue 17 item 7)
-        rows = np.empty((len(flat), c, kh, kw), np.float32)
-        y, z = r * sh, q * sw
-        for i in range(kh):
-            for j in range(kw):
-                rows[:, :, i, j] = xp[b, y + i * dh, z + j * dw]
-        return rows.reshape(len(flat), c * kh * kw)
-    xp = x
-    if any(win.pads):
-        xp = np.zeros((n, c, h + pt + pb, w + pl + pr), np.float32)
-        xp[:, :, pt:pt + h, pl:pl + w] = x
-    # a strided view (n, c, oh, ow, kh, kw) of every patch; gathering the picked (image, row, column) copies
-    # whole (c, kh, kw) patches instead of indexing every value
-    view = np.lib.stride_tricks.sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
-    view = view[:, :, :oh * sh:sh, :ow * sw:sw, ::dh, ::dw]
-    return view[b, :, r, q].reshape(len(flat), c * kh * kw)
+    ti, tj = np.divmod(np.arange(kh * kw), kw)
+    y = (r * sh - pt)[:, None] + ti * dh  # (rows, taps) positions in the unpadded map
+    z = (q * sw - pl)[:, None] + tj * dw
+    inside = (y >= 0) & (y < h) & (z >= 0) & (z < w)
+    if inside.all():
+        taps = x[b[:, None], :, y, z]  # (rows, taps, C)
+    else:
+        taps = x[b[:, None], :, np.clip(y, 0, h - 1), np.clip(z, 0, w - 1)]
+        taps[~inside] = 0.0
+    return np.ascontiguousarray(taps.transpose(0, 2, 1)).reshape(len(flat), c * kh * kw)
 
 
 def layer_seed(name: str) -> int:
