@@ -108,6 +108,7 @@ class ActivationSketch:
             self._start(lo, hi)
             if self._tail_need is not None:
                 self.tail_size = tail_for(*self._tail_need, x.size, self.tail_size)
+            k = self.tail_size
         self._cover(lo, hi)
         # Once a tail is full only values beyond its innermost one can change it: that test runs on each
         # chunk while it is in cache, and not at all when the batch's extreme cannot pass it. Before
