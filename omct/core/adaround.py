@@ -196,7 +196,11 @@ class InputGram:
             self.nonzero = np.zeros((g, dg), np.int64)
         self.gram += gram
         self.sums += rows.sum(0, dtype=np.float64).reshape(g, dg)
-        self.nonzero += np.count_nonzero(rows, axis=0).reshape(g, dg)
+        if take < 2**24:  # a matrix-vector product over the 0/1 mask: exact counts in float32, twice as fast
+            nonzero = (np.ones(take, np.float32) @ (rows != 0).astype(np.float32)).astype(np.int64)
+        else:
+            nonzero = np.count_nonzero(rows, axis=0)
+        self.nonzero += nonzero.reshape(g, dg)
         self.n += take
 
     def merge(self, other: InputGram) -> None:
