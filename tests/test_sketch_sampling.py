@@ -292,21 +292,6 @@ def test_sized_tail_is_exact_and_merges_to_the_shallower_depth():
         ActivationSketch(tail_fraction=1.0, batches=2)
 
 
-def test_sized_sample_bins_the_default_over_the_stream():
-    """A calibrator told batch_num bins DEFAULT_SAMPLE_SIZE values over the whole stream (at least
-    MIN_SAMPLE_SIZE a batch); the guarantee tests above ("sized") run with it. HFMG stays exact."""
-    assert [IFMR(batch_num=b).sketch.sample_size for b in (1, 4, 8, 100)] == [65536, 16384, 8192, 8192]
-    assert HFMG(batch_num=8).sketch.sample_size == 0
-    rng = np.random.default_rng(2)
-    calib = IFMR(batch_num=8)
-    batches = [rng.normal(size=20_000).astype(np.float32) for _ in range(8)]  # stride 2: sampled
-    for b in batches:
-        calib.update(b)
-    every = np.concatenate(batches)
-    assert calib.sketch.sampled and calib.sketch.counts.sum() == every.size == calib.sketch.count
-    assert (calib.sketch.min, calib.sketch.max) == (every.min(), every.max())
-
-
 def _separate_passes(x, stride, above, below):
     """The independent reference of ``sketch._scan``: each statistic its own pass over the whole batch."""
     return float(x.min()), float(x.max()), x[sketch_module._sample_index(x.size, stride)], x[x > above], x[x < below]
