@@ -464,8 +464,8 @@ def _scan(x: np.ndarray, stride: int, above: float, below: float) -> tuple:
     """One pass over a large batch whose tails are full: its minimum and maximum, its values above ``above`` and
     below ``below``, and its sample (``_sample_index``), a cache-sized chunk at a time. Equal to the separate
     passes (the same values in the same order). Why: a calibration batch's observed tensors come fresh from
-    ONNX Runtime, out of the cache; the minimum, maximum, the tails' test and the sample each read them from
-    memory again (a MobileNetV2 replica's 2.5 M values per batch: the separate passes cost more than binning)."""
+    ONNX Runtime, out of the cache; the minimum, maximum, the tails' test and the sample would each read them
+    from memory again."""
     index, splits = _sample_index(x.size, stride), _sample_splits(x.size, stride)
     los, his, highs, lows, samples = [], [], [], [], []
     for c, start in enumerate(range(0, x.size, CHUNK)):
@@ -474,7 +474,8 @@ def _scan(x: np.ndarray, stride: int, above: float, below: float) -> tuple:
         his.append(chunk.max())
         highs.append(chunk[chunk > above])
         lows.append(chunk[chunk < below])
-        samples.append(np.take(chunk, index[splits[c] : splits[c + 1]] - start))
+        # the chunk's positions, made in numpy's own index type (an int32 index is converted on every gather)
+        samples.append(np.take(chunk, np.subtract(index[splits[c] : splits[c + 1]], start, dtype=np.intp)))
     return (float(min(los)), float(max(his)), np.concatenate(samples), np.concatenate(highs), np.concatenate(lows))
 
 
@@ -492,8 +493,8 @@ def _sample_index(size: int, stride: int) -> np.ndarray:
     regular pattern of the tensor's layout (channels, rows) can line up with the draw."""
     runs = size // stride
     rng = np.random.default_rng([size, stride])
-    # intp: numpy's own index type (an int32 index is converted on every gather: 1.5-2x the gather's time)
-    index = (np.arange(0, runs * stride, stride, dtype=np.int64) + rng.integers(0, stride, runs)).astype(np.intp)
+    dtype = np.int32 if size < 2**31 else np.int64  # cached per tensor size: half the memory where it fits
+    index = (np.arange(0, runs * stride, stride, dtype=np.int64) + rng.integers(0, stride, runs)).astype(dtype)
     index.flags.writeable = False
     return index
 
