@@ -20,6 +20,7 @@ from omct.core.adaround import (
     InputGram,
     InputSamples,
     Window,
+    _patches,
     apply_flips,
     flip_descent,
     flip_search,
@@ -453,6 +454,22 @@ def _unfold(x, window):
     return cols.permute(0, 2, 1).reshape(-1, cols.shape[1]).numpy().astype(np.float64)
 
 
+@pytest.mark.parametrize("window", [Window((3, 3), (1, 1), (1, 1, 1, 1), (1, 1)), Window((3, 3), (2, 2), (1, 1, 1, 1), (1, 1)),
+                                    Window((3, 2), (2, 1), (1, 0, 2, 1), (1, 2)), Window((1, 1), (1, 1), (0, 0, 0, 0), (1, 1)),
+                                    Window((5, 5), (1, 1), (2, 2, 2, 2), (2, 2))], ids=str)
+def test_patches_are_torch_unfold_rows(window):
+    """The rows learned rounding gathers at the picked positions are exactly torch's im2col rows there (taps
+    in the padding zero), whatever the stride, dilation and (asymmetric) padding."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(3, 5, 11, 9)).astype(np.float32)
+    every = _unfold(x, window).astype(np.float32)
+    picks = np.sort(rng.choice(len(every), size=min(37, len(every)), replace=False))
+    got = _patches(x, window, picks)
+    np.testing.assert_array_equal(got, every[picks])
+    assert got.dtype == np.float32 and got.flags.c_contiguous
+    np.testing.assert_array_equal(_patches(x, window, np.arange(len(every))), every)
+
+
 @pytest.mark.parametrize("groups", [1, 4])
 def test_input_gram_is_x_transpose_x_of_the_rows(groups):
     """``InputGram`` (the default's learned rounding): with room for every row, its accumulated Gram matrix is
@@ -473,7 +490,7 @@ def test_input_gram_is_x_transpose_x_of_the_rows(groups):
         np.testing.assert_allclose(full.gram[g], x.T @ x, rtol=1e-5, atol=1e-4)
         np.testing.assert_allclose(full.sums[g], x.sum(0), rtol=1e-5, atol=1e-4)
         np.testing.assert_array_equal(full.nonzero[g], (x != 0).sum(0))
-    # a large batch takes the other gathering path (a gather per channel instead of a channels-last copy)
+    # a large batch: a draw of 40 of its rows
     big = np.maximum(rng.normal(size=(4, 8, 30, 30)), 0).astype(np.float32)
     part = InputGram(window, seed=2, groups=groups, rows_per_batch=40)
     part.update(big)

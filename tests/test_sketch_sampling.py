@@ -290,3 +290,57 @@ def test_sized_tail_is_exact_and_merges_to_the_shallower_depth():
     assert sketch_module.tail_for(1e-6, 8, 10**9) == sketch_module.DEFAULT_TAIL_SIZE  # capped
     with pytest.raises(ValueError, match="tail_fraction"):
         ActivationSketch(tail_fraction=1.0, batches=2)
+
+
+def _separate_passes(x, stride, above, below):
+    """The independent reference of ``sketch._scan``: each statistic its own pass over the whole batch."""
+    return float(x.min()), float(x.max()), x[sketch_module._sample_index(x.size, stride)], x[x > above], x[x < below]
+
+
+@pytest.mark.parametrize("size", [16_384, 131_072, 200_003, 393_216])
+def test_one_pass_scan_equals_separate_passes(size):
+    rng = np.random.default_rng(size)
+    x = (rng.standard_t(4, size=size) * 2).astype(np.float32)
+    for stride in (2, 7, size // 8192):
+        got, want = sketch_module._scan(x, stride, 3.0, -5.0), _separate_passes(x, stride, 3.0, -5.0)
+        assert got[:2] == want[:2]
+        for g, w in zip(got[2:], want[2:], strict=True):
+            np.testing.assert_array_equal(g, w)
+            assert g.dtype == w.dtype
+
+
+@pytest.mark.parametrize("dist", ["relu", "outliers", "gaussian"])
+def test_sketch_with_the_one_pass_scan_equals_the_sketch_without(dist, monkeypatch):
+    """Records equal with and without the one-pass path: every field of the sketch, fed batches of mixed
+    sizes (the scan starts once the tails are full)."""
+    rng = np.random.default_rng(11)
+    batches = [DISTRIBUTIONS[dist](rng, n).astype(np.float32) for n in (300_000, 40_000, 200_003, 131_072) * 2]
+    fast = IFMR(batch_num=8)
+    for b in batches:
+        fast.update(b)
+    monkeypatch.setattr(sketch_module, "_scan", _separate_passes)
+    slow = IFMR(batch_num=8)
+    for b in batches:
+        slow.update(b)
+    assert fast.sketch.__dict__.keys() == slow.sketch.__dict__.keys()
+    for key, value in fast.sketch.__dict__.items():
+        np.testing.assert_array_equal(value, slow.sketch.__dict__[key], err_msg=key)
+    assert fast.compute() == slow.compute()
+
+
+def test_tails_of_spikes_are_exact():
+    """ReLU6-like batches (spikes of exact zeros and sixes at both ends, and a batch where the spike is below
+    the tail's depth): the tails kept are numpy's k most extreme values, whichever way they were found."""
+    rng = np.random.default_rng(4)
+    batches = [np.clip(rng.normal(2, 3, size=n), 0, 6).astype(np.float32) for n in (50_000, 3_000, 70_000)]
+    batches.insert(1, np.clip(rng.normal(2, 3, size=600), 0.5, 5).astype(np.float32))  # few at either spike
+    # fewer exact zeros than the tail holds, in a bin with more values than that: not a spike
+    near = np.concatenate([np.zeros(300), rng.uniform(1e-7, 1e-6, 400), rng.uniform(0, 10, 20_000)])
+    for stream in (batches, [near.astype(np.float32), *batches]):
+        sk = ActivationSketch(tail_fraction=1e-6, batches=len(stream))
+        for i, b in enumerate(stream):
+            sk.update(b)
+            seen = np.sort(np.concatenate(stream[: i + 1]))
+            k = min(sk.tail_size, seen.size)
+            np.testing.assert_array_equal(np.sort(sk.top), seen[-k:])
+            np.testing.assert_array_equal(np.sort(sk.bottom), seen[:k])

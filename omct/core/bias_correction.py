@@ -5,7 +5,20 @@ collected in the same calibration pass."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
+
+#: Rows summed in the tensor's own dtype before the float64 total: float32 sums of 32 values stay within a few
+#: 1e-8 of the exact mean relative to its scale.
+ROWS = 32
+
+
+@functools.lru_cache(maxsize=8)
+def _ones(n: int, dtype: np.dtype) -> np.ndarray:
+    ones = np.ones(n, dtype)
+    ones.flags.writeable = False
+    return ones
 
 
 class ChannelMeans:
@@ -18,17 +31,22 @@ class ChannelMeans:
 
     def update(self, values: np.ndarray) -> None:
         x = np.asarray(values)
+        if x.dtype != np.float32 and x.dtype != np.float64:
+            x = x.astype(np.float32)
         axis = self.axis % x.ndim
         channels = x.shape[axis]
         lead = int(np.prod(x.shape[:axis], dtype=np.int64))
-        y = x.reshape(lead, channels, -1)
-        if y.shape[2] < 32:
-            # a short inner axis (1x1 to 4x4 maps, features): numpy's reduction along it runs one short loop
-            # per (lead, channel); summing the rows first in float64 is one long vectorised pass (2x faster)
-            sums = y.sum(axis=0, dtype=np.float64).sum(axis=1)
-        else:
-            # float32 pairwise sums along the contiguous inner axis (SIMD, accurate), float64 across the rest
-            sums = y.sum(axis=2).sum(axis=0, dtype=np.float64)
+        y = x.reshape(lead, -1)
+        # the rows (batch, ...) first, ``ROWS`` at a time, as one matrix-vector product each (BLAS: one vectorised
+        # pass over the tensor, 2-5x faster than numpy's reductions along a short inner or an outer axis), then
+        # the positions of each channel and the row blocks in float64
+        sums = None
+        for start in range(0, lead, ROWS):
+            rows = y[start : start + ROWS]
+            part = (_ones(rows.shape[0], x.dtype) @ rows).reshape(channels, -1).sum(axis=1, dtype=np.float64)
+            sums = part if sums is None else sums + part
+        if sums is None:
+            return
         if self.sums is None or self.sums.shape != sums.shape:
             self.sums, self.count = np.zeros_like(sums), 0
         self.sums += sums
