@@ -22,10 +22,25 @@ from __future__ import annotations
 
 import numpy as np
 
-from omct.algorithms.adaround import input_samples_point, layer_input_rows
+from omct.algorithms.adaround import (
+    GRAM_ROWS_PER_BATCH,
+    _grouped,
+    _ungrouped,
+    _window,
+    layer_gram_terms,
+)
 from omct.algorithms.base import Algorithm, RecordContext
+from omct.algorithms.statistics import StatPoint
 from omct.algorithms.weights import _importance_point
 from omct.core import gptq, nuq
+from omct.core.adaround import (
+    InputGram,
+    flip_descent,
+    flip_gaps,
+    layer_seed,
+    learn_rounding_from_terms,
+    rounding_flips,
+)
 from omct.core.params import QuantParams
 from omct.core.weights import WEIGHT_QUANTIZERS
 from omct.graph.export import layer_float_weight
@@ -55,19 +70,164 @@ class NuqAssignment(Algorithm):
     name = "nuq_assignment"
 
     def points(self, plan, config):
-        return [input_samples_point(spec) for spec in _layers(plan, config)]
+        return [gram_point(spec) for spec in _layers(plan, config)]
 
     def apply(self, ctx: RecordContext) -> None:
         layers = [spec for spec in _layers(ctx.plan, ctx.config) if _usable(ctx, spec)]
-        allocate_layers(ctx, [spec for spec in layers if _options(ctx, spec).get("allocate", True)])
+        fits = {spec.name: _LayerFit(ctx, spec) for spec in layers}
+        allocated = [spec for spec in layers if _options(ctx, spec).get("allocate", True)]
+        choices = allocate_layers(ctx, allocated, fits)
         for spec in layers:
-            rec, wp = ctx.records[spec.name], ctx.weight_params.get(spec.name)
-            rows = layer_input_rows(ctx, spec)
-            if not rec.nuq_levels:
-                continue  # kept uniform INT8 by the allocation
-            weight = layer_float_weight(ctx.weight_of(spec.weight).astype(np.float32), rec, spec)
-            groups = spec.groups if spec.op_type == "Conv" else 1
-            rec.ada_flip = choose_flips(weight, wp.scale, wp.axis, rec.nuq_levels, rows, groups)
+            fit = fits[spec.name]
+            kind = choices.get(spec.name) or fit.fixed_choice()
+            fit.store(ctx, kind)
+            logger.debug("layer '%s': NUQ stored as %s", spec.name, kind)
+
+
+def gram_point(spec) -> StatPoint:
+    """The second moments of the layer's input rows (``core.adaround.InputGram``, every input width: a NUQ layer
+    has no cost limit), accumulated during calibration: what the flip descent fits."""
+    window = _window(spec)
+    groups = spec.groups if spec.op_type == "Conv" else 1
+    return StatPoint(spec.input, ("input_gram", window, groups, GRAM_ROWS_PER_BATCH, None),
+                     lambda: InputGram(window, layer_seed(f"{spec.input}{window}"), groups, GRAM_ROWS_PER_BATCH))
+
+
+def uniform_grid(num_steps: int) -> np.ndarray:
+    """The uniform ``log2(num_steps)``-bit grid as a NUQ level table: ``-(num_steps / 2) .. num_steps / 2 - 1``
+    (INT8 values; with the per-channel scale of uniform weights of those bits, what uniform INT5 / INT4 store)."""
+    return np.arange(-(num_steps // 2), num_steps // 2, dtype=np.int64)
+
+
+class _LayerFit:
+    """One NUQ layer's ways of storing its weight, each with its weights assigned by the flip descent on the
+    layer's accumulated input moments (``flip_descent``: the output error ``(Q - W) A (Q - W)^T - 2 B (Q - W)``,
+    the inputs as the deployed layer reads them, ``adaround.layer_gram_terms``) and its measured output error
+    per output channel: ``channel`` (one level table per channel), ``shared`` (the layer's ``num_tables``
+    tables), ``uniform`` (the uniform grid of the same bits: a valid level table), ``int8`` (uniform INT8, the
+    same descent), and the mixtures where each channel keeps whichever of its NUQ table and the uniform grid
+    gives it the smaller output error (channels are independent in this error). Each option computed on first
+    use."""
+
+    def __init__(self, ctx: RecordContext, spec):
+        rec, wp, opts = ctx.records[spec.name], ctx.weight_params[spec.name], _options(ctx, spec)
+        self.spec, self.opts = spec, opts
+        self.weight = layer_float_weight(ctx.weight_of(spec.weight).astype(np.float32), rec, spec)
+        self.axis = wp.axis
+        self.start = WEIGHT_QUANTIZERS["nuq_quantize"](self.weight, 8, wp.axis)
+        self.fixed = (np.asarray(wp.scale, np.float32), nuq.level_table(rec.nuq_levels, self.weight.shape[wp.axis]))
+        self.importance = ctx.stats[_importance_point(spec)].mean
+        stat = ctx.stats[gram_point(spec)]
+        self.w = _grouped(self.weight, self.start, spec)[0]
+        self.a, self.b = layer_gram_terms(ctx, spec, stat, self.weight)
+        self.power = float(np.einsum("god,gde,goe->", self.w, self.a, self.w, dtype=np.float64))
+        self.const = 0.0 if self.b is None else -float((self.b.astype(np.float64) * self.w).sum())
+        self._done: dict[str, tuple] = {}
+
+    def _descend(self, scale: np.ndarray, table: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Codes (the weight's shape) after the flip descent from the nearest levels (``table`` None: uniform
+        INT8, floor / ceil), and each output channel's output error."""
+        spec = self.spec
+        if table is None:
+            codes = learn_rounding_from_terms(self.w, _grouped(self.weight, self.start, spec)[1], self.a, self.b,
+                                              self.start.qmin, self.start.qmax)
+            q = codes * _grouped(self.weight, self.start, spec)[1]
+            codes = _ungrouped(codes, self.weight, spec)
+        else:
+            near, alt = nuq.bracket_levels(self.weight, scale, self.axis, table)
+            params = QuantParams(np.asarray(scale, np.float32), np.zeros(1, np.int32), 8, self.axis)
+            start, s = _grouped(near.astype(np.float32), params, spec)
+            other = _grouped(alt.astype(np.float32), params, spec)[0]
+            q = flip_descent(s * start, s * other, self.w, self.a, self.b)
+            codes = _ungrouped(np.where(q != s * start, other, start).astype(np.int64), self.weight, spec)
+        delta = (q - self.w).astype(np.float32)
+        err = (np.matmul(delta, self.a) * delta).sum(-1, dtype=np.float64)
+        if self.b is not None:
+            err = err - 2 * (self.b * delta).sum(-1, dtype=np.float64) - (self.b * self.w).sum(-1, dtype=np.float64)
+        return codes, err.reshape(-1)
+
+    def option(self, kind: str) -> tuple:
+        """(scale, table or None for INT8, codes, per-channel error) of one way of storing the layer."""
+        if kind not in self._done:
+            self._done[kind] = self._option(kind)
+        return self._done[kind]
+
+    def _option(self, kind: str) -> tuple:
+        if kind == "int8":
+            return (self.start.scale, None, *self._descend(self.start.scale, None))
+        if kind == "uniform":
+            steps = self.fixed[1].shape[1]
+            bits = nuq.index_bits(steps)
+            scale = nuq._half(np.asarray(WEIGHT_QUANTIZERS["arq_quantize"](self.weight, bits, self.axis).scale,
+                                         np.float32).reshape(-1))
+            table = np.broadcast_to(uniform_grid(steps), (len(scale), steps)).copy()
+            return (scale, table, *self._descend(scale, table))
+        if kind.endswith("+uniform"):  # per channel the better of the NUQ table and the uniform grid
+            s1, t1, c1, e1 = self.option(kind[:-len("+uniform")])
+            s2, t2, c2, e2 = self.option("uniform")
+            take = e2 < e1
+            axis_shape = [1] * self.weight.ndim
+            axis_shape[self.axis] = -1
+            pick = take.reshape(axis_shape)
+            return (np.where(take, s2, s1).astype(np.float32), np.where(take[:, None], t2, t1),
+                    np.where(pick, c2, c1), np.where(take, e2, e1))
+        if kind == "fixed":
+            scale, table = self.fixed
+        else:
+            opts = self.opts
+            options = nuq.fit_options(self.weight, self.start.scale, self.axis, self.spec.weight_in_axis,
+                                      opts["num_steps"], opts["num_of_iteration"], self.importance,
+                                      opts["num_tables"])
+            scale, table = options[kind]
+        return (np.asarray(scale, np.float32).reshape(-1), table, *self._descend(scale, table))
+
+    def kinds(self) -> list[str]:
+        """The ways the allocation may choose between."""
+        channels = self.weight.shape[self.axis]
+        out = ["channel+uniform", "uniform", "int8"]
+        opts = self.opts
+        if 0 < opts["num_tables"] < channels and nuq.fit_options(
+                self.weight, self.start.scale, self.axis, self.spec.weight_in_axis, opts["num_steps"],
+                opts["num_of_iteration"], self.importance, opts["num_tables"]).get("shared") is not None:
+            out[1:1] = ["shared", "shared+uniform"]
+        return out
+
+    def bytes(self, kind: str) -> int:
+        table = self.option(kind)[1]
+        return self.weight.size if table is None else nuq.stored_table_bytes(self.weight.size, table)
+
+    def error(self, kind: str) -> float:
+        """The layer's output error relative to its output power (comparable across layers)."""
+        return (float(self.option(kind)[3].sum()) + self.const) / max(self.power, 1e-30)
+
+    def budget(self) -> int:
+        """The deploy bytes of the weight as the weight algorithm fitted it (the fixed rule)."""
+        return nuq.stored_table_bytes(self.weight.size, self.fixed[1])
+
+    def fixed_choice(self) -> str:
+        """Without the allocation: the fitted tables, each channel on the uniform grid where that is better, if the
+        bytes stay within the fitted tables' (else the fitted tables alone)."""
+        kinds = ["fixed", "fixed+uniform", "uniform"]
+        costs = [self.bytes(k) for k in kinds]
+        errors = [self.error(k) for k in kinds]
+        return kinds[nuq.allocate([costs], [errors], self.budget())[0]]
+
+    def store(self, ctx: RecordContext, kind: str) -> None:
+        """Write the chosen way into the layer's record and weight parameters."""
+        scale, table, codes, _ = self.option(kind)
+        rec, wp = ctx.records[self.spec.name], ctx.weight_params[self.spec.name]
+        if table is None:
+            wp = self.start
+            rec.nuq_levels = []
+            rec.ada_flip = rounding_flips(self.weight, wp, codes)
+        else:
+            wp = QuantParams(np.asarray(scale, np.float32), wp.offset, wp.num_bits, wp.axis)
+            rec.nuq_levels = [int(v) for v in np.ravel(table)]
+            rec.ada_flip = flip_gaps(nuq.to_levels(self.weight, scale, self.axis, table),
+                                     nuq._other_level(self.weight, scale, self.axis, table), codes)
+        ctx.weight_params[self.spec.name] = wp
+        rec.scale_w = [float(v) for v in np.ravel(wp.scale)]
+        rec.offset_w = [0] * len(rec.scale_w)
 
 
 def _options(ctx: RecordContext, spec) -> dict:
@@ -77,74 +237,32 @@ def _options(ctx: RecordContext, spec) -> dict:
 def _usable(ctx: RecordContext, spec) -> bool:
     """A NUQ layer (not kept uniform for being too small) whose inputs were seen."""
     rec, wp = ctx.records[spec.name], ctx.weight_params.get(spec.name)
-    rows = layer_input_rows(ctx, spec)
-    return bool(rec.nuq_levels) and wp is not None and wp.axis is not None and rows is not None and len(rows) >= 2
+    stat = ctx.stats.accumulators().get((spec.input, gram_point(spec).key))
+    return bool(rec.nuq_levels) and wp is not None and wp.axis is not None and stat is not None and \
+        stat.gram is not None and stat.n >= 2
 
 
-def _relative_error(weight: np.ndarray, codes: np.ndarray, scale: np.ndarray, axis: int, h: np.ndarray) -> float:
-    """``sum (W - Q) H (W - Q)^T / sum W H W^T`` (per group for a grouped convolution): the layer's output error
-    relative to its output power, comparable across layers."""
-    w = np.moveaxis(np.asarray(weight, np.float64), axis, 0).reshape(weight.shape[axis], -1)
-    q = np.moveaxis(np.asarray(codes, np.float64), axis, 0).reshape(w.shape) * \
-        np.asarray(scale, np.float64).reshape(-1, 1)
-    hs = h[None] if h.ndim == 2 else h
-    per = len(w) // len(hs)
-    err = power = 0.0
-    for g in range(len(hs)):
-        err += float(gptq.output_error(w[g * per:(g + 1) * per], q[g * per:(g + 1) * per], hs[g]).sum())
-        power += float(gptq.output_error(w[g * per:(g + 1) * per], 0 * w[g * per:(g + 1) * per], hs[g]).sum())
-    return err / power if power > 0 else err
-
-
-def allocate_layers(ctx: RecordContext, specs: list) -> None:
-    """Choose, for the whole model, how each NUQ layer of ``specs`` stores its weight: one level table per output
-    channel (``channel``), its ``num_tables`` shared tables (``shared``), or uniform INT8 (``int8``, where the
+def allocate_layers(ctx: RecordContext, specs: list, fits: dict) -> dict[str, str]:
+    """Choose, for the whole model, how each NUQ layer of ``specs`` stores its weight (``_LayerFit.kinds``: its
+    own level tables per channel, shared tables, the uniform grid of the same bits, or uniform INT8 where the
     layer is so small or so sensitive that one byte per weight pays), so that the summed relative output error of
-    the layers is small under the bytes the fixed rule (``nuq.effective_tables``) gives them (``nuq.allocate``).
-    Updates the layers' records and weight parameters; the output-aware assignment then runs on the choice."""
+    the layers, each with its weights assigned by the flip descent (what the final choice uses), is small under
+    the bytes the fixed rule (``nuq.effective_tables``) gives them (``nuq.allocate``). Returns layer -> kind."""
     if not specs:
-        return
-    choices, costs, errors, budget = [], [], [], 0
-    for spec in specs:
-        rec, wp, opts = ctx.records[spec.name], ctx.weight_params[spec.name], _options(ctx, spec)
-        weight = layer_float_weight(ctx.weight_of(spec.weight), rec, spec)  # as the weight algorithm fitted it
-        start = WEIGHT_QUANTIZERS["nuq_quantize"](weight, 8, wp.axis)
-        importance = ctx.stats[_importance_point(spec)].mean
-        options = nuq.fit_options(weight, start.scale, wp.axis, spec.weight_in_axis, opts["num_steps"],
-                                  opts["num_of_iteration"], importance, opts["num_tables"])
-        rows = layer_input_rows(ctx, spec)
-        h = _second_moment(rows, spec.groups if spec.op_type == "Conv" else 1)
-        kinds = {k: (scale, table, nuq.stored_table_bytes(weight.size, table))
-                 for k, (scale, table) in options.items()}
-        kinds["int8"] = (start.scale, None, weight.size)
-        err = {k: _relative_error(weight, start.quantize(weight) if t is None else
-                                  nuq.to_levels(weight, s, wp.axis, t), s, wp.axis, h)
-               for k, (s, t, _) in kinds.items()}
-        budget += nuq.stored_table_bytes(weight.size, nuq.level_table(rec.nuq_levels, weight.shape[wp.axis]))
-        choices.append((spec, start, kinds))
-        costs.append([b for _, _, b in kinds.values()])
-        errors.append(list(err.values()))
-        del h
+        return {}
+    kinds = [fits[spec.name].kinds() for spec in specs]
+    costs = [[fits[spec.name].bytes(k) for k in ks] for spec, ks in zip(specs, kinds, strict=True)]
+    errors = [[fits[spec.name].error(k) for k in ks] for spec, ks in zip(specs, kinds, strict=True)]
+    budget = sum(fits[spec.name].budget() for spec in specs)
     picked = nuq.allocate(costs, errors, budget)
+    out = {spec.name: ks[i] for spec, ks, i in zip(specs, kinds, picked, strict=True)}
     counts: dict[str, int] = {}
-    for (spec, start, kinds), i in zip(choices, picked, strict=True):
-        kind = list(kinds)[i]
+    for kind in out.values():
         counts[kind] = counts.get(kind, 0) + 1
-        scale, table, _ = kinds[kind]
-        rec, wp = ctx.records[spec.name], ctx.weight_params[spec.name]
-        if table is None:
-            rec.nuq_levels = []
-            wp = start
-        else:
-            rec.nuq_levels = [int(v) for v in np.ravel(table)]
-            wp = QuantParams(np.asarray(scale, np.float32), wp.offset, wp.num_bits, wp.axis)
-        ctx.weight_params[spec.name] = wp
-        rec.scale_w = [float(v) for v in np.ravel(wp.scale)]
-        rec.offset_w = [0] * len(rec.scale_w)
-        logger.debug("layer '%s': NUQ allocation chose %s", spec.name, kind)
     used = sum(c[i] for c, i in zip(costs, picked, strict=True))
     logger.info("NUQ allocation over %d layers: %s; weight bytes %d of the fixed rule's %d", len(specs),
                 ", ".join(f"{v} {k}" for k, v in sorted(counts.items())), used, budget)
+    return out
 
 
 def _second_moment(rows: np.ndarray, groups: int) -> np.ndarray:
