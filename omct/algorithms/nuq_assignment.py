@@ -120,7 +120,7 @@ class _LayerFit:
         stat = ctx.stats[gram_point(spec)]
         self.w = _grouped(self.weight, self.start, spec)[0]
         self.a, self.b = layer_gram_terms(ctx, spec, stat, self.weight)
-        self.power = float(np.einsum("god,gde,goe->", self.w, self.a, self.w, dtype=np.float64))
+        self.power = float((np.matmul(self.w, self.a) * self.w).sum(dtype=np.float64))
         self.const = 0.0 if self.b is None else -float((self.b.astype(np.float64) * self.w).sum())
         self._done: dict[str, tuple] = {}
 
