@@ -181,7 +181,10 @@ def test_deploy_with_shared_tables_and_flips_runs_integer_kernels(tmp_path, rng)
     inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(deploy).graph.initializer}
     tables = [v for n, v in inits.items() if n.endswith(".weight_levels")]
     # the 96 -> 96 3x3 conv keeps a table per channel (its tables are 3.7% of its indices: below nuq.SHARE_ABOVE)
-    assert sorted(v.shape for v in tables) == [(8, 16)] * 4 + [(96, 16)], [v.shape for v in tables]
+    # (a shared layer may store fewer: channels may move to the uniform grid, one more distinct row, where the
+    # bytes allow, and tables no channel keeps are not stored)
+    shapes = sorted(v.shape for v in tables)
+    assert len(shapes) == 5 and shapes[-1] == (96, 16) and all(k <= 8 and s == 16 for k, s in shapes[:4]), shapes
     assert sum(n.endswith(".weight_table") for n in inits) == 4  # a table number per channel where tables are shared
     ops = optimized_ops(deploy, tmp_path)
     assert ops.count("QLinearConv") == 4 and "Gather" not in ops and "GatherElements" not in ops
@@ -248,7 +251,6 @@ def test_output_aware_nuq_beats_uniform_on_a_trained_model_layer(tmp_path, train
     onnx.save(m, probe)
     calib, test = digits.x_train[:64], digits.x_test[:64]
     inp, ref = ort_run(probe, {"input": test})[1:]
-    bias = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}[conv.input[2]]
     methods = {"int5": "common_config { arq_quantize { quant_bits: 5 } }",  # the default: learned rounding
                "int4": "common_config { arq_quantize { quant_bits: 4 } }",
                "int5-nearest": "learned_rounding: false\ncommon_config { arq_quantize { quant_bits: 5 } }"}
@@ -260,6 +262,8 @@ def test_output_aware_nuq_beats_uniform_on_a_trained_model_layer(tmp_path, train
         fake, _ = _flow(tmp_path, path, cfg, calib, name)
         weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(fake).graph.initializer}
         w = next(v for k, v in weights.items() if k.startswith(conv.name) and k.endswith("weight_fake_quant"))
+        # the layer's own bias as deployed (bias correction removes the mean error the rounding leaves to it)
+        bias = next(v for k, v in weights.items() if k.startswith(conv.name) and k.endswith("bias_fake_quant"))
         single = onnx.helper.make_model(onnx.helper.make_graph(
             [onnx.helper.make_node("Conv", ["x", "w", "b"], ["y"], **{a.name: onnx.helper.get_attribute_value(a)
                                                                      for a in conv.attribute})],

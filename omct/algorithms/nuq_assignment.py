@@ -1,22 +1,29 @@
-"""NUQ's output-aware assignment (omct): once the weight quantization has fixed a NUQ layer's scales and level
-tables, each weight takes one of the two levels around it, chosen GPTQ's way (``core.gptq``) so that the
-layer's output error is small, not each weight's own. The layer's input second moment ``H`` comes from the
-bounded sample of its calibration inputs that AdaRound also uses (``core.adaround.InputSamples``: at most
-8 MiB and 4096 rows per layer). Stored as the weights that take the other level (the record's ``ada_flip``),
-which ``graph.export.layer_weight_codes`` applies for every exported model and for bias correction.
+"""NUQ's output-aware assignment and storage choice (omct): once the weight quantization has fitted a NUQ layer's
+scales and level tables, each weight takes one of the two levels around it, chosen by the flip descent
+(``core.adaround.flip_descent``, what the default's learned rounding and ``ada_quantize``'s ``solver: flips`` run)
+on the layer's output error ``(Q - W) A (Q - W)^T - 2 B (Q - W)``, whose terms come from the input's second moments
+accumulated during calibration (``core.adaround.InputGram``: 256 rows per batch, ``groups * d * d`` float32 per
+layer; the inputs as the deployed layer reads them: quantized, ``dmq_balancer``-divided, minus their mean where
+bias correction runs, ``algorithms.adaround.layer_gram_terms``). Stored as the weights that take the other level
+(the record's ``ada_flip``), which ``graph.export.layer_weight_codes`` applies for every exported model and for
+bias correction.
 
-Each layer chooses, on sampled rows it was not fitted to, between GPTQ, GPTQ with ``H`` shrunk towards its
-diagonal, and the nearest levels, each as it is and polished by single flips (``choose_flips``). Cost per layer
-with ``d`` inputs per output (Cin * kh * kw) and ``c`` output channels: three GPTQ runs and four flip descents
-(at most ``d`` steps of ``O(c d)`` each), ``O(c d^2 + d^3)`` flops each, and about 5 ``d^2`` float64 values
-at once (0.85 GB at d = 4608, ResNet-18's widest convolutions), one layer at a time. A grouped convolution has
-one ``H`` per group (depthwise 3x3: 9 x 9 per channel), fitted group by group.
+The uniform grid of the same bits (``uniform_grid``: -16..15 for NUQ-32 on uniform INT5's per-channel scale) is a
+valid level table too: each layer is assigned on its own tables and on that grid under the same descent, and each
+output channel keeps whichever gives it the smaller output error (channels are independent in it). So a NUQ-N
+layer is never worse than uniform log2(N)-bit weights with the flip descent on the same moments, by construction.
 
-Before that, with ``allocate`` (default), the layers' bytes are allocated (``allocate_layers``): each layer may
-keep one level table per output channel, share ``num_tables`` tables, or keep uniform INT8 weights; the choice is
-made for the whole model by ``core.nuq.allocate`` on each option's measured output error (relative to the layer's
-output power, on all sampled rows, nearest levels) and bytes, under the bytes the fixed rule
-(``nuq.effective_tables``) would take: the deploy file does not grow, the bytes go where they lower the error most."""
+With ``allocate`` (default) the layers' bytes are allocated (``allocate_layers``): each layer may keep one level
+table per output channel, share ``num_tables`` tables, use the uniform grid alone (one table row) or keep uniform
+INT8 weights (with the same descent); the choice is made for the whole model by ``core.nuq.allocate`` on each
+option's output error after the descent (relative to the layer's output power) and bytes, under the bytes the fixed
+rule (``nuq.effective_tables``) would take: the deploy file does not grow. Without it, a layer keeps its fitted
+tables, each channel on the uniform grid where that is better, within the same bytes.
+
+Cost per layer with ``d`` inputs per output (Cin * kh * kw) and ``c`` output channels: up to five flip descents
+(at most ``d`` steps of ``O(c d)`` each, rows leave as they settle) and their ``O(c d^2)`` error products; no
+matrix inverse (the GPTQ candidates this replaced took 3 damped inverses per layer: ResNet-18 NUQ-32 181 s of
+quantization; now about a quarter of that, ``benchmarks/results/nuq.md``)."""
 
 from __future__ import annotations
 
@@ -32,10 +39,9 @@ from omct.algorithms.adaround import (
 from omct.algorithms.base import Algorithm, RecordContext
 from omct.algorithms.statistics import StatPoint
 from omct.algorithms.weights import _importance_point
-from omct.core import gptq, nuq
+from omct.core import nuq
 from omct.core.adaround import (
     InputGram,
-    flip_descent,
     flip_gaps,
     layer_seed,
     learn_rounding_from_terms,
@@ -45,9 +51,6 @@ from omct.core.params import QuantParams
 from omct.core.weights import WEIGHT_QUANTIZERS
 from omct.graph.export import layer_float_weight
 from omct.ui import logger
-
-#: How far ``H`` is shrunk towards its diagonal in the candidates (``choose_flips``).
-SHRINK = (0.0, 0.5)
 
 
 def _layers(plan, config):
@@ -138,13 +141,9 @@ class _LayerFit:
             params = QuantParams(np.asarray(scale, np.float32), np.zeros(1, np.int32), 8, self.axis)
             start, s = _grouped(near.astype(np.float32), params, spec)
             other = _grouped(alt.astype(np.float32), params, spec)[0]
-            q = flip_descent(s * start, s * other, self.w, self.a, self.b)
-            codes = _ungrouped(np.where(q != s * start, other, start).astype(np.int64), self.weight, spec)
-        delta = (q - self.w).astype(np.float32)
-        err = (np.matmul(delta, self.a) * delta).sum(-1, dtype=np.float64)
-        if self.b is not None:
-            err = err - 2 * (self.b * delta).sum(-1, dtype=np.float64) - (self.b * self.w).sum(-1, dtype=np.float64)
-        return codes, err.reshape(-1)
+            q, err = nuq.descend(s * start, s * other, self.w, self.a, self.b)
+            return _ungrouped(np.where(q != s * start, other, start).astype(np.int64), self.weight, spec), err
+        return codes, nuq.row_output_errors(q, self.w, self.a, self.b)
 
     def option(self, kind: str) -> tuple:
         """(scale, table or None for INT8, codes, per-channel error) of one way of storing the layer."""
@@ -163,14 +162,7 @@ class _LayerFit:
             table = np.broadcast_to(uniform_grid(steps), (len(scale), steps)).copy()
             return (scale, table, *self._descend(scale, table))
         if kind.endswith("+uniform"):  # per channel the better of the NUQ table and the uniform grid
-            s1, t1, c1, e1 = self.option(kind[:-len("+uniform")])
-            s2, t2, c2, e2 = self.option("uniform")
-            take = e2 < e1
-            axis_shape = [1] * self.weight.ndim
-            axis_shape[self.axis] = -1
-            pick = take.reshape(axis_shape)
-            return (np.where(take, s2, s1).astype(np.float32), np.where(take[:, None], t2, t1),
-                    np.where(pick, c2, c1), np.where(take, e2, e1))
+            return nuq.better_rows(self.option(kind[:-len("+uniform")]), self.option("uniform"), self.axis)
         if kind == "fixed":
             scale, table = self.fixed
         else:
@@ -263,35 +255,3 @@ def allocate_layers(ctx: RecordContext, specs: list, fits: dict) -> dict[str, st
     logger.info("NUQ allocation over %d layers: %s; weight bytes %d of the fixed rule's %d", len(specs),
                 ", ".join(f"{v} {k}" for k, v in sorted(counts.items())), used, budget)
     return out
-
-
-def _second_moment(rows: np.ndarray, groups: int) -> np.ndarray:
-    """``X^T X / n`` (float32), or one per group ([groups, d, d]) when each group reads its own columns."""
-    x = rows.astype(np.float32)
-    if groups == 1:
-        return x.T @ x / len(x)
-    x = x.reshape(len(x), groups, -1)
-    return np.einsum("ngi,ngj->gij", x, x) / len(x)
-
-
-def choose_flips(weight: np.ndarray, scale: np.ndarray, axis: int, levels, rows: np.ndarray,
-                 groups: int = 1) -> list[int]:
-    """The output-aware assignment that does best on inputs it was not fitted to: fitted on every other sampled
-    row and scored on the rest, GPTQ with ``H`` as estimated, GPTQ with ``H`` shrunk halfway to its diagonal,
-    or the nearest levels (no flips), each also polished by single flips (``nuq.polish_flips``: descent to where
-    no single flip lowers the fitted output error); the winner is then fitted (and polished) on all rows. On few
-    rows of many correlated inputs (a MobileNet projection after 4x4 pixels) GPTQ fits the sample and loses on
-    new inputs; elsewhere it wins by 5-15 dB of layer output error (``benchmarks/nuq_layer_error.py``)."""
-    h_fit, h_held = _second_moment(rows[0::2], groups), _second_moment(rows[1::2], groups)
-    fitted: dict[tuple[float | None, bool], list[int]] = {(None, False): []}
-    for alpha in SHRINK:
-        fitted[(alpha, False)] = nuq.assign_output_aware(weight, scale, axis, levels, gptq.shrunk(h_fit, alpha))
-    for alpha in (None, *SHRINK):
-        fitted[(alpha, True)] = nuq.polish_flips(weight, scale, axis, levels, h_fit, fitted[(alpha, False)])
-    scores = {key: nuq.output_error(weight, scale, axis, levels, h_held, flips) for key, flips in fitted.items()}
-    del h_fit, h_held, fitted
-    # a tie keeps the nearest levels, then the unpolished assignment
-    alpha, polish = min(scores, key=lambda k: (scores[k], k[0] is not None, k[1]))
-    h = _second_moment(rows, groups)
-    flips = [] if alpha is None else nuq.assign_output_aware(weight, scale, axis, levels, gptq.shrunk(h, alpha))
-    return nuq.polish_flips(weight, scale, axis, levels, h, flips) if polish else flips
