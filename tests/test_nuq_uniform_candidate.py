@@ -40,11 +40,12 @@ def _option(w, scale, table, a, b):
 
 @pytest.mark.parametrize("noise", [False, True])
 def test_descent_on_both_grids_keeps_the_better_per_channel_against_brute_force(rng, noise):
-    """On a 6 x 10 weight (NUQ-16 on one shared table) with correlated inputs (the moments from ``InputGram``, with the input-rounding terms or
-    without): the descent's result on each grid is a local minimum of the reference error (no single bracket flip
-    lowers it), its reported errors are the reference's, no lower than the brute-force optimum over all 2^10 bracket
-    choices per row; the per-channel mixture's error is the minimum of the two per channel, and its codes, stored
-    as the record stores them (levels and gap-coded flips), come back through ``to_levels``."""
+    """On a 6 x 10 weight (NUQ-16 on one shared table) with correlated inputs (the moments from ``InputGram``,
+    with the input-rounding terms or without): the descent's result on each grid is a local minimum of the reference
+    error (no single bracket flip lowers it), its reported errors are the reference's, no lower than the brute-force
+    optimum over all 2^10 bracket choices per row; the per-channel mixture's error is the minimum of the two per
+    channel, and its codes, stored as the record stores them (levels and gap-coded flips), come back through
+    ``to_levels``; each grid wins on some channel."""
     out, d = 6, 10
     w = (rng.uniform(-1, 1, size=(out, d)) * rng.uniform(0.5, 1, (out, 1))).astype(np.float32)
     x = rng.normal(size=(300, 3)) @ rng.normal(size=(3, d)) + 0.3 * rng.normal(size=(300, d))
