@@ -52,6 +52,11 @@ from omct.core.weights import WEIGHT_QUANTIZERS
 from omct.graph.export import layer_float_weight
 from omct.ui import logger
 
+#: Layers whose outputs read at most this many values also start a descent from GPTQ's assignment
+#: (``nuq.assign_output_aware`` on the same ``A``; a damped inverse of ``d x d``) and keep, per output channel, the
+#: better of the two descents: GPTQ's error feedback reaches minima the descent from the nearest levels does not.
+GPTQ_MAX_D = 1152
+
 
 def _layers(plan, config):
     """Channel-wise NUQ layers asking for the output-aware assignment whose inputs can be sampled: 2-D Conv
@@ -137,12 +142,23 @@ class _LayerFit:
             q = codes * _grouped(self.weight, self.start, spec)[1]
             codes = _ungrouped(codes, self.weight, spec)
         else:
-            near, alt = nuq.bracket_levels(self.weight, scale, self.axis, table)
             params = QuantParams(np.asarray(scale, np.float32), np.zeros(1, np.int32), 8, self.axis)
-            start, s = _grouped(near.astype(np.float32), params, spec)
-            other = _grouped(alt.astype(np.float32), params, spec)[0]
-            q, err = nuq.descend(s * start, s * other, self.w, self.a, self.b)
-            return _ungrouped(np.where(q != s * start, other, start).astype(np.int64), self.weight, spec), err
+            best = None
+            starts = [None]
+            if self.w.shape[-1] <= GPTQ_MAX_D:  # GPTQ's assignment as a second start (cheap at this width)
+                starts.append(nuq.assign_output_aware(self.weight, scale, self.axis, table, self.a))
+            for flips in starts:
+                at, alt = nuq.bracket_levels(self.weight, scale, self.axis, table, flips)
+                start, s = _grouped(at.astype(np.float32), params, spec)
+                other = _grouped(alt.astype(np.float32), params, spec)[0]
+                q, err = nuq.descend(s * start, s * other, self.w, self.a, self.b)
+                codes = np.where(q != s * start, other, start).reshape(-1, start.shape[-1])
+                if best is not None:  # per output row the better of the two descents (rows are independent)
+                    keep = best[1] <= err
+                    codes, err = np.where(keep[:, None], best[0], codes), np.where(keep, best[1], err)
+                best = (codes, err)
+            codes = best[0].reshape(self.w.shape).astype(np.int64)
+            return _ungrouped(codes, self.weight, spec), best[1]
         return codes, nuq.row_output_errors(q, self.w, self.a, self.b)
 
     def option(self, kind: str) -> tuple:
