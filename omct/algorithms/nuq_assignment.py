@@ -83,8 +83,11 @@ class NuqAssignment(Algorithm):
 
     def apply(self, ctx: RecordContext) -> None:
         layers = [spec for spec in _layers(ctx.plan, ctx.config) if _usable(ctx, spec)]
-        fits = {spec.name: _LayerFit(ctx, spec) for spec in layers}
         allocated = [spec for spec in layers if _options(ctx, spec).get("allocate", True)]
+        fits = {}
+        for spec in layers:  # every option a layer may need, then its d x d terms are released (peak memory)
+            fits[spec.name] = _LayerFit(ctx, spec)
+            fits[spec.name].prepare(spec in allocated)
         choices = allocate_layers(ctx, allocated, fits)
         for spec in layers:
             fit = fits[spec.name]
@@ -139,7 +142,7 @@ class _LayerFit:
         spec = self.spec
         if table is None:
             codes = learn_rounding_from_terms(self.w, _grouped(self.weight, self.start, spec)[1], self.a, self.b,
-                                              self.start.qmin, self.start.qmax)
+                                              self.start.qmin, self.start.qmax).astype(np.int16)
             q = codes * _grouped(self.weight, self.start, spec)[1]
             codes = _ungrouped(codes, self.weight, spec)
         else:
@@ -158,7 +161,7 @@ class _LayerFit:
                     keep = best[1] <= err
                     codes, err = np.where(keep[:, None], best[0], codes), np.where(keep, best[1], err)
                 best = (codes, err)
-            codes = best[0].reshape(self.w.shape).astype(np.int64)
+            codes = best[0].reshape(self.w.shape).astype(np.int16)  # INT8 levels: small codes, kept per option
             return _ungrouped(codes, self.weight, spec), best[1]
         return codes, nuq.row_output_errors(q, self.w, self.a, self.b)
 
@@ -189,6 +192,13 @@ class _LayerFit:
                                       opts["num_tables"])
             scale, table = options[kind]
         return (np.asarray(scale, np.float32).reshape(-1), table, *self._descend(scale, table))
+
+    def prepare(self, allocated: bool) -> None:
+        """Compute every option the allocation (or, without it, ``fixed_choice``) will ask for, then drop the
+        descent's terms: only the options' codes and errors are kept."""
+        for kind in self.kinds() if allocated else ("fixed", "fixed+uniform", "uniform"):
+            self.option(kind)
+        self.a = self.b = self.w = None
 
     def kinds(self) -> list[str]:
         """The ways the allocation may choose between."""
