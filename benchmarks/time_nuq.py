@@ -1,7 +1,8 @@
-"""Wall time of one NUQ quantization (bench_nuq's), with the GPTQ inverse as before ("old": np.linalg.inv of the
-Cholesky factor) or now ("new": by triangular blocks), and the deploy model's logit SQNR (the same codes either way).
+"""Wall time of one NUQ quantization (bench_nuq's) with the omct on PYTHONPATH, and the deploy model's logit SQNR:
+run it once per tree for a before / after pair (one after the other, on the same host load).
 
-    python benchmarks/time_nuq.py resnet18 nuq32 old; python benchmarks/time_nuq.py resnet18 nuq32 new
+    PYTHONPATH=/path/to/before python benchmarks/time_nuq.py resnet18 nuq32
+    PYTHONPATH=/path/to/after python benchmarks/time_nuq.py resnet18 nuq32
 """
 
 from __future__ import annotations
@@ -15,19 +16,18 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_nuq  # noqa: E402
 
-from omct.core import gptq  # noqa: E402
+import omct  # noqa: E402
 
 
 def main() -> None:
-    name, method, variant = sys.argv[1:4]
-    if variant == "old":
-        gptq.upper_triangular_inverse = lambda u, leaf=256: np.linalg.inv(u)
+    name, method = sys.argv[1:3]
     b = bench_nuq.bench_model(name)
     t = time.perf_counter()
     dst = bench_nuq.quantize(b, method)
     wall = time.perf_counter() - t
     sqnr = 10 * np.log10((b.ref ** 2).sum() / ((b.logits(dst) - b.ref) ** 2).sum())
-    print(f"{name} {method} {variant}: wall {wall:.1f} s, logit SQNR {sqnr:.2f} dB", flush=True)
+    print(f"{name} {method} ({Path(omct.__file__).parent.parent}): wall {wall:.1f} s, logit SQNR {sqnr:.2f} dB, "
+          f"deploy {dst.stat().st_size / 1024:.0f} KB", flush=True)
 
 
 if __name__ == "__main__":

@@ -200,7 +200,8 @@ def test_auto_nuq_trials_reach_the_evaluator_as_caffe_pairs(tmp_path, caffe_resn
     for trial, distinct in zip(trials, seen[2:], strict=True):  # calls 0 and 1: float model, calibration
         for name, count in distinct.items():
             steps = trial["steps"][name]
-            assert count <= steps if steps != "uniform" else count > 32, (trial["trial"], name, count)
+            # a NUQ layer is on at most its steps levels, or stored as INT8 by NUQ's allocation (many distinct values)
+            assert (count <= steps or count > 32) if steps != "uniform" else count > 32, (trial["trial"], name, count)
 
 
 def test_auto_nuq_says_how_to_calibrate_when_the_evaluator_does_not(tmp_path, caffe_resnet):

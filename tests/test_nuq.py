@@ -402,15 +402,15 @@ def test_auto_nuq_finds_the_smallest_satisfying_file_within_the_bound(tmp_path, 
     import omct.onnx as amct
 
     model, x, ref = _auto_setup(tmp_path, rng)
-    # between all-NUQ-16 (about 58 dB here) and all-uniform INT8 (about 69 dB): the search has to mix
-    evaluator = SqnrEvaluator(x, ref, 62.0)
+    # between all-NUQ-16 (about 62.5 dB here) and all-uniform INT8 (about 69 dB): the search has to mix
+    evaluator = SqnrEvaluator(x, ref, 64.0)
     result = amct.auto_nuq(str(model), evaluator, str(tmp_path / "c.json"), str(tmp_path / "rec.txt"), str(tmp_path / "out"))
     assert len(evaluator.calls) == result.evaluations <= result.bound == 2 * 3 + 4
     record = json.loads((tmp_path / "out" / "nuq_search_record.json").read_text())
     satisfied = [t for t in record["trials"] if t["satisfied"]]
     assert not record["trials"][0]["satisfied"] and record["trials"][1]["trial"] == "all uniform INT8"
     assert result.weight_bytes == min(t["weight_bytes"] for t in satisfied) < record["trials"][1]["weight_bytes"]
-    assert result.metric >= 62.0 and len(set(result.steps.values())) > 1  # a mix: NUQ-16 everywhere fails
+    assert result.metric >= 64.0 and len(set(result.steps.values())) > 1  # a mix: NUQ-16 everywhere fails
     # the written models are the chosen configuration: its fake-quant model scores what the search measured
     fake = tmp_path / "out" / "convs_fake_quant_model.onnx"
     assert SqnrEvaluator(x, ref, 0).eval_model(str(fake), None, 1) == pytest.approx(result.metric, abs=1e-3)
@@ -534,8 +534,10 @@ def test_matmul_weight_with_channels_last_and_small_layers_kept_uniform(tmp_path
         records = read_record(tmp_path / f"mm{steps}_rec.txt")
         weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(fake).graph.initializer}
         # 64 and 48 weights per channel: NUQ-16 pays for both (> 32); NUQ-32 for mm1, whose 48 channels share 16
-        # tables, not for mm2, whose 10 channels (fewer than 16) have one table each and would need > 85
-        assert records["mm1"].nuq_levels and (records["mm2"].nuq_levels == []) == (steps == 32)
+        # tables, not for mm2, whose 10 channels (fewer than 16) have one table each and would need > 85; at NUQ-16
+        # the allocation may still give mm2 INT8 with the bytes mm1 saves (on the uniform grid, one table row)
+        assert records["mm1"].nuq_levels and (steps == 16 or records["mm2"].nuq_levels == [])
+        assert nuq.worthwhile(w2.T.shape, 0, 16, 16) and not nuq.worthwhile(w2.T.shape, 0, 32, 16)
         if steps == 16:
             rec = records["mm1"]
             codes = weights[next(n.input[1] for n in onnx.load(fake).graph.node if n.name == "mm1")] / np.asarray(rec.scale_w)

@@ -221,3 +221,32 @@ class AdaRound(Algorithm):
                 codes = learn_layer(weight, wp, spec, rows, options, quantized, mean)
             rec.ada_flip, kept = recorded_rounding(weight, wp, codes)
             ctx.weight_codes[spec.name] = (rec.ada_flip, kept.astype(np.int8) if wp.num_bits <= 8 else kept)
+
+
+def layer_gram_terms(ctx: RecordContext, spec, gram: InputGram, weight: np.ndarray,
+                     options: AdaRoundOptions = LEARNED_ROUNDING) -> tuple[np.ndarray, np.ndarray | None]:
+    """``flip_descent``'s ``A`` and ``B`` for a layer's float ``weight`` (as ``layer_float_weight`` gives it) from
+    its accumulated input moments, the inputs taken as the default's learned rounding takes them (``apply``): as
+    the deployed layer reads them (quantized with the layer's input step, divided by ``dmq_balancer`` factors) and
+    minus their mean where bias correction runs after. For other weight grids on the same layer (NUQ's levels,
+    ``algorithms.nuq_assignment``): the same error, so the same rounding optimisation."""
+    rec = ctx.records[spec.name]
+    w, _ = _grouped(np.asarray(weight, np.float32), QuantParams(np.ones(1, np.float32), np.zeros(1, np.int32), 8),
+                    spec)
+    d = gram.sums.size
+    stats = ctx.stats.accumulators()
+    mp = means_point(spec)
+    corrected = {s.name for s in BiasCorrection._layers(ctx.plan, ctx.config)}
+    mean = stats[(mp.tensor, mp.key)].mean if spec.name in corrected and options.center and \
+        (mp.tensor, mp.key) in stats else None
+    taps = int(np.prod(_window(spec).kernel)) if spec.op_type == "Conv" else 1
+    if mean is not None and mean.size * taps != d:
+        mean = None
+    div = _dmq_divisor(rec, spec, d)
+    if div is not None and mean is not None:
+        mean = mean / np.asarray(rec.dmq_factor, np.float32)
+    center = None if mean is None else np.repeat(np.asarray(mean, np.float32), d // mean.size)
+    step = None
+    if options.quantized_input and rec.scale_d:
+        step = float(np.asarray(rec.scale_d, np.float32).reshape(-1)[0])
+    return gram.terms(w, center, step, div)

@@ -1,38 +1,62 @@
-"""NUQ's output-aware assignment (omct): once the weight quantization has fixed a NUQ layer's scales and level
-tables, each weight takes one of the two levels around it, chosen GPTQ's way (``core.gptq``) so that the
-layer's output error is small, not each weight's own. The layer's input second moment ``H`` comes from the
-bounded sample of its calibration inputs that AdaRound also uses (``core.adaround.InputSamples``: at most
-8 MiB and 4096 rows per layer). Stored as the weights that take the other level (the record's ``ada_flip``),
-which ``graph.export.layer_weight_codes`` applies for every exported model and for bias correction.
+"""NUQ's output-aware assignment and storage choice (omct): once the weight quantization has fitted a NUQ layer's
+scales and level tables, each weight takes one of the two levels around it, chosen by the flip descent
+(``core.adaround.flip_descent``, what the default's learned rounding and ``ada_quantize``'s ``solver: flips`` run)
+on the layer's output error ``(Q - W) A (Q - W)^T - 2 B (Q - W)``, whose terms come from the input's second moments
+accumulated during calibration (``core.adaround.InputGram``: 256 rows per batch, ``groups * d * d`` float32 per
+layer; the inputs as the deployed layer reads them: quantized, ``dmq_balancer``-divided, minus their mean where
+bias correction runs, ``algorithms.adaround.layer_gram_terms``). Stored as the weights that take the other level
+(the record's ``ada_flip``), which ``graph.export.layer_weight_codes`` applies for every exported model and for
+bias correction.
 
-Each layer chooses, on sampled rows it was not fitted to, between GPTQ, GPTQ with ``H`` shrunk towards its
-diagonal, and the nearest levels, each as it is and polished by single flips (``choose_flips``). Cost per layer
-with ``d`` inputs per output (Cin * kh * kw) and ``c`` output channels: three GPTQ runs and four flip descents
-(at most ``d`` steps of ``O(c d)`` each), ``O(c d^2 + d^3)`` flops each, and about 5 ``d^2`` float64 values
-at once (0.85 GB at d = 4608, ResNet-18's widest convolutions), one layer at a time. A grouped convolution has
-one ``H`` per group (depthwise 3x3: 9 x 9 per channel), fitted group by group.
+The uniform grid of the same bits (``uniform_grid``: -16..15 for NUQ-32 on uniform INT5's per-channel scale) is a
+valid level table too: each layer is assigned on its own tables and on that grid under the same descent, and each
+output channel keeps whichever gives it the smaller output error (channels are independent in it). So a NUQ-N
+layer is never worse than uniform log2(N)-bit weights with the flip descent on the same moments, by construction.
 
-Before that, with ``allocate`` (default), the layers' bytes are allocated (``allocate_layers``): each layer may
-keep one level table per output channel, share ``num_tables`` tables, or keep uniform INT8 weights; the choice is
-made for the whole model by ``core.nuq.allocate`` on each option's measured output error (relative to the layer's
-output power, on all sampled rows, nearest levels) and bytes, under the bytes the fixed rule
-(``nuq.effective_tables``) would take: the deploy file does not grow, the bytes go where they lower the error most."""
+With ``allocate`` (default) the layers' bytes are allocated (``allocate_layers``): each layer may keep one level
+table per output channel, share ``num_tables`` tables, use the uniform grid alone (one table row) or keep uniform
+INT8 weights (with the same descent); the choice is made for the whole model by ``core.nuq.allocate`` on each
+option's output error after the descent (relative to the layer's output power) and bytes, under the bytes the fixed
+rule (``nuq.effective_tables``) would take: the deploy file does not grow. Without it, a layer keeps its fitted
+tables, each channel on the uniform grid where that is better, within the same bytes.
+
+Layers with ``d <= GPTQ_MAX_D`` also start a second descent from GPTQ's assignment on the same ``A`` and keep, per
+output channel, the better. Cost per layer with ``d`` inputs per output (Cin * kh * kw) and ``c`` output channels:
+up to five options of one or two flip descents (at most ``d`` steps of ``O(c d)`` each, rows leave as they settle)
+and their ``O(c d^2)`` error products, plus a ``d x d`` damped inverse per option on narrow layers (the held-out
+choice among three GPTQ candidates this replaced took ResNet-18 NUQ-32 333 s, now 118 s, shared host)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from omct.algorithms.adaround import input_samples_point, layer_input_rows
+from omct.algorithms.adaround import (
+    GRAM_ROWS_PER_BATCH,
+    _grouped,
+    _ungrouped,
+    _window,
+    layer_gram_terms,
+)
 from omct.algorithms.base import Algorithm, RecordContext
+from omct.algorithms.statistics import StatPoint
 from omct.algorithms.weights import _importance_point
-from omct.core import gptq, nuq
+from omct.core import nuq
+from omct.core.adaround import (
+    InputGram,
+    flip_gaps,
+    layer_seed,
+    learn_rounding_from_terms,
+    rounding_flips,
+)
 from omct.core.params import QuantParams
 from omct.core.weights import WEIGHT_QUANTIZERS
 from omct.graph.export import layer_float_weight
 from omct.ui import logger
 
-#: How far ``H`` is shrunk towards its diagonal in the candidates (``choose_flips``).
-SHRINK = (0.0, 0.5)
+#: Layers whose outputs read at most this many values also start a descent from GPTQ's assignment
+#: (``nuq.assign_output_aware`` on the same ``A``; a damped inverse of ``d x d``) and keep, per output channel, the
+#: better of the two descents: GPTQ's error feedback reaches minima the descent from the nearest levels does not.
+GPTQ_MAX_D = 1152
 
 
 def _layers(plan, config):
@@ -55,19 +79,179 @@ class NuqAssignment(Algorithm):
     name = "nuq_assignment"
 
     def points(self, plan, config):
-        return [input_samples_point(spec) for spec in _layers(plan, config)]
+        return [gram_point(spec) for spec in _layers(plan, config)]
 
     def apply(self, ctx: RecordContext) -> None:
         layers = [spec for spec in _layers(ctx.plan, ctx.config) if _usable(ctx, spec)]
-        allocate_layers(ctx, [spec for spec in layers if _options(ctx, spec).get("allocate", True)])
+        allocated = [spec for spec in layers if _options(ctx, spec).get("allocate", True)]
+        fits = {}
+        for spec in layers:  # every option a layer may need, then its d x d terms are released (peak memory)
+            fits[spec.name] = _LayerFit(ctx, spec)
+            fits[spec.name].prepare(spec in allocated)
+        choices = allocate_layers(ctx, allocated, fits)
         for spec in layers:
-            rec, wp = ctx.records[spec.name], ctx.weight_params.get(spec.name)
-            rows = layer_input_rows(ctx, spec)
-            if not rec.nuq_levels:
-                continue  # kept uniform INT8 by the allocation
-            weight = layer_float_weight(ctx.weight_of(spec.weight).astype(np.float32), rec, spec)
-            groups = spec.groups if spec.op_type == "Conv" else 1
-            rec.ada_flip = choose_flips(weight, wp.scale, wp.axis, rec.nuq_levels, rows, groups)
+            fit = fits[spec.name]
+            kind = choices.get(spec.name) or fit.fixed_choice()
+            fit.store(ctx, kind)
+            logger.debug("layer '%s': NUQ stored as %s", spec.name, kind)
+
+
+def gram_point(spec) -> StatPoint:
+    """The second moments of the layer's input rows (``core.adaround.InputGram``, every input width: a NUQ layer
+    has no cost limit), accumulated during calibration: what the flip descent fits."""
+    window = _window(spec)
+    groups = spec.groups if spec.op_type == "Conv" else 1
+    return StatPoint(spec.input, ("input_gram", window, groups, GRAM_ROWS_PER_BATCH, None),
+                     lambda: InputGram(window, layer_seed(f"{spec.input}{window}"), groups, GRAM_ROWS_PER_BATCH))
+
+
+def uniform_grid(num_steps: int) -> np.ndarray:
+    """The uniform ``log2(num_steps)``-bit grid as a NUQ level table: ``-(num_steps / 2) .. num_steps / 2 - 1``
+    (INT8 values; with the per-channel scale of uniform weights of those bits, what uniform INT5 / INT4 store)."""
+    return np.arange(-(num_steps // 2), num_steps // 2, dtype=np.int64)
+
+
+class _LayerFit:
+    """One NUQ layer's ways of storing its weight, each with its weights assigned by the flip descent on the
+    layer's accumulated input moments (``flip_descent``: the output error ``(Q - W) A (Q - W)^T - 2 B (Q - W)``,
+    the inputs as the deployed layer reads them, ``adaround.layer_gram_terms``) and its measured output error
+    per output channel: ``channel`` (one level table per channel), ``shared`` (the layer's ``num_tables``
+    tables), ``uniform`` (the uniform grid of the same bits: a valid level table), ``int8`` (uniform INT8, the
+    same descent), and the mixtures where each channel keeps whichever of its NUQ table and the uniform grid
+    gives it the smaller output error (channels are independent in this error). Each option computed on first
+    use."""
+
+    def __init__(self, ctx: RecordContext, spec):
+        rec, wp, opts = ctx.records[spec.name], ctx.weight_params[spec.name], _options(ctx, spec)
+        self.spec, self.opts = spec, opts
+        self.weight = layer_float_weight(ctx.weight_of(spec.weight).astype(np.float32), rec, spec)
+        self.axis = wp.axis
+        self.start = WEIGHT_QUANTIZERS["nuq_quantize"](self.weight, 8, wp.axis)
+        self.fixed = (np.asarray(wp.scale, np.float32), nuq.level_table(rec.nuq_levels, self.weight.shape[wp.axis]))
+        self.importance = ctx.stats[_importance_point(spec)].mean
+        stat = ctx.stats[gram_point(spec)]
+        self.w = _grouped(self.weight, self.start, spec)[0]
+        self.a, self.b = layer_gram_terms(ctx, spec, stat, self.weight)
+        self.power = float((np.matmul(self.w, self.a) * self.w).sum(dtype=np.float64))
+        self.const = 0.0 if self.b is None else -float((self.b.astype(np.float64) * self.w).sum())
+        self._done: dict[str, tuple] = {}
+
+    def _descend(self, scale: np.ndarray, table: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Codes (the weight's shape) after the flip descent from the nearest levels (``table`` None: uniform
+        INT8, floor / ceil), and each output channel's output error."""
+        spec = self.spec
+        if table is None:
+            codes = learn_rounding_from_terms(self.w, _grouped(self.weight, self.start, spec)[1], self.a, self.b,
+                                              self.start.qmin, self.start.qmax).astype(np.int16)
+            q = codes * _grouped(self.weight, self.start, spec)[1]
+            codes = _ungrouped(codes, self.weight, spec)
+        else:
+            params = QuantParams(np.asarray(scale, np.float32), np.zeros(1, np.int32), 8, self.axis)
+            best = None
+            starts = [None]
+            if self.w.shape[-1] <= GPTQ_MAX_D:  # GPTQ's assignment as a second start (cheap at this width)
+                starts.append(nuq.assign_output_aware(self.weight, scale, self.axis, table, self.a))
+            for flips in starts:
+                at, alt = nuq.bracket_levels(self.weight, scale, self.axis, table, flips)
+                start, s = _grouped(at.astype(np.float32), params, spec)
+                other = _grouped(alt.astype(np.float32), params, spec)[0]
+                q, err = nuq.descend(s * start, s * other, self.w, self.a, self.b)
+                codes = np.where(q != s * start, other, start).reshape(-1, start.shape[-1])
+                if best is not None:  # per output row the better of the two descents (rows are independent)
+                    keep = best[1] <= err
+                    codes, err = np.where(keep[:, None], best[0], codes), np.where(keep, best[1], err)
+                best = (codes, err)
+            codes = best[0].reshape(self.w.shape).astype(np.int16)  # INT8 levels: small codes, kept per option
+            return _ungrouped(codes, self.weight, spec), best[1]
+        return codes, nuq.row_output_errors(q, self.w, self.a, self.b)
+
+    def option(self, kind: str) -> tuple:
+        """(scale, table or None for INT8, codes, per-channel error) of one way of storing the layer."""
+        if kind not in self._done:
+            self._done[kind] = self._option(kind)
+        return self._done[kind]
+
+    def _option(self, kind: str) -> tuple:
+        if kind == "int8":
+            return (self.start.scale, None, *self._descend(self.start.scale, None))
+        if kind == "uniform":
+            steps = self.fixed[1].shape[1]
+            bits = nuq.index_bits(steps)
+            scale = nuq._half(np.asarray(WEIGHT_QUANTIZERS["arq_quantize"](self.weight, bits, self.axis).scale,
+                                         np.float32).reshape(-1))
+            table = np.broadcast_to(uniform_grid(steps), (len(scale), steps)).copy()
+            return (scale, table, *self._descend(scale, table))
+        if kind.endswith("+uniform"):  # per channel the better of the NUQ table and the uniform grid
+            return nuq.better_rows(self.option(kind[:-len("+uniform")]), self.option("uniform"), self.axis)
+        if kind == "fixed":
+            scale, table = self.fixed
+        else:
+            opts = self.opts
+            options = nuq.fit_options(self.weight, self.start.scale, self.axis, self.spec.weight_in_axis,
+                                      opts["num_steps"], opts["num_of_iteration"], self.importance,
+                                      opts["num_tables"])
+            scale, table = options[kind]
+        return (np.asarray(scale, np.float32).reshape(-1), table, *self._descend(scale, table))
+
+    def prepare(self, allocated: bool) -> None:
+        """Compute every option the allocation (or, without it, ``fixed_choice``) will ask for, then drop the
+        descent's terms: only the options' codes and errors are kept."""
+        for kind in self.kinds() if allocated else ("fixed", "fixed+uniform", "uniform"):
+            self.option(kind)
+        self.a = self.b = self.w = None
+
+    def kinds(self) -> list[str]:
+        """The ways the allocation may choose between."""
+        channels = self.weight.shape[self.axis]
+        out = ["channel+uniform", "uniform", "int8"]
+        opts = self.opts
+        if 0 < opts["num_tables"] < channels and nuq.fit_options(
+                self.weight, self.start.scale, self.axis, self.spec.weight_in_axis, opts["num_steps"],
+                opts["num_of_iteration"], self.importance, opts["num_tables"]).get("shared") is not None:
+            out[1:1] = ["shared", "shared+uniform"]
+        return out
+
+    def bytes(self, kind: str) -> int:
+        """Deploy bytes of the weight stored this way; INT8 also counts the 4 bytes per channel its float32 scale
+        and INT32 bias take over a NUQ layer's float16 and INT16 (``graph.export``): else moving a layer to INT8
+        under the fixed rule's weight bytes grew the file (ResNet-18 NUQ-32 by 1 KB)."""
+        table = self.option(kind)[1]
+        if table is None:
+            return self.weight.size + 4 * self.weight.shape[self.axis]
+        return nuq.stored_table_bytes(self.weight.size, table)
+
+    def error(self, kind: str) -> float:
+        """The layer's output error relative to its output power (comparable across layers)."""
+        return (float(self.option(kind)[3].sum()) + self.const) / max(self.power, 1e-30)
+
+    def budget(self) -> int:
+        """The deploy bytes of the weight as the weight algorithm fitted it (the fixed rule)."""
+        return nuq.stored_table_bytes(self.weight.size, self.fixed[1])
+
+    def fixed_choice(self) -> str:
+        """Without the allocation: the fitted tables, each channel on the uniform grid where that is better, if the
+        bytes stay within the fitted tables' (else the fitted tables alone)."""
+        kinds = ["fixed", "fixed+uniform", "uniform"]
+        costs = [self.bytes(k) for k in kinds]
+        errors = [self.error(k) for k in kinds]
+        return kinds[nuq.allocate([costs], [errors], self.budget())[0]]
+
+    def store(self, ctx: RecordContext, kind: str) -> None:
+        """Write the chosen way into the layer's record and weight parameters."""
+        scale, table, codes, _ = self.option(kind)
+        rec, wp = ctx.records[self.spec.name], ctx.weight_params[self.spec.name]
+        if table is None:
+            wp = self.start
+            rec.nuq_levels = []
+            rec.ada_flip = rounding_flips(self.weight, wp, codes)
+        else:
+            wp = QuantParams(np.asarray(scale, np.float32), wp.offset, wp.num_bits, wp.axis)
+            rec.nuq_levels = [int(v) for v in np.ravel(table)]
+            rec.ada_flip = flip_gaps(nuq.to_levels(self.weight, scale, self.axis, table),
+                                     nuq._other_level(self.weight, scale, self.axis, table), codes)
+        ctx.weight_params[self.spec.name] = wp
+        rec.scale_w = [float(v) for v in np.ravel(wp.scale)]
+        rec.offset_w = [0] * len(rec.scale_w)
 
 
 def _options(ctx: RecordContext, spec) -> dict:
@@ -77,103 +261,29 @@ def _options(ctx: RecordContext, spec) -> dict:
 def _usable(ctx: RecordContext, spec) -> bool:
     """A NUQ layer (not kept uniform for being too small) whose inputs were seen."""
     rec, wp = ctx.records[spec.name], ctx.weight_params.get(spec.name)
-    rows = layer_input_rows(ctx, spec)
-    return bool(rec.nuq_levels) and wp is not None and wp.axis is not None and rows is not None and len(rows) >= 2
+    stat = ctx.stats.accumulators().get((spec.input, gram_point(spec).key))
+    return bool(rec.nuq_levels) and wp is not None and wp.axis is not None and stat is not None and \
+        stat.gram is not None and stat.n >= 2
 
 
-def _relative_error(weight: np.ndarray, codes: np.ndarray, scale: np.ndarray, axis: int, h: np.ndarray) -> float:
-    """``sum (W - Q) H (W - Q)^T / sum W H W^T`` (per group for a grouped convolution): the layer's output error
-    relative to its output power, comparable across layers."""
-    w = np.moveaxis(np.asarray(weight, np.float64), axis, 0).reshape(weight.shape[axis], -1)
-    q = np.moveaxis(np.asarray(codes, np.float64), axis, 0).reshape(w.shape) * \
-        np.asarray(scale, np.float64).reshape(-1, 1)
-    hs = h[None] if h.ndim == 2 else h
-    per = len(w) // len(hs)
-    err = power = 0.0
-    for g in range(len(hs)):
-        err += float(gptq.output_error(w[g * per:(g + 1) * per], q[g * per:(g + 1) * per], hs[g]).sum())
-        power += float(gptq.output_error(w[g * per:(g + 1) * per], 0 * w[g * per:(g + 1) * per], hs[g]).sum())
-    return err / power if power > 0 else err
-
-
-def allocate_layers(ctx: RecordContext, specs: list) -> None:
-    """Choose, for the whole model, how each NUQ layer of ``specs`` stores its weight: one level table per output
-    channel (``channel``), its ``num_tables`` shared tables (``shared``), or uniform INT8 (``int8``, where the
+def allocate_layers(ctx: RecordContext, specs: list, fits: dict) -> dict[str, str]:
+    """Choose, for the whole model, how each NUQ layer of ``specs`` stores its weight (``_LayerFit.kinds``: its
+    own level tables per channel, shared tables, the uniform grid of the same bits, or uniform INT8 where the
     layer is so small or so sensitive that one byte per weight pays), so that the summed relative output error of
-    the layers is small under the bytes the fixed rule (``nuq.effective_tables``) gives them (``nuq.allocate``).
-    Updates the layers' records and weight parameters; the output-aware assignment then runs on the choice."""
+    the layers, each with its weights assigned by the flip descent (what the final choice uses), is small under
+    the bytes the fixed rule (``nuq.effective_tables``) gives them (``nuq.allocate``). Returns layer -> kind."""
     if not specs:
-        return
-    choices, costs, errors, budget = [], [], [], 0
-    for spec in specs:
-        rec, wp, opts = ctx.records[spec.name], ctx.weight_params[spec.name], _options(ctx, spec)
-        weight = layer_float_weight(ctx.weight_of(spec.weight), rec, spec)  # as the weight algorithm fitted it
-        start = WEIGHT_QUANTIZERS["nuq_quantize"](weight, 8, wp.axis)
-        importance = ctx.stats[_importance_point(spec)].mean
-        options = nuq.fit_options(weight, start.scale, wp.axis, spec.weight_in_axis, opts["num_steps"],
-                                  opts["num_of_iteration"], importance, opts["num_tables"])
-        rows = layer_input_rows(ctx, spec)
-        h = _second_moment(rows, spec.groups if spec.op_type == "Conv" else 1)
-        kinds = {k: (scale, table, nuq.stored_table_bytes(weight.size, table))
-                 for k, (scale, table) in options.items()}
-        kinds["int8"] = (start.scale, None, weight.size)
-        err = {k: _relative_error(weight, start.quantize(weight) if t is None else
-                                  nuq.to_levels(weight, s, wp.axis, t), s, wp.axis, h)
-               for k, (s, t, _) in kinds.items()}
-        budget += nuq.stored_table_bytes(weight.size, nuq.level_table(rec.nuq_levels, weight.shape[wp.axis]))
-        choices.append((spec, start, kinds))
-        costs.append([b for _, _, b in kinds.values()])
-        errors.append(list(err.values()))
-        del h
+        return {}
+    kinds = [fits[spec.name].kinds() for spec in specs]
+    costs = [[fits[spec.name].bytes(k) for k in ks] for spec, ks in zip(specs, kinds, strict=True)]
+    errors = [[fits[spec.name].error(k) for k in ks] for spec, ks in zip(specs, kinds, strict=True)]
+    budget = sum(fits[spec.name].budget() for spec in specs)
     picked = nuq.allocate(costs, errors, budget)
+    out = {spec.name: ks[i] for spec, ks, i in zip(specs, kinds, picked, strict=True)}
     counts: dict[str, int] = {}
-    for (spec, start, kinds), i in zip(choices, picked, strict=True):
-        kind = list(kinds)[i]
+    for kind in out.values():
         counts[kind] = counts.get(kind, 0) + 1
-        scale, table, _ = kinds[kind]
-        rec, wp = ctx.records[spec.name], ctx.weight_params[spec.name]
-        if table is None:
-            rec.nuq_levels = []
-            wp = start
-        else:
-            rec.nuq_levels = [int(v) for v in np.ravel(table)]
-            wp = QuantParams(np.asarray(scale, np.float32), wp.offset, wp.num_bits, wp.axis)
-        ctx.weight_params[spec.name] = wp
-        rec.scale_w = [float(v) for v in np.ravel(wp.scale)]
-        rec.offset_w = [0] * len(rec.scale_w)
-        logger.debug("layer '%s': NUQ allocation chose %s", spec.name, kind)
     used = sum(c[i] for c, i in zip(costs, picked, strict=True))
     logger.info("NUQ allocation over %d layers: %s; weight bytes %d of the fixed rule's %d", len(specs),
                 ", ".join(f"{v} {k}" for k, v in sorted(counts.items())), used, budget)
-
-
-def _second_moment(rows: np.ndarray, groups: int) -> np.ndarray:
-    """``X^T X / n`` (float32), or one per group ([groups, d, d]) when each group reads its own columns."""
-    x = rows.astype(np.float32)
-    if groups == 1:
-        return x.T @ x / len(x)
-    x = x.reshape(len(x), groups, -1)
-    return np.einsum("ngi,ngj->gij", x, x) / len(x)
-
-
-def choose_flips(weight: np.ndarray, scale: np.ndarray, axis: int, levels, rows: np.ndarray,
-                 groups: int = 1) -> list[int]:
-    """The output-aware assignment that does best on inputs it was not fitted to: fitted on every other sampled
-    row and scored on the rest, GPTQ with ``H`` as estimated, GPTQ with ``H`` shrunk halfway to its diagonal,
-    or the nearest levels (no flips), each also polished by single flips (``nuq.polish_flips``: descent to where
-    no single flip lowers the fitted output error); the winner is then fitted (and polished) on all rows. On few
-    rows of many correlated inputs (a MobileNet projection after 4x4 pixels) GPTQ fits the sample and loses on
-    new inputs; elsewhere it wins by 5-15 dB of layer output error (``benchmarks/nuq_layer_error.py``)."""
-    h_fit, h_held = _second_moment(rows[0::2], groups), _second_moment(rows[1::2], groups)
-    fitted: dict[tuple[float | None, bool], list[int]] = {(None, False): []}
-    for alpha in SHRINK:
-        fitted[(alpha, False)] = nuq.assign_output_aware(weight, scale, axis, levels, gptq.shrunk(h_fit, alpha))
-    for alpha in (None, *SHRINK):
-        fitted[(alpha, True)] = nuq.polish_flips(weight, scale, axis, levels, h_fit, fitted[(alpha, False)])
-    scores = {key: nuq.output_error(weight, scale, axis, levels, h_held, flips) for key, flips in fitted.items()}
-    del h_fit, h_held, fitted
-    # a tie keeps the nearest levels, then the unpolished assignment
-    alpha, polish = min(scores, key=lambda k: (scores[k], k[0] is not None, k[1]))
-    h = _second_moment(rows, groups)
-    flips = [] if alpha is None else nuq.assign_output_aware(weight, scale, axis, levels, gptq.shrunk(h, alpha))
-    return nuq.polish_flips(weight, scale, axis, levels, h, flips) if polish else flips
+    return out

@@ -541,3 +541,40 @@ def packed_bytes(count: int, num_steps: int, channels: int = 1, num_tables: int 
     if effective_tables(count, num_steps, channels, num_tables):
         rows = num_steps * num_tables + channels
     return index_bits(num_steps) * -(-count // 8) + rows
+
+
+def row_output_errors(q: np.ndarray, w: np.ndarray, gram: np.ndarray, lin: np.ndarray | None = None) -> np.ndarray:
+    """Each output row's output error for quantized weights ``q`` of ``w`` (groups, out, d), from the quadratic
+    terms ``flip_descent`` minimises (``gram`` A (groups, d, d), ``lin`` B or None):
+    ``delta A delta' - 2 B . delta - B . W`` with ``delta = q - w``. With ``InputGram.terms`` (A = X'X / N + D,
+    B = -W D for input rounding noise D) the last term is ``W D W'``, so this is the expected output error
+    itself, comparable between weight grids and layers. Returns [groups * out] float64."""
+    delta = (np.asarray(q, np.float32) - w).astype(np.float32)
+    err = (np.matmul(delta, gram) * delta).sum(-1, dtype=np.float64)
+    if lin is not None:
+        err = err - 2 * (lin * delta).sum(-1, dtype=np.float64) - (lin * w).sum(-1, dtype=np.float64)
+    return err.reshape(-1)
+
+
+def descend(start: np.ndarray, other: np.ndarray, w: np.ndarray, gram: np.ndarray,
+            lin: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The flip descent (``core.adaround.flip_descent``) between each weight's two allowed values ``start`` and
+    ``other`` (groups, out, d; any grid, in the weights' units) from ``start``, and each row's output error after
+    it (``row_output_errors``): the same rounding optimisation for every grid a layer may be stored on, so their
+    errors compare like for like."""
+    final = flip_descent(start, other, w, gram, lin)
+    return final, row_output_errors(final, w, gram, lin)
+
+
+def better_rows(first: tuple, second: tuple, out_axis: int) -> tuple:
+    """Per output channel the better of two ways of storing a layer, each ``(scale [channels], table [channels,
+    steps], codes (the weight's shape), errors [channels])``: rows are independent in the output error (each output
+    channel's error depends on its own weights only), so the mixture's error is the per-row minimum. Ties keep
+    ``first``."""
+    s1, t1, c1, e1 = first
+    s2, t2, c2, e2 = second
+    take = np.asarray(e2) < np.asarray(e1)
+    shape = [1] * np.ndim(c1)
+    shape[out_axis] = -1
+    return (np.where(take, s2, s1).astype(np.float32), np.where(take[:, None], t2, t1),
+            np.where(take.reshape(shape), c2, c1), np.where(take, e2, e1))
