@@ -207,7 +207,7 @@ def _weight_bytes(deploy) -> int:
     return sum(numpy_helper.to_array(t).nbytes for t in onnx.load(deploy).graph.initializer if t.name.endswith(ends))
 
 
-def test_allocation_stays_within_the_fixed_rules_bytes_and_lowers_the_error(tmp_path, rng):
+def test_allocation_stays_within_the_fixed_rules_bytes_and_keeps_the_error_close(tmp_path, rng):
     """With ``allocate`` (default) the layers' stored weights take no more bytes than the fixed rule's, and the
     model's output is about as close to FP32 on the calibration inputs (the allocation's errors are measured on
     them); the deploy model still reads exactly the fake-quant codes through the integer kernels."""
