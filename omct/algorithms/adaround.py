@@ -197,17 +197,8 @@ class AdaRound(Algorithm):
             weight = layer_float_weight(ctx.weight_of(spec.weight).astype(np.float32, copy=False), rec, spec)
             if moments and weight.size * d // max(1, spec.groups) > FLIP_COST_LIMIT:
                 continue  # out * d * d: the default's descent stays cheap
-            # bias correction, which runs next, removes (Wq - W) E[x]: the rounding fits what it leaves
-            mp = means_point(spec)
-            mean = stats[(mp.tensor, mp.key)].mean if spec.name in corrected and options.center and \
-                (mp.tensor, mp.key) in stats else None
-            taps = int(np.prod(_window(spec).kernel)) if spec.op_type == "Conv" else 1
-            if mean is not None and mean.size * taps != d:
-                mean = None
             div = _dmq_divisor(rec, spec, d)
-            if div is not None:  # the balanced layer reads its input divided by the factors
-                mean = None if mean is None else mean / np.asarray(rec.dmq_factor, np.float32)
-            mean = None if mean is None else np.asarray(mean, np.float32)
+            mean = _fitted_mean(ctx, spec, stats, corrected, options, d, div)
             act = None
             if options.quantized_input:  # the input as the deployed layer reads it
                 act = QuantParams(np.asarray(rec.scale_d, np.float32), np.asarray(rec.offset_d, np.int32),
@@ -223,6 +214,23 @@ class AdaRound(Algorithm):
             ctx.weight_codes[spec.name] = (rec.ada_flip, kept.astype(np.int8) if wp.num_bits <= 8 else kept)
 
 
+def _fitted_mean(ctx: RecordContext, spec, stats: dict, corrected: set, options: AdaRoundOptions, d: int,
+                 div: np.ndarray | None) -> np.ndarray | None:
+    """The per-channel input mean the rounding is fitted around (float32), or None: bias correction, which runs
+    after, removes ``(Wq - W) E[x]``, so the rounding fits what it leaves; a balanced layer (``div``) reads its
+    input divided by the ``dmq_balancer`` factors."""
+    mp = means_point(spec)
+    if spec.name not in corrected or not options.center or (mp.tensor, mp.key) not in stats:
+        return None
+    mean = stats[(mp.tensor, mp.key)].mean
+    taps = int(np.prod(_window(spec).kernel)) if spec.op_type == "Conv" else 1
+    if mean is None or mean.size * taps != d:
+        return None
+    if div is not None:
+        mean = mean / np.asarray(ctx.records[spec.name].dmq_factor, np.float32)
+    return np.asarray(mean, np.float32)
+
+
 def layer_gram_terms(ctx: RecordContext, spec, gram: InputGram, weight: np.ndarray,
                      options: AdaRoundOptions = LEARNED_ROUNDING) -> tuple[np.ndarray, np.ndarray | None]:
     """``flip_descent``'s ``A`` and ``B`` for a layer's float ``weight`` (as ``layer_float_weight`` gives it) from
@@ -234,17 +242,9 @@ def layer_gram_terms(ctx: RecordContext, spec, gram: InputGram, weight: np.ndarr
     w, _ = _grouped(np.asarray(weight, np.float32), QuantParams(np.ones(1, np.float32), np.zeros(1, np.int32), 8),
                     spec)
     d = gram.sums.size
-    stats = ctx.stats.accumulators()
-    mp = means_point(spec)
     corrected = {s.name for s in BiasCorrection._layers(ctx.plan, ctx.config)}
-    mean = stats[(mp.tensor, mp.key)].mean if spec.name in corrected and options.center and \
-        (mp.tensor, mp.key) in stats else None
-    taps = int(np.prod(_window(spec).kernel)) if spec.op_type == "Conv" else 1
-    if mean is not None and mean.size * taps != d:
-        mean = None
     div = _dmq_divisor(rec, spec, d)
-    if div is not None and mean is not None:
-        mean = mean / np.asarray(rec.dmq_factor, np.float32)
+    mean = _fitted_mean(ctx, spec, ctx.stats.accumulators(), corrected, options, d, div)
     center = None if mean is None else np.repeat(np.asarray(mean, np.float32), d // mean.size)
     step = None
     if options.quantized_input and rec.scale_d:
