@@ -24,6 +24,7 @@ from omct.algorithms.activations import unobserved_sites
 from omct.algorithms.base import RecordContext
 from omct.algorithms.pipeline import PIPELINE
 from omct.algorithms.statistics import Statistics
+from omct.core.parallel import one_blas_thread
 from omct.errors import CalibrationError, ConfigError, OmctError
 from omct.feeds import FeedCheck, batch_rows, warn_few_samples
 from omct.formats.config import QuantConfig
@@ -125,10 +126,11 @@ class Calibration:
         if self._progress is None:
             self._progress = Progress("calibrating", self.batch_num)
         try:
-            out = observe()
-            self.batches += 1
-            if self.batches >= self.batch_num:
-                self.finish()
+            with one_blas_thread():  # small products, and OpenBLAS's spinning threads slow every other pool
+                out = observe()
+                self.batches += 1
+                if self.batches >= self.batch_num:
+                    self.finish()
         except Exception:
             self._progress.close()
             raise

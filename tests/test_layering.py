@@ -69,7 +69,8 @@ def test_core_is_numpy_only():
         names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         foreign = {m for m in names if m.split(".")[0] not in {"numpy", "omct", "__future__", "math", "os", "threading",
-                                                               "collections", "concurrent", "dataclasses", "typing", "abc",
-                                                               "functools", "itertools"}}
+                                                               "collections", "concurrent", "contextlib", "dataclasses",
+                                                               "typing", "abc", "functools", "itertools",
+                                                               "threadpoolctl"}}
         outside = {m for m in names if m.startswith("omct") and not m.startswith("omct.core")}
         assert not foreign and not outside, f"{path.name} imports {sorted(foreign | outside)}"

@@ -35,3 +35,51 @@ def test_one_worker_runs_inline_and_bad_setting_is_named(monkeypatch):
     monkeypatch.setenv("OMCT_NUM_THREADS", "many")
     with pytest.raises(ValueError, match="OMCT_NUM_THREADS"):
         worker_count()
+
+
+def _blas_threads() -> list[int]:
+    import threadpoolctl
+
+    return [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+
+
+def test_calibration_statistics_and_records_run_with_one_blas_thread(tmp_path, monkeypatch):
+    """During each batch's statistics and the records at the last batch numpy's BLAS has one thread (OpenBLAS's
+    spinning threads slowed every other pool on 2 cores), and the user's setting is back after each batch."""
+    import numpy as np
+    import threadpoolctl
+    from onnx_builders import conv_model
+
+    import omct.onnx as amct
+    from omct.algorithms.statistics import Statistics
+    from omct.quantize import Calibration
+
+    rng = np.random.default_rng(0)
+    model = tmp_path / "m.onnx"
+    import onnx
+
+    onnx.save(conv_model(rng), model)
+    seen = {"observe": [], "finish": []}
+    observe, finish = Statistics.observe, Calibration.finish
+
+    def observing(self, *a, **k):
+        seen["observe"].append(_blas_threads())
+        return observe(self, *a, **k)
+
+    def finishing(self):
+        seen["finish"].append(_blas_threads())
+        return finish(self)
+
+    monkeypatch.setattr(Statistics, "observe", observing)
+    monkeypatch.setattr(Calibration, "finish", finishing)
+    cfg, mod, rec = tmp_path / "c.json", tmp_path / "mod.onnx", tmp_path / "r.txt"
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        amct.create_quant_config(str(cfg), str(model), batch_num=2)
+        amct.quantize_model(str(cfg), str(model), str(mod), str(rec))
+        sess = amct.CalibrationSession(str(mod))
+        sess.run(None, {"x": rng.normal(size=(4, 8, 6, 6)).astype(np.float32)})
+        assert set(_blas_threads()) == {2}  # the caller's setting between batches
+        sess.run(None, {"x": rng.normal(size=(4, 8, 6, 6)).astype(np.float32)})
+        assert set(_blas_threads()) == {2}
+    assert len(seen["observe"]) == 2 and len(seen["finish"]) == 1
+    assert all(set(t) == {1} for t in seen["observe"] + seen["finish"]), seen
