@@ -89,14 +89,6 @@ def _fake_quant32(x: np.ndarray, p: QuantParams) -> np.ndarray:
     return q
 
 
-def layer_input_rows(ctx: RecordContext, spec) -> np.ndarray | None:
-    """The sampled input rows as the quantized layer reads them: divided by the ``dmq_balancer`` factors when
-    the layer is balanced (its weight is then multiplied by them)."""
-    rows = ctx.stats[input_samples_point(spec)].rows
-    s = _dmq_divisor(ctx.records[spec.name], spec, rows)
-    return rows if s is None else rows / s
-
-
 def _dmq_divisor(rec, spec, rows: np.ndarray | int | None) -> np.ndarray | None:
     """What each sampled input column (of ``rows``, or that many columns) is divided by when the layer is
     ``dmq_balancer``-balanced (None: it is not): the channel's factor, repeated over a conv patch's taps."""

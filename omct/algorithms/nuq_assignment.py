@@ -141,9 +141,10 @@ class _LayerFit:
         INT8, floor / ceil), and each output channel's output error."""
         spec = self.spec
         if table is None:
-            codes = learn_rounding_from_terms(self.w, _grouped(self.weight, self.start, spec)[1], self.a, self.b,
-                                              self.start.qmin, self.start.qmax).astype(np.int16)
-            q = codes * _grouped(self.weight, self.start, spec)[1]
+            s = _grouped(self.weight, self.start, spec)[1]
+            codes = learn_rounding_from_terms(self.w, s, self.a, self.b, self.start.qmin,
+                                              self.start.qmax).astype(np.int16)
+            q = codes * s
             codes = _ungrouped(codes, self.weight, spec)
         else:
             params = QuantParams(np.asarray(scale, np.float32), np.zeros(1, np.int32), 8, self.axis)

@@ -128,12 +128,3 @@ def output_error(weight: np.ndarray, quantized: np.ndarray, h: np.ndarray) -> np
     """Each row's output error ``(w - q) H (w - q)^T`` (mean squared output error when ``H = E[x x^T]``)."""
     d = np.asarray(weight, np.float64) - np.asarray(quantized, np.float64)
     return ((d @ np.asarray(h, np.float64)) * d).sum(1)
-
-
-def shrunk(h: np.ndarray, alpha: float) -> np.ndarray:
-    """``(1 - alpha) H + alpha diag(H)``, float64: ``H`` estimated from few samples trusted less (``alpha`` 1 is
-    the diagonal, where GPTQ is round-to-nearest). A stack of matrices ([groups, d, d]) is shrunk each."""
-    out = np.asarray(h, np.float64) * (1.0 - alpha)
-    d = out.shape[-1]
-    out[..., np.arange(d), np.arange(d)] = np.asarray(h)[..., np.arange(d), np.arange(d)]
-    return out

@@ -23,7 +23,6 @@ from contextlib import contextmanager
 _pool: ThreadPoolExecutor | None = None
 _pool_workers = 0
 _lock = threading.Lock()
-_blas = None  # threadpoolctl's controller of the BLAS libraries loaded (made once: it scans the process)
 
 
 def worker_count() -> int:
@@ -69,15 +68,12 @@ def run_all(tasks: Sequence[Callable[[], None]], costs: Sequence[float] | None =
 @contextmanager
 def one_blas_thread() -> Iterator[None]:
     """numpy's BLAS (and any other BLAS library loaded) on one thread inside, as it was after; nothing when
-    threadpoolctl is not installed."""
-    global _blas
+    threadpoolctl is not installed. The loaded libraries are looked up on each call (about 0.6 ms): one loaded
+    later (scipy's, torch's) is limited too."""
     try:
         import threadpoolctl
     except ImportError:  # pragma: no cover - a dependency of omct
         yield
         return
-    with _lock:
-        if _blas is None:
-            _blas = threadpoolctl.ThreadpoolController()
-    with _blas.limit(limits=1, user_api="blas"):
+    with threadpoolctl.ThreadpoolController().limit(limits=1, user_api="blas"):
         yield
