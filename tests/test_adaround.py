@@ -519,6 +519,81 @@ def test_input_gram_is_x_transpose_x_of_the_rows(groups):
     np.testing.assert_allclose(dense.gram[0], flat.T @ flat, rtol=1e-5, atol=1e-5)
 
 
+def _gram_reference(stat: InputGram, batches, rows_of) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """The float64 Gram blocks, column sums and nonzero counts of the rows ``stat`` draws from ``batches``
+    (its own ``picks``; ``rows_of(batch)``: every row of the batch, from an independent im2col)."""
+    g = stat.groups
+    grams, sums, nonzero, n = 0.0, 0.0, 0, 0
+    for b in batches:
+        every = rows_of(b)
+        take = len(every) if len(every) <= 2 * stat.rows_per_batch else stat.rows_per_batch
+        picks = stat.picks(np.asarray(b, np.float32), len(every), take)
+        x = (every if picks is None else every[picks]).reshape(take, g, -1).transpose(1, 0, 2)
+        grams = grams + np.matmul(x.transpose(0, 2, 1), x)
+        sums, nonzero, n = sums + x.sum(1), nonzero + (x != 0).sum(1), n + take
+    return grams, sums, nonzero, n
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_input_gram_drawn_rows_match_a_float64_reference(groups):
+    """Every path of ``InputGram.update`` (conv rows drawn from a large map, every row of a small one, drawn and
+    every dense row; grouped too) accumulates the float64 X' X, sums and nonzero counts of the rows it draws
+    (torch's im2col rows at its picks), with the layers' updates interleaved in one thread and spread over
+    threads: the reused per-thread scratch buffers never leak one layer's rows into another's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(11)
+    window = Window((3, 3), (2, 1), (1, 1, 1, 1), (1, 1))
+    relu = lambda *shape: np.maximum(rng.normal(size=shape), 0).astype(np.float32)  # noqa: E731
+    cases = [  # (accumulator, batches, independent rows of a batch)
+        (InputGram(window, seed=3, groups=groups, rows_per_batch=50), [relu(2, 8, 20, 13) for _ in range(3)],
+         lambda b: _unfold(b, window)),  # 260 rows a batch: 50 drawn
+        (InputGram(window, seed=4, groups=groups, rows_per_batch=50), [relu(1, 8, 9, 7) for _ in range(3)],
+         lambda b: _unfold(b, window)),  # 35 rows: every one
+        (InputGram(None, seed=5, groups=groups, rows_per_batch=30), [relu(4, 25, 16) for _ in range(3)],
+         lambda b: b.reshape(-1, b.shape[-1]).astype(np.float64)),  # 100 dense rows: 30 drawn
+        (InputGram(None, seed=6, groups=groups, rows_per_batch=30), [relu(2, 20, 16)[:, ::2] for _ in range(3)],
+         lambda b: b.reshape(-1, b.shape[-1]).astype(np.float64)),  # 20 non-contiguous dense rows: every one
+        (InputGram(None, seed=7, groups=groups, rows_per_batch=30), [relu(2, 20, 16) for _ in range(3)],
+         lambda b: b.reshape(-1, b.shape[-1]).astype(np.float64)),  # 40 dense rows, the batch itself: every one
+    ]
+    kept = [[b.copy() for b in batches] for _, batches, _ in cases]
+
+    def check(stats):
+        for stat, (_, batches, rows_of) in zip(stats, cases, strict=True):
+            grams, sums, nonzero, n = _gram_reference(stat, batches, rows_of)
+            assert stat.n == n and stat.gram.dtype == np.float32
+            np.testing.assert_allclose(stat.gram, grams, rtol=1e-5, atol=1e-4)
+            np.testing.assert_allclose(stat.sums, sums, rtol=1e-6, atol=1e-5)
+            np.testing.assert_array_equal(stat.nonzero, nonzero)
+
+    for batch in range(3):  # interleaved in one thread, as a single-threaded calibration feeds them
+        for stat, batches, _ in cases:
+            stat.update(batches[batch])
+    check([c[0] for c in cases])
+    for (_, batches, _), before in zip(cases, kept, strict=True):  # the batches are read, never written
+        for b, k in zip(batches, before, strict=True):
+            np.testing.assert_array_equal(b, k)
+    fresh = [InputGram(s.window, s.seed, s.groups, s.rows_per_batch) for s, _, _ in cases]
+    with ThreadPoolExecutor(4) as pool:  # each layer on its own thread, all at once
+        list(pool.map(lambda i: [fresh[i].update(b) for b in cases[i][1]], range(len(cases))))
+    check(fresh)
+    for a, b in zip(fresh, cases, strict=True):
+        np.testing.assert_array_equal(a.gram, b[0].gram)  # the same rows, the same products: bit for bit
+
+
+def test_patches_write_into_a_given_buffer():
+    """``_patches`` with ``out``: the same rows (both gathering paths), in that buffer."""
+    rng = np.random.default_rng(12)
+    window = Window((3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
+    x = rng.normal(size=(2, 4, 6, 5)).astype(np.float32)
+    every = _unfold(x, window).astype(np.float32)
+    for picks in (np.arange(len(every)), np.array([0, 7, 8, 31, 59])):
+        out = np.full((len(picks), every.shape[1]), np.nan, np.float32)
+        assert _patches(x, window, picks, out=out) is out
+        np.testing.assert_array_equal(out, every[picks])
+
+
 def test_gram_terms_are_the_sampled_rows_terms():
     """``InputGram.terms`` without input quantization equals ``output_error_terms`` on the same rows (centred
     and divided as given), exactly; with a quantization step it is the expectation of the quantized rows' terms:
