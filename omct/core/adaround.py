@@ -22,6 +22,7 @@ import threading
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.random  # noqa: F401 - numpy 2 loads it on first use: inside the first batch's draw, 5-14 ms
 
 from omct.core.options import AlgorithmOptions, CfgPlacement, option
 from omct.core.params import QuantParams
