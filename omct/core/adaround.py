@@ -243,6 +243,7 @@ class InputGram:
           ``||(Wq - W) xq - W (x - xq)||^2 / N`` is ``delta (X'X / N + D) delta' + 2 W D delta'`` up to a
           constant, so ``A = X'X / N + D`` and ``B = -W D``. The sampled rows' exact quantization error fits
           the sample's own noise too; this is its expectation."""
+        release_scratch()  # the moments are read: calibration has ended
         g, dg = self.sums.shape
         n = max(1, self.n)
         a = self.gram * np.float32(1 / n)  # float32 throughout: one (groups, d, d) array and one temporary
@@ -265,8 +266,9 @@ class InputGram:
         return a, lin
 
 
-#: Per-thread reused float32 buffers of ``InputGram.update`` (name -> 1-D array, grown to the largest request).
-_SCRATCH = threading.local()
+#: Reused float32 buffers of ``InputGram.update``, per thread: (thread id, name) -> 1-D array, grown to the largest
+#: request. A dict rather than thread-local storage so that ``release_scratch`` can drop every thread's.
+_SCRATCH: dict[tuple[int, str], np.ndarray] = {}
 #: Requests larger than this many values get a fresh array: what a thread keeps stays at most 4 MB a buffer.
 SCRATCH_MAX = 2**20
 
@@ -280,11 +282,17 @@ def _scratch(name: str, shape: tuple[int, ...]) -> np.ndarray:
     size = int(np.prod(shape))
     if size > SCRATCH_MAX:
         return np.empty(shape, np.float32)
-    buf = getattr(_SCRATCH, name, None)
+    key = (threading.get_ident(), name)
+    buf = _SCRATCH.get(key)
     if buf is None or buf.size < size:
-        buf = np.empty(size, np.float32)
-        setattr(_SCRATCH, name, buf)
+        buf = _SCRATCH[key] = np.empty(size, np.float32)
     return buf[:size].reshape(shape)
+
+
+def release_scratch() -> None:
+    """Drop every thread's scratch buffers (calibration is over: what comes after must not carry them in its
+    peak memory). An update still running keeps its own arrays alive; the next one allocates afresh."""
+    _SCRATCH.clear()
 
 
 def _out_size(h: int, w: int, win: Window) -> tuple[int, int]:
@@ -310,8 +318,9 @@ def _patches(x: np.ndarray, win: Window, flat: np.ndarray, out: np.ndarray | Non
         # (padded) NCHW map's window into the rows' own layout, (n, oh, ow, C, kh, kw)
         pb, pr = win.pads[2:]
         xp = x
-        if pt or pl or pb or pr:  # in this thread's reused buffer: its padding zeroed, its inside the map
-            xp = _scratch("padded", (n, c, h + pt + pb, w + pl + pr))
+        if pt or pl or pb or pr:  # with ``out`` (InputGram's), in this thread's reused buffer: padding zeroed, map inside
+            shape = (n, c, h + pt + pb, w + pl + pr)
+            xp = np.empty(shape, np.float32) if out is None else _scratch("padded", shape)
             xp[:, :, :pt], xp[:, :, pt + h:], xp[:, :, :, :pl], xp[:, :, :, pl + w:] = 0.0, 0.0, 0.0, 0.0
             xp[:, :, pt:pt + h, pl:pl + w] = x
         rows = np.empty((n * oh * ow, c * kh * kw), np.float32) if out is None else out
