@@ -18,6 +18,7 @@ accumulated batch by batch, the only thing the flip descent reads.
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 
@@ -279,7 +280,7 @@ def _scratch(name: str, shape: tuple[int, ...]) -> np.ndarray:
     were mapped from the OS and faulted in page by page every batch; reused they stay mapped. Per thread, not per
     accumulator: the statistics' worker threads update different layers at the same time, and one buffer
     per thread serves all of them."""
-    size = int(np.prod(shape))
+    size = math.prod(shape)
     if size > SCRATCH_MAX:
         return np.empty(shape, np.float32)
     key = (threading.get_ident(), name)
