@@ -179,7 +179,7 @@ class InputGram:
         take = total if total <= 2 * self.rows_per_batch else self.rows_per_batch  # a small batch: every row
         picks = self.picks(x, total, take)
         # the rows, their Gram product and their nonzero mask go to this thread's reused scratch buffers: fresh
-        # temporaries of that size came from the OS each batch (about 40% of the update was page faults)
+        # temporaries of that size could come fresh from the OS each batch, faulted in page by page
         if self.window is None:
             rows = x.reshape(-1, d) if picks is None else np.take(x.reshape(-1, d), picks, axis=0, mode="clip",
                                                                    out=_scratch("rows", (take, d)))
