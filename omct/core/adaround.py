@@ -191,11 +191,12 @@ class InputGram:
         else:
             grouped = rows.reshape(take, g, dg).transpose(1, 0, 2)  # (groups, take, dg)
             gram = np.matmul(grouped.transpose(0, 2, 1), grouped, out=_scratch("gram", (g, dg, dg)))
-        if self.gram is None:
-            self.gram = np.zeros((g, dg, dg), np.float32)
+        if self.gram is None:  # the first batch's product, copied: no zeroed pages read, then written again
+            self.gram = gram.astype(np.float32, copy=True).reshape(g, dg, dg)
             self.sums = np.zeros((g, dg))
             self.nonzero = np.zeros((g, dg), np.int64)
-        self.gram += gram
+        else:
+            self.gram += gram
         self.sums += rows.sum(0, dtype=np.float64).reshape(g, dg)
         if take < 2**24:  # a matrix-vector product over the 0/1 mask: exact counts in float32, twice as fast
             # written over the rows (read for the last time) where they are this thread's copy, not the batch itself
