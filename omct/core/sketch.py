@@ -47,6 +47,7 @@ import numpy as np
 
 DEFAULT_MAX_BINS = 16384
 DEFAULT_TAIL_SIZE = 4096
+QUANT_ERROR_VALUES = 1 << 13  # (candidate, level) pairs ``quant_error`` evaluates at a time
 DEFAULT_SAMPLE_SIZE = 1 << 16  # a batch of at least twice this many values bins a sample of this many to 1.5 times that
 
 
@@ -359,17 +360,25 @@ class ActivationSketch:
         sum of squares of all values whatever the candidate, so only counts and sums are read at the
         boundaries (a third less work than all three moments; float64 keeps the error to ~1e-11 of itself).
         """
-        scales = np.asarray(scales, np.float64)[:, None]
-        offsets = np.asarray(offsets, np.float64)[:, None]
+        scales = np.asarray(scales, np.float64).reshape(-1)
+        offsets = np.broadcast_to(np.asarray(offsets, np.float64).reshape(-1), scales.shape)
         qmin, qmax = -(2 ** (num_bits - 1)), 2 ** (num_bits - 1) - 1
         levels = np.arange(qmin, qmax + 1, dtype=np.float64)[None, :]
-        q = (levels - offsets) * scales  # value each level stands for
-        cuts = (levels[:, :-1] - offsets + 0.5) * scales  # boundary between level k and k + 1
-        lo_end, hi_end = np.full_like(scales, -np.inf), np.full_like(scales, np.inf)
         cum = self._cumulative_bins()
-        n, s1 = (np.diff(m, axis=1) for m in self.moments(np.concatenate([lo_end, cuts, hi_end], axis=1), 2, cum))
         total_s2 = self.moments(np.array([np.inf]), 3, cum)[2][0]
-        return np.maximum(total_s2 - (q * (2 * s1 - n * q)).sum(axis=1), 0.0)
+        out = np.empty(scales.size)
+        # A block of candidates at a time: each one's error is its own row, so blocks give the same values, and
+        # the dozen (candidates x levels) float64 temporaries stay small (issue 17 item 7: they were the peak of
+        # the activation ranges' computation, 1.7 MB on a small CNN).
+        rows = max(1, QUANT_ERROR_VALUES // levels.size)
+        for start in range(0, scales.size, rows):
+            s, o = scales[start : start + rows, None], offsets[start : start + rows, None]
+            q = (levels - o) * s  # value each level stands for
+            cuts = (levels[:, :-1] - o + 0.5) * s  # boundary between level k and k + 1
+            lo_end, hi_end = np.full_like(s, -np.inf), np.full_like(s, np.inf)
+            n, s1 = (np.diff(m, axis=1) for m in self.moments(np.concatenate([lo_end, cuts, hi_end], axis=1), 2, cum))
+            out[start : start + rows] = np.maximum(total_s2 - (q * (2 * s1 - n * q)).sum(axis=1), 0.0)
+        return out
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.counts, self._top, self._bottom))
