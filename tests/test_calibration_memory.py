@@ -35,10 +35,10 @@ def test_sketch_bytes_follow_its_documented_layout():
     for i in range(8):
         sk.update(np.maximum(rng.normal(size=size) * (1 + i), 0).astype(np.float32))
     assert sk.sampled
-    assert sk.counts.nbytes <= sk.max_bins * 8
+    assert sk.counts.dtype == np.uint32 and sk.counts.nbytes <= sk.max_bins * 4
     assert sk.tail_size == sketch_module.tail_for(1e-6, 8, size)
     assert sk._top.nbytes <= 2 * sk.tail_size * 8 and sk._bottom.nbytes <= 2 * sk.tail_size * 8
-    assert sk.nbytes() <= sk.max_bins * 8 + 4 * sk.tail_size * 8
+    assert sk.nbytes() <= sk.max_bins * 4 + 4 * sk.tail_size * 8
     stride = size // sketch_module.DEFAULT_SAMPLE_SIZE
     offsets = sketch_module._sample_offsets(size, stride)
     assert offsets.nbytes == size // stride  # one byte per drawn value (was four: int32 positions)
@@ -84,3 +84,32 @@ def test_bias_correction_sums_in_blocks_equal_the_whole_float64_difference():
     # a weight whose output axis is not first (ConvTranspose: (in, out / groups, k, k)) takes the moved view
     t_weight, t_quant = weight.transpose(1, 0, 2, 3).copy(), quantized.transpose(1, 0, 2, 3).copy()
     np.testing.assert_array_equal(correction(t_weight, t_quant, mean, 1, 0), got)
+
+
+def test_uint32_bins_widen_before_they_could_overflow_and_read_the_same():
+    """The bins count in uint32 until the stream reaches 2**32 values, then in float64; merging a float64 sketch
+    widens too. Every reading is the one float64 bins give."""
+    rng = np.random.default_rng(2)
+    batches = [rng.normal(size=300_000).astype(np.float32) for _ in range(3)]
+    small, wide = ActivationSketch(), ActivationSketch()
+    for b in batches:
+        small.update(b)
+        wide.update(b)
+        wide.counts = wide.counts.astype(np.float64)  # the float64 bins of before
+    assert small.counts.dtype == np.uint32
+    scales, offsets = candidate_params(np.array([-3.0, -2.0]), np.array([3.0, 2.0]), 8, True)
+    np.testing.assert_array_equal(small.quant_error(scales, offsets, 8), wide.quant_error(scales, offsets, 8))
+    assert small.largest(5000) == wide.largest(5000) and small.smallest(5000) == wide.smallest(5000)
+    np.testing.assert_array_equal(small.cumulative(np.linspace(-4, 4, 33)), wide.cumulative(np.linspace(-4, 4, 33)))
+    near = small.copy()
+    near.count = 2**32 - 10  # as if the stream had nearly 2**32 values
+    near.update(batches[0])
+    assert near.counts.dtype == np.float64
+    same = small.copy()
+    same.update(batches[0])
+    assert same.counts.dtype == np.uint32
+    np.testing.assert_array_equal(near.counts, same.counts)
+    merged = small.copy()
+    merged.merge(wide)
+    assert merged.counts.dtype == np.float64
+    np.testing.assert_array_equal(merged.counts, 2 * small.counts.astype(np.float64))
