@@ -76,6 +76,9 @@ class Calibration:
         self.batches = 0
         self.records: dict[str, LayerRecord] | None = None
         self.inputs: InputKeeper | None = None
+        # a caller that recomputes records from the statistics after the run (auto_nuq's trials: ``records_for``)
+        # sets this before the last batch; else a frontend session frees them with the records (``release``)
+        self.keep_statistics = False
         self._progress: Progress | None = None
         # called with the statistics before the algorithms run (a distributed frontend merges all processes' here)
         self.before_finish: Callable[[Statistics], None] | None = None
@@ -259,6 +262,12 @@ class CalibratingSession(CalibrationStatus):
         self._samples += batch_rows(input_feed)
         if self.calibration.done:
             warn_few_samples(self._samples, self.calibration.batches, "")
+            # the record file is written and later runs only run the model: the statistics (sketches, Gram
+            # matrices), the weight reader and the modified model go before the user's save_model builds two
+            # models (issue 17 item 7: 2-9 MB at the peak of a small CNN's AMCT sequence)
+            self._modified = None  # type: ignore[assignment]
+            if not self.calibration.keep_statistics:
+                self.calibration.release()
         return out
 
     def __getattr__(self, name: str):

@@ -7,7 +7,11 @@ from __future__ import annotations
 import tracemalloc
 
 import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx_builders import conv_model
 
+import omct.onnx as amct
 from omct.core import bias_correction
 from omct.core import sketch as sketch_module
 from omct.core.bias_correction import correction
@@ -113,3 +117,29 @@ def test_uint32_bins_widen_before_they_could_overflow_and_read_the_same():
     merged.merge(wide)
     assert merged.counts.dtype == np.float64
     np.testing.assert_array_equal(merged.counts, 2 * small.counts.astype(np.float64))
+
+
+def test_calibration_session_frees_its_statistics_with_the_records(rng, tmp_path):
+    """AMCT's sequence needs only the record file once the last batch ran: the session drops the statistics and
+    the modified model before the user's save_model, and still runs the model; a caller that recomputes records
+    later (auto_nuq's ``keep_statistics``) keeps them."""
+    path = tmp_path / "m.onnx"
+    onnx.save(conv_model(rng), path)
+    amct.create_quant_config(str(tmp_path / "q.json"), str(path), batch_num=2)
+    x = [rng.normal(size=(2, 8, 6, 6)).astype(np.float32) for _ in range(3)]
+    records = []
+    for keep in (False, True):
+        mod, rec = str(tmp_path / f"q{keep}_mod.onnx"), tmp_path / f"q{keep}_record.txt"
+        amct.quantize_model(str(tmp_path / "q.json"), str(path), mod, str(rec))
+        sess = amct.CalibrationSession(mod)
+        sess.calibration.keep_statistics = keep
+        for b in x[:2]:
+            sess.run(None, {"x": b})
+        assert sess.complete and (sess.calibration.stats is not None) is keep and sess._modified is None
+        if keep:
+            assert sess.calibration.records_for(sess.calibration.config).keys() == sess.calibration.records.keys()
+        want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x[2]})[0]
+        np.testing.assert_array_equal(sess.run(None, {"x": x[2]})[0], want)
+        records.append(rec.read_text())
+        amct.save_model(mod, str(rec), str(tmp_path / f"out{keep}"))
+    assert records[0] == records[1]
