@@ -24,7 +24,8 @@ from omct.algorithms.activations import unobserved_sites
 from omct.algorithms.base import RecordContext
 from omct.algorithms.pipeline import PIPELINE
 from omct.algorithms.statistics import Statistics
-from omct.core.parallel import one_blas_thread
+from omct.core.parallel import one_blas_thread, return_free_memory
+from omct.core.sketch import release_scratch
 from omct.errors import CalibrationError, ConfigError, OmctError
 from omct.feeds import FeedCheck, batch_rows, warn_few_samples
 from omct.formats.config import QuantConfig
@@ -148,6 +149,8 @@ class Calibration:
 
     def finish(self) -> dict[str, LayerRecord]:
         """Run the algorithms on the statistics; writes the record file when there is one."""
+        release_scratch()  # no more binning: the workers' buffers and what their arenas freed go before the records
+        return_free_memory()
         if self.before_finish is not None:
             self.before_finish(self.stats)
         self._drop_unreached()
@@ -268,6 +271,7 @@ class CalibratingSession(CalibrationStatus):
             self._modified = None  # type: ignore[assignment]
             if not self.calibration.keep_statistics:
                 self.calibration.release()
+                return_free_memory()  # the statistics were made on the workers: their arenas cannot serve save_model
         return out
 
     def __getattr__(self, name: str):

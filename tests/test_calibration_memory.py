@@ -4,6 +4,8 @@ stay those of the whole-array computations they replace."""
 
 from __future__ import annotations
 
+import platform
+import threading
 import tracemalloc
 
 import numpy as np
@@ -16,6 +18,7 @@ from omct.core import bias_correction
 from omct.core import sketch as sketch_module
 from omct.core.bias_correction import correction
 from omct.core.calibrators import candidate_params
+from omct.core.parallel import _malloc_trim, return_free_memory
 from omct.core.sketch import ActivationSketch
 
 
@@ -136,6 +139,7 @@ def test_calibration_session_frees_its_statistics_with_the_records(rng, tmp_path
         for b in x[:2]:
             sess.run(None, {"x": b})
         assert sess.complete and (sess.calibration.stats is not None) is keep and sess._modified is None
+        assert not sketch_module._scratch  # every thread's binning buffers went before the records
         if keep:
             assert sess.calibration.records_for(sess.calibration.config).keys() == sess.calibration.records.keys()
         want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x[2]})[0]
@@ -143,3 +147,24 @@ def test_calibration_session_frees_its_statistics_with_the_records(rng, tmp_path
         records.append(rec.read_text())
         amct.save_model(mod, str(rec), str(tmp_path / f"out{keep}"))
     assert records[0] == records[1]
+
+
+def test_scratch_released_and_rebuilt_on_demand_and_heap_trim_found():
+    """``release_scratch`` drops every thread's binning buffers, and binning afterwards counts what numpy counts;
+    on glibc the heap trim is found (elsewhere it is a no-op)."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=300_000).astype(np.float32)
+    got = []
+    thread = threading.Thread(target=lambda: got.append(sketch_module._bin_and_cut(x, -6, -400, 800, None, None)[0]))
+    thread.start()
+    thread.join()
+    sketch_module._bin_and_cut(x, -6, -400, 800, None, None)
+    assert len(sketch_module._scratch) >= 2
+    sketch_module.release_scratch()
+    assert not sketch_module._scratch
+    want = np.bincount((np.floor(x.astype(np.float64) * 64) + 400).astype(np.int64), minlength=800)
+    np.testing.assert_array_equal(got[0], want)
+    np.testing.assert_array_equal(sketch_module._bin_and_cut(x, -6, -400, 800, None, None)[0], want)
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert _malloc_trim() is not None
+    return_free_memory()
