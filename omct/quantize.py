@@ -24,7 +24,8 @@ from omct.algorithms.activations import unobserved_sites
 from omct.algorithms.base import RecordContext
 from omct.algorithms.pipeline import PIPELINE
 from omct.algorithms.statistics import Statistics
-from omct.core.parallel import one_blas_thread
+from omct.core.parallel import one_blas_thread, return_free_memory
+from omct.core.sketch import release_scratch
 from omct.errors import CalibrationError, ConfigError, OmctError
 from omct.feeds import FeedCheck, batch_rows, warn_few_samples
 from omct.formats.config import QuantConfig
@@ -76,6 +77,9 @@ class Calibration:
         self.batches = 0
         self.records: dict[str, LayerRecord] | None = None
         self.inputs: InputKeeper | None = None
+        # a caller that recomputes records from the statistics after the run (auto_nuq's trials: ``records_for``)
+        # sets this before the last batch; else a frontend session frees them with the records (``release``)
+        self.keep_statistics = False
         self._progress: Progress | None = None
         # called with the statistics before the algorithms run (a distributed frontend merges all processes' here)
         self.before_finish: Callable[[Statistics], None] | None = None
@@ -145,6 +149,8 @@ class Calibration:
 
     def finish(self) -> dict[str, LayerRecord]:
         """Run the algorithms on the statistics; writes the record file when there is one."""
+        release_scratch()  # no more binning: the workers' buffers and what their arenas freed go before the records
+        return_free_memory()
         if self.before_finish is not None:
             self.before_finish(self.stats)
         self._drop_unreached()
@@ -259,6 +265,13 @@ class CalibratingSession(CalibrationStatus):
         self._samples += batch_rows(input_feed)
         if self.calibration.done:
             warn_few_samples(self._samples, self.calibration.batches, "")
+            # the record file is written and later runs only run the model: the statistics (sketches, Gram
+            # matrices), the weight reader and the modified model go before the user's save_model builds two
+            # models (issue 17 item 7: 2-9 MB at the peak of a small CNN's AMCT sequence)
+            self._modified = None  # type: ignore[assignment]
+            if not self.calibration.keep_statistics:
+                self.calibration.release()
+                return_free_memory()  # the statistics were made on the workers: their arenas cannot serve save_model
         return out
 
     def __getattr__(self, name: str):

@@ -24,7 +24,26 @@ def test_run_all_runs_every_task_and_raises_the_first_failure_in_list_order(monk
     with pytest.raises(ValueError, match="task 1"):
         run_all([task(i) for i in range(6)], costs=[1, 1, 5, 9, 1, 1])
     assert sorted(done) == list(range(6))
-    assert threading.get_ident() not in threads  # ran on the pool, not inline
+    assert len(threads) <= 2  # the caller and one pool thread (issue 17 item 7: no third thread's malloc arena)
+
+
+def test_caller_takes_tasks_beside_one_fewer_pool_thread_and_nested_calls_finish(monkeypatch):
+    monkeypatch.setenv("OMCT_NUM_THREADS", "2")
+    meeting, seen = threading.Barrier(2, timeout=10), []
+
+    def meet():
+        meeting.wait()  # passes only when two threads run these at once
+        seen.append(threading.get_ident())
+
+    run_all([meet, meet])
+    assert len(set(seen)) == 2 and threading.get_ident() in seen
+    inner = []
+
+    def outer():  # the pool's one thread busy here: its queued share of the inner call is dropped, not awaited
+        run_all([lambda: inner.append(1)] * 3)
+
+    run_all([outer, outer])
+    assert len(inner) == 6
 
 
 def test_one_worker_runs_inline_and_bad_setting_is_named(monkeypatch):

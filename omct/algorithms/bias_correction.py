@@ -43,8 +43,11 @@ class BiasCorrection(Algorithm):
             if rec.dmq_factor and mean.shape == (len(rec.dmq_factor),):
                 mean = mean / np.asarray(rec.dmq_factor, np.float64)  # the balanced layer's input
             known = ctx.weight_codes.get(spec.name)
-            codes = known[1] if known is not None and known[0] is rec.ada_flip else layer_weight_codes(weight, rec, wp)
+            # int32 codes (int64 beyond 16 bits): the same values dequantized, half the memory of the default int64
+            codes = (known[1] if known is not None and known[0] is rec.ada_flip
+                     else layer_weight_codes(weight, rec, wp, np.int32))
             quantized = wp.dequantize(codes)
+            del codes  # not held through the correction
             shift = correction(weight, quantized, mean, spec.weight_axis, spec.weight_in_axis, spec.groups)
             if shift is not None and np.all(np.isfinite(shift)):
                 # float32 as the record file stores it, so in-memory and file-based exports agree bit for bit

@@ -218,6 +218,7 @@ def _search(target: NuqTarget, evaluator: AutoNuqEvaluatorBase, config: QuantCon
 
     prepared, calibrating = target.start(calibration_config, work / "modified.onnx", work / "calibration_record.txt")
     kept = calibrating.calibration.keep_inputs_up_to(int(ranking_memory_mb * 2**20))
+    calibrating.calibration.keep_statistics = True  # each trial's records come from them (``records_for``)
 
     def run(model_file: Any) -> float:
         return eval_model(model_file, "the calibration model")

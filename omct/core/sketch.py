@@ -47,6 +47,12 @@ import numpy as np
 
 DEFAULT_MAX_BINS = 16384
 DEFAULT_TAIL_SIZE = 4096
+QUANT_ERROR_VALUES = 1 << 13  # (candidate, level) pairs ``quant_error`` evaluates at a time
+#: The bins' counts: integers (a sampled batch's are multiplied by its stride), uint32 while the stream has fewer than
+#: ``2**32`` values (every bin holds fewer), float64 (exact to 2**53) from there on. Why not float64 throughout: the
+#: bins are most of a sketch's memory (a small CNN's 64 sketches held 2.9 MB of float64 bins, issue 17 item 7);
+#: every reading converts them to float64, so the results are the same.
+COUNT_DTYPE = np.dtype(np.uint32)
 DEFAULT_SAMPLE_SIZE = 1 << 16  # a batch of at least twice this many values bins a sample of this many to 1.5 times that
 
 
@@ -139,7 +145,8 @@ class ActivationSketch:
             self.sampled = True
         else:
             counts, high, low = _bin_and_cut(x, self.exponent, self.first_index, self.counts.size, above, below)
-        self.counts += counts
+        self._room_for(x.size)
+        np.add(self.counts, counts, out=self.counts, casting="unsafe")  # exact: _room_for keeps every bin in range
         self.count += x.size
         self.min, self.max = min(self.min, lo), max(self.max, hi)
         n = self.counts.size
@@ -194,6 +201,7 @@ class ActivationSketch:
             self._coarsen()
         self._cover(other.first_index * self.width, (other.first_index + other.counts.size - 1) * self.width)
         start = other.first_index - self.first_index
+        self._room_for(other.count, other.counts.dtype)
         self.counts[start : start + other.counts.size] += other.counts
         self.count += other.count
         self.sampled = self.sampled or other.sampled
@@ -211,7 +219,7 @@ class ActivationSketch:
         # Use half of the bins for the first batch, leaving room to grow before coarsening.
         self.exponent = math.ceil(math.log2(span / (self.max_bins // 2)))
         self.first_index = math.floor(lo / self.width)
-        self.counts = np.zeros(1)
+        self.counts = np.zeros(1, COUNT_DTYPE)
 
     def _cover(self, lo: float, hi: float) -> None:
         """Grow (and coarsen as needed) so that [lo, hi] falls inside the bins."""
@@ -229,12 +237,18 @@ class ActivationSketch:
             self.counts = grown
             self.first_index = first
 
+    def _room_for(self, more: int, other: np.dtype = COUNT_DTYPE) -> None:
+        """Make the bins hold ``more`` values (float64 once the stream reaches ``2**32`` values: no bin can count
+        more than the stream's values; or when merging float64 bins)."""
+        if self.counts.dtype == COUNT_DTYPE and (self.count + more >= 2**32 or other != COUNT_DTYPE):
+            self.counts = self.counts.astype(np.float64)
+
     def _coarsen(self) -> None:
         """Double the bin width, merging bins 2k and 2k+1 (indices relative to zero)."""
         idx = np.arange(self.first_index, self.first_index + self.counts.size) // 2
         new_first = int(idx[0])
         idx -= new_first
-        self.counts = np.bincount(idx, weights=self.counts)
+        self.counts = np.bincount(idx, weights=self.counts).astype(self.counts.dtype)  # sums of integers: exact
         self.first_index = new_first
         self.exponent += 1
 
@@ -359,17 +373,25 @@ class ActivationSketch:
         sum of squares of all values whatever the candidate, so only counts and sums are read at the
         boundaries (a third less work than all three moments; float64 keeps the error to ~1e-11 of itself).
         """
-        scales = np.asarray(scales, np.float64)[:, None]
-        offsets = np.asarray(offsets, np.float64)[:, None]
+        scales = np.asarray(scales, np.float64).reshape(-1)
+        offsets = np.broadcast_to(np.asarray(offsets, np.float64).reshape(-1), scales.shape)
         qmin, qmax = -(2 ** (num_bits - 1)), 2 ** (num_bits - 1) - 1
         levels = np.arange(qmin, qmax + 1, dtype=np.float64)[None, :]
-        q = (levels - offsets) * scales  # value each level stands for
-        cuts = (levels[:, :-1] - offsets + 0.5) * scales  # boundary between level k and k + 1
-        lo_end, hi_end = np.full_like(scales, -np.inf), np.full_like(scales, np.inf)
         cum = self._cumulative_bins()
-        n, s1 = (np.diff(m, axis=1) for m in self.moments(np.concatenate([lo_end, cuts, hi_end], axis=1), 2, cum))
         total_s2 = self.moments(np.array([np.inf]), 3, cum)[2][0]
-        return np.maximum(total_s2 - (q * (2 * s1 - n * q)).sum(axis=1), 0.0)
+        out = np.empty(scales.size)
+        # A block of candidates at a time: each one's error is its own row, so blocks give the same values, and
+        # the dozen (candidates x levels) float64 temporaries stay small (issue 17 item 7: they were the peak of
+        # the activation ranges' computation, 1.7 MB on a small CNN).
+        rows = max(1, QUANT_ERROR_VALUES // levels.size)
+        for start in range(0, scales.size, rows):
+            s, o = scales[start : start + rows, None], offsets[start : start + rows, None]
+            q = (levels - o) * s  # value each level stands for
+            cuts = (levels[:, :-1] - o + 0.5) * s  # boundary between level k and k + 1
+            lo_end, hi_end = np.full_like(s, -np.inf), np.full_like(s, np.inf)
+            n, s1 = (np.diff(m, axis=1) for m in self.moments(np.concatenate([lo_end, cuts, hi_end], axis=1), 2, cum))
+            out[start : start + rows] = np.maximum(total_s2 - (q * (2 * s1 - n * q)).sum(axis=1), 0.0)
+        return out
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.counts, self._top, self._bottom))
@@ -390,15 +412,21 @@ def tail_for(fraction: float, batches: int, batch_size: int, cap: int = DEFAULT_
 
 
 CHUNK = 1 << 17  # values binned at a time: the scratch buffers stay in the core's cache
-_scratch = threading.local()
+_scratch: dict[int, dict] = {}  # thread id -> that thread's buffers by dtype (``release_scratch`` drops them all)
+
+
+def release_scratch() -> None:
+    """Drop every thread's chunk buffers (1 MB a thread and dtype), once no sketch is being fed (the calibration's
+    last batch is summarised): the records and the export that follow never bin."""
+    _scratch.clear()
 
 
 def _buffers(dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     """This thread's chunk buffers (values in ``dtype``, bin indices). Reused: a fresh 0.5-1 MB buffer per call
     is a new mapping whose pages fault in on every batch (measured: 1.7x the binning time on MobileNetV2)."""
-    buffers = getattr(_scratch, "buffers", None)
+    buffers = _scratch.get(threading.get_ident())
     if buffers is None:
-        buffers = _scratch.buffers = {}
+        buffers = _scratch[threading.get_ident()] = {}
     if dtype not in buffers:
         # int32 bin indices (below 2**21): the float-to-int32 cast is 5x cheaper than to intp, more than bincount's
         # own conversion of them costs (binning 12% faster, the same counts)
@@ -466,37 +494,57 @@ def _scan(x: np.ndarray, stride: int, above: float, below: float) -> tuple:
     passes (the same values in the same order). Why: a calibration batch's observed tensors come fresh from
     ONNX Runtime, out of the cache; the minimum, maximum, the tails' test and the sample would each read them
     from memory again."""
-    index, splits = _sample_index(x.size, stride), _sample_splits(x.size, stride)
     los, his, highs, lows, samples = [], [], [], [], []
-    for c, start in enumerate(range(0, x.size, CHUNK)):
+    for start in range(0, x.size, CHUNK):
         chunk = x[start : start + CHUNK]
         los.append(chunk.min())
         his.append(chunk.max())
         highs.append(chunk[chunk > above])
         lows.append(chunk[chunk < below])
-        # the chunk's positions, made in numpy's own index type (an int32 index is converted on every gather)
-        samples.append(np.take(chunk, np.subtract(index[splits[c] : splits[c + 1]], start, dtype=np.intp)))
+        positions = _sample_positions(x.size, stride, start, start + chunk.size)
+        positions -= start
+        samples.append(np.take(chunk, positions))
     return (float(min(los)), float(max(his)), np.concatenate(samples), np.concatenate(highs), np.concatenate(lows))
 
 
-@functools.lru_cache(maxsize=16)
-def _sample_splits(size: int, stride: int) -> np.ndarray:
-    """Where each ``CHUNK`` of a tensor of ``size`` values starts in its (ascending) ``_sample_index``."""
-    chunks = -(-size // CHUNK)
-    return np.searchsorted(_sample_index(size, stride), np.minimum(np.arange(chunks + 1) * CHUNK, size))
-
-
-@functools.lru_cache(maxsize=16)
 def _sample_index(size: int, stride: int) -> np.ndarray:
     """One position drawn from each whole run of ``stride`` values, from a fixed seed: every value of the
     runs is drawn with probability ``1 / stride`` (an unbiased count once multiplied by ``stride``) and no
-    regular pattern of the tensor's layout (channels, rows) can line up with the draw."""
+    regular pattern of the tensor's layout (channels, rows) can line up with the draw. Ascending."""
+    return _sample_positions(size, stride, 0, size)
+
+
+def _sample_positions(size: int, stride: int, start: int, end: int) -> np.ndarray:
+    """The positions of ``_sample_index(size, stride)`` in [start, end), ascending (numpy's index type)."""
+    offsets = _sample_offsets(size, stride)
+    first, last = _drawn_below(offsets, stride, start), _drawn_below(offsets, stride, end)
+    positions = np.arange(first, last, dtype=np.intp)
+    positions *= stride
+    positions += offsets[first:last]
+    return positions
+
+
+def _drawn_below(offsets: np.ndarray, stride: int, bound: int) -> int:
+    """How many drawn positions lie below ``bound``: every run that ends by it, and the run it falls in when
+    that run's draw is below it (a run's draw lies inside the run)."""
+    run = bound // stride
+    if run >= offsets.size:
+        return offsets.size
+    return run + int(run * stride + int(offsets[run]) < bound)
+
+
+@functools.lru_cache(maxsize=16)
+def _sample_offsets(size: int, stride: int) -> np.ndarray:
+    """Where in its run each run's drawn value lies, in the smallest integer type that holds ``stride - 1``.
+    Cached per tensor size; why the offsets and not the positions: one byte per drawn value for the usual
+    strides instead of four (issue 17 item 7: the cache held 0.8-1 MB on a small CNN, up to 6 MB at 16 sizes)."""
     runs = size // stride
     rng = np.random.default_rng([size, stride])
-    dtype = np.int32 if size < 2**31 else np.int64  # cached per tensor size: half the memory where it fits
-    index = (np.arange(0, runs * stride, stride, dtype=np.int64) + rng.integers(0, stride, runs)).astype(dtype)
-    index.flags.writeable = False
-    return index
+    offsets = rng.integers(0, stride, runs)
+    dtype = np.uint8 if stride <= 1 << 8 else np.uint16 if stride <= 1 << 16 else np.uint32 if stride <= 1 << 32 else np.int64
+    offsets = offsets.astype(dtype)
+    offsets.flags.writeable = False
+    return offsets
 
 
 def _extreme(values: np.ndarray, k: int, largest: bool) -> np.ndarray:
