@@ -229,6 +229,7 @@ class CalibratingSession(CalibrationStatus):
         self._site_tensors = self.calibration.tensors()
         self._site_fetch = modified.fetch_names(self._site_tensors)
         self._user_outputs = [o.name for o in session.get_outputs() if o.name not in self._added]
+        self._kinds = output_kinds(session)
         self._feeds = FeedCheck(session.get_inputs(), caller)
         self._extra_runs = 0
         self._samples = 0
@@ -250,7 +251,7 @@ class CalibratingSession(CalibrationStatus):
         fetch = wanted + [t for t in self._site_fetch if t not in wanted]
 
         def observe():
-            values = run_views(self._session, fetch, input_feed, run_options)
+            values = run_views(self._session, fetch, input_feed, run_options, self._kinds)
             self.calibration.observe(self._modified.observed(self._site_tensors, dict(zip(fetch, values, strict=True))))
             return values
 
@@ -265,7 +266,14 @@ class CalibratingSession(CalibrationStatus):
         return getattr(self.__dict__["_session"], name) if "_session" in self.__dict__ else object.__getattribute__(self, name)
 
 
-def run_views(session, names: list[str], feeds: Mapping[str, np.ndarray], run_options=None) -> list[np.ndarray]:
+def output_kinds(session) -> dict[str, str]:
+    """Each output's ONNX Runtime type (``tensor(float)``, ...), for ``run_views``: looked up once per session, not
+    on every batch (``get_outputs()`` builds an object per output)."""
+    return {o.name: o.type for o in session.get_outputs()}
+
+
+def run_views(session, names: list[str], feeds: Mapping[str, np.ndarray], run_options=None,
+              kinds: Mapping[str, str] | None = None) -> list[np.ndarray]:
     """``session.run(names, feeds)`` without copying the outputs: numpy arrays over ONNX Runtime's own output
     buffers (``run_with_ort_values``; each array keeps its OrtValue alive). Why: copying the observed tensors
     out of ONNX Runtime cost a small CNN more than half its forward pass (MobileNetV2 replica, 8 batches: 62 ms
@@ -273,7 +281,7 @@ def run_views(session, names: list[str], feeds: Mapping[str, np.ndarray], run_op
     outputs) takes ``run``."""
     import onnxruntime as ort
 
-    kinds = {o.name: o.type for o in session.get_outputs()}
+    kinds = output_kinds(session) if kinds is None else kinds
     arrays = {k: np.asarray(v) for k, v in feeds.items()}
     if not (hasattr(session, "run_with_ort_values") and all(kinds.get(n, "").startswith("tensor(") for n in names)
             and all(a.dtype.kind in "biuf" for a in arrays.values())):
@@ -396,13 +404,13 @@ def quantize(graph: onnx.ModelProto, layers: list[LayerSpec], config: QuantConfi
         source, folder = session_input(mod.model, tmp)  # the weights stay where they are when they can
         session = ort_session(source, external_folder=folder)
         del source
-        check = FeedCheck(session.get_inputs(), "quantize")
+        check, kinds = FeedCheck(session.get_inputs(), "quantize"), output_kinds(session)
         for feeds in batches:
             if calibration.done:
                 break
             feeds = check.check(feeds)
             calibration.run_batch(lambda feeds=feeds: calibration.observe(
-                mod.observed(tensors, dict(zip(fetch, run_views(session, fetch, feeds), strict=True)))))
+                mod.observed(tensors, dict(zip(fetch, run_views(session, fetch, feeds, kinds=kinds), strict=True)))))
     if not calibration.done:
         raise CalibrationError(f"the data gave {calibration.batches} of batch_num={config.batch_num} batches; give more "
                                "batches or lower batch_num")
