@@ -71,6 +71,6 @@ def test_core_is_numpy_only():
         foreign = {m for m in names if m.split(".")[0] not in {"numpy", "omct", "__future__", "math", "os", "threading",
                                                                "collections", "concurrent", "contextlib", "dataclasses",
                                                                "typing", "abc", "functools", "itertools",
-                                                               "threadpoolctl"}}
+                                                               "threadpoolctl", "ctypes"}}
         outside = {m for m in names if m.startswith("omct") and not m.startswith("omct.core")}
         assert not foreign and not outside, f"{path.name} imports {sorted(foreign | outside)}"
