@@ -82,7 +82,7 @@ def _library_counter() -> Callable[[], tuple[int, int] | None]:
     tell (not Linux, an older C library): then the libraries are looked up every time."""
     try:
         iterate = ctypes.CDLL(None).dl_iterate_phdr
-    except (AttributeError, OSError):  # pragma: no cover - not an ELF system
+    except (AttributeError, OSError, TypeError):  # pragma: no cover - not an ELF system (macOS, Windows)
         return lambda: None
     iterate.argtypes, iterate.restype = [_PHDR_CALLBACK, ctypes.c_void_p], ctypes.c_int
     seen: list[tuple[int, int] | None] = [None]
