@@ -302,12 +302,19 @@ def save_models(items: list[tuple[ModelSource, str | Path]], external_threshold:
         external_threshold = EXTERNAL_DATA_THRESHOLD
     staged: list[tuple[Path, Path]] = []
     tmpdirs: list[str] = []
+    # one temporary folder per target folder, shared by the models written there (their files and backups have
+    # distinct names): removing a folder cost 1-4 ms on this host's ext4, creating and renaming files 0.1 ms
+    folder_of: dict[Path, str] = {}
     try:
         for model, path in items:
             path = prepare_parent(path)
             try:
-                tmpdirs.append(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-                staged += _stage(model, path, tmpdirs[-1], external_threshold)
+                tmpdir = folder_of.get(path.parent)
+                if tmpdir is None or any(os.path.lexists(Path(tmpdir, n)) for n in (path.name, path.name + ".data")):
+                    tmpdir = tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.")
+                    tmpdirs.append(tmpdir)
+                    folder_of[path.parent] = tmpdir
+                staged += _stage(model, path, tmpdir, external_threshold)
             except OSError as e:
                 raise ModelError(f"cannot write '{path}': {e.strerror or e}") from None
         stranded: list[tuple[Path, Path]] = []
