@@ -372,7 +372,7 @@ class QuantizedModel:
         big = has_external(self.base) or tensor_bytes(self.base) > EXTERNAL_DATA_THRESHOLD
         with progress("exporting", 2) as bar:
             def made(build: Callable[[ExternalWriter | None], onnx.ModelProto]):
-                def make(sink: ExternalWriter) -> onnx.ModelProto:
+                def make(sink: ExternalWriter | None) -> onnx.ModelProto:
                     model = self.base if self.all_float else build(sink if big else None)
                     bar.advance()
                     return model
@@ -382,7 +382,8 @@ class QuantizedModel:
             # (INT8: a quarter of the float weights; not for a big model, which holds one weight at a time)
             self._codes = None if big else {}
             try:
-                save_models([(made(self.fake_quant_model), fake_path), (made(self.deploy_model), deploy_path)])
+                save_models([(made(self.fake_quant_model), fake_path), (made(self.deploy_model), deploy_path)],
+                            sinks=big)  # not big: no sink, and no temporary folder where neither needs a data file
             finally:
                 self._codes = None
         logger.info("wrote %s and %s (%d layers quantized)", fake_path, deploy_path, len(self.plan.layers))

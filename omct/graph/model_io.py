@@ -325,11 +325,14 @@ def _commit(pairs: list[tuple[Path, Path]], stranded: list[tuple[Path, Path]]) -
         raise
 
 
-def save_models(items: list[tuple[ModelSource, str | Path]], external_threshold: int | None = None) -> list[Path]:
+def save_models(items: list[tuple[ModelSource, str | Path]], external_threshold: int | None = None,
+                sinks: bool = True) -> list[Path]:
     """Write several models all-or-nothing: each is built in a temporary folder beside its target, then all
     are renamed into place. If any write fails, no target is changed (a previous result stays intact).
 
     Returns the files written. ``external_threshold`` defaults to EXTERNAL_DATA_THRESHOLD (read at call time).
+    ``sinks=False``: the builders among ``items`` send no tensor to a writer (they are given None), so each model is
+    built first and, when it needs no data file, staged without a temporary folder.
     """
     if external_threshold is None:
         external_threshold = EXTERNAL_DATA_THRESHOLD
@@ -344,6 +347,8 @@ def save_models(items: list[tuple[ModelSource, str | Path]], external_threshold:
         for model, path in items:
             path = prepare_parent(path)
             try:
+                if callable(model) and not sinks:
+                    model = model(None)
                 if not callable(model) and not has_external(model) and tensor_bytes(model) <= external_threshold:
                     alone.append(_stage_alone(model, path))
                     staged.append((alone[-1], path))
