@@ -235,6 +235,7 @@ class CalibratingSession(CalibrationStatus):
         self._site_tensors = self.calibration.tensors()
         self._site_fetch = modified.fetch_names(self._site_tensors)
         self._user_outputs = [o.name for o in session.get_outputs() if o.name not in self._added]
+        self._kinds = output_kinds(session)
         self._feeds = FeedCheck(session.get_inputs(), caller)
         self._extra_runs = 0
         self._samples = 0
@@ -256,7 +257,7 @@ class CalibratingSession(CalibrationStatus):
         fetch = wanted + [t for t in self._site_fetch if t not in wanted]
 
         def observe():
-            values = run_views(self._session, fetch, input_feed, run_options)
+            values = run_views(self._session, fetch, input_feed, run_options, self._kinds)
             self.calibration.observe(self._modified.observed(self._site_tensors, dict(zip(fetch, values, strict=True))))
             return values
 
@@ -278,7 +279,14 @@ class CalibratingSession(CalibrationStatus):
         return getattr(self.__dict__["_session"], name) if "_session" in self.__dict__ else object.__getattribute__(self, name)
 
 
-def run_views(session, names: list[str], feeds: Mapping[str, np.ndarray], run_options=None) -> list[np.ndarray]:
+def output_kinds(session) -> dict[str, str]:
+    """Each output's ONNX Runtime type (``tensor(float)``, ...), for ``run_views``: looked up once per session, not
+    on every batch (``get_outputs()`` builds an object per output)."""
+    return {o.name: o.type for o in session.get_outputs()}
+
+
+def run_views(session, names: list[str], feeds: Mapping[str, np.ndarray], run_options=None,
+              kinds: Mapping[str, str] | None = None) -> list[np.ndarray]:
     """``session.run(names, feeds)`` without copying the outputs: numpy arrays over ONNX Runtime's own output
     buffers (``run_with_ort_values``; each array keeps its OrtValue alive). Why: copying the observed tensors
     out of ONNX Runtime cost a small CNN more than half its forward pass (MobileNetV2 replica, 8 batches: 62 ms
@@ -286,7 +294,7 @@ def run_views(session, names: list[str], feeds: Mapping[str, np.ndarray], run_op
     outputs) takes ``run``."""
     import onnxruntime as ort
 
-    kinds = {o.name: o.type for o in session.get_outputs()}
+    kinds = output_kinds(session) if kinds is None else kinds
     arrays = {k: np.asarray(v) for k, v in feeds.items()}
     if not (hasattr(session, "run_with_ort_values") and all(kinds.get(n, "").startswith("tensor(") for n in names)
             and all(a.dtype.kind in "biuf" for a in arrays.values())):
@@ -377,7 +385,7 @@ class QuantizedModel:
         big = has_external(self.base) or tensor_bytes(self.base) > EXTERNAL_DATA_THRESHOLD
         with progress("exporting", 2) as bar:
             def made(build: Callable[[ExternalWriter | None], onnx.ModelProto]):
-                def make(sink: ExternalWriter) -> onnx.ModelProto:
+                def make(sink: ExternalWriter | None) -> onnx.ModelProto:
                     model = self.base if self.all_float else build(sink if big else None)
                     bar.advance()
                     return model
@@ -387,7 +395,8 @@ class QuantizedModel:
             # (INT8: a quarter of the float weights; not for a big model, which holds one weight at a time)
             self._codes = None if big else {}
             try:
-                save_models([(made(self.fake_quant_model), fake_path), (made(self.deploy_model), deploy_path)])
+                save_models([(made(self.fake_quant_model), fake_path), (made(self.deploy_model), deploy_path)],
+                            sinks=big)  # not big: no sink, and no temporary folder where neither needs a data file
             finally:
                 self._codes = None
         logger.info("wrote %s and %s (%d layers quantized)", fake_path, deploy_path, len(self.plan.layers))
@@ -409,13 +418,13 @@ def quantize(graph: onnx.ModelProto, layers: list[LayerSpec], config: QuantConfi
         source, folder = session_input(mod.model, tmp)  # the weights stay where they are when they can
         session = ort_session(source, external_folder=folder)
         del source
-        check = FeedCheck(session.get_inputs(), "quantize")
+        check, kinds = FeedCheck(session.get_inputs(), "quantize"), output_kinds(session)
         for feeds in batches:
             if calibration.done:
                 break
             feeds = check.check(feeds)
             calibration.run_batch(lambda feeds=feeds: calibration.observe(
-                mod.observed(tensors, dict(zip(fetch, run_views(session, fetch, feeds), strict=True)))))
+                mod.observed(tensors, dict(zip(fetch, run_views(session, fetch, feeds, kinds=kinds), strict=True)))))
     if not calibration.done:
         raise CalibrationError(f"the data gave {calibration.batches} of batch_num={config.batch_num} batches; give more "
                                "batches or lower batch_num")

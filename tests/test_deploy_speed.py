@@ -50,6 +50,18 @@ def test_live_taps_of_a_small_feature_map():
     assert live_taps(7, 3, 1, 1, 1, 1) == (0, 2)  # a usual feature map keeps every tap
 
 
+def test_live_taps_match_walking_every_output_position():
+    """The taps found by arithmetic are those that read the input at some output position, walked one by one."""
+    import itertools
+
+    for size, kernel, stride, pb, pe, dilation in itertools.product(range(1, 8), range(1, 6), range(1, 4), range(4),
+                                                                      range(4), range(1, 4)):
+        out = (size + pb + pe - dilation * (kernel - 1) - 1) // stride + 1
+        live = [t for t in range(kernel) if any(0 <= p * stride - pb + t * dilation < size for p in range(out))]
+        want = (live[0], live[-1]) if live else (0, kernel - 1)
+        assert live_taps(size, kernel, stride, pb, pe, dilation) == want, (size, kernel, stride, pb, pe, dilation)
+
+
 @pytest.mark.parametrize("groups", [1, 4])
 def test_deploy_drops_padding_only_taps_without_changing_outputs(tmp_path, rng, monkeypatch, groups):
     """A ResNet/MobileNet-style tail at a 1x1 / 2x2 feature map (32x32 inputs): the 3x3 convs become 1x1 / 2x2 in the

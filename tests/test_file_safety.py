@@ -437,3 +437,42 @@ def test_a_folder_where_an_output_goes_is_left_alone(calibrated, tmp_path):
     with pytest.raises(ModelError, match="is a folder"):
         amct.save_model(*calibrated, str(tmp_path / "m"))
     assert (folder / "notes.txt").read_text() == "mine" and not (tmp_path / "m_fake_quant_model.onnx").exists()
+
+
+@pytest.mark.parametrize("previous", [False, True])
+def test_a_model_written_alone_replaces_atomically_and_leaves_nothing_beside_it(tmp_path, rng, monkeypatch, previous):
+    """A model that needs no data file is staged as a hidden file beside its target (no temporary folder): it gets
+    the mode a plain open gives, nothing else stays in the folder, and a failed write or rename leaves the folder
+    exactly as it was."""
+    import omct.graph.model_io as mio
+
+    target = tmp_path / "m.onnx"
+    if previous:
+        target.write_bytes(b"the previous model")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    _fail_on_call(monkeypatch, mio.onnx, "save_model", 1)  # the write itself fails
+    with pytest.raises(ModelError, match="No space left"):
+        mio.save_model(conv_model(rng), target)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    monkeypatch.undo()
+
+    real = mio.os.replace
+
+    def replace(src, dst):  # the new model cannot be renamed into place (the previous one can be put back)
+        if os.fspath(dst) == os.fspath(target) and ".previous." not in os.fspath(src):
+            raise OSError(5, "Input/output error")
+        return real(src, dst)
+
+    monkeypatch.setattr(mio.os, "replace", replace)
+    with pytest.raises(ModelError, match="Input/output error"):
+        mio.save_model(conv_model(rng), target)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    monkeypatch.undo()
+
+    model = conv_model(rng)
+    assert mio.save_model(model, target) == [target]
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+    assert target.read_bytes() == model.SerializeToString()
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")  # the mode a plain open gives here (0666 less the umask)
+    assert target.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777

@@ -102,3 +102,36 @@ def test_calibration_statistics_and_records_run_with_one_blas_thread(tmp_path, m
         assert set(_blas_threads()) == {2}
     assert len(seen["observe"]) == 2 and len(seen["finish"]) == 1
     assert all(set(t) == {1} for t in seen["observe"] + seen["finish"]), seen
+
+
+def test_one_blas_thread_limits_a_blas_library_loaded_after_the_first_call():
+    """The BLAS libraries are looked up once and kept until a shared library is loaded: one loaded after the first
+    calibration batch (scipy's OpenBLAS, imported by a later step) is limited too, and restored after."""
+    import subprocess
+    import sys
+
+    script = """
+import threadpoolctl
+from omct.core.parallel import one_blas_thread
+
+def blas():
+    return [(i["filepath"], i["num_threads"]) for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+
+with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+    with one_blas_thread():
+        pass
+    before = {f for f, _ in blas()}
+    import scipy.linalg  # noqa: F401 - loads scipy's own OpenBLAS
+    added = {f for f, _ in blas()} - before
+    assert added, "scipy brought no BLAS library of its own"
+    threadpoolctl.threadpool_limits(limits=2, user_api="blas")
+    with one_blas_thread():
+        inside = blas()
+    after = blas()
+assert all(n == 1 for _, n in inside) and {f for f, _ in inside} >= added, inside
+assert all(n == 2 for _, n in after), after
+print("ok")
+"""
+    pytest.importorskip("scipy")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]

@@ -105,17 +105,77 @@ def _malloc_trim():
         return None
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     return trim
+class _PhdrInfo(ctypes.Structure):
+    """The head of glibc's (and musl's) ``struct dl_phdr_info``, up to the load and unload counters."""
+
+    _fields_ = [("addr", ctypes.c_void_p), ("name", ctypes.c_char_p), ("phdr", ctypes.c_void_p),
+                ("phnum", ctypes.c_uint16), ("adds", ctypes.c_ulonglong), ("subs", ctypes.c_ulonglong)]
+
+
+_PHDR_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(_PhdrInfo), ctypes.c_size_t, ctypes.c_void_p)
+
+
+def _library_counter() -> Callable[[], tuple[int, int] | None]:
+    """A function returning the C library's (loads, unloads) counters of shared objects (``dl_iterate_phdr``'s
+    ``dlpi_adds`` and ``dlpi_subs``, read from its first entry: a few microseconds), or None where it cannot
+    tell (not Linux, an older C library): then the libraries are looked up every time."""
+    try:
+        iterate = ctypes.CDLL(None).dl_iterate_phdr
+    except (AttributeError, OSError, TypeError):  # pragma: no cover - not an ELF system (macOS, Windows)
+        return lambda: None
+    iterate.argtypes, iterate.restype = [_PHDR_CALLBACK, ctypes.c_void_p], ctypes.c_int
+    seen: list[tuple[int, int] | None] = [None]
+
+    def first(info, size, _data) -> int:
+        ok = size >= _PhdrInfo.subs.offset + _PhdrInfo.subs.size
+        seen[0] = (info.contents.adds, info.contents.subs) if ok else None
+        return 1  # stop after the first entry: the counters are the same in each
+
+    callback = _PHDR_CALLBACK(first)
+
+    def counters() -> tuple[int, int] | None:
+        seen[0] = None
+        iterate(callback, None)
+        return seen[0]
+
+    return counters
+
+
+_library_counters: Callable[[], tuple[int, int] | None] | None = None
+_blas: tuple[tuple[int, int], list] | None = None  # (counters when looked up, the BLAS libraries' controllers)
+
+
+def _blas_controllers() -> list:
+    """threadpoolctl's controllers of the BLAS libraries loaded now. Looking them up walks every loaded library
+    (0.6-1.5 ms, once per calibration batch); they are kept until the C library reports a shared object loaded
+    or unloaded since (scipy's or torch's OpenBLAS imported after the first batch is then found)."""
+    global _library_counters, _blas
+    import threadpoolctl
+
+    with _lock:
+        if _library_counters is None:
+            _library_counters = _library_counter()
+        now = _library_counters()
+        if now is None or _blas is None or _blas[0] != now:
+            found = threadpoolctl.ThreadpoolController().select(user_api="blas").lib_controllers
+            _blas = None if now is None else (now, found)
+            return found
+        return _blas[1]
 
 
 @contextmanager
 def one_blas_thread() -> Iterator[None]:
     """numpy's BLAS (and any other BLAS library loaded) on one thread inside, as it was after; nothing when
-    threadpoolctl is not installed. The loaded libraries are looked up on each call (about 0.6 ms): one loaded
-    later (scipy's, torch's) is limited too."""
+    threadpoolctl is not installed. Libraries loaded since the last call (scipy's, torch's) are limited too."""
     try:
-        import threadpoolctl
+        controllers = _blas_controllers()
     except ImportError:  # pragma: no cover - a dependency of omct
+        controllers = []
+    before = [c.get_num_threads() for c in controllers]
+    for c in controllers:
+        c.set_num_threads(1)
+    try:
         yield
-        return
-    with threadpoolctl.ThreadpoolController().limit(limits=1, user_api="blas"):
-        yield
+    finally:
+        for c, n in zip(controllers, before, strict=True):
+            c.set_num_threads(n)

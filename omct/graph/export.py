@@ -349,8 +349,11 @@ def residual_sums(model: onnx.ModelProto) -> int:
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < 8:  # Sum broadcasts from opset 8 on
         return 0
+    graphs = list(all_graphs(model.graph))
+    if not any(n.op_type in ("LayerNormalization", "ReduceMean") for g in graphs for n in g.node):
+        return 0  # no LayerNorm, written as one op or out: nothing to rewrite (a CNN), without mapping every reader
     count = 0
-    for g in all_graphs(model.graph):
+    for g in graphs:
         readers: dict[str, list[onnx.NodeProto]] = {}
         for n in g.node:
             for x in set(node_reads(n)):
@@ -519,9 +522,15 @@ def live_taps(size: int, kernel: int, stride: int, pad_begin: int, pad_end: int,
     position: taps outside that range multiply padding everywhere (a 3x3 kernel on a 1x1 feature map with pads 1
     only ever uses its centre)."""
     out = (size + pad_begin + pad_end - dilation * (kernel - 1) - 1) // stride + 1
-    starts = np.arange(max(out, 0)) * stride - pad_begin  # input position of tap 0 at each output position
-    live = [t for t in range(kernel) if np.any((starts + t * dilation >= 0) & (starts + t * dilation < size))]
+    live = [t for t in range(kernel) if _tap_reads_input(t * dilation - pad_begin, stride, out, size)]
     return (live[0], live[-1]) if live else (0, kernel - 1)
+
+
+def _tap_reads_input(first: int, stride: int, out: int, size: int) -> bool:
+    """Whether a tap at input position ``first + p * stride`` for output positions ``p < out`` ever lands in
+    ``[0, size)``: the first position at or past 0 decides (integer arithmetic, no array per tap)."""
+    p = 0 if first >= 0 else (-first + stride - 1) // stride
+    return p < out and first + p * stride < size
 
 
 def trim_padding_taps(node: onnx.NodeProto, codes: np.ndarray, window: tuple, spatial: tuple[int, ...] | None) -> np.ndarray:
