@@ -160,7 +160,7 @@ def quantize_model(config_file: str | os.PathLike, modified_onnx_model: str | os
     config = load_config(config_file)
     work, traced, mod = prepare_quantization(config, config_file, modified_onnx_model, record_file, model, input_data,
                                              input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes)
-    return CalibrationModel(work, mod, str(record_file), release_statistics=True)
+    return CalibrationModel(work, mod, str(record_file), release_statistics=True, example=as_args(input_data))
 
 
 def _float_in_this_export(config: QuantConfig, traced: TracedModel, prepared: PreparedModel) -> QuantConfig:
