@@ -1,6 +1,8 @@
-"""The calibration copy of a CNN with depthwise convolutions runs channels-last (omct.pytorch.calibration.channels_last):
-the user's module is unchanged, the calibration model still returns what the module returns (NCHW), the
-factors are those of the NCHW passes up to float rounding, and a forward() that needs NCHW memory falls back."""
+"""The PyTorch calibration model's speed-ups keep its results: the calibration copy of a CNN with depthwise
+convolutions runs channels-last (``calibration.channels_last``): the user's module is unchanged, the calibration
+model still returns what the module returns (NCHW), the factors are those of the NCHW passes up to float rounding,
+and a forward() that needs NCHW memory falls back; the hooked values feed the statistics after the pass, as they
+were when the hook read them."""
 
 import numpy as np
 import pytest
@@ -101,3 +103,32 @@ def test_forward_that_needs_nchw_memory_falls_back(batches, tmp_path):
     with torch.no_grad():
         for b, (_, logits) in zip(batches, outs, strict=True):
             torch.testing.assert_close(logits, model(b)[1], rtol=1e-4, atol=1e-4)
+
+
+class InPlaceAfterConv(nn.Module):
+    """A conv whose output ``forward()`` changes in place after the hook has read it (``out += 1``), or not."""
+
+    def __init__(self, in_place: bool):
+        super().__init__()
+        self.in_place = in_place
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        out = self.conv(x)
+        if self.in_place:
+            out += 1.0
+        else:
+            out = out + 1.0
+        return self.fc(out.mean((2, 3)))
+
+
+def test_hooked_values_are_read_before_forward_changes_them_in_place(batches, tmp_path):
+    # the statistics run after the pass (calibration.PENDING_BYTES): what they read is the hook's copy
+    records = []
+    for in_place in (True, False):
+        torch.manual_seed(0)
+        _, _, record = _calibrate(InPlaceAfterConv(in_place).eval(), batches, tmp_path, f"inplace{in_place}")
+        records.append(record)
+    assert records[0].keys() == records[1].keys() and {"conv", "fc"} <= records[0].keys()
+    assert records[0] == records[1]
