@@ -1,8 +1,8 @@
 """The PyTorch calibration model's speed-ups keep its results: the calibration copy of a CNN with depthwise
 convolutions runs channels-last (``calibration.channels_last``): the user's module is unchanged, the calibration
 model still returns what the module returns (NCHW), the factors are those of the NCHW passes up to float rounding,
-and a forward() that needs NCHW memory falls back; the hooked values feed the statistics after the pass, as they
-were when the hook read them."""
+and a forward() that needs NCHW memory falls back; the statistics see a hooked value as the hook read it, not as
+forward() changes it in place later."""
 
 import numpy as np
 import pytest
@@ -124,7 +124,7 @@ class InPlaceAfterConv(nn.Module):
 
 
 def test_hooked_values_are_read_before_forward_changes_them_in_place(batches, tmp_path):
-    # the statistics run after the pass (calibration.PENDING_BYTES): what they read is the hook's copy
+    # a hook's value is fed as read (a copy, if the statistics were ever fed after the pass)
     records = []
     for in_place in (True, False):
         torch.manual_seed(0)

@@ -19,23 +19,12 @@ from omct.graph.modified import ModifiedModel, partial_model
 from omct.pytorch import distributed
 from omct.quantize import Calibration, CalibrationStatus, initializer_reader, ort_session
 
-#: Hooked activations are copied and fed to the statistics together after the forward pass (or once this many
-#: bytes are pending): spread over omct's worker threads as the ONNX frontend's are, instead of one tensor at a
-#: time between torch's parallel regions (whose OpenMP workers spin-wait meanwhile). Records unchanged.
-PENDING_BYTES = 32 << 20
 
-
-def _to_numpy(t: torch.Tensor, copy: bool = False) -> np.ndarray:
-    """``t`` as a float32 array in NCHW order; with ``copy``, never a view of ``t``'s memory (which ``forward()``
-    may change in place later: ``nn.ReLU(inplace=True)``)."""
-    src = t = t.detach()
-    t = t.to(torch.float32)
+def _to_numpy(t: torch.Tensor):
+    t = t.detach().to(torch.float32)
     if not t.is_contiguous():  # a channels-last activation (see ``channels_last``): the statistics read NCHW
         t = t.contiguous()
-    t = t.cpu()
-    if copy and t.data_ptr() == src.data_ptr():
-        t = t.clone()
-    return t.numpy()
+    return t.cpu().numpy()
 
 
 def _channels_last(t: torch.Tensor) -> bool:
@@ -135,8 +124,6 @@ class CalibrationModel(CalibrationStatus, nn.Module):
                         if i.name not in {t.name for t in mod.model.graph.initializer}]
         self._session = self._full = None
         self._kept: dict[str, Any] = {}
-        self._pending: dict[str, np.ndarray] = {}
-        self._pending_bytes = 0
         self._keep: set[str] = set()
         if self._onnx_tensors:
             part = partial_model(mod.model, self._onnx_tensors, hooked)
@@ -146,23 +133,13 @@ class CalibrationModel(CalibrationStatus, nn.Module):
                 self._session = ort_session(part.SerializeToString())
                 self._keep = {i.name for i in part.graph.input} & hooked
 
-    def _observe(self, tensor: str, value: Any, own: bool = False) -> None:
-        """Keep a copy of a hooked value (``own``: a tensor only this hook holds, kept as it is) for ``_flush``."""
+    def _observe(self, tensor: str, value: Any) -> None:
         if self._active and tensor not in self._seen and isinstance(value, torch.Tensor):
             self._seen.add(tensor)
-            array = _to_numpy(value, copy=not own)
-            if tensor in self._keep:  # fed to the ONNX part of the batch
-                self._kept[tensor] = array
-            self._pending[tensor] = array
-            self._pending_bytes += array.nbytes
-            if self._pending_bytes > PENDING_BYTES:
-                self._flush()
-
-    def _flush(self) -> None:
-        """Feed the pending hooked values to the statistics (spread over omct's worker threads)."""
-        pending, self._pending, self._pending_bytes = self._pending, {}, 0
-        if pending:
-            self.calibration.observe(pending)
+            array = _to_numpy(value)
+            if tensor in self._keep:  # a copy: the module's output may be changed in place later in forward()
+                self._kept[tensor] = np.array(array, copy=True)
+            self.calibration.update(tensor, array)
 
     def _observe_onnx(self, tensors: list[torch.Tensor]) -> None:
         """Feed the tensors no hook sees, computed by ONNX Runtime from this batch's inputs and hooked values."""
@@ -189,10 +166,7 @@ class CalibrationModel(CalibrationStatus, nn.Module):
     def _output_hook(self, tensor: str, clamp: tuple[float, float | None] | None):
         def hook(_module, _args, out):
             if self._active and isinstance(out, torch.Tensor) and tensor not in self._seen:
-                if clamp is None:
-                    self._observe(tensor, out)
-                else:  # a new tensor: no copy needed
-                    self._observe(tensor, out.detach().clamp(clamp[0], clamp[1]), own=True)
+                self._observe(tensor, out if clamp is None else out.detach().clamp(clamp[0], clamp[1]))
         return hook
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -209,7 +183,6 @@ class CalibrationModel(CalibrationStatus, nn.Module):
                 result = self.model(*args, **kwargs)
             finally:
                 self._active = False
-            self._flush()
             if self._session is not None:
                 self._observe_onnx(tensors)
             return result
@@ -218,7 +191,6 @@ class CalibrationModel(CalibrationStatus, nn.Module):
             out = self.calibration.run_batch(observe)
         finally:
             self._kept.clear()
-            self._pending, self._pending_bytes = {}, 0
         if self.calibration.done:
             self._release()
             if distributed.active():
