@@ -86,7 +86,7 @@ class CalibrationModel(CalibrationStatus, nn.Module):
     def __init__(self, model: nn.Module, mod: ModifiedModel, record_file: str, release_statistics: bool = False,
                  example: tuple | None = None):
         super().__init__()
-        # ``example``: the positional inputs of a forward that must run with channels-last convolutions
+        # ``example``: positional inputs (input_data) to probe the channels-last copy with (``channels_last``)
         self._nchw_out = example is not None and channels_last(model, example)
         self._release_statistics = release_statistics
         self.model = model
