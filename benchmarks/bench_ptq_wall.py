@@ -60,7 +60,7 @@ def main() -> None:
              "over the batches against bare FP32 ONNX Runtime runs (medians of 7 interleaved rounds in one child, one child "
              "per checkout in every round, the median of the rounds' ratios; in brackets, where measured: the passes "
              "alone, without the records' computation at the last batch); PTQ CPU s: the process's CPU time over the same "
-             "span (all its threads; ONNX frontend), median of the rounds, less sensitive to a shared host than the wall. omct: "
+             "span (all its threads), median of the rounds, less sensitive to a shared host than the wall. omct: "
              + ", ".join(f"{k} = `{v}`" for k, v in versions.items()) + ".\n",
              "| frontend | model | omct | PTQ wall s | vs MinMax | import s | peak RSS MB | vs MinMax RSS | calib/fwd "
              "| PTQ CPU s | CPU vs MinMax |",

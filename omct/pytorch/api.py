@@ -160,7 +160,7 @@ def quantize_model(config_file: str | os.PathLike, modified_onnx_model: str | os
     config = load_config(config_file)
     work, traced, mod = prepare_quantization(config, config_file, modified_onnx_model, record_file, model, input_data,
                                              input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes)
-    return CalibrationModel(work, mod, str(record_file), release_statistics=True)
+    return CalibrationModel(work, mod, str(record_file), release_statistics=True, example=as_args(input_data))
 
 
 def _float_in_this_export(config: QuantConfig, traced: TracedModel, prepared: PreparedModel) -> QuantConfig:
@@ -191,14 +191,15 @@ def prepare_quantization(config: QuantConfig, config_file, modified_onnx_model, 
     work = _eval_copy(model, share_weights=True)
     # create_quant_config's export of the same model in the same state, if any (dropped here in any case)
     reuse = CACHE.take(model, fingerprint(model, as_args(input_data))) if CACHE.holds(model) else None
-    traced = trace_model(work, input_data, reuse=reuse, **export)
+    # with do_fusion the layers are found once, on the folded graph
+    traced = trace_model(work, input_data, reuse=reuse, with_layers=not config.globals.do_fusion, **export)
     if config.globals.do_fusion:
         skip = set(config.globals.skip_fusion_layers)
         pairs = {c: b for c, b in traced.batchnorm_after.items() if c not in skip}
         folded = fold_conv_bn(work, pairs)
         if folded:
             logger.info("folded %d BatchNorm module(s) into convolutions", len(folded))
-            traced = fold_traced(traced, work, {c: pairs[c] for c in folded})
+        traced = fold_traced(traced, work, {c: pairs[c] for c in folded})
     if config.globals.cross_layer_equalization:
         graph = onnx.ModelProto()
         graph.CopyFrom(traced.model)

@@ -26,6 +26,7 @@ from omct.formats.config import load_config
 from omct.frontend import PreparedModel
 from omct.pytorch.api import prepare, prepare_quantization
 from omct.pytorch.calibration import CalibrationModel
+from omct.pytorch.trace import as_args
 
 
 class OnnxModule(nn.Module):
@@ -69,7 +70,7 @@ def accuracy_based_auto_calibration(model: nn.Module, model_evaluator: AutoCalib
         module, traced, mod = prepare_quantization(load_config(config_file), config_file, modified, record_file, model,
                                                    input_data, input_names=input_names, output_names=output_names,
                                                    dynamic_axes=dynamic_axes)
-        return prepare(traced, model), CalibrationModel(module, mod, str(record_file))
+        return prepare(traced, model), CalibrationModel(module, mod, str(record_file), example=as_args(input_data))
 
     def feeds(prepared: PreparedModel, kept: list) -> list[dict]:  # kept: positional input arrays of each batch
         inits = {t.name for t in prepared.model.graph.initializer}
@@ -95,7 +96,7 @@ def auto_nuq(model: nn.Module, nuq_evaluator: AutoNuqEvaluatorBase, config_file:
         module, traced, mod = prepare_quantization(load_config(config_file), config_file, modified, calibration_record,
                                                    model, input_data, config_for=config_for, input_names=input_names,
                                                    output_names=output_names, dynamic_axes=dynamic_axes)
-        return prepare(traced, model), CalibrationModel(module, mod, str(calibration_record))
+        return prepare(traced, model), CalibrationModel(module, mod, str(calibration_record), example=as_args(input_data))
 
     def feeds(prepared: PreparedModel, kept: list) -> list[dict]:
         inits = {t.name for t in prepared.model.graph.initializer}

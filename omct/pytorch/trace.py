@@ -395,12 +395,14 @@ def _strip_marks(model: onnx.ModelProto) -> None:
 
 
 def trace_model(model: nn.Module, input_data, input_names=None, output_names=None, dynamic_axes=None,
-                reuse: RawExport | None = None, on_export: Callable[[RawExport], None] | None = None) -> TracedModel:
+                reuse: RawExport | None = None, on_export: Callable[[RawExport], None] | None = None,
+                with_layers: bool = True) -> TracedModel:
     """Export ``model`` (already in the state to quantize, e.g. eval mode) and map modules to ONNX nodes.
 
     ``reuse``: an earlier export of the same module in the same state (``export_cache``), taken instead of
     exporting again when these options' graph can be derived from it, and emptied (it is used once);
-    ``on_export`` is given each new export."""
+    ``on_export`` is given each new export. ``with_layers=False``: the layers and refusals are left empty, for
+    a caller whose ``fold_traced`` finds them on the folded graph (once, not twice)."""
     args = as_args(input_data)
     if input_names is None:
         input_names = default_input_names(model, args)
@@ -459,8 +461,10 @@ def trace_model(model: nn.Module, input_data, input_names=None, output_names=Non
     norm, rep = normalize(exported, in_place=True)  # the export is ours: no copy of its weights
     fold_pads(norm, rep)  # the same graph steps as the ONNX frontend: zero Pads into the Convs after them
     types = {n: layer_type(m) for n, m in candidates.items()}
-    return _with_layers(norm, set(layer_nodes), reasons, types, batchnorm_after,
-                        {n for n, _ in model.named_modules() if n})
+    module_names = {n for n, _ in model.named_modules() if n}
+    if not with_layers:
+        return TracedModel(norm, [], [], types, batchnorm_after, module_names, set(layer_nodes), reasons)
+    return _with_layers(norm, set(layer_nodes), reasons, types, batchnorm_after, module_names)
 
 
 def _with_layers(norm: onnx.ModelProto, mapped: set[str], reasons: dict[str, str], types: dict[str, str],
@@ -485,7 +489,11 @@ def _with_layers(norm: onnx.ModelProto, mapped: set[str], reasons: dict[str, str
 def fold_traced(traced: TracedModel, model: nn.Module, folded: dict[str, str]) -> TracedModel:
     """``traced`` after ``fold_conv_bn(model, folded)``, without exporting again: each folded conv node takes
     its module's folded weight and bias (the very tensors a new export would hold) and the output of the
-    BatchNormalization after it, which goes. Why: an export costs as much as the rest of quantize_model."""
+    BatchNormalization after it, which goes. Why: an export costs as much as the rest of quantize_model. The
+    layers are found again (on ``traced`` as it is when nothing was folded)."""
+    if not folded:
+        return _with_layers(traced.model, traced.mapped, traced.reasons, traced.types, traced.batchnorm_after,
+                            traced.module_names)
     graph = traced.model.graph
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for n in graph.node:
