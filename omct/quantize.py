@@ -24,8 +24,7 @@ from omct.algorithms.activations import unobserved_sites
 from omct.algorithms.base import RecordContext
 from omct.algorithms.pipeline import PIPELINE
 from omct.algorithms.statistics import Statistics
-from omct.core.parallel import one_blas_thread, return_free_memory
-from omct.core.sketch import release_scratch
+from omct.core.parallel import one_blas_thread, release_scratch, return_free_memory
 from omct.errors import CalibrationError, ConfigError, OmctError
 from omct.feeds import FeedCheck, batch_rows, warn_few_samples
 from omct.formats.config import QuantConfig
@@ -149,7 +148,7 @@ class Calibration:
 
     def finish(self) -> dict[str, LayerRecord]:
         """Run the algorithms on the statistics; writes the record file when there is one."""
-        release_scratch()  # no more binning: the workers' buffers and what their arenas freed go before the records
+        release_scratch()  # no more binning or Gram updates: the workers' buffers and freed arena pages go
         return_free_memory()
         if self.before_finish is not None:
             self.before_finish(self.stats)

@@ -580,11 +580,11 @@ def test_input_gram_drawn_rows_match_a_float64_reference(groups):
     check(fresh)
     for a, b in zip(fresh, cases, strict=True):
         np.testing.assert_array_equal(a.gram, b[0].gram)  # the same rows, the same products: bit for bit
-    import omct.core.adaround as core_adaround
+    import omct.core.parallel as core_parallel
 
-    assert core_adaround._SCRATCH  # the buffers the updates reused ...
+    assert core_parallel._SCRATCH  # the buffers the updates reused ...
     fresh[0].terms(np.ones((groups, 2, fresh[0].gram.shape[1]), np.float32))
-    assert not core_adaround._SCRATCH  # ... are dropped once the moments are read: not in later peak memory
+    assert not core_parallel._SCRATCH  # ... are dropped once the moments are read: not in later peak memory
 
 
 def test_patches_write_into_a_given_buffer():

@@ -15,6 +15,7 @@ from onnx_builders import conv_model
 
 import omct.onnx as amct
 from omct.core import bias_correction
+from omct.core import parallel as parallel_module
 from omct.core import sketch as sketch_module
 from omct.core.bias_correction import correction
 from omct.core.calibrators import candidate_params
@@ -139,7 +140,7 @@ def test_calibration_session_frees_its_statistics_with_the_records(rng, tmp_path
         for b in x[:2]:
             sess.run(None, {"x": b})
         assert sess.complete and (sess.calibration.stats is not None) is keep and sess._modified is None
-        assert not sketch_module._scratch  # every thread's binning buffers went before the records
+        assert not parallel_module._SCRATCH  # every thread's binning buffers went before the records
         if keep:
             assert sess.calibration.records_for(sess.calibration.config).keys() == sess.calibration.records.keys()
         want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x[2]})[0]
@@ -159,9 +160,9 @@ def test_scratch_released_and_rebuilt_on_demand_and_heap_trim_found():
     thread.start()
     thread.join()
     sketch_module._bin_and_cut(x, -6, -400, 800, None, None)
-    assert len(sketch_module._scratch) >= 2
-    sketch_module.release_scratch()
-    assert not sketch_module._scratch
+    assert len(parallel_module._SCRATCH) >= 2
+    parallel_module.release_scratch()
+    assert not parallel_module._SCRATCH
     want = np.bincount((np.floor(x.astype(np.float64) * 64) + 400).astype(np.int64), minlength=800)
     np.testing.assert_array_equal(got[0], want)
     np.testing.assert_array_equal(sketch_module._bin_and_cut(x, -6, -400, 800, None, None)[0], want)

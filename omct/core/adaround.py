@@ -18,14 +18,13 @@ accumulated batch by batch, the only thing the flip descent reads.
 
 from __future__ import annotations
 
-import math
-import threading
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.random  # noqa: F401 - numpy 2 loads it on first use: inside the first batch's draw, 5-14 ms
 
 from omct.core.options import AlgorithmOptions, CfgPlacement, option
+from omct.core.parallel import release_scratch, scratch
 from omct.core.params import QuantParams
 
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (AMCT's and the paper's values)
@@ -268,33 +267,15 @@ class InputGram:
         return a, lin
 
 
-#: Reused float32 buffers of ``InputGram.update``, per thread: (thread id, name) -> 1-D array, grown to the largest
-#: request. A dict rather than thread-local storage so that ``release_scratch`` can drop every thread's.
-_SCRATCH: dict[tuple[int, str], np.ndarray] = {}
 #: Requests larger than this many values get a fresh array: what a thread keeps stays at most 4 MB a buffer.
 SCRATCH_MAX = 2**20
 
 
 def _scratch(name: str, shape: tuple[int, ...]) -> np.ndarray:
-    """A float32 array of ``shape`` in this thread's buffer ``name``, valid until the thread's next request of
-    ``name``. Why: each batch's rows (0.6 MB for 512 rows of a 3 x 3 x 32 conv) and Gram product, allocated fresh,
-    were mapped from the OS and faulted in page by page every batch; reused they stay mapped. Per thread, not per
-    accumulator: the statistics' worker threads update different layers at the same time, and one buffer
-    per thread serves all of them."""
-    size = math.prod(shape)
-    if size > SCRATCH_MAX:
-        return np.empty(shape, np.float32)
-    key = (threading.get_ident(), name)
-    buf = _SCRATCH.get(key)
-    if buf is None or buf.size < size:
-        buf = _SCRATCH[key] = np.empty(size, np.float32)
-    return buf[:size].reshape(shape)
-
-
-def release_scratch() -> None:
-    """Drop every thread's scratch buffers (calibration is over: what comes after must not carry them in its
-    peak memory). An update still running keeps its own arrays alive; the next one allocates afresh."""
-    _SCRATCH.clear()
+    """A float32 array of ``shape`` in this thread's reused buffer ``name`` (``core.parallel.scratch``): each
+    batch's rows (0.6 MB for 512 rows of a 3 x 3 x 32 conv) and Gram product, allocated fresh, were faulted in
+    page by page every batch."""
+    return scratch("gram " + name, shape, np.float32, SCRATCH_MAX)
 
 
 def _out_size(h: int, w: int, win: Window) -> tuple[int, int]:

@@ -41,9 +41,10 @@ from __future__ import annotations
 
 import functools
 import math
-import threading
 
 import numpy as np
+
+from omct.core.parallel import scratch
 
 DEFAULT_MAX_BINS = 16384
 DEFAULT_TAIL_SIZE = 4096
@@ -412,26 +413,11 @@ def tail_for(fraction: float, batches: int, batch_size: int, cap: int = DEFAULT_
 
 
 CHUNK = 1 << 17  # values binned at a time: the scratch buffers stay in the core's cache
-_scratch: dict[int, dict] = {}  # thread id -> that thread's buffers by dtype (``release_scratch`` drops them all)
-
-
-def release_scratch() -> None:
-    """Drop every thread's chunk buffers (1 MB a thread and dtype), once no sketch is being fed (the calibration's
-    last batch is summarised): the records and the export that follow never bin."""
-    _scratch.clear()
-
-
 def _buffers(dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """This thread's chunk buffers (values in ``dtype``, bin indices). Reused: a fresh 0.5-1 MB buffer per call
-    is a new mapping whose pages fault in on every batch (measured: 1.7x the binning time on MobileNetV2)."""
-    buffers = _scratch.get(threading.get_ident())
-    if buffers is None:
-        buffers = _scratch[threading.get_ident()] = {}
-    if dtype not in buffers:
-        # int32 bin indices (below 2**21): the float-to-int32 cast is 5x cheaper than to intp, more than bincount's
-        # own conversion of them costs (binning 12% faster, the same counts)
-        buffers[dtype] = (np.empty(CHUNK, dtype), np.empty(CHUNK, np.int32))
-    return buffers[dtype]
+    """This thread's chunk buffers (values in ``dtype``, bin indices), reused across calls (``core.parallel.scratch``).
+    int32 bin indices (below 2**21): the float-to-int32 cast is 5x cheaper than to intp, more than bincount's own
+    conversion of them costs (binning 12% faster, the same counts)."""
+    return scratch("bin values", CHUNK, dtype), scratch("bin indices", CHUNK, np.int32)
 
 
 def _bin_and_cut(x: np.ndarray, exponent: int, first: int, n: int, above: float | None,
