@@ -4,7 +4,7 @@ half-written) and the check that no output of a call overwrites one of its input
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -26,33 +26,28 @@ def prepare_parent(path: str | Path) -> Path:
     return path
 
 
-def _umask() -> int:
-    """The process umask, read without changing it where the system says it (/proc), else set and restored."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+def temp_file_beside(path: Path) -> Path:
+    """A new, empty hidden file in ``path``'s folder (``.<name>.<random>.tmp``), created exclusively with the mode a
+    plain ``open`` gives (0666 less the umask), like the files beside it; what a write goes through before its
+    rename onto ``path``. Why not mkstemp: its files are 0600, and reading the umask to widen them costs a file read."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``path`` through a temporary file and a rename. mkstemp makes the file 0600; it gets the mode a
-    plain ``open`` would give (0666 less the umask) before the rename, like the .onnx files beside it."""
+    """Write ``path`` through a temporary file beside it and a rename."""
     path = prepare_parent(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = temp_file_beside(path)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
 
 

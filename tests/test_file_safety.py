@@ -476,3 +476,21 @@ def test_a_model_written_alone_replaces_atomically_and_leaves_nothing_beside_it(
     plain = tmp_path / "plain"
     plain.write_bytes(b"")  # the mode a plain open gives here (0666 less the umask)
     assert target.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+
+
+def test_atomic_writes_get_the_mode_a_plain_open_gives_and_leave_no_temporary(model, tmp_path):
+    """The config, record and both saved models are written through a temporary file beside the target: each ends
+    with the permissions ``open`` would give it (not mkstemp's 0600), and nothing else is left in the folder."""
+    import stat
+
+    from omct.graph.model_io import save_models
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    want = stat.S_IMODE(plain.stat().st_mode)
+    fileio.atomic_write_text(tmp_path / "a.txt", "hello")
+    save_models([(onnx.load(model), tmp_path / "m1.onnx"), (onnx.load(model), tmp_path / "m2.onnx")])
+    for name in ("a.txt", "m1.onnx", "m2.onnx"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == want, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "m1.onnx", "m2.onnx", "model.onnx", "plain.txt"]
+    assert (tmp_path / "a.txt").read_text() == "hello"

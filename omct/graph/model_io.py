@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -15,7 +14,7 @@ from google.protobuf.message import DecodeError
 from onnx import TensorProto
 
 from omct.errors import ModelError
-from omct.fileio import check_outputs, prepare_parent
+from omct.fileio import check_outputs, prepare_parent, temp_file_beside
 from omct.graph import metadata
 from omct.graph.tensor_data import (
     FOLDER_KEY,
@@ -272,17 +271,10 @@ def _write_one(model: onnx.ModelProto, file: Path) -> None:
 
 def _stage_alone(model: onnx.ModelProto, path: Path) -> Path:
     """Write a model that needs no external-data file to a new hidden file beside ``path`` (no temporary
-    folder: removing one cost 1-4 ms on this host's ext4, a file rename 0.1 ms); returns the file. Made with
-    O_EXCL and the mode a plain ``open`` gives, as the files ``_stage`` writes."""
+    folder: removing one cost 1-4 ms on this host's ext4, a file rename 0.1 ms); returns the file."""
     if model.ir_version > MAX_IR_VERSION:
         model.ir_version = MAX_IR_VERSION
-    while True:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            break
-        except FileExistsError:
-            continue
+    tmp = temp_file_beside(path)
     try:
         _write_one(model, tmp)
     except BaseException:
